@@ -1,0 +1,289 @@
+"""The transfer plan: who sends which row to whom, computed from the maps alone.
+
+Every device evaluates the same jnp program on the same replicated maps, so every device derives the
+same plan without talking to the others, and one compiled program serves every plan of the same
+shapes. Nothing here moves weights; `_transfer` executes the plan.
+
+Letters: L layers, P physical slots, D devices on the expert-parallel axis, N = P // D slots per
+device (N_local), W = table width (N rounded up to a multiple of the chunk capacity C).
+
+Semantics (those of vLLM's rebalance_execute, written for a static-shape SPMD program):
+
+* A slot p with ``new[p] == -1`` or ``new[p] == old[p]`` is *unchanged*: it is never written.
+* A changed slot whose new expert is already held by some slot of its own device (in the old map)
+  is *received locally*: it copies from the first such slot.
+* Otherwise the device receives the expert remotely, once: the lowest changed slot wanting it is the
+  *primary*, the others are *duplicates* copied from the primary's staged row at commit.
+* The sender of each primary is chosen among the devices holding the expert, greedily: primaries
+  with the fewest holders first, each to the holder whose rotation round (shift = dst - src mod D)
+  grows least, then to the holder that sends least so far, then the lowest device index. Rows of a
+  round travel in chunks of C rows; the round of shift s runs ceil(max pair load / C) chunks.
+* A plan is *feasible* when every expert the new map names is held somewhere in the old map and
+  every id is >= -1. An infeasible layer is planned as a no-op and flagged ``ok = False``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["GlobalPlan", "TransferMetadata", "local_metadata", "plan_layer", "plan_layers"]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TransferMetadata:
+    """What one device needs to commit one layer's staged rows (vLLM's TransferMetadata, per device).
+
+    All arrays are per device; rows are local slot indices in ``[0, N)``. Packed lists hold their
+    valid entries first and are padded with -1.
+
+    Attributes:
+      is_unchanged: bool[N]. The slot keeps its weights (same expert, or -1 in the new map).
+      is_received_locally: bool[N]. The slot's new expert is copied from a slot of this device.
+      local_src_rows: int32[N]. For locally received slots, the local slot copied from; else -1.
+      recv_primary_mask: bool[N]. The slot receives its expert from another device (first slot of
+        this device wanting that expert).
+      recv_count: int32[]. Number of primary receives.
+      recv_expert_ids: int32[N]. Packed logical ids of the primary receives.
+      recv_dst_rows: int32[N]. Packed local slots of the primary receives.
+      commit_dst_rows: int32[N]. Packed local slots written at commit (local copies, primaries,
+        duplicates).
+      commit_src_rows: int32[N]. For each entry of ``commit_dst_rows``, the staging-buffer row it
+        takes (a duplicate takes its primary's row).
+      commit_count: int32[]. Number of valid entries of the commit lists.
+      ok: bool[]. False when the plan was infeasible; then nothing is staged or committed.
+    """
+
+    is_unchanged: jax.Array
+    is_received_locally: jax.Array
+    local_src_rows: jax.Array
+    recv_primary_mask: jax.Array
+    recv_count: jax.Array
+    recv_expert_ids: jax.Array
+    recv_dst_rows: jax.Array
+    commit_dst_rows: jax.Array
+    commit_src_rows: jax.Array
+    commit_count: jax.Array
+    ok: jax.Array
+
+    def replace(self, **changes) -> TransferMetadata:
+        """Returns a copy with the given fields replaced."""
+        return dataclasses.replace(self, **changes)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GlobalPlan:
+    """The whole plan of one layer (or, with a leading L axis, of every layer), replicated.
+
+    Attributes:
+      changed: bool[P]. Slot is written.
+      local: bool[P]. Slot copies from a slot of its own device.
+      local_src: int32[P]. Local row (in ``[0, N)``) copied from, for local slots.
+      primary: bool[P]. Slot receives its expert from another device.
+      primary_of: int32[P]. For changed remote slots, the primary slot (global index) of their
+        device and expert; a primary is its own.
+      send_rows: int32[D, D, W]. ``send_rows[src, s, j]``: the local row device ``src`` sends as
+        the j-th row of rotation round s (to device ``src + s mod D``); -1 pads.
+      recv_rows: int32[D, D, W]. ``recv_rows[dst, s, j]``: the local row of device ``dst`` that the
+        j-th row of round s (from ``dst - s mod D``) is staged for; -1 pads.
+      num_chunks: int32[D]. Chunks of C rows in round s (index 0, the no-shift round, is 0).
+      wire_rows: int32[]. Rows the busiest device moves over all rounds, padding included.
+      min_rows: int32[]. The most rows any device must send or receive remotely.
+      ok: bool[]. The plan is feasible (else it is a no-op).
+    """
+
+    changed: jax.Array
+    local: jax.Array
+    local_src: jax.Array
+    primary: jax.Array
+    primary_of: jax.Array
+    send_rows: jax.Array
+    recv_rows: jax.Array
+    num_chunks: jax.Array
+    wire_rows: jax.Array
+    min_rows: jax.Array
+    ok: jax.Array
+
+
+def _first_true(mask: jax.Array) -> jax.Array:
+    """Index of the first True along the last axis (0 when there is none)."""
+    return jnp.argmax(mask, axis=-1).astype(jnp.int32)
+
+
+def plan_layer(
+    old: jax.Array, new: jax.Array, *, num_devices: int, chunk_rows: int = 1
+) -> GlobalPlan:
+    """Plans the transfer of one layer.
+
+    Args:
+      old: int32[P] physical-to-logical map before, -1 for empty slots.
+      new: int32[P] physical-to-logical map after.
+      num_devices: D, devices on the expert-parallel axis (static).
+      chunk_rows: C, rows per collective chunk (static).
+
+    Returns:
+      The layer's `GlobalPlan`.
+    """
+    p_total = old.shape[0]
+    d = num_devices
+    n = p_total // d
+    c = chunk_rows
+    width = -(-n // c) * c
+    old = old.astype(jnp.int32)
+    new = new.astype(jnp.int32)
+    slot = jnp.arange(p_total, dtype=jnp.int32)
+    dev = slot // n
+    row = slot % n
+
+    with jax.named_scope("plan_classify"):
+        wanted = new >= 0
+        raw_changed = wanted & (new != old)
+        # holds[p, q]: old slot q holds the expert slot p wants.
+        holds = (old[None, :] == new[:, None]) & wanted[:, None]
+        holds_by_dev = holds.reshape(p_total, d, n)
+        holder = holds_by_dev.any(-1)  # [P, D]
+        ok = jnp.all(~raw_changed | holder.any(-1)) & jnp.all(old >= -1) & jnp.all(new >= -1)
+        changed = raw_changed & ok
+        own_dev_holds = jnp.take_along_axis(holds_by_dev, dev[:, None, None], axis=1)[:, 0, :]
+        local = changed & own_dev_holds.any(-1)
+        local_src = jnp.where(local, _first_true(own_dev_holds), -1)
+        remote = changed & ~local
+        same_want = (
+            (new[:, None] == new[None, :])
+            & (dev[:, None] == dev[None, :])
+            & remote[:, None]
+            & remote[None, :]
+        )
+        primary_of = jnp.where(remote, _first_true(same_want), -1)
+        primary = remote & (primary_of == slot)
+
+    with jax.named_scope("plan_senders"):
+        num_holders = holder.sum(-1).astype(jnp.int32)
+        order = jnp.argsort(jnp.where(primary, num_holders, d + 1) * p_total + slot, stable=True)
+        devs = jnp.arange(d, dtype=jnp.int32)
+
+        def assign(carry, p):
+            pair_load, send_load, round_max = carry
+            dst = dev[p]
+            shifts = (dst - devs) % d
+            pair = pair_load[devs, shifts]
+            grows = (pair + 1 > round_max[shifts]).astype(jnp.int32)
+            score = (grows * (p_total + 1) + send_load) * d + devs
+            score = jnp.where(holder[p], score, jnp.iinfo(jnp.int32).max)
+            src = jnp.argmin(score).astype(jnp.int32)
+            s = shifts[src]
+            j = pair_load[src, s]
+            take = primary[p]
+            inc = take.astype(jnp.int32)
+            pair_load = pair_load.at[src, s].add(inc)
+            send_load = send_load.at[src].add(inc)
+            round_max = round_max.at[s].max(jnp.where(take, j + 1, 0))
+            return (pair_load, send_load, round_max), (src, j)
+
+        init = (
+            jnp.zeros((d, d), jnp.int32),
+            jnp.zeros((d,), jnp.int32),
+            jnp.zeros((d,), jnp.int32),
+        )
+        (pair_load, send_load, round_max), (src_sorted, j_sorted) = jax.lax.scan(
+            assign, init, order
+        )
+        src_dev = jnp.zeros((p_total,), jnp.int32).at[order].set(src_sorted)
+        rank = jnp.zeros((p_total,), jnp.int32).at[order].set(j_sorted)
+
+    with jax.named_scope("plan_tables"):
+        shift = (dev - src_dev) % d
+        src_holds = jnp.take_along_axis(holds_by_dev, src_dev[:, None, None], axis=1)[:, 0, :]
+        src_row = _first_true(src_holds)
+        # Non-primaries scatter to an out-of-range index and are dropped.
+        sdev = jnp.where(primary, src_dev, d)
+        rdev = jnp.where(primary, dev, d)
+        send_rows = (
+            jnp.full((d, d, width), -1, jnp.int32).at[sdev, shift, rank].set(src_row, mode="drop")
+        )
+        recv_rows = (
+            jnp.full((d, d, width), -1, jnp.int32).at[rdev, shift, rank].set(row, mode="drop")
+        )
+        num_chunks = (round_max + c - 1) // c
+        num_chunks = num_chunks.at[0].set(0)
+        wire_rows = num_chunks.sum() * c
+        recv_load = jnp.zeros((d,), jnp.int32).at[dev].add(primary.astype(jnp.int32))
+        min_rows = jnp.maximum(recv_load.max(), send_load.max())
+        del pair_load
+
+    return GlobalPlan(
+        changed=changed,
+        local=local,
+        local_src=local_src,
+        primary=primary,
+        primary_of=primary_of,
+        send_rows=send_rows,
+        recv_rows=recv_rows,
+        num_chunks=num_chunks.astype(jnp.int32),
+        wire_rows=wire_rows.astype(jnp.int32),
+        min_rows=min_rows.astype(jnp.int32),
+        ok=ok,
+    )
+
+
+def plan_layers(
+    old: jax.Array, new: jax.Array, *, num_devices: int, chunk_rows: int = 1
+) -> GlobalPlan:
+    """`plan_layer` over a leading layer axis: maps int32[L, P] -> a `GlobalPlan` with leading L."""
+    return jax.vmap(lambda o, n: plan_layer(o, n, num_devices=num_devices, chunk_rows=chunk_rows))(
+        old, new
+    )
+
+
+def _pack(mask: jax.Array, values: jax.Array) -> jax.Array:
+    """The entries of ``values`` where ``mask`` holds, first and in order, padded with -1."""
+    order = jnp.argsort(~mask, stable=True)
+    count = mask.sum()
+    return jnp.where(jnp.arange(mask.shape[0]) < count, values[order], -1).astype(jnp.int32)
+
+
+def local_metadata(plan: GlobalPlan, new: jax.Array, device: jax.Array, *, num_devices: int):
+    """One device's view of a one-layer plan.
+
+    Args:
+      plan: a one-layer `GlobalPlan` (no leading L).
+      new: int32[P] the new map of the layer.
+      device: int32[] this device's index on the axis.
+      num_devices: D (static).
+
+    Returns:
+      ``(metadata, send_rows int32[D, W], recv_rows int32[D, W])`` for this device.
+    """
+    p_total = new.shape[0]
+    n = p_total // num_devices
+    start = device * n
+
+    def mine(x):
+        return jax.lax.dynamic_slice_in_dim(x, start, n)
+
+    changed = mine(plan.changed)
+    local = mine(plan.local)
+    primary = mine(plan.primary)
+    rows = jnp.arange(n, dtype=jnp.int32)
+    # A duplicate's primary is on the same device: its local row is primary_of - start.
+    staged_row = jnp.where(changed & ~local, mine(plan.primary_of) - start, rows)
+    meta = TransferMetadata(
+        is_unchanged=~changed,
+        is_received_locally=local,
+        local_src_rows=mine(plan.local_src),
+        recv_primary_mask=primary,
+        recv_count=primary.sum().astype(jnp.int32),
+        recv_expert_ids=_pack(primary, mine(new.astype(jnp.int32))),
+        recv_dst_rows=_pack(primary, rows),
+        commit_dst_rows=_pack(changed, rows),
+        commit_src_rows=_pack(changed, staged_row),
+        commit_count=changed.sum().astype(jnp.int32),
+        ok=plan.ok,
+    )
+    send_rows = jax.lax.dynamic_index_in_dim(plan.send_rows, device, keepdims=False)
+    recv_rows = jax.lax.dynamic_index_in_dim(plan.recv_rows, device, keepdims=False)
+    return meta, send_rows, recv_rows

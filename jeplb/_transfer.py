@@ -1,0 +1,550 @@
+"""The jit-compiled expert-weight transfer: stage (local copies + collectives), then commit.
+
+Rows cross devices only through `lax.ppermute` inside `jax.shard_map`: one rotation round per static
+shift s (device i sends to i + s mod D), each running a data-dependent number of chunks of C rows
+that every device computes identically from the replicated maps. Received rows and local copies land
+in a staging buffer of one layer's local rows (N rows per leaf); the commit then writes them into
+the weights, and duplicates take their primary's staged row. Layers go through a `fori_loop`, so the
+program's size and compile time do not grow with L, and its memory is one layer's staging buffer
+whatever the plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from . import _plan, _rows, _validate
+from ._plan import TransferMetadata
+
+__all__ = [
+    "TransferReport",
+    "move_from_buffer",
+    "move_to_buffer",
+    "rearrange_expert_weights",
+    "transfer_layer",
+]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TransferReport:
+    """What a rearrangement did, per layer (replicated on every device).
+
+    Attributes:
+      ok: bool[L]. The layer's plan was feasible and was carried out; False means the layer's
+        weights were left untouched (a new map naming an expert that the old map lacks, or an
+        id below -1).
+      wire_rows: int32[L]. Rows the busiest device moved through the rounds, padding included.
+      min_rows: int32[L]. The most rows any device had to send or receive remotely: the floor.
+      chunks: int32[L]. Collective chunks run (sum over rounds).
+      remote_rows: int32[L]. Rows received from other devices (primaries, all devices).
+      local_rows: int32[L]. Rows written from this device's own data (local copies, duplicates).
+    """
+
+    ok: jax.Array
+    wire_rows: jax.Array
+    min_rows: jax.Array
+    chunks: jax.Array
+    remote_rows: jax.Array
+    local_rows: jax.Array
+
+    def replace(self, **changes) -> TransferReport:
+        """Returns a copy with the given fields replaced."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def wire_ratio(self) -> jax.Array:
+        """float32[L]: wire_rows / min_rows (1.0 where nothing moves remotely)."""
+        return jnp.where(self.min_rows > 0, self.wire_rows / jnp.maximum(self.min_rows, 1), 1.0)
+
+
+def _report(plans: _plan.GlobalPlan, chunk_rows: int) -> TransferReport:
+    changed = plans.changed.sum(-1).astype(jnp.int32)
+    remote = plans.primary.sum(-1).astype(jnp.int32)
+    return TransferReport(
+        ok=plans.ok,
+        wire_rows=plans.wire_rows,
+        min_rows=plans.min_rows,
+        chunks=(plans.wire_rows // chunk_rows).astype(jnp.int32),
+        remote_rows=remote,
+        local_rows=changed - remote,
+    )
+
+
+# ----------------------------------------------------------------------------- stages on rows
+
+
+def _varying(x: jax.Array, axis_name: str) -> jax.Array:
+    """Marks ``x`` as varying over ``axis_name`` (shard_map's type system), if it is not yet."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    vma = manual.varying if manual is not None else getattr(aval, "vma", frozenset())
+    if axis_name in vma:
+        return x
+    if hasattr(lax, "pcast"):
+        return lax.pcast(x, (axis_name,), to="varying")
+    return lax.pvary(x, (axis_name,))
+
+
+def _stage(
+    rows: tuple[jax.Array, ...],
+    layer_offset: jax.Array | int,
+    meta: TransferMetadata,
+    send_rows: jax.Array,
+    recv_rows: jax.Array,
+    num_chunks: jax.Array,
+    buffers: tuple[jax.Array, ...],
+    *,
+    axis_name: str,
+    num_devices: int,
+    chunk_rows: int,
+) -> tuple[jax.Array, ...]:
+    """Fills the staging buffers: local copies, then one rotation round per shift."""
+    n = buffers[0].shape[0]
+    idx = jnp.arange(n, dtype=jnp.int32)
+    buffers = tuple(_varying(b, axis_name) for b in buffers)
+    with jax.named_scope("local_copies"):
+        local_dst = _plan._pack(meta.is_received_locally, idx)
+        local_src = _plan._pack(meta.is_received_locally, meta.local_src_rows)
+        count = meta.is_received_locally.sum()
+        buffers = tuple(
+            _rows.copy_rows(b, r, local_dst, local_src, count, src_offset=layer_offset)
+            for b, r in zip(buffers, rows, strict=True)
+        )
+    c = chunk_rows
+    lanes = jnp.arange(c, dtype=jnp.int32)
+    for shift in range(1, num_devices):
+        perm = [(i, (i + shift) % num_devices) for i in range(num_devices)]
+
+        def chunk(k, bufs, shift=shift, perm=perm):
+            sidx = lax.dynamic_slice_in_dim(send_rows[shift], k * c, c)
+            ridx = lax.dynamic_slice_in_dim(recv_rows[shift], k * c, c)
+            payload = tuple(
+                _rows.copy_rows(
+                    _varying(jnp.zeros((c, r.shape[1]), r.dtype), axis_name),
+                    r,
+                    lanes,
+                    sidx,
+                    (sidx >= 0).sum(),
+                    src_offset=layer_offset,
+                )
+                for r in rows
+            )
+            got = lax.ppermute(payload, axis_name, perm)
+            return tuple(
+                _rows.copy_rows(b, g, ridx, lanes, (ridx >= 0).sum())
+                for b, g in zip(bufs, got, strict=True)
+            )
+
+        with jax.named_scope(f"round_shift_{shift}"):
+            buffers = lax.fori_loop(0, num_chunks[shift], chunk, buffers)
+    return buffers
+
+
+def _commit(
+    rows: tuple[jax.Array, ...],
+    layer_offset: jax.Array | int,
+    meta: TransferMetadata,
+    buffers: tuple[jax.Array, ...],
+) -> tuple[jax.Array, ...]:
+    """Writes staged rows into the weights; duplicates take their primary's staged row."""
+    with jax.named_scope("commit"):
+        return tuple(
+            _rows.copy_rows(
+                r,
+                b,
+                meta.commit_dst_rows,
+                meta.commit_src_rows,
+                meta.commit_count,
+                dst_offset=layer_offset,
+            )
+            for r, b in zip(rows, buffers, strict=True)
+        )
+
+
+# --------------------------------------------------------------- public stages (in shard_map)
+
+
+def _check_chunk_rows(chunk_rows: Any) -> int:
+    if not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows: expected a positive int, got {chunk_rows!r}")
+    return chunk_rows
+
+
+def move_to_buffer(
+    old_phy2log: jax.Array,
+    new_phy2log: jax.Array,
+    expert_weights: Any,
+    *,
+    axis_name: str = "ep",
+    buffer: Any = None,
+    chunk_rows: int = 1,
+) -> tuple[Any, TransferMetadata]:
+    """Stage one layer: local copies into the buffer, then the collectives. Call inside shard_map.
+
+    This is the first half of `transfer_layer`, for models that overlap the collectives with their
+    own compute and commit later with `move_from_buffer`. The weights are only read.
+
+    Args:
+      old_phy2log: int32[P] the layer's map before (replicated: the same on every device).
+      new_phy2log: int32[P] the layer's map after (replicated).
+      expert_weights: pytree of this device's slots of the layer, leaves [N_local, ...].
+      axis_name: the expert-parallel mesh axis (bound by the enclosing shard_map).
+      buffer: optional pytree shaped like ``expert_weights`` to stage into (donate it to reuse
+        memory); a new one is made when None.
+      chunk_rows: C, rows per collective chunk (static).
+
+    Returns:
+      ``(buffer, metadata)``: the staged rows ([N_local, ...] per leaf, row i holds what local
+      slot i will receive) and the `TransferMetadata` that `move_from_buffer` needs.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from jax.sharding import PartitionSpec as P
+      >>> mesh = jax.make_mesh((1,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+      >>> def step(old, new, w):
+      ...     buf, meta = move_to_buffer(old, new, w, axis_name="ep")
+      ...     return move_from_buffer(w, buf, meta)
+      >>> f = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P("ep")),
+      ...                           out_specs=P("ep")))
+      >>> f(jnp.array([0, 1]), jnp.array([1, 0]), jnp.array([10.0, 11.0])).tolist()
+      [11.0, 10.0]
+    """
+    chunk_rows = _check_chunk_rows(chunk_rows)
+    d = lax.axis_size(axis_name)
+    _validate.check_maps(old_phy2log, new_phy2log, num_devices=d, ndim=1)
+    n = old_phy2log.shape[0] // d
+    leaves, treedef = jax.tree_util.tree_flatten(expert_weights)
+    for i, x in enumerate(leaves):
+        if x.ndim < 1 or x.shape[0] != n:
+            raise ValueError(
+                f"expert_weights: leaf {i} has local shape {tuple(x.shape)}, expected "
+                f"[N_local = {n}, ...] (P = {old_phy2log.shape[0]} slots over {d} devices)"
+            )
+    if buffer is None:
+        buf_leaves = [jnp.zeros_like(x) for x in leaves]
+    else:
+        buf_leaves = treedef.flatten_up_to(buffer)
+        for i, (b, x) in enumerate(zip(buf_leaves, leaves, strict=True)):
+            if b.shape != x.shape or b.dtype != x.dtype:
+                raise ValueError(
+                    f"buffer: leaf {i} is {b.dtype}{list(b.shape)}, expected the weights' "
+                    f"{x.dtype}{list(x.shape)}"
+                )
+    old = jnp.asarray(old_phy2log, jnp.int32)
+    new = jnp.asarray(new_phy2log, jnp.int32)
+    plan = _plan.plan_layer(old, new, num_devices=d, chunk_rows=chunk_rows)
+    meta, send_rows, recv_rows = _plan.local_metadata(
+        plan, new, lax.axis_index(axis_name), num_devices=d
+    )
+    rows = tuple(_rows.to_rows(x, 1, jax.default_backend()) for x in leaves)
+    bufs = tuple(_rows.to_rows(b, 1, jax.default_backend()) for b in buf_leaves)
+    bufs = _stage(
+        rows,
+        0,
+        meta,
+        send_rows,
+        recv_rows,
+        plan.num_chunks,
+        bufs,
+        axis_name=axis_name,
+        num_devices=d,
+        chunk_rows=chunk_rows,
+    )
+    out = [_rows.from_rows(b, x.shape, x.dtype) for b, x in zip(bufs, leaves, strict=True)]
+    return treedef.unflatten(out), meta
+
+
+def move_from_buffer(expert_weights: Any, buffer: Any, metadata: TransferMetadata) -> Any:
+    """Commit one staged layer into the weights, then its duplicates. Call inside shard_map.
+
+    No collective runs here, so a model may call it whenever the layer is not being read (e.g. at
+    the start of its next step); slots whose ``metadata.is_unchanged`` holds are not written.
+
+    Args:
+      expert_weights: pytree of this device's slots of the layer, leaves [N_local, ...].
+      buffer: the staged rows from `move_to_buffer`, same structure, shapes and dtypes.
+      metadata: the `TransferMetadata` from `move_to_buffer`.
+
+    Returns:
+      The layer's weights, rearranged (same structure, shapes and dtypes).
+    """
+    if not isinstance(metadata, TransferMetadata):
+        raise TypeError(
+            f"metadata: expected the TransferMetadata returned by move_to_buffer, "
+            f"got {type(metadata).__name__}"
+        )
+    leaves, treedef = jax.tree_util.tree_flatten(expert_weights)
+    buf_leaves = treedef.flatten_up_to(buffer)
+    for i, (b, x) in enumerate(zip(buf_leaves, leaves, strict=True)):
+        if b.shape != x.shape or b.dtype != x.dtype:
+            raise ValueError(
+                f"buffer: leaf {i} is {b.dtype}{list(b.shape)}, expected the weights' "
+                f"{x.dtype}{list(x.shape)}"
+            )
+    rows = tuple(_rows.to_rows(x, 1, jax.default_backend()) for x in leaves)
+    bufs = tuple(_rows.to_rows(b, 1, jax.default_backend()) for b in buf_leaves)
+    rows = _commit(rows, 0, metadata, bufs)
+    out = [_rows.from_rows(r, x.shape, x.dtype) for r, x in zip(rows, leaves, strict=True)]
+    return treedef.unflatten(out)
+
+
+# ------------------------------------------------------------------ whole-model rearrangement
+
+
+def _rearrange_local(old, new, leaves, *, axis_name, num_devices, chunk_rows, platform):
+    """shard_map body: maps int32[L, P] replicated, leaves [L, N, ...] local."""
+    num_layers, p_total = old.shape
+    n = p_total // num_devices
+    with jax.named_scope("plan"):
+        plans = _plan.plan_layers(old, new, num_devices=num_devices, chunk_rows=chunk_rows)
+    me = lax.axis_index(axis_name)
+    rows = tuple(_rows.to_rows(x, 2, platform) for x in leaves)
+    bufs = tuple(_varying(jnp.zeros((n, r.shape[1]), r.dtype), axis_name) for r in rows)
+
+    def layer(li, carry):
+        rows, bufs = carry
+        plan_l = jax.tree_util.tree_map(lambda a: a[li], plans)
+        meta, send_rows, recv_rows = _plan.local_metadata(
+            plan_l, new[li], me, num_devices=num_devices
+        )
+        with jax.named_scope("stage"):
+            bufs = _stage(
+                rows,
+                li * n,
+                meta,
+                send_rows,
+                recv_rows,
+                plan_l.num_chunks,
+                bufs,
+                axis_name=axis_name,
+                num_devices=num_devices,
+                chunk_rows=chunk_rows,
+            )
+        rows = _commit(rows, li * n, meta, bufs)
+        return rows, bufs
+
+    rows, _ = lax.fori_loop(0, num_layers, layer, (rows, bufs))
+    out = [_rows.from_rows(r, x.shape, x.dtype) for r, x in zip(rows, leaves, strict=True)]
+    return out, _report(plans, chunk_rows)
+
+
+def _explicit(mesh) -> bool:
+    types = getattr(mesh, "axis_types", None) or ()
+    return any(t == jax.sharding.AxisType.Explicit for t in types)
+
+
+@functools.lru_cache(maxsize=128)
+def _program(mesh, axis_name: str, chunk_rows: int, donate: bool, single_layer: bool):
+    """One jitted program per (mesh, axis, C, donation, layout); jit caches per shapes and tree.
+
+    With ``single_layer`` the maps are [P] and leaves [P, ...]: a unit layer axis is added and
+    removed inside the program, where it costs nothing and donation still aliases.
+    """
+    num_devices = int(mesh.shape[axis_name])
+    leaf_spec = P(None, axis_name)
+
+    def run(old, new, leaves):
+        if single_layer:
+            old, new = old[None], new[None]
+            leaves = [x[None] for x in leaves]
+        if _explicit(mesh):
+            old = jax.sharding.reshard(old, P())
+            new = jax.sharding.reshard(new, P())
+        body = functools.partial(
+            _rearrange_local,
+            axis_name=axis_name,
+            num_devices=num_devices,
+            chunk_rows=chunk_rows,
+            platform=mesh.devices.flat[0].platform,
+        )
+        specs = [leaf_spec] * len(leaves)
+        f = jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), specs), out_specs=(specs, P()))
+        out, report = f(old.astype(jnp.int32), new.astype(jnp.int32), leaves)
+        if single_layer:
+            out = [x[0] for x in out]
+            report = jax.tree_util.tree_map(lambda a: a[0], report)
+        return out, report
+
+    return jax.jit(run, donate_argnums=(2,) if donate else ())
+
+
+def _as_map(x, mesh):
+    if isinstance(x, jax.Array) or not _validate.is_concrete(x):
+        return x
+    return jax.device_put(jnp.asarray(x, jnp.int32), NamedSharding(mesh, P()))
+
+
+def rearrange_expert_weights(
+    old_phy2log: Any,
+    new_phy2log: Any,
+    expert_weights: Any,
+    *,
+    mesh: jax.sharding.Mesh,
+    axis_name: str = "ep",
+    chunk_rows: int = 1,
+    num_experts: int | None = None,
+    donate: bool = True,
+    return_report: bool = False,
+) -> Any:
+    """Moves expert weights from the old placement to the new one, on the mesh, in one program.
+
+    After the call every slot p of every layer l with ``new_phy2log[l, p] != -1`` holds, bit for
+    bit, the weights that logical expert ``new_phy2log[l, p]`` had in a slot of the old placement.
+    Slots whose expert does not change are not written; slots with -1 may hold anything. Rows cross
+    devices only through ``lax.ppermute`` in rotation rounds; the plan is computed from the maps on
+    every device, so the maps may be traced values: under an outer `jax.jit` one compilation
+    serves every plan of the same shapes.
+
+    Memory: besides the (donated, updated in place) weights, one layer's local rows (N_local rows
+    per leaf) of staging buffer and a chunk of C rows for the collective, whatever the plan.
+
+    Args:
+      old_phy2log: int[L, P] physical-to-logical map before, -1 for empty slots. Replicated (numpy,
+        a jax.Array, or a traced value).
+      new_phy2log: int[L, P] the map after.
+      expert_weights: pytree of arrays with leaves [L, P, ...] (any trailing shape, dtypes with
+        1, 2, 4 or 8-byte items: bf16, f32, fp8, int8, ...), sharded ``PartitionSpec(None,
+        axis_name)`` over ``mesh``.
+      mesh: the device mesh; must have ``axis_name``.
+      axis_name: the expert-parallel axis the slot dimension is sharded over.
+      chunk_rows: C, rows per ppermute chunk (static). 1 wastes no bandwidth on padding; larger
+        chunks amortise per-collective latency for small rows.
+      num_experts: E, if given, ids >= E are rejected (concrete maps only).
+      donate: donate ``expert_weights`` so the update happens in place (the inputs become invalid).
+      return_report: also return a `TransferReport`.
+
+    Returns:
+      The rearranged weights (same structure, shapes, dtypes and shardings), and the
+      `TransferReport` when ``return_report`` is set.
+
+    Raises:
+      ValueError, TypeError: bad maps (shape, dtype, ids, an expert the old map lacks), leaves not
+        ``[L, P, ...]`` or not sharded on the axis, a mesh without the axis. Raised before anything
+        runs. With traced maps the value checks cannot raise: an infeasible layer is left
+        untouched and reported by ``report.ok`` (and logged).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from jax.sharding import NamedSharding, PartitionSpec as P
+      >>> mesh = jax.make_mesh((1,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+      >>> w = jax.device_put(jnp.arange(4.0).reshape(1, 4, 1), NamedSharding(mesh, P(None, "ep")))
+      >>> old = np.array([[0, 1, 2, 3]]); new = np.array([[3, 3, 0, 1]])
+      >>> rearrange_expert_weights(old, new, w, mesh=mesh)[0, :, 0].tolist()
+      [3.0, 3.0, 0.0, 1.0]
+    """
+    return _run(
+        old_phy2log,
+        new_phy2log,
+        expert_weights,
+        mesh=mesh,
+        axis_name=axis_name,
+        chunk_rows=chunk_rows,
+        num_experts=num_experts,
+        donate=donate,
+        return_report=return_report,
+        single_layer=False,
+    )
+
+
+def _run(
+    old_phy2log,
+    new_phy2log,
+    expert_weights,
+    *,
+    mesh,
+    axis_name,
+    chunk_rows,
+    num_experts,
+    donate,
+    return_report,
+    single_layer,
+):
+    """Validates everything, then runs the cached program."""
+    num_devices = _validate.axis_size(mesh, axis_name)
+    chunk_rows = _check_chunk_rows(chunk_rows)
+    ndim = 1 if single_layer else 2
+    _validate.check_maps(
+        old_phy2log, new_phy2log, num_devices=num_devices, ndim=ndim, num_experts=num_experts
+    )
+    leaves, treedef = jax.tree_util.tree_flatten(expert_weights)
+    _validate.check_weight_leaves(
+        leaves,
+        lead_shape=tuple(old_phy2log.shape),
+        slot_dim=ndim - 1,
+        mesh=mesh,
+        axis_name=axis_name,
+    )
+    old = _as_map(old_phy2log, mesh)
+    new = _as_map(new_phy2log, mesh)
+    program = _program(mesh, axis_name, chunk_rows, bool(donate), single_layer)
+    out, report = program(old, new, leaves)
+    _log_if_infeasible(report.ok)
+    weights = treedef.unflatten(out)
+    return (weights, report) if return_report else weights
+
+
+def _log_if_infeasible(ok: jax.Array) -> None:
+    """Reports infeasible layers through the log; works under jit via a debug callback."""
+
+    def warn(ok_host):
+        import logging
+
+        bad = [i for i, v in enumerate(list(ok_host)) if not v]
+        if bad:
+            logging.getLogger("jeplb").warning(
+                "rearrange_expert_weights: layers %s had an infeasible plan (a new map naming an "
+                "expert the old map lacks, or an id below -1); their weights were left unchanged",
+                bad,
+            )
+
+    jax.lax.cond(
+        jnp.all(ok),
+        lambda: None,
+        lambda: jax.debug.callback(warn, ok),
+    )
+
+
+def transfer_layer(
+    old_phy2log: Any,
+    new_phy2log: Any,
+    expert_weights: Any,
+    *,
+    mesh: jax.sharding.Mesh,
+    axis_name: str = "ep",
+    chunk_rows: int = 1,
+    num_experts: int | None = None,
+    donate: bool = True,
+    return_report: bool = False,
+) -> Any:
+    """`rearrange_expert_weights` for one layer: maps int[P], leaves [P, ...] sharded
+    ``PartitionSpec(axis_name)``. Same guarantees, arguments and errors.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from jax.sharding import NamedSharding, PartitionSpec as P
+      >>> mesh = jax.make_mesh((1,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+      >>> w = jax.device_put(jnp.arange(3.0), NamedSharding(mesh, P("ep")))
+      >>> transfer_layer(np.array([0, 1, 2]), np.array([2, 1, 1]), w, mesh=mesh).tolist()
+      [2.0, 1.0, 1.0]
+    """
+    return _run(
+        old_phy2log,
+        new_phy2log,
+        expert_weights,
+        mesh=mesh,
+        axis_name=axis_name,
+        chunk_rows=chunk_rows,
+        num_experts=num_experts,
+        donate=donate,
+        return_report=return_report,
+        single_layer=True,
+    )
