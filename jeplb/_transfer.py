@@ -39,9 +39,10 @@ class TransferReport:
     """What a rearrangement did, per layer (replicated on every device).
 
     Attributes:
-      ok: bool[L]. The layer's plan was feasible and was carried out; False means the layer's
-        weights were left untouched (a new map naming an expert that the old map lacks, or an
-        id below -1).
+      ok: bool[L]. The layer's plan was feasible (False: a new map naming an expert that the old
+        map lacks, or an id below -1). If any layer is infeasible, no layer's weights are touched,
+        so the weights keep matching the old maps; ``report.ok.all()`` says whether the new maps
+        may be committed.
       wire_rows: int32[L]. Rows the busiest device moved through the rounds, padding included.
       min_rows: int32[L]. The most rows any device had to send or receive remotely: the floor.
       chunks: int32[L]. Collective chunks run (sum over rounds).
@@ -332,7 +333,10 @@ def _rearrange_local(old, new, leaves, *, axis_name, num_devices, chunk_rows, pl
         rows = _commit(rows, li * n, meta, bufs)
         return rows, bufs
 
-    rows, _ = lax.fori_loop(0, num_layers, layer, (rows, bufs))
+    # All or nothing: one infeasible layer leaves every layer untouched, so the weights keep
+    # matching the old maps (the predicate comes from replicated maps: the same on every device).
+    trips = jnp.where(jnp.all(plans.ok), num_layers, 0)
+    rows, _ = lax.fori_loop(0, trips, layer, (rows, bufs))
     out = [_rows.from_rows(r, x.shape, x.dtype) for r, x in zip(rows, leaves, strict=True)]
     return out, _report(plans, chunk_rows)
 
@@ -357,8 +361,9 @@ def _program(mesh, axis_name: str, chunk_rows: int, donate: bool, single_layer: 
             old, new = old[None], new[None]
             leaves = [x[None] for x in leaves]
         if _explicit(mesh):
-            old = jax.sharding.reshard(old, P())
-            new = jax.sharding.reshard(new, P())
+            replicated = NamedSharding(mesh, P())
+            old = jax.sharding.reshard(old, replicated)
+            new = jax.sharding.reshard(new, replicated)
         body = functools.partial(
             _rearrange_local,
             axis_name=axis_name,
@@ -429,8 +434,9 @@ def rearrange_expert_weights(
     Raises:
       ValueError, TypeError: bad maps (shape, dtype, ids, an expert the old map lacks), leaves not
         ``[L, P, ...]`` or not sharded on the axis, a mesh without the axis. Raised before anything
-        runs. With traced maps the value checks cannot raise: an infeasible layer is left
-        untouched and reported by ``report.ok`` (and logged).
+        runs. With traced maps the value checks cannot raise: if any layer's plan is
+        infeasible, every layer's weights are left as they were, and it is reported by ``report.ok``
+        (and logged as a warning).
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np

@@ -1,0 +1,323 @@
+"""The expert-weight transfer: bit-exact against the numpy model, in place, one compilation."""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jeplb
+from jeplb import _transfer
+from tests.transfer_model import KINDS, check_rows, make_plan
+
+L, N, E_PER_DEV = 2, 3, 2  # small shapes: one compilation per device count
+
+
+def mesh_of(d: int) -> Mesh:
+    return Mesh(np.array(jax.devices()[:d]), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def make_leaves(rng, num_layers, p_total):
+    """Leaves of several trailing shapes and dtypes, filled with random bytes."""
+
+    def rand(shape, dtype):
+        raw = rng.integers(0, 256, (*shape, np.dtype(dtype).itemsize), dtype=np.uint8)
+        return raw.view(dtype).reshape(shape)
+
+    return {
+        "w13": rand((num_layers, p_total, 2, 3), jnp.bfloat16),
+        "w2": rand((num_layers, p_total, 4), np.float32),
+        "q": rand((num_layers, p_total, 5), np.int8),
+        "fp8": rand((num_layers, p_total, 8), jnp.float8_e4m3fn),
+        "scale": rand((num_layers, p_total, 1), np.float32),
+    }
+
+
+def put(tree, mesh, spec):
+    return jax.tree_util.tree_map(lambda x: jax.device_put(x, NamedSharding(mesh, spec)), tree)
+
+
+def as_bytes(x) -> np.ndarray:
+    x = np.asarray(x)
+    return x.view(np.uint8)
+
+
+def run_and_check(d, old, new, *, chunk_rows=1, seed=0):
+    mesh = mesh_of(d)
+    host = make_leaves(np.random.default_rng(seed), *old.shape)
+    weights = put(host, mesh, P(None, "ep"))
+    out, report = jeplb.rearrange_expert_weights(
+        old, new, weights, mesh=mesh, chunk_rows=chunk_rows, return_report=True
+    )
+    for name, before in host.items():
+        after = out[name]
+        assert after.shape == before.shape and after.dtype == before.dtype
+        assert after.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "ep")), after.ndim)
+        check_rows(as_bytes(before), as_bytes(after), old, new, d)
+    assert bool(report.ok.all())
+    return report
+
+
+@pytest.mark.parametrize("d", [1, 2, 4, 8])
+@settings(max_examples=12, deadline=None)
+@given(kind=st.sampled_from(KINDS), seed=st.integers(0, 2**31 - 1))
+def test_random_plans_bit_exact(d, kind, seed):
+    p_total = d * N
+    num_experts = max(1, min(p_total - 1, d * E_PER_DEV))
+    old, new = make_plan(kind, seed, L, p_total, num_experts, d)
+    report = run_and_check(d, old, new, seed=seed)
+    assert (report.wire_rows >= report.min_rows).all()
+    if kind == "noop":
+        assert int(report.remote_rows.sum()) == 0 and int(report.local_rows.sum()) == 0
+
+
+@pytest.mark.parametrize("chunk_rows", [2, 3])
+def test_chunked_rounds_bit_exact(chunk_rows):
+    for seed, kind in enumerate(("random", "reversal", "hotspot")):
+        old, new = make_plan(kind, seed, L, 8 * N, 16, 8)
+        report = run_and_check(8, old, new, chunk_rows=chunk_rows, seed=seed)
+        assert (report.wire_rows % chunk_rows == 0).all()
+
+
+def test_sender_choice_packs_rounds():
+    # Device d holds experts d+1 and d+2 (mod 8) and a private one; it then wants expert d, which
+    # devices d-1 and d-2 hold. Choosing the same shift for everyone makes one round of one row.
+    d = 8
+    old = np.array([[(k + 1) % d, (k + 2) % d, 10 + k] for k in range(d)], np.int32).reshape(1, -1)
+    new = old.copy()
+    new[0, 2::3] = np.arange(d)
+    report = run_and_check(d, old, new)
+    assert int(report.min_rows[0]) == 1
+    assert int(report.wire_rows[0]) == 1
+
+
+# ------------------------------------------------------------------------------ compilation
+
+
+@pytest.fixture(scope="module")
+def mesh8():
+    return mesh_of(8)
+
+
+def test_one_compilation_under_outer_jit(mesh8):
+    traces = []
+
+    @jax.jit
+    def step(old, new, w):
+        traces.append(1)
+        return jeplb.rearrange_expert_weights(old, new, w, mesh=mesh8, donate=False)
+
+    host = make_leaves(np.random.default_rng(1), L, 8 * N)
+    for seed, kind in enumerate(("random", "reversal", "drift", "hotspot")):
+        old, new = make_plan(kind, seed, L, 8 * N, 16, 8)
+        out = step(jnp.asarray(old), jnp.asarray(new), put(host, mesh8, P(None, "ep")))
+        for name, before in host.items():
+            check_rows(as_bytes(before), as_bytes(out[name]), old, new, 8)
+    assert len(traces) == 1
+
+
+def test_eager_calls_reuse_one_program(mesh8):
+    program = _transfer._program(mesh8, "ep", 1, True, False)
+    host = {"w": np.arange(L * 8 * N * 2, dtype=np.float32).reshape(L, 8 * N, 2)}
+    sizes = []
+    for seed in range(3):
+        old, new = make_plan("random", seed, L, 8 * N, 16, 8)
+        jeplb.rearrange_expert_weights(old, new, put(host, mesh8, P(None, "ep")), mesh=mesh8)
+        sizes.append(program._cache_size())
+    assert sizes[0] == sizes[1] == sizes[2]  # new plans, same program
+
+
+def test_donated_weights_are_updated_in_place(mesh8):
+    old, new = make_plan("random", 3, L, 8 * N, 16, 8)
+    w = put(
+        {"w": np.random.default_rng(0).random((L, 8 * N, 64), np.float32)}, mesh8, P(None, "ep")
+    )
+    ptrs = [s.data.unsafe_buffer_pointer() for s in w["w"].addressable_shards]
+    out = jeplb.rearrange_expert_weights(old, new, w, mesh=mesh8)
+    assert w["w"].is_deleted()
+    assert [s.data.unsafe_buffer_pointer() for s in out["w"].addressable_shards] == ptrs
+
+
+def test_temporary_memory_is_a_layer_plus_a_chunk(mesh8):
+    # Rows large enough that the plan's integer tables are noise.
+    n, r, num_layers = 8, 4096, 4
+    p_total = 8 * n
+    w = jax.ShapeDtypeStruct((num_layers, p_total, r), jnp.float32)
+    maps = jax.ShapeDtypeStruct((num_layers, p_total), jnp.int32)
+    compiled = _transfer._program(mesh8, "ep", 1, True, False).lower(maps, maps, [w]).compile()
+    stats = compiled.memory_analysis()
+    row = r * 4
+    layer_local = n * row
+    assert stats.temp_size_in_bytes <= layer_local + 2 * row + 64 * 1024
+    assert stats.alias_size_in_bytes == num_layers * layer_local  # donated: updated in place
+
+
+# -------------------------------------------------------------------- infeasible, traced maps
+
+
+def test_traced_infeasible_plan_leaves_weights_untouched(mesh8, caplog):
+    old, new = make_plan("random", 5, L, 8 * N, 16, 8)
+    new = new.copy()
+    new[1, 4] = 99  # an expert no slot holds
+    host = make_leaves(np.random.default_rng(2), L, 8 * N)
+
+    @jax.jit
+    def step(old, new, w):
+        return jeplb.rearrange_expert_weights(
+            old, new, w, mesh=mesh8, donate=False, return_report=True
+        )
+
+    with caplog.at_level(logging.WARNING, logger="jeplb"):
+        out, report = step(jnp.asarray(old), jnp.asarray(new), put(host, mesh8, P(None, "ep")))
+        jax.effects_barrier()
+    assert report.ok.tolist() == [True, False]
+    for name, before in host.items():
+        np.testing.assert_array_equal(as_bytes(out[name]), as_bytes(before))
+    assert "infeasible" in caplog.text
+
+
+# ------------------------------------------------------------------------------- one layer
+
+
+def test_transfer_layer_and_stages(mesh8):
+    old, new = make_plan("random", 7, 1, 8 * N, 16, 8)
+    host = make_leaves(np.random.default_rng(3), 1, 8 * N)
+    layer = {k: v[0] for k, v in host.items()}
+    out = jeplb.transfer_layer(old[0], new[0], put(layer, mesh8, P("ep")), mesh=mesh8)
+    for name, before in host.items():
+        check_rows(as_bytes(before), as_bytes(out[name])[None], old, new, 8)
+
+    # The two stages inside a user's shard_map, with the commit in a separate program.
+    def stage(o, n_, w):
+        return jeplb.move_to_buffer(o, n_, w, axis_name="ep")
+
+    def commit(w, buf, meta):
+        return jeplb.move_from_buffer(w, buf, meta)
+
+    spec = {k: P("ep") for k in layer}
+    meta_spec = P("ep")  # every field is per device: stack them over the axis
+    staged, meta = jax.jit(
+        jax.shard_map(
+            lambda o, n_, w: jax.tree_util.tree_map(
+                lambda x: x[None] if x.ndim == 0 else x, stage(o, n_, w)
+            ),
+            mesh=mesh8,
+            in_specs=(P(), P(), spec),
+            out_specs=(spec, meta_spec),
+        )
+    )(old[0], new[0], put(layer, mesh8, P("ep")))
+    assert meta.recv_count.shape == (8,)
+    assert int(meta.recv_count.sum()) == int((meta.recv_primary_mask).sum())
+    meta = jax.tree_util.tree_map(lambda x: x, meta)
+    out2 = jax.jit(
+        jax.shard_map(
+            lambda w, b, m: commit(
+                w, b, jax.tree_util.tree_map(lambda x: x[0] if x.shape == (1,) else x, m)
+            ),
+            mesh=mesh8,
+            in_specs=(spec, spec, meta_spec),
+            out_specs=spec,
+        )
+    )(put(layer, mesh8, P("ep")), staged, meta)
+    for name in host:
+        np.testing.assert_array_equal(as_bytes(out2[name]), as_bytes(out[name]))
+
+
+def test_explicit_axis_mesh():
+    mesh = jax.make_mesh((8,), ("ep",), axis_types=(jax.sharding.AxisType.Explicit,))
+    old, new = make_plan("reversal", 0, L, 8 * N, 16, 8)
+    host = {"w": np.random.default_rng(0).random((L, 8 * N, 3), np.float32)}
+    out = jeplb.rearrange_expert_weights(old, new, put(host, mesh, P(None, "ep")), mesh=mesh)
+    check_rows(as_bytes(host["w"]), as_bytes(out["w"]), old, new, 8)
+
+
+# ---------------------------------------------------------------------------------- errors
+
+
+@pytest.fixture(scope="module")
+def good(mesh8):
+    old, new = make_plan("random", 0, L, 8 * N, 16, 8)
+    return old, new
+
+
+def _w(mesh, shape=(L, 8 * N, 2), spec=None):
+    spec = P(None, "ep") if spec is None else spec
+    return {"w": jax.device_put(np.zeros(shape, np.float32), NamedSharding(mesh, spec))}
+
+
+@pytest.mark.parametrize(
+    ("mutate", "exc", "match"),
+    [
+        (
+            lambda o, n: (o[0], n),
+            ValueError,
+            r"old_phy2log: expected a 2-D map \[L, P\], got shape \(24,\)",
+        ),
+        (
+            lambda o, n: (o, n[:, :16]),
+            ValueError,
+            r"new_phy2log: expected the shape of old_phy2log \(2, 24\), got \(2, 16\)",
+        ),
+        (
+            lambda o, n: (o.astype(np.float32), n),
+            TypeError,
+            r"old_phy2log: expected an integer dtype \(int32\), got float32",
+        ),
+        (
+            lambda o, n: (o, np.where(np.arange(24) == 5, -3, n)),
+            ValueError,
+            r"new_phy2log\[0, 5\] = -3: expected an expert id >= 0 or -1",
+        ),
+        (
+            lambda o, n: (o, np.where(np.arange(24) == 2, 40, n)),
+            ValueError,
+            r"new_phy2log\[0, 2\] = 40, but no slot of old_phy2log\[0\] holds expert 40",
+        ),
+    ],
+)
+def test_bad_maps(mesh8, good, mutate, exc, match):
+    old, new = mutate(*good)
+    w = _w(mesh8)
+    with pytest.raises(exc, match=match):
+        jeplb.rearrange_expert_weights(old, new, w, mesh=mesh8)
+    assert not w["w"].is_deleted()  # nothing ran, nothing was donated
+
+
+def test_bad_ids_against_num_experts(mesh8, good):
+    with pytest.raises(ValueError, match=r"expected an expert id below num_experts = 8"):
+        jeplb.rearrange_expert_weights(*good, _w(mesh8), mesh=mesh8, num_experts=8)
+
+
+def test_bad_weights_and_mesh(mesh8, good):
+    with pytest.raises(
+        ValueError,
+        match=r"expert_weights: leaf 0 has shape \(2, 16, 2\), expected leading dims \[L, P, ...\] = \(2, 24\)",
+    ):
+        jeplb.rearrange_expert_weights(*good, _w(mesh8, (L, 16, 2)), mesh=mesh8)
+    with pytest.raises(
+        ValueError,
+        match=r"expert_weights: leaf 0 is sharded P\(\); expected PartitionSpec\(None, 'ep'\)",
+    ):
+        jeplb.rearrange_expert_weights(*good, _w(mesh8, spec=P()), mesh=mesh8)
+    with pytest.raises(
+        TypeError, match=r"expert_weights: leaf 0 is a ndarray; expected a jax.Array sharded"
+    ):
+        jeplb.rearrange_expert_weights(*good, {"w": np.zeros((L, 24, 2))}, mesh=mesh8)
+    with pytest.raises(
+        ValueError, match=r"mesh: has no axis named 'experts' \(axis_name\); its axes are \('ep',\)"
+    ):
+        jeplb.rearrange_expert_weights(*good, _w(mesh8), mesh=mesh8, axis_name="experts")
+    with pytest.raises(TypeError, match=r"mesh: expected a jax.sharding.Mesh"):
+        jeplb.rearrange_expert_weights(*good, _w(mesh8), mesh="ep")
+    with pytest.raises(ValueError, match=r"chunk_rows: expected a positive int, got 0"):
+        jeplb.rearrange_expert_weights(*good, _w(mesh8), mesh=mesh8, chunk_rows=0)
+    odd = np.zeros((L, 20), np.int32)
+    with pytest.raises(ValueError, match=r"P = 20 slots is not divisible by the 8 devices"):
+        jeplb.rearrange_expert_weights(odd, odd, _w(mesh8, (L, 24, 2)), mesh=mesh8)
