@@ -1,0 +1,287 @@
+"""Router hook: map each token's logical experts to physical slots, and count the load.
+
+Call it once per MoE layer, between the router's top-k and the expert computation. Two forms:
+
+* `dispatch(state, layer, topk_ids)`: slices the layer's maps from an `EplbState` and returns the
+  state with the counts added to ``state.pass_load[layer]`` (Python loops over layers, Flax NNX modules).
+* `dispatch_layer(log2phy, logcnt, topk_ids)`: takes one layer's map slices and returns the counts
+  ([E]); inside a `jax.lax.scan` over layers, scan the slices and stack the counts into [L, E], then
+  add them with `EplbState.record`.
+
+Replica choice (vLLM's semantics, made hash-based): token t's k-th choice of expert e goes to
+replica ``h(t * K + k) % logcnt[e]`` of e, where h is a 32-bit integer mix of the token's index
+(``token_index``, default its position). It is deterministic, spreads the tokens of an expert over its
+replicas evenly in expectation, and unlike a plain modulo does not tie a top-k rank to one replica
+when K and the replica count share a factor. With ``prefer_local`` a replica on the token's own
+device is taken when the expert has one there (several: spread the same way), else the hash
+choice over all replicas.
+
+Counting: ``counts[e]`` is the number of (token, k) pairs with ``topk_ids == e`` among tokens with
+``valid`` set. Ids outside [0, E): when the ids are concrete a ValueError names the first one;
+under jit (traced ids) they map to physical id -1 and are not counted. Masked tokens (``valid``
+False) are mapped like any other token (so downstream indexing stays in range) but not counted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from ._state import EplbState
+
+__all__ = ["dispatch", "dispatch_layer"]
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+    """A 32-bit integer finaliser (xor-shift-multiply): every input bit affects every output bit."""
+    x = x.astype(jnp.uint32)
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _is_concrete(x: Any) -> bool:
+    return x is None or not isinstance(x, jax.core.Tracer)
+
+
+def _as_int_array(x: Any, name: str) -> jax.Array:
+    if isinstance(x, list | tuple | int | np.integer):
+        x = np.asarray(x)
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name}: expected an integer array, got {type(x).__name__}")
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(f"{name}: expected an integer dtype (int32), got {x.dtype}")
+    return x
+
+
+def _check_ids(topk_ids: Any, valid: Any, num_experts: int) -> None:
+    """Raises for the first out-of-range id of a valid token (concrete values only)."""
+    if not (_is_concrete(topk_ids) and _is_concrete(valid)):
+        return
+    ids = np.asarray(topk_ids)
+    bad = (ids < 0) | (ids >= num_experts)
+    if valid is not None:
+        bad &= np.asarray(valid, bool)[..., None]
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"topk_ids{list(where)} = {int(ids[where])}: expected logical expert ids in "
+            f"[0, num_experts = {num_experts}); mask tokens without an expert with valid="
+        )
+
+
+def _local_tables(log2phy: jax.Array, logcnt: jax.Array, num_devices: int, n_local: int):
+    """Per (expert, device): its replicas on that device, packed ([E, D, Wl], -1 pads), and count."""
+    num_experts, r_max = log2phy.shape
+    width = min(r_max, n_local)
+    live = (jnp.arange(r_max)[None, :] < logcnt[:, None]) & (log2phy >= 0)
+    dev = jnp.where(live, log2phy // n_local, num_devices)  # [E, R]; dead: out of range
+    same = (dev[:, :, None] == dev[:, None, :]) & live[:, :, None] & live[:, None, :]
+    rank = jnp.sum(same & (jnp.arange(r_max)[None, :] < jnp.arange(r_max)[:, None])[None], -1)
+    e_idx = jnp.broadcast_to(jnp.arange(num_experts)[:, None], dev.shape)
+    table = (
+        jnp.full((num_experts, num_devices, width), -1, jnp.int32)
+        .at[e_idx, dev, rank]
+        .set(log2phy, mode="drop")
+    )
+    count = jnp.zeros((num_experts, num_devices), jnp.int32).at[e_idx, dev].add(1, mode="drop")
+    return table, count
+
+
+def dispatch_layer(
+    log2phy: jax.Array,
+    logcnt: jax.Array,
+    topk_ids: jax.Array,
+    *,
+    valid: jax.Array | None = None,
+    token_index: jax.Array | None = None,
+    prefer_local: bool = False,
+    device_index: Any = None,
+    slots_per_device: int | None = None,
+    num_devices: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Maps one layer's top-k logical ids to physical slots and counts them per logical expert.
+
+    Args:
+      log2phy: int32[E, R_max] the layer's logical-to-physical map (``state.log2phy[layer]``).
+      logcnt: int32[E] the layer's replica counts (``state.logcnt[layer]``).
+      topk_ids: int[..., K] the router's logical expert ids (any batch shape, usually [T, K]).
+      valid: optional bool[...] (the batch shape): tokens to count; others are mapped, not counted.
+      token_index: optional int[...]: the index the replica hash uses for each token (default: its
+        flat position in the batch). Pass global token indices inside `jax.shard_map` so that
+        devices do not repeat one another's choices.
+      prefer_local: take a replica on the token's device when the expert has one there.
+      device_index: with ``prefer_local``: the token's device on the expert-parallel axis (int, or
+        int[...] per token).
+      slots_per_device: with ``prefer_local``: N_local (slot p lives on device p // N_local).
+      num_devices: with ``prefer_local``: D, devices on the expert-parallel axis.
+
+    Returns:
+      ``(physical_ids int32[..., K], counts int32[E])``; out-of-range ids give -1 (see the module
+      docstring).
+
+    Raises:
+      ValueError, TypeError: shapes or dtypes that do not fit, naming the argument; an id outside
+        [0, E) of a valid token when the ids are concrete.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> log2phy = jnp.array([[0, 2], [1, -1]]); logcnt = jnp.array([2, 1])
+      >>> phys, counts = dispatch_layer(log2phy, logcnt, jnp.array([[0, 1], [0, 1], [1, 0]]),
+      ...                               valid=jnp.array([True, True, False]))
+      >>> counts.tolist()
+      [2, 2]
+      >>> phy2log = jnp.array([0, 1, 0])  # the map log2phy inverts
+      >>> phy2log[phys].tolist()
+      [[0, 1], [0, 1], [1, 0]]
+    """
+    log2phy = _as_int_array(log2phy, "log2phy")
+    logcnt = _as_int_array(logcnt, "logcnt")
+    topk_ids = _as_int_array(topk_ids, "topk_ids")
+    if log2phy.ndim != 2:
+        raise ValueError(
+            f"log2phy: expected one layer's map [E, R_max], got shape {tuple(log2phy.shape)} "
+            f"(slice it: state.log2phy[layer])"
+        )
+    num_experts, r_max = (int(s) for s in log2phy.shape)
+    if tuple(logcnt.shape) != (num_experts,):
+        raise ValueError(
+            f"logcnt: expected shape [E] = ({num_experts},) to match log2phy, got "
+            f"{tuple(logcnt.shape)}"
+        )
+    if topk_ids.ndim < 1:
+        raise ValueError("topk_ids: expected shape [..., K] (e.g. [T, K]), got a scalar")
+    batch = tuple(topk_ids.shape[:-1])
+    k = int(topk_ids.shape[-1])
+    if valid is not None and (not hasattr(valid, "shape") or tuple(valid.shape) != batch):
+        raise ValueError(
+            f"valid: expected a bool mask of the tokens' shape {batch} (topk_ids without its "
+            f"K axis), got {getattr(valid, 'shape', type(valid).__name__)}"
+        )
+    if token_index is not None:
+        token_index = _as_int_array(token_index, "token_index")
+        if tuple(token_index.shape) != batch:
+            raise ValueError(
+                f"token_index: expected shape {batch} (topk_ids without its K axis), got "
+                f"{tuple(token_index.shape)}"
+            )
+    if prefer_local:
+        if device_index is None or slots_per_device is None or num_devices is None:
+            raise ValueError(
+                "prefer_local: needs device_index (the token's device on the expert-parallel "
+                "axis), slots_per_device (N_local) and num_devices (D); `jeplb.dispatch` fills "
+                "them from the state"
+            )
+        for name, v in (("slots_per_device", slots_per_device), ("num_devices", num_devices)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    _check_ids(topk_ids, valid, num_experts)
+
+    with jax.named_scope("eplb_dispatch"):
+        ids = jnp.asarray(topk_ids, jnp.int32)
+        log2phy = jnp.asarray(log2phy, jnp.int32)
+        logcnt = jnp.asarray(logcnt, jnp.int32)
+        in_range = (ids >= 0) & (ids < num_experts)
+        safe = jnp.where(in_range, ids, 0)
+        if token_index is None:
+            tok = jnp.arange(int(np.prod(batch)), dtype=jnp.uint32).reshape(batch)
+        else:
+            tok = jnp.asarray(token_index).astype(jnp.uint32)
+        h = _mix32(tok[..., None] * jnp.uint32(k) + jnp.arange(k, dtype=jnp.uint32))
+        cnt = jnp.maximum(logcnt[safe], 1).astype(jnp.uint32)
+        replica = (h % cnt).astype(jnp.int32)
+        phys = log2phy.reshape(-1)[safe * r_max + replica]
+        if prefer_local:
+            d = num_devices
+            table, nloc = _local_tables(log2phy, logcnt, d, slots_per_device)
+            width = table.shape[-1]
+            dev = jnp.broadcast_to(jnp.asarray(device_index, jnp.int32), batch)[..., None]
+            dev_ok = (dev >= 0) & (dev < d)
+            dev = jnp.clip(dev, 0, d - 1)
+            here = nloc.reshape(-1)[safe * d + dev]
+            pick = (h % jnp.maximum(here, 1).astype(jnp.uint32)).astype(jnp.int32)
+            local = table.reshape(-1)[(safe * d + dev) * width + pick]
+            phys = jnp.where((here > 0) & dev_ok, local, phys)
+        phys = jnp.where(in_range, phys, -1)
+        counted = in_range if valid is None else in_range & jnp.asarray(valid, bool)[..., None]
+        counts = (
+            jnp.zeros((num_experts,), jnp.int32)
+            .at[jnp.where(counted, ids, num_experts)]
+            .add(1, mode="drop")
+        )
+    return phys, counts
+
+
+def dispatch(
+    state: EplbState,
+    layer: Any,
+    topk_ids: jax.Array,
+    *,
+    valid: jax.Array | None = None,
+    token_index: jax.Array | None = None,
+    prefer_local: bool = False,
+    device_index: Any = None,
+) -> tuple[jax.Array, EplbState]:
+    """Maps a layer's top-k logical ids to physical slots and records the load in the state.
+
+    Args:
+      state: the `EplbState` (its maps are read, its ``pass_load[layer]`` is added to).
+      layer: the MoE layer's index (int, or traced int32[] inside a scan).
+      topk_ids: int[..., K] the router's logical expert ids (usually [T, K]).
+      valid: optional bool[...]: tokens to count (padding excluded).
+      token_index: optional int[...]: the index the replica hash uses (default: flat position).
+      prefer_local: take a replica on the token's own device when there is one.
+      device_index: with ``prefer_local``: the token's device (int or int[...]); by default
+        ``lax.axis_index(state.axis_name)``, which needs the call to run inside `jax.shard_map`.
+
+    Returns:
+      ``(physical_ids int32[..., K], state)`` with ``state.pass_load[layer]`` increased by the counts.
+      Inside `jax.shard_map` the counts are this device's; see `jeplb.eplb_step_local`.
+
+    Raises:
+      ValueError, TypeError: as `dispatch_layer`, and a layer index out of range.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> s = EplbState.create(num_layers=1, num_experts=2, num_devices=1,
+      ...                      num_redundant_experts=2, window_size=1, step_interval=1)
+      >>> phys, s = dispatch(s, 0, jnp.array([[0], [0], [0], [1]]))
+      >>> sorted(set(phys[:3, 0].tolist())) == [0, 2], s.pass_load.tolist()
+      (True, [[3, 1]])
+    """
+    if not isinstance(state, EplbState):
+        raise TypeError(
+            f"state: expected an EplbState (use dispatch_layer with map slices), got "
+            f"{type(state).__name__}"
+        )
+    is_int = isinstance(layer, int | np.integer) and not isinstance(layer, bool)
+    if is_int and not 0 <= layer < state.num_layers:
+        raise ValueError(
+            f"layer: expected an index in [0, num_layers = {state.num_layers}), got {layer}"
+        )
+    if prefer_local and device_index is None:
+        try:
+            device_index = lax.axis_index(state.axis_name)
+        except NameError as err:
+            raise ValueError(
+                f"device_index: prefer_local needs the token's device; pass device_index= or "
+                f"call inside jax.shard_map over the {state.axis_name!r} axis"
+            ) from err
+    phys, counts = dispatch_layer(
+        state.log2phy[layer],
+        state.logcnt[layer],
+        topk_ids,
+        valid=valid,
+        token_index=token_index,
+        prefer_local=prefer_local,
+        device_index=device_index,
+        slots_per_device=state.slots_per_device,
+        num_devices=state.num_devices,
+    )
+    return phys, state.replace(pass_load=state.pass_load.at[layer].add(counts))
