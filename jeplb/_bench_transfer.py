@@ -1,0 +1,244 @@
+"""Transfer benchmark: wire efficiency for D = 2..64, time and memory on the local devices.
+
+Two parts, both same-run:
+
+* Wire: the plan alone (no devices needed) for a random reshuffle and a 10% drift plan per D; rows
+  the busiest device moves through the rotation rounds, padding included, against the floor (the
+  most rows any device must send or receive remotely).
+* Time: `rearrange_expert_weights` on the local mesh against a naive baseline (all-gather every
+  slot's rows over the axis, then select), medians after warm-up, and each program's temporary
+  memory against one layer's local weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from . import _plan, _transfer
+
+__all__ = ["make_plan", "run_time", "run_wire"]
+
+
+def _placement(rng, num_experts: int, p_total: int) -> np.ndarray:
+    extra = rng.integers(0, num_experts, p_total - num_experts)
+    return rng.permutation(np.concatenate([np.arange(num_experts), extra])).astype(np.int32)
+
+
+def make_plan(kind: str, seed: int, num_layers: int, p_total: int, num_experts: int):
+    """Benchmark maps (old, new) int32[L, P]: ``reshuffle`` (independent random placements) or
+    ``drift`` (10% of the slots take another expert of the old placement)."""
+    rng = np.random.default_rng(seed)
+    old = np.stack([_placement(rng, num_experts, p_total) for _ in range(num_layers)])
+    if kind == "reshuffle":
+        new = np.stack([_placement(rng, num_experts, p_total) for _ in range(num_layers)])
+    elif kind == "drift":
+        # 10% of the slots change expert; an expert's last copy is never dropped, so the plan is
+        # reversible and both directions can be timed.
+        new = old.copy()
+        k = max(1, p_total // 10)
+        for layer in range(num_layers):
+            counts = np.bincount(old[layer], minlength=num_experts)
+            changed = 0
+            for p in rng.permutation(p_total):
+                if changed == k:
+                    break
+                if counts[new[layer, p]] > 1:
+                    counts[new[layer, p]] -= 1
+                    e = int(rng.integers(num_experts))
+                    new[layer, p] = e
+                    counts[e] += 1
+                    changed += 1
+    else:
+        raise ValueError(f"kind: expected 'reshuffle' or 'drift', got {kind!r}")
+    return old, new
+
+
+@dataclasses.dataclass
+class WireRow:
+    devices: int
+    slots: int
+    plan: str
+    chunk_rows: int
+    median_ratio: float
+    max_ratio: float
+    aggregate_ratio: float
+    wire_rows: float
+    min_rows: float
+
+
+def run_wire(
+    devices=(2, 4, 8, 16, 32, 64), *, num_layers: int = 32, chunk_rows=(1, 4), seed: int = 0
+) -> list[WireRow]:
+    """Wire rows vs the floor for each D (DeepSeek-V3-like 256 experts; P = 288, or the next
+    multiple of D above 256 + D // 2 where 288 does not divide)."""
+    rows = []
+    for d in devices:
+        p_total = 288 if 288 % d == 0 else -(-(256 + max(d, 16)) // d) * d
+        for kind in ("reshuffle", "drift"):
+            old, new = make_plan(kind, seed, num_layers, p_total, 256)
+            for c in chunk_rows:
+                plans = jax.jit(
+                    lambda o, n, d=d, c=c: _plan.plan_layers(o, n, num_devices=d, chunk_rows=c)
+                )(old, new)
+                wire = np.asarray(plans.wire_rows, np.float64)
+                floor = np.maximum(np.asarray(plans.min_rows, np.float64), 1)
+                rows.append(
+                    WireRow(
+                        d,
+                        p_total,
+                        kind,
+                        c,
+                        float(np.median(wire / floor)),
+                        float((wire / floor).max()),
+                        float(wire.sum() / floor.sum()),
+                        float(np.median(wire)),
+                        float(np.median(floor)),
+                    )
+                )
+    return rows
+
+
+def _naive_program(mesh, axis_name: str):
+    """Baseline: every device all-gathers every slot's rows, then selects its own new rows."""
+
+    def body(src, leaves):
+        me = jax.lax.axis_index(axis_name)
+        n = leaves[0].shape[1]
+        mine = jax.lax.dynamic_slice_in_dim(src, me * n, n, axis=1)  # [L, N]
+        out = []
+        for x in leaves:
+            full = jax.lax.all_gather(x, axis_name, axis=1, tiled=True)  # [L, P, ...]
+            out.append(jnp.take_along_axis(full, mine.reshape(*mine.shape, *[1] * (x.ndim - 2)), 1))
+        return out
+
+    def run(src, leaves):
+        specs = [P(None, axis_name)] * len(leaves)
+        return jax.shard_map(body, mesh=mesh, in_specs=(P(), specs), out_specs=specs)(src, leaves)
+
+    return jax.jit(run, donate_argnums=(1,))
+
+
+def _sources(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """For the baseline: one old slot holding each new slot's expert (its own slot if unchanged)."""
+    src = np.zeros_like(new)
+    for layer in range(old.shape[0]):
+        first = {}
+        for q, e in enumerate(old[layer]):
+            first.setdefault(int(e), q)
+        for p, e in enumerate(new[layer]):
+            src[layer, p] = p if old[layer, p] == e else first[int(e)]
+    return src
+
+
+@dataclasses.dataclass
+class TimeRow:
+    plan: str
+    layers: int
+    slots: int
+    row_bytes: int
+    dtype: str
+    jeplb_ms_per_layer: float
+    naive_ms_per_layer: float
+    speedup: float
+    jeplb_temp_over_layer: float
+    naive_temp_over_layer: float
+    wire_ratio: float
+
+
+def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+def run_time(
+    mesh,
+    *,
+    axis_name: str = "ep",
+    num_layers: int = 8,
+    slots_per_device: int = 4,
+    row_elems: int = 1 << 16,
+    dtype=jnp.bfloat16,
+    repeats: int = 5,
+    seed: int = 0,
+) -> list[TimeRow]:
+    """Times jeplb against the all-gather baseline on ``mesh`` (weights [L, P, row_elems])."""
+    d = int(mesh.shape[axis_name])
+    p_total = d * slots_per_device
+    num_experts = max(1, p_total - p_total // 8)
+    spec = NamedSharding(mesh, P(None, axis_name))
+    rng = np.random.default_rng(seed)
+    host = rng.integers(-1000, 1000, (num_layers, p_total, row_elems)).astype(dtype)
+    row_bytes = row_elems * np.dtype(dtype).itemsize
+    layer_local = slots_per_device * row_bytes
+    out = []
+    ours = _transfer._program(mesh, axis_name, 1, True, False)
+    naive = _naive_program(mesh, axis_name)
+    for kind in ("reshuffle", "drift"):
+        old, new = make_plan(kind, seed, num_layers, p_total, num_experts)
+        src, back = _sources(old, new), _sources(new, old)
+        w = [jax.device_put(host, spec)]
+        w0 = [jax.device_put(host, spec)]
+        c_ours = ours.lower(old, new, w).compile()
+        c_naive = naive.lower(src, w0).compile()
+        state = {"w": w, "b": w0}
+
+        def step_ours(state=state, c=c_ours, old=old, new=new):
+            # Alternate directions so every timed call moves the same rows.
+            state["w"], rep = c(old, new, state["w"])
+            state["w"], _ = c(new, old, state["w"])
+            return state["w"], rep
+
+        def step_naive(state=state, c=c_naive, src=src, back=back):
+            state["b"] = c(src, state["b"])
+            state["b"] = c(back, state["b"])
+            return state["b"]
+
+        step_ours()
+        step_naive()  # warm-up
+        t_ours = _median_ms(step_ours, repeats) / 2 / num_layers
+        t_naive = _median_ms(step_naive, repeats) / 2 / num_layers
+        _, rep = step_ours()
+        wire = np.asarray(rep.wire_rows, np.float64)
+        floor = np.maximum(np.asarray(rep.min_rows, np.float64), 1)
+        out.append(
+            TimeRow(
+                kind,
+                num_layers,
+                p_total,
+                row_bytes,
+                np.dtype(dtype).name,
+                t_ours,
+                t_naive,
+                t_naive / t_ours,
+                c_ours.memory_analysis().temp_size_in_bytes / layer_local,
+                c_naive.memory_analysis().temp_size_in_bytes / layer_local,
+                float(wire.sum() / floor.sum()),
+            )
+        )
+    return out
+
+
+def markdown(rows, title: str) -> str:
+    """A markdown table of dataclass rows."""
+    if not rows:
+        return ""
+    fields = [f.name for f in dataclasses.fields(rows[0])]
+    lines = [f"### {title}", "", "| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
+    for r in rows:
+        vals = [getattr(r, f) for f in fields]
+        lines.append(
+            "| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in vals) + " |"
+        )
+    return "\n".join(lines) + "\n"
