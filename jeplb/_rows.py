@@ -61,6 +61,69 @@ def from_rows(rows: jax.Array, like_shape: tuple[int, ...], dtype) -> jax.Array:
     return rows.reshape(like_shape)
 
 
+ROW_IMPLS = ("auto", "loop", "pallas", "scatter")
+_PALLAS_MIN_ROW_BYTES = 1 << 16
+_PALLAS_MAX_BLOCK = 1 << 14
+
+
+def _pallas_block(width: int) -> int:
+    """Largest power of two <= 16384 elements dividing the row (0 when below 1024)."""
+    block = 1
+    while block < _PALLAS_MAX_BLOCK and width % (block * 2) == 0:
+        block *= 2
+    return block if block >= 1024 else 0
+
+
+def resolve_impl(impl: str, dst: jax.Array, platform: str) -> str:
+    """The row-move implementation ``auto`` stands for on ``platform`` for rows like ``dst``'s."""
+    if impl not in ROW_IMPLS:
+        raise ValueError(f"row_impl: expected one of {ROW_IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    width = dst.shape[1]
+    big = width * np.dtype(dst.dtype).itemsize >= _PALLAS_MIN_ROW_BYTES
+    return "pallas" if platform == "gpu" and big and _pallas_block(width) else "loop"
+
+
+def _copy_rows_pallas(dst, src, dst_idx, src_idx, count, dst_offset, src_offset, interpret):
+    """One Pallas program per (row, block of the row): reads the block once, writes it once, in
+    place in ``dst`` (aliased), skipping rows at or past ``count``."""
+    from jax.experimental import pallas as pl
+
+    num_rows = dst_idx.shape[0]
+    width = dst.shape[1]
+    block = _pallas_block(width)
+    if not block:
+        raise ValueError(
+            f"row_impl 'pallas' needs rows of a multiple of 1024 elements, got {width}"
+        )
+
+    def kernel(didx_ref, sidx_ref, scalars_ref, src_ref, _dst_in_ref, dst_ref):
+        k = pl.program_id(0)
+        off = pl.multiple_of(pl.program_id(1) * block, block)
+
+        @pl.when(k < scalars_ref[0])
+        def _():
+            s = sidx_ref[k] + scalars_ref[2]
+            d = didx_ref[k] + scalars_ref[1]
+            dst_ref[d, pl.ds(off, block)] = src_ref[s, pl.ds(off, block)]
+
+    scalars = jnp.stack(
+        [
+            jnp.asarray(count, jnp.int32),
+            jnp.asarray(dst_offset, jnp.int32),
+            jnp.asarray(src_offset, jnp.int32),
+        ]
+    )
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(dst.shape, dst.dtype),
+        grid=(num_rows, width // block),
+        input_output_aliases={4: 0},
+        interpret=interpret,
+    )(dst_idx.astype(jnp.int32), src_idx.astype(jnp.int32), scalars, src, dst)
+
+
 def copy_rows(
     dst: jax.Array,
     src: jax.Array,
@@ -70,21 +133,39 @@ def copy_rows(
     *,
     dst_offset: jax.Array | int = 0,
     src_offset: jax.Array | int = 0,
+    impl: str = "loop",
+    interpret: bool = False,
 ) -> jax.Array:
     """``dst[dst_offset + dst_idx[k]] = src[src_offset + src_idx[k]]`` for ``k < count``.
 
     Args:
-      dst: uint[M, R] rows written.
-      src: uint[M', R] rows read (may be ``dst`` itself only when no source row is also written).
+      dst: [M, R] rows written.
+      src: [M', R] rows read; a different buffer from ``dst`` (the transfer always copies between
+        the weights and the staging buffer), so a row is read once and written once.
       dst_idx: int32[K] destination rows; only the first ``count`` are used.
       src_idx: int32[K] source rows.
-      count: int32[] number of rows to move.
+      count: int32[] number of rows to move (0 <= count <= K).
       dst_offset: added to every destination index (e.g. ``layer * N``).
       src_offset: added to every source index.
+      impl: ``loop`` (a while loop of dynamic_update_slice, any backend), ``pallas`` (a Pallas
+        kernel, GPUs; rows of a multiple of 1024 elements), ``scatter`` (XLA gather + scatter),
+        or ``auto`` (resolved by `resolve_impl`; callers normally pass the resolved name).
+      interpret: run the Pallas kernel in interpret mode (for CPU tests).
 
     Returns:
       ``dst`` with the rows written.
     """
+    if impl == "pallas":
+        return _copy_rows_pallas(
+            dst, src, dst_idx, src_idx, count, dst_offset, src_offset, interpret
+        )
+    if impl == "scatter":
+        k = jnp.arange(dst_idx.shape[0])
+        rows = src[jnp.clip(src_offset + src_idx, 0, src.shape[0] - 1)]
+        target = jnp.where(k < count, dst_offset + dst_idx, dst.shape[0])
+        return dst.at[target].set(rows, mode="drop")
+    if impl not in ("loop", "auto"):
+        raise ValueError(f"impl: expected one of {ROW_IMPLS}, got {impl!r}")
     width = dst.shape[1]
 
     def body(k, out):

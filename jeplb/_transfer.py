@@ -107,6 +107,7 @@ def _stage(
     axis_name: str,
     num_devices: int,
     chunk_rows: int,
+    impls: tuple[str, ...],
 ) -> tuple[jax.Array, ...]:
     """Fills the staging buffers: local copies, then one rotation round per shift."""
     n = buffers[0].shape[0]
@@ -117,8 +118,8 @@ def _stage(
         local_src = _plan._pack(meta.is_received_locally, meta.local_src_rows)
         count = meta.is_received_locally.sum()
         buffers = tuple(
-            _rows.copy_rows(b, r, local_dst, local_src, count, src_offset=layer_offset)
-            for b, r in zip(buffers, rows, strict=True)
+            _rows.copy_rows(b, r, local_dst, local_src, count, src_offset=layer_offset, impl=i)
+            for b, r, i in zip(buffers, rows, impls, strict=True)
         )
     c = chunk_rows
     lanes = jnp.arange(c, dtype=jnp.int32)
@@ -136,13 +137,14 @@ def _stage(
                     sidx,
                     (sidx >= 0).sum(),
                     src_offset=layer_offset,
+                    impl=i,
                 )
-                for r in rows
+                for r, i in zip(rows, impls, strict=True)
             )
             got = lax.ppermute(payload, axis_name, perm)
             return tuple(
-                _rows.copy_rows(b, g, ridx, lanes, (ridx >= 0).sum())
-                for b, g in zip(bufs, got, strict=True)
+                _rows.copy_rows(b, g, ridx, lanes, (ridx >= 0).sum(), impl=i)
+                for b, g, i in zip(bufs, got, impls, strict=True)
             )
 
         with jax.named_scope(f"round_shift_{shift}"):
@@ -155,6 +157,7 @@ def _commit(
     layer_offset: jax.Array | int,
     meta: TransferMetadata,
     buffers: tuple[jax.Array, ...],
+    impls: tuple[str, ...],
 ) -> tuple[jax.Array, ...]:
     """Writes staged rows into the weights; duplicates take their primary's staged row."""
     with jax.named_scope("commit"):
@@ -166,8 +169,9 @@ def _commit(
                 meta.commit_src_rows,
                 meta.commit_count,
                 dst_offset=layer_offset,
+                impl=i,
             )
-            for r, b in zip(rows, buffers, strict=True)
+            for r, b, i in zip(rows, buffers, impls, strict=True)
         )
 
 
@@ -188,6 +192,7 @@ def move_to_buffer(
     axis_name: str = "ep",
     buffer: Any = None,
     chunk_rows: int = 1,
+    row_impl: str = "auto",
 ) -> tuple[Any, TransferMetadata]:
     """Stage one layer: local copies into the buffer, then the collectives. Call inside shard_map.
 
@@ -202,6 +207,8 @@ def move_to_buffer(
       buffer: optional pytree shaped like ``expert_weights`` to stage into (donate it to reuse
         memory); a new one is made when None.
       chunk_rows: C, rows per collective chunk (static).
+      row_impl: how rows move inside the device: ``auto`` (a Pallas kernel on GPUs for rows of at
+        least 64 KiB, else a loop of dynamic_update_slice), ``loop``, ``pallas`` or ``scatter``.
 
     Returns:
       ``(buffer, metadata)``: the staged rows ([N_local, ...] per leaf, row i holds what local
@@ -246,8 +253,10 @@ def move_to_buffer(
     meta, send_rows, recv_rows = _plan.local_metadata(
         plan, new, lax.axis_index(axis_name), num_devices=d
     )
-    rows = tuple(_rows.to_rows(x, 1, jax.default_backend()) for x in leaves)
-    bufs = tuple(_rows.to_rows(b, 1, jax.default_backend()) for b in buf_leaves)
+    platform = jax.default_backend()
+    rows = tuple(_rows.to_rows(x, 1, platform) for x in leaves)
+    bufs = tuple(_rows.to_rows(b, 1, platform) for b in buf_leaves)
+    impls = tuple(_rows.resolve_impl(row_impl, r, platform) for r in rows)
     bufs = _stage(
         rows,
         0,
@@ -259,12 +268,15 @@ def move_to_buffer(
         axis_name=axis_name,
         num_devices=d,
         chunk_rows=chunk_rows,
+        impls=impls,
     )
     out = [_rows.from_rows(b, x.shape, x.dtype) for b, x in zip(bufs, leaves, strict=True)]
     return treedef.unflatten(out), meta
 
 
-def move_from_buffer(expert_weights: Any, buffer: Any, metadata: TransferMetadata) -> Any:
+def move_from_buffer(
+    expert_weights: Any, buffer: Any, metadata: TransferMetadata, *, row_impl: str = "auto"
+) -> Any:
     """Commit one staged layer into the weights, then its duplicates. Call inside shard_map.
 
     No collective runs here, so a model may call it whenever the layer is not being read (e.g. at
@@ -274,6 +286,7 @@ def move_from_buffer(expert_weights: Any, buffer: Any, metadata: TransferMetadat
       expert_weights: pytree of this device's slots of the layer, leaves [N_local, ...].
       buffer: the staged rows from `move_to_buffer`, same structure, shapes and dtypes.
       metadata: the `TransferMetadata` from `move_to_buffer`.
+      row_impl: how rows move (see `move_to_buffer`).
 
     Returns:
       The layer's weights, rearranged (same structure, shapes and dtypes).
@@ -291,9 +304,11 @@ def move_from_buffer(expert_weights: Any, buffer: Any, metadata: TransferMetadat
                 f"buffer: leaf {i} is {b.dtype}{list(b.shape)}, expected the weights' "
                 f"{x.dtype}{list(x.shape)}"
             )
-    rows = tuple(_rows.to_rows(x, 1, jax.default_backend()) for x in leaves)
-    bufs = tuple(_rows.to_rows(b, 1, jax.default_backend()) for b in buf_leaves)
-    rows = _commit(rows, 0, metadata, bufs)
+    platform = jax.default_backend()
+    rows = tuple(_rows.to_rows(x, 1, platform) for x in leaves)
+    bufs = tuple(_rows.to_rows(b, 1, platform) for b in buf_leaves)
+    impls = tuple(_rows.resolve_impl(row_impl, r, platform) for r in rows)
+    rows = _commit(rows, 0, metadata, bufs, impls)
     out = [_rows.from_rows(r, x.shape, x.dtype) for r, x in zip(rows, leaves, strict=True)]
     return treedef.unflatten(out)
 
@@ -301,7 +316,7 @@ def move_from_buffer(expert_weights: Any, buffer: Any, metadata: TransferMetadat
 # ------------------------------------------------------------------ whole-model rearrangement
 
 
-def _rearrange_local(old, new, leaves, *, axis_name, num_devices, chunk_rows, platform):
+def _rearrange_local(old, new, leaves, *, axis_name, num_devices, chunk_rows, platform, row_impl):
     """shard_map body: maps int32[L, P] replicated, leaves [L, N, ...] local."""
     num_layers, p_total = old.shape
     n = p_total // num_devices
@@ -309,6 +324,7 @@ def _rearrange_local(old, new, leaves, *, axis_name, num_devices, chunk_rows, pl
         plans = _plan.plan_layers(old, new, num_devices=num_devices, chunk_rows=chunk_rows)
     me = lax.axis_index(axis_name)
     rows = tuple(_rows.to_rows(x, 2, platform) for x in leaves)
+    impls = tuple(_rows.resolve_impl(row_impl, r, platform) for r in rows)
     bufs = tuple(_varying(jnp.zeros((n, r.shape[1]), r.dtype), axis_name) for r in rows)
 
     def layer(li, carry):
@@ -329,8 +345,9 @@ def _rearrange_local(old, new, leaves, *, axis_name, num_devices, chunk_rows, pl
                 axis_name=axis_name,
                 num_devices=num_devices,
                 chunk_rows=chunk_rows,
+                impls=impls,
             )
-        rows = _commit(rows, li * n, meta, bufs)
+        rows = _commit(rows, li * n, meta, bufs, impls)
         return rows, bufs
 
     # All or nothing: one infeasible layer leaves every layer untouched, so the weights keep
@@ -347,7 +364,9 @@ def _explicit(mesh) -> bool:
 
 
 @functools.lru_cache(maxsize=128)
-def _program(mesh, axis_name: str, chunk_rows: int, donate: bool, single_layer: bool):
+def _program(
+    mesh, axis_name: str, chunk_rows: int, donate: bool, single_layer: bool, row_impl: str = "auto"
+):
     """One jitted program per (mesh, axis, C, donation, layout); jit caches per shapes and tree.
 
     With ``single_layer`` the maps are [P] and leaves [P, ...]: a unit layer axis is added and
@@ -370,6 +389,7 @@ def _program(mesh, axis_name: str, chunk_rows: int, donate: bool, single_layer: 
             num_devices=num_devices,
             chunk_rows=chunk_rows,
             platform=mesh.devices.flat[0].platform,
+            row_impl=row_impl,
         )
         specs = [leaf_spec] * len(leaves)
         f = jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), specs), out_specs=(specs, P()))
@@ -399,6 +419,7 @@ def rearrange_expert_weights(
     num_experts: int | None = None,
     donate: bool = True,
     return_report: bool = False,
+    row_impl: str = "auto",
 ) -> Any:
     """Moves expert weights from the old placement to the new one, on the mesh, in one program.
 
@@ -426,6 +447,8 @@ def rearrange_expert_weights(
       num_experts: E, if given, ids >= E are rejected (concrete maps only).
       donate: donate ``expert_weights`` so the update happens in place (the inputs become invalid).
       return_report: also return a `TransferReport`.
+      row_impl: how rows move inside a device: ``auto`` (a Pallas kernel on GPUs for rows of at
+        least 64 KiB, else a loop of dynamic_update_slice), ``loop``, ``pallas`` or ``scatter``.
 
     Returns:
       The rearranged weights (same structure, shapes, dtypes and shardings), and the
@@ -458,6 +481,7 @@ def rearrange_expert_weights(
         donate=donate,
         return_report=return_report,
         single_layer=False,
+        row_impl=row_impl,
     )
 
 
@@ -473,10 +497,13 @@ def _run(
     donate,
     return_report,
     single_layer,
+    row_impl,
 ):
     """Validates everything, then runs the cached program."""
     num_devices = _validate.axis_size(mesh, axis_name)
     chunk_rows = _check_chunk_rows(chunk_rows)
+    if row_impl not in _rows.ROW_IMPLS:
+        raise ValueError(f"row_impl: expected one of {_rows.ROW_IMPLS}, got {row_impl!r}")
     ndim = 1 if single_layer else 2
     _validate.check_maps(
         old_phy2log, new_phy2log, num_devices=num_devices, ndim=ndim, num_experts=num_experts
@@ -491,7 +518,7 @@ def _run(
     )
     old = _as_map(old_phy2log, mesh)
     new = _as_map(new_phy2log, mesh)
-    program = _program(mesh, axis_name, chunk_rows, bool(donate), single_layer)
+    program = _program(mesh, axis_name, chunk_rows, bool(donate), single_layer, row_impl)
     out, report = program(old, new, leaves)
     _log_if_infeasible(report.ok)
     weights = treedef.unflatten(out)
@@ -530,6 +557,7 @@ def transfer_layer(
     num_experts: int | None = None,
     donate: bool = True,
     return_report: bool = False,
+    row_impl: str = "auto",
 ) -> Any:
     """`rearrange_expert_weights` for one layer: maps int[P], leaves [P, ...] sharded
     ``PartitionSpec(axis_name)``. Same guarantees, arguments and errors.
@@ -553,4 +581,5 @@ def transfer_layer(
         donate=donate,
         return_report=return_report,
         single_layer=True,
+        row_impl=row_impl,
     )

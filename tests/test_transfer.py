@@ -321,3 +321,16 @@ def test_bad_weights_and_mesh(mesh8, good):
     odd = np.zeros((L, 20), np.int32)
     with pytest.raises(ValueError, match=r"P = 20 slots is not divisible by the 8 devices"):
         jeplb.rearrange_expert_weights(odd, odd, _w(mesh8, (L, 24, 2)), mesh=mesh8)
+
+
+def test_scatter_row_impl_bit_exact():
+    old, new = make_plan("random", 11, L, 8 * N, 16, 8)
+    mesh = mesh_of(8)
+    host = make_leaves(np.random.default_rng(4), L, 8 * N)
+    out = jeplb.rearrange_expert_weights(
+        old, new, put(host, mesh, P(None, "ep")), mesh=mesh, row_impl="scatter"
+    )
+    for name, before in host.items():
+        check_rows(as_bytes(before), as_bytes(out[name]), old, new, 8)
+    with pytest.raises(ValueError, match=r"row_impl: expected one of .*got 'dma'"):
+        jeplb.rearrange_expert_weights(old, new, out, mesh=mesh, row_impl="dma")
