@@ -1,0 +1,302 @@
+"""GPU benchmark (one device): row moves against the copy ceiling, a full one-GPU rebalance, the
+placement policy. Every figure is a median of repeated runs after warm-up, next to the device's
+copy bandwidth measured in the same run.
+
+Usage:
+    python benchmarks/bench_gpu.py [--quick] [--json PATH] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jeplb import _rows, _transfer
+
+ROWS = {  # bytes per expert row
+    "deepseek-v3 (88.1 MB)": 7168 * 2048 * 3 * 2,
+    "qwen3-235b (37.7 MB)": 4096 * 1536 * 3 * 2,
+    "1 MiB": 1 << 20,
+}
+
+
+def median_s(fn, *, warmup=2, reps=10):
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def copy_ceiling(nbytes: int) -> float:
+    """Bytes read + written per second by the device's own copy of a large buffer."""
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8))
+    copy = jax.jit(lambda x: x.copy())
+    xor = jax.jit(lambda x: x ^ jnp.uint8(1))
+    best = min(median_s(lambda: copy(x)), median_s(lambda: xor(x)))
+    return 2 * nbytes / best
+
+
+@dataclasses.dataclass
+class MoveRow:
+    row: str
+    dtype: str
+    fraction: float
+    rows_moved: int
+    stage: str
+    impl: str
+    ms: float
+    tb_s: float
+    of_copy: float
+
+
+def row_moves(ceiling, *, n=36, quick=False):
+    out = []
+    rng = np.random.default_rng(0)
+    impls = ("pallas", "loop", "scatter")
+    for row_name, row_bytes in ROWS.items():
+        for dtype in (jnp.bfloat16, jnp.float8_e4m3fn):
+            width = row_bytes // np.dtype(dtype).itemsize
+            w = jax.random.bits(
+                jax.random.key(0),
+                (n, width),
+                jnp.uint8 if np.dtype(dtype).itemsize == 1 else jnp.uint16,
+            )
+            w = jax.lax.bitcast_convert_type(w, dtype)
+            buf = jnp.zeros_like(w)
+            for fraction in (0.1, 0.25, 1.0):
+                k = max(1, round(fraction * n))
+                src = jnp.asarray(rng.permutation(n)[:k], jnp.int32)
+                dst = jnp.asarray(rng.permutation(n)[:k], jnp.int32)
+                for impl in impls:
+                    if quick and impl == "scatter" and row_bytes > (1 << 26):
+                        continue
+                    stage = jax.jit(
+                        lambda b, w, s, d, impl=impl: _rows.copy_rows(
+                            b, w, d, s, jnp.int32(s.shape[0]), impl=impl
+                        ),
+                        donate_argnums=0,
+                    )
+                    state = {"b": buf}
+
+                    def run_stage(stage=stage, state=state, src=src, dst=dst, w=w):
+                        state["b"] = stage(state["b"], w, src, dst)
+                        return state["b"]
+
+                    try:
+                        t = median_s(run_stage)
+                    except Exception as e:  # a variant that does not compile here is reported
+                        print(f"{row_name} {impl}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                        buf = jnp.zeros_like(w)
+                        continue
+                    buf = state["b"]
+                    moved = 2 * k * row_bytes
+                    out.append(
+                        MoveRow(
+                            row_name,
+                            np.dtype(dtype).name,
+                            fraction,
+                            k,
+                            "weights->buffer",
+                            impl,
+                            t * 1e3,
+                            moved / t / 1e12,
+                            moved / t / ceiling,
+                        )
+                    )
+                    print(out[-1], flush=True)
+            del w, buf
+    return out
+
+
+@dataclasses.dataclass
+class RebalanceRow:
+    what: str
+    layers: int
+    slots: int
+    row_mb: float
+    impl: str
+    ms_per_layer: float
+    bytes_per_layer_gb: float
+    floor_ms_per_layer: float
+    over_floor: float
+    temp_over_layer: float
+
+
+def one_gpu_rebalance(ceiling, *, layers=8, n=36, row_bytes=ROWS["deepseek-v3 (88.1 MB)"]):
+    """A DeepSeek-V3-like local shard (36 slots x 88 MB per layer) rebalanced on one GPU: every
+    move is local (stage into the buffer, commit into the weights)."""
+    mesh = jax.make_mesh((1,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+    spec = NamedSharding(mesh, P(None, "ep"))
+    width = row_bytes // 2
+    rng = np.random.default_rng(1)
+    old = np.tile(np.arange(n, dtype=np.int32), (layers, 1))
+    new = np.stack([rng.permutation(n) for _ in range(layers)]).astype(np.int32)
+    out = []
+    for impl in ("pallas", "loop"):
+        w = jax.device_put(
+            jax.lax.bitcast_convert_type(
+                jax.random.bits(jax.random.key(1), (layers, n, width), jnp.uint16), jnp.bfloat16
+            ),
+            spec,
+        )
+        prog = _transfer._program(mesh, "ep", 1, True, False, impl)
+        try:
+            compiled = prog.lower(old, new, [w]).compile()
+        except Exception as e:
+            print(f"rebalance {impl}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        state = {"w": [w], "fwd": True}
+
+        def run(state=state, compiled=compiled):
+            a, b = (old, new) if state["fwd"] else (new, old)
+            state["w"], _ = compiled(a, b, state["w"])
+            state["fwd"] = not state["fwd"]
+            return state["w"]
+
+        t = median_s(run, reps=6) / layers
+        changed = float(np.mean((old != new).sum(1)))
+        staged_bytes = 4 * changed * row_bytes  # stage: read + write, commit: read + write
+        floor = staged_bytes / ceiling
+        temp = compiled.memory_analysis().temp_size_in_bytes / (n * row_bytes)
+        out.append(
+            RebalanceRow(
+                "transfer, staged (4 passes of each moved row)",
+                layers,
+                n,
+                row_bytes / 1e6,
+                impl,
+                t * 1e3,
+                staged_bytes / 1e9,
+                floor * 1e3,
+                t / floor,
+                temp,
+            )
+        )
+        direct = 2 * changed * row_bytes
+        out.append(
+            RebalanceRow(
+                "  same, against a read+write of each moved row",
+                layers,
+                n,
+                row_bytes / 1e6,
+                impl,
+                t * 1e3,
+                direct / 1e9,
+                direct / ceiling * 1e3,
+                t / (direct / ceiling),
+                temp,
+            )
+        )
+        print(out[-2], out[-1], flush=True)
+        del state, w
+    return out
+
+
+@dataclasses.dataclass
+class PolicyRow:
+    shape: str
+    mode: str
+    ms: float
+
+
+def policy_times():
+    try:
+        from jeplb._policy import rebalance_experts
+    except ImportError:
+        return []
+    rng = np.random.default_rng(0)
+    load = jnp.asarray(rng.gamma(0.6, 100.0, (58, 256)).astype(np.float32))
+    out = []
+    f = jax.jit(lambda w: rebalance_experts(w, 288, 8, 4, 32))
+    t = median_s(lambda: f(load), reps=20)
+    out.append(
+        PolicyRow("deepseek-v3 58x256->288, 8 groups, 4 nodes, 32 GPUs", "from scratch", t * 1e3)
+    )
+    old = f(load)[0]
+    drift = load * jnp.asarray(rng.uniform(0.7, 1.3, load.shape).astype(np.float32))
+    g = jax.jit(lambda w, o: rebalance_experts(w, 288, 8, 4, 32, old_physical_to_logical=o))
+    t = median_s(lambda: g(drift, old), reps=20)
+    out.append(
+        PolicyRow("deepseek-v3 58x256->288, 8 groups, 4 nodes, 32 GPUs", "migration-aware", t * 1e3)
+    )
+    print(out, flush=True)
+    return out
+
+
+def markdown(rows, title):
+    if not rows:
+        return ""
+    fields = [f.name for f in dataclasses.fields(rows[0])]
+    lines = [f"### {title}", "", "| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
+    for r in rows:
+        vals = [getattr(r, f) for f in fields]
+        lines.append(
+            "| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in vals) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", metavar="PATH")
+    ap.add_argument("--out", metavar="PATH")
+    ap.add_argument("--layers", type=int, default=8, help="layers of the one-GPU rebalance")
+    args = ap.parse_args(argv)
+    dev = jax.devices()[0]
+    ceiling = copy_ceiling(1 << 32)
+    print(
+        f"device {dev.device_kind}: copy ceiling {ceiling / 1e12:.2f} TB/s (read + write)",
+        flush=True,
+    )
+    moves = row_moves(ceiling, quick=args.quick)
+    reb = one_gpu_rebalance(ceiling, layers=args.layers)
+    pol = policy_times()
+    cmd = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    text = (
+        f"# GPU benchmark: {dev.device_kind}, jax {jax.__version__}\n\n"
+        f"Command: `{cmd}`\n\nCopy ceiling (same run): {ceiling / 1e12:.2f} TB/s, bytes read + "
+        "written by the device's own copy of a 4 GiB buffer.\n\n"
+        + markdown(moves, "Local row moves (weights -> staging buffer), 36 rows per device")
+        + "\n"
+        + markdown(reb, "Full one-GPU rebalance of a DeepSeek-V3-like local shard, per layer")
+        + "\n"
+        + markdown(pol, "Placement policy on the GPU (ms per call after compilation)")
+    )
+    print(text)
+    out = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results", "gpu_h200.md"
+    )
+    with open(out, "w") as f:
+        f.write(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "ceiling_bytes_per_s": ceiling,
+                    "moves": [dataclasses.asdict(r) for r in moves],
+                    "rebalance": [dataclasses.asdict(r) for r in reb],
+                    "policy": [dataclasses.asdict(r) for r in pol],
+                    "command": cmd,
+                },
+                f,
+                indent=1,
+            )
+
+
+if __name__ == "__main__":
+    main()
