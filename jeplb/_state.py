@@ -404,18 +404,18 @@ class EplbState:
         phy2log = jnp.asarray(phy2log, jnp.int32)
         max_replicas = p_total - num_experts + 1
         log2phy, logcnt = maps_from_phy2log(phy2log, num_experts, max_replicas)
-        zeros = jnp.zeros((num_layers, num_experts), jnp.int32)
         return cls(
             phy2log=phy2log,
             log2phy=log2phy,
             logcnt=logcnt,
-            pass_load=zeros,
+            pass_load=jnp.zeros((num_layers, num_experts), jnp.int32),
             window=jnp.zeros((window_size, num_layers, num_experts), jnp.int32),
             window_pos=jnp.zeros((), jnp.int32),
             step=jnp.zeros((), jnp.int32),
-            pending_phy2log=phy2log,
-            pending_log2phy=log2phy,
-            pending_logcnt=logcnt,
+            # Distinct buffers: a state may be donated, and XLA refuses one buffer donated twice.
+            pending_phy2log=jnp.array(phy2log, copy=True),
+            pending_log2phy=jnp.array(log2phy, copy=True),
+            pending_logcnt=jnp.array(logcnt, copy=True),
             cursor=jnp.full((), num_layers, jnp.int32),
             num_devices=int(num_devices),
             window_size=int(window_size),
@@ -430,6 +430,30 @@ class EplbState:
             chunk_rows=int(chunk_rows),
             log_interval=int(log_interval),
         )
+
+    def replicated(self, mesh: jax.sharding.Mesh) -> EplbState:
+        """The state with every array placed on ``mesh``, replicated (``PartitionSpec()``).
+
+        Do this once before the first jitted step: a jitted step's outputs live on the mesh, so
+        inputs already there make the first call compile the same program as every later one.
+
+        Args:
+          mesh: the device mesh of the model.
+
+        Returns:
+          The same state, its arrays committed to ``mesh``.
+
+        Example:
+          >>> mesh = jax.make_mesh((1,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+          >>> s = EplbState.create(num_layers=1, num_experts=2, num_devices=1,
+          ...                      window_size=1, step_interval=1).replicated(mesh)
+          >>> s.phy2log.sharding.spec
+          PartitionSpec()
+        """
+        if not isinstance(mesh, jax.sharding.Mesh):
+            raise TypeError(f"mesh: expected a jax.sharding.Mesh, got {type(mesh).__name__}")
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        return jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding), self)
 
     # ------------------------------------------------------------------------------ recording
 
@@ -678,17 +702,21 @@ def _check_config(
                 f"layers_per_step = {layers_per_step} takes {steps} steps, so step_interval must "
                 f"be >= {steps}; got {step_interval}"
             )
-    if num_experts % num_groups:
-        raise ValueError(
-            f"num_groups: num_experts = {num_experts} is not divisible by num_groups = {num_groups}"
-        )
     gpus = num_devices if num_gpus is None else num_gpus
     if p_total % gpus:
         raise ValueError(f"num_gpus: P = {p_total} slots is not divisible by num_gpus = {gpus}")
-    if gpus % num_nodes:
-        raise ValueError(
-            f"num_nodes: num_gpus = {gpus} is not divisible by num_nodes = {num_nodes}"
-        )
+    # The policy's rules: hierarchical when num_groups % num_nodes == 0, else global.
+    if num_groups % num_nodes == 0:
+        if num_experts % num_groups:
+            raise ValueError(
+                f"num_groups: expected a divisor of num_experts = {num_experts} (hierarchical "
+                f"policy, used because num_groups % num_nodes == 0), got {num_groups}"
+            )
+        if gpus % num_nodes:
+            raise ValueError(
+                f"num_nodes: num_gpus = {gpus} is not divisible by num_nodes = {num_nodes} "
+                f"(hierarchical policy, used because num_groups % num_nodes == 0)"
+            )
 
 
 def _check_placement(phy2log: np.ndarray, num_experts: int, name: str) -> None:
