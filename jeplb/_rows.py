@@ -9,6 +9,8 @@ with a data-dependent trip count, which XLA keeps in place on a loop-carried buf
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,6 +87,36 @@ def resolve_impl(impl: str, dst: jax.Array, platform: str) -> str:
     return "pallas" if platform == "gpu" and big and _pallas_block(width) else "loop"
 
 
+def varying_axes(x: jax.Array) -> frozenset:
+    """The shard_map manual axes ``x`` varies over (empty outside shard_map)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    if manual is not None:
+        return frozenset(manual.varying)
+    return frozenset(getattr(aval, "vma", frozenset()))
+
+
+def make_varying(x: jax.Array, axes) -> jax.Array:
+    """``x`` marked as varying over ``axes`` too (shard_map's type system); a no-op if it is."""
+    missing = tuple(sorted(set(axes) - varying_axes(x)))
+    if not missing:
+        return x
+    if hasattr(lax, "pcast"):
+        return lax.pcast(x, missing, to="varying")
+    return lax.pvary(x, missing)
+
+
+def _like(x: jax.Array) -> jax.ShapeDtypeStruct:
+    """A ShapeDtypeStruct of ``x`` that keeps how it varies over shard_map's manual axes."""
+    aval = jax.typeof(x)
+    params = inspect.signature(jax.ShapeDtypeStruct).parameters
+    for name in ("manual_axis_type", "vma"):
+        value = getattr(aval, name, None)
+        if name in params and value is not None:
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, **{name: value})
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+
 def _copy_rows_pallas(dst, src, dst_idx, src_idx, count, dst_offset, src_offset, interpret):
     """One Pallas program per (row, block of the row): reads the block once, writes it once, in
     place in ``dst`` (aliased), skipping rows at or past ``count``."""
@@ -108,6 +140,8 @@ def _copy_rows_pallas(dst, src, dst_idx, src_idx, count, dst_offset, src_offset,
             d = didx_ref[k] + scalars_ref[1]
             dst_ref[d, pl.ds(off, block)] = src_ref[s, pl.ds(off, block)]
 
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
     scalars = jnp.stack(
         [
             jnp.asarray(count, jnp.int32),
@@ -115,13 +149,16 @@ def _copy_rows_pallas(dst, src, dst_idx, src_idx, count, dst_offset, src_offset,
             jnp.asarray(src_offset, jnp.int32),
         ]
     )
+    axes = varying_axes(dst) | varying_axes(src)
+    args = [dst_idx.astype(jnp.int32), src_idx.astype(jnp.int32), scalars, src, dst]
+    args = [make_varying(a, axes) for a in args]
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct(dst.shape, dst.dtype),
+        out_shape=_like(args[4]),
         grid=(num_rows, width // block),
         input_output_aliases={4: 0},
         interpret=interpret,
-    )(dst_idx.astype(jnp.int32), src_idx.astype(jnp.int32), scalars, src, dst)
+    )(*args)
 
 
 def copy_rows(
@@ -134,7 +171,7 @@ def copy_rows(
     dst_offset: jax.Array | int = 0,
     src_offset: jax.Array | int = 0,
     impl: str = "loop",
-    interpret: bool = False,
+    interpret: bool | None = None,
 ) -> jax.Array:
     """``dst[dst_offset + dst_idx[k]] = src[src_offset + src_idx[k]]`` for ``k < count``.
 
@@ -150,7 +187,8 @@ def copy_rows(
       impl: ``loop`` (a while loop of dynamic_update_slice, any backend), ``pallas`` (a Pallas
         kernel, GPUs; rows of a multiple of 1024 elements), ``scatter`` (XLA gather + scatter),
         or ``auto`` (resolved by `resolve_impl`; callers normally pass the resolved name).
-      interpret: run the Pallas kernel in interpret mode (for CPU tests).
+      interpret: run the Pallas kernel in interpret mode; None: only on the CPU backend, so
+        ``impl="pallas"`` runs (slowly) on CPU with the same semantics.
 
     Returns:
       ``dst`` with the rows written.

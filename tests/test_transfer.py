@@ -337,3 +337,19 @@ def test_scatter_row_impl_bit_exact():
         check_rows(as_bytes(before), as_bytes(out[name]), old, new, 8)
     with pytest.raises(ValueError, match=r"row_impl: expected one of .*got 'dma'"):
         jeplb.rearrange_expert_weights(old, new, out, mesh=mesh, row_impl="dma")
+
+
+def test_pallas_row_impl_bit_exact_in_interpret_mode():
+    # On CPU the Pallas kernel runs in interpret mode: same plan, same bytes as the loop.
+    old, new = make_plan("hotspot", 12, L, 4 * N, 10, 4)
+    mesh = mesh_of(4)
+    rng = np.random.default_rng(5)
+    host = {
+        "w_bf16": rng.integers(0, 1 << 16, (L, 4 * N, 2, 1024), dtype=np.uint16).view(jnp.bfloat16),
+        "w_f32": rng.standard_normal((L, 4 * N, 1024)).astype(np.float32),
+    }
+    out = jeplb.rearrange_expert_weights(
+        old, new, put(host, mesh, P(None, "ep")), mesh=mesh, row_impl="pallas"
+    )
+    for name, before in host.items():
+        check_rows(as_bytes(before), as_bytes(out[name]), old, new, 4)
