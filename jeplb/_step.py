@@ -1,0 +1,487 @@
+"""The rebalance step: window the load, plan a placement on device, move weights, switch maps.
+
+`eplb_step` is a pure function of (state, weights): call it once per model step inside the same
+`jax.jit` as the model, so that one compiled program serves every step (the step counter, cursor and
+maps are traced values; nothing goes back to the host). Per call:
+
+1. The pass's load (``state.pass_load``) enters the window at ``window_pos``, the window position
+   and step counter advance, and the pass load is reset.
+2. When the counter reaches a multiple of ``step_interval`` and no rebalance is in progress (and
+   some load was recorded), the policy (`jeplb.rebalance_experts`, migration-aware against the
+   current ``phy2log``) plans the target placement from the window's sum, on device; the target
+   goes to ``pending_*`` and the cursor to layer 0.
+3. While the cursor is below L, the weights of the next ``layers_per_step`` layers (all L when it
+   is None) move to the target placement through the transfer's rotation rounds, and exactly those
+   layers' maps switch to the target, in the same step. So at the end of every step each layer's
+   maps describe the weights that are there: the model reads no slot through a map whose weights
+   have not arrived.
+
+Every `lax.cond` and loop trip count around a collective depends only on the step counter, the
+cursor and the window sum, which are replicated (identical on every device), so every device takes
+the same branch.
+
+Where the counts are summed over devices:
+
+* Global view (`eplb_step`, the model under `jax.jit` without `shard_map`): `jeplb.dispatch` counts
+  the global token array, so ``pass_load`` is already the global count; XLA inserts any reduction.
+* Inside `jax.shard_map` (`eplb_step_local`): `jeplb.dispatch` adds this device's counts, so
+  ``pass_load`` is a per-device partial count (varying over the axes the tokens are split over).
+  Pass those axes as ``load_axes``: the step sums the pass with one ``psum`` of L x E int32 before it
+  enters the window, and the state it returns is replicated again. (`EplbState.record` with
+  ``load_axes`` sums earlier instead, per call.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from . import _validate
+from ._state import EplbState, maps_from_phy2log
+from ._transfer import move_from_buffer, move_to_buffer
+
+__all__ = ["StepInfo", "balancedness", "eplb_step", "eplb_step_local"]
+
+_log = logging.getLogger("jeplb")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepInfo:
+    """What one `eplb_step` did (replicated arrays).
+
+    Attributes:
+      step: int32[]. The step counter after this step.
+      fired: bool[]. A rebalance was planned in this step.
+      moved: bool[L]. Layers whose weights moved and whose maps switched in this step.
+      layer_ok: bool[L]. False for a layer due to move in this step whose transfer plan was
+        infeasible (a target naming an expert the current map lacks): it keeps its placement.
+      in_progress: bool[]. Layers of the rebalance are left for later steps.
+      remote_rows: int32[L]. Expert rows received from other devices in this step, per layer
+        (all devices together: one per device and expert it gains; 0 for layers not moved).
+      balancedness: float32[L]. Per layer, mean device load / max device load of the window's
+        load under the maps after this step (1.0 = perfect; 1.0 where no load was recorded).
+      balancedness_total: float32[]. Over all layers: sum of means / sum of maxima (vLLM's).
+    """
+
+    step: jax.Array
+    fired: jax.Array
+    moved: jax.Array
+    layer_ok: jax.Array
+    in_progress: jax.Array
+    remote_rows: jax.Array
+    balancedness: jax.Array
+    balancedness_total: jax.Array
+
+
+# ----------------------------------------------------------------------------------- metrics
+
+
+def balancedness(
+    load: jax.Array, phy2log: jax.Array, logcnt: jax.Array, *, num_devices: int
+) -> tuple[jax.Array, jax.Array]:
+    """Device balancedness of a logical load under a placement (vLLM's metric).
+
+    A slot's load is its expert's load divided by the expert's replica count (the dispatch spreads
+    an expert's tokens evenly over its replicas in expectation); a device's load is the sum over its
+    N_local slots.
+
+    Args:
+      load: [L, E] logical load (any numeric dtype).
+      phy2log: int32[L, P] placement.
+      logcnt: int32[L, E] replica counts.
+      num_devices: D.
+
+    Returns:
+      ``(per_layer float32[L], total float32[])``: per layer mean / max device load (1.0 where the
+      layer has no load), and sum over layers of the mean over sum of the max.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> per_layer, total = balancedness(jnp.array([[3, 1]]), jnp.array([[0, 1]]),
+      ...                                 jnp.array([[1, 1]]), num_devices=2)
+      >>> round(float(total), 3)
+      0.667
+    """
+    load = jnp.asarray(load, jnp.float32)
+    phy2log = jnp.asarray(phy2log, jnp.int32)
+    num_layers, p_total = phy2log.shape
+    safe = jnp.maximum(phy2log, 0)
+    per_replica = load / jnp.maximum(logcnt, 1).astype(jnp.float32)
+    slot = jnp.where(phy2log >= 0, jnp.take_along_axis(per_replica, safe, axis=1), 0.0)
+    dev = slot.reshape(num_layers, num_devices, p_total // num_devices).sum(-1)
+    mean = dev.mean(-1)
+    peak = dev.max(-1)
+    per_layer = jnp.where(peak > 0, mean / jnp.where(peak > 0, peak, 1.0), 1.0)
+    total = jnp.where(peak.sum() > 0, mean.sum() / jnp.maximum(peak.sum(), 1e-30), 1.0)
+    return per_layer, total
+
+
+# ------------------------------------------------------------------------------------- policy
+
+
+def _plan_placement(state: EplbState, total: jax.Array):
+    """Runs the policy on the window's load: the target maps (phy2log, log2phy, logcnt)."""
+    from ._policy import rebalance_experts
+
+    phy2log, _, _ = rebalance_experts(
+        total,
+        state.num_slots,
+        state.num_groups,
+        state.num_nodes,
+        state.num_gpus,
+        old_physical_to_logical=state.phy2log,
+        refine=state.refine,
+    )
+    phy2log = jnp.asarray(phy2log, jnp.int32)
+    # The replica lists are derived here rather than taken from the policy, so that they are
+    # consistent with phy2log by construction and have the state's R_max width.
+    log2phy, logcnt = maps_from_phy2log(phy2log, state.num_experts, state.max_replicas)
+    return phy2log, log2phy, logcnt
+
+
+# --------------------------------------------------------------------------------- the step
+
+
+_UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
+
+
+def _as_bits(x: jax.Array) -> jax.Array:
+    target = _UINT[jnp.dtype(x.dtype).itemsize]
+    return x if x.dtype == target else lax.bitcast_convert_type(x, target)
+
+
+def _from_bits(x: jax.Array, dtype) -> jax.Array:
+    return x if x.dtype == dtype else lax.bitcast_convert_type(x, dtype)
+
+
+def _gained(old: jax.Array, new: jax.Array, num_devices: int, num_experts: int) -> jax.Array:
+    """int32[]: (device, expert) pairs that ``new`` [P] has and ``old`` [P] lacks: the rows the
+    transfer receives remotely (once per device and expert), computed from the replicated maps."""
+
+    def held(m):
+        dev = jnp.arange(m.shape[0]) // (m.shape[0] // num_devices)
+        e = jnp.where(m >= 0, m, num_experts)
+        return jnp.zeros((num_devices, num_experts), bool).at[dev, e].set(True, mode="drop")
+
+    return jnp.sum(held(new) & ~held(old)).astype(jnp.int32)
+
+
+def _varying(x: jax.Array, axis_name: str) -> jax.Array:
+    """Marks ``x`` as varying over ``axis_name`` (a loop carry that the stages make varying)."""
+    if axis_name in _vma(x):
+        return x
+    return lax.pcast(x, (axis_name,), to="varying")
+
+
+def _vma(x: jax.Array) -> frozenset:
+    manual = getattr(jax.typeof(x), "manual_axis_type", None)
+    return manual.varying if manual is not None else getattr(jax.typeof(x), "vma", frozenset())
+
+
+def _local_step(
+    state: EplbState, leaves: list[jax.Array], *, load_axes: tuple[str, ...], platform: str
+):
+    """The step on this device's shard: leaves [L, N_local, ...]. Runs inside shard_map."""
+    num_layers, d, e = state.num_layers, state.num_devices, state.num_experts
+    k = state.effective_layers_per_step
+    axis = state.axis_name
+
+    with jax.named_scope("eplb_window"):
+        pass_load = state.pass_load
+        if load_axes:
+            pass_load = lax.psum(pass_load, load_axes)
+        window = lax.dynamic_update_index_in_dim(state.window, pass_load, state.window_pos, 0)
+        window_pos = (state.window_pos + 1) % state.window_size
+        step = state.step + 1
+        total = jnp.sum(window.astype(jnp.float32), axis=0)  # [L, E], replicated
+
+    with jax.named_scope("eplb_policy"):
+        idle = state.cursor >= num_layers
+        fire = (step % state.step_interval == 0) & idle & (jnp.sum(total) > 0)
+        pending = (state.pending_phy2log, state.pending_log2phy, state.pending_logcnt)
+        pending = lax.cond(fire, lambda: _plan_placement(state, total), lambda: pending)
+        cursor = jnp.where(fire, 0, state.cursor)
+
+    maps = (state.phy2log, state.log2phy, state.logcnt)
+    zeros_l = jnp.zeros((num_layers,), jnp.int32)
+    stats = (jnp.zeros((num_layers,), bool), jnp.ones((num_layers,), bool), zeros_l)
+
+    def move(leaves, maps, stats):
+        def layer(j, carry):
+            leaves, bufs, maps, stats = carry
+            li = cursor + j
+            p2l, l2p, cnt = maps
+            moved, ok, remote = stats
+            old, new = p2l[li], pending[0][li]
+            # The transfer's per-layer stages: stage (local copies + collectives), then commit.
+            here = [lax.dynamic_index_in_dim(x, li, keepdims=False) for x in leaves]
+            bufs, meta = move_to_buffer(
+                old, new, here, axis_name=axis, buffer=bufs, chunk_rows=state.chunk_rows
+            )
+            here = move_from_buffer(here, bufs, meta)
+            leaves = [
+                lax.dynamic_update_index_in_dim(x, h, li, 0)
+                for x, h in zip(leaves, here, strict=True)
+            ]
+            good = meta.ok
+            maps = (
+                p2l.at[li].set(jnp.where(good, new, old)),
+                l2p.at[li].set(jnp.where(good, pending[1][li], l2p[li])),
+                cnt.at[li].set(jnp.where(good, pending[2][li], cnt[li])),
+            )
+            stats = (
+                moved.at[li].set(good),
+                ok.at[li].set(good),
+                remote.at[li].set(jnp.where(good, _gained(old, new, d, e), 0)),
+            )
+            return leaves, bufs, maps, stats
+
+        # One staging buffer of one layer's local rows, reused by every layer.
+        bufs = [_varying(jnp.zeros(x.shape[1:], x.dtype), axis) for x in leaves]
+        trips = jnp.minimum(k, num_layers - cursor)
+        leaves, _, maps, stats = lax.fori_loop(0, trips, layer, (leaves, bufs, maps, stats))
+        return leaves, maps, stats
+
+    with jax.named_scope("eplb_transfer"):
+        active = cursor < num_layers
+        # Bits, not numbers: XLA:CPU widens bf16/f16/fp8 around slices and updates (and
+        # canonicalises NaN payloads on the way); unsigned integers of the same width move as is.
+        bits = [_as_bits(x) for x in leaves]
+        bits, maps, stats = lax.cond(active, move, lambda w, m, s: (w, m, s), bits, maps, stats)
+        leaves = [_from_bits(b, x.dtype) for b, x in zip(bits, leaves, strict=True)]
+        cursor = jnp.where(active, jnp.minimum(cursor + k, num_layers), cursor)
+
+    with jax.named_scope("eplb_metrics"):
+        per_layer, overall = balancedness(total, maps[0], maps[2], num_devices=d)
+
+    new_state = state.replace(
+        phy2log=maps[0],
+        log2phy=maps[1],
+        logcnt=maps[2],
+        pass_load=jnp.zeros(state.pass_load.shape, jnp.int32),  # not zeros_like: may vary
+        window=window,
+        window_pos=window_pos,
+        step=step,
+        pending_phy2log=pending[0],
+        pending_log2phy=pending[1],
+        pending_logcnt=pending[2],
+        cursor=cursor,
+    )
+    info = StepInfo(
+        step=step,
+        fired=fire,
+        moved=stats[0],
+        layer_ok=stats[1],
+        in_progress=cursor < num_layers,
+        remote_rows=stats[2],
+        balancedness=per_layer,
+        balancedness_total=overall,
+    )
+    return new_state, leaves, info
+
+
+def _check_state(state: Any) -> EplbState:
+    if not isinstance(state, EplbState):
+        raise TypeError(f"state: expected an EplbState, got {type(state).__name__}")
+    return state
+
+
+def _log_balancedness(state: EplbState, info: StepInfo, *, only_device: jax.Array | None = None):
+    """Logs balancedness every ``state.log_interval`` steps through a debug callback."""
+    if not state.log_interval:
+        return
+
+    def emit(step, total, per_layer, moved, device):
+        if int(device) != 0:
+            return
+        _log.info(
+            "eplb step %d: balancedness %.4f (per layer min %.4f), layers moved %d",
+            int(step),
+            float(total),
+            float(per_layer.min()),
+            int(moved.sum()),
+        )
+
+    device = jnp.int32(0) if only_device is None else only_device
+    lax.cond(
+        info.step % state.log_interval == 0,
+        lambda: jax.debug.callback(
+            emit, info.step, info.balancedness_total, info.balancedness, info.moved, device
+        ),
+        lambda: None,
+    )
+
+
+def eplb_step_local(
+    state: EplbState, expert_weights: Any, *, load_axes: tuple[str, ...] | str = ()
+) -> tuple[EplbState, Any, StepInfo]:
+    """`eplb_step` for a model whose step already runs inside `jax.shard_map`.
+
+    The expert-parallel axis ``state.axis_name`` must be bound by the enclosing shard_map, the
+    state must come in replicated (``PartitionSpec()``) and the weights as this device's shard.
+
+    Args:
+      state: the `EplbState`. Its ``pass_load`` may be this device's partial counts (what
+        `jeplb.dispatch` records inside shard_map): name the axes they are partial over in
+        ``load_axes``.
+      expert_weights: pytree of this device's slots, leaves [L, N_local, ...] (the global [L, P,
+        ...] sharded ``PartitionSpec(None, state.axis_name)``).
+      load_axes: mesh axes over which ``pass_load`` is a partial count (e.g. ``("data", "ep")``);
+        summed with one psum before entering the window. Leave empty when ``pass_load`` is
+        already global (a psum of a replicated value would multiply it by the axis size, so this
+        is checked: an axis over which ``pass_load`` does not vary is refused, and so is a
+        varying ``pass_load`` whose axes are not all named).
+
+    Returns:
+      ``(state, expert_weights, info)``: the replicated new state, the local weights moved, a
+      `StepInfo`.
+
+    Raises:
+      ValueError, TypeError: no such bound axis, an axis size other than ``state.num_devices``,
+        leaves not [L, N_local, ...], ``load_axes`` that do not match ``pass_load``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax.sharding import PartitionSpec as P
+      >>> mesh = jax.make_mesh((1,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+      >>> s = EplbState.create(num_layers=1, num_experts=2, num_devices=1,
+      ...                      window_size=2, step_interval=5)
+      >>> from jeplb._dispatch import dispatch
+      >>> def body(s, w, ids):
+      ...     _, s = dispatch(s, 0, ids)  # this device's counts
+      ...     return eplb_step_local(s, w, load_axes="ep")
+      >>> f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(None, "ep"), P("ep")),
+      ...                           out_specs=(P(), P(None, "ep"), P())))
+      >>> s, w, info = f(s, jnp.zeros((1, 2, 3)), jnp.array([[0], [1], [1]]))
+      >>> s.window[0].tolist(), int(info.step)
+      ([[1, 2]], 1)
+    """
+    state = _check_state(state)
+    axis = state.axis_name
+    try:
+        d = lax.axis_size(axis)
+    except NameError as err:
+        raise ValueError(
+            f"state.axis_name: no mesh axis {axis!r} is bound here; eplb_step_local runs inside "
+            f"jax.shard_map over it (use eplb_step(..., mesh=...) at global view)"
+        ) from err
+    if d != state.num_devices:
+        raise ValueError(
+            f"state.num_devices: the state was built for {state.num_devices} devices, the mesh "
+            f"axis {axis!r} has {d}"
+        )
+    axes = (load_axes,) if isinstance(load_axes, str) else tuple(load_axes)
+    varying = _vma(state.pass_load)
+    for a in axes:
+        if a not in varying:
+            raise ValueError(
+                f"load_axes: state.pass_load does not vary over {a!r} (it is already summed or "
+                f"was never added to per device); summing it again would multiply it by the axis "
+                f"size. Drop {a!r} from load_axes"
+            )
+    if varying - set(axes):
+        raise ValueError(
+            f"load_axes: state.pass_load holds per-device partial counts over "
+            f"{sorted(varying - set(axes))} (from dispatch inside shard_map); name these axes in "
+            f"load_axes={tuple(sorted(varying))} so they are summed"
+        )
+    leaves, treedef = jax.tree_util.tree_flatten(expert_weights)
+    _check_local_leaves(leaves, state)
+    state, leaves, info = _local_step(state, leaves, load_axes=axes, platform=jax.default_backend())
+    _log_balancedness(state, info, only_device=lax.axis_index(axis))
+    return state, treedef.unflatten(leaves), info
+
+
+def _check_local_leaves(leaves, state: EplbState) -> None:
+    if not leaves:
+        raise ValueError("expert_weights: expected a pytree with at least one array leaf")
+    want = (state.num_layers, state.slots_per_device)
+    for i, x in enumerate(leaves):
+        if not hasattr(x, "shape") or tuple(x.shape[:2]) != want:
+            raise ValueError(
+                f"expert_weights: leaf {i} has local shape {tuple(getattr(x, 'shape', ()))}, "
+                f"expected [L, N_local, ...] = {want} + (...) (P = {state.num_slots} slots over "
+                f"{state.num_devices} devices)"
+            )
+
+
+def _explicit(mesh) -> bool:
+    types = getattr(mesh, "axis_types", None) or ()
+    return any(t == jax.sharding.AxisType.Explicit for t in types)
+
+
+def eplb_step(
+    state: EplbState, expert_weights: Any, *, mesh: jax.sharding.Mesh
+) -> tuple[EplbState, Any, StepInfo]:
+    """One rebalance step at global view: window, maybe plan, move due layers, switch their maps.
+
+    Call it once per model step inside the model's `jax.jit` (donate the weights and the state:
+    the transfer updates the weights in place). See the module docstring for the order of
+    events; the weights returned always match the maps returned, layer by layer.
+
+    Args:
+      state: the `EplbState`, replicated. ``pass_load`` must hold global counts (what
+        `jeplb.dispatch` records at global view).
+      expert_weights: pytree of arrays with leaves [L, P, ...] sharded ``PartitionSpec(None,
+        state.axis_name)`` over ``mesh`` (any trailing shape; dtypes with 1, 2, 4 or 8-byte items).
+      mesh: the device mesh; its ``state.axis_name`` axis must have ``state.num_devices`` devices.
+
+    Returns:
+      ``(state, expert_weights, info)``: the new state, the weights (same structure, shapes,
+      dtypes, shardings), and a `StepInfo`.
+
+    Raises:
+      ValueError, TypeError: a mesh without the axis or of another size, leaves not [L, P, ...]
+        or (when concrete) not sharded on the axis.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax.sharding import NamedSharding, PartitionSpec as P
+      >>> mesh = jax.make_mesh((1,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+      >>> s = EplbState.create(num_layers=1, num_experts=2, num_devices=1,
+      ...                      num_redundant_experts=2, window_size=2, step_interval=2)
+      >>> w = jax.device_put(jnp.array([[10., 11., 10., 11.]]), NamedSharding(mesh, P(None, "ep")))
+      >>> step = jax.jit(functools.partial(eplb_step, mesh=mesh), donate_argnums=(0, 1))
+      >>> for _ in range(2):
+      ...     s, w, info = step(s.record(jnp.array([[1, 9]])), w)
+      >>> bool(info.fired), s.logcnt.tolist()
+      (True, [[1, 3]])
+      >>> bool(jnp.all(w[0] == 10.0 + s.phy2log[0]))
+      True
+    """
+    state = _check_state(state)
+    axis = state.axis_name
+    d = _validate.axis_size(mesh, axis)
+    if d != state.num_devices:
+        raise ValueError(
+            f"mesh: axis {axis!r} has {d} devices, but the state was built for num_devices = "
+            f"{state.num_devices}"
+        )
+    leaves, treedef = jax.tree_util.tree_flatten(expert_weights)
+    _validate.check_weight_leaves(
+        leaves,
+        lead_shape=(state.num_layers, state.num_slots),
+        slot_dim=1,
+        mesh=mesh,
+        axis_name=axis,
+    )
+    platform = mesh.devices.flat[0].platform if hasattr(mesh, "devices") else jax.default_backend()
+    if _explicit(mesh):
+        replicated = NamedSharding(mesh, P())
+        state = jax.tree_util.tree_map(lambda x: jax.sharding.reshard(x, replicated), state)
+    specs = [P(None, axis)] * len(leaves)
+    body = functools.partial(_local_step, load_axes=(), platform=platform)
+    f = jax.shard_map(body, mesh=mesh, in_specs=(P(), specs), out_specs=(P(), specs, P()))
+    with jax.named_scope("eplb_step"):
+        state, leaves, info = f(state, leaves)
+    _log_balancedness(state, info)
+    return state, treedef.unflatten(leaves), info

@@ -1,0 +1,351 @@
+"""The rebalance step: schedule, window, maps/weights consistency, progressive invariance, one trace.
+
+A tiny MoE model (integer-valued float32 activations and weights, so every sum is exact) runs with
+`dispatch` and `eplb_step` in one jitted program per configuration; each step's output must equal a
+numpy reference computed from the *logical* weights, bit for bit, whatever the placement.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jeplb._dispatch import dispatch
+from jeplb._state import EplbState
+from jeplb._step import balancedness, eplb_step, eplb_step_local
+
+D, E, R, H, T, K = 8, 8, 8, 4, 48, 2  # P = 16 slots, N_local = 2
+
+
+def mesh8():
+    return jax.make_mesh((D,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+class Model:
+    """Logical weights, routing and the reference output of the tiny MoE model."""
+
+    def __init__(self, num_layers: int, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.num_layers = num_layers
+        self.w = rng.integers(-1, 2, (num_layers, E, H, H)).astype(np.float32)
+        raw = rng.integers(0, 256, (num_layers, E, 3, 2), dtype=np.uint8)
+        self.aux = raw.view(jnp.bfloat16).reshape(num_layers, E, 3)  # rides along, bit-exact
+        # A skewed router: expert popularity differs per layer.
+        self.logp = np.stack(
+            [np.log(rng.permutation(1.0 / np.arange(1, E + 1) ** 1.5)) for _ in range(num_layers)]
+        )
+
+    def physical(self, phy2log, mesh):
+        lay = np.arange(self.num_layers)[:, None]
+        p2l = np.asarray(phy2log)
+        sharding = NamedSharding(mesh, P(None, "ep"))
+        return {
+            "w": jax.device_put(self.w[lay, p2l], sharding),
+            "aux": jax.device_put(self.aux[lay, p2l], sharding),
+        }
+
+    def batch(self, rng, masked: bool = False):
+        x = rng.integers(-2, 3, (T, H)).astype(np.float32)
+        g = rng.gumbel(size=(self.num_layers, T, E)) + self.logp[:, None, :]
+        ids = np.argsort(-g, axis=-1)[..., :K].astype(np.int32)  # distinct experts per token
+        valid = np.zeros(T, bool) if masked else rng.random(T) < 0.85
+        return x, ids, valid
+
+    def reference(self, x, ids):
+        for lay in range(self.num_layers):
+            y = np.einsum("th,tkhg->tkg", x, self.w[lay][ids[lay]])
+            acc = y[:, 0]
+            for k in range(1, K):
+                acc = acc + y[:, k]
+            x = np.maximum(acc, 0.0)
+        return x
+
+
+def forward(state, weights, x, ids, valid):
+    """The model at global view: dispatch, gather each token's slots, combine in top-k order."""
+    for lay in range(state.num_layers):
+        phys, state = dispatch(state, lay, ids[lay], valid=valid)
+        y = jnp.einsum("th,tkhg->tkg", x, weights["w"][lay][phys])
+        acc = y[:, 0]
+        for k in range(1, K):
+            acc = acc + y[:, k]
+        x = jnp.maximum(acc, 0.0)
+    return x, state
+
+
+def make_program(mesh, counter):
+    def train_step(state, weights, x, ids, valid):
+        counter[0] += 1
+        y, state = forward(state, weights, x, ids, valid)
+        state, weights, info = eplb_step(state, weights, mesh=mesh)
+        return state, weights, y, info
+
+    return jax.jit(train_step, donate_argnums=(0, 1))
+
+
+def check_consistent(state, weights, model):
+    """Every slot holds its logical expert's weights, bit for bit; the maps agree."""
+    p2l = np.asarray(state.phy2log)
+    lay = np.arange(model.num_layers)[:, None]
+    np.testing.assert_array_equal(np.asarray(weights["w"]), model.w[lay, p2l])
+    got = np.asarray(weights["aux"]).view(np.uint16)
+    np.testing.assert_array_equal(got, model.aux[lay, p2l].view(np.uint16))
+    l2p, cnt = np.asarray(state.log2phy), np.asarray(state.logcnt)
+    for i in range(model.num_layers):
+        for e in range(E):
+            listed = l2p[i, e][l2p[i, e] >= 0]
+            assert sorted(listed.tolist()) == np.flatnonzero(p2l[i] == e).tolist()
+            assert cnt[i, e] == len(listed)
+
+
+def run(model, state, steps, mesh, *, masked_steps=(), seed=1):
+    """Runs the jitted step; checks outputs and consistency after every step; returns a log."""
+    counter = [0]
+    program = make_program(mesh, counter)
+    weights = model.physical(state.phy2log, mesh)
+    rng = np.random.default_rng(seed)
+    log = []
+    for i in range(steps):
+        x, ids, valid = model.batch(rng, masked=i in masked_steps)
+        before = np.asarray(state.phy2log)
+        state, weights, y, info = program(state, weights, x, ids, valid)
+        np.testing.assert_array_equal(np.asarray(y), model.reference(x, ids), err_msg=f"step {i}")
+        check_consistent(state, weights, model)
+        counts = np.stack(
+            [np.bincount(ids[lay][valid].ravel(), minlength=E) for lay in range(model.num_layers)]
+        )
+        log.append(
+            dict(
+                info=jax.device_get(info),
+                counts=counts,
+                before=before,
+                after=np.asarray(state.phy2log),
+                cursor=int(state.cursor),
+                window=np.asarray(state.window),
+                window_pos=int(state.window_pos),
+            )
+        )
+    return state, weights, log, counter[0], program
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return mesh8()
+
+
+# --------------------------------------------------------------------------- all layers at once
+
+
+@pytest.fixture(scope="module")
+def whole_run(mesh):
+    model = Model(num_layers=3, seed=0)
+    state = EplbState.create(
+        num_layers=3,
+        num_experts=E,
+        num_devices=D,
+        num_redundant_experts=R,
+        window_size=3,
+        step_interval=4,
+    ).replicated(mesh)
+    # Steps 1-4 route nothing (masked): the first interval must not fire on an empty window.
+    return run(model, state, 13, mesh, masked_steps=range(4))
+
+
+def test_step_fires_at_the_interval_and_only_then(whole_run):
+    _, _, log, _, _ = whole_run
+    fired = [bool(e["info"].fired) for e in log]
+    steps = [int(e["info"].step) for e in log]
+    assert steps == list(range(1, 14))
+    assert fired == [s in (8, 12) for s in steps]
+    for e in log:
+        moved = e["info"].moved
+        assert moved.all() == bool(e["info"].fired) and moved.any() == moved.all()
+        if not e["info"].fired:
+            np.testing.assert_array_equal(e["after"], e["before"])
+        assert e["cursor"] == 3 and not e["info"].in_progress
+
+
+def test_window_slides_over_the_last_passes(whole_run):
+    _, _, log, _, _ = whole_run
+    w = 3
+    for i, e in enumerate(log):
+        want = np.zeros((w, 3, E), np.int64)
+        for j in range(max(0, i - w + 1), i + 1):
+            want[j % w] = log[j]["counts"]
+        np.testing.assert_array_equal(e["window"], want, err_msg=f"step {i}")
+        assert e["window_pos"] == (i + 1) % w
+
+
+def test_rebalance_moves_experts_and_raises_balancedness(whole_run):
+    _, _, log, _, _ = whole_run
+    fire = [i for i, e in enumerate(log) if e["info"].fired]
+    first = log[fire[0]]
+    assert not np.array_equal(first["after"], first["before"])
+    assert first["info"].remote_rows.sum() > 0
+    before = log[fire[0] - 1]["info"].balancedness_total
+    assert first["info"].balancedness_total > before + 0.05, (before, first["info"])
+    assert first["info"].layer_ok.all()
+
+
+def test_one_compilation_for_every_step(whole_run):
+    _, _, _, traces, program = whole_run
+    assert traces == 1
+    assert program._cache_size() == 1
+
+
+def test_balancedness_matches_its_definition():
+    load = np.array([[4.0, 2.0, 2.0, 0.0]])
+    p2l = np.array([[0, 0, 1, 2, 3, 1]])  # devices: {0, 0}, {1, 2}, {3, 1}
+    cnt = np.array([[2, 2, 1, 1]])
+    per_layer, total = balancedness(load, p2l, cnt, num_devices=3)
+    dev = np.array([4.0, 1.0 + 2.0, 0.0 + 1.0])
+    np.testing.assert_allclose(per_layer, [dev.mean() / dev.max()])
+    np.testing.assert_allclose(total, dev.mean() / dev.max())
+
+
+# ----------------------------------------------------------------------------- progressive mode
+
+
+@pytest.fixture(scope="module")
+def progressive_run(mesh):
+    model = Model(num_layers=4, seed=3)
+    state = EplbState.create(
+        num_layers=4,
+        num_experts=E,
+        num_devices=D,
+        num_redundant_experts=R,
+        window_size=2,
+        step_interval=5,
+        layers_per_step=1,
+    ).replicated(mesh)
+    return run(model, state, 12, mesh, seed=4)
+
+
+def test_progressive_outputs_identical_before_during_after(progressive_run):
+    # run() already compared every step's output with the reference, bit for bit, and the
+    # weights with the maps; here: the rebalance really was spread over the steps.
+    _, _, log, traces, _ = progressive_run
+    assert traces == 1
+    cursors = [e["cursor"] for e in log]
+    moved = [np.flatnonzero(e["info"].moved).tolist() for e in log]
+    # Steps 5 and 10 plan; layer j moves at step 5 + j (one layer per step).
+    assert [bool(e["info"].fired) for e in log] == [i + 1 in (5, 10) for i in range(12)]
+    assert moved[4:8] == [[0], [1], [2], [3]] and moved[9:12] == [[0], [1], [2]]
+    assert cursors[4:8] == [1, 2, 3, 4] and cursors[9:12] == [1, 2, 3]
+    assert all(m == [] for m in moved[:4] + moved[8:9])
+    # During the rebalance the model ran with mixed maps: moved layers on the target placement,
+    # the others still on the old one (and outputs stayed exact).
+    mid = log[5]
+    assert mid["info"].in_progress
+    changed = [not np.array_equal(mid["after"][i], log[3]["after"][i]) for i in range(4)]
+    assert changed[:2] == [True, True] and changed[2:] == [False, False]
+
+
+def test_progressive_layer_maps_switch_with_their_weights(progressive_run):
+    _, _, log, _, _ = progressive_run
+    for e in log:
+        for i in range(4):
+            if not e["info"].moved[i]:
+                np.testing.assert_array_equal(e["after"][i], e["before"][i])
+
+
+# ------------------------------------------------------------------------ inside shard_map
+
+
+def test_step_local_sums_partial_counts_inside_shard_map(mesh):
+    """Tokens split over the devices: dispatch records per-device counts, the step sums them."""
+    model = Model(num_layers=2, seed=5)
+    state = EplbState.create(
+        num_layers=2, num_experts=E, num_devices=D, num_redundant_experts=R, window_size=2,
+        step_interval=2,
+    ).replicated(mesh)  # fmt: skip
+    weights = model.physical(state.phy2log, mesh)
+    wspec = {"w": P(None, "ep"), "aux": P(None, "ep")}
+
+    def body(state, weights, ids, valid):
+        t_local = ids.shape[1]
+        first = jax.lax.axis_index("ep") * t_local
+        for lay in range(2):
+            _, state = dispatch(
+                state, lay, ids[lay], valid=valid, token_index=first + jnp.arange(t_local)
+            )
+        return eplb_step_local(state, weights, load_axes="ep")
+
+    f = jax.jit(
+        jax.shard_map(
+            body,
+            mesh=mesh,
+            in_specs=(P(), wspec, P(None, "ep"), P("ep")),
+            out_specs=(P(), wspec, P()),
+        ),
+        donate_argnums=(0, 1),
+    )
+    rng = np.random.default_rng(6)
+    total = np.zeros((2, E), np.int64)
+    for i in range(2):
+        _, ids, valid = model.batch(rng)
+        state, weights, info = f(state, weights, ids, valid)
+        counts = np.stack([np.bincount(ids[lay][valid].ravel(), minlength=E) for lay in range(2)])
+        np.testing.assert_array_equal(state.window[i], counts)
+        total += counts
+        assert int(state.pass_load.sum()) == 0
+        check_consistent(state, weights, model)
+    assert bool(info.fired) and bool(info.moved.all())
+    assert not np.array_equal(np.asarray(state.phy2log), np.tile(np.arange(E + R) % E, (2, 1)))
+
+
+def test_step_local_checks_load_axes(mesh):
+    state = EplbState.create(
+        num_layers=2, num_experts=E, num_devices=D, num_redundant_experts=R, window_size=2,
+        step_interval=2,
+    )  # fmt: skip
+    w = jnp.zeros((2, E + R, 3))
+
+    def trace(body, *args):
+        specs = (P(), P(None, "ep")) + (P("ep"),) * (len(args) - 2)
+        f = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=(P(), P(None, "ep"), P()))
+        return jax.eval_shape(f, *args)
+
+    with pytest.raises(ValueError, match=r"load_axes: state.pass_load does not vary over 'ep'"):
+        trace(lambda s, w: eplb_step_local(s, w, load_axes="ep"), state, w)
+
+    def unsummed(s, w, ids):
+        _, s = dispatch(s, 0, ids)
+        return eplb_step_local(s, w)
+
+    with pytest.raises(ValueError, match=r"holds per-device partial counts over \['ep'\]"):
+        trace(unsummed, state, w, jnp.zeros((D, 2), jnp.int32))
+    with pytest.raises(ValueError, match=r"no mesh axis 'ep' is bound here"):
+        eplb_step_local(state, w)
+
+
+def test_step_rejects_bad_arguments(mesh):
+    state = EplbState.create(
+        num_layers=2, num_experts=E, num_devices=D, num_redundant_experts=R, window_size=2,
+        step_interval=2,
+    )  # fmt: skip
+    good = jax.device_put(jnp.zeros((2, E + R, 3)), NamedSharding(mesh, P(None, "ep")))
+    small = jax.make_mesh((4,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+    with pytest.raises(
+        ValueError,
+        match=r"mesh: axis 'ep' has 4 devices, but the state was built for num_devices = 8",
+    ):
+        eplb_step(state, good, mesh=small)
+    with pytest.raises(ValueError, match=r"mesh: has no axis named 'ep'"):
+        eplb_step(state, good, mesh=jax.make_mesh((8,), ("x",)))
+    bad = jax.device_put(jnp.zeros((2, E, 3)), NamedSharding(mesh, P(None, "ep")))
+    with pytest.raises(
+        ValueError,
+        match=r"expert_weights: leaf 0 has shape \(2, 8, 3\), expected leading dims \[L, P, ...\] = \(2, 16\)",
+    ):
+        eplb_step(state, bad, mesh=mesh)
+    with pytest.raises(TypeError, match=r"state: expected an EplbState, got dict"):
+        eplb_step({}, good, mesh=mesh)
+    with pytest.raises(
+        ValueError, match=r"leaf 0 is sharded P\(\); expected PartitionSpec\(None, .ep.\)"
+    ):
+        eplb_step(state, jax.device_put(good, NamedSharding(mesh, P())), mesh=mesh)
