@@ -1,0 +1,530 @@
+"""The placement policy: DeepSeek's EPLB in jnp, jit-able, with a migration-aware mode.
+
+Letters: L layers, E logical experts, P physical slots (``num_replicas``), D GPUs (``num_gpus``),
+S = P // D slots per GPU. In the hierarchical policy, per node: E_n = E // num_nodes experts,
+P_n = P // num_nodes slots, D_n = D // num_nodes GPUs; node rows X = L * num_nodes.
+
+The three steps of DeepSeek's hierarchical policy, each vectorised over layers (and nodes):
+
+1. pack the expert groups onto nodes (balanced packing, groups per node equal);
+2. within each node, give the experts P_n replicas: one more at a time to the expert with the
+   largest load per replica (a top-k over the candidates ``load / j``, one sort instead of a loop);
+3. pack each node's replicas onto its GPUs (balanced packing, S per GPU).
+
+Balanced packing is a `lax.scan` over the items, heaviest first, each going to the lightest pack with
+room. The replica ranks and the slot order within a GPU (the order in which the GPU received its
+replicas) are those of the reference, which reproduces DeepSeek's README example exactly.
+
+Exactness and ties (the same rules on every backend):
+
+* loads are cast to float32; group loads are float32 sums, a replica's load is ``load / count`` in
+  float32, a pack's load is the float32 running sum of its items in packing order. Integer loads
+  below 2**24 are exact, so integer token counts give the same placement everywhere.
+* items are packed heaviest first; equal loads in increasing index (a stable sort with the index as
+  the second key);
+* an item goes to the lightest pack with room; equal loads to the lowest pack index;
+* a redundant replica goes to the expert with the largest load per replica; equal values to the
+  lowest index (the node-local order of step 1 in the hierarchical policy, the expert id in the
+  global one).
+
+torch's sort and max do not promise an order for equal values, so on inputs with ties the reference
+may differ from this module; without ties both give the same replica counts and the same experts on
+every GPU (and the same slots).
+"""
+
+from __future__ import annotations
+
+import collections
+import numbers
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from ._validate import is_concrete
+
+__all__ = ["rebalance_experts"]
+
+# Number of times the jitted policy was traced, per static configuration (tests read it).
+TRACE_COUNT: collections.Counter = collections.Counter()
+
+# Replication uses one top-k over E_n * (P_n - E_n) candidates per row up to this size; above it,
+# a loop of P_n - E_n argmax steps (the same result, less memory).
+_TOPK_MAX_CANDIDATES = 1 << 16
+# Swap refinement stops after this many swaps per row (each swap strictly lowers a row's maximum,
+# so it ends on its own long before on any real input; the cap bounds the worst case).
+_MAX_SWAPS_PER_GPU = 4
+
+
+class _NodeLayout(NamedTuple):
+    """The from-scratch placement of each node row, before mapping back to global ids.
+
+    slot_mlog: int32[X, P_n] node-local expert of each node-local slot.
+    slot_rank: int32[X, P_n] replica rank of each slot.
+    slot_load: float32[X, P_n] load of each slot (the expert's load / its count).
+    count: int32[X, E_n] replicas per node-local expert.
+    mlog2log: int32[L, E] logical id of each node-local id (node-major).
+    log2mlog: int32[L, E] inverse of ``mlog2log``.
+    """
+
+    slot_mlog: jax.Array
+    slot_rank: jax.Array
+    slot_load: jax.Array
+    count: jax.Array
+    mlog2log: jax.Array
+    log2mlog: jax.Array
+
+
+def _rows(x: jax.Array) -> jax.Array:
+    return jnp.arange(x.shape[0], dtype=jnp.int32)[:, None]
+
+
+def _inverse(perm: jax.Array) -> jax.Array:
+    """Inverse of each row of a permutation ``[X, n]``."""
+    n = perm.shape[1]
+    iota = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), perm.shape)
+    return jnp.zeros_like(perm).at[_rows(perm), perm].set(iota, unique_indices=True)
+
+
+def _clean(weight: jax.Array) -> jax.Array:
+    """float32 loads; NaN, infinite and negative entries become 0 (values only checked eagerly)."""
+    w = weight.astype(jnp.float32)
+    return jnp.where(jnp.isfinite(w) & (w > 0), w, jnp.float32(0.0))
+
+
+def _pack(load: jax.Array, num_packs: int) -> tuple[jax.Array, jax.Array]:
+    """Balanced packing of the n items of each row into ``num_packs`` packs of n / num_packs items.
+
+    Items are taken heaviest first (equal loads: lower index first); each goes to the lightest pack
+    that still has room (equal loads: lower pack index).
+
+    Args:
+      load: float32[X, n] item loads.
+      num_packs: m, a divisor of n.
+
+    Returns:
+      (pack, rank): int32[X, n] each item's pack and its arrival rank in that pack.
+    """
+    x_rows, n = load.shape
+    cap = n // num_packs
+    if cap == 1:
+        iota = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (x_rows, n))
+        return iota, jnp.zeros((x_rows, n), jnp.int32)
+    iota = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (x_rows, n))
+    neg_sorted, order = lax.sort((-load, iota), dimension=1, num_keys=2)
+    pack_ids = jnp.arange(num_packs, dtype=jnp.int32)
+
+    def step(carry, item_load):
+        pack_load, pack_count = carry
+        room = pack_count < cap
+        k = jnp.argmin(jnp.where(room, pack_load, jnp.inf), axis=1).astype(jnp.int32)
+        # Loads that overflowed to inf must still never pick a full pack.
+        k = jnp.where(jnp.take_along_axis(room, k[:, None], 1)[:, 0], k, jnp.argmax(room, 1))
+        hit = pack_ids == k[:, None]
+        rank = jnp.sum(jnp.where(hit, pack_count, 0), axis=1)
+        pack_load = jnp.where(hit, pack_load + item_load[:, None], pack_load)
+        pack_count = pack_count + hit.astype(jnp.int32)
+        return (pack_load, pack_count), (k, rank)
+
+    init = (jnp.zeros((x_rows, num_packs), jnp.float32), jnp.zeros((x_rows, num_packs), jnp.int32))
+    _, (k_sorted, r_sorted) = lax.scan(step, init, -neg_sorted.T, unroll=4)
+    rows = _rows(order)
+    pack = jnp.zeros((x_rows, n), jnp.int32).at[rows, order].set(k_sorted.T, unique_indices=True)
+    rank = jnp.zeros((x_rows, n), jnp.int32).at[rows, order].set(r_sorted.T, unique_indices=True)
+    return pack, rank
+
+
+def _replicate(load: jax.Array, num_phy: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Gives the n experts of each row ``num_phy`` replicas in all, one more at a time to the expert
+    with the largest load per replica (equal values: lower index).
+
+    The j-th redundant replica of expert e (rank j) is worth ``load[e] / j``; the greedy takes the
+    ``num_phy - n`` largest of these candidates in decreasing order, so one top-k gives the same
+    sequence as the loop (``lax.top_k`` puts equal values in increasing index, and the candidate of
+    expert e, rank j sits at index ``e * R + j - 1``).
+
+    Args:
+      load: float32[X, n].
+      num_phy: replicas per row, >= n.
+
+    Returns:
+      (phy2log int32[X, num_phy], rank int32[X, num_phy], count int32[X, n]): the first n replicas
+      are the experts themselves (rank 0), then the redundant ones in the order they were chosen.
+    """
+    x_rows, n = load.shape
+    extra = num_phy - n
+    base = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (x_rows, n))
+    if extra == 0:
+        return base, jnp.zeros((x_rows, n), jnp.int32), jnp.ones((x_rows, n), jnp.int32)
+    if n * extra <= _TOPK_MAX_CANDIDATES:
+        divisors = jnp.arange(1, extra + 1, dtype=jnp.float32)
+        cand = (load[:, :, None] / divisors).reshape(x_rows, n * extra)
+        _, idx = lax.top_k(cand, extra)
+        expert = (idx // extra).astype(jnp.int32)
+        rank = (idx % extra + 1).astype(jnp.int32)
+        count = jnp.ones((x_rows, n), jnp.int32).at[_rows(expert), expert].add(1)
+    else:
+
+        def step(i, carry):
+            expert, rank, count = carry
+            e = jnp.argmax(load / count.astype(jnp.float32), axis=1).astype(jnp.int32)
+            r = jnp.take_along_axis(count, e[:, None], 1)[:, 0]
+            expert = expert.at[:, i].set(e)
+            rank = rank.at[:, i].set(r)
+            count = count.at[jnp.arange(x_rows), e].add(1)
+            return expert, rank, count
+
+        zeros = jnp.zeros((x_rows, extra), jnp.int32)
+        expert, rank, count = lax.fori_loop(
+            0, extra, step, (zeros, zeros, jnp.ones((x_rows, n), jnp.int32))
+        )
+    phy2log = jnp.concatenate([base, expert], axis=1)
+    ranks = jnp.concatenate([jnp.zeros((x_rows, n), jnp.int32), rank], axis=1)
+    return phy2log, ranks, count
+
+
+def _node_layout(
+    w: jax.Array, num_phy: int, num_groups: int, num_nodes: int, num_gpus: int
+) -> _NodeLayout:
+    """Steps 1 to 3 of the hierarchical policy on cleaned loads ``w`` float32[L, E]."""
+    num_layers, num_log = w.shape
+    group_size = num_log // num_groups
+    groups_per_node = num_groups // num_nodes
+    log_per_node = num_log // num_nodes
+    phy_per_node = num_phy // num_nodes
+    gpus_per_node = num_gpus // num_nodes
+    slots = num_phy // num_gpus
+
+    with jax.named_scope("groups_to_nodes"):
+        group_load = w.reshape(num_layers, num_groups, group_size).sum(-1)
+        node, node_rank = _pack(group_load, num_nodes)
+        first = (node * groups_per_node + node_rank) * group_size
+        log2mlog = (first[:, :, None] + jnp.arange(group_size, dtype=jnp.int32)).reshape(
+            num_layers, num_log
+        )
+        mlog2log = _inverse(log2mlog)
+    with jax.named_scope("replicate"):
+        node_w = jnp.take_along_axis(w, mlog2log, axis=1).reshape(-1, log_per_node)
+        phy_mlog, phy_rank, count = _replicate(node_w, phy_per_node)
+    with jax.named_scope("replicas_to_gpus"):
+        rep_load = jnp.take_along_axis(node_w / count.astype(jnp.float32), phy_mlog, axis=1)
+        gpu, gpu_rank = _pack(rep_load, gpus_per_node)
+        slot = gpu * slots + gpu_rank
+        rows = _rows(slot)
+
+        def to_slots(v):
+            return jnp.zeros_like(v).at[rows, slot].set(v, unique_indices=True)
+
+        return _NodeLayout(
+            slot_mlog=to_slots(phy_mlog),
+            slot_rank=to_slots(phy_rank),
+            slot_load=to_slots(rep_load),
+            count=count,
+            mlog2log=mlog2log,
+            log2mlog=log2mlog,
+        )
+
+
+def _swap_refine(
+    slot_load: jax.Array, payload: tuple[jax.Array, ...], slots: int
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """Lowers each row's heaviest GPU by swapping two replicas between GPUs, while that helps.
+
+    Each swap takes the heaviest GPU h (lowest index on ties) and the pair (replica i of h, replica
+    j of another GPU g) that minimises ``max(load_h - a_i + a_j, load_g - a_j + a_i)`` among those
+    that lower it below ``load_h`` (first such pair in (i, g, j) order on ties). The pair maximum
+    strictly falls and no other GPU changes, so a row's maximum never rises and the loop ends; rows
+    stop independently. Slot counts per GPU do not change.
+
+    Args:
+      slot_load: float32[X, P_x] replica loads, GPU-major (S slots per GPU).
+      payload: int32[X, P_x] arrays that travel with the replicas (expert ids, ranks).
+      slots: S.
+
+    Returns:
+      The swapped (slot_load, payload).
+    """
+    x_rows, p_x = slot_load.shape
+    gpus = p_x // slots
+    if gpus == 1:
+        return slot_load, payload
+    max_iters = _MAX_SWAPS_PER_GPU * p_x
+    gpu_of_slot = jnp.arange(p_x, dtype=jnp.int32) // slots
+    rows = jnp.arange(x_rows)
+
+    def body(state):
+        it, active, load, pay = state
+        gpu_load = load.reshape(x_rows, gpus, slots).sum(-1)
+        h = jnp.argmax(gpu_load, axis=1).astype(jnp.int32)
+        top = gpu_load[rows, h]
+        h_slots = h[:, None] * slots + jnp.arange(slots, dtype=jnp.int32)  # [X, S]
+        a = jnp.take_along_axis(load, h_slots, 1)  # [X, S]
+        delta = a[:, :, None] - load[:, None, :]  # [X, S, P_x]
+        g_load = gpu_load[:, gpu_of_slot]  # [X, P_x]
+        new_h = top[:, None, None] - delta
+        new_g = g_load[:, None, :] + delta
+        pair = jnp.maximum(new_h, new_g)
+        tol = 1e-6 * top[:, None, None]
+        ok = (
+            (gpu_of_slot[None, None, :] != h[:, None, None])
+            & (delta > 0)
+            & (pair < top[:, None, None] - tol)
+        )
+        score = jnp.where(ok, pair, jnp.inf).reshape(x_rows, slots * p_x)
+        best = jnp.argmin(score, axis=1)
+        found = active & jnp.isfinite(score[rows, best])
+        src = h_slots[rows, best // p_x]
+        dst = (best % p_x).astype(jnp.int32)
+        src = jnp.where(found, src, 0)
+        dst = jnp.where(found, dst, 0)
+
+        def swap(v):
+            vs, vd = v[rows, src], v[rows, dst]
+            return v.at[rows, src].set(vd).at[rows, dst].set(vs)
+
+        return it + 1, found, swap(load), tuple(swap(v) for v in pay)
+
+    def cond(state):
+        it, active, _, _ = state
+        return (it < max_iters) & jnp.any(active)
+
+    init = (jnp.int32(0), jnp.ones((x_rows,), bool), slot_load, payload)
+    _, _, load, pay = lax.while_loop(cond, body, init)
+    return load, pay
+
+
+def _log2phy(phy2log: jax.Array, rank: jax.Array, num_log: int, width: int) -> jax.Array:
+    """log2phy[l, e, r] = the slot holding replica r of expert e; -1 past the expert's count."""
+    num_layers, num_phy = phy2log.shape
+    flat = jnp.full((num_layers, num_log * width), -1, jnp.int32)
+    iota = jnp.broadcast_to(jnp.arange(num_phy, dtype=jnp.int32), phy2log.shape)
+    flat = flat.at[_rows(phy2log), phy2log * width + rank].set(iota, mode="drop")
+    return flat.reshape(num_layers, num_log, width)
+
+
+def _effective(num_groups: int, num_nodes: int) -> tuple[int, int]:
+    """The (groups, nodes) the policy runs with: the global policy is the hierarchical one with a
+    single group on a single node."""
+    if num_groups % num_nodes == 0:
+        return num_groups, num_nodes
+    return 1, 1
+
+
+@partial(
+    jax.jit,
+    static_argnames=("num_replicas", "num_groups", "num_nodes", "num_gpus", "refine"),
+)
+def _rebalance_jit(
+    weight: jax.Array,
+    old_phy2log: jax.Array | None,
+    *,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    refine: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    TRACE_COUNT[
+        (
+            weight.shape,
+            num_replicas,
+            num_groups,
+            num_nodes,
+            num_gpus,
+            refine,
+            old_phy2log is not None,
+        )
+    ] += 1
+    num_layers, num_log = weight.shape
+    groups, nodes = _effective(num_groups, num_nodes)
+    slots = num_replicas // num_gpus
+    w = _clean(weight)
+    lay = _node_layout(w, num_replicas, groups, nodes, num_gpus)
+    slot_load, slot_mlog, slot_rank = lay.slot_load, lay.slot_mlog, lay.slot_rank
+    if refine:
+        with jax.named_scope("refine"):
+            slot_load, (slot_mlog, slot_rank) = _swap_refine(
+                slot_load, (slot_mlog, slot_rank), slots
+            )
+    with jax.named_scope("to_global"):
+        log_per_node = num_log // nodes
+        offset = (jnp.arange(nodes, dtype=jnp.int32) * log_per_node)[None, :, None]
+        glob_mlog = (slot_mlog.reshape(num_layers, nodes, -1) + offset).reshape(num_layers, -1)
+        phy2log = jnp.take_along_axis(lay.mlog2log, glob_mlog, axis=1)
+        rank = slot_rank.reshape(num_layers, num_replicas)
+        logcnt = jnp.take_along_axis(lay.count.reshape(num_layers, num_log), lay.log2mlog, 1)
+        log2phy = _log2phy(phy2log, rank, num_log, num_replicas - num_log + 1)
+    return phy2log, log2phy, logcnt
+
+
+def _as_count(value: Any, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected a Python int, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return value
+
+
+def _check(
+    weight: Any,
+    num_replicas: Any,
+    num_groups: Any,
+    num_nodes: Any,
+    num_gpus: Any,
+    old: Any,
+) -> tuple[int, int, int, int]:
+    """Argument checks; every message names the argument, what was expected and what arrived."""
+    if not hasattr(weight, "shape") or not hasattr(weight, "dtype"):
+        raise TypeError(f"weight: expected an array [L, E], got {type(weight).__name__}")
+    if len(weight.shape) != 2:
+        raise ValueError(
+            f"weight: expected a 2-D array [L, E] (layers x logical experts), got shape "
+            f"{tuple(weight.shape)}"
+        )
+    num_layers, num_log = (int(s) for s in weight.shape)
+    if num_layers < 1 or num_log < 1:
+        raise ValueError(
+            f"weight: expected at least one layer and one expert, got shape {(num_layers, num_log)}"
+        )
+    dtype = np.dtype(weight.dtype)
+    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+        raise TypeError(f"weight: expected a real (integer or floating) dtype, got {dtype}")
+    num_replicas = _as_count(num_replicas, "num_replicas")
+    num_groups = _as_count(num_groups, "num_groups")
+    num_nodes = _as_count(num_nodes, "num_nodes")
+    num_gpus = _as_count(num_gpus, "num_gpus")
+    if num_replicas < num_log:
+        raise ValueError(
+            f"num_replicas: expected at least one slot per logical expert (>= E = {num_log}), "
+            f"got {num_replicas}"
+        )
+    if num_replicas % num_gpus:
+        raise ValueError(
+            f"num_replicas: expected a multiple of num_gpus = {num_gpus} (every GPU holds the "
+            f"same number of slots), got {num_replicas}"
+        )
+    if num_groups % num_nodes == 0:  # hierarchical policy
+        if num_log % num_groups:
+            raise ValueError(
+                f"num_groups: expected a divisor of the E = {num_log} logical experts (groups "
+                f"of E / num_groups consecutive experts), got {num_groups}"
+            )
+        if num_gpus % num_nodes:
+            raise ValueError(
+                f"num_gpus: expected a multiple of num_nodes = {num_nodes} (the hierarchical "
+                f"policy, used because num_groups % num_nodes == 0, puts the same number of GPUs "
+                f"on every node), got {num_gpus}"
+            )
+    if is_concrete(weight):
+        w = np.asarray(weight)
+        if np.issubdtype(w.dtype, np.floating) and not np.isfinite(w).all():
+            bad = tuple(int(i) for i in np.argwhere(~np.isfinite(w))[0])
+            raise ValueError(
+                f"weight{list(bad)} = {w[bad]}: expected finite loads (token counts >= 0)"
+            )
+        if (w < 0).any():
+            bad = tuple(int(i) for i in np.argwhere(w < 0)[0])
+            raise ValueError(f"weight{list(bad)} = {w[bad]}: expected loads >= 0")
+    if old is not None:
+        _check_old(old, num_layers, num_log, num_replicas)
+    return num_replicas, num_groups, num_nodes, num_gpus
+
+
+def _check_old(old: Any, num_layers: int, num_log: int, num_replicas: int) -> None:
+    name = "old_physical_to_logical"
+    if not hasattr(old, "shape") or not hasattr(old, "dtype"):
+        raise TypeError(f"{name}: expected an int32 array [L, P], got {type(old).__name__}")
+    if tuple(old.shape) != (num_layers, num_replicas):
+        raise ValueError(
+            f"{name}: expected shape [L, P] = {(num_layers, num_replicas)} (weight's layers x "
+            f"num_replicas), got {tuple(old.shape)}"
+        )
+    if not np.issubdtype(np.dtype(old.dtype), np.integer):
+        raise TypeError(f"{name}: expected an integer dtype (int32), got {old.dtype}")
+    if not is_concrete(old):
+        return
+    o = np.asarray(old)
+    bad = np.argwhere((o < -1) | (o >= num_log))
+    if bad.size:
+        at = tuple(int(i) for i in bad[0])
+        raise ValueError(
+            f"{name}{list(at)} = {o[at]}: expected an expert id in [0, E = {num_log}) or -1 "
+            f"(empty slot)"
+        )
+    for layer in range(num_layers):
+        held = np.zeros(num_log, bool)
+        held[o[layer][o[layer] >= 0]] = True
+        if not held.all():
+            e = int(np.argmin(held))
+            raise ValueError(
+                f"{name}[{layer}]: expected every expert of [0, E = {num_log}) in some slot, but "
+                f"expert {e} has none (the old placement must be complete)"
+            )
+
+
+def rebalance_experts(
+    weight: Any,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    *,
+    old_physical_to_logical: Any = None,
+    refine: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Places E logical experts onto P physical slots over D GPUs, balancing the load.
+
+    Without ``old_physical_to_logical`` this is DeepSeek's EPLB policy (hierarchical when
+    ``num_groups % num_nodes == 0``, else global) and reproduces its README example exactly; see
+    the module docstring for the tie rules. Jit-able: the counts are static, one compilation per
+    shape and configuration is cached, and the function may be called inside an outer `jax.jit`.
+
+    Args:
+      weight: [L, E] load of each logical expert, any real dtype (computed in float32). Eagerly,
+        NaN, infinite or negative loads raise; under an outer jit the values cannot be checked and
+        such entries count as zero load.
+      num_replicas: P, physical slots per layer; a multiple of ``num_gpus`` and at least E.
+      num_groups: expert groups (E / num_groups consecutive experts each; must divide E when the
+        hierarchical policy is used).
+      num_nodes: nodes; hierarchical policy when ``num_groups % num_nodes == 0`` (then
+        ``num_gpus`` must be a multiple of it), else global.
+      num_gpus: D, GPUs in total; S = P // D slots each, slot p on GPU p // S.
+      old_physical_to_logical: optional int [L, P], the current placement (-1 = empty slot; every
+        expert present). When given, the placement is migration-aware: see ``docs/policy.md``.
+      refine: after packing, swap replicas between GPUs while that lowers a GPU's maximum load;
+        never worse than the plain policy on any layer.
+
+    Returns:
+      (phy2log int32[L, P], log2phy int32[L, E, P - E + 1], logcnt int32[L, E]): the expert of each
+      slot; for each expert the slot of each replica rank, padded with -1; replicas per expert.
+
+    Raises:
+      ValueError, TypeError: a bad argument, named in the message, before anything is computed.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> w = jnp.array([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86]])
+      >>> phy2log, log2phy, logcnt = rebalance_experts(w, 16, 4, 2, 8)
+      >>> phy2log.tolist()
+      [[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1]]
+    """
+    num_replicas, num_groups, num_nodes, num_gpus = _check(
+        weight, num_replicas, num_groups, num_nodes, num_gpus, old_physical_to_logical
+    )
+    groups, nodes = _effective(num_groups, num_nodes)
+    old = old_physical_to_logical
+    if old is not None:
+        old = jnp.asarray(old, dtype=jnp.int32)
+    return _rebalance_jit(
+        jnp.asarray(weight),
+        old,
+        num_replicas=num_replicas,
+        num_groups=groups,
+        num_nodes=nodes,
+        num_gpus=num_gpus,
+        refine=bool(refine),
+    )

@@ -1,0 +1,150 @@
+"""A plain numpy implementation of DeepSeek's EPLB placement, written for clarity, not speed.
+
+It serves as the independent reference of the tests and as the baseline of the placement benchmark.
+It follows the steps of DeepSeek's hierarchical policy one loop at a time, with the tie rules that
+`jeplb._policy` documents, so the two must agree exactly on every input:
+
+* arithmetic in float32 (loads are cast first; a replica's load is ``load / count`` in float32; a
+  pack's load is the float32 running sum of its items, in packing order);
+* items are packed heaviest first, equal loads in increasing item index;
+* an item goes to the lightest pack that still has room, equal loads to the lowest pack index;
+* a redundant replica goes to the expert with the largest ``load / count``, equal values to the
+  lowest index (node-local order in the hierarchical policy).
+
+Letters: L layers, E logical experts, P physical slots (``num_replicas``), D GPUs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["rebalance_experts_numpy"]
+
+
+def _pack(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Balanced packing of the n items of each row into ``num_packs`` packs of n / num_packs.
+
+    Returns (pack, rank): for each item, its pack and its position in that pack (the order in which
+    the pack received it).
+    """
+    rows, n = weight.shape
+    per_pack = n // num_packs
+    if per_pack == 1:
+        return (
+            np.tile(np.arange(n, dtype=np.int64), (rows, 1)),
+            np.zeros((rows, n), dtype=np.int64),
+        )
+    pack = np.full((rows, n), -1, dtype=np.int64)
+    rank = np.full((rows, n), -1, dtype=np.int64)
+    for x in range(rows):
+        order = sorted(range(n), key=lambda i, row=weight[x]: (-float(row[i]), i))
+        loads = [np.float32(0.0)] * num_packs
+        items = [0] * num_packs
+        for i in order:
+            best = -1
+            for k in range(num_packs):
+                if items[k] < per_pack and (best < 0 or loads[k] < loads[best]):
+                    best = k
+            pack[x, i] = best
+            rank[x, i] = items[best]
+            loads[best] = np.float32(loads[best] + weight[x, i])
+            items[best] += 1
+    return pack, rank
+
+
+def _replicate(weight: np.ndarray, num_phy: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gives each row's experts ``num_phy`` replicas in total, one more at a time to the expert with
+    the largest load per replica. Returns (phy2log, rank, count)."""
+    rows, num_log = weight.shape
+    phy2log = np.zeros((rows, num_phy), dtype=np.int64)
+    rank = np.zeros((rows, num_phy), dtype=np.int64)
+    count = np.ones((rows, num_log), dtype=np.int64)
+    phy2log[:, :num_log] = np.arange(num_log)
+    for x in range(rows):
+        for p in range(num_log, num_phy):
+            per_replica = weight[x] / count[x].astype(np.float32)
+            e = int(np.argmax(per_replica))
+            phy2log[x, p] = e
+            rank[x, p] = count[x, e]
+            count[x, e] += 1
+    return phy2log, rank, count
+
+
+def _hierarchical(
+    weight: np.ndarray, num_phy: int, num_groups: int, num_nodes: int, num_gpus: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    num_layers, num_log = weight.shape
+    group_size = num_log // num_groups
+    groups_per_node = num_groups // num_nodes
+    log_per_node = num_log // num_nodes
+    phy_per_node = num_phy // num_nodes
+    gpus_per_node = num_gpus // num_nodes
+    slots_per_gpu = num_phy // num_gpus
+
+    # 1. groups onto nodes; node-local ("mlog") order: node, then rank in node, then expert in group
+    group_load = weight.reshape(num_layers, num_groups, group_size).sum(-1, dtype=np.float32)
+    node, node_rank = _pack(group_load, num_nodes)
+    mlog_of_log = np.zeros((num_layers, num_log), dtype=np.int64)
+    for layer in range(num_layers):
+        for g in range(num_groups):
+            first = (node[layer, g] * groups_per_node + node_rank[layer, g]) * group_size
+            mlog_of_log[layer, g * group_size : (g + 1) * group_size] = first + np.arange(
+                group_size
+            )
+    log_of_mlog = np.argsort(mlog_of_log, axis=1)
+
+    # 2. replicas within each node
+    node_weight = np.take_along_axis(weight, log_of_mlog, axis=1).reshape(-1, log_per_node)
+    phy_mlog, phy_rank, mlog_count = _replicate(node_weight, phy_per_node)
+
+    # 3. each node's replicas onto its GPUs; the slot is the GPU's rank of arrival
+    replica_load = np.take_along_axis(
+        node_weight / mlog_count.astype(np.float32), phy_mlog, axis=1
+    ).astype(np.float32)
+    gpu, gpu_rank = _pack(replica_load, gpus_per_node)
+    slot = gpu * slots_per_gpu + gpu_rank
+
+    phy2log = np.zeros((num_layers, num_phy), dtype=np.int64)
+    rank = np.zeros((num_layers, num_phy), dtype=np.int64)
+    for row in range(num_layers * num_nodes):
+        layer, n = divmod(row, num_nodes)
+        for p in range(phy_per_node):
+            dst = n * phy_per_node + slot[row, p]
+            phy2log[layer, dst] = log_of_mlog[layer, n * log_per_node + phy_mlog[row, p]]
+            rank[layer, dst] = phy_rank[row, p]
+    count = np.take_along_axis(mlog_count.reshape(num_layers, num_log), mlog_of_log, axis=1)
+    return phy2log, rank, count
+
+
+def rebalance_experts_numpy(
+    weight, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """DeepSeek's EPLB placement in numpy (no argument checks beyond shapes dividing).
+
+    Args:
+      weight: [L, E] load per logical expert.
+      num_replicas: P, physical slots per layer (a multiple of ``num_gpus``, at least E).
+      num_groups: expert groups (E / num_groups consecutive experts each).
+      num_nodes: nodes; the hierarchical policy is used when ``num_groups % num_nodes == 0``.
+      num_gpus: D, GPUs in total (a multiple of ``num_nodes``).
+
+    Returns:
+      (phy2log int64[L, P], log2phy int64[L, E, P - E + 1] padded with -1, logcnt int64[L, E]).
+
+    Example:
+      >>> w = np.array([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86]])
+      >>> rebalance_experts_numpy(w, 16, 4, 2, 8)[0].tolist()
+      [[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1]]
+    """
+    weight = np.asarray(weight, dtype=np.float32)
+    num_layers, num_log = weight.shape
+    if num_groups % num_nodes == 0:
+        phy2log, rank, count = _hierarchical(weight, num_replicas, num_groups, num_nodes, num_gpus)
+    else:
+        phy2log, rank, count = _hierarchical(weight, num_replicas, 1, 1, num_gpus)
+    width = num_replicas - num_log + 1
+    log2phy = np.full((num_layers, num_log, width), -1, dtype=np.int64)
+    for layer in range(num_layers):
+        for p in range(num_replicas):
+            log2phy[layer, phy2log[layer, p], rank[layer, p]] = p
+    return phy2log, log2phy, count
