@@ -21,12 +21,14 @@ class Balance(NamedTuple):
     Attributes:
       mean: float32[L] mean device load per layer.
       max: float32[L] heaviest device's load per layer.
+      per_layer: float32[L] mean / max per layer (1.0 where a layer has no load).
       balancedness: float32[] sum over layers of mean / sum over layers of max (vLLM's figure;
         1.0 is perfect, 1 / D is everything on one device). 1.0 when there is no load at all.
     """
 
     mean: jax.Array
     max: jax.Array
+    per_layer: jax.Array
     balancedness: jax.Array
 
 
@@ -86,7 +88,8 @@ def balancedness(phy2log: jax.Array, logical_load: jax.Array, num_gpus: int) -> 
       num_gpus: D, a divisor of P.
 
     Returns:
-      A `Balance` (mean float32[L], max float32[L], balancedness float32[]).
+      A `Balance` (mean float32[L], max float32[L], per_layer float32[L], balancedness
+      float32[]).
 
     Example:
       >>> import jax.numpy as jnp
@@ -99,7 +102,8 @@ def balancedness(phy2log: jax.Array, logical_load: jax.Array, num_gpus: int) -> 
     top = loads.max(axis=1)
     total_max = top.sum()
     ratio = jnp.where(total_max > 0, mean.sum() / jnp.where(total_max > 0, total_max, 1.0), 1.0)
-    return Balance(mean=mean, max=top, balancedness=ratio)
+    per_layer = jnp.where(top > 0, mean / jnp.where(top > 0, top, 1.0), 1.0)
+    return Balance(mean=mean, max=top, per_layer=per_layer, balancedness=ratio)
 
 
 def remote_copies(old_phy2log: jax.Array, new_phy2log: jax.Array, num_gpus: int) -> jax.Array:

@@ -44,11 +44,12 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from . import _balance as balance
 from . import _validate
 from ._state import EplbState, maps_from_phy2log
 from ._transfer import move_from_buffer, move_to_buffer
 
-__all__ = ["StepInfo", "balancedness", "eplb_step", "eplb_step_local"]
+__all__ = ["StepInfo", "eplb_step", "eplb_step_local"]
 
 _log = logging.getLogger("jeplb")
 
@@ -85,44 +86,10 @@ class StepInfo:
 # ----------------------------------------------------------------------------------- metrics
 
 
-def balancedness(
-    load: jax.Array, phy2log: jax.Array, logcnt: jax.Array, *, num_devices: int
-) -> tuple[jax.Array, jax.Array]:
-    """Device balancedness of a logical load under a placement (vLLM's metric).
-
-    A slot's load is its expert's load divided by the expert's replica count (the dispatch spreads
-    an expert's tokens evenly over its replicas in expectation); a device's load is the sum over its
-    N_local slots.
-
-    Args:
-      load: [L, E] logical load (any numeric dtype).
-      phy2log: int32[L, P] placement.
-      logcnt: int32[L, E] replica counts.
-      num_devices: D.
-
-    Returns:
-      ``(per_layer float32[L], total float32[])``: per layer mean / max device load (1.0 where the
-      layer has no load), and sum over layers of the mean over sum of the max.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> per_layer, total = balancedness(jnp.array([[3, 1]]), jnp.array([[0, 1]]),
-      ...                                 jnp.array([[1, 1]]), num_devices=2)
-      >>> round(float(total), 3)
-      0.667
-    """
-    load = jnp.asarray(load, jnp.float32)
-    phy2log = jnp.asarray(phy2log, jnp.int32)
-    num_layers, p_total = phy2log.shape
-    safe = jnp.maximum(phy2log, 0)
-    per_replica = load / jnp.maximum(logcnt, 1).astype(jnp.float32)
-    slot = jnp.where(phy2log >= 0, jnp.take_along_axis(per_replica, safe, axis=1), 0.0)
-    dev = slot.reshape(num_layers, num_devices, p_total // num_devices).sum(-1)
-    mean = dev.mean(-1)
-    peak = dev.max(-1)
-    per_layer = jnp.where(peak > 0, mean / jnp.where(peak > 0, peak, 1.0), 1.0)
-    total = jnp.where(peak.sum() > 0, mean.sum() / jnp.maximum(peak.sum(), 1e-30), 1.0)
-    return per_layer, total
+def _balancedness(load: jax.Array, phy2log: jax.Array, num_devices: int):
+    """(per_layer float32[L], total float32[]) of `jeplb.balancedness` for the window's load."""
+    b = balance.balancedness(phy2log, load, num_devices)
+    return b.per_layer, b.balancedness
 
 
 # ------------------------------------------------------------------------------------- policy
@@ -261,7 +228,7 @@ def _local_step(
         cursor = jnp.where(active, jnp.minimum(cursor + k, num_layers), cursor)
 
     with jax.named_scope("eplb_metrics"):
-        per_layer, overall = balancedness(total, maps[0], maps[2], num_devices=d)
+        per_layer, overall = _balancedness(total, maps[0], d)
 
     new_state = state.replace(
         phy2log=maps[0],

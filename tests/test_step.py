@@ -14,9 +14,10 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jeplb._balance import balancedness
 from jeplb._dispatch import dispatch
 from jeplb._state import EplbState
-from jeplb._step import balancedness, eplb_step, eplb_step_local
+from jeplb._step import eplb_step, eplb_step_local
 
 D, E, R, H, T, K = 8, 8, 8, 4, 48, 2  # P = 16 slots, N_local = 2
 
@@ -200,8 +201,8 @@ def test_one_compilation_for_every_step(whole_run):
 def test_balancedness_matches_its_definition():
     load = np.array([[4.0, 2.0, 2.0, 0.0]])
     p2l = np.array([[0, 0, 1, 2, 3, 1]])  # devices: {0, 0}, {1, 2}, {3, 1}
-    cnt = np.array([[2, 2, 1, 1]])
-    per_layer, total = balancedness(load, p2l, cnt, num_devices=3)
+    b = balancedness(p2l, load, 3)
+    per_layer, total = b.per_layer, b.balancedness
     dev = np.array([4.0, 1.0 + 2.0, 0.0 + 1.0])
     np.testing.assert_allclose(per_layer, [dev.mean() / dev.max()])
     np.testing.assert_allclose(total, dev.mean() / dev.max())
