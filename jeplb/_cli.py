@@ -1,0 +1,89 @@
+"""The ``jeplb`` command: ``jeplb demo`` and ``jeplb bench {transfer,policy,step}``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+__all__ = ["build_parser", "main"]
+
+_BENCHES = {
+    "transfer": ("jeplb._bench_transfer", "the weight transfer against an all-gather baseline"),
+    "policy": ("jeplb._bench_policy", "the placement policy against the numpy baseline"),
+    "step": ("jeplb._bench_step", "the model step with a fired rebalance against the plain step"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``jeplb`` command."""
+    from . import _demo
+
+    p = argparse.ArgumentParser(
+        prog="jeplb",
+        description="Expert-parallel load balancing (EPLB) for Mixture-of-Experts models in JAX.",
+    )
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"jeplb {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="{demo,bench}", required=True)
+    demo = sub.add_parser(
+        "demo",
+        help="run an example MoE model on a skewed router and rebalance it",
+        description="Runs the example MoE transformer (jeplb.examples) on a skewed, drifting "
+        "router workload, rebalances its experts progressively, prints balancedness, load, bytes "
+        "moved and rebalance time, checks that outputs stay identical, and writes a plot.",
+    )
+    _demo.add_arguments(demo)
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks: transfer, policy, step",
+        description="Runs a benchmark. Flags after the benchmark's name go to it; "
+        "`jeplb bench NAME --help` lists them.",
+    )
+    bench.add_argument(
+        "name",
+        choices=sorted(_BENCHES),
+        help="; ".join(f"{k}: {v[1]}" for k, v in sorted(_BENCHES.items())),
+    )
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags")
+    return p
+
+
+def _run_bench(name: str, rest: list[str]) -> int:
+    module_name = _BENCHES[name][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        if getattr(err, "name", None) != module_name:
+            raise
+        print(
+            f"jeplb bench {name}: this installation has no {module_name} module ({err}); "
+            f"the other benchmarks are {', '.join(k for k in sorted(_BENCHES) if k != name)}",
+            file=sys.stderr,
+        )
+        return 2
+    entry = getattr(module, "main", None)
+    if entry is None:
+        print(f"jeplb bench {name}: {module_name} has no main(argv) entry point", file=sys.stderr)
+        return 2
+    rc = entry(list(rest))
+    return 0 if rc is None else int(rc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``jeplb`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "demo":
+        from . import _demo
+
+        demo_parser = parser._subparsers._group_actions[0].choices["demo"]
+        _demo.check_arguments(demo_parser, args)
+        _demo.run(args)
+        return 0
+    return _run_bench(args.name, args.rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

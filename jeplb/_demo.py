@@ -1,0 +1,546 @@
+"""`jeplb demo`: the example MoE model on a skewed, drifting router, rebalanced progressively.
+
+It builds `jeplb.examples.MoETransformer` over every device of the chosen platform (8 simulated
+CPU devices when there is no accelerator), runs it on a `jeplb.examples.DriftingZipf` workload
+with `jeplb.eplb_step` in the same jitted step, and reports what the rebalances did: balancedness
+and the busiest device's load before and after, experts and bytes moved, the cost of the steps
+that moved weights, and whether the model's outputs stayed bitwise identical (a fixed probe batch
+is run after every step and compared with the first run of it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+__all__ = ["add_arguments", "run"]
+
+_DTYPES = ("float32", "bfloat16")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _exponent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value <= 10.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 10], got {value}")
+    return value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Adds the demo's flags to ``p`` (every flag has a help text and a default)."""
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--layers", type=_positive, default=4, help="MoE layers L (default: %(default)s)"
+    )
+    g.add_argument(
+        "--experts",
+        type=_positive,
+        default=16,
+        help="logical experts per layer E (default: %(default)s)",
+    )
+    g.add_argument(
+        "--redundant",
+        type=_non_negative,
+        default=8,
+        help="redundant replica slots per layer; P = E + this must be divisible by the device "
+        "count (default: %(default)s)",
+    )
+    g.add_argument(
+        "--top-k", type=_positive, default=2, help="experts per token K (default: %(default)s)"
+    )
+    g.add_argument(
+        "--d-model", type=_positive, default=64, help="model width H (default: %(default)s)"
+    )
+    g.add_argument(
+        "--d-ff",
+        type=_positive,
+        default=128,
+        help="hidden width F of one expert (default: %(default)s)",
+    )
+    g.add_argument(
+        "--dtype",
+        choices=_DTYPES,
+        default="float32",
+        help="weights and activations (default: %(default)s)",
+    )
+    g = p.add_argument_group("workload")
+    g.add_argument(
+        "--batch", type=_positive, default=8, help="sequences per step B (default: %(default)s)"
+    )
+    g.add_argument(
+        "--seq-len", type=_positive, default=32, help="tokens per sequence S (default: %(default)s)"
+    )
+    g.add_argument(
+        "--zipf",
+        type=_exponent,
+        default=1.2,
+        help="Zipf exponent of expert popularity, 0 = uniform (default: %(default)s)",
+    )
+    g.add_argument(
+        "--drift-every",
+        type=_non_negative,
+        default=25,
+        help="steps between changes of the hot experts, 0 = never (default: %(default)s)",
+    )
+    g.add_argument(
+        "--seed",
+        type=_non_negative,
+        default=0,
+        help="seed of model and workload (default: %(default)s)",
+    )
+    g = p.add_argument_group("rebalancing")
+    g.add_argument(
+        "--steps", type=_positive, default=40, help="model steps to run (default: %(default)s)"
+    )
+    g.add_argument(
+        "--interval",
+        type=_positive,
+        default=10,
+        help="steps between rebalances (default: %(default)s)",
+    )
+    g.add_argument(
+        "--window",
+        type=_positive,
+        default=5,
+        help="steps of load the policy looks at (default: %(default)s)",
+    )
+    g.add_argument(
+        "--layers-per-step",
+        type=_non_negative,
+        default=1,
+        help="layers whose weights move per step (progressive mode); 0 moves all layers in one "
+        "step (default: %(default)s)",
+    )
+    g = p.add_argument_group("devices and output")
+    g.add_argument(
+        "--platform",
+        choices=("auto", "cpu", "gpu", "tpu"),
+        default="auto",
+        help="where to run; auto takes the accelerator when it has at least 2 devices, else "
+        "simulated CPU devices (default: %(default)s)",
+    )
+    g.add_argument(
+        "--cpu-devices",
+        type=_positive,
+        default=8,
+        help="simulated CPU devices when running on the CPU (default: %(default)s)",
+    )
+    g.add_argument(
+        "--plot",
+        default="jeplb_demo.png",
+        metavar="PATH",
+        help="PNG to write (per-device load before/after, balancedness over steps); '' for none "
+        "(default: %(default)s)",
+    )
+    g.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON")
+    g.add_argument("--quiet", action="store_true", help="no progress bars or progress messages")
+
+
+def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Cross-flag checks that argparse cannot express; errors go through ``p.error`` (exit 2)."""
+    if args.top_k > args.experts:
+        p.error(f"--top-k: expected at most --experts = {args.experts}, got {args.top_k}")
+    if args.layers_per_step > args.layers:
+        p.error(
+            f"--layers-per-step: expected at most --layers = {args.layers}, got "
+            f"{args.layers_per_step}"
+        )
+    if args.layers_per_step:
+        need = -(-args.layers // args.layers_per_step)
+        if args.interval < need:
+            p.error(
+                f"--interval: a progressive rebalance of {args.layers} layers at "
+                f"--layers-per-step {args.layers_per_step} takes {need} steps, so --interval must "
+                f"be >= {need}; got {args.interval}"
+            )
+    if args.plot and not args.plot.lower().endswith(".png"):
+        p.error(f"--plot: expected a file name ending in .png (or '' for none), got {args.plot!r}")
+
+
+def setup_devices(platform: str, cpu_devices: int) -> list:
+    """Picks the devices to run on; asks for ``cpu_devices`` CPU devices if jax is not started."""
+    import jax
+
+    # Raises once the backends are initialised (in-process use): then take what exists.
+    with contextlib.suppress(RuntimeError):
+        jax.config.update("jax_num_cpu_devices", cpu_devices)
+    if platform == "auto":
+        accel = [d for d in jax.devices() if d.platform != "cpu"]
+        if len(accel) >= 2:
+            return accel
+        devices = jax.devices("cpu")
+    else:
+        try:
+            devices = jax.devices(platform)
+        except RuntimeError as err:
+            raise SystemExit(
+                f"jeplb demo: --platform {platform}: no such devices ({err})"
+            ) from None
+    if platform in ("auto", "cpu"):
+        devices = devices[:cpu_devices]
+    return devices
+
+
+class _Progress:
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
+            except ImportError:
+                self.bar = None
+
+    def update(self, **postfix):
+        if self.bar is not None:
+            if postfix:
+                self.bar.set_postfix(**postfix, refresh=False)
+            self.bar.update(1)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _say(args, text: str) -> None:
+    if not args.quiet:
+        print(text, file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace, out=None) -> dict[str, Any]:
+    """Runs the demo with parsed flags; prints the table to ``out`` and returns the figures.
+
+    Args:
+      args: the namespace of `add_arguments`' flags.
+      out: a text stream for the table (default sys.stdout).
+
+    Returns:
+      A dict of the figures printed (and written with ``--json``).
+    """
+    out = sys.stdout if out is None else out
+    devices = setup_devices(args.platform, args.cpu_devices)
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import Mesh
+
+    import jeplb
+    from jeplb.examples import DriftingZipf, MoEConfig, MoETransformer, make_step
+
+    num_devices = len(devices)
+    slots = args.experts + args.redundant
+    if slots % num_devices:
+        raise SystemExit(
+            f"jeplb demo: --experts {args.experts} + --redundant {args.redundant} = {slots} slots "
+            f"is not divisible by the {num_devices} devices; choose --redundant so that it is"
+        )
+    mesh = Mesh(np.array(devices), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+    cfg = MoEConfig(
+        num_layers=args.layers,
+        num_experts=args.experts,
+        num_redundant_experts=args.redundant,
+        top_k=args.top_k,
+        d_model=args.d_model,
+        d_ff=args.d_ff,
+        dtype=jnp.dtype(args.dtype),
+    )
+    progressive = args.layers_per_step or None
+    workload = DriftingZipf(
+        num_layers=args.layers,
+        num_experts=args.experts,
+        batch=args.batch,
+        seq_len=args.seq_len,
+        d_model=args.d_model,
+        zipf_exponent=args.zipf,
+        drift_every=args.drift_every,
+        seed=args.seed,
+    )
+    _say(
+        args,
+        f"jeplb demo: {num_devices} {devices[0].platform} devices, L={args.layers} "
+        f"E={args.experts} P={slots} K={args.top_k} H={args.d_model} F={args.d_ff} {args.dtype}, "
+        f"T={args.batch * args.seq_len} tokens/step",
+    )
+    t0 = time.perf_counter()
+    with mesh:
+        model = MoETransformer(cfg, mesh=mesh, rngs=nnx.Rngs(args.seed))
+    state = jeplb.EplbState.create(
+        num_layers=args.layers,
+        num_experts=args.experts,
+        num_devices=num_devices,
+        num_redundant_experts=args.redundant,
+        window_size=args.window,
+        step_interval=args.interval,
+        layers_per_step=progressive,
+    ).replicated(mesh)
+    step, params = make_step(model)
+    graphdef = nnx.graphdef(model)
+
+    @jax.jit
+    def probe_fn(params, state, x, bias):
+        y, _, _ = nnx.merge(graphdef, params)(x, bias, state, record=False)
+        return y
+
+    probe = workload.batch_at(10**6)  # a batch no step sees
+    _say(args, "compiling the model step (forward + eplb_step) ...")
+    lowered_step = step.lower(params, state, *workload.batch_at(0))
+    step_c = lowered_step.compile()
+    probe_c = probe_fn.lower(params, state, *probe).compile()
+    compile_s = time.perf_counter() - t0
+    reference = np.asarray(probe_c(params, state, *probe))
+
+    records = []
+    identical = True
+    bar = _Progress(args.steps, "steps", not args.quiet and sys.stderr.isatty())
+    for i in range(args.steps):
+        x, bias = workload.batch_at(i)
+        maps_used = np.asarray(state.phy2log)
+        t = time.perf_counter()
+        params, state, y, info, aux = step_c(params, state, x, bias)
+        jax.block_until_ready((params, state, y))
+        dt = time.perf_counter() - t
+        info = jax.device_get(info)
+        load = np.asarray(aux["slot_load"]).reshape(args.layers, num_devices, -1).sum(-1)  # [L, D]
+        same = bool(np.array_equal(np.asarray(probe_c(params, state, *probe)), reference))
+        identical &= same
+        records.append(
+            dict(
+                step=i,
+                seconds=dt,
+                fired=bool(info.fired),
+                layers_moved=int(np.sum(info.moved)),
+                remote_rows=int(np.sum(info.remote_rows)),
+                slots_changed=int(np.sum(maps_used != np.asarray(state.phy2log))),
+                device_load=load.sum(0).tolist(),
+                balancedness=float(load.mean(1).sum() / max(load.max(1).sum(), 1)),
+                max_device_load=int(load.max(1).sum()),
+                mean_device_load=float(load.mean(1).sum()),
+                phase=workload.phase(i),
+                identical=same,
+            )
+        )
+        bar.update(bal=f"{records[-1]['balancedness']:.2f}")
+    bar.close()
+    result = _summarise(args, records, cfg, num_devices, devices[0].platform, compile_s, identical)
+    _print_table(result, out)
+    if args.plot:
+        _plot(result, records, args.plot)
+        print(f"plot written to {os.path.abspath(args.plot)}", file=out)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(result, steps=records), f, indent=1)
+            f.write("\n")
+        print(f"figures written to {os.path.abspath(args.json)}", file=out)
+    return result
+
+
+def _summarise(args, records, cfg, num_devices, platform, compile_s, identical) -> dict[str, Any]:
+    fires = [r["step"] for r in records if r["fired"]]
+    moving = [r for r in records if r["layers_moved"]]
+    still = [r["seconds"] for r in records[1:] if not r["layers_moved"]]  # first step: warm-up
+    first = fires[0] if fires else None
+    before = after = None
+    if first is not None:
+        # Before: the steps of the same workload phase up to the rebalance. After: the steps after
+        # its last layer moved, up to the next rebalance or workload change.
+        phase = records[first]["phase"]
+        pre = [r for r in records[:first] if r["phase"] == phase] or records[:first] or [records[0]]
+        done = first
+        while (
+            done + 1 < len(records)
+            and records[done + 1]["layers_moved"]
+            and not records[done + 1]["fired"]
+        ):
+            done += 1
+        nxt = [s for s in fires if s > done] + [len(records)]
+        post = (
+            [r for r in records[done + 1 : nxt[0]] if r["phase"] == phase]
+            or records[done + 1 : done + 2]
+            or [records[-1]]
+        )
+
+        def mean(rows, key):
+            return float(np.mean([r[key] for r in rows]))
+
+        before = dict(
+            balancedness=mean(pre, "balancedness"),
+            max_device_load=mean(pre, "max_device_load"),
+            mean_device_load=mean(pre, "mean_device_load"),
+            device_load=np.mean([r["device_load"] for r in pre], 0).tolist(),
+            steps=[r["step"] for r in pre],
+        )
+        after = dict(
+            balancedness=mean(post, "balancedness"),
+            max_device_load=mean(post, "max_device_load"),
+            mean_device_load=mean(post, "mean_device_load"),
+            device_load=np.mean([r["device_load"] for r in post], 0).tolist(),
+            steps=[r["step"] for r in post],
+        )
+    remote = sum(r["remote_rows"] for r in records)
+    return dict(
+        platform=platform,
+        devices=num_devices,
+        shape=dict(
+            L=cfg.num_layers,
+            E=cfg.num_experts,
+            P=cfg.num_slots,
+            K=cfg.top_k,
+            H=cfg.d_model,
+            F=cfg.d_ff,
+            T=args.batch * args.seq_len,
+            dtype=args.dtype,
+        ),
+        steps=len(records),
+        compile_seconds=compile_s,
+        rebalances=len(fires),
+        rebalance_steps=fires,
+        layers_per_step=args.layers_per_step or cfg.num_layers,
+        before=before,
+        after=after,
+        slots_changed=sum(r["slots_changed"] for r in records),
+        experts_received=remote,
+        bytes_moved=remote * cfg.expert_bytes(),
+        expert_bytes=cfg.expert_bytes(),
+        step_ms_plain=1e3 * float(np.median(still)) if still else None,
+        step_ms_moving=1e3 * float(np.median([r["seconds"] for r in moving])) if moving else None,
+        moving_steps=len(moving),
+        outputs_identical=identical,
+    )
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n}"
+
+
+def _print_table(r: dict[str, Any], out) -> None:
+    s = r["shape"]
+    print(
+        f"\njeplb demo: {r['devices']} {r['platform']} devices, L={s['L']} E={s['E']} P={s['P']} "
+        f"K={s['K']} H={s['H']} F={s['F']} {s['dtype']}, T={s['T']} tokens/step, "
+        f"{r['steps']} steps (compiled in {r['compile_seconds']:.1f} s)",
+        file=out,
+    )
+    rows = []
+    b, a = r["before"], r["after"]
+    if b is not None:
+        rows.append(("", "before", "after"))
+        rows.append(
+            (
+                "balancedness (mean/max device load)",
+                f"{b['balancedness']:.3f}",
+                f"{a['balancedness']:.3f}",
+            )
+        )
+        rows.append(
+            (
+                "max device load (tokens x k, sum of layers)",
+                f"{b['max_device_load']:.0f}",
+                f"{a['max_device_load']:.0f}",
+            )
+        )
+        rows.append(
+            ("mean device load", f"{b['mean_device_load']:.0f}", f"{a['mean_device_load']:.0f}")
+        )
+    else:
+        rows.append(("", "", ""))
+        rows.append(("no rebalance fired: raise --steps or lower --interval", "", ""))
+    width = max(len(x[0]) for x in rows)
+    for name, x, y in rows:
+        print(f"  {name:<{width}}  {x:>8}  {y:>8}", file=out)
+    plain = "n/a" if r["step_ms_plain"] is None else f"{r['step_ms_plain']:.1f} ms"
+    moving = "n/a" if r["step_ms_moving"] is None else f"{r['step_ms_moving']:.1f} ms"
+    lines = [
+        (
+            "rebalances",
+            f"{r['rebalances']} (at steps {', '.join(map(str, r['rebalance_steps'])) or '-'}), "
+            f"{r['layers_per_step']} layer(s) per step",
+        ),
+        (
+            "experts moved",
+            f"{r['experts_received']} received from other devices, "
+            f"{r['slots_changed']} slots changed",
+        ),
+        (
+            "bytes moved",
+            f"{_fmt_bytes(r['bytes_moved'])} ({_fmt_bytes(r['expert_bytes'])} per expert)",
+        ),
+        (
+            "rebalance time",
+            f"median step {moving} while moving weights ({r['moving_steps']} steps) "
+            f"vs {plain} without",
+        ),
+        ("outputs identical", "yes, bitwise, on every step" if r["outputs_identical"] else "NO"),
+    ]
+    for name, text in lines:
+        print(f"  {name + ':':<{width}}  {text}", file=out)
+
+
+def _plot(r: dict[str, Any], records, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    if r["before"] is not None:
+        d = np.arange(r["devices"])
+        left.bar(d - 0.2, r["before"]["device_load"], 0.4, label="before")
+        left.bar(d + 0.2, r["after"]["device_load"], 0.4, label="after")
+        left.axhline(r["before"]["mean_device_load"], color="gray", ls="--", lw=1, label="mean")
+        left.legend()
+    left.set_xlabel("device")
+    left.set_ylabel("tokens x k per step (all layers)")
+    left.set_title("per-device load around the first rebalance")
+    steps = [x["step"] for x in records]
+    right.plot(steps, [x["balancedness"] for x in records], marker=".", label="balancedness")
+    for x in records:
+        if x["layers_moved"]:
+            right.axvspan(x["step"] - 0.5, x["step"] + 0.5, color="tab:green", alpha=0.15, lw=0)
+        if x["fired"]:
+            right.axvline(x["step"], color="tab:green", lw=1)
+    changes = [b["step"] for a, b in itertools.pairwise(records) if a["phase"] != b["phase"]]
+    for s in changes:
+        right.axvline(s - 0.5, color="tab:red", ls=":", lw=1)
+    right.set_ylim(0, 1.05)
+    right.set_xlabel("step (green: weights moving; red dotted: hot experts change)")
+    right.set_ylabel("mean / max device load")
+    right.set_title("balancedness over steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
