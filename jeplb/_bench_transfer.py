@@ -12,7 +12,11 @@ Two parts, both same-run:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
+import os
+import sys
 import time
 from collections.abc import Callable
 
@@ -24,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from . import _plan, _transfer
 
-__all__ = ["make_plan", "run_time", "run_wire"]
+__all__ = ["main", "make_plan", "run_time", "run_wire"]
 
 
 def _placement(rng, num_experts: int, p_total: int) -> np.ndarray:
@@ -242,3 +246,64 @@ def markdown(rows, title: str) -> str:
             "| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in vals) + " |"
         )
     return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
+    """Runs the transfer benchmark; ``argv`` as on the command line (``--help`` lists the flags)."""
+    ap = argparse.ArgumentParser(
+        prog=prog,
+        description="Transfer benchmark: wire rows vs the floor for D = 2..64 (plan only), and "
+        "time per layer and temporary memory on the local devices against an all-gather baseline.",
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="fewer layers, smaller rows, fewer repeats"
+    )
+    ap.add_argument("--json", metavar="PATH", help="also write machine-readable results here")
+    ap.add_argument(
+        "--out",
+        metavar="PATH",
+        help="markdown results file (default: benchmarks/results/transfer_<platform>.md)",
+    )
+    args = ap.parse_args(argv)
+
+    wire = run_wire(num_layers=8 if args.quick else 32)
+    platform = jax.devices()[0].platform
+    d = min(8, len(jax.devices()))
+    mesh = jax.make_mesh((d,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+    timing = []
+    for dtype in (jnp.bfloat16, jnp.float32):
+        timing += run_time(
+            mesh,
+            num_layers=4 if args.quick else 8,
+            row_elems=1 << (14 if args.quick else 16),
+            dtype=dtype,
+            repeats=3 if args.quick else 7,
+        )
+    given = sys.argv[1:] if argv is None else list(argv)
+    cmd = " ".join([prog or "python benchmarks/bench_transfer.py", *given])
+    text = (
+        f"# Transfer benchmark ({platform}, {d} devices, jax {jax.__version__})\n\n"
+        f"Command: `{cmd}`\n\n"
+        + markdown(wire, "Wire rows of the busiest device vs the floor (plan only)")
+        + "\n"
+        + markdown(timing, f"Time per layer and temporary memory on {d} {platform} devices")
+    )
+    print(text)
+    out = args.out or os.path.join("benchmarks", "results", f"transfer_{platform}.md")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        f.write(text)
+    print(f"results written to {out}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "platform": platform,
+                    "command": cmd,
+                    "wire": [dataclasses.asdict(r) for r in wire],
+                    "time": [dataclasses.asdict(r) for r in timing],
+                },
+                f,
+                indent=1,
+            )
+    return 0
