@@ -283,6 +283,22 @@ def move_from_buffer(
 
     Returns:
       The layer's weights, rearranged (same structure, shapes and dtypes).
+
+    Example:
+      Stage, let the model compute, then commit (one device: every move is a local copy):
+
+      >>> import jax, jax.numpy as jnp
+      >>> from jax.sharding import PartitionSpec as P
+      >>> mesh = jax.make_mesh((1,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+      >>> def step(old, new, w, x):
+      ...     buf, meta = move_to_buffer(old, new, w, axis_name="ep")
+      ...     y = x * 2.0  # the model's own work, free to overlap the collectives
+      ...     return move_from_buffer(w, buf, meta), y
+      >>> f = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P("ep"), P()),
+      ...                           out_specs=(P("ep"), P())))
+      >>> w, y = f(jnp.array([0, 1, 2]), jnp.array([2, 2, 0]), jnp.array([10., 11., 12.]), 1.0)
+      >>> w.tolist()
+      [12.0, 12.0, 10.0]
     """
     if not isinstance(metadata, TransferMetadata):
         raise TypeError(
