@@ -14,6 +14,8 @@ from ._balance import device_loads as device_loads
 from ._balance import remote_copies as remote_copies
 from ._dispatch import dispatch as dispatch
 from ._dispatch import dispatch_layer as dispatch_layer
+from ._elastic import Recovery as Recovery
+from ._elastic import recover_experts as recover_experts
 from ._plan import TransferMetadata as TransferMetadata
 from ._policy import rebalance_experts as rebalance_experts
 from ._state import EplbState as EplbState

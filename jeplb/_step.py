@@ -44,8 +44,8 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from . import _agree, _validate
 from . import _balance as balance
-from . import _validate
 from ._state import EplbState, maps_from_phy2log
 from ._transfer import move_from_buffer, move_to_buffer
 
@@ -219,7 +219,10 @@ def _local_step(
         return leaves, maps, stats
 
     with jax.named_scope("eplb_transfer"):
-        active = cursor < num_layers
+        # The move's collective loops run only if every device holds the same maps and cursor.
+        agree = _agree.maps_agree((maps[0], pending[0], cursor), axis)
+        active = (cursor < num_layers) & agree
+        stats = (stats[0], stats[1] & agree, stats[2])
         # Bits, not numbers: XLA:CPU widens bf16/f16/fp8 around slices and updates (and
         # canonicalises NaN payloads on the way); unsigned integers of the same width move as is.
         bits = [_as_bits(x) for x in leaves]

@@ -21,7 +21,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import _plan, _rows, _validate
+from . import _agree, _plan, _rows, _validate
 from ._plan import TransferMetadata
 
 __all__ = [
@@ -242,7 +242,11 @@ def move_to_buffer(
                 )
     old = jnp.asarray(old_phy2log, jnp.int32)
     new = jnp.asarray(new_phy2log, jnp.int32)
-    plan = _plan.plan_layer(old, new, num_devices=d, chunk_rows=chunk_rows)
+    # Devices holding different maps would plan different collective loops (a hang): they plan a
+    # no-op instead, and the layer counts as infeasible.
+    agree = _agree.maps_agree((old, new), axis_name)
+    plan = _plan.plan_layer(old, jnp.where(agree, new, old), num_devices=d, chunk_rows=chunk_rows)
+    plan = dataclasses.replace(plan, ok=plan.ok & agree)
     meta, send_rows, recv_rows = _plan.local_metadata(
         plan, new, lax.axis_index(axis_name), num_devices=d
     )
@@ -331,6 +335,9 @@ def _rearrange_local(old, new, leaves, *, axis_name, num_devices, chunk_rows, pl
     n = p_total // num_devices
     with jax.named_scope("plan"):
         plans = _plan.plan_layers(old, new, num_devices=num_devices, chunk_rows=chunk_rows)
+        # Every device must plan from the same maps; if not, nothing moves (see _agree).
+        agree = _agree.maps_agree((old, new), axis_name)
+        plans = dataclasses.replace(plans, ok=plans.ok & agree)
     me = lax.axis_index(axis_name)
     rows = tuple(_rows.to_rows(x, 2, platform) for x in leaves)
     impls = tuple(_rows.resolve_impl(row_impl, r, platform) for r in rows)
@@ -518,6 +525,11 @@ def _run(
     row_impl,
 ):
     """Validates everything, then runs the cached program."""
+    # First, before any check that could fail on one process only: every process has the same maps.
+    _agree.check_processes_agree(
+        {"old_phy2log": old_phy2log, "new_phy2log": new_phy2log},
+        where="transfer_layer" if single_layer else "rearrange_expert_weights",
+    )
     num_devices = _validate.axis_size(mesh, axis_name)
     chunk_rows = _check_chunk_rows(chunk_rows)
     if row_impl not in _rows.ROW_IMPLS:
@@ -553,7 +565,8 @@ def _log_if_infeasible(ok: jax.Array) -> None:
         if bad:
             logging.getLogger("jeplb").warning(
                 "rearrange_expert_weights: layers %s had an infeasible plan (a new map naming an "
-                "expert the old map lacks, or an id below -1); their weights were left unchanged",
+                "expert the old map lacks, an id below -1, or maps that differ between devices); "
+                "the weights of every layer were left unchanged",
                 bad,
             )
 

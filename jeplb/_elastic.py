@@ -1,0 +1,443 @@
+"""Elastic expert parallelism: carry the experts onto another set of devices after a loss or a scale-up.
+
+`recover_experts` takes the placement and weights of the old mesh, and a new mesh (the devices that
+remain, or more devices), and returns the weights placed on the new mesh:
+
+1. The shards of devices that are still there are reused as they are (no copy on the host): a device
+   of the new mesh that was on the old one starts with its old rows; a new device starts empty.
+   Shards of lost devices are never read.
+2. A placement on the new devices comes from `jeplb.rebalance_experts` (with the last recorded load,
+   or a uniform one), or is the ``new_phy2log`` the caller passes.
+3. Every expert that survives somewhere moves to its new slots through the compiled transfer
+   (`jeplb.rearrange_expert_weights` on the new mesh), from a surviving replica.
+4. Experts whose every replica was lost are read through the caller's loader, once per (layer,
+   expert) and process, and written into their new slots on the devices that need them.
+
+The number of slots per device, N_local, stays as it was (each device keeps the memory it had), so
+the new mesh has P' = N_local * D' slots per layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from . import _agree, _validate
+
+__all__ = ["Recovery", "recover_experts"]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Recovery:
+    """What `recover_experts` did.
+
+    Attributes:
+      phy2log: int32[L, P'] the placement on the new mesh (-1: empty slot).
+      log2phy: int32[L, E, P' - E + 1] its logical-to-physical map, padded with -1.
+      logcnt: int32[L, E] replicas per expert.
+      lost_devices: indices (on the old mesh's axis) of the devices whose rows were not read (static).
+      loaded: the (layer, expert) pairs that had no surviving replica and came from the loader
+        (static; every process lists all of them, whichever process loaded them).
+      moved_rows: int32[L] rows the transfer received from other devices, per layer.
+    """
+
+    phy2log: jax.Array
+    log2phy: jax.Array
+    logcnt: jax.Array
+    moved_rows: jax.Array
+    lost_devices: tuple[int, ...] = dataclasses.field(default=(), metadata={"static": True})
+    loaded: tuple[tuple[int, int], ...] = dataclasses.field(default=(), metadata={"static": True})
+
+
+# ------------------------------------------------------------------------------------ checks
+
+
+def _old_mesh(leaves: list[Any], axis_name: str):
+    """The mesh every leaf lives on (all the same), checked to be one device per axis position."""
+    meshes = []
+    for i, leaf in enumerate(leaves):
+        sharding = getattr(leaf, "sharding", None)
+        if not isinstance(leaf, jax.Array) or not isinstance(sharding, NamedSharding):
+            raise TypeError(
+                f"expert_weights: leaf {i} is a {type(leaf).__name__} "
+                f"({type(sharding).__name__ if sharding is not None else 'no sharding'}); expected "
+                f"a jax.Array sharded NamedSharding(old_mesh, PartitionSpec(None, {axis_name!r}))"
+            )
+        meshes.append(sharding.mesh)
+    mesh = meshes[0]
+    for i, m in enumerate(meshes):
+        if m.devices.shape != mesh.devices.shape or (m.devices != mesh.devices).any():
+            raise ValueError(
+                f"expert_weights: leaf {i} lives on another mesh than leaf 0; every leaf must be "
+                f"sharded over the same (old) mesh"
+            )
+    _validate.axis_size(mesh, axis_name)
+    if mesh.devices.size != mesh.shape[axis_name]:
+        raise ValueError(
+            f"expert_weights: the old mesh {dict(mesh.shape)} has axes other than {axis_name!r} "
+            f"of size > 1; recover_experts supports meshes whose devices all lie along the "
+            f"expert-parallel axis"
+        )
+    return mesh
+
+
+def _check_new_mesh(mesh: Any, axis_name: str) -> int:
+    d_new = _validate.axis_size(mesh, axis_name)
+    if mesh.devices.size != d_new:
+        raise ValueError(
+            f"mesh: {dict(mesh.shape)} has axes other than {axis_name!r} of size > 1; "
+            f"recover_experts supports meshes whose devices all lie along the expert-parallel axis"
+        )
+    return d_new
+
+
+def _as_placement(x: Any, name: str) -> np.ndarray:
+    if isinstance(x, list | tuple):
+        x = np.asarray(x)
+    if isinstance(x, jax.core.Tracer):
+        raise TypeError(f"{name}: expected a concrete int array [L, P], got a traced value")
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name}: expected an int array [L, P], got {type(x).__name__}")
+    if not np.issubdtype(np.dtype(x.dtype), np.integer):
+        raise TypeError(f"{name}: expected an integer dtype (int32), got {x.dtype}")
+    if len(x.shape) != 2:
+        raise ValueError(f"{name}: expected a 2-D map [L, P], got shape {tuple(x.shape)}")
+    return np.asarray(x).astype(np.int32)
+
+
+def _check_ids(m: np.ndarray, name: str, num_experts: int, *, complete: bool) -> None:
+    bad = np.argwhere((m < -1) | (m >= num_experts))
+    if bad.size:
+        at = tuple(int(i) for i in bad[0])
+        raise ValueError(
+            f"{name}{list(at)} = {m[at]}: expected an expert id in [0, num_experts = "
+            f"{num_experts}) or -1 (empty slot)"
+        )
+    if complete:
+        for layer in range(m.shape[0]):
+            held = np.zeros(num_experts, bool)
+            held[m[layer][m[layer] >= 0]] = True
+            if not held.all():
+                raise ValueError(
+                    f"{name}[{layer}]: expert {int(np.argmin(held))} has no slot; every logical "
+                    f"expert needs at least one replica in every layer"
+                )
+
+
+def _device_positions(mesh, axis_name: str) -> list[Any]:
+    """The devices of a mesh in order along ``axis_name`` (the only axis of size > 1)."""
+    return list(np.asarray(mesh.devices).reshape(-1))
+
+
+# ------------------------------------------------------------------------------------ pieces
+
+
+def _as_bits(x: Any) -> Any:
+    """A host view of ``x`` as integers (for the cross-process fingerprint); None stays None."""
+    if x is None or isinstance(x, jax.core.Tracer) or not hasattr(x, "dtype"):
+        return x
+    a = np.ascontiguousarray(np.asarray(x))
+    return a.view(np.uint8) if a.dtype.kind not in "iub" else a
+
+
+@functools.lru_cache(maxsize=64)
+def _patch_program(num_rows: int):
+    """A jitted single-device update: shard[l_i, r_i] = rows[i] for i < num_rows (donated)."""
+
+    def patch(shard, layer_idx, row_idx, rows):
+        def body(i, s):
+            start = (layer_idx[i], row_idx[i]) + (0,) * (s.ndim - 2)
+            return jax.lax.dynamic_update_slice(s, rows[i][None, None], start)
+
+        return jax.lax.fori_loop(0, num_rows, body, shard)
+
+    return jax.jit(patch, donate_argnums=(0,))
+
+
+def _load_row(loader, layer: int, expert: int, treedef, leaf_shapes, leaf_dtypes):
+    """Calls the loader for one expert and checks what it returns against the weights' leaves."""
+    got = loader(layer, expert)
+    try:
+        parts = treedef.flatten_up_to(got)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"loader({layer}, {expert}): returned a {type(got).__name__} whose structure is not "
+            f"the weights' {treedef} ({err})"
+        ) from err
+    out = []
+    for i, (x, shape, dtype) in enumerate(zip(parts, leaf_shapes, leaf_dtypes, strict=True)):
+        x = np.asarray(x)
+        if tuple(x.shape) != tuple(shape) or x.dtype != dtype:
+            raise ValueError(
+                f"loader({layer}, {expert}): leaf {i} is {x.dtype}{list(x.shape)}, expected one "
+                f"expert's row of the weights: {np.dtype(dtype)}{list(shape)}"
+            )
+        out.append(x)
+    return out
+
+
+def recover_experts(
+    old_phy2log: Any,
+    expert_weights: Any,
+    loader: Callable[[int, int], Any],
+    *,
+    mesh: jax.sharding.Mesh,
+    axis_name: str = "ep",
+    num_experts: int | None = None,
+    lost_devices: Sequence[int] | None = None,
+    load: Any = None,
+    new_phy2log: Any = None,
+    num_groups: int = 1,
+    num_nodes: int = 1,
+    chunk_rows: int = 1,
+) -> tuple[Any, Recovery]:
+    """Places the experts on a new mesh after devices were lost or added, losing none of them.
+
+    Rows on devices that remain are reused where they are and moved to their new slots from a
+    surviving replica; only experts with no surviving replica are read through ``loader``. After
+    the call, every slot p' of the new placement holds, bit for bit, the weights of expert
+    ``recovery.phy2log[l, p']`` (what the old placement held, or what the loader returned).
+
+    Args:
+      old_phy2log: int[L, P] the placement the weights are in (concrete, the same on every process).
+      expert_weights: pytree of jax.Arrays with leaves [L, P, ...] sharded
+        ``PartitionSpec(None, axis_name)`` over the old mesh (a mesh whose devices all lie along
+        ``axis_name``). Only the shards of devices that are on the new mesh and not in
+        ``lost_devices`` are read; the arrays are not changed.
+      loader: ``loader(layer, expert)`` -> one expert's weights as host arrays, a pytree shaped
+        like ``expert_weights`` whose leaves are [...] (a leaf's shape without L and P) with the
+        leaf's dtype; e.g. read from a checkpoint. Called once per lost (layer, expert), on the
+        process(es) whose devices hold one of its new slots.
+      mesh: the new mesh: the devices that remain, or more devices, along ``axis_name``. The new
+        placement has P' = N_local * D' slots per layer (N_local = P // D as before).
+      axis_name: the expert-parallel axis of both meshes.
+      num_experts: E (default: the largest id of ``old_phy2log`` + 1).
+      lost_devices: indices on the old mesh's axis whose rows are gone. Default: the old devices
+        that are not on the new mesh.
+      load: [L, E] the last recorded load (e.g. ``state.window.sum(0)``) for the placement policy;
+        None spreads the replicas evenly.
+      new_phy2log: int[L, P'] a target placement to use instead of the policy (every expert at
+        least once per layer).
+      num_groups, num_nodes: the policy's groups and nodes (see `jeplb.rebalance_experts`).
+      chunk_rows: rows per collective chunk of the transfer.
+
+    Returns:
+      ``(weights, recovery)``: the weights on the new mesh (leaves [L, P', ...] sharded
+      ``PartitionSpec(None, axis_name)``) and a `Recovery` with the new maps and what was loaded.
+      Build the new `jeplb.EplbState` with ``EplbState.from_placement(recovery.phy2log, ...,
+      num_devices=D')``.
+
+    Raises:
+      ValueError, TypeError: bad maps, weights, meshes, loads, lost devices, or a loader result
+        of the wrong structure, shape or dtype; raised before the weights on the new mesh are
+        returned (the input weights are never changed).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+      >>> devs = jax.devices()[:2]
+      >>> old_mesh = Mesh(np.array(devs), ("ep",))
+      >>> w = jax.device_put(jnp.array([[0.0, 1.0]]), NamedSharding(old_mesh, P(None, "ep")))
+      >>> new_mesh = Mesh(np.array(devs[:1]), ("ep",))  # device 1 is lost
+      >>> w2, rec = recover_experts(np.array([[0, 1]]), w, lambda l, e: np.float32(e),
+      ...                           mesh=new_mesh, num_experts=2, lost_devices=[1])
+      >>> rec.loaded, w2.shape
+      (((0, 1),), (1, 1))
+    """
+    old = _as_placement(old_phy2log, "old_phy2log")
+    if not callable(loader):
+        raise TypeError(f"loader: expected a callable (layer, expert) -> arrays, got {loader!r}")
+    _agree.check_processes_agree(
+        {
+            "old_phy2log": old,
+            "new_phy2log": new_phy2log,
+            "load": _as_bits(load),
+            "lost_devices": None if lost_devices is None else np.asarray(lost_devices),
+        },
+        where="recover_experts",
+    )
+    leaves, treedef = jax.tree_util.tree_flatten(expert_weights)
+    if not leaves:
+        raise ValueError("expert_weights: expected a pytree with at least one array leaf, got none")
+    old_mesh = _old_mesh(leaves, axis_name)
+    d_old = int(old_mesh.shape[axis_name])
+    d_new = _check_new_mesh(mesh, axis_name)
+    num_layers, p_old = old.shape
+    if p_old % d_old:
+        raise ValueError(
+            f"old_phy2log: P = {p_old} slots is not divisible by the old mesh's {d_old} devices"
+        )
+    _validate.check_weight_leaves(
+        leaves, lead_shape=(num_layers, p_old), slot_dim=1, mesh=old_mesh, axis_name=axis_name
+    )
+    if num_experts is None:
+        num_experts = int(old.max()) + 1
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int | np.integer):
+        raise TypeError(f"num_experts: expected an int, got {type(num_experts).__name__}")
+    if num_experts < 1:
+        raise ValueError(f"num_experts: expected an int >= 1, got {num_experts}")
+    _check_ids(old, "old_phy2log", num_experts, complete=True)
+    n_local = p_old // d_old
+    p_new = n_local * d_new
+    if p_new < num_experts:
+        raise ValueError(
+            f"mesh: {d_new} devices x N_local = {n_local} slots = {p_new} slots per layer, fewer "
+            f"than num_experts = {num_experts}; every expert needs a slot (use more devices)"
+        )
+
+    old_devices = _device_positions(old_mesh, axis_name)
+    new_devices = _device_positions(mesh, axis_name)
+    if lost_devices is None:
+        lost = tuple(i for i, dev in enumerate(old_devices) if dev not in new_devices)
+    else:
+        lost_list = list(lost_devices)
+        for i in lost_list:
+            if isinstance(i, bool) or not isinstance(i, int | np.integer) or not 0 <= i < d_old:
+                raise ValueError(
+                    f"lost_devices: expected indices in [0, {d_old}) on the old mesh's "
+                    f"{axis_name!r} axis, got {i!r}"
+                )
+        lost = tuple(sorted({int(i) for i in lost_list}))
+        gone = [i for i, dev in enumerate(old_devices) if dev not in new_devices]
+        lost = tuple(sorted(set(lost) | set(gone)))
+    alive_old = [i not in lost for i in range(d_old)]
+
+    # The target placement.
+    if new_phy2log is not None:
+        target = _as_placement(new_phy2log, "new_phy2log")
+        if target.shape != (num_layers, p_new):
+            raise ValueError(
+                f"new_phy2log: expected shape [L, P'] = {(num_layers, p_new)} (N_local = "
+                f"{n_local} slots on each of the {d_new} new devices), got {tuple(target.shape)}"
+            )
+        _check_ids(target, "new_phy2log", num_experts, complete=True)
+    else:
+        if load is None:
+            weight = np.ones((num_layers, num_experts), np.float32)
+        else:
+            if not hasattr(load, "shape") or not hasattr(load, "dtype"):
+                raise TypeError(f"load: expected an array [L, E], got {type(load).__name__}")
+            if tuple(load.shape) != (num_layers, num_experts):
+                raise ValueError(
+                    f"load: expected shape [L, E] = {(num_layers, num_experts)}, got "
+                    f"{tuple(load.shape)}"
+                )
+            weight = np.asarray(load)
+        from ._policy import rebalance_experts
+
+        target = np.asarray(
+            rebalance_experts(weight, p_new, num_groups, num_nodes, d_new)[0], np.int32
+        )
+
+    # Where each new device's rows come from: its own old rows if it survived, else nothing.
+    staged = np.full((num_layers, p_new), -1, np.int32)
+    source_of_new = []
+    for j, dev in enumerate(new_devices):
+        i = old_devices.index(dev) if dev in old_devices else -1
+        i = i if i >= 0 and alive_old[i] else -1
+        source_of_new.append(i)
+        if i >= 0:
+            staged[:, j * n_local : (j + 1) * n_local] = old[:, i * n_local : (i + 1) * n_local]
+    lost_pairs = []
+    for layer in range(num_layers):
+        held = np.zeros(num_experts, bool)
+        held[staged[layer][staged[layer] >= 0]] = True
+        lost_pairs += [(layer, e) for e in np.nonzero(~held)[0].tolist()]
+    lost_set = set(lost_pairs)
+    # The transfer moves survivors; slots of lost experts are left to the loader (-1: untouched).
+    moves = target.copy()
+    for layer, e in lost_pairs:
+        moves[layer][target[layer] == e] = -1
+
+    # Weights on the new mesh: surviving shards as they are, fresh zeros for the others.
+    sharding = NamedSharding(mesh, P(None, axis_name))
+    staged_leaves = []
+    for leaf in leaves:
+        shards = {s.device: s.data for s in leaf.addressable_shards}
+        shape = (num_layers, p_new, *leaf.shape[2:])
+        local = []
+        for j, dev in enumerate(new_devices):
+            if dev.process_index != jax.process_index():
+                continue
+            i = source_of_new[j]
+            if i >= 0:
+                local.append(jax.device_put(shards[old_devices[i]], dev, may_alias=False))
+            else:
+                local.append(
+                    jax.device_put(
+                        np.zeros((num_layers, n_local, *leaf.shape[2:]), leaf.dtype), dev
+                    )
+                )
+        staged_leaves.append(jax.make_array_from_single_device_arrays(shape, sharding, local))
+
+    from ._transfer import rearrange_expert_weights
+
+    out, report = rearrange_expert_weights(
+        staged,
+        moves,
+        treedef.unflatten(staged_leaves),
+        mesh=mesh,
+        axis_name=axis_name,
+        chunk_rows=chunk_rows,
+        num_experts=num_experts,
+        donate=True,
+        return_report=True,
+    )
+    out_leaves = treedef.flatten_up_to(out)
+
+    # The lost experts: loaded once per process, written on the devices that hold their slots.
+    if lost_pairs:
+        leaf_shapes = [x.shape[2:] for x in leaves]
+        leaf_dtypes = [np.dtype(x.dtype) for x in leaves]
+        cache: dict[tuple[int, int], list[np.ndarray]] = {}
+        new_shards = [{s.device: s.data for s in x.addressable_shards} for x in out_leaves]
+        for j, dev in enumerate(new_devices):
+            if dev.process_index != jax.process_index():
+                continue
+            block = target[:, j * n_local : (j + 1) * n_local]
+            want = [
+                (layer, r, int(block[layer, r]))
+                for layer in range(num_layers)
+                for r in range(n_local)
+                if (layer, int(block[layer, r])) in lost_set
+            ]
+            if not want:
+                continue
+            for key in sorted({(lay, e) for lay, _, e in want}):
+                if key not in cache:
+                    cache[key] = _load_row(loader, *key, treedef, leaf_shapes, leaf_dtypes)
+            layer_idx = jax.device_put(np.array([w[0] for w in want], np.int32), dev)
+            row_idx = jax.device_put(np.array([w[1] for w in want], np.int32), dev)
+            patch = _patch_program(len(want))
+            for k in range(len(out_leaves)):
+                rows = np.stack([cache[(lay, e)][k] for lay, _, e in want])
+                new_shards[k][dev] = patch(
+                    new_shards[k][dev], layer_idx, row_idx, jax.device_put(rows, dev)
+                )
+        out_leaves = [
+            jax.make_array_from_single_device_arrays(x.shape, sharding, list(shards.values()))
+            for x, shards in zip(out_leaves, new_shards, strict=True)
+        ]
+
+    from ._state import maps_from_phy2log
+
+    target_j = jnp.asarray(target)
+    log2phy, logcnt = maps_from_phy2log(target_j, num_experts, p_new - num_experts + 1)
+    recovery = Recovery(
+        phy2log=target_j,
+        log2phy=log2phy,
+        logcnt=logcnt,
+        moved_rows=jnp.asarray(report.remote_rows),
+        lost_devices=lost,
+        loaded=tuple((int(a), int(b)) for a, b in lost_pairs),
+    )
+    return treedef.unflatten(out_leaves), recovery

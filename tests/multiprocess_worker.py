@@ -1,0 +1,288 @@
+"""One process of the multi-process tests: 2 processes x 4 simulated CPU devices on loopback.
+
+Run by tests/test_multiprocess.py as ``python -m tests.multiprocess_worker PROCESS_ID PORT OUT_DIR``
+from the repository root. It joins the job through `jax.distributed.initialize`, runs every
+scenario on one 8-device mesh spanning both processes, checks every shard it can address against
+the numpy model, and writes its findings to ``OUT_DIR/process_<id>.json``. A failed check raises
+(the traceback goes to stderr and the exit status is non-zero).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import traceback
+
+NUM_PROCESSES = 2
+LOCAL_DEVICES = 4
+
+
+def main(process_id: int, port: int, out_dir: str) -> None:
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", LOCAL_DEVICES)
+    jax.config.update("jax_platforms", "cpu")
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{port}",
+        num_processes=NUM_PROCESSES,
+        process_id=process_id,
+        initialization_timeout=60,
+    )
+    results = {"process": process_id, "collectives": jax.config.jax_cpu_collectives_implementation}
+    try:
+        run_scenarios(results)
+    finally:
+        with open(os.path.join(out_dir, f"process_{process_id}.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    jax.distributed.shutdown()
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def _global(host, mesh, spec):
+    import jax
+    from jax.sharding import NamedSharding
+
+    return jax.make_array_from_callback(host.shape, NamedSharding(mesh, spec), lambda i: host[i])
+
+
+def _bytes(x):
+    import numpy as np
+
+    return np.ascontiguousarray(np.asarray(x)).view(np.uint8)
+
+
+def _slots(shard, p_total: int) -> range:
+    """The slot range of a shard of a leaf [L, P, ...] (its index on axis 1)."""
+    sl = shard.index[1]
+    return range(*sl.indices(p_total))
+
+
+def check_shards(before, out, old, new, num_devices: int) -> int:
+    """Checks every addressable shard of ``out`` against the model; returns the shards checked."""
+    import numpy as np
+
+    from tests.transfer_model import allowed_sources
+
+    num_layers, p_total = old.shape
+    n = p_total // num_devices
+    allowed = allowed_sources(old, new, num_devices)
+    b = _bytes(before).reshape(num_layers, p_total, -1)
+    checked = 0
+    for shard in out.addressable_shards:
+        a = _bytes(shard.data).reshape(num_layers, n, -1)
+        slots = _slots(shard, p_total)
+        assert len(slots) == n, (shard.index, n)
+        for layer in range(num_layers):
+            for r, p in enumerate(slots):
+                ok = any(np.array_equal(a[layer, r], b[layer, q]) for q in allowed[layer][p])
+                assert ok, (
+                    f"process shard {shard.device}: layer {layer} slot {p}: row is none of the "
+                    f"allowed old slots {allowed[layer][p]} (old {old[layer].tolist()}, new "
+                    f"{new[layer].tolist()})"
+                )
+            for r, p in enumerate(slots):
+                for q_r, q in enumerate(slots):
+                    same = new[layer, p] == new[layer, q] != -1
+                    both = new[layer, p] != old[layer, p] and new[layer, q] != old[layer, q]
+                    if q > p and same and both:
+                        assert np.array_equal(a[layer, r], a[layer, q_r]), (layer, p, q)
+        checked += 1
+    return checked
+
+
+def check_unchanged(before, out, p_total: int) -> int:
+    """Every addressable shard of ``out`` equals ``before`` bit for bit."""
+    import numpy as np
+
+    checked = 0
+    for shard in out.addressable_shards:
+        want = _bytes(before[:, _slots(shard, p_total).start : _slots(shard, p_total).stop])
+        assert np.array_equal(_bytes(shard.data), want), f"shard on {shard.device} changed"
+        checked += 1
+    return checked
+
+
+def leaves_for(rng, num_layers, p_total):
+    import jax.numpy as jnp
+    import numpy as np
+
+    def rand(shape, dtype):
+        raw = rng.integers(0, 256, (*shape, np.dtype(dtype).itemsize), dtype=np.uint8)
+        return raw.view(dtype).reshape(shape)
+
+    return {
+        "w13": rand((num_layers, p_total, 2, 3), jnp.bfloat16),
+        "w2": rand((num_layers, p_total, 4), np.float32),
+        "q": rand((num_layers, p_total, 5), np.int8),
+    }
+
+
+def everyone(values):
+    """The same small int array from every process, stacked [processes, ...]."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(values)))
+
+
+# ----------------------------------------------------------------------------------- scenarios
+
+
+def run_scenarios(results: dict) -> None:
+    import jax
+    import numpy as np
+    from jax.sharding import PartitionSpec as P
+
+    import jeplb
+    from jeplb._agree import _host_fingerprint
+    from tests.transfer_model import make_plan
+
+    d = jax.device_count()
+    assert d == NUM_PROCESSES * LOCAL_DEVICES, jax.devices()
+    assert len(jax.local_devices()) == LOCAL_DEVICES
+    mesh = jax.make_mesh((d,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+    num_layers, n_local, num_experts = 2, 3, 16
+    p_total = d * n_local
+
+    # 1. The rearrangement, concrete maps, several plan kinds: exact on every shard.
+    shards = 0
+    plans = 0
+    for seed, kind in enumerate(("random", "reversal", "hotspot", "empties")):
+        old, new = make_plan(kind, seed, num_layers, p_total, num_experts, d)
+        host = leaves_for(np.random.default_rng(100 + seed), num_layers, p_total)
+        w = {k: _global(v, mesh, P(None, "ep")) for k, v in host.items()}
+        out, report = jeplb.rearrange_expert_weights(old, new, w, mesh=mesh, return_report=True)
+        assert bool(np.asarray(report.ok).all()), kind
+        for k, v in host.items():
+            assert out[k].sharding.spec == P(None, "ep")
+            shards += check_shards(v, out[k], old, new, d)
+        plans += 1
+    # 1b. The same under an outer jit with traced maps (global replicated arrays).
+    step = jax.jit(
+        lambda o, n, w: jeplb.rearrange_expert_weights(o, n, w, mesh=mesh, return_report=True)
+    )
+    for seed, kind in enumerate(("random", "hotspot")):
+        old, new = make_plan(kind, 50 + seed, num_layers, p_total, num_experts, d)
+        host = leaves_for(np.random.default_rng(200 + seed), num_layers, p_total)
+        w = {k: _global(v, mesh, P(None, "ep")) for k, v in host.items()}
+        out, report = step(_global(old, mesh, P()), _global(new, mesh, P()), w)
+        assert bool(np.asarray(report.ok).all()), kind
+        for k, v in host.items():
+            shards += check_shards(v, out[k], old, new, d)
+        plans += 1
+    results["rearrange"] = {"plans": plans, "shards_checked": shards}
+
+    # 2. The policy is deterministic across processes: identical maps from identical loads.
+    rng = np.random.default_rng(7)
+    load = rng.integers(0, 1000, (4, 16)).astype(np.int32)
+    fps = []
+    for groups, nodes in ((4, 2), (1, 1), (3, 2)):
+        e = 12 if groups == 3 else 16
+        maps = jeplb.rebalance_experts(load[:, :e], 24, groups, nodes, 8)
+        fps.append(_host_fingerprint({"phy2log": np.asarray(maps[0])}).tolist())
+    all_fps = everyone(np.asarray(fps, np.int64))
+    results["policy"] = {"fingerprints": fps, "identical": bool((all_fps == all_fps[0]).all())}
+    assert results["policy"]["identical"], all_fps
+
+    # 3. The rebalance step with a recorded skewed load: a rebalance fires, every shard exact.
+    state = jeplb.EplbState.create(
+        num_layers=num_layers,
+        num_experts=num_experts,
+        num_devices=d,
+        num_redundant_experts=p_total - num_experts,
+        window_size=2,
+        step_interval=2,
+    )
+    state = jax.tree_util.tree_map(lambda x: _global(np.asarray(x), mesh, P()), state)
+    logical = leaves_for(np.random.default_rng(300), num_layers, num_experts)
+    lay = np.arange(num_layers)[:, None]
+    p2l = np.asarray(state.phy2log)
+    w = {k: _global(v[lay, p2l], mesh, P(None, "ep")) for k, v in logical.items()}
+    skew = (1000.0 / np.arange(1, num_experts + 1) ** 2).astype(np.int32)
+    counts = np.stack([np.roll(skew, 3 * layer) for layer in range(num_layers)]).astype(np.int32)
+    counts_g = _global(counts, mesh, P())
+    step_fn = jax.jit(
+        lambda s, w, c: jeplb.eplb_step(s.record(c), w, mesh=mesh), donate_argnums=(0, 1)
+    )
+    fired = False
+    balance = []
+    for _ in range(2):
+        state, w, info = step_fn(state, w, counts_g)
+        fired |= bool(np.asarray(info.fired))
+        balance.append(float(np.asarray(info.balancedness_total)))
+    assert fired, "the rebalance did not fire"
+    initial = p2l
+    p2l = np.asarray(state.phy2log)
+    assert not np.array_equal(p2l, initial), "the placement did not change"
+    step_shards = 0
+    for k, v in logical.items():
+        want = v[lay, p2l]
+        for shard in w[k].addressable_shards:
+            sl = _slots(shard, p_total)
+            assert np.array_equal(_bytes(shard.data), _bytes(want[:, sl.start : sl.stop])), (
+                f"step: leaf {k} shard on {shard.device} does not hold phy2log's experts"
+            )
+            step_shards += 1
+    fp = everyone(_host_fingerprint({"phy2log": p2l}))
+    results["step"] = {
+        "fired": fired,
+        "balancedness": balance,
+        "shards_checked": step_shards,
+        "maps_identical": bool((fp == fp[0]).all()),
+        "phy2log_fingerprint": _host_fingerprint({"phy2log": p2l}).tolist(),
+    }
+    assert results["step"]["maps_identical"]
+
+    # 4a. A process with a different (concrete) map: a ValueError on every process, nothing moved.
+    old, new = make_plan("random", 77, num_layers, p_total, num_experts, d)
+    # Process 1 passes the new map rotated by one slot (a valid plan, but not the others' plan).
+    mine = np.roll(new, 1, axis=1) if jax.process_index() == 1 else new.copy()
+    host = leaves_for(np.random.default_rng(400), num_layers, p_total)
+    w = {k: _global(v, mesh, P(None, "ep")) for k, v in host.items()}
+    message = None
+    try:
+        jeplb.rearrange_expert_weights(old, mine, w, mesh=mesh)
+    except ValueError as err:
+        message = str(err)
+    assert message is not None and "different values" in message, message
+    unchanged = sum(check_unchanged(v, w[k], p_total) for k, v in host.items())
+    # 4b. Traced maps that differ between processes: the on-device check, no hang, nothing moved.
+    mine_g = _global(mine, mesh, P())  # each process fills its own devices with its own map
+    logger = logging.getLogger("jeplb")
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    w = {k: _global(v, mesh, P(None, "ep")) for k, v in host.items()}
+    out, report = step(_global(old, mesh, P()), mine_g, w)
+    jax.block_until_ready(out)
+    jax.effects_barrier()
+    logger.removeHandler(handler)
+    ok = np.asarray(report.ok)
+    assert not ok.any(), ok
+    unchanged += sum(check_unchanged(v, out[k], p_total) for k, v in host.items())
+    # 4c. The same maps again on every process: the program (same compilation) moves them.
+    out, report = step(_global(old, mesh, P()), _global(new, mesh, P()), out)
+    assert bool(np.asarray(report.ok).all())
+    exact = sum(check_shards(v, out[k], old, new, d) for k, v in host.items())
+    results["mismatch"] = {
+        "host_error": message,
+        "device_ok_flags": ok.tolist(),
+        "unchanged_shards": unchanged,
+        "logged": any("differ between devices" in m for m in seen),
+        "after_agreement_exact_shards": exact,
+    }
+
+
+if __name__ == "__main__":
+    pid, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    try:
+        main(pid, port, out)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)

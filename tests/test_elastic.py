@@ -1,0 +1,192 @@
+"""Elastic EP: lose devices or add them; every expert arrives bit-exact, the loader reads only the lost.
+
+Lost devices' shards are overwritten with garbage before recovery, so a recovery that read one of
+them would fail the bit-exact check.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jeplb
+from tests.transfer_model import placement
+
+L, E, N_LOCAL = 2, 12, 3
+
+
+def mesh_of(devices) -> Mesh:
+    return Mesh(np.array(devices), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def logical_weights(seed: int):
+    """One row per (layer, logical expert) per leaf: random bytes (NaN payloads included)."""
+    rng = np.random.default_rng(seed)
+
+    def rand(shape, dtype):
+        raw = rng.integers(0, 256, (*shape, np.dtype(dtype).itemsize), dtype=np.uint8)
+        return raw.view(dtype).reshape(shape)
+
+    return {
+        "w13": rand((L, E, 2, 3), jnp.bfloat16),
+        "w2": rand((L, E, 4), np.float32),
+        "q": rand((L, E, 5), np.int8),
+    }
+
+
+def physical(logical, phy2log, mesh, lost=(), garbage_seed=0):
+    """Leaves [L, P, ...] on ``mesh`` for ``phy2log``; the shards of ``lost`` hold garbage."""
+    lay = np.arange(L)[:, None]
+    rng = np.random.default_rng(garbage_seed)
+    devices = list(mesh.devices.flat)
+    n = phy2log.shape[1] // len(devices)
+    sharding = NamedSharding(mesh, P(None, "ep"))
+    out = {}
+    for k, v in logical.items():
+        full = v[lay, phy2log]
+        shards = []
+        for i, dev in enumerate(devices):
+            part = full[:, i * n : (i + 1) * n]
+            if i in lost:
+                raw = rng.integers(0, 256, part.nbytes, dtype=np.uint8)
+                part = raw.view(part.dtype).reshape(part.shape)
+            shards.append(jax.device_put(part, dev))
+        out[k] = jax.make_array_from_single_device_arrays(full.shape, sharding, shards)
+    return out
+
+
+def as_bytes(x):
+    return np.ascontiguousarray(np.asarray(x)).view(np.uint8)
+
+
+class Loader:
+    """Reads one expert from the logical weights, recording what it was asked for."""
+
+    def __init__(self, logical):
+        self.logical = logical
+        self.calls = []
+
+    def __call__(self, layer, expert):
+        self.calls.append((layer, expert))
+        return {k: np.array(v[layer, expert]) for k, v in self.logical.items()}
+
+
+def expected_lost(old, num_devices, lost):
+    n = old.shape[1] // num_devices
+    out = []
+    for layer in range(old.shape[0]):
+        alive = [old[layer, p] for p in range(old.shape[1]) if p // n not in lost]
+        out += [(layer, e) for e in range(E) if e not in alive]
+    return out
+
+
+def check_recovered(logical, out, rec, mesh):
+    p2l = np.asarray(rec.phy2log)
+    d = mesh.shape["ep"]
+    assert p2l.shape == (L, N_LOCAL * d)
+    lay = np.arange(L)[:, None]
+    for k, v in logical.items():
+        assert out[k].shape == (L, N_LOCAL * d, *v.shape[2:]) and out[k].dtype == v.dtype
+        assert out[k].sharding.is_equivalent_to(NamedSharding(mesh, P(None, "ep")), out[k].ndim)
+        got = as_bytes(out[k])
+        want = as_bytes(v[lay, np.maximum(p2l, 0)])
+        filled = p2l >= 0
+        assert np.array_equal(got[filled], want[filled]), f"leaf {k}: an expert is not bit-exact"
+    for layer in range(L):
+        assert set(p2l[layer][p2l[layer] >= 0].tolist()) == set(range(E)), "an expert has no slot"
+
+
+@pytest.fixture(scope="module")
+def devices(cpu_devices):
+    return cpu_devices
+
+
+@pytest.mark.parametrize("lost", [(3,), (2, 5), (0, 1)])
+def test_lose_devices(devices, lost):
+    rng = np.random.default_rng(sum(lost))
+    old_mesh = mesh_of(devices)
+    p_old = N_LOCAL * 8
+    old = np.stack([placement(rng, E, p_old) for _ in range(L)])
+    if lost == (0, 1):
+        # Make sure some expert lives only on the lost devices.
+        old[:, : 2 * N_LOCAL] = np.arange(2 * N_LOCAL)
+        old[:, 2 * N_LOCAL :] = np.where(
+            old[:, 2 * N_LOCAL :] < 2 * N_LOCAL, 7, old[:, 2 * N_LOCAL :]
+        )
+        for layer in range(L):
+            missing = sorted(set(range(E)) - set(old[layer].tolist()))
+            old[layer, 2 * N_LOCAL : 2 * N_LOCAL + len(missing)] = missing
+    logical = logical_weights(10 + len(lost))
+    weights = physical(logical, old, old_mesh, lost=lost)
+    before = {k: as_bytes(v) for k, v in weights.items()}
+    new_mesh = mesh_of([d for i, d in enumerate(devices) if i not in lost])
+    load = rng.integers(1, 100, (L, E)).astype(np.int32)
+    loader = Loader(logical)
+    out, rec = jeplb.recover_experts(old, weights, loader, mesh=new_mesh, num_experts=E, load=load)
+    check_recovered(logical, out, rec, new_mesh)
+    want = expected_lost(old, 8, lost)
+    assert sorted(loader.calls) == sorted(want), "the loader was called for other experts"
+    assert len(set(loader.calls)) == len(loader.calls), "an expert was loaded twice"
+    assert list(rec.loaded) == want and rec.lost_devices == tuple(lost)
+    if lost == (0, 1):
+        assert want, "the scenario should lose some expert entirely"
+    # The old weights are not changed (the surviving shards were copied, not donated).
+    for k, v in weights.items():
+        assert np.array_equal(as_bytes(v), before[k])
+    # The new placement follows the load: the policy's placement on the remaining devices.
+    p2l, _, _ = jeplb.rebalance_experts(load, N_LOCAL * new_mesh.size, 1, 1, new_mesh.size)
+    assert np.array_equal(np.asarray(rec.phy2log), np.asarray(p2l))
+
+
+def test_scale_up_4_to_8(devices):
+    rng = np.random.default_rng(4)
+    old_mesh = mesh_of(devices[:4])
+    old = np.stack([placement(rng, E, N_LOCAL * 4) for _ in range(L)])
+    logical = logical_weights(20)
+    weights = physical(logical, old, old_mesh)
+    loader = Loader(logical)
+    new_mesh = mesh_of(devices)
+    out, rec = jeplb.recover_experts(old, weights, loader, mesh=new_mesh, num_experts=E)
+    check_recovered(logical, out, rec, new_mesh)
+    assert loader.calls == [] and rec.loaded == ()
+    assert int(np.asarray(rec.moved_rows).sum()) > 0
+
+
+def test_given_target_and_state_round_trip(devices):
+    rng = np.random.default_rng(5)
+    old = np.stack([placement(rng, E, N_LOCAL * 8) for _ in range(L)])
+    logical = logical_weights(30)
+    weights = physical(logical, old, mesh_of(devices), lost=(6,))
+    new_mesh = mesh_of(devices[:6] + devices[7:])
+    target = np.stack([placement(rng, E, N_LOCAL * 7) for _ in range(L)])
+    loader = Loader(logical)
+    out, rec = jeplb.recover_experts(
+        old, weights, loader, mesh=new_mesh, num_experts=E, new_phy2log=target
+    )
+    assert np.array_equal(np.asarray(rec.phy2log), target)
+    check_recovered(logical, out, rec, new_mesh)
+    assert sorted(loader.calls) == expected_lost(old, 8, (6,))
+    state = jeplb.EplbState.from_placement(
+        rec.phy2log, num_experts=E, num_devices=7, window_size=2, step_interval=4
+    )
+    assert np.array_equal(np.asarray(state.logcnt), np.asarray(rec.logcnt))
+    assert np.array_equal(np.asarray(state.log2phy), np.asarray(rec.log2phy))
+
+
+def test_loader_of_wrong_shape_is_refused(devices):
+    rng = np.random.default_rng(6)
+    old = np.stack([placement(rng, E, N_LOCAL * 8) for _ in range(L)])
+    old[:, :N_LOCAL] = [0, 1, 2]
+    old[:, N_LOCAL:] = np.where(old[:, N_LOCAL:] < 3, 3, old[:, N_LOCAL:])
+    logical = logical_weights(40)
+    weights = physical(logical, old, mesh_of(devices), lost=(0,))
+
+    def bad_loader(layer, expert):
+        return {k: np.zeros((*v.shape[2:], 1), v.dtype) for k, v in logical.items()}
+
+    with pytest.raises(ValueError, match=r"loader\(0, \d+\): leaf \d is .* expected one expert's"):
+        jeplb.recover_experts(old, weights, bad_loader, mesh=mesh_of(devices[1:]), num_experts=E)
