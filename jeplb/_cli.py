@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import inspect
 import sys
 
 __all__ = ["build_parser", "main"]
@@ -52,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_bench(name: str, rest: list[str]) -> int:
     module_name = _BENCHES[name][0]
+    import jax
+
+    # Simulated CPU devices for the benchmarks that run on them; raises (ignored) once jax's
+    # backends are initialised.
+    with contextlib.suppress(RuntimeError):
+        jax.config.update("jax_num_cpu_devices", 8)
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -67,7 +75,10 @@ def _run_bench(name: str, rest: list[str]) -> int:
     if entry is None:
         print(f"jeplb bench {name}: {module_name} has no main(argv) entry point", file=sys.stderr)
         return 2
-    rc = entry(list(rest))
+    kwargs = (
+        {"prog": f"jeplb bench {name}"} if "prog" in inspect.signature(entry).parameters else {}
+    )
+    rc = entry(list(rest), **kwargs)
     return 0 if rc is None else int(rc)
 
 

@@ -294,8 +294,7 @@ def run(args: argparse.Namespace, out=None) -> dict[str, Any]:
         f"T={args.batch * args.seq_len} tokens/step",
     )
     t0 = time.perf_counter()
-    with mesh:
-        model = MoETransformer(cfg, mesh=mesh, rngs=nnx.Rngs(args.seed))
+    model = MoETransformer(cfg, mesh=mesh, rngs=nnx.Rngs(args.seed))
     state = jeplb.EplbState.create(
         num_layers=args.layers,
         num_experts=args.experts,

@@ -1,0 +1,288 @@
+"""Step benchmark: the example MoE model's step with EPLB against the same step without it.
+
+Per case (named by its shapes and dtype), four jitted programs on the same devices and workload:
+
+* ``plain``: the model step without EPLB (first replica of each expert, nothing recorded);
+* ``idle``: with `jeplb.dispatch` recording and `jeplb.eplb_step`, no rebalance due (the cost of
+  carrying EPLB in every step);
+* ``whole``: a rebalance fired in every step, all L layers moved in it (the hot experts change every
+  step, so every plan moves experts);
+* ``progressive``: one layer moved per step (``layers_per_step=1``, a plan every L steps).
+
+Each program runs a few warm-up steps (compilation included) and then ``repeats`` timed steps; the
+figures are medians. ``rows/step`` counts the expert rows received from other devices per step,
+``MB/step`` their bytes. On GPUs the same run also measures the device's copy bandwidth (a jitted
+copy of a 1 GiB array, read + write) and reports the moved bytes per second of extra step time as a
+fraction of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+__all__ = ["main"]
+
+# (L, E, redundant, K, H, F, B, S, dtype)
+_CASES = [
+    (4, 16, 8, 2, 64, 128, 8, 32, "float32"),
+    (4, 16, 8, 2, 256, 512, 8, 128, "bfloat16"),
+]
+_QUICK = [(2, 16, 8, 2, 64, 128, 4, 32, "float32")]
+_VARIANTS = ("plain", "idle", "whole", "progressive")
+
+
+def _case_name(c) -> str:
+    lay, e, r, k, h, f, b, s, dt = c
+    return f"L{lay} E{e} P{e + r} K{k} H{h} F{f} T{b * s} {dt}"
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _copy_bandwidth(device, repeats: int) -> float:
+    """Bytes per second of a jitted copy (read + write) of a 1 GiB array on ``device``."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jax.device_put(jnp.zeros((1 << 28,), jnp.float32), device)
+    f = jax.jit(lambda a: a + 1.0)
+    jax.block_until_ready(f(x))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(f(x))
+        times.append(time.perf_counter() - t)
+    return 2 * x.nbytes / float(np.median(times))
+
+
+def _run_case(case, devices, *, warmup: int, repeats: int, progress: bool) -> list[dict[str, Any]]:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import Mesh
+
+    import jeplb
+    from jeplb.examples import DriftingZipf, MoEConfig, MoETransformer, make_step
+
+    lay, e, r, k, h, f, b, s, dt = case
+    d = len(devices)
+    mesh = Mesh(np.array(devices), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+    cfg = MoEConfig(
+        num_layers=lay,
+        num_experts=e,
+        num_redundant_experts=r,
+        top_k=k,
+        d_model=h,
+        d_ff=f,
+        dtype=jnp.dtype(dt),
+    )
+    rows = []
+    for variant in _VARIANTS:
+        drift = 1 if variant in ("whole", "progressive") else 0
+        workload = DriftingZipf(
+            num_layers=lay,
+            num_experts=e,
+            batch=b,
+            seq_len=s,
+            d_model=h,
+            zipf_exponent=1.2,
+            drift_every=drift,
+            seed=0,
+        )
+        state = jeplb.EplbState.create(
+            num_layers=lay,
+            num_experts=e,
+            num_devices=d,
+            num_redundant_experts=r,
+            window_size=1,
+            step_interval={"idle": 10**9, "whole": 1, "progressive": lay}.get(variant, 1),
+            layers_per_step=1 if variant == "progressive" else None,
+        ).replicated(mesh)
+        model = MoETransformer(cfg, mesh=mesh, rngs=nnx.Rngs(0))
+        step, params = make_step(model, rebalance=variant != "plain")
+        batches = [workload.batch_at(i) for i in range(warmup + repeats)]
+        t0 = time.perf_counter()
+        times, moved, fired = [], [], 0
+        for i, (x, bias) in enumerate(batches):
+            t = time.perf_counter()
+            params, state, y, info, _ = step(params, state, x, bias)
+            jax.block_until_ready((params, state, y))
+            if i == 0:
+                compile_s = time.perf_counter() - t0
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+                if info is not None:
+                    moved.append(int(np.sum(info.remote_rows)))
+                    fired += int(info.fired)
+        row_bytes = cfg.expert_bytes()
+        rows.append(
+            dict(
+                case=_case_name(case),
+                variant=variant,
+                devices=d,
+                median_ms=1e3 * float(np.median(times)),
+                min_ms=1e3 * float(np.min(times)),
+                compile_s=compile_s,
+                rows_per_step=float(np.median(moved)) if moved else 0.0,
+                bytes_per_step=float(np.median(moved)) * row_bytes if moved else 0.0,
+                fired=fired,
+                repeats=repeats,
+            )
+        )
+        if progress:
+            print(
+                f"  {_case_name(case)} {variant:<11} {rows[-1]['median_ms']:8.2f} ms "
+                f"(compile {compile_s:.1f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+        del params, state, model
+    plain = rows[0]["median_ms"]
+    for row in rows:
+        row["extra_ms"] = row["median_ms"] - plain
+        row["vs_plain"] = row["median_ms"] / plain
+    return rows
+
+
+def markdown(rows, copy_bw: float | None) -> str:
+    head = ["case", "variant", "median ms", "vs plain", "extra ms", "rows/step", "MB/step"]
+    if copy_bw:
+        head += ["moved GB/s", "of copy bw"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        vals = [
+            r["case"],
+            r["variant"],
+            f"{r['median_ms']:.2f}",
+            f"{r['vs_plain']:.2f}x",
+            f"{r['extra_ms']:+.2f}",
+            f"{r['rows_per_step']:.0f}",
+            f"{r['bytes_per_step'] / 1e6:.2f}",
+        ]
+        if copy_bw:
+            rate = r["bytes_per_step"] / (r["extra_ms"] / 1e3) if r["extra_ms"] > 0 else 0.0
+            r["moved_bytes_per_s"] = rate
+            r["fraction_of_copy_bw"] = rate / copy_bw
+            vals += [f"{rate / 1e9:.1f}", f"{rate / copy_bw:.1%}" if rate else "-"]
+        lines.append("| " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
+    """Runs the step benchmark; ``argv`` as on the command line (``--help`` lists the flags)."""
+    ap = argparse.ArgumentParser(
+        prog=prog or "jeplb bench step",
+        description="End-to-end step benchmark: the example MoE model's step with a fired "
+        "rebalance (whole and progressive) and with EPLB idle, against the step without EPLB. "
+        "Medians after warm-up.",
+    )
+    ap.add_argument("--quick", action="store_true", help="one small case, fewer repeats")
+    ap.add_argument(
+        "--repeats",
+        type=_positive,
+        default=None,
+        help="timed steps per program (default 15; 5 with --quick)",
+    )
+    ap.add_argument(
+        "--warmup",
+        type=_positive,
+        default=3,
+        help="untimed steps first, compile included (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--platform",
+        choices=("auto", "cpu", "gpu", "tpu"),
+        default="auto",
+        help="auto: the accelerator when it has at least 2 devices, else simulated CPU devices "
+        "(default: %(default)s)",
+    )
+    ap.add_argument(
+        "--cpu-devices",
+        type=_positive,
+        default=8,
+        help="simulated CPU devices (default: %(default)s)",
+    )
+    ap.add_argument("--json", metavar="PATH", help="also write machine-readable results here")
+    ap.add_argument(
+        "--out",
+        metavar="PATH",
+        help="markdown results file (default: benchmarks/results/step_<platform>.md)",
+    )
+    ap.add_argument("--quiet", action="store_true", help="no progress lines")
+    args = ap.parse_args(argv)
+
+    from ._demo import setup_devices
+
+    devices = setup_devices(args.platform, args.cpu_devices)
+    import jax
+
+    platform = devices[0].platform
+    repeats = args.repeats or (5 if args.quick else 15)
+    cases = _QUICK if args.quick else _CASES
+    d = len(devices)
+    rows = []
+    for case in cases:
+        if (case[1] + case[2]) % d:
+            print(f"skipping {_case_name(case)}: P not divisible by {d} devices", file=sys.stderr)
+            continue
+        rows += _run_case(
+            case, devices, warmup=args.warmup, repeats=repeats, progress=not args.quiet
+        )
+    copy_bw = None
+    if platform != "cpu":
+        copy_bw = _copy_bandwidth(devices[0], repeats)
+    given = sys.argv[1:] if argv is None else list(argv)
+    cmd = " ".join([prog or "jeplb bench step", *given])
+    text = (
+        f"# Step benchmark ({platform}, {d} devices, jax {jax.__version__})\n\n"
+        f"Command: `{cmd}`\n\n"
+        f"The example MoE transformer (jeplb.examples) per step: `plain` without EPLB; `idle` with "
+        f"dispatch recording and eplb_step, no rebalance due; `whole` a rebalance planned and all "
+        f"layers moved in every step; `progressive` one layer moved per step. Medians of "
+        f"{repeats} steps after {args.warmup} warm-up steps; rows/step: expert rows received from "
+        f"other devices per step (all devices). Load average at the end: "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs.\n\n"
+        + (f"Device copy bandwidth (same run): {copy_bw / 1e9:.0f} GB/s.\n\n" if copy_bw else "")
+        + markdown(rows, copy_bw)
+    )
+    print(text)
+    out = args.out or os.path.join("benchmarks", "results", f"step_{platform}.md")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        f.write(text)
+    print(f"results written to {out}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "platform": platform,
+                    "devices": d,
+                    "command": cmd,
+                    "copy_bytes_per_s": copy_bw,
+                    "rows": rows,
+                },
+                f,
+                indent=1,
+            )
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())

@@ -1,0 +1,129 @@
+"""The jeplb command: the demo end to end at a tiny size (in-process), flag errors, help texts,
+and the bench dispatcher."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jeplb import _cli
+
+TINY = [
+    "demo",
+    "--layers", "2", "--experts", "8", "--redundant", "8", "--d-model", "16", "--d-ff", "32",
+    "--batch", "2", "--seq-len", "16", "--steps", "8", "--interval", "3", "--window", "2",
+    "--layers-per-step", "1", "--drift-every", "0", "--zipf", "1.5", "--quiet",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, cpu_devices):
+    out = tmp_path_factory.mktemp("demo")
+    plot, figures = out / "demo.png", out / "demo.json"
+    import contextlib
+    import io
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        rc = _cli.main([*TINY, "--plot", str(plot), "--json", str(figures)])
+    return rc, text.getvalue(), plot, json.loads(figures.read_text())
+
+
+def test_demo_runs_end_to_end(demo_run):
+    rc, text, plot, figures = demo_run
+    assert rc == 0
+    for label in (
+        "balancedness",
+        "max device load",
+        "experts moved",
+        "bytes moved",
+        "rebalance time",
+        "outputs identical:",
+    ):
+        assert label in text, label
+    assert "yes, bitwise, on every step" in text
+    assert f"plot written to {plot}" in text
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert figures["devices"] == 8 and figures["steps"] and len(figures["steps"]) == 8
+
+
+def test_demo_rebalances_progressively_and_improves_balance(demo_run):
+    _, _, _, r = demo_run
+    assert r["rebalance_steps"] == [2, 5]  # the 3rd and 6th step plan
+    assert [s["layers_moved"] for s in r["steps"]] == [0, 0, 1, 1, 0, 1, 1, 0]
+    assert r["outputs_identical"] and all(s["identical"] for s in r["steps"])
+    assert r["after"]["balancedness"] > r["before"]["balancedness"]
+    assert r["after"]["max_device_load"] < r["before"]["max_device_load"]
+    assert r["experts_received"] > 0
+    assert r["bytes_moved"] == r["experts_received"] * 3 * 16 * 32 * 4
+
+
+def _demo_parser():
+    return _cli.build_parser()._subparsers._group_actions[0].choices["demo"]
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as exc:
+        _cli.main(["demo", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    flags = [o for a in _demo_parser()._actions for o in a.option_strings if o.startswith("--")]
+    assert len(flags) > 15
+    for flag in flags:
+        assert flag in text, flag
+    for action in _demo_parser()._actions:
+        assert action.help, action.option_strings
+    with pytest.raises(SystemExit) as exc:
+        _cli.main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "demo" in text and "bench" in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["demo", "--steps", "0"], "argument --steps: expected a positive integer, got 0"),
+        (["demo", "--steps", "many"], "argument --steps: expected a positive integer, got 'many'"),
+        (["demo", "--redundant", "-1"], "argument --redundant: expected an integer >= 0, got -1"),
+        (["demo", "--zipf", "11"], "argument --zipf: expected a number in [0, 10], got 11.0"),
+        (["demo", "--dtype", "int4"], "argument --dtype: invalid choice: 'int4'"),
+        (["demo", "--bogus"], "unrecognized arguments: --bogus"),
+        (["demo", "--experts", "4", "--top-k", "5"], "--top-k: expected at most --experts = 4"),
+        (
+            ["demo", "--layers", "2", "--layers-per-step", "3"],
+            "--layers-per-step: expected at most",
+        ),
+        (["demo", "--interval", "2"], "--interval: a progressive rebalance of 4 layers"),
+        (["demo", "--plot", "out.jpg"], "--plot: expected a file name ending in .png"),
+        (["bench", "nothing"], "argument name: invalid choice: 'nothing'"),
+        ([], "the following arguments are required"),
+    ],
+)
+def test_bad_flags_exit_2_with_a_clear_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+
+
+def test_bench_forwards_its_flags(capsys):
+    with pytest.raises(SystemExit) as exc:
+        _cli.main(["bench", "step", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: jeplb bench step")
+    for flag in ("--quick", "--json", "--out", "--repeats", "--warmup"):
+        assert flag in text
+    with pytest.raises(SystemExit) as exc:
+        _cli.main(["bench", "step", "--repeats", "0"])
+    assert exc.value.code == 2
+
+
+def test_bench_without_its_module_says_so(monkeypatch, capsys):
+    monkeypatch.setitem(_cli._BENCHES, "policy", ("jeplb._no_such_bench", "missing"))
+    assert _cli.main(["bench", "policy", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "jeplb bench policy: this installation has no jeplb._no_such_bench module" in err

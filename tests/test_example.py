@@ -1,0 +1,143 @@
+"""The example MoE model (jeplb.examples): outputs identical across a rebalance, load that follows
+the placement, a sharded forward that agrees with a one-device one, and the workload generator."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import Mesh
+
+import jeplb
+from jeplb.examples import DriftingZipf, MoEConfig, MoETransformer, make_step
+
+L, E, R, H, F, B, S = 2, 8, 8, 16, 32, 2, 16  # P = 16 slots, N_local = 2 on 8 devices
+
+
+def _mesh(devices):
+    return Mesh(np.array(devices), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def _config(**kw):
+    return MoEConfig(
+        num_layers=L, num_experts=E, num_redundant_experts=R, top_k=2, d_model=H, d_ff=F, **kw
+    )
+
+
+def _forward(model):
+    graphdef = nnx.graphdef(model)
+
+    @jax.jit
+    def f(params, state, x, bias):
+        y, _, aux = nnx.merge(graphdef, params)(x, bias, state, record=False)
+        return y, aux
+
+    return f
+
+
+@pytest.fixture(scope="module")
+def rebalanced(cpu_devices):
+    """Runs the model with a whole rebalance at step 3; the probe output after every step."""
+    mesh = _mesh(cpu_devices)
+    model = MoETransformer(_config(), mesh=mesh, rngs=nnx.Rngs(0))
+    state = jeplb.EplbState.create(
+        num_layers=L,
+        num_experts=E,
+        num_devices=8,
+        num_redundant_experts=R,
+        window_size=3,
+        step_interval=3,
+    ).replicated(mesh)
+    workload = DriftingZipf(L, E, B, S, H, zipf_exponent=1.5, seed=1)
+    step, params = make_step(model)
+    fwd = _forward(model)
+    probe = workload.batch_at(999)
+    maps, outs, loads, infos = [], [], [], []
+    for i in range(5):
+        maps.append(np.asarray(state.phy2log))
+        y, aux = fwd(params, state, *probe)
+        outs.append(np.asarray(y))
+        params, state, _, info, aux = step(params, state, *workload.batch_at(i))
+        loads.append(np.asarray(aux["slot_load"]))
+        infos.append(jax.device_get(info))
+    maps.append(np.asarray(state.phy2log))
+    outs.append(np.asarray(fwd(params, state, *probe)[0]))
+    return dict(maps=maps, outs=outs, loads=loads, infos=infos, probe=probe, model=model)
+
+
+def test_outputs_bitwise_identical_across_a_rebalance(rebalanced):
+    maps, outs, infos = rebalanced["maps"], rebalanced["outs"], rebalanced["infos"]
+    assert [bool(i.fired) for i in infos] == [False, False, True, False, False]
+    assert not np.array_equal(maps[0], maps[-1]), "the rebalance moved no expert"
+    assert int(np.sum(infos[2].remote_rows)) > 0
+    for i, y in enumerate(outs):
+        assert np.isfinite(y).all()
+        np.testing.assert_array_equal(y, outs[0], err_msg=f"probe output after step {i}")
+
+
+def test_per_device_work_follows_the_placement(rebalanced):
+    loads = rebalanced["loads"]
+    for load in loads:  # every (token, k) pair is computed by exactly one slot
+        np.testing.assert_array_equal(load.sum(1), B * S * 2)
+    dev_before = loads[1].reshape(L, 8, -1).sum(-1).max(1).sum()
+    dev_after = loads[4].reshape(L, 8, -1).sum(-1).max(1).sum()
+    assert dev_after < dev_before, (dev_before, dev_after)
+
+
+def test_sharded_forward_matches_one_device(rebalanced, cpu_devices):
+    """The same logical model on one device (no dispatch across devices) gives the same output."""
+    one = MoETransformer(_config(), mesh=_mesh(cpu_devices[:1]), rngs=nnx.Rngs(0))
+    state = jeplb.EplbState.create(
+        num_layers=L, num_experts=E, num_devices=1, num_redundant_experts=R
+    )
+    y, _ = _forward(one)(nnx.state(one), state, *rebalanced["probe"])
+    np.testing.assert_allclose(np.asarray(y), rebalanced["outs"][0], rtol=1e-5, atol=1e-5)
+
+
+def test_capacity_drops_are_counted(cpu_devices):
+    mesh = _mesh(cpu_devices)
+    model = MoETransformer(_config(capacity=1), mesh=mesh, rngs=nnx.Rngs(0))
+    state = jeplb.EplbState.create(
+        num_layers=L, num_experts=E, num_devices=8, num_redundant_experts=R
+    )
+    x, bias = DriftingZipf(L, E, B, S, H, zipf_exponent=1.5).batch_at(0)
+    _, _, aux = model(jnp.asarray(x), jnp.asarray(bias), state)
+    kept = np.minimum(np.asarray(aux["slot_load"]), 1).sum()
+    assert int(aux["dropped"]) == L * B * S * 2 - kept > 0
+
+
+def test_model_rejects_bad_input(cpu_devices):
+    mesh = _mesh(cpu_devices)
+    with pytest.raises(ValueError, match=r"top_k: expected at most num_experts = 8, got 9"):
+        MoEConfig(num_experts=8, top_k=9)
+    with pytest.raises(TypeError, match=r"d_model: expected an int, got float"):
+        MoEConfig(d_model=1.5)
+    with pytest.raises(ValueError, match=r"mesh: P = 17 slots are not divisible by the 8 devices"):
+        MoETransformer(
+            MoEConfig(num_experts=9, num_redundant_experts=8), mesh=mesh, rngs=nnx.Rngs(0)
+        )
+    with pytest.raises(ValueError, match=r"mesh: expected a jax.sharding.Mesh with an axis 'ep'"):
+        MoETransformer(_config(), mesh=jax.make_mesh((8,), ("x",)), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"phy2log: expected shape \[L, P\] = \(2, 16\)"):
+        MoETransformer(_config(), mesh=mesh, rngs=nnx.Rngs(0), phy2log=np.zeros((2, 8), int))
+
+
+def test_workload_is_deterministic_skewed_and_drifts():
+    w = DriftingZipf(3, 16, 2, 4, 8, zipf_exponent=1.2, drift_every=5, seed=7)
+    x0, b0 = w.batch_at(0)
+    x0b, b0b = DriftingZipf(3, 16, 2, 4, 8, zipf_exponent=1.2, drift_every=5, seed=7).batch_at(0)
+    np.testing.assert_array_equal(x0, x0b)
+    np.testing.assert_array_equal(b0, b0b)
+    p = w.popularity(0)
+    np.testing.assert_allclose(p.sum(1), 1.0)
+    np.testing.assert_allclose(np.sort(p[0])[::-1][0] / np.sort(p[0])[::-1][1], 2**1.2)
+    np.testing.assert_array_equal(w.popularity(4), p)  # same phase
+    assert not np.array_equal(w.popularity(5), p)  # the hot set changed
+    assert not np.array_equal(w.tokens(1), x0)
+    np.testing.assert_allclose(DriftingZipf(1, 4, 1, 1, 1, zipf_exponent=0).popularity(0), 0.25)
+    with pytest.raises(ValueError, match=r"zipf_exponent: expected a float in \[0, 10\], got -1"):
+        DriftingZipf(1, 4, 1, 1, 1, zipf_exponent=-1)
+    with pytest.raises(ValueError, match=r"num_experts: expected an int >= 1, got 0"):
+        DriftingZipf(1, 0, 1, 1, 1)
