@@ -229,7 +229,10 @@ def _node_layout(
 
 
 def _swap_refine(
-    slot_load: jax.Array, payload: tuple[jax.Array, ...], slots: int
+    slot_load: jax.Array,
+    payload: tuple[jax.Array, ...],
+    slots: int,
+    stop: jax.Array | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     """Lowers each row's heaviest GPU by swapping two replicas between GPUs, while that helps.
 
@@ -243,6 +246,7 @@ def _swap_refine(
       slot_load: float32[X, P_x] replica loads, GPU-major (S slots per GPU).
       payload: int32[X, P_x] arrays that travel with the replicas (expert ids, ranks).
       slots: S.
+      stop: optional float32[X]; a row stops as soon as its heaviest GPU is at or under it.
 
     Returns:
       The swapped (slot_load, payload).
@@ -276,6 +280,8 @@ def _swap_refine(
         score = jnp.where(ok, pair, jnp.inf).reshape(x_rows, slots * p_x)
         best = jnp.argmin(score, axis=1)
         found = active & jnp.isfinite(score[rows, best])
+        if stop is not None:
+            found = found & (top > stop)
         src = h_slots[rows, best // p_x]
         dst = (best % p_x).astype(jnp.int32)
         src = jnp.where(found, src, 0)
@@ -303,6 +309,338 @@ def _log2phy(phy2log: jax.Array, rank: jax.Array, num_log: int, width: int) -> j
     iota = jnp.broadcast_to(jnp.arange(num_phy, dtype=jnp.int32), phy2log.shape)
     flat = flat.at[_rows(phy2log), phy2log * width + rank].set(iota, mode="drop")
     return flat.reshape(num_layers, num_log, width)
+
+
+# ------------------------------------------------------------------------ migration-aware mode
+
+# A migration-aware placement may be at most this much heavier (max device load, per layer) than
+# the from-scratch placement of the same loads.
+_MIGRATION_SLACK = 0.01
+# Hierarchical policy: besides the old assignment of groups to nodes, the candidates after 1 .. this
+# many greedy swaps of two groups between nodes.
+_GROUP_SWAPS = 2
+
+
+def _greedy_match(overlap: jax.Array) -> jax.Array:
+    """Greedy assignment of the n new labels of each row to n old ones by overlap.
+
+    Repeatedly takes the largest remaining overlap (ties: lowest new label, then lowest old label)
+    and pairs those two labels.
+
+    Args:
+      overlap: float32[X, n, n], overlap[x, a, b] between new label a and old label b (>= 0).
+
+    Returns:
+      int32[X, n]: the old label given to each new label (a permutation per row).
+    """
+    x_rows, n, _ = overlap.shape
+    rows = jnp.arange(x_rows)
+    ids = jnp.arange(n, dtype=jnp.int32)
+
+    def step(_, carry):
+        ov, perm = carry
+        best = jnp.argmax(ov.reshape(x_rows, n * n), axis=1).astype(jnp.int32)
+        a, b = best // n, best % n
+        perm = perm.at[rows, a].set(b)
+        taken = (ids[None, :, None] == a[:, None, None]) | (ids[None, None, :] == b[:, None, None])
+        return jnp.where(taken, -1.0, ov), perm
+
+    init = (overlap.astype(jnp.float32), jnp.zeros((x_rows, n), jnp.int32))
+    return lax.fori_loop(0, n, step, init)[1]
+
+
+def _occurrence(v: jax.Array) -> jax.Array:
+    """occ[..., i] = how many j < i along the last axis hold the same value as i (small axes)."""
+    n = v.shape[-1]
+    lower = jnp.arange(n)[None, :] < jnp.arange(n)[:, None]  # [i, j]: j < i
+    return jnp.sum((v[..., :, None] == v[..., None, :]) & lower, axis=-1).astype(jnp.int32)
+
+
+def _preserve_slots(new: jax.Array, old: jax.Array) -> jax.Array:
+    """Orders each GPU's new experts so that those the GPU already held keep their old slot.
+
+    Within a GPU, the j-th copy (in slot order) of expert e in the new list takes the slot of the
+    j-th copy of e in the old list when there is one; the other experts fill the remaining slots in
+    increasing slot order, in their order in ``new``.
+
+    Args:
+      new: int32[X, D, S] the experts each GPU receives (order irrelevant).
+      old: int32[X, D, S] the current slots (-1 = empty).
+
+    Returns:
+      int32[X, D, S]: ``new`` with each GPU's entries permuted.
+    """
+    slots = new.shape[-1]
+    iota = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), new.shape)
+    match = (
+        (new[..., :, None] == old[..., None, :])
+        & (_occurrence(new)[..., :, None] == _occurrence(old)[..., None, :])
+        & (new[..., :, None] >= 0)
+    )
+    new_matched = jnp.any(match, axis=-1)
+    old_matched = jnp.any(match, axis=-2)
+    # Free slots in increasing order first, then the matched ones.
+    _, free = lax.sort((old_matched.astype(jnp.int32), iota), dimension=new.ndim - 1, num_keys=2)
+    r = jnp.cumsum(~new_matched, axis=-1) - 1
+    dst = jnp.where(
+        new_matched,
+        jnp.argmax(match, axis=-1).astype(jnp.int32),
+        jnp.take_along_axis(free, jnp.clip(r, 0, slots - 1), axis=-1),
+    )
+    lead = new.shape[:-1]
+    flat_new = new.reshape(-1, slots)
+    flat_dst = dst.reshape(-1, slots)
+    out = jnp.zeros_like(flat_new).at[_rows(flat_new), flat_dst].set(flat_new, unique_indices=True)
+    return out.reshape(*lead, slots)
+
+
+def _slot_ranks(phy2log: jax.Array) -> jax.Array:
+    """rank[l, p] = how many slots before p hold the same expert (replica ranks in slot order)."""
+    num_layers, num_phy = phy2log.shape
+    iota = jnp.broadcast_to(jnp.arange(num_phy, dtype=jnp.int32), phy2log.shape)
+    key, pos = lax.sort((phy2log, iota), dimension=1, num_keys=2)
+    first = jnp.concatenate([jnp.ones((num_layers, 1), bool), key[:, 1:] != key[:, :-1]], axis=1)
+    start = lax.cummax(jnp.where(first, iota, 0), axis=1)
+    rank = iota - start
+    return jnp.zeros_like(phy2log).at[_rows(pos), pos].set(rank, unique_indices=True)
+
+
+def _group_log2mlog(g_node: jax.Array, per_node: int, group_size: int) -> jax.Array:
+    """Node-local ids (node-major) for a group-to-node assignment g_node int32[L, G]: the groups
+    of a node in increasing group order. Returns int32[L, E]."""
+    num_layers, groups = g_node.shape
+    lower = jnp.arange(groups)[None, :] < jnp.arange(groups)[:, None]  # [g, g']: g' < g
+    g_rank = jnp.sum((g_node[:, :, None] == g_node[:, None, :]) & lower, axis=2)
+    first = (g_node * per_node + jnp.clip(g_rank, 0, per_node - 1)) * group_size
+    ids = first[:, :, None] + jnp.arange(group_size, dtype=jnp.int32)
+    return ids.reshape(num_layers, groups * group_size).astype(jnp.int32)
+
+
+def _old_group_layouts(w: jax.Array, old: jax.Array, groups: int, nodes: int):
+    """Group-to-node assignments near the old placement.
+
+    Returns (tuple of 1 + _GROUP_SWAPS int32[L, E] node-local id maps, ok bool[L]): the old
+    placement's own assignment of groups to nodes, then after each of _GROUP_SWAPS greedy swaps
+    of two groups between two nodes (the swap that leaves the lowest heaviest node load; first
+    pair in (g, g') order on ties); ``ok`` says
+    whether the old placement keeps every group on a single node with the same number of groups
+    on every node (where it does not, both are meaningless).
+    """
+    num_layers, num_phy = old.shape
+    num_log = w.shape[1]
+    group_size = num_log // groups
+    per_node = groups // nodes
+    node_ids = jnp.arange(nodes, dtype=jnp.int32)
+    valid = old >= 0
+    group = jnp.where(valid, old // group_size, groups)
+    node = jnp.broadcast_to(jnp.arange(num_phy, dtype=jnp.int32) // (num_phy // nodes), old.shape)
+    hits = jnp.zeros((num_layers, groups + 1, nodes), jnp.int32)
+    hits = hits.at[_rows(old), group, node].add(1)[:, :groups]
+    g_node = jnp.argmax(hits, axis=2).astype(jnp.int32)  # [L, G]
+    single = jnp.all(jnp.sum(hits > 0, axis=2) == 1, axis=1)
+    same = g_node[:, :, None] == node_ids
+    even = jnp.all(jnp.sum(same, axis=1) == per_node, axis=1)
+    g_load = w.reshape(num_layers, groups, group_size).sum(-1)
+    rows = jnp.arange(num_layers)
+    layouts = [_group_log2mlog(g_node, per_node, group_size)]
+    for _ in range(_GROUP_SWAPS):
+        # The best swap of two groups on different nodes, by heaviest node load.
+        same = g_node[:, :, None] == node_ids
+        n_load = jnp.sum(jnp.where(same, g_load[:, :, None], 0.0), axis=1)  # [L, N]
+        a = g_node[:, :, None, None]  # node of g
+        b = g_node[:, None, :, None]  # node of g'
+        d = (g_load[:, None, :] - g_load[:, :, None])[..., None]  # g' in, g out of node a
+        n = node_ids[None, None, None, :]
+        after = n_load[:, None, None, :] + jnp.where(n == a, d, 0.0) - jnp.where(n == b, d, 0.0)
+        score = jnp.where(a[..., 0] != b[..., 0], after.max(-1), jnp.inf)
+        best = jnp.argmin(score.reshape(num_layers, -1), axis=1).astype(jnp.int32)
+        g1, g2 = best // groups, best % groups
+        g_node = g_node.at[rows, g1].set(g_node[rows, g2]).at[rows, g2].set(g_node[rows, g1])
+        layouts.append(_group_log2mlog(g_node, per_node, group_size))
+    return tuple(layouts), single & even
+
+
+def _sticky_pack(item_load: jax.Array, pref_gpu: jax.Array, num_packs: int, cap: int) -> jax.Array:
+    """Packs each row's items heaviest first (equal loads: lower index first): an item goes to its
+    preferred GPU while that GPU has room, else to the lightest GPU with room (equal loads: lowest
+    index).
+
+    Args:
+      item_load: float32[X, n]; pref_gpu: int32[X, n] (-1: none).
+      num_packs: GPUs per row; cap: slots per GPU (n = num_packs * cap).
+
+    Returns:
+      int32[X, n] the GPU of each item.
+    """
+    x_rows, n = item_load.shape
+    iota = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (x_rows, n))
+    neg, order, pref = lax.sort((-item_load, iota, pref_gpu), dimension=1, num_keys=2)
+    pack_ids = jnp.arange(num_packs, dtype=jnp.int32)
+    rows = jnp.arange(x_rows)
+
+    def step(carry, x):
+        pack_load, pack_count = carry
+        a, p = x
+        room = pack_count < cap
+        light = jnp.argmin(jnp.where(room, pack_load, jnp.inf), axis=1).astype(jnp.int32)
+        light = jnp.where(room[rows, light], light, jnp.argmax(room, 1).astype(jnp.int32))
+        pc = jnp.clip(p, 0, num_packs - 1)
+        k = jnp.where((p >= 0) & room[rows, pc], pc, light)
+        hit = pack_ids == k[:, None]
+        pack_load = jnp.where(hit, pack_load + a[:, None], pack_load)
+        return (pack_load, pack_count + hit.astype(jnp.int32)), k
+
+    init = (jnp.zeros((x_rows, num_packs), jnp.float32), jnp.zeros((x_rows, num_packs), jnp.int32))
+    _, k_sorted = lax.scan(step, init, (-neg.T, pref.T))
+    return (
+        jnp.zeros((x_rows, n), jnp.int32)
+        .at[_rows(order), order]
+        .set(k_sorted.T, unique_indices=True)
+    )
+
+
+def _migrate(
+    w: jax.Array,
+    old: jax.Array,
+    lay: _NodeLayout,
+    fs_slot_mlog: jax.Array,
+    target: jax.Array,
+    *,
+    num_replicas: int,
+    groups: int,
+    nodes: int,
+    num_gpus: int,
+) -> jax.Array:
+    """The migration-aware placement (see ``docs/policy.md``); returns phy2log int32[L, P].
+
+    Candidates (C of them) are group-to-node assignments: the from-scratch one with its nodes
+    relabelled to the old nodes by overlap and, in the hierarchical policy, the old placement's own
+    one and that one with the best single swap of two groups. For each candidate and node row
+    (X = L * nodes rows), the replica counts of that candidate's node loads are packed sticky
+    (each kept replica on its old GPU) and swap-refined down to the from-scratch maximum plus
+    the slack; the first candidate also has the from-scratch row with its GPUs relabelled by
+    overlap. Each row keeps its cheapest variant within the slack, each layer its cheapest
+    candidate whose rows all are; the from-scratch relabelled row guarantees one.
+
+    Args:
+      w: float32[L, E] cleaned loads.
+      old: int32[L, P] current placement (-1 = empty).
+      lay: the from-scratch node layout of ``w``.
+      fs_slot_mlog: int32[L * nodes, P_n] its node-local experts per slot (after refinement).
+      target: float32[L] its heaviest GPU load per layer.
+    """
+    num_layers, num_log = w.shape
+    num_phy, slots = num_replicas, num_replicas // num_gpus
+    e_n, p_n, d_n = num_log // nodes, num_phy // nodes, num_gpus // nodes
+    x_rows = num_layers * nodes
+    old = jnp.where((old >= 0) & (old < num_log), old, -1)
+    valid = old >= 0
+    slot_node = jnp.broadcast_to(jnp.arange(num_phy, dtype=jnp.int32) // p_n, old.shape)
+
+    with jax.named_scope("candidates"):
+        fs_node = lay.log2mlog // e_n
+        if nodes > 1:
+            a = jnp.take_along_axis(fs_node, jnp.where(valid, old, 0), axis=1)
+            ov = jnp.zeros((num_layers, nodes, nodes), jnp.float32)
+            ov = ov.at[_rows(old), a, slot_node].add(valid.astype(jnp.float32))
+            node_perm = _greedy_match(ov)
+        else:
+            node_perm = jnp.zeros((num_layers, 1), jnp.int32)
+        cands = [jnp.take_along_axis(node_perm, fs_node, 1) * e_n + lay.log2mlog % e_n]
+        cand_ok = [jnp.ones((num_layers,), bool)]
+        # The from-scratch rows, moved to the node each one now maps to.
+        fs_rows = jnp.take_along_axis(
+            fs_slot_mlog.reshape(num_layers, nodes, p_n), _inverse(node_perm)[:, :, None], axis=1
+        ).reshape(x_rows, p_n)
+        if nodes > 1:
+            l2ms, ok = _old_group_layouts(w, old, groups, nodes)
+            for l2m in l2ms:
+                cands.append(jnp.where(ok[:, None], l2m, cands[0]))
+                cand_ok.append(ok)
+    num_cands = len(cands)
+    log2mlog = jnp.concatenate(cands, axis=0)  # [C * L, E]
+    mlog2log = _inverse(log2mlog)
+    cx = num_cands * x_rows
+
+    with jax.named_scope("replicate"):
+        node_w = jnp.take_along_axis(jnp.tile(w, (num_cands, 1)), mlog2log, 1).reshape(cx, e_n)
+        item_e, item_rank, count = _replicate(node_w, p_n)
+        rep_load = node_w / count.astype(jnp.float32)  # [CX, E_n]
+
+    with jax.named_scope("old_view"):
+        # The old placement in each candidate's node-local ids (-1: empty or another node's).
+        old_t = jnp.tile(old, (num_cands, 1))
+        loc = jnp.take_along_axis(log2mlog, jnp.where(old_t >= 0, old_t, 0), axis=1)
+        loc = loc - jnp.tile(slot_node, (num_cands, 1)) * e_n
+        loc = jnp.where((old_t >= 0) & (loc >= 0) & (loc < e_n), loc, -1).reshape(cx, p_n)
+        loc_or_pad = jnp.where(loc >= 0, loc, e_n)
+        gpu_of_slot = jnp.broadcast_to(jnp.arange(p_n, dtype=jnp.int32) // slots, (cx, p_n))
+        old_has = jnp.zeros((cx, d_n, e_n + 1), bool)
+        old_has = old_has.at[_rows(loc), gpu_of_slot, loc_or_pad].set(True)[:, :, :e_n]
+        # The k-th replica of expert e prefers the GPU of the k-th old slot of e (slot order).
+        iota = jnp.broadcast_to(jnp.arange(p_n, dtype=jnp.int32), (cx, p_n))
+        _, by_expert = lax.sort((loc_or_pad, iota), dimension=1, num_keys=2)
+        old_cnt = jnp.zeros((cx, e_n + 1), jnp.int32).at[_rows(loc), loc_or_pad].add(1)
+        old_cnt = old_cnt[:, :e_n]
+        start = jnp.cumsum(old_cnt, axis=1) - old_cnt
+        has_pref = item_rank < jnp.take_along_axis(old_cnt, item_e, 1)
+        pos = jnp.clip(jnp.take_along_axis(start, item_e, 1) + item_rank, 0, p_n - 1)
+        pref = jnp.where(has_pref, jnp.take_along_axis(by_expert, pos, 1) // slots, -1)
+
+    with jax.named_scope("sticky_pack"):
+        item_load = jnp.take_along_axis(rep_load, item_e, 1)
+        gpu = _sticky_pack(item_load, pref, d_n, slots)  # [CX, P_n]
+        _, entries = lax.sort((gpu * p_n + iota, item_e), dimension=1, num_keys=1)
+
+    with jax.named_scope("sticky_refine"):
+        # Swaps between GPUs until each row is within the slack of the from-scratch maximum.
+        target_x = jnp.tile(jnp.repeat(target, nodes), num_cands)  # [CX]
+        limit = target_x * (1.0 + _MIGRATION_SLACK)
+        e_load = jnp.take_along_axis(rep_load, entries, 1)
+        _, (entries,) = _swap_refine(e_load, (entries,), slots, stop=limit)
+        entries = entries.reshape(cx, d_n, slots)
+
+    with jax.named_scope("relabel_gpus"):
+        # The from-scratch rows with their GPUs matched to the old ones by overlap (candidate 0).
+        idx = jnp.broadcast_to(fs_rows[:, None, :], (x_rows, d_n, p_n))
+        held = jnp.take_along_axis(old_has[:x_rows], idx, axis=2)  # [X, D_n(old), P_n]
+        overlap = held.reshape(x_rows, d_n, d_n, slots).sum(-1).astype(jnp.float32)
+        gpu_perm = _greedy_match(jnp.swapaxes(overlap, 1, 2))  # [X, D_n(new)] -> old GPU
+        fs_e = fs_rows.reshape(x_rows, d_n, slots)
+        fs_e = jnp.zeros_like(fs_e).at[_rows(gpu_perm), gpu_perm].set(fs_e, unique_indices=True)
+        fs_all = jnp.concatenate([fs_e] * num_cands, axis=0)
+        variants = jnp.stack([entries, fs_all], axis=1)  # [CX, 2, D_n, S]
+
+    with jax.named_scope("choose"):
+        flat = variants.reshape(cx, 2 * d_n * slots)
+        loads = jnp.take_along_axis(rep_load, flat, 1).reshape(cx, 2, d_n, slots).sum(-1)
+        gpu_ids = jnp.broadcast_to(
+            jnp.arange(d_n, dtype=jnp.int32)[None, :, None], (2, d_n, slots)
+        ).reshape(-1)
+        keep = jnp.take_along_axis(old_has.reshape(cx, d_n * e_n), gpu_ids * e_n + flat, axis=1)
+        copies = jnp.sum(~keep.reshape(cx, 2, d_n * slots), axis=2)
+        feasible = jnp.max(loads, axis=2) <= limit[:, None]
+        # The relabelled from-scratch row only exists for candidate 0.
+        feasible = feasible.at[x_rows:, 1].set(False)
+        big = jnp.int32(num_phy + 1)
+        score = jnp.where(feasible, copies, big)
+        v = jnp.argmin(score, axis=1).astype(jnp.int32)  # [CX]
+        row_copies = jnp.min(score, axis=1).reshape(num_cands, num_layers, nodes)
+        layer_ok = jnp.all(row_copies < big, axis=2) & jnp.stack(cand_ok)
+        layer_cost = jnp.where(layer_ok, row_copies.sum(2), big * nodes)
+        c = jnp.argmin(layer_cost, axis=0).astype(jnp.int32)  # [L]
+        chosen = jnp.take_along_axis(variants, v[:, None, None, None], axis=1)[:, 0]
+        chosen = chosen.reshape(num_cands, num_layers, nodes * p_n)
+        chosen = jnp.take_along_axis(chosen, c[None, :, None], axis=0)[0]  # [L, P] node-local
+        offset = (jnp.arange(nodes, dtype=jnp.int32) * e_n).repeat(p_n)
+        m2l = mlog2log.reshape(num_cands, num_layers, num_log)
+        m2l = jnp.take_along_axis(m2l, c[None, :, None], axis=0)[0]
+        phy2log = jnp.take_along_axis(m2l, chosen + offset, axis=1)
+
+    with jax.named_scope("preserve_slots"):
+        shape = (num_layers, num_gpus, slots)
+        phy2log = _preserve_slots(phy2log.reshape(shape), old.reshape(shape))
+    return phy2log.reshape(num_layers, num_phy)
 
 
 def _effective(num_groups: int, num_nodes: int) -> tuple[int, int]:
@@ -349,6 +687,24 @@ def _rebalance_jit(
             slot_load, (slot_mlog, slot_rank) = _swap_refine(
                 slot_load, (slot_mlog, slot_rank), slots
             )
+    if old_phy2log is not None:
+        target = slot_load.reshape(num_layers, -1, slots).sum(-1).max(-1)
+        phy2log = _migrate(
+            w,
+            old_phy2log.astype(jnp.int32),
+            lay,
+            slot_mlog,
+            target,
+            num_replicas=num_replicas,
+            groups=groups,
+            nodes=nodes,
+            num_gpus=num_gpus,
+        )
+        with jax.named_scope("to_global"):
+            rank = _slot_ranks(phy2log)
+            logcnt = jnp.zeros((num_layers, num_log), jnp.int32).at[_rows(phy2log), phy2log].add(1)
+            log2phy = _log2phy(phy2log, rank, num_log, num_replicas - num_log + 1)
+        return phy2log, log2phy, logcnt
     with jax.named_scope("to_global"):
         log_per_node = num_log // nodes
         offset = (jnp.arange(nodes, dtype=jnp.int32) * log_per_node)[None, :, None]
