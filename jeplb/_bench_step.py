@@ -10,7 +10,9 @@ Per case (named by its shapes and dtype), four jitted programs on the same devic
 * ``progressive``: one layer moved per step (``layers_per_step=1``, a plan every L steps).
 
 Each program runs a few warm-up steps (compilation included) and then ``repeats`` timed steps; the
-figures are medians. ``rows/step`` counts the expert rows received from other devices per step,
+figures are medians. Slots compute at capacity factor 2 (``C = 2 T K / P`` rows per slot; pairs
+beyond it are dropped, as capacity-based MoE layers do), so expert compute does not swamp the rest.
+``rows/step`` counts the expert rows received from other devices per step,
 ``MB/step`` their bytes. On GPUs the same run also measures the device's copy bandwidth (a jitted
 copy of a 1 GiB array, read + write) and reports the moved bytes per second of extra step time as a
 fraction of it.
@@ -33,7 +35,7 @@ __all__ = ["main"]
 # (L, E, redundant, K, H, F, B, S, dtype)
 _CASES = [
     (4, 16, 8, 2, 64, 128, 8, 32, "float32"),
-    (4, 16, 8, 2, 256, 512, 8, 128, "bfloat16"),
+    (8, 32, 8, 2, 128, 256, 8, 64, "bfloat16"),
 ]
 _QUICK = [(2, 16, 8, 2, 64, 128, 4, 32, "float32")]
 _VARIANTS = ("plain", "idle", "whole", "progressive")
@@ -52,6 +54,11 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def _capacity(tokens: int, k: int, slots: int) -> int:
+    """Slot capacity at capacity factor 2 (twice the mean load of a slot), a multiple of 8."""
+    return -(-2 * tokens * k // slots // 8) * 8
 
 
 def _copy_bandwidth(device, repeats: int) -> float:
@@ -83,6 +90,7 @@ def _run_case(case, devices, *, warmup: int, repeats: int, progress: bool) -> li
     d = len(devices)
     mesh = Mesh(np.array(devices), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
     cfg = MoEConfig(
+        capacity=_capacity(b * s, k, e + r),
         num_layers=lay,
         num_experts=e,
         num_redundant_experts=r,
@@ -253,7 +261,8 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
         f"Command: `{cmd}`\n\n"
         f"The example MoE transformer (jeplb.examples) per step: `plain` without EPLB; `idle` with "
         f"dispatch recording and eplb_step, no rebalance due; `whole` a rebalance planned and all "
-        f"layers moved in every step; `progressive` one layer moved per step. Medians of "
+        f"layers moved in every step; `progressive` one layer moved per step. Slot capacity "
+        f"2 T K / P. Medians of "
         f"{repeats} steps after {args.warmup} warm-up steps; rows/step: expert rows received from "
         f"other devices per step (all devices). Load average at the end: "
         f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs.\n\n"

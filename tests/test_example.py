@@ -3,6 +3,9 @@ the placement, a sharded forward that agrees with a one-device one, and the work
 
 from __future__ import annotations
 
+import pathlib
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,3 +144,30 @@ def test_workload_is_deterministic_skewed_and_drifts():
         DriftingZipf(1, 4, 1, 1, 1, zipf_exponent=-1)
     with pytest.raises(ValueError, match=r"num_experts: expected an int >= 1, got 0"):
         DriftingZipf(1, 0, 1, 1, 1)
+
+
+# ------------------------------------------------------------- the examples in README and docs
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _python_blocks(name: str) -> list[str]:
+    text = (_ROOT / name).read_text()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+@pytest.mark.parametrize(
+    ("doc", "index"), [("README.md", 0), ("docs/integration.md", 0), ("docs/integration.md", 1)]
+)
+def test_documented_examples_run_and_rebalance(doc, index, cpu_devices, capsys):
+    blocks = _python_blocks(doc)
+    assert len(blocks) > index, f"{doc} lost its python example"
+    namespace: dict = {"__name__": "doc_example"}
+    exec(compile(blocks[index], f"{doc}[{index}]", "exec"), namespace)
+    printed = capsys.readouterr().out.splitlines()
+    assert any(" True " in line for line in printed), printed  # a rebalance fired
+    state = namespace["state"]
+    initial = np.tile(np.arange(state.num_slots) % state.num_experts, (state.num_layers, 1))
+    assert not np.array_equal(np.asarray(state.phy2log), initial)
+    balance = [float(line.split()[-1]) for line in printed]
+    assert balance[-1] > balance[0] + 0.1, printed
