@@ -575,8 +575,9 @@ def _migrate(
         loc = jnp.where((old_t >= 0) & (loc >= 0) & (loc < e_n), loc, -1).reshape(cx, p_n)
         loc_or_pad = jnp.where(loc >= 0, loc, e_n)
         gpu_of_slot = jnp.broadcast_to(jnp.arange(p_n, dtype=jnp.int32) // slots, (cx, p_n))
-        old_has = jnp.zeros((cx, d_n, e_n + 1), bool)
-        old_has = old_has.at[_rows(loc), gpu_of_slot, loc_or_pad].set(True)[:, :, :e_n]
+        # int32 counts, not a bool scatter: XLA:GPU miscompiles a sliced pred scatter here.
+        old_has = jnp.zeros((cx, d_n, e_n + 1), jnp.int32)
+        old_has = old_has.at[_rows(loc), gpu_of_slot, loc_or_pad].add(1)[:, :, :e_n] > 0
         # The k-th replica of expert e prefers the GPU of the k-th old slot of e (slot order).
         iota = jnp.broadcast_to(jnp.arange(p_n, dtype=jnp.int32), (cx, p_n))
         _, by_expert = lax.sort((loc_or_pad, iota), dimension=1, num_keys=2)
