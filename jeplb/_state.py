@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import zipfile
 from typing import Any
 
 import jax
@@ -491,6 +492,16 @@ class EplbState:
                 f"counts: expected shape {letters} = {want}, got {tuple(counts.shape)}"
                 + ("" if layer is not None else " (pass layer= to record one layer's [E] counts)")
             )
+        is_int = isinstance(layer, int | np.integer) and not isinstance(layer, bool)
+        if is_int and not 0 <= int(layer) < self.num_layers:
+            raise ValueError(
+                f"layer: expected an index in [0, num_layers = {self.num_layers}), got {layer}"
+            )
+        if not _is_tracer(counts) and bool(jnp.any(counts < 0)):
+            bad = tuple(int(i) for i in np.argwhere(np.asarray(counts) < 0)[0])
+            raise ValueError(
+                f"counts{list(bad)} = {int(np.asarray(counts)[bad])}: expected token counts >= 0"
+            )
         axes = (load_axes,) if isinstance(load_axes, str) else tuple(load_axes)
         counts = counts.astype(jnp.int32)
         if axes:
@@ -583,19 +594,7 @@ class EplbState:
           2
         """
         kind = _kind(path, "path")
-        if kind == "json":
-            with open(path) as f:
-                doc = json.load(f)
-            if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
-                raise ValueError(f"path: {os.fspath(path)!r} is not a saved {_FORMAT} (JSON)")
-            header = doc
-            raw = doc.get("arrays", {})
-        else:
-            with np.load(path, allow_pickle=False) as z:
-                if "__header__" not in z.files:
-                    raise ValueError(f"path: {os.fspath(path)!r} is not a saved {_FORMAT} (npz)")
-                header = json.loads(str(z["__header__"]))
-                raw = {k: z[k] for k in z.files if k != "__header__"}
+        header, raw = _read_saved(path, kind)
         if header.get("version") != _VERSION:
             raise ValueError(
                 f"version: expected {_VERSION}, found {header.get('version')!r} in "
@@ -604,14 +603,23 @@ class EplbState:
         missing = [k for k in _ARRAY_FIELDS if k not in raw]
         if missing:
             raise ValueError(f"{missing[0]}: missing from {os.fspath(path)!r}")
-        arrays = {k: np.asarray(raw[k], dtype=np.int32) for k in _ARRAY_FIELDS}
-        config = dict(header["config"])
-        sizes = {
-            "L": int(header["num_layers"]),
-            "E": int(header["num_experts"]),
-            "P": int(header["num_slots"]),
-            "W": int(config["window_size"]),
-        }
+        try:
+            arrays = {k: _int_array(raw[k]) for k in _ARRAY_FIELDS}
+            config = dict(header["config"])
+            sizes = {
+                "L": int(header["num_layers"]),
+                "E": int(header["num_experts"]),
+                "P": int(header["num_slots"]),
+                "W": int(config["window_size"]),
+            }
+            missing = [k for k in _STATIC_FIELDS if k not in config]
+            if missing:
+                raise KeyError(missing[0])
+        except (KeyError, TypeError, ValueError, OverflowError) as err:
+            raise ValueError(
+                f"path: {os.fspath(path)!r} is a damaged saved {_FORMAT}: its header or arrays "
+                f"do not parse ({type(err).__name__}: {err})"
+            ) from err
         sizes["R_max"] = sizes["P"] - sizes["E"] + 1
         # The file against itself.
         for name, letters in _ARRAY_FIELDS.items():
@@ -652,6 +660,41 @@ class EplbState:
 
 
 # ---------------------------------------------------------------------------------- checks
+
+
+def _read_saved(path: Any, kind: str) -> tuple[dict, dict]:
+    """The header and the raw arrays of a saved state; a ValueError for anything else."""
+    where = os.fspath(path)
+    try:
+        if kind == "json":
+            with open(path) as f:
+                doc = json.load(f)
+            header = doc if isinstance(doc, dict) else {}
+            raw = header.get("arrays", {})
+        else:
+            with np.load(path, allow_pickle=False) as z:
+                header = json.loads(str(z["__header__"])) if "__header__" in z.files else {}
+                raw = {k: z[k] for k in z.files if k != "__header__"}
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(
+            f"path: {where!r} is not a saved {_FORMAT} ({'JSON' if kind == 'json' else 'npz'}; "
+            f"it does not parse: {type(err).__name__}: {err})"
+        ) from err
+    if not isinstance(header, dict) or header.get("format") != _FORMAT or not isinstance(raw, dict):
+        raise ValueError(
+            f"path: {where!r} is not a saved {_FORMAT} ({'JSON' if kind == 'json' else 'npz'})"
+        )
+    return header, raw
+
+
+def _int_array(x: Any) -> np.ndarray:
+    """A saved array as int32; non-integer values are refused rather than truncated."""
+    a = np.asarray(x)
+    if a.dtype == object or not (np.issubdtype(a.dtype, np.integer) or a.size == 0):
+        raise TypeError(f"expected integer arrays, found dtype {a.dtype}")
+    return a.astype(np.int32)
 
 
 def _kind(path: Any, name: str) -> str:

@@ -220,7 +220,13 @@ def move_to_buffer(
       [11.0, 10.0]
     """
     chunk_rows = _check_chunk_rows(chunk_rows)
-    d = lax.axis_size(axis_name)
+    try:
+        d = lax.axis_size(axis_name)
+    except NameError as err:
+        raise ValueError(
+            f"axis_name: no mesh axis {axis_name!r} is bound here; move_to_buffer runs inside "
+            f"jax.shard_map over it (use rearrange_expert_weights or transfer_layer at global view)"
+        ) from err
     _validate.check_maps(old_phy2log, new_phy2log, num_devices=d, ndim=1)
     n = old_phy2log.shape[0] // d
     leaves, treedef = jax.tree_util.tree_flatten(expert_weights)

@@ -136,8 +136,13 @@ def check_weight_leaves(
     for i, leaf in enumerate(leaves):
         if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
             raise TypeError(f"{name}: leaf {i} is a {type(leaf).__name__}, expected a jax.Array")
-        if np.dtype(leaf.dtype).itemsize not in SUPPORTED_ITEMSIZES:
-            raise TypeError(f"{name}: leaf {i} has unsupported dtype {leaf.dtype}")
+        kind = np.dtype(leaf.dtype).kind
+        if np.dtype(leaf.dtype).itemsize not in SUPPORTED_ITEMSIZES or kind in "bcOUS":
+            raise TypeError(
+                f"{name}: leaf {i} has unsupported dtype {leaf.dtype}; expected a real or integer "
+                f"dtype of 1, 2, 4 or 8 bytes (bf16, f32, fp8, int8, ...; bool and complex are "
+                f"not moved: view them as integers)"
+            )
         if tuple(leaf.shape[: len(lead_shape)]) != tuple(lead_shape):
             raise ValueError(
                 f"{name}: leaf {i} has shape {tuple(leaf.shape)}, expected leading dims {want} = "
