@@ -9,8 +9,9 @@ Per case (named by its shapes and dtype), four jitted programs on the same devic
   step, so every plan moves experts);
 * ``progressive``: one layer moved per step (``layers_per_step=1``, a plan every L steps).
 
-Each program runs a few warm-up steps (compilation included) and then ``repeats`` timed steps; the
-figures are medians. Slots compute at capacity factor 2 (``C = 2 T K / P`` rows per slot; pairs
+Each program runs a few warm-up steps (compilation included); then the programs take ``repeats``
+timed steps in turn (interleaved, so that a change of machine load hits all alike); the figures are
+medians. Slots compute at capacity factor 2 (``C = 2 T K / P`` rows per slot; pairs
 beyond it are dropped, as capacity-based MoE layers do), so expert compute does not swamp the rest.
 ``rows/step`` counts the expert rows received from other devices per step,
 ``MB/step`` their bytes. On GPUs the same run also measures the device's copy bandwidth (a jitted
@@ -99,7 +100,7 @@ def _run_case(case, devices, *, warmup: int, repeats: int, progress: bool) -> li
         d_ff=f,
         dtype=jnp.dtype(dt),
     )
-    rows = []
+    progs = {}
     for variant in _VARIANTS:
         drift = 1 if variant in ("whole", "progressive") else 0
         workload = DriftingZipf(
@@ -123,43 +124,61 @@ def _run_case(case, devices, *, warmup: int, repeats: int, progress: bool) -> li
         ).replicated(mesh)
         model = MoETransformer(cfg, mesh=mesh, rngs=nnx.Rngs(0))
         step, params = make_step(model, rebalance=variant != "plain")
-        batches = [workload.batch_at(i) for i in range(warmup + repeats)]
+        progs[variant] = dict(
+            step=step,
+            carry=(params, state),
+            batches=[workload.batch_at(i) for i in range(warmup + repeats)],
+            times=[],
+            moved=[],
+            fired=0,
+        )
+
+    def run(p, i):
+        params, state = p["carry"]
+        t = time.perf_counter()
+        params, state, y, info, _ = p["step"](params, state, *p["batches"][i])
+        jax.block_until_ready((params, state, y))
+        p["carry"] = (params, state)
+        return time.perf_counter() - t, info
+
+    for variant, p in progs.items():  # warm-up, compilation included
         t0 = time.perf_counter()
-        times, moved, fired = [], [], 0
-        for i, (x, bias) in enumerate(batches):
-            t = time.perf_counter()
-            params, state, y, info, _ = step(params, state, x, bias)
-            jax.block_until_ready((params, state, y))
-            if i == 0:
-                compile_s = time.perf_counter() - t0
-            if i >= warmup:
-                times.append(time.perf_counter() - t)
-                if info is not None:
-                    moved.append(int(np.sum(info.remote_rows)))
-                    fired += int(info.fired)
-        row_bytes = cfg.expert_bytes()
+        for i in range(warmup):
+            run(p, i)
+        p["compile_s"] = time.perf_counter() - t0
+        if progress:
+            print(
+                f"  {_case_name(case)} {variant:<11} warm-up {p['compile_s']:.1f} s",
+                file=sys.stderr,
+            )
+    # Timed steps interleaved (one step of each variant in turn), so that a change of machine
+    # load affects every variant alike.
+    for i in range(warmup, warmup + repeats):
+        for p in progs.values():
+            dt, info = run(p, i)
+            p["times"].append(dt)
+            if info is not None:
+                p["moved"].append(int(np.sum(info.remote_rows)))
+                p["fired"] += int(info.fired)
+    row_bytes = cfg.expert_bytes()
+    rows = []
+    for variant, p in progs.items():
+        moved = p["moved"]
         rows.append(
             dict(
                 case=_case_name(case),
                 variant=variant,
                 devices=d,
-                median_ms=1e3 * float(np.median(times)),
-                min_ms=1e3 * float(np.min(times)),
-                compile_s=compile_s,
+                median_ms=1e3 * float(np.median(p["times"])),
+                min_ms=1e3 * float(np.min(p["times"])),
+                compile_s=p["compile_s"],
                 rows_per_step=float(np.median(moved)) if moved else 0.0,
                 bytes_per_step=float(np.median(moved)) * row_bytes if moved else 0.0,
-                fired=fired,
+                fired=p["fired"],
                 repeats=repeats,
             )
         )
-        if progress:
-            print(
-                f"  {_case_name(case)} {variant:<11} {rows[-1]['median_ms']:8.2f} ms "
-                f"(compile {compile_s:.1f} s)",
-                file=sys.stderr,
-                flush=True,
-            )
-        del params, state, model
+    del progs
     plain = rows[0]["median_ms"]
     for row in rows:
         row["extra_ms"] = row["median_ms"] - plain
@@ -262,9 +281,9 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
         f"The example MoE transformer (jeplb.examples) per step: `plain` without EPLB; `idle` with "
         f"dispatch recording and eplb_step, no rebalance due; `whole` a rebalance planned and all "
         f"layers moved in every step; `progressive` one layer moved per step. Slot capacity "
-        f"2 T K / P. Medians of "
-        f"{repeats} steps after {args.warmup} warm-up steps; rows/step: expert rows received from "
-        f"other devices per step (all devices). Load average at the end: "
+        f"2 T K / P. Medians of {repeats} steps after {args.warmup} warm-up steps, the "
+        f"variants' steps interleaved; rows/step: expert rows received from other devices per "
+        f"step (all devices). Load average at the end: "
         f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs.\n\n"
         + (f"Device copy bandwidth (same run): {copy_bw / 1e9:.0f} GB/s.\n\n" if copy_bw else "")
         + markdown(rows, copy_bw)

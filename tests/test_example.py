@@ -156,6 +156,7 @@ def _python_blocks(name: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("doc", "index"), [("README.md", 0), ("docs/integration.md", 0), ("docs/integration.md", 1)]
 )
@@ -171,3 +172,14 @@ def test_documented_examples_run_and_rebalance(doc, index, cpu_devices, capsys):
     assert not np.array_equal(np.asarray(state.phy2log), initial)
     balance = [float(line.split()[-1]) for line in printed]
     assert balance[-1] > balance[0] + 0.1, printed
+
+
+@pytest.mark.slow
+def test_docstring_examples_run(cpu_devices):
+    import doctest
+
+    from jeplb.examples import moe, workload
+
+    for module in (moe, workload):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.attempted > 0 and result.failed == 0, (module.__name__, result)

@@ -170,10 +170,8 @@ class MoETransformer(nnx.Module):
       >>> mesh = jax.make_mesh((1,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
       >>> cfg = MoEConfig(num_layers=1, num_experts=4, num_redundant_experts=0, d_model=8, d_ff=16)
       >>> model = MoETransformer(cfg, mesh=mesh, rngs=nnx.Rngs(0))
-      >>> state = EplbState.create(num_layers=1, num_experts=4, num_devices=1)
-      >>> y, state, aux = model(jax.numpy.ones((1, 4, 8)), jax.numpy.zeros((1, 4)), state)
-      >>> y.shape, int(state.pass_load.sum())  # 4 tokens x top-2
-      ((1, 4, 8), 8)
+      >>> {k: v.shape for k, v in model.experts().items()}  # [L, P, H, F] / [L, P, F, H]
+      {'wi_0': (1, 4, 8, 16), 'wi_1': (1, 4, 8, 16), 'wo': (1, 4, 16, 8)}
     """
 
     def __init__(
@@ -341,8 +339,19 @@ def make_step(model: MoETransformer, *, rebalance: bool = True):
       with ``info`` a `jeplb.StepInfo` (None without rebalance), and the model's current params.
 
     Example:
-      >>> # step, params = make_step(model)
-      >>> # params, state, y, info, aux = step(params, state, x, bias)
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> mesh = jax.make_mesh((1,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+      >>> cfg = MoEConfig(num_layers=1, num_experts=4, num_redundant_experts=0, d_model=8, d_ff=16)
+      >>> model = MoETransformer(cfg, mesh=mesh, rngs=nnx.Rngs(0))
+      >>> state = EplbState.create(num_layers=1, num_experts=4, num_devices=1,
+      ...                          window_size=2, step_interval=2).replicated(mesh)
+      >>> step, params = make_step(model)
+      >>> for _ in range(2):
+      ...     params, state, y, info, aux = step(params, state, jnp.ones((1, 4, 8)),
+      ...                                        jnp.zeros((1, 4)))
+      >>> int(info.step), bool(info.fired)
+      (2, True)
     """
     graphdef, params = nnx.split(model)
     mesh = model.mesh
