@@ -233,9 +233,11 @@ def run(
             dev_mem.append(mem)
         if i % 50 == 49 or i == num_rebalances - 1:
             for k, v in logical.items():
-                a = np.asarray(weights[k]).view(np.uint8).reshape(L, PT, -1)
-                b = v[lay, np.maximum(current, 0)].view(np.uint8).reshape(L, PT, -1)
-                assert np.array_equal(a[filled], b[filled]), f"rebalance {i}: leaf {k} differs"
+                have = np.asarray(weights[k]).view(np.uint8).reshape(L, PT, -1)
+                want_rows = v[lay, np.maximum(current, 0)].view(np.uint8).reshape(L, PT, -1)
+                assert np.array_equal(have[filled], want_rows[filled]), (
+                    f"rebalance {i}: leaf {k} differs"
+                )
             full_checks += 1
         if verbose and (i + 1) % 100 == 0:
             print(f"{i + 1} rebalances, live arrays {n} ({b} bytes)", file=sys.stderr)

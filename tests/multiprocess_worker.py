@@ -237,6 +237,40 @@ def run_scenarios(results: dict) -> None:
     }
     assert results["step"]["maps_identical"]
 
+    # 3b. Processes that recorded different loads plan different maps: the step's agreement
+    # check keeps every device from moving (no hang), the maps and weights stay as they were.
+    state = jeplb.EplbState.create(
+        num_layers=num_layers,
+        num_experts=num_experts,
+        num_devices=d,
+        num_redundant_experts=p_total - num_experts,
+        window_size=2,
+        step_interval=2,
+    )
+    state = jax.tree_util.tree_map(lambda x: _global(np.asarray(x), mesh, P()), state)
+    p2l0 = np.asarray(state.phy2log)
+    w = {k: _global(v[lay, p2l0], mesh, P(None, "ep")) for k, v in logical.items()}
+    mine = counts if jax.process_index() == 0 else counts[:, ::-1].copy()
+    split_counts = _global(mine, mesh, P())  # "replicated", but each process filled its own
+    infos = []
+    for _ in range(2):
+        state, w, info = step_fn(state, w, split_counts)
+        infos.append(info)
+    last = infos[-1]
+    split_unchanged = 0
+    for k, v in logical.items():
+        split_unchanged += check_unchanged(v[lay, p2l0], w[k], p_total)
+    assert bool(np.asarray(last.fired))
+    assert not np.asarray(last.layer_ok).any() and not np.asarray(last.moved).any()
+    assert np.array_equal(np.asarray(state.phy2log), p2l0)
+    results["step_mismatch"] = {
+        "fired": bool(np.asarray(last.fired)),
+        "layer_ok": np.asarray(last.layer_ok).tolist(),
+        "moved": np.asarray(last.moved).tolist(),
+        "maps_unchanged": True,
+        "unchanged_shards": split_unchanged,
+    }
+
     # 4a. A process with a different (concrete) map: a ValueError on every process, nothing moved.
     old, new = make_plan("random", 77, num_layers, p_total, num_experts, d)
     # Process 1 passes the new map rotated by one slot (a valid plan, but not the others' plan).

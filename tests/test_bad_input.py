@@ -77,7 +77,7 @@ def expect(fn, error, match, *inputs):
         if kind == "jax":
             assert not x.is_deleted(), "an input array was donated although the call failed"
         assert np.asarray(x).tobytes() == raw, "an input changed although the call failed"
-    TRIED[getattr(fn, "__qualname__", "call").split(".<locals>")[0] or "call"] += 1
+    TRIED[fn.__qualname__.rsplit(".", 1)[-1]] += 1  # the public function's name
 
 
 # ------------------------------------------------------------------------ the weight transfer

@@ -114,6 +114,14 @@ def test_rebalance_step_exact_on_every_shard(workers):
     assert workers[0]["step"]["phy2log_fingerprint"] == workers[1]["step"]["phy2log_fingerprint"]
 
 
+def test_different_loads_in_the_step_move_nothing(workers):
+    for r in workers:
+        m = r["step_mismatch"]
+        assert m["fired"] and m["maps_unchanged"]
+        assert m["layer_ok"] == [False, False] and m["moved"] == [False, False]
+        assert m["unchanged_shards"] == 3 * 4
+
+
 def test_different_maps_clear_error_nothing_moved(workers):
     for r in workers:
         m = r["mismatch"]
