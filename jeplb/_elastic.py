@@ -246,12 +246,15 @@ def recover_experts(
       >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
       >>> devs = jax.devices()[:2]
       >>> old_mesh = Mesh(np.array(devs), ("ep",))
-      >>> w = jax.device_put(jnp.array([[0.0, 1.0]]), NamedSharding(old_mesh, P(None, "ep")))
+      >>> old = np.array([[0, 0, 1, 1]])  # device 0 holds expert 0 twice, device 1 expert 1
+      >>> w = jax.device_put(jnp.array([[0.0, 0.0, 1.0, 1.0]]),
+      ...                    NamedSharding(old_mesh, P(None, "ep")))
       >>> new_mesh = Mesh(np.array(devs[:1]), ("ep",))  # device 1 is lost
-      >>> w2, rec = recover_experts(np.array([[0, 1]]), w, lambda l, e: np.float32(e),
-      ...                           mesh=new_mesh, num_experts=2, lost_devices=[1])
-      >>> rec.loaded, w2.shape
-      (((0, 1),), (1, 1))
+      >>> w2, rec = recover_experts(old, w, lambda layer, e: np.float32(e), mesh=new_mesh)
+      >>> rec.loaded, rec.phy2log.shape  # expert 1 of layer 0 came from the loader
+      (((0, 1),), (1, 2))
+      >>> bool((w2 == rec.phy2log).all())  # every slot holds its expert
+      True
     """
     old = _as_placement(old_phy2log, "old_phy2log")
     if not callable(loader):
