@@ -202,6 +202,7 @@ def run(
                 weights, report = move_jit(current, new, weights)
             assert bool(np.asarray(report.ok).all()), f"rebalance {i}: policy plan refused"
             current = np.array(new)  # a copy: a view would keep the device array alive
+            del new  # the device copy of the map goes now, not at the next random plan
         else:
             kind = KINDS[int(rng.integers(len(KINDS)))]
             new = random_plan(kind, rng, current)
