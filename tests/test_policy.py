@@ -1,0 +1,418 @@
+"""The placement policy: DeepSeek's reference vector, vLLM's cases as facts, validity, agreement
+with the numpy implementation, the migration-aware targets, determinism, one trace, bad input.
+
+Shapes stay small and few so that every compiled program is reused across cases.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from jeplb import _policy
+from jeplb._balance import balancedness, remote_copies
+from jeplb._policy import _preserve_slots, rebalance_experts
+from jeplb._policy_numpy import rebalance_experts_numpy
+
+README_W = [
+    [90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
+    [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27],
+]
+README_PHY2LOG = [
+    [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+    [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1],
+]
+README_LOGCNT = [[1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 2, 1], [1, 2, 1, 1, 1, 2, 2, 1, 2, 1, 1, 1]]
+
+# (E, P, groups, nodes, D): hierarchical and global configurations of the property tests.
+CONFIGS = [(12, 16, 4, 2, 8), (16, 24, 8, 4, 8), (12, 16, 3, 2, 4)]
+L = 2  # layers of every property test, so that the compiled programs are shared
+
+
+def check_valid(weight, num_replicas, num_groups, num_nodes, num_gpus, out):
+    """Every structural property a placement must have."""
+    phy2log, log2phy, logcnt = (np.asarray(x) for x in out)
+    num_layers, num_log = np.asarray(weight).shape
+    assert phy2log.shape == (num_layers, num_replicas)
+    assert logcnt.shape == (num_layers, num_log)
+    assert log2phy.shape == (num_layers, num_log, num_replicas - num_log + 1)
+    assert phy2log.dtype == log2phy.dtype == logcnt.dtype == np.int32
+    # Every slot holds an expert (so every GPU holds exactly P / D of them).
+    assert ((phy2log >= 0) & (phy2log < num_log)).all()
+    assert (logcnt >= 1).all()
+    assert (logcnt.sum(1) == num_replicas).all()
+    for layer in range(num_layers):
+        assert (np.bincount(phy2log[layer], minlength=num_log) == logcnt[layer]).all()
+        for e in range(num_log):
+            c = logcnt[layer, e]
+            slots = log2phy[layer, e, :c]
+            assert (phy2log[layer, slots] == e).all()
+            assert len(set(slots.tolist())) == c
+            assert (log2phy[layer, e, c:] == -1).all()
+    if num_groups % num_nodes == 0 and num_nodes > 1:
+        # Hierarchical: each group on one node, the same number of groups on every node.
+        group_size = num_log // num_groups
+        node = np.arange(num_replicas) // (num_replicas // num_nodes)
+        for layer in range(num_layers):
+            g_node = np.full(num_groups, -1)
+            for p, e in enumerate(phy2log[layer]):
+                g = e // group_size
+                assert g_node[g] in (-1, node[p]), "a group spans two nodes"
+                g_node[g] = node[p]
+            assert (np.bincount(g_node, minlength=num_nodes) == num_groups // num_nodes).all()
+
+
+def drifted(seed, shape, drift=None):
+    """(earlier load, drifted load): each expert's load times a factor in [1 - d, 1 + d], d drawn
+    from [0.2, 0.5] unless given."""
+    rng = np.random.default_rng(seed)
+    d = rng.uniform(0.2, 0.5) if drift is None else drift
+    w0 = (rng.lognormal(0.0, 1.0, size=shape) * 1000).astype(np.float32)
+    w1 = (w0 * rng.uniform(1 - d, 1 + d, size=shape)).astype(np.float32)
+    return w0, w1
+
+
+# ------------------------------------------------------------------------------ the reference
+
+
+def test_readme_vector():
+    out = rebalance_experts(jnp.array(README_W), 16, 4, 2, 8)
+    assert np.asarray(out[0]).tolist() == README_PHY2LOG
+    assert np.asarray(out[2]).tolist() == README_LOGCNT
+    check_valid(README_W, 16, 4, 2, 8, out)
+    ref = rebalance_experts_numpy(np.array(README_W), 16, 4, 2, 8)
+    assert ref[0].tolist() == README_PHY2LOG
+    assert (np.asarray(out[1]) == ref[1]).all()
+
+
+@pytest.mark.parametrize(
+    "weight, args, fact",
+    [
+        # vLLM test_eplb_algo, as facts: inputs and the properties it expects.
+        ([[10, 20, 30, 40]], (4, 1, 1, 1), "all_experts_once"),
+        ([[50] * 8], (8, 2, 2, 4), "all_counts_one"),
+        ([[1000, 1, 1, 1, 1, 1, 1, 1]], (12, 2, 2, 4), "heaviest_more"),
+        ([[10, 20, 30, 40, 50, 60], [60, 50, 40, 30, 20, 10], [25] * 6], (8, 2, 2, 4), "valid"),
+        ([[10, 20, 30, 40]], (8, 3, 2, 4), "valid"),  # groups % nodes != 0: global policy
+        ([[100, 50, 200, 75, 150, 25, 300, 80]], (12, 4, 2, 4), "heaviest_two"),
+        ([[10, 20, 30, 40, 50, 60]], (8, 3, 2, 4), "valid"),
+        ([[10, 20, 30, 40]], (6, 2, 1, 2), "valid"),
+        (
+            [[50, 100, 75, 120, 90, 60, 80, 110, 40, 70, 95, 85, 65, 55, 45, 35]],
+            (24, 8, 4, 8),
+            "valid",
+        ),
+        ([[200, 150, 100, 50, 25, 12], [12, 25, 50, 100, 150, 200]], (10, 3, 1, 2), "heaviest_two"),
+    ],
+)
+def test_vllm_cases(weight, args, fact):
+    out = rebalance_experts(jnp.array(weight), *args)
+    check_valid(weight, *args, out)
+    phy2log, _, logcnt = (np.asarray(x) for x in out)
+    w = np.array(weight)
+    if fact == "all_experts_once":
+        assert set(phy2log[0].tolist()) == set(range(w.shape[1]))
+    if fact == "all_counts_one":
+        assert (logcnt == 1).all()
+    if fact == "heaviest_more":
+        assert logcnt[0, 0] > logcnt[0, 1]
+    if fact == "heaviest_two":
+        for layer in range(w.shape[0]):
+            assert logcnt[layer, np.argmax(w[layer])] >= 2
+
+
+def test_groups_not_divisible_by_nodes_is_the_global_policy():
+    w = jnp.array([[10, 20, 30, 40, 50, 60]])
+    a = rebalance_experts(w, 8, 3, 2, 4)
+    b = rebalance_experts(w, 8, 1, 1, 4)
+    for x, y in zip(a, b, strict=True):
+        assert (np.asarray(x) == np.asarray(y)).all()
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_agrees_with_numpy_without_ties(config):
+    num_log, num_phy, groups, nodes, gpus = config
+    rng = np.random.default_rng(sum(config))
+    w = rng.uniform(1.0, 1000.0, size=(L, num_log)).astype(np.float32)
+    ours = [np.asarray(x) for x in rebalance_experts(jnp.asarray(w), num_phy, groups, nodes, gpus)]
+    ref = rebalance_experts_numpy(w, num_phy, groups, nodes, gpus)
+    assert (ours[2] == ref[2]).all()
+    slots = num_phy // gpus
+    for layer in range(L):
+        for g in range(gpus):
+            mine = sorted(ours[0][layer, g * slots : (g + 1) * slots].tolist())
+            theirs = sorted(ref[0][layer, g * slots : (g + 1) * slots].tolist())
+            assert mine == theirs
+    assert (ours[0] == ref[0]).all()
+
+
+# ------------------------------------------------------------------------------- properties
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    config=st.sampled_from(CONFIGS),
+    seed=st.integers(0, 2**31 - 1),
+    migrate=st.booleans(),
+    zeros=st.booleans(),
+)
+def test_valid_placement(config, seed, migrate, zeros):
+    num_log, num_phy, groups, nodes, gpus = config
+    rng = np.random.default_rng(seed)
+    w = rng.integers(0, 1000, size=(L, num_log)).astype(np.float32)
+    if zeros:
+        w[:, rng.random(num_log) < 0.5] = 0
+    old = None
+    if migrate:
+        # The placement of other loads, with some duplicate replicas emptied.
+        w_old = rng.integers(0, 1000, size=(L, num_log)).astype(np.float32)
+        old = np.array(rebalance_experts(w_old, num_phy, groups, nodes, gpus)[0])
+        for layer in range(2):
+            for p in rng.permutation(num_phy):
+                if (old[layer] == old[layer, p]).sum() > 1 and rng.random() < 0.5:
+                    old[layer, p] = -1
+    out = rebalance_experts(
+        jnp.asarray(w), num_phy, groups, nodes, gpus, old_physical_to_logical=old
+    )
+    check_valid(w, num_phy, groups, nodes, gpus, out)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_zero_load_is_valid(config):
+    num_log, num_phy, groups, nodes, gpus = config
+    w = jnp.zeros((2, num_log), jnp.float32)
+    check_valid(w, num_phy, groups, nodes, gpus, rebalance_experts(w, num_phy, groups, nodes, gpus))
+    old = np.array(rebalance_experts(w + jnp.arange(num_log, dtype=w.dtype), *config[1:])[0])
+    out = rebalance_experts(w, num_phy, groups, nodes, gpus, old_physical_to_logical=old)
+    check_valid(w, num_phy, groups, nodes, gpus, out)
+    # Nothing to balance: at most the redundant replicas move.
+    assert int(remote_copies(old, out[0], gpus).sum()) <= 2 * (num_phy - num_log)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_refine_never_worse_per_layer(config):
+    num_log, num_phy, groups, nodes, gpus = config
+    rng = np.random.default_rng(7)
+    w = (rng.lognormal(0.0, 1.5, size=(L, num_log)) * 100).astype(np.float32)
+    plain = rebalance_experts(w, num_phy, groups, nodes, gpus)[0]
+    refined = rebalance_experts(w, num_phy, groups, nodes, gpus, refine=True)
+    check_valid(w, num_phy, groups, nodes, gpus, refined)
+    a = np.asarray(balancedness(plain, w, gpus).max)
+    b = np.asarray(balancedness(refined[0], w, gpus).max)
+    assert (b <= a * (1 + 1e-6)).all()
+    assert (np.asarray(refined[2]) == np.asarray(rebalance_experts(w, *config[1:])[2])).all()
+
+
+# ------------------------------------------------------------------------ migration-aware mode
+
+MIGRATION_SHAPES = [
+    # (L, E, P, groups, nodes, D)
+    (8, 64, 80, 1, 1, 8),
+    (8, 128, 160, 8, 2, 16),
+]
+
+
+@pytest.mark.parametrize("shape", MIGRATION_SHAPES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_migration_target(shape, seed):
+    num_layers, num_log, num_phy, groups, nodes, gpus = shape
+    w0, w1 = drifted(seed, (num_layers, num_log))
+    old = rebalance_experts(w0, num_phy, groups, nodes, gpus)[0]
+    scratch = rebalance_experts(w1, num_phy, groups, nodes, gpus)[0]
+    out = rebalance_experts(w1, num_phy, groups, nodes, gpus, old_physical_to_logical=old)
+    check_valid(w1, num_phy, groups, nodes, gpus, out)
+    moved_scratch = int(remote_copies(old, scratch, gpus).sum())
+    moved = int(remote_copies(old, out[0], gpus).sum())
+    assert moved <= 0.25 * moved_scratch, (moved, moved_scratch)
+    # Per layer: max / mean within 1% of the from-scratch placement (the means are equal).
+    ratio = np.asarray(balancedness(out[0], w1, gpus).max / balancedness(scratch, w1, gpus).max)
+    assert (ratio <= 1.01 + 1e-6).all(), ratio.max()
+
+
+def test_migration_target_with_refine():
+    num_layers, num_log, num_phy, groups, nodes, gpus = MIGRATION_SHAPES[0]
+    w0, w1 = drifted(5, (num_layers, num_log), drift=0.3)
+    old = rebalance_experts(w0, num_phy, groups, nodes, gpus, refine=True)[0]
+    scratch = rebalance_experts(w1, num_phy, groups, nodes, gpus, refine=True)[0]
+    out = rebalance_experts(
+        w1, num_phy, groups, nodes, gpus, old_physical_to_logical=old, refine=True
+    )[0]
+    assert int(remote_copies(old, out, gpus).sum()) <= 0.25 * int(
+        remote_copies(old, scratch, gpus).sum()
+    )
+    ratio = np.asarray(balancedness(out, w1, gpus).max / balancedness(scratch, w1, gpus).max)
+    assert (ratio <= 1.01 + 1e-6).all()
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_same_load_moves_nothing(config):
+    num_log, num_phy, groups, nodes, gpus = config
+    w = np.random.default_rng(3).uniform(1, 100, size=(2, num_log)).astype(np.float32)
+    old = np.asarray(rebalance_experts(w, num_phy, groups, nodes, gpus)[0])
+    new = rebalance_experts(w, num_phy, groups, nodes, gpus, old_physical_to_logical=old)[0]
+    assert (np.asarray(new) == old).all()
+
+
+def kept_slots_ok(old, new, gpus):
+    """Per GPU: an expert held before and after keeps min(before, after) of its old slots."""
+    num_layers, num_phy = old.shape
+    slots = num_phy // gpus
+    for layer in range(num_layers):
+        for g in range(gpus):
+            o = old[layer, g * slots : (g + 1) * slots]
+            n = new[layer, g * slots : (g + 1) * slots]
+            for e in set(o.tolist()) & set(n.tolist()):
+                if e < 0:
+                    continue
+                keep = min((o == e).sum(), (n == e).sum())
+                assert (n[o == e] == e).sum() >= keep, (layer, g, e, o, n)
+
+
+@pytest.mark.parametrize("shape", MIGRATION_SHAPES)
+def test_migration_keeps_slot_indices(shape):
+    num_layers, num_log, num_phy, groups, nodes, gpus = shape
+    w0, w1 = drifted(11, (num_layers, num_log), drift=0.4)
+    old = np.asarray(rebalance_experts(w0, num_phy, groups, nodes, gpus)[0])
+    new = np.asarray(
+        rebalance_experts(w1, num_phy, groups, nodes, gpus, old_physical_to_logical=old)[0]
+    )
+    kept_slots_ok(old, new, gpus)
+    # Most rows stay where they are, so few slots change at all.
+    assert (new != old).mean() < 0.25
+
+
+def test_migration_with_empty_slots_and_duplicates():
+    num_log, num_phy, groups, nodes, gpus = 12, 16, 4, 2, 8
+    w0, w1 = drifted(4, (2, num_log), drift=0.3)
+    old = np.array(rebalance_experts(w0, num_phy, groups, nodes, gpus)[0])
+    dup = [p for p in range(num_phy) if (old[0] == old[0, p]).sum() > 1]
+    old[0, dup[0]] = -1  # an empty slot
+    old[1, 0], old[1, 1] = old[1, 1], old[1, 1]  # a duplicate on one GPU
+    if not set(range(num_log)) <= set(old[1].tolist()):
+        old[1] = np.array(rebalance_experts(w0, num_phy, groups, nodes, gpus)[0])[1]
+    out = rebalance_experts(w1, num_phy, groups, nodes, gpus, old_physical_to_logical=old)
+    check_valid(w1, num_phy, groups, nodes, gpus, out)
+    kept_slots_ok(old, np.asarray(out[0]), gpus)
+
+
+@pytest.mark.parametrize(
+    "gpus, slots, old, new",
+    [
+        # vLLM's intra-GPU rearrangement cases (facts: a GPU's new set, old slots kept).
+        (2, 4, [0, 1, 2, 3, 4, 5, 6, 7], [1, 5, 0, 4, 6, 2, 7, 3]),
+        (2, 5, [0, 1, 0, 2, 3, 4, 5, 6, 1, 2], [0, 5, 4, 0, 1, 6, 2, 3, 2, 1]),
+        (3, 4, [0, 1, 2, 3] * 3, [0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 0]),
+    ],
+)
+def test_preserve_slots(gpus, slots, old, new):
+    o = jnp.array([old], jnp.int32).reshape(1, gpus, slots)
+    n = jnp.array([new], jnp.int32).reshape(1, gpus, slots)
+    post = np.asarray(_preserve_slots(n, o)).reshape(1, -1)
+    assert post.shape == (1, gpus * slots)
+    kept_slots_ok(np.array([old]), post, gpus)
+    for g in range(gpus):
+        sl = slice(g * slots, (g + 1) * slots)
+        assert sorted(post[0, sl].tolist()) == sorted(new[sl])
+
+
+# ----------------------------------------------------------------- determinism and tracing
+
+
+def test_deterministic_repeated_and_traced_old():
+    num_log, num_phy, groups, nodes, gpus = CONFIGS[0]
+    w0, w1 = drifted(9, (L, num_log), drift=0.5)
+    old = rebalance_experts(w0, num_phy, groups, nodes, gpus)[0]
+
+    def run(w, o):
+        return rebalance_experts(w, num_phy, groups, nodes, gpus, old_physical_to_logical=o)
+
+    first = [np.asarray(x) for x in run(w1, old)]
+    again = [np.asarray(x) for x in run(w1, old)]
+    outer = jax.jit(run)  # the old map is a tracer inside
+    traced = [np.asarray(x) for x in outer(jnp.asarray(w1), old)]
+    outer(jnp.asarray(w0), old)
+    assert outer._cache_size() == 1
+    for outs in (again, traced):
+        for a, b in zip(first, outs, strict=True):
+            assert (a == b).all()
+
+
+def test_jit_equals_eager():
+    w = jnp.asarray(drifted(12, (1, 8))[1])
+    jitted = [np.asarray(x) for x in rebalance_experts(w, 12, 2, 2, 4)]
+    with jax.disable_jit():
+        eager = [np.asarray(x) for x in rebalance_experts(w, 12, 2, 2, 4)]
+    for a, b in zip(jitted, eager, strict=True):
+        assert (a == b).all()
+
+
+def test_one_trace_per_shape():
+    num_log, num_phy, groups, nodes, gpus = CONFIGS[2]
+    rng = np.random.default_rng(0)
+    # A shape no other test uses, so this test sees its first trace.
+    key = ((3, num_log), num_phy, 1, 1, gpus, False, False)
+    before = _policy.TRACE_COUNT[key]
+    for _ in range(3):
+        w = jnp.asarray(rng.random((3, num_log)), jnp.float32)
+        rebalance_experts(w, num_phy, groups, nodes, gpus)
+    assert _policy.TRACE_COUNT[key] - before == 1
+
+
+# -------------------------------------------------------------------------------- bad input
+
+GOOD = np.ones((2, 8), np.float32)
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, match",
+    [
+        ((np.ones((2, 12)), 16, 5, 1, 8), {}, r"num_groups: expected a divisor of the E = 12"),
+        ((GOOD, 9, 2, 2, 3), {}, r"num_gpus: expected a multiple of num_nodes = 2"),
+        ((GOOD, 14, 2, 2, 4), {}, r"num_replicas: expected a multiple of num_gpus = 4"),
+        ((GOOD, 4, 2, 2, 4), {}, r"num_replicas: expected at least one slot .*>= E = 8"),
+        ((-GOOD, 8, 2, 2, 4), {}, r"weight\[0, 0\] = -1.0: expected loads >= 0"),
+        ((GOOD * np.nan, 8, 2, 2, 4), {}, r"weight\[0, 0\] = nan: expected finite loads"),
+        (
+            (GOOD, 8, 2, 2, 4),
+            {"old_physical_to_logical": np.zeros((2, 9), np.int32)},
+            r"old_physical_to_logical: expected shape \[L, P\] = \(2, 8\)",
+        ),
+        (
+            (GOOD, 8, 2, 2, 4),
+            {"old_physical_to_logical": np.zeros((2, 8), np.int32)},
+            r"old_physical_to_logical\[0\]: expected every expert .* expert 1 has none",
+        ),
+        (
+            (GOOD, 8, 2, 2, 4),
+            {"old_physical_to_logical": np.full((2, 8), 8, np.int32)},
+            r"old_physical_to_logical\[0, 0\] = 8: expected an expert id in \[0, E = 8\)",
+        ),
+        ((np.ones(8), 8, 2, 2, 4), {}, r"weight: expected a 2-D array \[L, E\]"),
+    ],
+)
+def test_bad_input_value_errors(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        rebalance_experts(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, match",
+    [
+        ((GOOD, 8.0, 2, 2, 4), {}, r"num_replicas: expected a Python int, got float"),
+        ((GOOD, 8, 2, 2, True), {}, r"num_gpus: expected a Python int, got bool"),
+        (([[1.0] * 8], 8, 2, 2, 4), {}, r"weight: expected an array \[L, E\], got list"),
+        ((GOOD.astype(bool), 8, 2, 2, 4), {}, r"weight: expected a real .* dtype, got bool"),
+        (
+            (GOOD, 8, 2, 2, 4),
+            {"old_physical_to_logical": np.zeros((2, 8), np.float32)},
+            r"old_physical_to_logical: expected an integer dtype",
+        ),
+    ],
+)
+def test_bad_input_type_errors(args, kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        rebalance_experts(*args, **kwargs)
