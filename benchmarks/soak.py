@@ -321,7 +321,7 @@ def render_md(result: dict, command: str) -> str:
         f"| per-slot checksum checks | {r['checksum_checks']} ({r['slots_verified']} slots) |",
         f"| full byte-for-byte checks | {r['full_byte_checks']} |",
         f"| data lost or mixed up | {r['data_lost']} |",
-        f"| traces (move, fused policy, policy alone) | {r['traces']['move']}, "
+        f"| traces (move program, fused policy program, policy function) | {r['traces']['move']}, "
         f"{r['traces']['policy']}, {r['traces']['policy_eager']} |",
         f"| jit cache size (move, policy) | {r['cache_size']['move']}, "
         f"{r['cache_size']['policy']} |",
