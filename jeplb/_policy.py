@@ -30,6 +30,14 @@ Exactness and ties (the same rules on every backend):
 torch's sort and max do not promise an order for equal values, so on inputs with ties the reference
 may differ from this module; without ties both give the same replica counts and the same experts on
 every GPU (and the same slots).
+
+Migration-aware mode (``old_physical_to_logical`` given; ``_migrate``): the from-scratch placement
+sets the target (its heaviest GPU per layer); candidate group-to-node assignments near the old
+placement get their replica counts, a sticky packing (each replica on the GPU of the matching old
+replica while it has room) and swap refinement down to the target plus 1%; the from-scratch
+placement with nodes and GPUs relabelled to the old ones by overlap is the fallback. Each layer
+keeps the qualifying result with the fewest remote copies, and experts that stay on a GPU keep
+their slot. See ``docs/policy.md``.
 """
 
 from __future__ import annotations
