@@ -13,10 +13,11 @@ Each program runs a few warm-up steps (compilation included); then the programs 
 timed steps in turn (interleaved, so that a change of machine load hits all alike); the figures are
 medians. Slots compute at capacity factor 2 (``C = 2 T K / P`` rows per slot; pairs
 beyond it are dropped, as capacity-based MoE layers do), so expert compute does not swamp the rest.
-``rows/step`` counts the expert rows received from other devices per step,
-``MB/step`` their bytes. On GPUs the same run also measures the device's copy bandwidth (a jitted
-copy of a 1 GiB array, read + write) and reports the moved bytes per second of extra step time as a
-fraction of it.
+``rows/step`` counts the expert rows received from other devices per step, ``slots/step`` the
+slots whose expert changed (rows written), ``MB/step`` their bytes. On GPUs the same run also
+measures the device's copy bandwidth (a jitted copy of a 1 GiB array, read + write) and reports the
+written bytes per second of extra step time as a fraction of it (a written row is read and written once, like the copy's bytes; the extra time
+includes the policy and the plan, so this is an end-to-end figure, not the row-move kernel's).
 """
 
 from __future__ import annotations
@@ -70,11 +71,14 @@ def _copy_bandwidth(device, repeats: int) -> float:
     x = jax.device_put(jnp.zeros((1 << 28,), jnp.float32), device)
     f = jax.jit(lambda a: a + 1.0)
     jax.block_until_ready(f(x))
+    back_to_back = 10  # per sample, so that launch latency does not count
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        jax.block_until_ready(f(x))
-        times.append(time.perf_counter() - t)
+        for _ in range(back_to_back):
+            y = f(x)
+        jax.block_until_ready(y)
+        times.append((time.perf_counter() - t) / back_to_back)
     return 2 * x.nbytes / float(np.median(times))
 
 
@@ -130,16 +134,19 @@ def _run_case(case, devices, *, warmup: int, repeats: int, progress: bool) -> li
             batches=[workload.batch_at(i) for i in range(warmup + repeats)],
             times=[],
             moved=[],
+            changed=[],
             fired=0,
         )
 
     def run(p, i):
         params, state = p["carry"]
+        before = np.asarray(state.phy2log)
         t = time.perf_counter()
         params, state, y, info, _ = p["step"](params, state, *p["batches"][i])
         jax.block_until_ready((params, state, y))
+        dt = time.perf_counter() - t
         p["carry"] = (params, state)
-        return time.perf_counter() - t, info
+        return dt, info, int(np.sum(before != np.asarray(state.phy2log)))
 
     for variant, p in progs.items():  # warm-up, compilation included
         t0 = time.perf_counter()
@@ -155,8 +162,9 @@ def _run_case(case, devices, *, warmup: int, repeats: int, progress: bool) -> li
     # load affects every variant alike.
     for i in range(warmup, warmup + repeats):
         for p in progs.values():
-            dt, info = run(p, i)
+            dt, info, changed = run(p, i)
             p["times"].append(dt)
+            p["changed"].append(changed)
             if info is not None:
                 p["moved"].append(int(np.sum(info.remote_rows)))
                 p["fired"] += int(info.fired)
@@ -173,7 +181,8 @@ def _run_case(case, devices, *, warmup: int, repeats: int, progress: bool) -> li
                 min_ms=1e3 * float(np.min(p["times"])),
                 compile_s=p["compile_s"],
                 rows_per_step=float(np.median(moved)) if moved else 0.0,
-                bytes_per_step=float(np.median(moved)) * row_bytes if moved else 0.0,
+                slots_per_step=float(np.median(p["changed"])),
+                bytes_per_step=float(np.median(p["changed"])) * row_bytes,
                 fired=p["fired"],
                 repeats=repeats,
             )
@@ -187,7 +196,8 @@ def _run_case(case, devices, *, warmup: int, repeats: int, progress: bool) -> li
 
 
 def markdown(rows, copy_bw: float | None) -> str:
-    head = ["case", "variant", "median ms", "vs plain", "extra ms", "rows/step", "MB/step"]
+    head = ["case", "variant", "median ms", "vs plain", "extra ms", "rows/step", "slots/step"]
+    head += ["MB/step"]
     if copy_bw:
         head += ["moved GB/s", "of copy bw"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -199,10 +209,13 @@ def markdown(rows, copy_bw: float | None) -> str:
             f"{r['vs_plain']:.2f}x",
             f"{r['extra_ms']:+.2f}",
             f"{r['rows_per_step']:.0f}",
+            f"{r['slots_per_step']:.0f}",
             f"{r['bytes_per_step'] / 1e6:.2f}",
         ]
         if copy_bw:
-            rate = r["bytes_per_step"] / (r["extra_ms"] / 1e3) if r["extra_ms"] > 0 else 0.0
+            # Written slots are read once and written once: 2x their bytes, like the copy.
+            extra = r["extra_ms"] / 1e3
+            rate = 2 * r["bytes_per_step"] / extra if extra > 0 else 0.0
             r["moved_bytes_per_s"] = rate
             r["fraction_of_copy_bw"] = rate / copy_bw
             vals += [f"{rate / 1e9:.1f}", f"{rate / copy_bw:.1%}" if rate else "-"]
@@ -283,7 +296,8 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
         f"layers moved in every step; `progressive` one layer moved per step. Slot capacity "
         f"2 T K / P. Medians of {repeats} steps after {args.warmup} warm-up steps, the "
         f"variants' steps interleaved; rows/step: expert rows received from other devices per "
-        f"step (all devices). Load average at the end: "
+        f"step (all devices); slots/step: slots whose expert changed (rows written); MB/step: "
+        f"their bytes. Load average at the end: "
         f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs.\n\n"
         + (f"Device copy bandwidth (same run): {copy_bw / 1e9:.0f} GB/s.\n\n" if copy_bw else "")
         + markdown(rows, copy_bw)
