@@ -241,6 +241,7 @@ def _swap_refine(
     payload: tuple[jax.Array, ...],
     slots: int,
     stop: jax.Array | None = None,
+    held: jax.Array | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     """Lowers each row's heaviest GPU by swapping two replicas between GPUs, while that helps.
 
@@ -255,6 +256,9 @@ def _swap_refine(
       payload: int32[X, P_x] arrays that travel with the replicas (expert ids, ranks).
       slots: S.
       stop: optional float32[X]; a row stops as soon as its heaviest GPU is at or under it.
+      held: optional bool[X, P_x // S, n]: whether each GPU held each expert before (``payload[0]``
+        holds the expert ids in [0, n)). Then the pair is chosen by the change in the number of
+        replicas away from the GPUs that held them first (fewest), the pair maximum second.
 
     Returns:
       The swapped (slot_load, payload).
@@ -285,6 +289,20 @@ def _swap_refine(
             & (delta > 0)
             & (pair < top[:, None, None] - tol)
         )
+        if held is not None:
+            n = held.shape[2]
+            flat = held.reshape(x_rows, gpus * n)
+            e = pay[0]
+            e_h = jnp.take_along_axis(e, h_slots, 1)  # [X, S]
+
+            def away(gpu, expert):
+                return ~jnp.take_along_axis(flat, (gpu * n + expert).reshape(x_rows, -1), 1)
+
+            after = away(gpu_of_slot[None, None, :], e_h[:, :, None]).reshape(delta.shape)
+            after = after.astype(jnp.int32) + away(h[:, None], e)[:, None, :]
+            before = away(h[:, None], e_h)[:, :, None].astype(jnp.int32)
+            before = before + away(gpu_of_slot[None, :], e)[:, None, :]
+            pair = pair + (after - before).astype(jnp.float32) * (2.0 * top[:, None, None])
         score = jnp.where(ok, pair, jnp.inf).reshape(x_rows, slots * p_x)
         best = jnp.argmin(score, axis=1)
         found = active & jnp.isfinite(score[rows, best])
@@ -606,7 +624,7 @@ def _migrate(
         target_x = jnp.tile(jnp.repeat(target, nodes), num_cands)  # [CX]
         limit = target_x * (1.0 + _MIGRATION_SLACK)
         e_load = jnp.take_along_axis(rep_load, entries, 1)
-        _, (entries,) = _swap_refine(e_load, (entries,), slots, stop=limit)
+        _, (entries,) = _swap_refine(e_load, (entries,), slots, stop=limit, held=old_has)
         entries = entries.reshape(cx, d_n, slots)
 
     with jax.named_scope("relabel_gpus"):
