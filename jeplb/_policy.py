@@ -270,6 +270,10 @@ def _swap_refine(
     max_iters = _MAX_SWAPS_PER_GPU * p_x
     gpu_of_slot = jnp.arange(p_x, dtype=jnp.int32) // slots
     rows = jnp.arange(x_rows)
+    if held is not None:
+        n_held = held.shape[2]
+        held_t = jnp.swapaxes(held, 1, 2)  # [X, n, G]
+        held_flat = held.reshape(x_rows, gpus * n_held)
 
     def body(state):
         it, active, load, pay = state
@@ -290,18 +294,16 @@ def _swap_refine(
             & (pair < top[:, None, None] - tol)
         )
         if held is not None:
-            n = held.shape[2]
-            flat = held.reshape(x_rows, gpus * n)
             e = pay[0]
             e_h = jnp.take_along_axis(e, h_slots, 1)  # [X, S]
-
-            def away(gpu, expert):
-                return ~jnp.take_along_axis(flat, (gpu * n + expert).reshape(x_rows, -1), 1)
-
-            after = away(gpu_of_slot[None, None, :], e_h[:, :, None]).reshape(delta.shape)
-            after = after.astype(jnp.int32) + away(h[:, None], e)[:, None, :]
-            before = away(h[:, None], e_h)[:, :, None].astype(jnp.int32)
-            before = before + away(gpu_of_slot[None, :], e)[:, None, :]
+            held_h = jnp.take_along_axis(held, h[:, None, None], 1)[:, 0]  # [X, n]
+            # Replica i of h moved to slot j's GPU; replica j moved to h; before: where they are.
+            i_to = jnp.take_along_axis(held_t, e_h[:, :, None], 1)  # [X, S, G]
+            after = jnp.repeat(~i_to, slots, axis=2).astype(jnp.int32)  # [X, S, P_x]
+            after = after + (~jnp.take_along_axis(held_h, e, 1))[:, None, :]
+            before = (~jnp.take_along_axis(held_h, e_h, 1))[:, :, None].astype(jnp.int32)
+            here = jnp.take_along_axis(held_flat, gpu_of_slot * n_held + e, 1)
+            before = before + (~here)[:, None, :]
             pair = pair + (after - before).astype(jnp.float32) * (2.0 * top[:, None, None])
         score = jnp.where(ok, pair, jnp.inf).reshape(x_rows, slots * p_x)
         best = jnp.argmin(score, axis=1)
