@@ -17,8 +17,10 @@ replicas) are those of the reference, which reproduces DeepSeek's README example
 
 Exactness and ties (the same rules on every backend):
 
-* loads are cast to float32; group loads are float32 sums, a replica's load is ``load / count`` in
-  float32, a pack's load is the float32 running sum of its items in packing order. Integer loads
+* loads are cast to float32; group loads are float32 sums in expert order, a replica's load is
+  ``load / count`` in float32, a pack's load is the float32 running sum of its items in packing
+  order, a GPU's load (refinement, migration) the float32 sum of its slots in slot order; every
+  sum is an explicit left-to-right chain, so no backend's reduction order enters. Integer loads
   below 2**24 are exact, so integer token counts give the same placement everywhere.
 * items are packed heaviest first; equal loads in increasing index (a stable sort with the index as
   the second key);
@@ -88,6 +90,15 @@ class _NodeLayout(NamedTuple):
 
 def _rows(x: jax.Array) -> jax.Array:
     return jnp.arange(x.shape[0], dtype=jnp.int32)[:, None]
+
+
+def _fold_sum(x: jax.Array) -> jax.Array:
+    """float32 sum over the last axis, strictly left to right (the same rounding on every backend,
+    where a reduction's order is the backend's choice)."""
+    acc = x[..., 0]
+    for k in range(1, x.shape[-1]):
+        acc = acc + x[..., k]
+    return acc
 
 
 def _inverse(perm: jax.Array) -> jax.Array:
@@ -207,7 +218,7 @@ def _node_layout(
     slots = num_phy // num_gpus
 
     with jax.named_scope("groups_to_nodes"):
-        group_load = w.reshape(num_layers, num_groups, group_size).sum(-1)
+        group_load = _fold_sum(w.reshape(num_layers, num_groups, group_size))
         node, node_rank = _pack(group_load, num_nodes)
         first = (node * groups_per_node + node_rank) * group_size
         log2mlog = (first[:, :, None] + jnp.arange(group_size, dtype=jnp.int32)).reshape(
@@ -277,7 +288,7 @@ def _swap_refine(
 
     def body(state):
         it, active, load, pay = state
-        gpu_load = load.reshape(x_rows, gpus, slots).sum(-1)
+        gpu_load = _fold_sum(load.reshape(x_rows, gpus, slots))
         h = jnp.argmax(gpu_load, axis=1).astype(jnp.int32)
         top = gpu_load[rows, h]
         h_slots = h[:, None] * slots + jnp.arange(slots, dtype=jnp.int32)  # [X, S]
@@ -468,13 +479,13 @@ def _old_group_layouts(w: jax.Array, old: jax.Array, groups: int, nodes: int):
     single = jnp.all(jnp.sum(hits > 0, axis=2) == 1, axis=1)
     same = g_node[:, :, None] == node_ids
     even = jnp.all(jnp.sum(same, axis=1) == per_node, axis=1)
-    g_load = w.reshape(num_layers, groups, group_size).sum(-1)
+    g_load = _fold_sum(w.reshape(num_layers, groups, group_size))
     rows = jnp.arange(num_layers)
     layouts = [_group_log2mlog(g_node, per_node, group_size)]
     for _ in range(_GROUP_SWAPS):
         # The best swap of two groups on different nodes, by heaviest node load.
         same = g_node[:, :, None] == node_ids
-        n_load = jnp.sum(jnp.where(same, g_load[:, :, None], 0.0), axis=1)  # [L, N]
+        n_load = _fold_sum(jnp.where(same, g_load[:, :, None], 0.0).swapaxes(1, 2))  # [L, N]
         a = g_node[:, :, None, None]  # node of g
         b = g_node[:, None, :, None]  # node of g'
         d = (g_load[:, None, :] - g_load[:, :, None])[..., None]  # g' in, g out of node a
@@ -642,7 +653,7 @@ def _migrate(
 
     with jax.named_scope("choose"):
         flat = variants.reshape(cx, 2 * d_n * slots)
-        loads = jnp.take_along_axis(rep_load, flat, 1).reshape(cx, 2, d_n, slots).sum(-1)
+        loads = _fold_sum(jnp.take_along_axis(rep_load, flat, 1).reshape(cx, 2, d_n, slots))
         gpu_ids = jnp.broadcast_to(
             jnp.arange(d_n, dtype=jnp.int32)[None, :, None], (2, d_n, slots)
         ).reshape(-1)
@@ -717,7 +728,7 @@ def _rebalance_jit(
                 slot_load, (slot_mlog, slot_rank), slots
             )
     if old_phy2log is not None:
-        target = slot_load.reshape(num_layers, -1, slots).sum(-1).max(-1)
+        target = _fold_sum(slot_load.reshape(num_layers, -1, slots)).max(-1)
         phy2log = _migrate(
             w,
             old_phy2log.astype(jnp.int32),

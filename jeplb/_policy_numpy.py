@@ -4,8 +4,9 @@ It serves as the independent reference of the tests and as the baseline of the p
 It follows the steps of DeepSeek's hierarchical policy one loop at a time, with the tie rules that
 `jeplb._policy` documents, so the two must agree exactly on every input:
 
-* arithmetic in float32 (loads are cast first; a replica's load is ``load / count`` in float32; a
-  pack's load is the float32 running sum of its items, in packing order);
+* arithmetic in float32 (loads are cast first; a group's load is the float32 sum of its experts
+  left to right; a replica's load is ``load / count`` in float32; a pack's load is the float32
+  running sum of its items, in packing order);
 * items are packed heaviest first, equal loads in increasing item index;
 * an item goes to the lightest pack that still has room, equal loads to the lowest pack index;
 * a redundant replica goes to the expert with the largest ``load / count``, equal values to the
@@ -82,7 +83,10 @@ def _hierarchical(
     slots_per_gpu = num_phy // num_gpus
 
     # 1. groups onto nodes; node-local ("mlog") order: node, then rank in node, then expert in group
-    group_load = weight.reshape(num_layers, num_groups, group_size).sum(-1, dtype=np.float32)
+    grouped = weight.reshape(num_layers, num_groups, group_size)
+    group_load = grouped[..., 0].copy()
+    for k in range(1, group_size):  # left to right in float32, as the jnp implementation
+        group_load = (group_load + grouped[..., k]).astype(np.float32)
     node, node_rank = _pack(group_load, num_nodes)
     mlog_of_log = np.zeros((num_layers, num_log), dtype=np.int64)
     for layer in range(num_layers):
