@@ -65,6 +65,14 @@ CASES = (
 QUICK_CASES = (CASES[0], CASES[3])
 
 
+def _results_dir() -> str:
+    """benchmarks/results of the source checkout when there is one, else under the working dir."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isdir(os.path.join(root, "benchmarks")):
+        return os.path.join(root, "benchmarks", "results")
+    return os.path.join("benchmarks", "results")
+
+
 def _loads(case: Case, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return (rng.lognormal(0.0, 1.0, size=(case.layers, case.experts)) * 1000).astype(np.float32)
@@ -269,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         + markdown(rows)
     )
     print(text)
-    out = args.out or os.path.join("benchmarks", "results", f"policy_{platform}.md")
+    out = args.out or os.path.join(_results_dir(), f"policy_{platform}.md")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
         f.write(text)
