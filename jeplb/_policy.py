@@ -554,12 +554,14 @@ def _migrate(
 
     Candidates (C of them) are group-to-node assignments: the from-scratch one with its nodes
     relabelled to the old nodes by overlap and, in the hierarchical policy, the old placement's own
-    one and that one with the best single swap of two groups. For each candidate and node row
-    (X = L * nodes rows), the replica counts of that candidate's node loads are packed sticky
-    (each kept replica on its old GPU) and swap-refined down to the from-scratch maximum plus
-    the slack; the first candidate also has the from-scratch row with its GPUs relabelled by
-    overlap. Each row keeps its cheapest variant within the slack, each layer its cheapest
-    candidate whose rows all are; the from-scratch relabelled row guarantees one.
+    one and that one after 1 .. _GROUP_SWAPS greedy swaps of two groups. For each candidate and
+    node row (X = L * nodes rows), the replica counts of that candidate's node loads are packed
+    sticky (each kept replica on its old GPU) and swap-refined, fewest new copies first, down to
+    the from-scratch maximum plus the slack; the first candidate also has the from-scratch row
+    with its GPUs relabelled by overlap. Each row keeps its cheapest variant within the slack (ties:
+    the sticky one), each layer its cheapest candidate whose rows all qualify (ties: the lower
+    candidate); the relabelled from-scratch rows guarantee one. Cost: remote copies, experts a GPU
+    did not hold before.
 
     Args:
       w: float32[L, E] cleaned loads.
