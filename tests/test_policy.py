@@ -179,6 +179,12 @@ def test_valid_placement(config, seed, migrate, zeros):
         jnp.asarray(w), num_phy, groups, nodes, gpus, old_physical_to_logical=old
     )
     check_valid(w, num_phy, groups, nodes, gpus, out)
+    if migrate:
+        # Within 1% of the from-scratch maximum on every layer; kept experts keep their slots.
+        scratch = rebalance_experts(jnp.asarray(w), num_phy, groups, nodes, gpus)[0]
+        top = np.asarray(balancedness(out[0], w, gpus).max)
+        assert (top <= np.asarray(balancedness(scratch, w, gpus).max) * 1.01 + 1e-3).all()
+        kept_slots_ok(old, np.asarray(out[0]), gpus)
 
 
 @pytest.mark.parametrize("config", CONFIGS)
