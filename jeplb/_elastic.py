@@ -133,8 +133,8 @@ def _check_ids(m: np.ndarray, name: str, num_experts: int, *, complete: bool) ->
                 )
 
 
-def _device_positions(mesh, axis_name: str) -> list[Any]:
-    """The devices of a mesh in order along ``axis_name`` (the only axis of size > 1)."""
+def _device_positions(mesh) -> list[Any]:
+    """The devices of a mesh in order along its expert-parallel axis (its only axis of size > 1)."""
     return list(np.asarray(mesh.devices).reshape(-1))
 
 
@@ -256,18 +256,19 @@ def recover_experts(
       >>> bool((w2 == rec.phy2log).all())  # every slot holds its expert
       True
     """
-    old = _as_placement(old_phy2log, "old_phy2log")
-    if not callable(loader):
-        raise TypeError(f"loader: expected a callable (layer, expert) -> arrays, got {loader!r}")
+    # First, before any check that could fail on one process only: every process has the same maps.
     _agree.check_processes_agree(
         {
-            "old_phy2log": old,
+            "old_phy2log": old_phy2log,
             "new_phy2log": new_phy2log,
             "load": _as_bits(load),
             "lost_devices": None if lost_devices is None else np.asarray(lost_devices),
         },
         where="recover_experts",
     )
+    old = _as_placement(old_phy2log, "old_phy2log")
+    if not callable(loader):
+        raise TypeError(f"loader: expected a callable (layer, expert) -> arrays, got {loader!r}")
     leaves, treedef = jax.tree_util.tree_flatten(expert_weights)
     if not leaves:
         raise ValueError("expert_weights: expected a pytree with at least one array leaf, got none")
@@ -297,8 +298,8 @@ def recover_experts(
             f"than num_experts = {num_experts}; every expert needs a slot (use more devices)"
         )
 
-    old_devices = _device_positions(old_mesh, axis_name)
-    new_devices = _device_positions(mesh, axis_name)
+    old_devices = _device_positions(old_mesh)
+    new_devices = _device_positions(mesh)
     if lost_devices is None:
         lost = tuple(i for i, dev in enumerate(old_devices) if dev not in new_devices)
     else:

@@ -13,7 +13,10 @@ import json
 import logging
 import os
 import sys
+import time
 import traceback
+
+START = time.perf_counter()
 
 NUM_PROCESSES = 2
 LOCAL_DEVICES = 4
@@ -31,6 +34,7 @@ def main(process_id: int, port: int, out_dir: str) -> None:
         initialization_timeout=60,
     )
     results = {"process": process_id, "collectives": jax.config.jax_cpu_collectives_implementation}
+    results["seconds"] = {"initialize": round(time.perf_counter() - START, 1)}
     try:
         run_scenarios(results)
     finally:
@@ -174,6 +178,7 @@ def run_scenarios(results: dict) -> None:
         for k, v in host.items():
             shards += check_shards(v, out[k], old, new, d)
         plans += 1
+    results["seconds"]["rearrange"] = round(time.perf_counter() - START, 1)
     results["rearrange"] = {"plans": plans, "shards_checked": shards}
 
     # 2. The policy is deterministic across processes: identical maps from identical loads.
@@ -185,6 +190,7 @@ def run_scenarios(results: dict) -> None:
         maps = jeplb.rebalance_experts(load[:, :e], 24, groups, nodes, 8)
         fps.append(_host_fingerprint({"phy2log": np.asarray(maps[0])}).tolist())
     all_fps = everyone(np.asarray(fps, np.int64))
+    results["seconds"]["policy"] = round(time.perf_counter() - START, 1)
     results["policy"] = {"fingerprints": fps, "identical": bool((all_fps == all_fps[0]).all())}
     assert results["policy"]["identical"], all_fps
 
@@ -228,6 +234,7 @@ def run_scenarios(results: dict) -> None:
             )
             step_shards += 1
     fp = everyone(_host_fingerprint({"phy2log": p2l}))
+    results["seconds"]["step"] = round(time.perf_counter() - START, 1)
     results["step"] = {
         "fired": fired,
         "balancedness": balance,
@@ -263,6 +270,7 @@ def run_scenarios(results: dict) -> None:
     assert bool(np.asarray(last.fired))
     assert not np.asarray(last.layer_ok).any() and not np.asarray(last.moved).any()
     assert np.array_equal(np.asarray(state.phy2log), p2l0)
+    results["seconds"]["step_mismatch"] = round(time.perf_counter() - START, 1)
     results["step_mismatch"] = {
         "fired": bool(np.asarray(last.fired)),
         "layer_ok": np.asarray(last.layer_ok).tolist(),
@@ -303,6 +311,7 @@ def run_scenarios(results: dict) -> None:
     out, report = step(_global(old, mesh, P()), _global(new, mesh, P()), out)
     assert bool(np.asarray(report.ok).all())
     exact = sum(check_shards(v, out[k], old, new, d) for k, v in host.items())
+    results["seconds"]["mismatch"] = round(time.perf_counter() - START, 1)
     results["mismatch"] = {
         "host_error": message,
         "device_ok_flags": ok.tolist(),
