@@ -94,7 +94,7 @@ def balancedness(phy2log: jax.Array, logical_load: jax.Array, num_gpus: int) -> 
     Example:
       >>> import jax.numpy as jnp
       >>> b = balancedness(jnp.array([[0, 1, 0, 2]]), jnp.array([[4.0, 1.0, 3.0]]), 2)
-      >>> float(b.balancedness)
+      >>> round(float(b.balancedness), 6)
       0.8
     """
     loads = device_loads(phy2log, logical_load, num_gpus)
