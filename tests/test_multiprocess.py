@@ -133,3 +133,16 @@ def test_different_maps_clear_error_nothing_moved(workers):
         assert m["after_agreement_exact_shards"] == 3 * 4
     # The warning is logged once, by the process that holds the mesh's first device.
     assert workers[0]["mismatch"]["logged"]
+
+
+def test_elastic_recovery_across_processes(workers):
+    loaded = {tuple(x) for x in workers[0]["elastic"]["loaded"]}
+    assert loaded == {tuple(x) for x in workers[1]["elastic"]["loaded"]}
+    # Experts 0..5 of both layers lived only on the two lost devices.
+    assert loaded == {(layer, e) for layer in range(2) for e in range(6)}
+    calls = [{tuple(x) for x in r["elastic"]["calls"]} for r in workers]
+    # Each process loaded only what its devices needed; together, every lost expert.
+    assert calls[0] | calls[1] == loaded
+    for r in workers:
+        assert r["elastic"]["new_devices"] == 6
+        assert r["elastic"]["shards_checked"] == 3 * 3  # 3 leaves x 3 remaining local devices
