@@ -11,6 +11,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from . import _validate
 
 __all__ = ["Balance", "balancedness", "device_loads", "remote_copies"]
 
@@ -32,9 +35,39 @@ class Balance(NamedTuple):
     balancedness: jax.Array
 
 
+def _check_map(m: jax.Array, name: str, num_experts: int | None = None) -> None:
+    """Integer dtype; on concrete values, ids in [-1, E)."""
+    if not jnp.issubdtype(m.dtype, jnp.integer):
+        raise TypeError(f"{name}: expected an integer map (int32), got dtype {m.dtype}")
+    if not _validate.is_concrete(m):
+        return
+    v = np.asarray(m)
+    high = num_experts if num_experts is not None else np.iinfo(np.int32).max
+    bad = np.argwhere((v < -1) | (v >= high))
+    if bad.size:
+        at = [int(i) for i in bad[0]]
+        want = f"[0, E = {num_experts})" if num_experts is not None else ">= 0"
+        raise ValueError(f"{name}{at} = {v[tuple(at)]}: expected an expert id in {want} or -1")
+
+
 def _check_shapes(phy2log: jax.Array, logical_load: jax.Array, num_gpus: int) -> None:
     if phy2log.ndim != 2:
         raise ValueError(f"phy2log: expected a 2-D map [L, P], got shape {tuple(phy2log.shape)}")
+    if not (
+        jnp.issubdtype(logical_load.dtype, jnp.integer)
+        or jnp.issubdtype(logical_load.dtype, jnp.floating)
+    ):
+        raise TypeError(f"logical_load: expected a real dtype, got {logical_load.dtype}")
+    if logical_load.ndim == 2:
+        _check_map(phy2log, "phy2log", logical_load.shape[1])
+    if logical_load.ndim == 2 and _validate.is_concrete(logical_load):
+        v = np.asarray(logical_load, np.float64)
+        bad = np.argwhere(~np.isfinite(v) | (v < 0))
+        if bad.size:
+            at = [int(i) for i in bad[0]]
+            raise ValueError(
+                f"logical_load{at} = {v[tuple(at)]}: expected finite loads >= 0 (token counts)"
+            )
     if logical_load.ndim != 2 or logical_load.shape[0] != phy2log.shape[0]:
         raise ValueError(
             f"logical_load: expected [L, E] with L = {phy2log.shape[0]} (phy2log's layers), got "
@@ -131,6 +164,8 @@ def remote_copies(old_phy2log: jax.Array, new_phy2log: jax.Array, num_gpus: int)
             f"new_phy2log: expected the shape of old_phy2log {tuple(old.shape)} ([L, P]), got "
             f"{tuple(new.shape)}"
         )
+    _check_map(old, "old_phy2log")
+    _check_map(new, "new_phy2log")
     num_layers, num_phy = old.shape
     if num_gpus < 1 or num_phy % num_gpus:
         raise ValueError(f"num_gpus: expected a divisor of P = {num_phy}, got {num_gpus}")
