@@ -239,6 +239,9 @@ def policy_times():
     out.append(
         PolicyRow("deepseek-v3 58x256->288, 8 groups, 4 nodes, 32 GPUs", "from scratch", t * 1e3)
     )
+    fr = jax.jit(lambda w: rebalance_experts(w, 288, 8, 4, 32, refine=True))
+    t = median_s(lambda: fr(load), reps=20)
+    out.append(PolicyRow("deepseek-v3 58x256->288, 8 groups, 4 nodes, 32 GPUs", "refine", t * 1e3))
     old = f(load)[0]
     drift = load * jnp.asarray(rng.uniform(0.7, 1.3, load.shape).astype(np.float32))
     g = jax.jit(lambda w, o: rebalance_experts(w, 288, 8, 4, 32, old_physical_to_logical=o))

@@ -61,3 +61,29 @@ def test_auto_resolution_and_errors():
             jnp.int32(1),
             impl="pallas",
         )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float8_e4m3fn])
+def test_compiled_pallas_rearrange_on_gpu(dtype):
+    # The compiled (not interpreted) kernel through the public path, on a one-GPU mesh.
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import jeplb
+
+    gpu = jax.devices("gpu")[:1]
+    mesh = jax.make_mesh((1,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,), devices=gpu)
+    rng = np.random.default_rng(1)
+    n, width = 6, 1 << 15  # rows of 32 K elements: Pallas under row_impl="auto"
+    host = rng.integers(0, 256, (2, n, width * np.dtype(dtype).itemsize), np.uint8).view(dtype)
+    old = np.tile(np.arange(n, dtype=np.int32), (2, 1))
+    new = np.array([[5, 5, 0, 1, 2, 3], [1, 0, 3, 2, 5, 4]], np.int32)
+    w = jax.device_put(host, NamedSharding(mesh, P(None, "ep")))
+    assert _rows.resolve_impl("auto", _rows.to_rows(w, 2, "gpu"), "gpu") == "pallas"
+    out = np.asarray(jeplb.rearrange_expert_weights(old, new, w, mesh=mesh))
+    for layer in range(2):
+        for p in range(n):
+            np.testing.assert_array_equal(
+                out[layer, p].view(np.uint8), host[layer, new[layer, p]].view(np.uint8)
+            )
