@@ -20,13 +20,24 @@ def _has_gpu() -> bool:
         return False
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "devices(n): needs n devices on the default backend (skipped with fewer)"
+    )
+
+
 def pytest_collection_modifyitems(config, items):
-    if _has_gpu():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    # With a GPU the default backend is the GPU: tests that build an n-device mesh on it skip when
+    # it has fewer devices, and the device-independent ones still run there.
+    have = jax.device_count()
+    gpu = _has_gpu()
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        marker = item.get_closest_marker("devices")
+        if marker is not None and have < marker.args[0]:
+            reason = f"needs {marker.args[0]} devices, the default backend has {have}"
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")

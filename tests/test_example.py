@@ -127,7 +127,9 @@ def test_model_rejects_bad_input(cpu_devices):
             MoEConfig(num_experts=9, num_redundant_experts=8), mesh=mesh, rngs=nnx.Rngs(0)
         )
     with pytest.raises(ValueError, match=r"mesh: expected a jax.sharding.Mesh with an axis 'ep'"):
-        MoETransformer(_config(), mesh=jax.make_mesh((8,), ("x",)), rngs=nnx.Rngs(0))
+        MoETransformer(
+            _config(), mesh=jax.make_mesh((8,), ("x",), devices=cpu_devices), rngs=nnx.Rngs(0)
+        )
     with pytest.raises(ValueError, match=r"phy2log: expected shape \[L, P\] = \(2, 16\)"):
         MoETransformer(_config(), mesh=mesh, rngs=nnx.Rngs(0), phy2log=np.zeros((2, 8), int))
 
@@ -162,6 +164,7 @@ def _python_blocks(name: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.devices(8)  # the documented examples build 8-device meshes on the default backend
 @pytest.mark.parametrize(
     ("doc", "index"), [("README.md", 0), ("docs/integration.md", 0), ("docs/integration.md", 1)]
 )

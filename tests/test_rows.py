@@ -75,7 +75,7 @@ def test_compiled_pallas_rearrange_on_gpu(dtype):
     gpu = jax.devices("gpu")[:1]
     mesh = jax.make_mesh((1,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,), devices=gpu)
     rng = np.random.default_rng(1)
-    n, width = 6, 1 << 15  # rows of 32 K elements: Pallas under row_impl="auto"
+    n, width = 6, 1 << 16  # rows of 64 K elements (>= 64 KiB): Pallas under row_impl="auto"
     host = rng.integers(0, 256, (2, n, width * np.dtype(dtype).itemsize), np.uint8).view(dtype)
     old = np.tile(np.arange(n, dtype=np.int32), (2, 1))
     new = np.array([[5, 5, 0, 1, 2, 3], [1, 0, 3, 2, 5, 4]], np.int32)

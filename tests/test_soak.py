@@ -8,7 +8,7 @@ import pathlib
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.devices(8)]  # 8-device meshes, default backend
 
 SOAK = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "soak.py"
 

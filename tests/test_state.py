@@ -211,6 +211,7 @@ def test_dispatch_prefers_a_local_replica(placed):
     np.testing.assert_array_equal(local0, holds0)
 
 
+@pytest.mark.devices(8)
 def test_dispatch_prefer_local_inside_shard_map_uses_the_axis_index(placed):
     mesh = mesh8()
     ids, _ = routed(4, t=8 * 4)

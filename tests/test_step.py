@@ -19,6 +19,8 @@ from jeplb._dispatch import dispatch
 from jeplb._state import EplbState
 from jeplb._step import eplb_step, eplb_step_local
 
+pytestmark = pytest.mark.devices(8)  # 8-device meshes on the default backend
+
 D, E, R, H, T, K = 8, 8, 8, 4, 48, 2  # P = 16 slots, N_local = 2
 
 
