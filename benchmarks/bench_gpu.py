@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -22,6 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jeplb import _rows, _transfer
+from jeplb._benchio import table, write_results
 
 ROWS = {  # bytes per expert row
     "deepseek-v3 (88.1 MB)": 7168 * 2048 * 3 * 2,
@@ -259,19 +259,6 @@ def policy_times():
     return out
 
 
-def markdown(rows, title):
-    if not rows:
-        return ""
-    fields = [f.name for f in dataclasses.fields(rows[0])]
-    lines = [f"### {title}", "", "| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
-    for r in rows:
-        vals = [getattr(r, f) for f in fields]
-        lines.append(
-            "| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in vals) + " |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -296,31 +283,26 @@ def main(argv=None):
         "compares with a plain copy of as many bytes as the move reads, timed the same way. "
         "Times are medians of 10 samples after warm-up; a sample is enough back-to-back calls "
         "to last 20 ms, synchronised once.\n\n"
-        + markdown(moves, "Local row moves (weights -> staging buffer), 36 rows per device")
+        + table(moves, "Local row moves (weights -> staging buffer), 36 rows per device")
         + "\n"
-        + markdown(reb, "Full one-GPU rebalance of a DeepSeek-V3-like local shard, per layer")
+        + table(reb, "Full one-GPU rebalance of a DeepSeek-V3-like local shard, per layer")
         + "\n"
-        + markdown(pol, "Placement policy on the GPU (ms per call after compilation)")
+        + table(pol, "Placement policy on the GPU (ms per call after compilation)")
     )
     print(text)
-    out = args.out or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results", "gpu_h200.md"
+    write_results(
+        text,
+        args.out
+        or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "gpu_h200.md"),
+        json_path=args.json,
+        payload={
+            "ceiling_bytes_per_s": ceiling,
+            "moves": [dataclasses.asdict(r) for r in moves],
+            "rebalance": [dataclasses.asdict(r) for r in reb],
+            "policy": [dataclasses.asdict(r) for r in pol],
+            "command": cmd,
+        },
     )
-    with open(out, "w") as f:
-        f.write(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "ceiling_bytes_per_s": ceiling,
-                    "moves": [dataclasses.asdict(r) for r in moves],
-                    "rebalance": [dataclasses.asdict(r) for r in reb],
-                    "policy": [dataclasses.asdict(r) for r in pol],
-                    "command": cmd,
-                },
-                f,
-                indent=1,
-            )
 
 
 if __name__ == "__main__":

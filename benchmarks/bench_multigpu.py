@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -35,6 +34,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from jeplb import _bench_transfer, _transfer  # noqa: E402
+from jeplb._benchio import table, write_results  # noqa: E402
 
 ROWS = {"deepseek-v3 88.1 MB": 7168 * 2048 * 3 * 2, "qwen3-235b 37.7 MB": 4096 * 1536 * 3 * 2}
 
@@ -130,19 +130,6 @@ def run_case(mesh, row_name, row_bytes, kind, *, slots_per_device, layers, ceili
     )
 
 
-def markdown(rows, title):
-    if not rows:
-        return ""
-    fields = [f.name for f in dataclasses.fields(rows[0])]
-    lines = [f"### {title}", "", "| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
-    for r in rows:
-        vals = [getattr(r, f) for f in fields]
-        lines.append(
-            "| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in vals) + " |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--row-scale", type=int, default=1, help="divide the row sizes by this")
@@ -189,24 +176,19 @@ def main(argv=None) -> int:
         + "".join(f"- EP = {ep}: not run, only {len(dev)} devices\n" for ep in skipped)
         + f"- transfer programs built: {compiles} (one per mesh; plans are traced values)\n"
         + "- ragged_all_to_all collective stage: not implemented yet, not run\n\n"
-        + markdown(rows, "rearrange_expert_weights, ppermute rounds, per layer")
+        + table(rows, "rearrange_expert_weights, ppermute rounds, per layer")
     )
     print(text)
-    out = args.out or os.path.join("benchmarks", "results", f"multigpu_{platform}.md")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-        f.write(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "command": cmd,
-                    "ceilings": ceilings,
-                    "rows": [dataclasses.asdict(r) for r in rows],
-                },
-                f,
-                indent=1,
-            )
+    write_results(
+        text,
+        args.out or os.path.join("benchmarks", "results", f"multigpu_{platform}.md"),
+        json_path=args.json,
+        payload={
+            "command": cmd,
+            "ceilings": ceilings,
+            "rows": [dataclasses.asdict(r) for r in rows],
+        },
+    )
     return 0
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -29,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._balance import balancedness, remote_copies
+from ._benchio import write_results
 from ._policy import _rebalance_jit, rebalance_experts
 from ._policy_numpy import rebalance_experts_numpy
 
@@ -277,19 +277,14 @@ def main(argv: list[str] | None = None) -> int:
         + markdown(rows)
     )
     print(text)
-    out = args.out or os.path.join(_results_dir(), f"policy_{platform}.md")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-        f.write(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "platform": platform,
-                    "command": cmd,
-                    "rows": [dataclasses.asdict(r) for r in rows],
-                },
-                f,
-                indent=1,
-            )
+    write_results(
+        text,
+        args.out or os.path.join(_results_dir(), f"policy_{platform}.md"),
+        json_path=args.json,
+        payload={
+            "platform": platform,
+            "command": cmd,
+            "rows": [dataclasses.asdict(r) for r in rows],
+        },
+    )
     return 0

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import time
 from typing import Any
 
 import numpy as np
+
+from ._benchio import write_results
 
 __all__ = ["main"]
 
@@ -303,25 +304,18 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
         + markdown(rows, copy_bw)
     )
     print(text)
-    out = args.out or os.path.join("benchmarks", "results", f"step_{platform}.md")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-        f.write(text)
-    print(f"results written to {out}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "platform": platform,
-                    "devices": d,
-                    "command": cmd,
-                    "copy_bytes_per_s": copy_bw,
-                    "rows": rows,
-                },
-                f,
-                indent=1,
-            )
-            f.write("\n")
+    write_results(
+        text,
+        args.out or os.path.join("benchmarks", "results", f"step_{platform}.md"),
+        json_path=args.json,
+        payload={
+            "platform": platform,
+            "devices": d,
+            "command": cmd,
+            "copy_bytes_per_s": copy_bw,
+            "rows": rows,
+        },
+    )
     return 0
 
 

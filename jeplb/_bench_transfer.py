@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -27,6 +26,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from . import _plan, _transfer
+from ._benchio import table, write_results
 
 __all__ = ["main", "make_plan", "run_time", "run_wire"]
 
@@ -234,20 +234,6 @@ def run_time(
     return out
 
 
-def markdown(rows, title: str) -> str:
-    """A markdown table of dataclass rows."""
-    if not rows:
-        return ""
-    fields = [f.name for f in dataclasses.fields(rows[0])]
-    lines = [f"### {title}", "", "| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
-    for r in rows:
-        vals = [getattr(r, f) for f in fields]
-        lines.append(
-            "| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in vals) + " |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     """Runs the transfer benchmark; ``argv`` as on the command line (``--help`` lists the flags)."""
     ap = argparse.ArgumentParser(
@@ -284,26 +270,26 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     text = (
         f"# Transfer benchmark ({platform}, {d} devices, jax {jax.__version__})\n\n"
         f"Command: `{cmd}`\n\n"
-        + markdown(wire, "Wire rows of the busiest device vs the floor (plan only)")
+        + table(
+            wire, "Wire rows of the busiest device vs the floor (plan only)", float_format="{:.2f}"
+        )
         + "\n"
-        + markdown(timing, f"Time per layer and temporary memory on {d} {platform} devices")
+        + table(
+            timing,
+            f"Time per layer and temporary memory on {d} {platform} devices",
+            float_format="{:.2f}",
+        )
     )
     print(text)
-    out = args.out or os.path.join("benchmarks", "results", f"transfer_{platform}.md")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-        f.write(text)
-    print(f"results written to {out}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "platform": platform,
-                    "command": cmd,
-                    "wire": [dataclasses.asdict(r) for r in wire],
-                    "time": [dataclasses.asdict(r) for r in timing],
-                },
-                f,
-                indent=1,
-            )
+    write_results(
+        text,
+        args.out or os.path.join("benchmarks", "results", f"transfer_{platform}.md"),
+        json_path=args.json,
+        payload={
+            "platform": platform,
+            "command": cmd,
+            "wire": [dataclasses.asdict(r) for r in wire],
+            "time": [dataclasses.asdict(r) for r in timing],
+        },
+    )
     return 0

@@ -1,0 +1,39 @@
+"""What every benchmark shares: a markdown table of dataclass rows, and writing the results
+(markdown with the command that produced them, optionally JSON)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["table", "write_results"]
+
+
+def table(rows: Sequence[Any], title: str, *, float_format: str = "{:.3g}") -> str:
+    """A markdown table (with a ``###`` title) of dataclass rows; "" when there are none."""
+    if not rows:
+        return ""
+    fields = [f.name for f in dataclasses.fields(rows[0])]
+    lines = [f"### {title}", "", "| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
+    for r in rows:
+        vals = [getattr(r, f) for f in fields]
+        cells = (float_format.format(v) if isinstance(v, float) else str(v) for v in vals)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(
+    text: str, out: str, *, json_path: str | None = None, payload: dict[str, Any] | None = None
+) -> None:
+    """Writes the markdown ``text`` to ``out`` (creating its folder) and, when ``json_path`` is
+    given, ``payload`` as JSON there; says where."""
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        f.write(text)
+    print(f"results written to {out}")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(payload or {}, f, indent=1)
