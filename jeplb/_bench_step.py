@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ._benchio import write_results
+from ._benchio import copy_bandwidth, write_results
 
 __all__ = ["main"]
 
@@ -62,25 +62,6 @@ def _positive(text: str) -> int:
 def _capacity(tokens: int, k: int, slots: int) -> int:
     """Slot capacity at capacity factor 2 (twice the mean load of a slot), a multiple of 8."""
     return -(-2 * tokens * k // slots // 8) * 8
-
-
-def _copy_bandwidth(device, repeats: int) -> float:
-    """Bytes per second of a jitted copy (read + write) of a 1 GiB array on ``device``."""
-    import jax
-    import jax.numpy as jnp
-
-    x = jax.device_put(jnp.zeros((1 << 28,), jnp.float32), device)
-    f = jax.jit(lambda a: a + 1.0)
-    jax.block_until_ready(f(x))
-    back_to_back = 10  # per sample, so that launch latency does not count
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(back_to_back):
-            y = f(x)
-        jax.block_until_ready(y)
-        times.append((time.perf_counter() - t) / back_to_back)
-    return 2 * x.nbytes / float(np.median(times))
 
 
 def _run_case(case, devices, *, warmup: int, repeats: int, progress: bool) -> list[dict[str, Any]]:
@@ -286,7 +267,7 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
         )
     copy_bw = None
     if platform != "cpu":
-        copy_bw = _copy_bandwidth(devices[0], repeats)
+        copy_bw = copy_bandwidth(devices[0], repeats)
     given = sys.argv[1:] if argv is None else list(argv)
     cmd = " ".join([prog or "jeplb bench step", *given])
     text = (

@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from . import _plan, _transfer
-from ._benchio import table, write_results
+from ._benchio import copy_bandwidth, table, write_results
 
 __all__ = ["main", "make_plan", "run_time", "run_wire"]
 
@@ -155,6 +155,8 @@ class TimeRow:
     jeplb_temp_over_layer: float
     naive_temp_over_layer: float
     wire_ratio: float
+    moved_gb_s: float
+    of_copy_bw: float
 
 
 def _median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -176,8 +178,12 @@ def run_time(
     dtype=jnp.bfloat16,
     repeats: int = 5,
     seed: int = 0,
+    copy_bw: float | None = None,
 ) -> list[TimeRow]:
-    """Times jeplb against the all-gather baseline on ``mesh`` (weights [L, P, row_elems])."""
+    """Times jeplb against the all-gather baseline on ``mesh`` (weights [L, P, row_elems]).
+
+    ``moved_gb_s`` is the busiest device's changed rows, each read and written once, over the time
+    per layer; ``of_copy_bw`` that rate over ``copy_bw`` (NaN when it is not given)."""
     d = int(mesh.shape[axis_name])
     p_total = d * slots_per_device
     num_experts = max(1, p_total - p_total // 8)
@@ -214,6 +220,8 @@ def run_time(
         t_ours = _median_ms(step_ours, repeats) / 2 / num_layers
         t_naive = _median_ms(step_naive, repeats) / 2 / num_layers
         _, rep = step_ours()
+        changed = ((old != new) & (new >= 0)).reshape(num_layers, d, slots_per_device).sum(-1)
+        moved = 2 * float(changed.max(-1).mean()) * row_bytes / (t_ours / 1e3)  # bytes/s
         wire = np.asarray(rep.wire_rows, np.float64)
         floor = np.maximum(np.asarray(rep.min_rows, np.float64), 1)
         out.append(
@@ -229,6 +237,8 @@ def run_time(
                 c_ours.memory_analysis().temp_size_in_bytes / layer_local,
                 c_naive.memory_analysis().temp_size_in_bytes / layer_local,
                 float(wire.sum() / floor.sum()),
+                moved / 1e9,
+                moved / copy_bw if copy_bw else float("nan"),
             )
         )
     return out
@@ -255,7 +265,10 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     wire = run_wire(num_layers=8 if args.quick else 32)
     platform = jax.devices()[0].platform
     d = min(8, len(jax.devices()))
-    mesh = jax.make_mesh((d,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = jax.make_mesh(
+        (d,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:d]
+    )
+    copy_bw = copy_bandwidth(jax.devices()[0]) if platform != "cpu" else None
     timing = []
     for dtype in (jnp.bfloat16, jnp.float32):
         timing += run_time(
@@ -264,12 +277,14 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
             row_elems=1 << (14 if args.quick else 16),
             dtype=dtype,
             repeats=3 if args.quick else 7,
+            copy_bw=copy_bw,
         )
     given = sys.argv[1:] if argv is None else list(argv)
     cmd = " ".join([prog or "python benchmarks/bench_transfer.py", *given])
     text = (
         f"# Transfer benchmark ({platform}, {d} devices, jax {jax.__version__})\n\n"
         f"Command: `{cmd}`\n\n"
+        + (f"Device copy bandwidth (same run): {copy_bw / 1e9:.0f} GB/s.\n\n" if copy_bw else "")
         + table(
             wire, "Wire rows of the busiest device vs the floor (plan only)", float_format="{:.2f}"
         )
@@ -288,6 +303,7 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
         payload={
             "platform": platform,
             "command": cmd,
+            "copy_bytes_per_s": copy_bw,
             "wire": [dataclasses.asdict(r) for r in wire],
             "time": [dataclasses.asdict(r) for r in timing],
         },

@@ -6,10 +6,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["table", "write_results"]
+__all__ = ["copy_bandwidth", "table", "write_results"]
 
 
 def table(rows: Sequence[Any], title: str, *, float_format: str = "{:.3g}") -> str:
@@ -37,3 +38,25 @@ def write_results(
     if json_path:
         with open(json_path, "w") as f:
             json.dump(payload or {}, f, indent=1)
+
+
+def copy_bandwidth(device, repeats: int = 5) -> float:
+    """Bytes per second (read + write) of a jitted elementwise copy of a 1 GiB array on
+    ``device``: the same-run ceiling that row moves are compared with. Each sample is 10
+    back-to-back calls, so launch latency does not count."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    x = jax.device_put(jnp.zeros((1 << 28,), jnp.float32), device)
+    f = jax.jit(lambda a: a + 1.0)
+    jax.block_until_ready(f(x))
+    back_to_back = 10
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(back_to_back):
+            y = f(x)
+        jax.block_until_ready(y)
+        times.append((time.perf_counter() - t) / back_to_back)
+    return 2 * x.nbytes / float(np.median(times))
