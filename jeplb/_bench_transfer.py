@@ -188,8 +188,13 @@ def run_time(
     p_total = d * slots_per_device
     num_experts = max(1, p_total - p_total // 8)
     spec = NamedSharding(mesh, P(None, axis_name))
-    rng = np.random.default_rng(seed)
-    host = rng.integers(-1000, 1000, (num_layers, p_total, row_elems)).astype(dtype)
+    # Made on the devices: the weights can be larger than is comfortable to build on the host.
+    make = jax.jit(
+        lambda k: jax.random.randint(k, (num_layers, p_total, row_elems), -1000, 1000).astype(
+            dtype
+        ),
+        out_shardings=spec,
+    )
     row_bytes = row_elems * np.dtype(dtype).itemsize
     layer_local = slots_per_device * row_bytes
     out = []
@@ -198,8 +203,8 @@ def run_time(
     for kind in ("reshuffle", "drift"):
         old, new = make_plan(kind, seed, num_layers, p_total, num_experts)
         src, back = _sources(old, new), _sources(new, old)
-        w = [jax.device_put(host, spec)]
-        w0 = [jax.device_put(host, spec)]
+        w = [make(jax.random.key(seed))]
+        w0 = [make(jax.random.key(seed))]
         c_ours = ours.lower(old, new, w).compile()
         c_naive = naive.lower(src, w0).compile()
         state = {"w": w, "b": w0}
@@ -260,7 +265,24 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
         metavar="PATH",
         help="markdown results file (default: benchmarks/results/transfer_<platform>.md)",
     )
+    ap.add_argument(
+        "--slots-per-device",
+        type=int,
+        metavar="N",
+        help="N_local of the timed cases (default: 4 on CPU, 36 on accelerators)",
+    )
+    ap.add_argument(
+        "--row-elems",
+        type=int,
+        metavar="R",
+        help="elements per expert row of the timed cases (default: 65536 on CPU, 2**24 on "
+        "accelerators: 32 MiB bf16 rows)",
+    )
     args = ap.parse_args(argv)
+    for flag in ("slots_per_device", "row_elems"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            ap.error(f"--{flag.replace('_', '-')}: expected a positive int, got {value}")
 
     wire = run_wire(num_layers=8 if args.quick else 32)
     platform = jax.devices()[0].platform
@@ -273,8 +295,10 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     for dtype in (jnp.bfloat16, jnp.float32):
         timing += run_time(
             mesh,
-            num_layers=4 if args.quick else 8,
-            row_elems=1 << (14 if args.quick else 16),
+            num_layers=4 if args.quick or platform != "cpu" else 8,
+            slots_per_device=args.slots_per_device or (4 if platform == "cpu" else 36),
+            row_elems=args.row_elems
+            or (1 << (14 if args.quick else 16) if platform == "cpu" else 1 << 24),
             dtype=dtype,
             repeats=3 if args.quick else 7,
             copy_bw=copy_bw,
