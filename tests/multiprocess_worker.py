@@ -111,18 +111,9 @@ def check_unchanged(before, out, p_total: int) -> int:
 
 
 def leaves_for(rng, num_layers, p_total):
-    import jax.numpy as jnp
-    import numpy as np
+    from tests.transfer_model import make_leaves
 
-    def rand(shape, dtype):
-        raw = rng.integers(0, 256, (*shape, np.dtype(dtype).itemsize), dtype=np.uint8)
-        return raw.view(dtype).reshape(shape)
-
-    return {
-        "w13": rand((num_layers, p_total, 2, 3), jnp.bfloat16),
-        "w2": rand((num_layers, p_total, 4), np.float32),
-        "q": rand((num_layers, p_total, 5), np.int8),
-    }
+    return make_leaves(rng, num_layers, p_total, names=("w13", "w2", "q"))
 
 
 def everyone(values):

@@ -7,14 +7,13 @@ them would fail the bit-exact check.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jeplb
-from tests.transfer_model import placement
+from tests.transfer_model import make_leaves, placement
 
 L, E, N_LOCAL = 2, 12, 3
 
@@ -25,17 +24,7 @@ def mesh_of(devices) -> Mesh:
 
 def logical_weights(seed: int):
     """One row per (layer, logical expert) per leaf: random bytes (NaN payloads included)."""
-    rng = np.random.default_rng(seed)
-
-    def rand(shape, dtype):
-        raw = rng.integers(0, 256, (*shape, np.dtype(dtype).itemsize), dtype=np.uint8)
-        return raw.view(dtype).reshape(shape)
-
-    return {
-        "w13": rand((L, E, 2, 3), jnp.bfloat16),
-        "w2": rand((L, E, 4), np.float32),
-        "q": rand((L, E, 5), np.int8),
-    }
+    return make_leaves(np.random.default_rng(seed), L, E, names=("w13", "w2", "q"))
 
 
 def physical(logical, phy2log, mesh, lost=(), garbage_seed=0):

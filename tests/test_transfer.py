@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 import jeplb
 from jeplb import _transfer
-from tests.transfer_model import KINDS, check_rows, make_plan
+from tests.transfer_model import KINDS, check_rows, make_leaves, make_plan
 
 L, N, E_PER_DEV = 2, 3, 2  # small shapes: one compilation per device count
 
@@ -24,22 +24,6 @@ def mesh_of(d: int) -> Mesh:
     if len(jax.devices()) < d:
         pytest.skip(f"needs {d} devices, the backend has {len(jax.devices())}")
     return Mesh(np.array(jax.devices()[:d]), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def make_leaves(rng, num_layers, p_total):
-    """Leaves of several trailing shapes and dtypes, filled with random bytes."""
-
-    def rand(shape, dtype):
-        raw = rng.integers(0, 256, (*shape, np.dtype(dtype).itemsize), dtype=np.uint8)
-        return raw.view(dtype).reshape(shape)
-
-    return {
-        "w13": rand((num_layers, p_total, 2, 3), jnp.bfloat16),
-        "w2": rand((num_layers, p_total, 4), np.float32),
-        "q": rand((num_layers, p_total, 5), np.int8),
-        "fp8": rand((num_layers, p_total, 8), jnp.float8_e4m3fn),
-        "scale": rand((num_layers, p_total, 1), np.float32),
-    }
 
 
 def put(tree, mesh, spec):

@@ -104,3 +104,34 @@ def make_plan(kind: str, seed: int, num_layers: int, p_total: int, num_experts: 
     else:
         raise ValueError(kind)
     return old.astype(np.int32), np.ascontiguousarray(new, dtype=np.int32)
+
+
+# Trailing shapes of the test leaves: several shapes and dtypes in one weights tree.
+LEAF_SPECS = {
+    "w13": ((2, 3), "bfloat16"),
+    "w2": ((4,), "float32"),
+    "q": ((5,), "int8"),
+    "fp8": ((8,), "float8_e4m3fn"),
+    "scale": ((1,), "float32"),
+}
+
+
+def random_bytes(rng: np.random.Generator, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An array of ``dtype`` filled with random bytes (NaN and inf payloads included)."""
+    dtype = np.dtype(dtype)
+    raw = rng.integers(0, 256, (*shape, dtype.itemsize), dtype=np.uint8)
+    return raw.view(dtype).reshape(shape)
+
+
+def make_leaves(
+    rng: np.random.Generator, num_layers: int, rows: int, names=tuple(LEAF_SPECS)
+) -> dict[str, np.ndarray]:
+    """Leaves [L, rows, ...] named ``names`` (see LEAF_SPECS), filled with random bytes."""
+    import ml_dtypes  # bfloat16 and fp8 numpy dtypes, installed with jax
+
+    out = {}
+    for name in names:
+        trailing, dtype = LEAF_SPECS[name]
+        dt = getattr(ml_dtypes, dtype) if dtype in ("bfloat16", "float8_e4m3fn") else dtype
+        out[name] = random_bytes(rng, (num_layers, rows, *trailing), dt)
+    return out
