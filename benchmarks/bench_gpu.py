@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
 
@@ -21,7 +20,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jeplb import _rows, _transfer
-from jeplb._benchio import table, write_results
+from jeplb._benchio import results_path, table, write_results
 
 ROWS = {  # bytes per expert row
     "deepseek-v3 (88.1 MB)": 7168 * 2048 * 3 * 2,
@@ -292,8 +291,7 @@ def main(argv=None):
     print(text)
     write_results(
         text,
-        args.out
-        or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "gpu_h200.md"),
+        args.out or results_path("gpu_h200.md"),
         json_path=args.json,
         payload={
             "ceiling_bytes_per_s": ceiling,

@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from jeplb import _bench_transfer, _transfer  # noqa: E402
-from jeplb._benchio import table, write_results  # noqa: E402
+from jeplb._benchio import results_path, table, write_results  # noqa: E402
 
 ROWS = {"deepseek-v3 88.1 MB": 7168 * 2048 * 3 * 2, "qwen3-235b 37.7 MB": 4096 * 1536 * 3 * 2}
 
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     print(text)
     write_results(
         text,
-        args.out or os.path.join("benchmarks", "results", f"multigpu_{platform}.md"),
+        args.out or results_path(f"multigpu_{platform}.md"),
         json_path=args.json,
         payload={
             "command": cmd,

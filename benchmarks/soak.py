@@ -28,7 +28,6 @@ import argparse
 import gc
 import json
 import logging
-import os
 import sys
 import time
 
@@ -349,8 +348,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rebalances: expected a positive int")
     result = run(args.rebalances, args.seed, verbose=True)
     command = "python benchmarks/soak.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = args.out or os.path.join(root, "benchmarks", "results", f"soak_{result['platform']}.md")
+    from jeplb._benchio import results_path
+
+    out = args.out or results_path(f"soak_{result['platform']}.md")
     with open(out, "w") as f:
         f.write(render_md(result, command.strip()))
     if args.json:

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._balance import balancedness, remote_copies
-from ._benchio import write_results
+from ._benchio import results_path, write_results
 from ._policy import _rebalance_jit, rebalance_experts
 from ._policy_numpy import rebalance_experts_numpy
 
@@ -63,14 +63,6 @@ CASES = (
     Case("Small MoE (hier)", 16, 64, 80, 4, 2, 8),
 )
 QUICK_CASES = (CASES[0], CASES[3])
-
-
-def _results_dir() -> str:
-    """benchmarks/results of the source checkout when there is one, else under the working dir."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if os.path.isdir(os.path.join(root, "benchmarks")):
-        return os.path.join(root, "benchmarks", "results")
-    return os.path.join("benchmarks", "results")
 
 
 def _loads(case: Case, seed: int) -> np.ndarray:
@@ -279,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     write_results(
         text,
-        args.out or os.path.join(_results_dir(), f"policy_{platform}.md"),
+        args.out or results_path(f"policy_{platform}.md"),
         json_path=args.json,
         payload={
             "platform": platform,

@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from ._benchio import copy_bandwidth, write_results
+from ._benchio import copy_bandwidth, results_path, write_results
+from ._demo import add_device_flags, positive_int, setup_devices
 
 __all__ = ["main"]
 
@@ -47,16 +48,6 @@ _VARIANTS = ("plain", "idle", "whole", "progressive")
 def _case_name(c) -> str:
     lay, e, r, k, h, f, b, s, dt = c
     return f"L{lay} E{e} P{e + r} K{k} H{h} F{f} T{b * s} {dt}"
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _capacity(tokens: int, k: int, slots: int) -> int:
@@ -216,29 +207,17 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one small case, fewer repeats")
     ap.add_argument(
         "--repeats",
-        type=_positive,
+        type=positive_int,
         default=None,
         help="timed steps per program (default 15; 5 with --quick)",
     )
     ap.add_argument(
         "--warmup",
-        type=_positive,
+        type=positive_int,
         default=3,
         help="untimed steps first, compile included (default: %(default)s)",
     )
-    ap.add_argument(
-        "--platform",
-        choices=("auto", "cpu", "gpu", "tpu"),
-        default="auto",
-        help="auto: the accelerator when it has at least 2 devices, else simulated CPU devices "
-        "(default: %(default)s)",
-    )
-    ap.add_argument(
-        "--cpu-devices",
-        type=_positive,
-        default=8,
-        help="simulated CPU devices (default: %(default)s)",
-    )
+    add_device_flags(ap)
     ap.add_argument("--json", metavar="PATH", help="also write machine-readable results here")
     ap.add_argument(
         "--out",
@@ -247,9 +226,6 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     )
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
     args = ap.parse_args(argv)
-
-    from ._demo import setup_devices
-
     devices = setup_devices(args.platform, args.cpu_devices)
     import jax
 
@@ -287,7 +263,7 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     print(text)
     write_results(
         text,
-        args.out or os.path.join("benchmarks", "results", f"step_{platform}.md"),
+        args.out or results_path(f"step_{platform}.md"),
         json_path=args.json,
         payload={
             "platform": platform,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -26,7 +25,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from . import _plan, _transfer
-from ._benchio import copy_bandwidth, table, write_results
+from ._benchio import copy_bandwidth, results_path, table, write_results
+from ._demo import positive_int
 
 __all__ = ["main", "make_plan", "run_time", "run_wire"]
 
@@ -267,22 +267,18 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     )
     ap.add_argument(
         "--slots-per-device",
-        type=int,
+        type=positive_int,
         metavar="N",
         help="N_local of the timed cases (default: 4 on CPU, 36 on accelerators)",
     )
     ap.add_argument(
         "--row-elems",
-        type=int,
+        type=positive_int,
         metavar="R",
         help="elements per expert row of the timed cases (default: 65536 on CPU, 2**24 on "
         "accelerators: 32 MiB bf16 rows)",
     )
     args = ap.parse_args(argv)
-    for flag in ("slots_per_device", "row_elems"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            ap.error(f"--{flag.replace('_', '-')}: expected a positive int, got {value}")
 
     wire = run_wire(num_layers=8 if args.quick else 32)
     platform = jax.devices()[0].platform
@@ -322,7 +318,7 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     print(text)
     write_results(
         text,
-        args.out or os.path.join("benchmarks", "results", f"transfer_{platform}.md"),
+        args.out or results_path(f"transfer_{platform}.md"),
         json_path=args.json,
         payload={
             "platform": platform,

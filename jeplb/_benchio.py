@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["copy_bandwidth", "table", "write_results"]
+__all__ = ["copy_bandwidth", "results_path", "table", "write_results"]
 
 
 def table(rows: Sequence[Any], title: str, *, float_format: str = "{:.3g}") -> str:
@@ -24,6 +24,15 @@ def table(rows: Sequence[Any], title: str, *, float_format: str = "{:.3g}") -> s
         cells = (float_format.format(v) if isinstance(v, float) else str(v) for v in vals)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def results_path(name: str) -> str:
+    """Default path of a results file: benchmarks/results/``name`` of the source checkout when
+    jeplb runs from one (whatever the working directory), else under the working directory."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isdir(os.path.join(root, "benchmarks")):
+        return os.path.join(root, "benchmarks", "results", name)
+    return os.path.join("benchmarks", "results", name)
 
 
 def write_results(

@@ -26,7 +26,8 @@ __all__ = ["add_arguments", "run"]
 _DTYPES = ("float32", "bfloat16")
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: a positive integer, with a message naming what arrived."""
     try:
         value = int(text)
     except ValueError:
@@ -34,6 +35,23 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def add_device_flags(parser) -> None:
+    """--platform and --cpu-devices, read by `setup_devices` (the demo and the step benchmark)."""
+    parser.add_argument(
+        "--platform",
+        choices=("auto", "cpu", "gpu", "tpu"),
+        default="auto",
+        help="where to run; auto takes the accelerator when it has at least 2 devices, else "
+        "simulated CPU devices (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--cpu-devices",
+        type=positive_int,
+        default=8,
+        help="simulated CPU devices when running on the CPU (default: %(default)s)",
+    )
 
 
 def _non_negative(text: str) -> int:
@@ -60,11 +78,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Adds the demo's flags to ``p`` (every flag has a help text and a default)."""
     g = p.add_argument_group("model")
     g.add_argument(
-        "--layers", type=_positive, default=4, help="MoE layers L (default: %(default)s)"
+        "--layers", type=positive_int, default=4, help="MoE layers L (default: %(default)s)"
     )
     g.add_argument(
         "--experts",
-        type=_positive,
+        type=positive_int,
         default=16,
         help="logical experts per layer E (default: %(default)s)",
     )
@@ -76,14 +94,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "count (default: %(default)s)",
     )
     g.add_argument(
-        "--top-k", type=_positive, default=2, help="experts per token K (default: %(default)s)"
+        "--top-k", type=positive_int, default=2, help="experts per token K (default: %(default)s)"
     )
     g.add_argument(
-        "--d-model", type=_positive, default=64, help="model width H (default: %(default)s)"
+        "--d-model", type=positive_int, default=64, help="model width H (default: %(default)s)"
     )
     g.add_argument(
         "--d-ff",
-        type=_positive,
+        type=positive_int,
         default=128,
         help="hidden width F of one expert (default: %(default)s)",
     )
@@ -95,10 +113,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g = p.add_argument_group("workload")
     g.add_argument(
-        "--batch", type=_positive, default=8, help="sequences per step B (default: %(default)s)"
+        "--batch", type=positive_int, default=8, help="sequences per step B (default: %(default)s)"
     )
     g.add_argument(
-        "--seq-len", type=_positive, default=32, help="tokens per sequence S (default: %(default)s)"
+        "--seq-len",
+        type=positive_int,
+        default=32,
+        help="tokens per sequence S (default: %(default)s)",
     )
     g.add_argument(
         "--zipf",
@@ -120,17 +141,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g = p.add_argument_group("rebalancing")
     g.add_argument(
-        "--steps", type=_positive, default=40, help="model steps to run (default: %(default)s)"
+        "--steps", type=positive_int, default=40, help="model steps to run (default: %(default)s)"
     )
     g.add_argument(
         "--interval",
-        type=_positive,
+        type=positive_int,
         default=10,
         help="steps between rebalances (default: %(default)s)",
     )
     g.add_argument(
         "--window",
-        type=_positive,
+        type=positive_int,
         default=5,
         help="steps of load the policy looks at (default: %(default)s)",
     )
@@ -142,19 +163,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "step (default: %(default)s)",
     )
     g = p.add_argument_group("devices and output")
-    g.add_argument(
-        "--platform",
-        choices=("auto", "cpu", "gpu", "tpu"),
-        default="auto",
-        help="where to run; auto takes the accelerator when it has at least 2 devices, else "
-        "simulated CPU devices (default: %(default)s)",
-    )
-    g.add_argument(
-        "--cpu-devices",
-        type=_positive,
-        default=8,
-        help="simulated CPU devices when running on the CPU (default: %(default)s)",
-    )
+    add_device_flags(g)
     g.add_argument(
         "--plot",
         default="jeplb_demo.png",
