@@ -29,7 +29,14 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-__all__ = ["GlobalPlan", "TransferMetadata", "local_metadata", "plan_layer", "plan_layers"]
+__all__ = [
+    "GlobalPlan",
+    "TransferMetadata",
+    "classify",
+    "local_metadata",
+    "plan_layer",
+    "plan_layers",
+]
 
 
 @jax.tree_util.register_dataclass
@@ -114,6 +121,25 @@ def _first_true(mask: jax.Array) -> jax.Array:
     return jnp.argmax(mask, axis=-1).astype(jnp.int32)
 
 
+def classify(old: jax.Array, new: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Which slots of one layer are written, and whether the plan is feasible.
+
+    Args:
+      old: int32[P] the map before.
+      new: int32[P] the map after.
+
+    Returns:
+      ``(changed bool[P], ok bool[])``: a slot is written when it wants an expert other than the
+      one it holds; ``ok`` when every such expert is held by some old slot and no id is below -1
+      (when not ok, nothing is written: ``changed`` is all False).
+    """
+    wanted = new >= 0
+    raw_changed = wanted & (new != old)
+    held = ((old[None, :] == new[:, None]) & wanted[:, None]).any(-1)
+    ok = jnp.all(~raw_changed | held) & jnp.all(old >= -1) & jnp.all(new >= -1)
+    return raw_changed & ok, ok
+
+
 def plan_layer(
     old: jax.Array, new: jax.Array, *, num_devices: int, chunk_rows: int = 1
 ) -> GlobalPlan:
@@ -140,14 +166,11 @@ def plan_layer(
     row = slot % n
 
     with jax.named_scope("plan_classify"):
-        wanted = new >= 0
-        raw_changed = wanted & (new != old)
+        changed, ok = classify(old, new)
         # holds[p, q]: old slot q holds the expert slot p wants.
-        holds = (old[None, :] == new[:, None]) & wanted[:, None]
+        holds = (old[None, :] == new[:, None]) & (new >= 0)[:, None]
         holds_by_dev = holds.reshape(p_total, d, n)
         holder = holds_by_dev.any(-1)  # [P, D]
-        ok = jnp.all(~raw_changed | holder.any(-1)) & jnp.all(old >= -1) & jnp.all(new >= -1)
-        changed = raw_changed & ok
         own_dev_holds = jnp.take_along_axis(holds_by_dev, dev[:, None, None], axis=1)[:, 0, :]
         local = changed & own_dev_holds.any(-1)
         local_src = jnp.where(local, _first_true(own_dev_holds), -1)

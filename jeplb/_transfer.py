@@ -21,7 +21,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import _agree, _plan, _rows, _validate
+from . import _agree, _local, _plan, _rows, _validate
 from ._plan import TransferMetadata
 
 __all__ = [
@@ -339,13 +339,17 @@ def _rearrange_local(old, new, leaves, *, axis_name, num_devices, chunk_rows, pl
     """shard_map body: maps int32[L, P] replicated, leaves [L, N, ...] local."""
     num_layers, p_total = old.shape
     n = p_total // num_devices
+    rows = tuple(_rows.to_rows(x, 2, platform) for x in leaves)
+    if num_devices == 1:
+        direct = tuple(_local.resolve_impl(row_impl, r, platform) for r in rows)
+        if None not in direct:
+            return _rearrange_direct(old, new, leaves, rows, direct)
     with jax.named_scope("plan"):
         plans = _plan.plan_layers(old, new, num_devices=num_devices, chunk_rows=chunk_rows)
         # Every device must plan from the same maps; if not, nothing moves (see _agree).
         agree = _agree.maps_agree((old, new), axis_name)
         plans = dataclasses.replace(plans, ok=plans.ok & agree)
     me = lax.axis_index(axis_name)
-    rows = tuple(_rows.to_rows(x, 2, platform) for x in leaves)
     impls = tuple(_rows.resolve_impl(row_impl, r, platform) for r in rows)
     bufs = tuple(_varying(jnp.zeros((n, r.shape[1]), r.dtype), axis_name) for r in rows)
 
@@ -378,6 +382,30 @@ def _rearrange_local(old, new, leaves, *, axis_name, num_devices, chunk_rows, pl
     rows, _ = lax.fori_loop(0, trips, layer, (rows, bufs))
     out = [_rows.from_rows(r, x.shape, x.dtype) for r, x in zip(rows, leaves, strict=True)]
     return out, _report(plans, chunk_rows)
+
+
+def _rearrange_direct(old, new, leaves, rows, impls):
+    """One device holds every slot: ordered in-place moves, each moved row read once and written
+    once, no staging buffer (see `_local`). Maps int32[L, P]; rows [L * P, R] per leaf."""
+    with jax.named_scope("plan"):
+        changed, ok = jax.vmap(_plan.classify)(old, new)
+        # All or nothing, as on many devices: one infeasible layer leaves every layer untouched.
+        src, dst, count = _local.order_moves_layers(old, new, jnp.broadcast_to(ok.all(), ok.shape))
+    with jax.named_scope("local_moves"):
+        rows = tuple(
+            _local.apply_moves(r, src, dst, count, impl=i) for r, i in zip(rows, impls, strict=True)
+        )
+    out = [_rows.from_rows(r, x.shape, x.dtype) for r, x in zip(rows, leaves, strict=True)]
+    zeros = jnp.zeros(ok.shape, jnp.int32)
+    report = TransferReport(
+        ok=ok,
+        wire_rows=zeros,
+        min_rows=zeros,
+        chunks=zeros,
+        remote_rows=zeros,
+        local_rows=changed.sum(-1).astype(jnp.int32),
+    )
+    return out, report
 
 
 def _explicit(mesh) -> bool:

@@ -1,0 +1,227 @@
+"""Direct in-place row moves for a device whose whole layer is rearranged locally (D = 1).
+
+When every move of a layer stays inside the device, staging is not needed: each moved row can be
+read once and written once straight into its new slot, if the moves run in an order where a slot is
+overwritten only after every slot that copies from it has read it. Sources that are themselves
+overwritten form a functional graph (each written slot reads one source): in-trees are emptied
+leaves first, and each cycle is broken by saving one of its rows in a temporary, which the cycle's
+last move writes back. The temporary is one row-block held by the kernel (registers in the Pallas
+kernel, one row in the loop), so the layer needs no staging buffer.
+
+Letters: L layers, N slots of the device per layer (N_local; N = P when D = 1), M = N + N // 2 the
+longest move list (every slot written once, plus one save per cycle of at least two slots).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import _rows
+
+__all__ = ["apply_moves", "order_moves"]
+
+
+def order_moves(old: jax.Array, new: jax.Array, ok: jax.Array) -> tuple[jax.Array, ...]:
+    """A hazard-free order of one layer's local row moves.
+
+    Args:
+      old: int32[N] the layer's map before (the device's slots).
+      new: int32[N] the map after.
+      ok: bool[] the plan is feasible; when False no move is emitted.
+
+    Returns:
+      ``(src int32[M], dst int32[M], count int32[])``: move k copies row ``src[k]`` into row
+      ``dst[k]`` for ``k < count``, in that order; index N stands for the temporary. Rows with
+      ``new == -1`` or ``new == old`` are never written; every other row is written exactly once,
+      from a row that held its new expert in the old map, before anything overwrote that row.
+    """
+    n = old.shape[0]
+    m = n + n // 2
+    temp = jnp.int32(n)
+    rows = jnp.arange(n, dtype=jnp.int32)
+    changed = (new >= 0) & (new != old) & ok
+    holds = old[None, :] == new[:, None]  # [dst, src]
+    # The first holder, as the staged transfer copies locally (any holder would do bit-wise for
+    # real replicas; the first keeps both paths identical).
+    src = jnp.where(changed, jnp.argmax(holds, 1), temp).astype(jnp.int32)
+    reads_changed = changed & changed[jnp.minimum(src, n - 1)] & (src < n)
+    readers = jnp.zeros((n,), jnp.int32).at[jnp.where(reads_changed, src, n)].add(1, mode="drop")
+
+    def step(k, carry):
+        pending, readers, src, out_src, out_dst, count = carry
+        ready = pending & (readers == 0)
+        any_ready = ready.any()
+        any_pending = pending.any()
+        d = jnp.argmax(ready).astype(jnp.int32)
+        # Nothing ready but rows pending: they form disjoint cycles. Save the first one's row.
+        c = jnp.argmax(pending).astype(jnp.int32)
+        s = src[d]
+        emit_src = jnp.where(any_ready, s, c)
+        emit_dst = jnp.where(any_ready, d, temp)
+        emit = any_pending
+        out_src = out_src.at[k].set(jnp.where(emit, emit_src, temp))
+        out_dst = out_dst.at[k].set(jnp.where(emit, emit_dst, temp))
+        count = count + emit.astype(jnp.int32)
+        # A move: d is done, and its source has one reader fewer.
+        moved = any_ready
+        pending = pending & ~((rows == d) & moved)
+        dec = moved & (s < n)
+        readers = readers.at[jnp.where(dec, s, n)].add(-1, mode="drop")
+        # A save: c's only pending reader now reads the temporary, and c may be overwritten.
+        save = ~any_ready & any_pending
+        src = jnp.where(save & pending & (src == c), temp, src)
+        readers = jnp.where(save & (rows == c), 0, readers)
+        return pending, readers, src, out_src, out_dst, count
+
+    init = (
+        changed,
+        readers,
+        src,
+        jnp.full((m,), n, jnp.int32),
+        jnp.full((m,), n, jnp.int32),
+        jnp.int32(0),
+    )
+    _, _, _, out_src, out_dst, count = lax.fori_loop(0, m, step, init)
+    return out_src, out_dst, count
+
+
+def order_moves_layers(old: jax.Array, new: jax.Array, ok: jax.Array) -> tuple[jax.Array, ...]:
+    """`order_moves` over a leading layer axis: int32[L, N] maps, bool[L] ok."""
+    return jax.vmap(order_moves)(old, new, ok)
+
+
+# ------------------------------------------------------------------------------- executors
+
+
+def _apply_loop(rows, src, dst, count, n):
+    """One while loop of dynamic_slice / dynamic_update_slice over every layer's moves, in place;
+    the temporary is one row. (One flat loop: a loop nested in the layer loop makes XLA:CPU copy
+    the whole buffer at every layer.)"""
+    num_layers, m = src.shape
+    width = rows.shape[1]
+    # Pack the moves of every layer in order, in global row indices; -1 marks the temporary.
+    valid = (jnp.arange(m) < count[:, None]).reshape(-1)
+    order = jnp.argsort(~valid, stable=True)
+    base = (jnp.arange(num_layers, dtype=jnp.int32) * n)[:, None]
+    gsrc = jnp.where(src == n, -1, base + src).reshape(-1)[order]
+    gdst = jnp.where(dst == n, -1, base + dst).reshape(-1)[order]
+
+    def move(k, carry):
+        rows, temp = carry
+        s, d = gsrc[k], gdst[k]
+        x = lax.dynamic_slice(rows, (jnp.maximum(s, 0), 0), (1, width))
+        x = jnp.where(s < 0, temp, x)
+        # A save (d < 0) writes the row back onto itself, then reads it into the temporary from the
+        # updated buffer: no branch, and no read of the old buffer after the write (either would
+        # make XLA copy the whole buffer every move).
+        at = jnp.where(d < 0, s, d)
+        rows = lax.dynamic_update_slice(rows, x, (at, 0))
+        temp = jnp.where(d < 0, lax.dynamic_slice(rows, (at, 0), (1, width)), temp)
+        return rows, temp
+
+    temp = _rows.make_varying(jnp.zeros((1, width), rows.dtype), _rows.varying_axes(rows))
+    rows, _ = lax.fori_loop(0, valid.sum(), move, (rows, temp))
+    return rows
+
+
+_MAX_BLOCK = 1 << 13
+_MIN_BLOCK = 1 << 9
+_TARGET_PROGRAMS = 1 << 12
+
+
+def direct_block(width: int, num_layers: int) -> int:
+    """Elements of a row each Pallas program moves: a power of two dividing the row, at most 8192,
+    small enough that the grid has about 4096 programs (each runs its layer's moves in order), and
+    at least 512; 0 when the row has no such divisor."""
+    block = 1
+    while block < _MAX_BLOCK and width % (block * 2) == 0:
+        block *= 2
+    while block > _MIN_BLOCK and num_layers * (width // block) < _TARGET_PROGRAMS:
+        block //= 2
+    return block if block >= _MIN_BLOCK else 0
+
+
+def _apply_pallas(rows, src, dst, count, n, interpret):
+    """One Pallas program per (layer, block of columns); it runs the layer's moves in order on its
+    block, so each byte is read once and written once. The temporary lives in the program."""
+    from jax.experimental import pallas as pl
+
+    num_layers, m = src.shape
+    width = rows.shape[1]
+    block = direct_block(width, num_layers)
+    if not block:
+        raise ValueError(
+            f"row_impl 'pallas' needs rows of a multiple of {_MIN_BLOCK} elements, got {width}"
+        )
+
+    def kernel(src_ref, dst_ref, cnt_ref, _in_ref, out_ref):
+        li = pl.program_id(0)
+        off = pl.multiple_of(pl.program_id(1) * block, block)
+        base = li * n
+
+        def move(k, temp):
+            s = src_ref[li * m + k]
+            d = dst_ref[li * m + k]
+            x = out_ref[base + jnp.minimum(s, n - 1), pl.ds(off, block)]
+            x = jnp.where(s == n, temp, x)
+
+            @pl.when(d != n)
+            def _():
+                out_ref[base + d, pl.ds(off, block)] = x
+
+            return jnp.where(d == n, x, temp)
+
+        lax.fori_loop(0, cnt_ref[li], move, jnp.zeros((block,), out_ref.dtype))
+
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    axes = _rows.varying_axes(rows)
+    args = [src.reshape(-1), dst.reshape(-1), count, rows]
+    args = [_rows.make_varying(a, axes) for a in args]
+    return pl.pallas_call(
+        kernel,
+        out_shape=_rows._like(args[3]),
+        grid=(num_layers, width // block),
+        input_output_aliases={3: 0},
+        interpret=interpret,
+    )(*args)
+
+
+def resolve_impl(impl: str, rows: jax.Array, platform: str) -> str | None:
+    """The executor ``impl`` stands for (``auto``: the Pallas kernel on GPUs for rows of at least
+    64 KiB, else the loop); None for ``scatter``, which has no ordered form and stages instead."""
+    impl = _rows.resolve_impl(impl, rows, platform)
+    return None if impl == "scatter" else impl
+
+
+def apply_moves(
+    rows: jax.Array,
+    src: jax.Array,
+    dst: jax.Array,
+    count: jax.Array,
+    *,
+    impl: str = "loop",
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Runs ordered local moves on every layer, in place.
+
+    Args:
+      rows: [L * N, R] the device's rows, layer-major.
+      src: int32[L, M] per layer, the source row of each move (N: the temporary).
+      dst: int32[L, M] per layer, the destination row of each move (N: the temporary).
+      count: int32[L] moves per layer.
+      impl: ``pallas`` (one kernel for every layer; GPUs, rows of a multiple of 512 elements) or
+        ``loop`` (any backend).
+      interpret: run the Pallas kernel in interpret mode; None: only on the CPU backend.
+
+    Returns:
+      ``rows`` with the moves applied.
+    """
+    n = rows.shape[0] // src.shape[0]
+    if impl == "pallas":
+        return _apply_pallas(rows, src, dst, count, n, interpret)
+    if impl == "loop":
+        return _apply_loop(rows, src, dst, count, n)
+    raise ValueError(f"impl: expected 'pallas' or 'loop', got {impl!r}")

@@ -1,0 +1,156 @@
+"""Ordered in-place local moves (one device): the order is hazard-free, the executors bit-exact."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jeplb
+from jeplb import _local, _rows, _transfer
+from tests.transfer_model import check_rows, make_leaves, make_plan, random_bytes
+
+N = 10  # slots of the test layers: one compilation of the order per width
+
+
+def simulate(old: np.ndarray, src, dst, count) -> list:
+    """Runs the moves one after the other on labels (the temporary is index N)."""
+    rows = [("old", i, int(e)) for i, e in enumerate(old)] + [None]
+    for k in range(int(count)):
+        rows[int(dst[k])] = rows[int(src[k])]
+    return rows[:-1]
+
+
+_order = jax.jit(_local.order_moves)
+
+
+@st.composite
+def layer_maps(draw):
+    num_experts = draw(st.integers(1, N + 2))
+    old = np.array(draw(st.lists(st.integers(-1, num_experts - 1), min_size=N, max_size=N)))
+    held = [*sorted(set(old[old >= 0].tolist())), -1]
+    if draw(st.booleans()):
+        new = old[np.array(draw(st.permutations(range(N))))]
+    else:
+        new = np.array(draw(st.lists(st.sampled_from(held), min_size=N, max_size=N)))
+    return old.astype(np.int32), new.astype(np.int32)
+
+
+@settings(max_examples=300, deadline=None)
+@given(maps=layer_maps())
+def test_order_is_hazard_free_and_complete(maps):
+    old, new = maps
+    src, dst, count = (np.asarray(a) for a in _order(old, new, jnp.bool_(True)))
+    after = simulate(old, src, dst, count)
+    changed = (new >= 0) & (new != old)
+    for p in range(N):
+        if changed[p]:
+            # Read before anything overwrote it: the first old holder's original row.
+            first = int(np.argmax(old == new[p]))
+            assert after[p] == ("old", first, int(new[p])), (old, new, p, after)
+        else:
+            assert after[p] == ("old", p, int(old[p])) and p not in dst[:count].tolist()
+    # Every written slot once, plus at most one save per cycle of >= 2 slots.
+    written = [d for d in dst[:count].tolist() if d != N]
+    assert sorted(written) == np.flatnonzero(changed).tolist()
+    assert count <= changed.sum() + changed.sum() // 2
+    assert (src[count:] == N).all() and (dst[count:] == N).all()
+
+
+def test_cycles_need_one_save_each():
+    old = np.arange(N, dtype=np.int32)
+    new = np.array([1, 2, 0, 4, 3, 5, 6, 9, 8, 7], np.int32)  # a 3-cycle, two swaps (8 stays)
+    _src, dst, count = (np.asarray(a) for a in _order(old, new, jnp.bool_(True)))
+    assert int(count) == 7 + 3  # seven slots written, three saves
+    assert (dst[:count] == N).sum() == 3
+
+
+def test_infeasible_layer_moves_nothing():
+    old = np.arange(N, dtype=np.int32)
+    new = old[::-1].copy()
+    assert int(_order(old, new, jnp.bool_(False))[2]) == 0
+
+
+@pytest.mark.parametrize("impl", ["loop", "pallas"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "int8", "float8_e4m3fn"])
+def test_apply_moves_bit_exact(impl, dtype):
+    import ml_dtypes
+
+    dt = getattr(ml_dtypes, dtype) if dtype in ("bfloat16", "float8_e4m3fn") else np.dtype(dtype)
+    rng = np.random.default_rng(0)
+    num_layers, width = 3, 1024
+    old, new = make_plan("random", 1, num_layers, N, 6, 1)
+    new[1] = old[1]  # a layer with nothing to move
+    orders = jax.jit(_local.order_moves_layers)(old, new, jnp.ones(num_layers, bool))
+    host = random_bytes(rng, (num_layers * N, width), dt)
+    platform = jax.default_backend()
+    rows = _rows.to_rows(jnp.asarray(host), 1, platform)
+    out = _local.apply_moves(rows, *orders, impl=impl)
+    out = np.asarray(_rows.from_rows(out, host.shape, dt)).reshape(num_layers, N, width)
+    expect = host.reshape(num_layers, N, width).copy()
+    for layer in range(num_layers):
+        src, dst, count = (np.asarray(a[layer]) for a in orders)
+        labels = simulate(old[layer], src, dst, count)
+        expect[layer] = np.stack(
+            [host.reshape(num_layers, N, width)[layer, lab[1]] for lab in labels]
+        )
+    np.testing.assert_array_equal(out.view(np.uint8), expect.view(np.uint8))
+
+
+def test_apply_moves_errors():
+    rows = jnp.zeros((N, 100), jnp.float32)
+    z = jnp.zeros((1, 15), jnp.int32)
+    with pytest.raises(ValueError, match=r"needs rows of a multiple of 512 elements, got 100"):
+        _local.apply_moves(rows, z, z, jnp.zeros(1, jnp.int32), impl="pallas")
+    with pytest.raises(ValueError, match=r"impl: expected 'pallas' or 'loop', got 'scatter'"):
+        _local.apply_moves(rows, z, z, jnp.zeros(1, jnp.int32), impl="scatter")
+
+
+# ------------------------------------------------------------------ through the public path
+
+
+@pytest.fixture(scope="module")
+def mesh1():
+    return Mesh(np.array(jax.devices()[:1]), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def test_one_device_rearrange_is_direct_and_needs_no_staging(mesh1):
+    # Rows large enough that the order's integer tables are noise: the temporary is about a row.
+    n, r, num_layers = 8, 4096, 4
+    w = jax.ShapeDtypeStruct((num_layers, n, r), jnp.float32)
+    maps = jax.ShapeDtypeStruct((num_layers, n), jnp.int32)
+    compiled = _transfer._program(mesh1, "ep", 1, True, False).lower(maps, maps, [w]).compile()
+    stats = compiled.memory_analysis()
+    row = r * 4
+    assert stats.temp_size_in_bytes <= 2 * row + 64 * 1024  # vs n * row for a staging buffer
+    assert stats.alias_size_in_bytes == num_layers * n * row
+
+
+def test_one_device_one_compilation_and_report(mesh1):
+    traces = []
+
+    @jax.jit
+    def step(old, new, w):
+        traces.append(1)
+        return jeplb.rearrange_expert_weights(
+            old, new, w, mesh=mesh1, donate=False, return_report=True
+        )
+
+    host = make_leaves(np.random.default_rng(2), 2, N)
+    for seed, kind in enumerate(("random", "reversal", "empties", "rotate")):
+        old, new = make_plan(kind, seed, 2, N, 7, 1)
+        w = jax.tree_util.tree_map(
+            lambda x: jax.device_put(x, NamedSharding(mesh1, P(None, "ep"))), host
+        )
+        out, report = step(jnp.asarray(old), jnp.asarray(new), w)
+        for name, before in host.items():
+            check_rows(before.view(np.uint8), np.asarray(out[name]).view(np.uint8), old, new, 1)
+        changed = ((new >= 0) & (new != old)).sum(1)
+        np.testing.assert_array_equal(report.local_rows, changed)
+        assert int(report.wire_rows.sum()) == 0 and bool(report.ok.all())
+    assert len(traces) == 1
