@@ -117,13 +117,14 @@ def _like(x: jax.Array) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape, x.dtype)
 
 
-def _copy_rows_pallas(dst, src, dst_idx, src_idx, count, dst_offset, src_offset, interpret):
+def _copy_rows_pallas(
+    dst, src, dst_idx, src_idx, count, dst_offset, src_offset, dst_col, src_col, width, interpret
+):
     """One Pallas program per (row, block of the row): reads the block once, writes it once, in
     place in ``dst`` (aliased), skipping rows at or past ``count``."""
     from jax.experimental import pallas as pl
 
     num_rows = dst_idx.shape[0]
-    width = dst.shape[1]
     block = _pallas_block(width)
     if not block:
         raise ValueError(
@@ -138,7 +139,9 @@ def _copy_rows_pallas(dst, src, dst_idx, src_idx, count, dst_offset, src_offset,
         def _():
             s = sidx_ref[k] + scalars_ref[2]
             d = didx_ref[k] + scalars_ref[1]
-            dst_ref[d, pl.ds(off, block)] = src_ref[s, pl.ds(off, block)]
+            dst_ref[d, pl.ds(scalars_ref[3] + off, block)] = src_ref[
+                s, pl.ds(scalars_ref[4] + off, block)
+            ]
 
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
@@ -147,6 +150,8 @@ def _copy_rows_pallas(dst, src, dst_idx, src_idx, count, dst_offset, src_offset,
             jnp.asarray(count, jnp.int32),
             jnp.asarray(dst_offset, jnp.int32),
             jnp.asarray(src_offset, jnp.int32),
+            jnp.asarray(dst_col, jnp.int32),
+            jnp.asarray(src_col, jnp.int32),
         ]
     )
     axes = varying_axes(dst) | varying_axes(src)
@@ -170,20 +175,27 @@ def copy_rows(
     *,
     dst_offset: jax.Array | int = 0,
     src_offset: jax.Array | int = 0,
+    dst_col: jax.Array | int = 0,
+    src_col: jax.Array | int = 0,
     impl: str = "loop",
     interpret: bool | None = None,
 ) -> jax.Array:
-    """``dst[dst_offset + dst_idx[k]] = src[src_offset + src_idx[k]]`` for ``k < count``.
+    """``dst[dst_offset + dst_idx[k], dst_col:][:w] = src[src_offset + src_idx[k], src_col:][:w]``
+    for ``k < count``, where ``w`` is the narrower of the two widths (a block of columns when the
+    transfer runs in several column passes; whole rows otherwise).
 
     Args:
       dst: [M, R] rows written.
-      src: [M', R] rows read; a different buffer from ``dst`` (the transfer always copies between
+      src: [M', R'] rows read (R' = R, or one of R and R' is a column block of the other); a
+        different buffer from ``dst`` (the transfer always copies between
         the weights and the staging buffer), so a row is read once and written once.
       dst_idx: int32[K] destination rows; only the first ``count`` are used.
       src_idx: int32[K] source rows.
       count: int32[] number of rows to move (0 <= count <= K).
       dst_offset: added to every destination index (e.g. ``layer * N``).
       src_offset: added to every source index.
+      dst_col: first column written in each destination row.
+      src_col: first column read in each source row.
       impl: ``loop`` (a while loop of dynamic_update_slice, any backend), ``pallas`` (a Pallas
         kernel, GPUs; rows of a multiple of 1024 elements), ``scatter`` (XLA gather + scatter),
         or ``auto`` (resolved by `resolve_impl`; callers normally pass the resolved name).
@@ -193,21 +205,36 @@ def copy_rows(
     Returns:
       ``dst`` with the rows written.
     """
+    width = min(dst.shape[1], src.shape[1])
     if impl == "pallas":
         return _copy_rows_pallas(
-            dst, src, dst_idx, src_idx, count, dst_offset, src_offset, interpret
+            dst,
+            src,
+            dst_idx,
+            src_idx,
+            count,
+            dst_offset,
+            src_offset,
+            dst_col,
+            src_col,
+            width,
+            interpret,
         )
     if impl == "scatter":
         k = jnp.arange(dst_idx.shape[0])
-        rows = src[jnp.clip(src_offset + src_idx, 0, src.shape[0] - 1)]
+        block = lax.dynamic_slice_in_dim(src, src_col, width, axis=1)
+        rows = block[jnp.clip(src_offset + src_idx, 0, src.shape[0] - 1)]
         target = jnp.where(k < count, dst_offset + dst_idx, dst.shape[0])
-        return dst.at[target].set(rows, mode="drop")
+        if width == dst.shape[1]:
+            return dst.at[target].set(rows, mode="drop")
+        block = lax.dynamic_slice_in_dim(dst, dst_col, width, axis=1)
+        block = block.at[target].set(rows, mode="drop")
+        return lax.dynamic_update_slice_in_dim(dst, block, dst_col, axis=1)
     if impl not in ("loop", "auto"):
         raise ValueError(f"impl: expected one of {ROW_IMPLS}, got {impl!r}")
-    width = dst.shape[1]
 
     def body(k, out):
-        r = lax.dynamic_slice(src, (src_offset + src_idx[k], 0), (1, width))
-        return lax.dynamic_update_slice(out, r, (dst_offset + dst_idx[k], 0))
+        r = lax.dynamic_slice(src, (src_offset + src_idx[k], src_col), (1, width))
+        return lax.dynamic_update_slice(out, r, (dst_offset + dst_idx[k], dst_col))
 
     return lax.fori_loop(0, count, body, dst)

@@ -101,8 +101,13 @@ def _stage(
     num_devices: int,
     chunk_rows: int,
     impls: tuple[str, ...],
+    cols: tuple[int, ...] | None = None,
 ) -> tuple[jax.Array, ...]:
-    """Fills the staging buffers: local copies, then one rotation round per shift."""
+    """Fills the staging buffers: local copies, then one rotation round per shift.
+
+    ``cols[i]``: the first column of ``rows[i]`` that buffer i stages (its width is the buffer's).
+    """
+    cols = cols or (0,) * len(rows)
     n = buffers[0].shape[0]
     idx = jnp.arange(n, dtype=jnp.int32)
     buffers = tuple(_varying(b, axis_name) for b in buffers)
@@ -111,8 +116,10 @@ def _stage(
         local_src = _plan._pack(meta.is_received_locally, meta.local_src_rows)
         count = meta.is_received_locally.sum()
         buffers = tuple(
-            _rows.copy_rows(b, r, local_dst, local_src, count, src_offset=layer_offset, impl=i)
-            for b, r, i in zip(buffers, rows, impls, strict=True)
+            _rows.copy_rows(
+                b, r, local_dst, local_src, count, src_offset=layer_offset, src_col=col, impl=i
+            )
+            for b, r, i, col in zip(buffers, rows, impls, cols, strict=True)
         )
     c = chunk_rows
     lanes = jnp.arange(c, dtype=jnp.int32)
@@ -124,15 +131,16 @@ def _stage(
             ridx = lax.dynamic_slice_in_dim(recv_rows[shift], k * c, c)
             payload = tuple(
                 _rows.copy_rows(
-                    _varying(jnp.zeros((c, r.shape[1]), r.dtype), axis_name),
+                    _varying(jnp.zeros((c, b.shape[1]), r.dtype), axis_name),
                     r,
                     lanes,
                     sidx,
                     (sidx >= 0).sum(),
                     src_offset=layer_offset,
+                    src_col=col,
                     impl=i,
                 )
-                for r, i in zip(rows, impls, strict=True)
+                for r, b, i, col in zip(rows, bufs, impls, cols, strict=True)
             )
             got = lax.ppermute(payload, axis_name, perm)
             return tuple(
@@ -151,8 +159,11 @@ def _commit(
     meta: TransferMetadata,
     buffers: tuple[jax.Array, ...],
     impls: tuple[str, ...],
+    cols: tuple[int, ...] | None = None,
 ) -> tuple[jax.Array, ...]:
-    """Writes staged rows into the weights; duplicates take their primary's staged row."""
+    """Writes staged rows into the weights (from column ``cols[i]`` on); duplicates take their
+    primary's staged row."""
+    cols = cols or (0,) * len(rows)
     with jax.named_scope("commit"):
         return tuple(
             _rows.copy_rows(
@@ -162,9 +173,10 @@ def _commit(
                 meta.commit_src_rows,
                 meta.commit_count,
                 dst_offset=layer_offset,
+                dst_col=col,
                 impl=i,
             )
-            for r, b, i in zip(rows, buffers, impls, strict=True)
+            for r, b, i, col in zip(rows, buffers, impls, cols, strict=True)
         )
 
 
@@ -335,7 +347,39 @@ def move_from_buffer(
 # ------------------------------------------------------------------ whole-model rearrangement
 
 
-def _rearrange_local(old, new, leaves, *, axis_name, num_devices, chunk_rows, platform, row_impl):
+def resolve_passes(requested, rows, *, n: int, chunk_rows: int) -> int:
+    """Column passes of the staged transfer.
+
+    Args:
+      requested: the caller's ``staging_passes`` (validated and returned), or None.
+      rows: per leaf, ``(elements, bytes, granule)`` of a row; a pass count splits the row when
+        ``elements`` is a multiple of ``passes * granule`` (else the leaf is staged whole).
+      n: N_local.
+      chunk_rows: C.
+
+    Returns:
+      ``requested``, or the smallest count from ``low = (N + 2C) // N + 1`` (the fewest for which
+      split rows stay below one layer) to ``4 * low`` whose buffer and chunks stay below one
+      layer; if none does, the one staging the fewest bytes.
+    """
+    if requested is not None:
+        if not isinstance(requested, int) or isinstance(requested, bool) or requested < 1:
+            raise ValueError(f"staging_passes: expected a positive int or None, got {requested!r}")
+        return requested
+    low = (n + 2 * chunk_rows) // n + 1
+    layer = n * sum(b for _, b, _ in rows)
+
+    def staged(p):
+        return (n + 2 * chunk_rows) * sum(b // p if w % (p * g) == 0 else b for w, b, g in rows)
+
+    candidates = range(low, 4 * low + 1)
+    fits = [p for p in candidates if staged(p) < layer]
+    return fits[0] if fits else min(candidates, key=lambda p: (staged(p), p))
+
+
+def _rearrange_local(
+    old, new, leaves, *, axis_name, num_devices, chunk_rows, platform, row_impl, staging_passes
+):
     """shard_map body: maps int32[L, P] replicated, leaves [L, N, ...] local."""
     num_layers, p_total = old.shape
     n = p_total // num_devices
@@ -350,8 +394,35 @@ def _rearrange_local(old, new, leaves, *, axis_name, num_devices, chunk_rows, pl
         agree = _agree.maps_agree((old, new), axis_name)
         plans = dataclasses.replace(plans, ok=plans.ok & agree)
     me = lax.axis_index(axis_name)
-    impls = tuple(_rows.resolve_impl(row_impl, r, platform) for r in rows)
-    bufs = tuple(_varying(jnp.zeros((n, r.shape[1]), r.dtype), axis_name) for r in rows)
+    # The Pallas kernel moves blocks of a multiple of 1024 elements.
+    granule = [1024 if row_impl == "pallas" else 1 for _ in rows]
+    passes = resolve_passes(
+        staging_passes,
+        [
+            (r.shape[1], r.shape[1] * r.dtype.itemsize, g)
+            for r, g in zip(rows, granule, strict=True)
+        ],
+        n=n,
+        chunk_rows=chunk_rows,
+    )
+    # A row of R columns is staged in ``passes`` blocks of R / passes columns (rows that do not
+    # divide go whole, in the first pass): the buffer is 1 / passes of a layer.
+    block = [r.shape[1] // passes if r.shape[1] % passes == 0 else r.shape[1] for r in rows]
+    split = [w != r.shape[1] or passes == 1 for w, r in zip(block, rows, strict=True)]
+    impls = tuple(
+        _rows.resolve_impl(row_impl, jax.ShapeDtypeStruct((n, w), r.dtype), platform)
+        for w, r in zip(block, rows, strict=True)
+    )
+    for i, (impl, w, r) in enumerate(zip(impls, block, rows, strict=True)):
+        if impl == "pallas" and not _rows._pallas_block(w):
+            raise ValueError(
+                f"row_impl 'pallas' moves blocks of a multiple of 1024 elements, but "
+                f"staging_passes = {passes} cuts leaf {i}'s rows of {r.shape[1]} elements into "
+                f"blocks of {w}: pass staging_passes=1 or a divisor that keeps such blocks"
+            )
+    bufs = tuple(
+        _varying(jnp.zeros((n, w), r.dtype), axis_name) for w, r in zip(block, rows, strict=True)
+    )
 
     def layer(li, carry):
         rows, bufs = carry
@@ -359,21 +430,34 @@ def _rearrange_local(old, new, leaves, *, axis_name, num_devices, chunk_rows, pl
         meta, send_rows, recv_rows = _plan.local_metadata(
             plan_l, new[li], me, num_devices=num_devices
         )
-        with jax.named_scope("stage"):
-            bufs = _stage(
-                rows,
-                li * n,
-                meta,
-                send_rows,
-                recv_rows,
-                plan_l.num_chunks,
-                bufs,
-                axis_name=axis_name,
-                num_devices=num_devices,
-                chunk_rows=chunk_rows,
-                impls=impls,
-            )
-        rows = _commit(rows, li * n, meta, bufs, impls)
+        for j in range(passes):
+            # Leaves this pass moves: every split one (its j-th block), whole ones in pass 0.
+            part = [i for i in range(len(rows)) if split[i] or j == 0]
+            if not part:
+                continue
+            cols = tuple(j * block[i] if split[i] else 0 for i in part)
+            sub_rows = tuple(rows[i] for i in part)
+            sub_impls = tuple(impls[i] for i in part)
+            with jax.named_scope(f"stage_pass_{j}" if passes > 1 else "stage"):
+                sub_bufs = _stage(
+                    sub_rows,
+                    li * n,
+                    meta,
+                    send_rows,
+                    recv_rows,
+                    plan_l.num_chunks,
+                    tuple(bufs[i] for i in part),
+                    axis_name=axis_name,
+                    num_devices=num_devices,
+                    chunk_rows=chunk_rows,
+                    impls=sub_impls,
+                    cols=cols,
+                )
+            sub_rows = _commit(sub_rows, li * n, meta, sub_bufs, sub_impls, cols)
+            rows, bufs = list(rows), list(bufs)
+            for k, i in enumerate(part):
+                rows[i], bufs[i] = sub_rows[k], sub_bufs[k]
+            rows, bufs = tuple(rows), tuple(bufs)
         return rows, bufs
 
     # All or nothing: one infeasible layer leaves every layer untouched, so the weights keep
@@ -415,7 +499,13 @@ def _explicit(mesh) -> bool:
 
 @functools.lru_cache(maxsize=128)
 def _program(
-    mesh, axis_name: str, chunk_rows: int, donate: bool, single_layer: bool, row_impl: str = "auto"
+    mesh,
+    axis_name: str,
+    chunk_rows: int,
+    donate: bool,
+    single_layer: bool,
+    row_impl: str = "auto",
+    staging_passes: int | None = None,
 ):
     """One jitted program per (mesh, axis, C, donation, layout); jit caches per shapes and tree.
 
@@ -440,6 +530,7 @@ def _program(
             chunk_rows=chunk_rows,
             platform=mesh.devices.flat[0].platform,
             row_impl=row_impl,
+            staging_passes=staging_passes,
         )
         specs = [leaf_spec] * len(leaves)
         # The Pallas interpreter (the kernel on CPU) does not type its grid indices for shard_map,
@@ -479,6 +570,7 @@ def rearrange_expert_weights(
     donate: bool = True,
     return_report: bool = False,
     row_impl: str = "auto",
+    staging_passes: int | None = None,
 ) -> Any:
     """Moves expert weights from the old placement to the new one, on the mesh, in one program.
 
@@ -489,8 +581,11 @@ def rearrange_expert_weights(
     every device, so the maps may be traced values: under an outer `jax.jit` one compilation
     serves every plan of the same shapes.
 
-    Memory: besides the (donated, updated in place) weights, one layer's local rows (N_local rows
-    per leaf) of staging buffer and a chunk of C rows for the collective, whatever the plan.
+    Memory: besides the (donated, updated in place) weights, a staging buffer and two collective
+    chunks whose size depends on the shapes only, never on the plan: on one device none (moves
+    run in place, in an order that reads every row before overwriting it); on D > 1 devices
+    N_local + 2C rows of 1 / ``staging_passes`` of a row's columns, i.e. at most one layer's local
+    weights with the default passes.
 
     Args:
       old_phy2log: int[L, P] physical-to-logical map before, -1 for empty slots. Replicated (numpy,
@@ -508,6 +603,13 @@ def rearrange_expert_weights(
       return_report: also return a `TransferReport`.
       row_impl: how rows move inside a device: ``auto`` (a Pallas kernel on GPUs for rows of at
         least 64 KiB, else a loop of dynamic_update_slice), ``loop``, ``pallas`` or ``scatter``.
+      staging_passes: on D > 1 devices, rows are staged and committed in this many blocks of
+        columns, one after the other in the same program (static; every column block is an
+        independent transfer of the same plan, so the passes never depend on one another). None:
+        the smallest count from floor((N_local + 2C) / N_local) + 1 (2 when 2C < N_local) to
+        four times that which keeps the buffer and the chunks below one layer's local weights.
+        Leaves whose row length the count does not divide are staged whole in the first pass.
+        More passes mean more, smaller collectives.
 
     Returns:
       The rearranged weights (same structure, shapes, dtypes and shardings), and the
@@ -541,6 +643,7 @@ def rearrange_expert_weights(
         return_report=return_report,
         single_layer=False,
         row_impl=row_impl,
+        staging_passes=staging_passes,
     )
 
 
@@ -557,6 +660,7 @@ def _run(
     return_report,
     single_layer,
     row_impl,
+    staging_passes,
 ):
     """Validates everything, then runs the cached program."""
     # First, before any check that could fail on one process only: every process has the same maps.
@@ -568,6 +672,8 @@ def _run(
     chunk_rows = _check_chunk_rows(chunk_rows)
     if row_impl not in _rows.ROW_IMPLS:
         raise ValueError(f"row_impl: expected one of {_rows.ROW_IMPLS}, got {row_impl!r}")
+    if staging_passes is not None:
+        resolve_passes(staging_passes, [], n=1, chunk_rows=chunk_rows)
     ndim = 1 if single_layer else 2
     _validate.check_maps(
         old_phy2log, new_phy2log, num_devices=num_devices, ndim=ndim, num_experts=num_experts
@@ -582,7 +688,9 @@ def _run(
     )
     old = _as_map(old_phy2log, mesh)
     new = _as_map(new_phy2log, mesh)
-    program = _program(mesh, axis_name, chunk_rows, bool(donate), single_layer, row_impl)
+    program = _program(
+        mesh, axis_name, chunk_rows, bool(donate), single_layer, row_impl, staging_passes
+    )
     out, report = program(old, new, leaves)
     _log_if_infeasible(report.ok)
     weights = treedef.unflatten(out)
@@ -623,6 +731,7 @@ def transfer_layer(
     donate: bool = True,
     return_report: bool = False,
     row_impl: str = "auto",
+    staging_passes: int | None = None,
 ) -> Any:
     """`rearrange_expert_weights` for one layer: maps int[P], leaves [P, ...] sharded
     ``PartitionSpec(axis_name)``. Same guarantees, arguments and errors.
@@ -647,4 +756,5 @@ def transfer_layer(
         return_report=return_report,
         single_layer=True,
         row_impl=row_impl,
+        staging_passes=staging_passes,
     )

@@ -131,17 +131,23 @@ def test_donated_weights_are_updated_in_place(mesh8):
     assert [s.data.unsafe_buffer_pointer() for s in out["w"].addressable_shards] == ptrs
 
 
-def test_temporary_memory_is_a_layer_plus_a_chunk(mesh8):
-    # Rows large enough that the plan's integer tables are noise.
+@pytest.mark.parametrize(("passes", "chunk_rows"), [(None, 1), (None, 4), (1, 1), (4, 1)])
+def test_temporary_memory_within_a_layer(mesh8, passes, chunk_rows):
+    # Rows large enough that the plan's integer tables are noise. The buffer and the two chunks
+    # hold (N + 2C) rows of 1 / passes of the columns; the default passes keep that within a layer.
     n, r, num_layers = 8, 4096, 4
     p_total = 8 * n
     w = jax.ShapeDtypeStruct((num_layers, p_total, r), jnp.float32)
     maps = jax.ShapeDtypeStruct((num_layers, p_total), jnp.int32)
-    compiled = _transfer._program(mesh8, "ep", 1, True, False).lower(maps, maps, [w]).compile()
-    stats = compiled.memory_analysis()
+    program = _transfer._program(mesh8, "ep", chunk_rows, True, False, "auto", passes)
+    stats = program.lower(maps, maps, [w]).compile().memory_analysis()
     row = r * 4
     layer_local = n * row
-    assert stats.temp_size_in_bytes <= layer_local + 2 * row + 64 * 1024
+    p = passes or _transfer.resolve_passes(None, [(r, row, 1)], n=n, chunk_rows=chunk_rows)
+    assert passes or p == {1: 2, 4: 4}[chunk_rows]  # with C = 4, 3 does not divide the rows
+    assert stats.temp_size_in_bytes <= (n + 2 * chunk_rows) * row / p + 64 * 1024
+    if passes is None:
+        assert stats.temp_size_in_bytes <= layer_local
     assert stats.alias_size_in_bytes == num_layers * layer_local  # donated: updated in place
 
 
@@ -305,6 +311,8 @@ def test_bad_weights_and_mesh(mesh8, good):
         jeplb.rearrange_expert_weights(*good, _w(mesh8), mesh="ep")
     with pytest.raises(ValueError, match=r"chunk_rows: expected a positive int, got 0"):
         jeplb.rearrange_expert_weights(*good, _w(mesh8), mesh=mesh8, chunk_rows=0)
+    with pytest.raises(ValueError, match=r"staging_passes: expected a positive int or None, got 0"):
+        jeplb.rearrange_expert_weights(*good, _w(mesh8), mesh=mesh8, staging_passes=0)
     odd = np.zeros((L, 20), np.int32)
     with pytest.raises(ValueError, match=r"P = 20 slots is not divisible by the 8 devices"):
         jeplb.rearrange_expert_weights(odd, odd, _w(mesh8, (L, 24, 2)), mesh=mesh8)
@@ -330,10 +338,34 @@ def test_pallas_row_impl_bit_exact_in_interpret_mode():
     rng = np.random.default_rng(5)
     host = {
         "w_bf16": rng.integers(0, 1 << 16, (L, 4 * N, 2, 1024), dtype=np.uint16).view(jnp.bfloat16),
-        "w_f32": rng.standard_normal((L, 4 * N, 1024)).astype(np.float32),
+        "w_f32": rng.standard_normal((L, 4 * N, 2048)).astype(np.float32),
     }
     out = jeplb.rearrange_expert_weights(
         old, new, put(host, mesh, P(None, "ep")), mesh=mesh, row_impl="pallas"
     )
     for name, before in host.items():
         check_rows(as_bytes(before), as_bytes(out[name]), old, new, 4)
+    # Column passes that cut rows below the kernel's block are refused, naming the way out.
+    with pytest.raises(ValueError, match=r"staging_passes = 4 cuts leaf 0's rows of 2048 elements"):
+        jeplb.rearrange_expert_weights(
+            old, new, out, mesh=mesh, row_impl="pallas", staging_passes=4, donate=False
+        )
+
+
+@pytest.mark.parametrize(("passes", "chunk_rows"), [(1, 1), (3, 1), (4, 2)])
+def test_column_passes_bit_exact(passes, chunk_rows):
+    # Rows of 6, 4, 5, 8 and 1 elements: some split into the passes, the others go whole.
+    for seed, kind in enumerate(("random", "hotspot", "empties")):
+        old, new = make_plan(kind, seed, L, 8 * N, 16, 8)
+        mesh = mesh_of(8)
+        host = make_leaves(np.random.default_rng(seed), L, 8 * N)
+        out = jeplb.rearrange_expert_weights(
+            old,
+            new,
+            put(host, mesh, P(None, "ep")),
+            mesh=mesh,
+            staging_passes=passes,
+            chunk_rows=chunk_rows,
+        )
+        for name, before in host.items():
+            check_rows(as_bytes(before), as_bytes(out[name]), old, new, 8)
