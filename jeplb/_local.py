@@ -145,31 +145,42 @@ def direct_block(width: int, num_layers: int) -> int:
 
 def _apply_pallas(rows, src, dst, count, n, interpret):
     """One Pallas program per (layer, block of columns); it runs the layer's moves in order on its
-    block, so each byte is read once and written once. The temporary lives in the program."""
+    block, so each byte is read once and written once. The temporary lives in the program.
+
+    Rows move as 32-bit words (fp8 and bf16 rows load as whole words), and each program sees its
+    layer through a block of [N, block] words, so in-kernel offsets stay below 2^31 whatever the
+    size of the whole shard."""
     from jax.experimental import pallas as pl
 
     num_layers, m = src.shape
-    width = rows.shape[1]
+    dtype, shape = rows.dtype, rows.shape
+    packed = dtype.itemsize < 4 and (shape[1] * dtype.itemsize) % 4 == 0
+    words = _rows.words(rows) if packed else rows
+    width = words.shape[1]
     block = direct_block(width, num_layers)
     if not block:
         raise ValueError(
-            f"row_impl 'pallas' needs rows of a multiple of {_MIN_BLOCK} elements, got {width}"
+            f"row_impl 'pallas' needs rows of a multiple of {_MIN_BLOCK} 32-bit words, got "
+            f"{shape[1]} elements of {dtype}"
+        )
+    if n * width >= 2**31:
+        raise ValueError(
+            f"row_impl 'pallas': one layer holds {n} x {width} words, over the kernel's 2^31 "
+            f"offsets; use row_impl='loop'"
         )
 
     def kernel(src_ref, dst_ref, cnt_ref, _in_ref, out_ref):
         li = pl.program_id(0)
-        off = pl.multiple_of(pl.program_id(1) * block, block)
-        base = li * n
 
         def move(k, temp):
             s = src_ref[li * m + k]
             d = dst_ref[li * m + k]
-            x = out_ref[base + jnp.minimum(s, n - 1), pl.ds(off, block)]
+            x = out_ref[jnp.minimum(s, n - 1), :]
             x = jnp.where(s == n, temp, x)
 
             @pl.when(d != n)
             def _():
-                out_ref[base + d, pl.ds(off, block)] = x
+                out_ref[d, :] = x
 
             return jnp.where(d == n, x, temp)
 
@@ -178,15 +189,25 @@ def _apply_pallas(rows, src, dst, count, n, interpret):
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     axes = _rows.varying_axes(rows)
-    args = [src.reshape(-1), dst.reshape(-1), count, rows]
+    layered = words.reshape(num_layers, n, width)
+    args = [src.reshape(-1), dst.reshape(-1), count, layered]
     args = [_rows.make_varying(a, axes) for a in args]
-    return pl.pallas_call(
+
+    def whole(a):
+        return pl.BlockSpec(a.shape, lambda li, b: (0,))
+
+    layer_block = pl.BlockSpec((None, n, block), lambda li, b: (li, 0, b))
+    out = pl.pallas_call(
         kernel,
         out_shape=_rows._like(args[3]),
         grid=(num_layers, width // block),
+        in_specs=[whole(args[0]), whole(args[1]), whole(args[2]), layer_block],
+        out_specs=layer_block,
         input_output_aliases={3: 0},
         interpret=interpret,
     )(*args)
+    out = out.reshape(words.shape)
+    return _rows.unwords(out, rows) if packed else out
 
 
 def resolve_impl(impl: str, rows: jax.Array, platform: str) -> str | None:
@@ -212,8 +233,8 @@ def apply_moves(
       src: int32[L, M] per layer, the source row of each move (N: the temporary).
       dst: int32[L, M] per layer, the destination row of each move (N: the temporary).
       count: int32[L] moves per layer.
-      impl: ``pallas`` (one kernel for every layer; GPUs, rows of a multiple of 512 elements) or
-        ``loop`` (any backend).
+      impl: ``pallas`` (one kernel for every layer; GPUs, rows of a multiple of 512 32-bit words,
+        a layer below 2^31 words) or ``loop`` (any backend).
       interpret: run the Pallas kernel in interpret mode; None: only on the CPU backend.
 
     Returns:

@@ -66,6 +66,7 @@ def from_rows(rows: jax.Array, like_shape: tuple[int, ...], dtype) -> jax.Array:
 ROW_IMPLS = ("auto", "loop", "pallas", "scatter")
 _PALLAS_MIN_ROW_BYTES = 1 << 16
 _PALLAS_MAX_BLOCK = 1 << 14
+_PALLAS_MAX_ELEMENTS = 1 << 31
 
 
 def _pallas_block(width: int) -> int:
@@ -117,6 +118,17 @@ def _like(x: jax.Array) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape, x.dtype)
 
 
+def words(rows: jax.Array) -> jax.Array:
+    """``rows`` [M, R] of a 1- or 2-byte type as 32-bit words [M, R * itemsize / 4]."""
+    grouped = rows.reshape(rows.shape[0], -1, 4 // rows.dtype.itemsize)
+    return lax.bitcast_convert_type(grouped, jnp.uint32)
+
+
+def unwords(w: jax.Array, like: jax.Array) -> jax.Array:
+    """Inverse of `words`: the words back as ``like``'s dtype and shape."""
+    return lax.bitcast_convert_type(w, like.dtype).reshape(like.shape)
+
+
 def _copy_rows_pallas(
     dst, src, dst_idx, src_idx, count, dst_offset, src_offset, dst_col, src_col, width, interpret
 ):
@@ -139,9 +151,11 @@ def _copy_rows_pallas(
         def _():
             s = sidx_ref[k] + scalars_ref[2]
             d = didx_ref[k] + scalars_ref[1]
-            dst_ref[d, pl.ds(scalars_ref[3] + off, block)] = src_ref[
-                s, pl.ds(scalars_ref[4] + off, block)
-            ]
+            # Column offsets are multiples of the block (a pass's block of a row), which keeps
+            # the loads and stores aligned and vectorised.
+            dcol = pl.multiple_of(scalars_ref[3] + off, block)
+            scol = pl.multiple_of(scalars_ref[4] + off, block)
+            dst_ref[d, pl.ds(dcol, block)] = src_ref[s, pl.ds(scol, block)]
 
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
@@ -197,7 +211,8 @@ def copy_rows(
       dst_col: first column written in each destination row.
       src_col: first column read in each source row.
       impl: ``loop`` (a while loop of dynamic_update_slice, any backend), ``pallas`` (a Pallas
-        kernel, GPUs; rows of a multiple of 1024 elements), ``scatter`` (XLA gather + scatter),
+        kernel, GPUs; rows of a multiple of 1024 elements; buffers of 2^31 elements or more
+        take the loop, as the kernel's offsets are 32-bit), ``scatter`` (XLA gather + scatter),
         or ``auto`` (resolved by `resolve_impl`; callers normally pass the resolved name).
       interpret: run the Pallas kernel in interpret mode; None: only on the CPU backend, so
         ``impl="pallas"`` runs (slowly) on CPU with the same semantics.
@@ -207,19 +222,30 @@ def copy_rows(
     """
     width = min(dst.shape[1], src.shape[1])
     if impl == "pallas":
-        return _copy_rows_pallas(
-            dst,
-            src,
-            dst_idx,
-            src_idx,
-            count,
-            dst_offset,
-            src_offset,
-            dst_col,
-            src_col,
-            width,
-            interpret,
-        )
+        # Narrow types move as 32-bit words: whole-word loads, and 2-4x fewer elements to index.
+        size = dst.dtype.itemsize
+        per = 4 // size if size < 4 and (width * size) % 4 == 0 and dst.dtype == src.dtype else 1
+        if per > 1 and not _pallas_block(width // per):
+            per = 1
+        dst_w, src_w = (words(dst), words(src)) if per > 1 else (dst, src)
+        # The kernel's offsets are 32-bit: larger buffers move through the loop (XLA indexes
+        # them with 64-bit offsets).
+        if max(dst_w.size, src_w.size) < _PALLAS_MAX_ELEMENTS:
+            out = _copy_rows_pallas(
+                dst_w,
+                src_w,
+                dst_idx,
+                src_idx,
+                count,
+                dst_offset,
+                src_offset,
+                jnp.asarray(dst_col, jnp.int32) // per,
+                jnp.asarray(src_col, jnp.int32) // per,
+                width // per,
+                interpret,
+            )
+            return unwords(out, dst) if per > 1 else out
+        impl = "loop"
     if impl == "scatter":
         k = jnp.arange(dst_idx.shape[0])
         block = lax.dynamic_slice_in_dim(src, src_col, width, axis=1)

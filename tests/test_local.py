@@ -83,7 +83,7 @@ def test_apply_moves_bit_exact(impl, dtype):
 
     dt = getattr(ml_dtypes, dtype) if dtype in ("bfloat16", "float8_e4m3fn") else np.dtype(dtype)
     rng = np.random.default_rng(0)
-    num_layers, width = 3, 1024
+    num_layers, width = 3, 2048
     old, new = make_plan("random", 1, num_layers, N, 6, 1)
     new[1] = old[1]  # a layer with nothing to move
     orders = jax.jit(_local.order_moves_layers)(old, new, jnp.ones(num_layers, bool))
@@ -105,7 +105,9 @@ def test_apply_moves_bit_exact(impl, dtype):
 def test_apply_moves_errors():
     rows = jnp.zeros((N, 100), jnp.float32)
     z = jnp.zeros((1, 15), jnp.int32)
-    with pytest.raises(ValueError, match=r"needs rows of a multiple of 512 elements, got 100"):
+    with pytest.raises(
+        ValueError, match=r"needs rows of a multiple of 512 32-bit words, got 100 elements"
+    ):
         _local.apply_moves(rows, z, z, jnp.zeros(1, jnp.int32), impl="pallas")
     with pytest.raises(ValueError, match=r"impl: expected 'pallas' or 'loop', got 'scatter'"):
         _local.apply_moves(rows, z, z, jnp.zeros(1, jnp.int32), impl="scatter")
