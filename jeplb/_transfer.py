@@ -3,10 +3,12 @@
 Rows cross devices only through `lax.ppermute` inside `jax.shard_map`: one rotation round per static
 shift s (device i sends to i + s mod D), each running a data-dependent number of chunks of C rows
 that every device computes identically from the replicated maps. Received rows and local copies land
-in a staging buffer of one layer's local rows (N rows per leaf); the commit then writes them into
-the weights, and duplicates take their primary's staged row. Layers go through a `fori_loop`, so the
-program's size and compile time do not grow with L, and its memory is one layer's staging buffer
-whatever the plan.
+in a staging buffer of N rows per leaf, in ``staging_passes`` blocks of columns (each block a whole
+stage + commit of the same plan, so the buffer and chunks stay below one layer); the commit then
+writes them into the weights, and duplicates take their primary's staged row. On one device there
+is nothing to receive: the moves run in place, ordered (see `_local`). Layers go through a
+`fori_loop`, so the program's size and compile time do not grow with L, and its memory depends on
+the shapes only, whatever the plan.
 """
 
 from __future__ import annotations
