@@ -134,87 +134,192 @@ def row_moves(ceiling, *, n=36, quick=False):
 
 
 @dataclasses.dataclass
+class DirectRow:
+    row: str
+    dtype: str
+    layers: int
+    fraction: float
+    rows_moved: int
+    ms: float
+    tb_s: float
+    of_copy: float
+
+
+def _cyclic_plan(rng, layers, n, fraction):
+    """Maps int32[L, N] where ``fraction`` of each layer's slots take the expert of another moved
+    slot (one cycle through them: every moved row is read once and written once)."""
+    old = np.tile(np.arange(n, dtype=np.int32), (layers, 1))
+    new = old.copy()
+    k = max(2, round(fraction * n))
+    for layer in range(layers):
+        sel = rng.permutation(n)[:k]
+        new[layer, sel] = old[layer, np.roll(sel, 1)]
+    return old, new
+
+
+def _shard(layers, n, width, dtype, spec=None):
+    """[L * N, width] rows of random bits (one random layer tiled: random bits of a whole shard
+    would need twice its memory)."""
+    bits = jnp.uint8 if np.dtype(dtype).itemsize == 1 else jnp.uint16
+    one = jax.random.bits(jax.random.key(1), (1, n, width), bits)
+    shape = (layers, n, width) if spec is not None else (layers * n, width)
+    make = jax.jit(
+        lambda x: jax.lax.bitcast_convert_type(jnp.tile(x, (layers, 1, 1)), dtype).reshape(shape),
+        out_shardings=spec,
+    )
+    return make(one)
+
+
+def direct_moves(ceiling, *, n=36, quick=False):
+    """Ordered in-place moves on one device (the kernel alone, orders precomputed): every layer of
+    the shard in one call, so 1 MiB rows are not dominated by a launch."""
+    from jeplb import _local
+
+    out = []
+    rng = np.random.default_rng(2)
+    shards = {"deepseek-v3 (88.1 MB)": 6, "qwen3-235b (37.7 MB)": 12, "1 MiB": 58}
+    for row_name, layers in shards.items():
+        row_bytes = ROWS[row_name]
+        for dtype in (jnp.bfloat16, jnp.float8_e4m3fn):
+            if quick and dtype != jnp.bfloat16:
+                continue
+            width = row_bytes // np.dtype(dtype).itemsize
+            w = _shard(layers, n, width, dtype)
+            for fraction in (0.1, 0.25, 1.0):
+                old, new = _cyclic_plan(rng, layers, n, fraction)
+                ok = jnp.ones((layers,), bool)
+                src, dst, count = jax.jit(_local.order_moves_layers)(old, new, ok)
+                back = jax.jit(_local.order_moves_layers)(new, old, ok)
+                move = jax.jit(
+                    lambda w, s, d, c: _local.apply_moves(w, s, d, c, impl="pallas"),
+                    donate_argnums=0,
+                )
+                state = {"w": w, "fwd": True}
+
+                def run(state=state, move=move, fwd=(src, dst, count), back=back):
+                    state["w"] = move(state["w"], *(fwd if state["fwd"] else back))
+                    state["fwd"] = not state["fwd"]
+                    return state["w"]
+
+                t = median_s(run)
+                w = state["w"]
+                rows_moved = int((old != new).sum())
+                moved = 2 * rows_moved * row_bytes
+                out.append(
+                    DirectRow(
+                        row_name,
+                        np.dtype(dtype).name,
+                        layers,
+                        fraction,
+                        rows_moved,
+                        t * 1e3,
+                        moved / t / 1e12,
+                        moved / t / ceiling,
+                    )
+                )
+                print(out[-1], flush=True)
+            del w, state
+    return out
+
+
+@dataclasses.dataclass
 class RebalanceRow:
     what: str
     layers: int
     slots: int
     row_mb: float
     impl: str
+    rows_moved_per_layer: float
     ms_per_layer: float
-    bytes_per_layer_gb: float
     floor_ms_per_layer: float
     over_floor: float
     temp_over_layer: float
 
 
-def one_gpu_rebalance(ceiling, *, layers=8, n=36, row_bytes=ROWS["deepseek-v3 (88.1 MB)"]):
-    """A DeepSeek-V3-like local shard (36 slots x 88 MB per layer) rebalanced on one GPU: every
-    move is local (stage into the buffer, commit into the weights)."""
+def one_gpu_rebalance(ceiling, *, layers=12, n=36, row_bytes=ROWS["deepseek-v3 (88.1 MB)"]):
+    """A DeepSeek-V3-like local shard (36 slots x 88 MB per layer) rebalanced on one GPU: the
+    transfer alone on fixed plans, and policy + plan + moves in one program. The floor is one read
+    and one write of every moved row at the copy ceiling."""
+    from jeplb._policy import rebalance_experts
+
     mesh = jax.make_mesh((1,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
     spec = NamedSharding(mesh, P(None, "ep"))
     width = row_bytes // 2
     rng = np.random.default_rng(1)
-    old = np.tile(np.arange(n, dtype=np.int32), (layers, 1))
-    new = np.stack([rng.permutation(n) for _ in range(layers)]).astype(np.int32)
     out = []
-    for impl in ("pallas", "loop"):
-        # One random layer, repeated: random bits of the whole shard would need twice its size.
-        one = jax.random.bits(jax.random.key(1), (1, n, width), jnp.uint16)
-        w = jax.jit(
-            lambda x: jax.lax.bitcast_convert_type(jnp.tile(x, (layers, 1, 1)), jnp.bfloat16),
-            out_shardings=spec,
-        )(one)
-        del one
-        prog = _transfer._program(mesh, "ep", 1, True, False, impl)
-        try:
-            compiled = prog.lower(old, new, [w]).compile()
-        except Exception as e:
-            print(f"rebalance {impl}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-            continue
-        state = {"w": [w], "fwd": True}
+    w = _shard(layers, n, width, jnp.bfloat16, spec)
+    layer_bytes = n * row_bytes
 
-        def run(state=state, compiled=compiled):
-            a, b = (old, new) if state["fwd"] else (new, old)
-            state["w"], _ = compiled(a, b, state["w"])
-            state["fwd"] = not state["fwd"]
-            return state["w"]
-
-        t = median_s(run, reps=6) / layers
-        changed = float(np.mean((old != new).sum(1)))
-        staged_bytes = 4 * changed * row_bytes  # stage: read + write, commit: read + write
-        floor = staged_bytes / ceiling
-        temp = compiled.memory_analysis().temp_size_in_bytes / (n * row_bytes)
+    def record(what, impl, t, moved_rows, temp):
+        floor = 2 * moved_rows * row_bytes / ceiling
         out.append(
             RebalanceRow(
-                "transfer, staged (4 passes of each moved row)",
+                what,
                 layers,
                 n,
                 row_bytes / 1e6,
                 impl,
-                t * 1e3,
-                staged_bytes / 1e9,
-                floor * 1e3,
+                moved_rows / layers,
+                t * 1e3 / layers,
+                floor * 1e3 / layers,
                 t / floor,
                 temp,
             )
         )
-        direct = 2 * changed * row_bytes
-        out.append(
-            RebalanceRow(
-                "  same, against a read+write of each moved row",
-                layers,
-                n,
-                row_bytes / 1e6,
-                impl,
-                t * 1e3,
-                direct / 1e9,
-                direct / ceiling * 1e3,
-                t / (direct / ceiling),
-                temp,
-            )
-        )
-        print(out[-2], out[-1], flush=True)
-        del state, w
+        print(out[-1], flush=True)
+
+    for fraction in (0.1, 0.25, 1.0):
+        old, new = _cyclic_plan(rng, layers, n, fraction)
+        if fraction == 1.0:
+            new = np.stack([rng.permutation(n) for _ in range(layers)]).astype(np.int32)
+        for impl in ("pallas", "loop"):
+            if impl == "loop" and fraction < 1.0:
+                continue
+            prog = _transfer._program(mesh, "ep", 1, True, False, impl)
+            compiled = prog.lower(old, new, [w]).compile()
+            state = {"w": [w], "fwd": True}
+
+            def run(state=state, compiled=compiled, old=old, new=new):
+                a, b = (old, new) if state["fwd"] else (new, old)
+                state["w"], _ = compiled(a, b, state["w"])
+                state["fwd"] = not state["fwd"]
+                return state["w"]
+
+            t = median_s(run, reps=6)
+            (w,) = state["w"]
+            temp = compiled.memory_analysis().temp_size_in_bytes / layer_bytes
+            what = f"transfer, {'random permutation' if fraction == 1 else f'{fraction:.0%} cycle'}"
+            record(what, impl, t, int((old != new).sum()), temp)
+
+    # Policy + plan + moves in one program: 32 experts on 36 slots, loads drawn afresh each call.
+    num_experts = n - 4
+    loads = [
+        jnp.asarray(rng.gamma(0.6, 100.0, (layers, num_experts)).astype(np.float32))
+        for _ in range(2)
+    ]
+    for mode in ("from scratch", "migration-aware"):
+
+        def full(load, old, w, mode=mode):
+            prev = old if mode == "migration-aware" else None
+            new = rebalance_experts(load, n, 1, 1, 1, old_physical_to_logical=prev)[0]
+            w, _ = _transfer._program(mesh, "ep", 1, False, False, "pallas")(old, new, w)
+            return new, w
+
+        step = jax.jit(full, donate_argnums=2)
+        start = np.asarray(jax.jit(lambda x: rebalance_experts(x, n, 1, 1, 1)[0])(loads[1]))
+        state = {"w": [w], "old": jnp.asarray(start), "i": 0, "moved": []}
+
+        def run(state=state, step=step):
+            new, state["w"] = step(loads[state["i"] % 2], state["old"], state["w"])
+            state["moved"].append((state["old"], new))
+            state["old"], state["i"] = new, state["i"] + 1
+            return state["w"]
+
+        t = median_s(run, reps=6)
+        (w,) = state["w"]
+        moved = np.median([int((np.asarray(a) != np.asarray(b)).sum()) for a, b in state["moved"]])
+        record(f"policy ({mode}) + transfer", "pallas", t, float(moved), float("nan"))
+    del w
     return out
 
 
@@ -263,7 +368,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--out", metavar="PATH")
-    ap.add_argument("--layers", type=int, default=8, help="layers of the one-GPU rebalance")
+    ap.add_argument("--layers", type=int, default=12, help="layers of the one-GPU rebalance")
     args = ap.parse_args(argv)
     dev = jax.devices()[0]
     ceiling = copy_ceiling(1 << 32)
@@ -272,6 +377,7 @@ def main(argv=None):
         flush=True,
     )
     moves = row_moves(ceiling, quick=args.quick)
+    direct = direct_moves(ceiling, quick=args.quick)
     reb = one_gpu_rebalance(ceiling, layers=args.layers)
     pol = policy_times()
     cmd = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
@@ -284,7 +390,17 @@ def main(argv=None):
         "to last 20 ms, synchronised once.\n\n"
         + table(moves, "Local row moves (weights -> staging buffer), 36 rows per device")
         + "\n"
-        + table(reb, "Full one-GPU rebalance of a DeepSeek-V3-like local shard, per layer")
+        + table(
+            direct,
+            "Ordered in-place moves on one device (every layer in one kernel; `fraction` of each "
+            "layer's 36 rows move)",
+        )
+        + "\n"
+        + table(
+            reb,
+            "Full one-GPU rebalance of a DeepSeek-V3-like local shard, per layer (floor: one read "
+            "and one write of each moved row at the copy ceiling)",
+        )
         + "\n"
         + table(pol, "Placement policy on the GPU (ms per call after compilation)")
     )
@@ -296,6 +412,7 @@ def main(argv=None):
         payload={
             "ceiling_bytes_per_s": ceiling,
             "moves": [dataclasses.asdict(r) for r in moves],
+            "direct": [dataclasses.asdict(r) for r in direct],
             "rebalance": [dataclasses.asdict(r) for r in reb],
             "policy": [dataclasses.asdict(r) for r in pol],
             "command": cmd,
