@@ -409,14 +409,20 @@ def _rearrange_local(
     )
     # A row of R columns is staged in ``passes`` blocks of R / passes columns (rows that do not
     # divide go whole, in the first pass): the buffer is 1 / passes of a layer.
-    block = [r.shape[1] // passes if r.shape[1] % passes == 0 else r.shape[1] for r in rows]
+    # The default count splits a row as resolve_passes assumed (whole kernel blocks); an explicit
+    # count splits every row it divides, and a block the kernel cannot move is refused below.
+    unit = granule if staging_passes is None else [1] * len(rows)
+    block = [
+        r.shape[1] // passes if r.shape[1] % (passes * u) == 0 else r.shape[1]
+        for r, u in zip(rows, unit, strict=True)
+    ]
     split = [w != r.shape[1] or passes == 1 for w, r in zip(block, rows, strict=True)]
     impls = tuple(
         _rows.resolve_impl(row_impl, jax.ShapeDtypeStruct((n, w), r.dtype), platform)
         for w, r in zip(block, rows, strict=True)
     )
     for i, (impl, w, r) in enumerate(zip(impls, block, rows, strict=True)):
-        if impl == "pallas" and not _rows._pallas_block(w):
+        if impl == "pallas" and w != r.shape[1] and not _rows._pallas_block(w):
             raise ValueError(
                 f"row_impl 'pallas' moves blocks of a multiple of 1024 elements, but "
                 f"staging_passes = {passes} cuts leaf {i}'s rows of {r.shape[1]} elements into "

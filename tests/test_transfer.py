@@ -345,6 +345,12 @@ def test_pallas_row_impl_bit_exact_in_interpret_mode():
     )
     for name, before in host.items():
         check_rows(as_bytes(before), as_bytes(out[name]), old, new, 4)
+    # The default passes never cut a row below the kernel's block: a 1024-element row goes whole.
+    short = {"w": rng.standard_normal((L, 4 * N, 1024)).astype(np.float32)}
+    got = jeplb.rearrange_expert_weights(
+        old, new, put(short, mesh, P(None, "ep")), mesh=mesh, row_impl="pallas"
+    )
+    check_rows(as_bytes(short["w"]), as_bytes(got["w"]), old, new, 4)
     # Column passes that cut rows below the kernel's block are refused, naming the way out.
     with pytest.raises(ValueError, match=r"staging_passes = 4 cuts leaf 0's rows of 2048 elements"):
         jeplb.rearrange_expert_weights(
