@@ -6,7 +6,8 @@ overwritten only after every slot that copies from it has read it. Sources that 
 overwritten form a functional graph (each written slot reads one source): in-trees are emptied
 leaves first, and each cycle is broken by saving one of its rows in a temporary, which the cycle's
 last move writes back. The temporary is one row-block held by the kernel (registers in the Pallas
-kernel, one row in the loop), so the layer needs no staging buffer.
+kernel, one row in the loop), so the layer needs no staging buffer. The order itself takes a few
+vectorised rounds of pointer jumping, not a loop over moves, so it costs little next to the moves.
 
 Letters: L layers, N slots of the device per layer (N_local; N = P when D = 1), M = N + N // 2 the
 longest move list (every slot written once, plus one save per cycle of at least two slots).
@@ -36,54 +37,71 @@ def order_moves(old: jax.Array, new: jax.Array, ok: jax.Array) -> tuple[jax.Arra
       ``dst[k]`` for ``k < count``, in that order; index N stands for the temporary. Rows with
       ``new == -1`` or ``new == old`` are never written; every other row is written exactly once,
       from a row that held its new expert in the old map, before anything overwrote that row.
+
+    The order is computed without a loop over moves, in 2 ceil(log2 N) rounds of pointer jumping:
+    a written row's parent is its source when that source is itself written. Rows whose parents
+    lead to a row that is never written form trees; they move deepest first, so every row is read
+    by its children before its own move overwrites it. The other rows reach a cycle. Each cycle is
+    cut at its least row r: r's source is saved in the temporary first, the rest of r's component
+    moves deepest first (depth counted to r), and r is written last, from the temporary. With one
+    temporary, cycle components run one after the other, in the order of r.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> src, dst, count = order_moves(
+      ...     jnp.array([0, 1, 2, 3]), jnp.array([1, 0, 2, 2]), jnp.bool_(True))
+      >>> [(int(s), int(d)) for s, d in zip(src[:count], dst[:count])]
+      [(2, 3), (1, 4), (0, 1), (4, 0)]
     """
     n = old.shape[0]
     m = n + n // 2
     temp = jnp.int32(n)
     rows = jnp.arange(n, dtype=jnp.int32)
+    rounds = max(1, (n - 1).bit_length())  # 2 ** rounds >= n
     changed = (new >= 0) & (new != old) & ok
     holds = old[None, :] == new[:, None]  # [dst, src]
     # The first holder, as the staged transfer copies locally (any holder would do bit-wise for
     # real replicas; the first keeps both paths identical).
-    src = jnp.where(changed, jnp.argmax(holds, 1), temp).astype(jnp.int32)
-    reads_changed = changed & changed[jnp.minimum(src, n - 1)] & (src < n)
-    readers = jnp.zeros((n,), jnp.int32).at[jnp.where(reads_changed, src, n)].add(1, mode="drop")
+    src = jnp.argmax(holds, 1).astype(jnp.int32)
+    # Parents, with index N as the root that every tree ends in (its own parent).
+    parent = jnp.append(jnp.where(changed & changed[src], src, temp), temp)
 
-    def step(k, carry):
-        pending, readers, src, out_src, out_dst, count = carry
-        ready = pending & (readers == 0)
-        any_ready = ready.any()
-        any_pending = pending.any()
-        d = jnp.argmax(ready).astype(jnp.int32)
-        # Nothing ready but rows pending: they form disjoint cycles. Save the first one's row.
-        c = jnp.argmax(pending).astype(jnp.int32)
-        s = src[d]
-        emit_src = jnp.where(any_ready, s, c)
-        emit_dst = jnp.where(any_ready, d, temp)
-        emit = any_pending
-        out_src = out_src.at[k].set(jnp.where(emit, emit_src, temp))
-        out_dst = out_dst.at[k].set(jnp.where(emit, emit_dst, temp))
-        count = count + emit.astype(jnp.int32)
-        # A move: d is done, and its source has one reader fewer.
-        moved = any_ready
-        pending = pending & ~((rows == d) & moved)
-        dec = moved & (s < n)
-        readers = readers.at[jnp.where(dec, s, n)].add(-1, mode="drop")
-        # A save: c's only pending reader now reads the temporary, and c may be overwritten.
-        save = ~any_ready & any_pending
-        src = jnp.where(save & pending & (src == c), temp, src)
-        readers = jnp.where(save & (rows == c), 0, readers)
-        return pending, readers, src, out_src, out_dst, count
+    with jax.named_scope("find_cycles"):
+        # After the rounds, ahead[x] is 2 ** rounds >= N steps up: the root, or a row on the cycle
+        # x leads to; least[x] is the least row of the first 2 ** rounds steps from x.
+        ahead, least = parent, jnp.append(rows, temp)
+        for _ in range(rounds):
+            least = jnp.minimum(least, least[ahead])
+            ahead = ahead[ahead]
+        cyclic = ahead[:n] != temp
+        component = jnp.where(cyclic, least[ahead[:n]], -1)  # the least row of x's cycle
+        cut = cyclic & (component == rows)
 
-    init = (
-        changed,
-        readers,
-        src,
-        jnp.full((m,), n, jnp.int32),
-        jnp.full((m,), n, jnp.int32),
-        jnp.int32(0),
-    )
-    _, _, _, out_src, out_dst, count = lax.fori_loop(0, m, step, init)
+    with jax.named_scope("depths"):
+        # Cut every cycle at its least row, then count each row's steps to a tree's top.
+        up = jnp.where(jnp.append(cut, True), temp, parent)
+        depth = jnp.append(up[:n] != temp, False).astype(jnp.int32)
+        for _ in range(rounds):
+            depth = depth + depth[up]
+            up = up[up]
+        depth = depth[:n]
+
+    with jax.named_scope("sort"):
+        # One key per entry: N moves (a cut row's move reads the temporary) and N saves (one per
+        # cut row). Trees first (group 0), then each cycle component (group 1 + r): its save, its
+        # moves deepest first, its cut row last.
+        span = 2 * n + 2
+        group = (component + 1) * span
+        move_key = group + jnp.where(cut, 2 * n + 1, 1 + n - depth)
+        move_key = jnp.where(changed, move_key, jnp.iinfo(jnp.int32).max)
+        save_key = jnp.where(cut, group, jnp.iinfo(jnp.int32).max)
+        order = jnp.argsort(jnp.concatenate([move_key, save_key]), stable=True)[:m]
+        entry_src = jnp.concatenate([jnp.where(cut, temp, src), src])
+        entry_dst = jnp.concatenate([rows, jnp.full((n,), temp)])
+        count = (changed.sum() + cut.sum()).astype(jnp.int32)
+        live = jnp.arange(m) < count
+        out_src = jnp.where(live, entry_src[order], temp)
+        out_dst = jnp.where(live, entry_dst[order], temp)
     return out_src, out_dst, count
 
 
