@@ -134,6 +134,8 @@ def _pack(load: jax.Array, num_packs: int) -> tuple[jax.Array, jax.Array]:
         return iota, jnp.zeros((x_rows, n), jnp.int32)
     iota = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (x_rows, n))
     neg_sorted, order = lax.sort((-load, iota), dimension=1, num_keys=2)
+    if num_packs == 1:  # every item in the one pack, ranked in the order they are taken
+        return jnp.zeros((x_rows, n), jnp.int32), _inverse(order)
     pack_ids = jnp.arange(num_packs, dtype=jnp.int32)
 
     def step(carry, item_load):
@@ -512,6 +514,8 @@ def _sticky_pack(item_load: jax.Array, pref_gpu: jax.Array, num_packs: int, cap:
       int32[X, n] the GPU of each item.
     """
     x_rows, n = item_load.shape
+    if num_packs == 1:
+        return jnp.zeros((x_rows, n), jnp.int32)
     iota = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (x_rows, n))
     neg, order, pref = lax.sort((-item_load, iota, pref_gpu), dimension=1, num_keys=2)
     pack_ids = jnp.arange(num_packs, dtype=jnp.int32)
@@ -530,7 +534,7 @@ def _sticky_pack(item_load: jax.Array, pref_gpu: jax.Array, num_packs: int, cap:
         return (pack_load, pack_count + hit.astype(jnp.int32)), k
 
     init = (jnp.zeros((x_rows, num_packs), jnp.float32), jnp.zeros((x_rows, num_packs), jnp.int32))
-    _, k_sorted = lax.scan(step, init, (-neg.T, pref.T))
+    _, k_sorted = lax.scan(step, init, (-neg.T, pref.T), unroll=4)
     return (
         jnp.zeros((x_rows, n), jnp.int32)
         .at[_rows(order), order]
