@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
+
+# The 58-layer fp8 shard takes 92 GB of the H200's 141 GB; the default pool is 75% of it.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
 import jax
 import jax.numpy as jnp
@@ -51,11 +55,12 @@ def median_s(fn, *, warmup=2, reps=10, min_sample_s=0.02):
 
 def copy_ceiling(nbytes: int) -> float:
     """Bytes read + written per second by the device's own copy of a buffer of ``nbytes``."""
-    x = jax.random.bits(jax.random.key(0), (nbytes,), jnp.uint8)
+    # 32-bit words: random bytes are drawn a word each, which would take 4x the buffer.
+    x = jax.random.bits(jax.random.key(0), (nbytes // 4,), jnp.uint32)
     copy = jax.jit(lambda x: x.copy())
-    xor = jax.jit(lambda x: x ^ jnp.uint8(1))
+    xor = jax.jit(lambda x: x ^ jnp.uint32(1))
     best = min(median_s(lambda: copy(x)), median_s(lambda: xor(x)))
-    return 2 * nbytes / best
+    return 2 * x.nbytes / best
 
 
 @dataclasses.dataclass
@@ -143,6 +148,7 @@ class DirectRow:
     ms: float
     tb_s: float
     of_copy: float
+    of_same_size_copy: float
 
 
 def _cyclic_plan(rng, layers, n, fraction):
@@ -205,6 +211,7 @@ def direct_moves(ceiling, *, n=36, quick=False):
                 w = state["w"]
                 rows_moved = int((old != new).sum())
                 moved = 2 * rows_moved * row_bytes
+                same_size = copy_ceiling(rows_moved * row_bytes)
                 out.append(
                     DirectRow(
                         row_name,
@@ -215,111 +222,142 @@ def direct_moves(ceiling, *, n=36, quick=False):
                         t * 1e3,
                         moved / t / 1e12,
                         moved / t / ceiling,
+                        moved / t / same_size,
                     )
                 )
                 print(out[-1], flush=True)
-            del w, state
+            del w, state, run
     return out
 
 
 @dataclasses.dataclass
 class RebalanceRow:
     what: str
-    layers: int
-    slots: int
+    dtype: str
     row_mb: float
+    layers: int
+    resident: int
     impl: str
     rows_moved_per_layer: float
-    ms_per_layer: float
-    floor_ms_per_layer: float
+    ms: float
+    floor_ms: float
     over_floor: float
     temp_over_layer: float
 
 
-def one_gpu_rebalance(ceiling, *, layers=12, n=36, row_bytes=ROWS["deepseek-v3 (88.1 MB)"]):
-    """A DeepSeek-V3-like local shard (36 slots x 88 MB per layer) rebalanced on one GPU: the
-    transfer alone on fixed plans, and policy + plan + moves in one program. The floor is one read
-    and one write of every moved row at the copy ceiling."""
+def _blockwise_transfer(mesh, layers, resident):
+    """``transfer(old, new, w, impl)``: maps int32[layers, N] applied block by block to one
+    resident block of weights [resident, N, R], each block a full one-device transfer."""
+    blocks = [(b, min(b + resident, layers)) for b in range(0, layers, resident)]
+
+    def transfer(old, new, w, impl):
+        prog = _transfer._program(mesh, "ep", 1, False, False, impl)
+        for b, e in blocks:
+            (part,), _ = prog(old[b:e], new[b:e], [w[: e - b]])
+            w = part if e - b == resident else w.at[: e - b].set(part)
+        return w
+
+    return transfer
+
+
+def one_gpu_rebalance(ceiling, *, layers=58, n=36, quick=False):
+    """A DeepSeek-V3-like local shard (36 slots per layer, 58 layers) rebalanced on one GPU, layer
+    by layer: the transfer alone on fixed plans, and policy + plan + moves in one program. The
+    floor is one read and one write of every moved row at the copy ceiling.
+
+    bf16 rows (88.1 MB) of 58 layers take 184 GB, more than one GPU holds: the 58 layers' plans are
+    applied in blocks of ``resident`` layers to one resident block, each block a full transfer
+    (order and moves) of its layers. fp8 rows (44 MB, the checkpoint's own format) fit whole."""
     from jeplb._policy import rebalance_experts
 
     mesh = jax.make_mesh((1,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
     spec = NamedSharding(mesh, P(None, "ep"))
-    width = row_bytes // 2
     rng = np.random.default_rng(1)
     out = []
-    w = _shard(layers, n, width, jnp.bfloat16, spec)
-    layer_bytes = n * row_bytes
-
-    def record(what, impl, t, moved_rows, temp):
-        floor = 2 * moved_rows * row_bytes / ceiling
-        out.append(
-            RebalanceRow(
-                what,
-                layers,
-                n,
-                row_bytes / 1e6,
-                impl,
-                moved_rows / layers,
-                t * 1e3 / layers,
-                floor * 1e3 / layers,
-                t / floor,
-                temp,
-            )
-        )
-        print(out[-1], flush=True)
-
-    for fraction in (0.1, 0.25, 1.0):
-        old, new = _cyclic_plan(rng, layers, n, fraction)
-        if fraction == 1.0:
-            new = np.stack([rng.permutation(n) for _ in range(layers)]).astype(np.int32)
-        for impl in ("pallas", "loop"):
-            if impl == "loop" and fraction < 1.0:
-                continue
-            prog = _transfer._program(mesh, "ep", 1, True, False, impl)
-            compiled = prog.lower(old, new, [w]).compile()
-            state = {"w": [w], "fwd": True}
-
-            def run(state=state, compiled=compiled, old=old, new=new):
-                a, b = (old, new) if state["fwd"] else (new, old)
-                state["w"], _ = compiled(a, b, state["w"])
-                state["fwd"] = not state["fwd"]
-                return state["w"]
-
-            t = median_s(run, reps=6)
-            (w,) = state["w"]
-            temp = compiled.memory_analysis().temp_size_in_bytes / layer_bytes
-            what = f"transfer, {'random permutation' if fraction == 1 else f'{fraction:.0%} cycle'}"
-            record(what, impl, t, int((old != new).sum()), temp)
-
-    # Policy + plan + moves in one program: 32 experts on 36 slots, loads drawn afresh each call.
-    num_experts = n - 4
+    num_experts = n - 4  # 32 experts with 4 redundant slots, as 256 on 288 over 8 GPUs
     loads = [
         jnp.asarray(rng.gamma(0.6, 100.0, (layers, num_experts)).astype(np.float32))
         for _ in range(2)
     ]
-    for mode in ("from scratch", "migration-aware"):
+    cases = [(jnp.bfloat16, ROWS["deepseek-v3 (88.1 MB)"], -(-layers // 2))]
+    if not quick:
+        cases.append((jnp.float8_e4m3fn, ROWS["deepseek-v3 (88.1 MB)"] // 2, layers))
+    for dtype, row_bytes, resident in cases:
+        width = row_bytes // np.dtype(dtype).itemsize
+        w = _shard(resident, n, width, dtype, spec)
 
-        def full(load, old, w, mode=mode):
-            prev = old if mode == "migration-aware" else None
-            new = rebalance_experts(load, n, 1, 1, 1, old_physical_to_logical=prev)[0]
-            w, _ = _transfer._program(mesh, "ep", 1, False, False, "pallas")(old, new, w)
-            return new, w
+        transfer = _blockwise_transfer(mesh, layers, resident)
 
-        step = jax.jit(full, donate_argnums=2)
-        start = np.asarray(jax.jit(lambda x: rebalance_experts(x, n, 1, 1, 1)[0])(loads[1]))
-        state = {"w": [w], "old": jnp.asarray(start), "i": 0, "moved": []}
+        def record(
+            what, impl, t, moved_rows, compiled, dtype=dtype, row_bytes=row_bytes, resident=resident
+        ):
+            floor = 2 * moved_rows * row_bytes / ceiling
+            temp = compiled.memory_analysis().temp_size_in_bytes / (n * row_bytes)
+            out.append(
+                RebalanceRow(
+                    what,
+                    np.dtype(dtype).name,
+                    row_bytes / 1e6,
+                    layers,
+                    resident,
+                    impl,
+                    moved_rows / layers,
+                    t * 1e3,
+                    floor * 1e3,
+                    t / floor,
+                    temp,
+                )
+            )
+            print(out[-1], flush=True)
 
-        def run(state=state, step=step):
-            new, state["w"] = step(loads[state["i"] % 2], state["old"], state["w"])
-            state["moved"].append((state["old"], new))
-            state["old"], state["i"] = new, state["i"] + 1
-            return state["w"]
+        for fraction in (0.1, 0.25, 1.0):
+            old, new = _cyclic_plan(rng, layers, n, fraction)
+            if fraction == 1.0:
+                new = np.stack([rng.permutation(n) for _ in range(layers)]).astype(np.int32)
+            for impl in ("pallas", "loop"):
+                if impl == "loop" and (fraction < 1.0 or quick or dtype != jnp.bfloat16):
+                    continue
+                step = jax.jit(transfer, donate_argnums=2, static_argnums=3)
+                compiled = step.lower(old, new, w, impl).compile()
+                state = {"w": w, "fwd": True}
 
-        t = median_s(run, reps=6)
-        (w,) = state["w"]
-        moved = np.median([int((np.asarray(a) != np.asarray(b)).sum()) for a, b in state["moved"]])
-        record(f"policy ({mode}) + transfer", "pallas", t, float(moved), float("nan"))
-    del w
+                def run(state=state, compiled=compiled, old=old, new=new):
+                    a, b = (old, new) if state["fwd"] else (new, old)
+                    state["w"] = compiled(a, b, state["w"])
+                    state["fwd"] = not state["fwd"]
+                    return state["w"]
+
+                t = median_s(run, reps=6)
+                w = state["w"]
+                kind = "random permutation" if fraction == 1 else f"{fraction:.0%} in a cycle"
+                record(f"transfer, {kind}", impl, t, int((old != new).sum()), compiled)
+
+        # Policy + plan + moves in one program, loads alternating between two draws.
+        for mode in ("from scratch", "migration-aware"):
+
+            def full(load, old, w, mode=mode, transfer=transfer):
+                prev = old if mode == "migration-aware" else None
+                new = rebalance_experts(load, n, 1, 1, 1, old_physical_to_logical=prev)[0]
+                return new, transfer(old, new, w, "pallas")
+
+            step = jax.jit(full, donate_argnums=2)
+            start = jax.jit(lambda x: rebalance_experts(x, n, 1, 1, 1)[0])(loads[1])
+            compiled = step.lower(loads[0], start, w).compile()
+            state = {"w": w, "old": start, "i": 0, "moved": []}
+
+            def run(state=state, compiled=compiled):
+                new, state["w"] = compiled(loads[state["i"] % 2], state["old"], state["w"])
+                state["moved"].append((state["old"], new))
+                state["old"], state["i"] = new, state["i"] + 1
+                return state["w"]
+
+            t = median_s(run, reps=6)
+            w = state["w"]
+            moved = np.median(
+                [int((np.asarray(a) != np.asarray(b)).sum()) for a, b in state["moved"]]
+            )
+            record(f"policy ({mode}) + transfer", "pallas", t, float(moved), compiled)
+        del w, state, run  # the last closure holds the buffer too
     return out
 
 
@@ -359,6 +397,17 @@ def policy_times():
                 "deepseek-v3 58x256->288, 8 groups, 4 nodes, 32 GPUs", "migration-aware", t * 1e3
             )
         )
+    # The one-GPU shard of the rebalance above: 32 experts on 36 slots, one GPU.
+    local = "deepseek-v3 local shard 58x32->36, 1 GPU"
+    small = jnp.asarray(rng.gamma(0.6, 100.0, (58, 32)).astype(np.float32))
+    f1 = jax.jit(lambda w: rebalance_experts(w, 36, 1, 1, 1))
+    out.append(PolicyRow(local, "from scratch", median_s(lambda: f1(small), reps=20) * 1e3))
+    old1 = f1(small)[0]
+    drift1 = small * jnp.asarray(rng.uniform(0.7, 1.3, small.shape).astype(np.float32))
+    g1 = jax.jit(lambda w, o: rebalance_experts(w, 36, 1, 1, 1, old_physical_to_logical=o))
+    out.append(
+        PolicyRow(local, "migration-aware", median_s(lambda: g1(drift1, old1), reps=20) * 1e3)
+    )
     print(out, flush=True)
     return out
 
@@ -368,7 +417,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--out", metavar="PATH")
-    ap.add_argument("--layers", type=int, default=12, help="layers of the one-GPU rebalance")
+    ap.add_argument("--layers", type=int, default=58, help="layers of the one-GPU rebalance")
     args = ap.parse_args(argv)
     dev = jax.devices()[0]
     ceiling = copy_ceiling(1 << 32)
@@ -378,7 +427,7 @@ def main(argv=None):
     )
     moves = row_moves(ceiling, quick=args.quick)
     direct = direct_moves(ceiling, quick=args.quick)
-    reb = one_gpu_rebalance(ceiling, layers=args.layers)
+    reb = one_gpu_rebalance(ceiling, layers=args.layers, quick=args.quick)
     pol = policy_times()
     cmd = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     text = (
@@ -398,8 +447,9 @@ def main(argv=None):
         + "\n"
         + table(
             reb,
-            "Full one-GPU rebalance of a DeepSeek-V3-like local shard, per layer (floor: one read "
-            "and one write of each moved row at the copy ceiling)",
+            "Full one-GPU rebalance of a DeepSeek-V3-like local shard, 36 slots per layer, layer "
+            "by layer (`resident` layers in memory at once; `ms` per call for every layer; floor: "
+            "one read and one write of each moved row at the copy ceiling)",
         )
         + "\n"
         + table(pol, "Placement policy on the GPU (ms per call after compilation)")
