@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 from typing import Any
 
 import jax
@@ -44,7 +45,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import _agree, _validate
+from . import _agree, _local, _plan, _rows, _validate
 from . import _balance as balance
 from ._state import EplbState, maps_from_phy2log
 from ._transfer import move_from_buffer, move_to_buffer
@@ -118,12 +119,11 @@ def _plan_placement(state: EplbState, total: jax.Array):
 # --------------------------------------------------------------------------------- the step
 
 
-_UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
-
-
-def _as_bits(x: jax.Array) -> jax.Array:
-    target = _UINT[jnp.dtype(x.dtype).itemsize]
-    return x if x.dtype == target else lax.bitcast_convert_type(x, target)
+def _as_bits(x: jax.Array, platform: str) -> jax.Array:
+    """``x`` as unsigned bits where XLA would not move it as is (only some types on CPU): an
+    unneeded bitcast is a full copy of the weights on XLA:CPU."""
+    target = _rows._bitcast_type(x.dtype, platform)
+    return x if target is None else lax.bitcast_convert_type(x, target)
 
 
 def _from_bits(x: jax.Array, dtype) -> jax.Array:
@@ -152,6 +152,42 @@ def _varying(x: jax.Array, axis_name: str) -> jax.Array:
 def _vma(x: jax.Array) -> frozenset:
     manual = getattr(jax.typeof(x), "manual_axis_type", None)
     return manual.varying if manual is not None else getattr(jax.typeof(x), "vma", frozenset())
+
+
+def _direct_impls(leaves: list[jax.Array], platform: str) -> tuple[str, ...] | None:
+    """The in-place executor of each leaf's rows [N, R] (one device), or None if one has none."""
+    impls = tuple(
+        _local.resolve_impl("auto", jax.ShapeDtypeStruct(_row_shape(x), x.dtype), platform)
+        for x in leaves
+    )
+    return None if None in impls else impls
+
+
+def _row_shape(x: jax.Array) -> tuple[int, int]:
+    """[N, R]: a leaf [L, N, ...] as one layer's rows."""
+    return (x.shape[1], math.prod(x.shape[2:]))
+
+
+def _direct_layer(old, new, leaves, li, impls, platform):
+    """One device: layer ``li``'s moves in place, in a hazard-free order (see `_local`), on the
+    whole leaves [L, N, ...] (no copy of the layer, no staging). Maps int32[P]. Returns the
+    leaves and whether the plan was feasible (if not, nothing moves)."""
+    num_layers = leaves[0].shape[0]
+    with jax.named_scope("plan"):
+        _, ok = _plan.classify(old, new)
+        src, dst, count = _local.order_moves(old, new, ok)
+        # Every other layer gets no move: the executors run all layers' lists at once.
+        n = old.shape[0]
+        src = jnp.full((num_layers, src.shape[0]), n, jnp.int32).at[li].set(src)
+        dst = jnp.full((num_layers, dst.shape[0]), n, jnp.int32).at[li].set(dst)
+        count = jnp.zeros((num_layers,), jnp.int32).at[li].set(count)
+    with jax.named_scope("local_moves"):
+        out = []
+        for x, impl in zip(leaves, impls, strict=True):
+            rows = _rows.to_rows(x, 2, platform)
+            rows = _local.apply_moves(rows, src, dst, count, impl=impl)
+            out.append(_rows.from_rows(rows, x.shape, x.dtype))
+    return out, ok
 
 
 def _local_step(
@@ -190,16 +226,19 @@ def _local_step(
             moved, ok, remote = stats
             old, new = p2l[li], pending[0][li]
             # The transfer's per-layer stages: stage (local copies + collectives), then commit.
-            here = [lax.dynamic_index_in_dim(x, li, keepdims=False) for x in leaves]
-            bufs, meta = move_to_buffer(
-                old, new, here, axis_name=axis, buffer=bufs, chunk_rows=state.chunk_rows
-            )
-            here = move_from_buffer(here, bufs, meta)
-            leaves = [
-                lax.dynamic_update_index_in_dim(x, h, li, 0)
-                for x, h in zip(leaves, here, strict=True)
-            ]
-            good = meta.ok
+            if direct:
+                leaves, good = _direct_layer(old, new, leaves, li, direct, platform)
+            else:
+                here = [lax.dynamic_index_in_dim(x, li, keepdims=False) for x in leaves]
+                bufs, meta = move_to_buffer(
+                    old, new, here, axis_name=axis, buffer=bufs, chunk_rows=state.chunk_rows
+                )
+                here = move_from_buffer(here, bufs, meta)
+                leaves = [
+                    lax.dynamic_update_index_in_dim(x, h, li, 0)
+                    for x, h in zip(leaves, here, strict=True)
+                ]
+                good = meta.ok
             maps = (
                 p2l.at[li].set(jnp.where(good, new, old)),
                 l2p.at[li].set(jnp.where(good, pending[1][li], l2p[li])),
@@ -212,8 +251,10 @@ def _local_step(
             )
             return leaves, bufs, maps, stats
 
-        # One staging buffer of one layer's local rows, reused by every layer.
-        bufs = [_varying(jnp.zeros(x.shape[1:], x.dtype), axis) for x in leaves]
+        # One device moves each layer in place (no buffer); else one staging buffer of one
+        # layer's local rows, reused by every layer.
+        direct = _direct_impls(leaves, platform) if d == 1 else None
+        bufs = [] if direct else [_varying(jnp.zeros(x.shape[1:], x.dtype), axis) for x in leaves]
         trips = jnp.minimum(k, num_layers - cursor)
         leaves, _, maps, stats = lax.fori_loop(0, trips, layer, (leaves, bufs, maps, stats))
         return leaves, maps, stats
@@ -225,7 +266,7 @@ def _local_step(
         stats = (stats[0], stats[1] & agree, stats[2])
         # Bits, not numbers: XLA:CPU widens bf16/f16/fp8 around slices and updates (and
         # canonicalises NaN payloads on the way); unsigned integers of the same width move as is.
-        bits = [_as_bits(x) for x in leaves]
+        bits = [_as_bits(x, platform) for x in leaves]
         bits, maps, stats = lax.cond(active, move, lambda w, m, s: (w, m, s), bits, maps, stats)
         leaves = [_from_bits(b, x.dtype) for b, x in zip(bits, leaves, strict=True)]
         cursor = jnp.where(active, jnp.minimum(cursor + k, num_layers), cursor)

@@ -13,6 +13,9 @@ from jax.sharding import PartitionSpec as P
 
 import jeplb
 from jeplb import _local, _rows, _transfer
+from jeplb._state import EplbState
+from jeplb._step import eplb_step
+from tests.test_step import E, Model, R, run
 from tests.transfer_model import check_rows, make_leaves, make_plan, random_bytes
 
 N = 10  # slots of the test layers: one compilation of the order per width
@@ -156,3 +159,55 @@ def test_one_device_one_compilation_and_report(mesh1):
         np.testing.assert_array_equal(report.local_rows, changed)
         assert int(report.wire_rows.sum()) == 0 and bool(report.ok.all())
     assert len(traces) == 1
+
+
+# ------------------------------------------------------------------- eplb_step on one device
+
+
+def test_one_device_step_moves_in_place_and_stays_exact(mesh1):
+    # Every step checks the outputs and each slot's weights (f32 and bf16 bits) against numpy.
+    model = Model(num_layers=3, seed=2)
+    state = EplbState.create(
+        num_layers=3,
+        num_experts=E,
+        num_devices=1,
+        num_redundant_experts=R,
+        window_size=2,
+        step_interval=2,
+    ).replicated(mesh1)
+    _, _, log, traces, _ = run(model, state, 6, mesh1)
+    assert traces == 1
+    fired = [entry for entry in log if entry["info"].fired]
+    assert fired and all(entry["info"].moved.all() for entry in fired)
+    assert any((entry["before"] != entry["after"]).any() for entry in fired)
+
+
+def test_one_device_step_moves_large_rows_in_place(mesh1):
+    # Rows of 64 KiB (the Pallas kernel on a GPU, the loop on CPU), moved in the whole leaf: about
+    # two rows of temporary, where a staging buffer or a copy of the layer takes N_local rows.
+    num_layers, n, width = 2, E + R, 16384
+    rng = np.random.default_rng(3)
+    logical = random_bytes(rng, (num_layers, E, width), np.float32)
+    state = EplbState.create(
+        num_layers=num_layers,
+        num_experts=E,
+        num_devices=1,
+        num_redundant_experts=R,
+        step_interval=1,
+    ).replicated(mesh1)
+    skew = np.stack([rng.permutation(np.arange(1, E + 1) ** 3) for _ in range(num_layers)])
+    state = state.replace(pass_load=jnp.asarray(skew, state.pass_load.dtype))
+    lay = np.arange(num_layers)[:, None]
+    before = np.asarray(state.phy2log)
+    w = jax.device_put(logical[lay, before], NamedSharding(mesh1, P(None, "ep")))
+    step = jax.jit(lambda s, w: eplb_step(s, w, mesh=mesh1), donate_argnums=(0, 1))
+    compiled = step.lower(state, {"w": w}).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    row = width * 4
+    assert temp <= 2 * row + 64 * 1024, (temp, n * row)
+    state, out, info = compiled(state, {"w": w})
+    after = np.asarray(state.phy2log)
+    assert bool(info.fired) and np.asarray(info.moved).all() and (after != before).any()
+    np.testing.assert_array_equal(
+        np.asarray(out["w"]).view(np.uint32), logical[lay, after].view(np.uint32)
+    )
