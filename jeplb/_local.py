@@ -235,6 +235,24 @@ def resolve_impl(impl: str, rows: jax.Array, platform: str) -> str | None:
     return None if impl == "scatter" else impl
 
 
+def leaf_impls(impl: str, leaves, platform: str) -> tuple[str, ...] | None:
+    """The in-place executor of each leaf [L, N, ...] (of its rows as `_rows.to_rows` makes them),
+    or None when one has none (``scatter``: the caller stages instead)."""
+    impls = tuple(resolve_impl(impl, _rows.to_rows(x, 2, platform), platform) for x in leaves)
+    return None if None in impls else impls
+
+
+def move_leaves(leaves, src, dst, count, impls, platform: str) -> list[jax.Array]:
+    """Leaves [L, N, ...] with each layer's ordered moves applied in place (``src``, ``dst``
+    int32[L, M] and ``count`` int32[L] as from `order_moves_layers`; ``impls`` from
+    `leaf_impls`)."""
+    out = []
+    for x, impl in zip(leaves, impls, strict=True):
+        rows = apply_moves(_rows.to_rows(x, 2, platform), src, dst, count, impl=impl)
+        out.append(_rows.from_rows(rows, x.shape, x.dtype))
+    return out
+
+
 def apply_moves(
     rows: jax.Array,
     src: jax.Array,

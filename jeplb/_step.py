@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 from typing import Any
 
 import jax
@@ -154,20 +153,6 @@ def _vma(x: jax.Array) -> frozenset:
     return manual.varying if manual is not None else getattr(jax.typeof(x), "vma", frozenset())
 
 
-def _direct_impls(leaves: list[jax.Array], platform: str) -> tuple[str, ...] | None:
-    """The in-place executor of each leaf's rows [N, R] (one device), or None if one has none."""
-    impls = tuple(
-        _local.resolve_impl("auto", jax.ShapeDtypeStruct(_row_shape(x), x.dtype), platform)
-        for x in leaves
-    )
-    return None if None in impls else impls
-
-
-def _row_shape(x: jax.Array) -> tuple[int, int]:
-    """[N, R]: a leaf [L, N, ...] as one layer's rows."""
-    return (x.shape[1], math.prod(x.shape[2:]))
-
-
 def _direct_layer(old, new, leaves, li, impls, platform):
     """One device: layer ``li``'s moves in place, in a hazard-free order (see `_local`), on the
     whole leaves [L, N, ...] (no copy of the layer, no staging). Maps int32[P]. Returns the
@@ -182,12 +167,7 @@ def _direct_layer(old, new, leaves, li, impls, platform):
         dst = jnp.full((num_layers, dst.shape[0]), n, jnp.int32).at[li].set(dst)
         count = jnp.zeros((num_layers,), jnp.int32).at[li].set(count)
     with jax.named_scope("local_moves"):
-        out = []
-        for x, impl in zip(leaves, impls, strict=True):
-            rows = _rows.to_rows(x, 2, platform)
-            rows = _local.apply_moves(rows, src, dst, count, impl=impl)
-            out.append(_rows.from_rows(rows, x.shape, x.dtype))
-    return out, ok
+        return _local.move_leaves(leaves, src, dst, count, impls, platform), ok
 
 
 def _local_step(
@@ -225,8 +205,9 @@ def _local_step(
             p2l, l2p, cnt = maps
             moved, ok, remote = stats
             old, new = p2l[li], pending[0][li]
-            # The transfer's per-layer stages: stage (local copies + collectives), then commit.
-            if direct:
+            # One device: ordered moves in place. Else the transfer's per-layer stages: stage
+            # (local copies + collectives), then commit.
+            if direct is not None:
                 leaves, good = _direct_layer(old, new, leaves, li, direct, platform)
             else:
                 here = [lax.dynamic_index_in_dim(x, li, keepdims=False) for x in leaves]
@@ -253,8 +234,10 @@ def _local_step(
 
         # One device moves each layer in place (no buffer); else one staging buffer of one
         # layer's local rows, reused by every layer.
-        direct = _direct_impls(leaves, platform) if d == 1 else None
-        bufs = [] if direct else [_varying(jnp.zeros(x.shape[1:], x.dtype), axis) for x in leaves]
+        direct = _local.leaf_impls("auto", leaves, platform) if d == 1 else None
+        bufs = []
+        if direct is None:
+            bufs = [_varying(jnp.zeros(x.shape[1:], x.dtype), axis) for x in leaves]
         trips = jnp.minimum(k, num_layers - cursor)
         leaves, _, maps, stats = lax.fori_loop(0, trips, layer, (leaves, bufs, maps, stats))
         return leaves, maps, stats

@@ -385,11 +385,11 @@ def _rearrange_local(
     """shard_map body: maps int32[L, P] replicated, leaves [L, N, ...] local."""
     num_layers, p_total = old.shape
     n = p_total // num_devices
-    rows = tuple(_rows.to_rows(x, 2, platform) for x in leaves)
     if num_devices == 1:
-        direct = tuple(_local.resolve_impl(row_impl, r, platform) for r in rows)
-        if None not in direct:
-            return _rearrange_direct(old, new, leaves, rows, direct)
+        direct = _local.leaf_impls(row_impl, leaves, platform)
+        if direct is not None:
+            return _rearrange_direct(old, new, leaves, direct, platform)
+    rows = tuple(_rows.to_rows(x, 2, platform) for x in leaves)
     with jax.named_scope("plan"):
         plans = _plan.plan_layers(old, new, num_devices=num_devices, chunk_rows=chunk_rows)
         # Every device must plan from the same maps; if not, nothing moves (see _agree).
@@ -476,18 +476,15 @@ def _rearrange_local(
     return out, _report(plans, chunk_rows)
 
 
-def _rearrange_direct(old, new, leaves, rows, impls):
+def _rearrange_direct(old, new, leaves, impls, platform):
     """One device holds every slot: ordered in-place moves, each moved row read once and written
-    once, no staging buffer (see `_local`). Maps int32[L, P]; rows [L * P, R] per leaf."""
+    once, no staging buffer (see `_local`). Maps int32[L, P]; leaves [L, P, ...]."""
     with jax.named_scope("plan"):
         changed, ok = jax.vmap(_plan.classify)(old, new)
         # All or nothing, as on many devices: one infeasible layer leaves every layer untouched.
         src, dst, count = _local.order_moves_layers(old, new, jnp.broadcast_to(ok.all(), ok.shape))
     with jax.named_scope("local_moves"):
-        rows = tuple(
-            _local.apply_moves(r, src, dst, count, impl=i) for r, i in zip(rows, impls, strict=True)
-        )
-    out = [_rows.from_rows(r, x.shape, x.dtype) for r, x in zip(rows, leaves, strict=True)]
+        out = _local.move_leaves(leaves, src, dst, count, impls, platform)
     zeros = jnp.zeros(ok.shape, jnp.int32)
     report = TransferReport(
         ok=ok,
