@@ -186,15 +186,19 @@ def run_scenarios(results: dict) -> None:
     assert results["policy"]["identical"], all_fps
 
     # 3. The rebalance step with a recorded skewed load: a rebalance fires, every shard exact.
-    state = jeplb.EplbState.create(
-        num_layers=num_layers,
-        num_experts=num_experts,
-        num_devices=d,
-        num_redundant_experts=p_total - num_experts,
-        window_size=2,
-        step_interval=2,
-    )
-    state = jax.tree_util.tree_map(lambda x: _global(np.asarray(x), mesh, P()), state)
+    def fresh_state():
+        """The step's initial state, the same global array on every process."""
+        state = jeplb.EplbState.create(
+            num_layers=num_layers,
+            num_experts=num_experts,
+            num_devices=d,
+            num_redundant_experts=p_total - num_experts,
+            window_size=2,
+            step_interval=2,
+        )
+        return jax.tree_util.tree_map(lambda x: _global(np.asarray(x), mesh, P()), state)
+
+    state = fresh_state()
     logical = leaves_for(np.random.default_rng(300), num_layers, num_experts)
     lay = np.arange(num_layers)[:, None]
     p2l = np.asarray(state.phy2log)
@@ -237,15 +241,7 @@ def run_scenarios(results: dict) -> None:
 
     # 3b. Processes that recorded different loads plan different maps: the step's agreement
     # check keeps every device from moving (no hang), the maps and weights stay as they were.
-    state = jeplb.EplbState.create(
-        num_layers=num_layers,
-        num_experts=num_experts,
-        num_devices=d,
-        num_redundant_experts=p_total - num_experts,
-        window_size=2,
-        step_interval=2,
-    )
-    state = jax.tree_util.tree_map(lambda x: _global(np.asarray(x), mesh, P()), state)
+    state = fresh_state()
     p2l0 = np.asarray(state.phy2log)
     w = {k: _global(v[lay, p2l0], mesh, P(None, "ep")) for k, v in logical.items()}
     mine = counts if jax.process_index() == 0 else counts[:, ::-1].copy()
