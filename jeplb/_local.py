@@ -193,8 +193,9 @@ def _apply_pallas(rows, src, dst, count, n, interpret):
         def move(k, temp):
             s = src_ref[li * m + k]
             d = dst_ref[li * m + k]
-            x = out_ref[jnp.minimum(s, n - 1), :]
-            x = jnp.where(s == n, temp, x)
+            # A branch, not a select: a move from the temporary must not read a row too (one
+            # wasted row read per cycle, 1/8 more traffic when 4 rows move in a cycle).
+            x = lax.cond(s == n, lambda: temp, lambda: out_ref[jnp.minimum(s, n - 1), :])
 
             @pl.when(d != n)
             def _():
