@@ -23,8 +23,9 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jeplb import _rows, _transfer
-from jeplb._benchio import results_path, table, write_results
+from jeplb._src.transfer import api as _transfer
+from jeplb._src.transfer import rows as _rows
+from jeplb.tools.benchio import results_path, table, write_results
 
 ROWS = {  # bytes per expert row
     "deepseek-v3 (88.1 MB)": 7168 * 2048 * 3 * 2,
@@ -179,7 +180,7 @@ def _shard(layers, n, width, dtype, spec=None):
 def direct_moves(ceiling, *, n=36, quick=False):
     """Ordered in-place moves on one device (the kernel alone, orders precomputed): every layer of
     the shard in one call, so 1 MiB rows are not dominated by a launch."""
-    from jeplb import _local
+    from jeplb._src.transfer import inplace as _local
 
     out = []
     rng = np.random.default_rng(2)
@@ -268,7 +269,7 @@ def one_gpu_rebalance(ceiling, *, layers=58, n=36, quick=False):
     bf16 rows (88.1 MB) of 58 layers take 184 GB, more than one GPU holds: the 58 layers' plans are
     applied in blocks of ``resident`` layers to one resident block, each block a full transfer
     (order and moves) of its layers. fp8 rows (44 MB, the checkpoint's own format) fit whole."""
-    from jeplb._policy import rebalance_experts
+    from jeplb._src.policy.api import rebalance_experts
 
     mesh = jax.make_mesh((1,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
     spec = NamedSharding(mesh, P(None, "ep"))
@@ -370,7 +371,7 @@ class PolicyRow:
 
 def policy_times():
     try:
-        from jeplb._policy import rebalance_experts
+        from jeplb._src.policy.api import rebalance_experts
     except ImportError:
         return []
     rng = np.random.default_rng(0)

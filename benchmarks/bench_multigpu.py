@@ -33,8 +33,9 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from jeplb import _bench_transfer, _transfer  # noqa: E402
-from jeplb._benchio import results_path, table, write_results  # noqa: E402
+from jeplb._src.transfer import api as _transfer  # noqa: E402
+from jeplb.tools import bench_transfer as _bench_transfer  # noqa: E402
+from jeplb.tools.benchio import results_path, table, write_results  # noqa: E402
 
 ROWS = {"deepseek-v3 88.1 MB": 7168 * 2048 * 3 * 2, "qwen3-235b 37.7 MB": 4096 * 1536 * 3 * 2}
 

@@ -9,7 +9,7 @@ The same as `jeplb bench policy`.
 
 from __future__ import annotations
 
-from jeplb._bench_policy import main
+from jeplb.tools.bench_policy import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

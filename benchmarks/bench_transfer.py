@@ -14,7 +14,7 @@ import jax
 
 jax.config.update("jax_num_cpu_devices", 8)  # before any backend starts; CPU only
 
-from jeplb import _bench_transfer  # noqa: E402
+from jeplb.tools import bench_transfer as _bench_transfer  # noqa: E402
 
 if __name__ == "__main__":
     raise SystemExit(_bench_transfer.main(prog="python benchmarks/bench_transfer.py"))

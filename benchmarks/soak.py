@@ -141,7 +141,7 @@ def run(
       The figures (see `render_md`).
     """
     import jeplb
-    from jeplb import _policy
+    from jeplb._src.policy import api as _policy
 
     devices = jax.devices()[:D]
     assert len(devices) == D, f"needs {D} devices, found {len(jax.devices())}"
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rebalances: expected a positive int")
     result = run(args.rebalances, args.seed, verbose=True)
     command = "python benchmarks/soak.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    from jeplb._benchio import results_path
+    from jeplb.tools.benchio import results_path
 
     out = args.out or results_path(f"soak_{result['platform']}.md")
     with open(out, "w") as f:

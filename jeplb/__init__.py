@@ -8,24 +8,24 @@ The public surface, by job:
 * model integration: `EplbState`, `dispatch`, `dispatch_layer`, `eplb_step`, `eplb_step_local`.
 """
 
-from ._balance import Balance as Balance
-from ._balance import balancedness as balancedness
-from ._balance import device_loads as device_loads
-from ._balance import remote_copies as remote_copies
-from ._dispatch import dispatch as dispatch
-from ._dispatch import dispatch_layer as dispatch_layer
-from ._elastic import Recovery as Recovery
-from ._elastic import recover_experts as recover_experts
-from ._plan import TransferMetadata as TransferMetadata
-from ._policy import rebalance_experts as rebalance_experts
-from ._state import EplbState as EplbState
-from ._step import StepInfo as StepInfo
-from ._step import eplb_step as eplb_step
-from ._step import eplb_step_local as eplb_step_local
-from ._transfer import TransferReport as TransferReport
-from ._transfer import move_from_buffer as move_from_buffer
-from ._transfer import move_to_buffer as move_to_buffer
-from ._transfer import rearrange_expert_weights as rearrange_expert_weights
-from ._transfer import transfer_layer as transfer_layer
+from jeplb._src.dispatch import dispatch as dispatch
+from jeplb._src.dispatch import dispatch_layer as dispatch_layer
+from jeplb._src.elastic import Recovery as Recovery
+from jeplb._src.elastic import recover_experts as recover_experts
+from jeplb._src.metrics import Balance as Balance
+from jeplb._src.metrics import balancedness as balancedness
+from jeplb._src.metrics import device_loads as device_loads
+from jeplb._src.metrics import remote_copies as remote_copies
+from jeplb._src.policy.api import rebalance_experts as rebalance_experts
+from jeplb._src.state import EplbState as EplbState
+from jeplb._src.step import StepInfo as StepInfo
+from jeplb._src.step import eplb_step as eplb_step
+from jeplb._src.step import eplb_step_local as eplb_step_local
+from jeplb._src.transfer.api import TransferReport as TransferReport
+from jeplb._src.transfer.api import move_from_buffer as move_from_buffer
+from jeplb._src.transfer.api import move_to_buffer as move_to_buffer
+from jeplb._src.transfer.api import rearrange_expert_weights as rearrange_expert_weights
+from jeplb._src.transfer.api import transfer_layer as transfer_layer
+from jeplb._src.transfer.plan import TransferMetadata as TransferMetadata
 
 __version__ = "0.1.0"

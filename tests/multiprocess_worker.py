@@ -133,7 +133,7 @@ def run_scenarios(results: dict) -> None:
     from jax.sharding import PartitionSpec as P
 
     import jeplb
-    from jeplb._agree import _host_fingerprint
+    from jeplb._src.transfer.agree import _host_fingerprint
     from tests.transfer_model import make_plan
 
     d = jax.device_count()

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import jeplb
-from jeplb import _apidoc
+from jeplb.tools import apidoc as _apidoc
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -18,7 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_api_reference_is_in_sync():
     text = (ROOT / "docs" / "api.md").read_text()
     assert text == _apidoc.render(), (
-        "docs/api.md is stale: regenerate it with `python -m jeplb._apidoc > docs/api.md`"
+        "docs/api.md is stale: regenerate it with `python -m jeplb.tools.apidoc > docs/api.md`"
     )
 
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from jeplb import _cli
+from jeplb.tools import cli as _cli
 
 TINY = [
     "demo",

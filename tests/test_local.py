@@ -12,9 +12,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jeplb
-from jeplb import _local, _rows, _transfer
-from jeplb._state import EplbState
-from jeplb._step import eplb_step
+from jeplb._src.state import EplbState
+from jeplb._src.step import eplb_step
+from jeplb._src.transfer import api as _transfer
+from jeplb._src.transfer import inplace as _local
+from jeplb._src.transfer import rows as _rows
 from tests.test_step import E, Model, R, run
 from tests.transfer_model import check_rows, make_leaves, make_plan, random_bytes
 

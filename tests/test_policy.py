@@ -13,10 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jeplb import _policy
-from jeplb._balance import balancedness, remote_copies
-from jeplb._policy import _preserve_slots, rebalance_experts
-from jeplb._policy_numpy import rebalance_experts_numpy
+from jeplb._src.metrics import balancedness, remote_copies
+from jeplb._src.policy import api as _policy
+from jeplb._src.policy.api import _preserve_slots, rebalance_experts
+from jeplb.tools.reference_policy import rebalance_experts_numpy
 
 README_W = [
     [90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],

@@ -9,8 +9,8 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jeplb._dispatch import dispatch, dispatch_layer
-from jeplb._state import EplbState, maps_from_phy2log
+from jeplb._src.dispatch import dispatch, dispatch_layer
+from jeplb._src.state import EplbState, maps_from_phy2log
 
 L, E, R, D = 3, 8, 8, 8  # P = 16 slots, N_local = 2
 

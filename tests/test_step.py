@@ -14,10 +14,10 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jeplb._balance import balancedness
-from jeplb._dispatch import dispatch
-from jeplb._state import EplbState
-from jeplb._step import eplb_step, eplb_step_local
+from jeplb._src.dispatch import dispatch
+from jeplb._src.metrics import balancedness
+from jeplb._src.state import EplbState
+from jeplb._src.step import eplb_step, eplb_step_local
 
 pytestmark = pytest.mark.devices(8)  # 8-device meshes on the default backend
 

@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jeplb
-from jeplb import _transfer
+from jeplb._src.transfer import api as _transfer
 from tests.transfer_model import KINDS, check_rows, make_leaves, make_plan
 
 L, N, E_PER_DEV = 2, 3, 2  # small shapes: one compilation per device count

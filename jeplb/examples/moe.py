@@ -35,9 +35,9 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from .._dispatch import dispatch
-from .._state import EplbState
-from .._step import eplb_step
+from jeplb._src.dispatch import dispatch
+from jeplb._src.state import EplbState
+from jeplb._src.step import eplb_step
 
 __all__ = ["MoEConfig", "MoETransformer", "make_step"]
 

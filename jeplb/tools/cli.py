@@ -11,21 +11,27 @@ import sys
 __all__ = ["build_parser", "main"]
 
 _BENCHES = {
-    "transfer": ("jeplb._bench_transfer", "the weight transfer against an all-gather baseline"),
-    "policy": ("jeplb._bench_policy", "the placement policy against the numpy baseline"),
-    "step": ("jeplb._bench_step", "the model step with a fired rebalance against the plain step"),
+    "transfer": (
+        "jeplb.tools.bench_transfer",
+        "the weight transfer against an all-gather baseline",
+    ),
+    "policy": ("jeplb.tools.bench_policy", "the placement policy against the numpy baseline"),
+    "step": (
+        "jeplb.tools.bench_step",
+        "the model step with a fired rebalance against the plain step",
+    ),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``jeplb`` command."""
-    from . import _demo
+    from jeplb.tools import demo as _demo
 
     p = argparse.ArgumentParser(
         prog="jeplb",
         description="Expert-parallel load balancing (EPLB) for Mixture-of-Experts models in JAX.",
     )
-    from . import __version__
+    from jeplb import __version__
 
     p.add_argument("--version", action="version", version=f"jeplb {__version__}")
     sub = p.add_subparsers(dest="command", metavar="{demo,bench}", required=True)
@@ -87,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "demo":
-        from . import _demo
+        from jeplb.tools import demo as _demo
 
         demo_parser = parser._subparsers._group_actions[0].choices["demo"]
         _demo.check_arguments(demo_parser, args)

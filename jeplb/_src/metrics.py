@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _validate
+from jeplb._src import checks as _validate
 
 __all__ = ["Balance", "balancedness", "device_loads", "remote_copies"]
 

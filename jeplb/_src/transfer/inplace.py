@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _rows
+from jeplb._src.transfer import rows as _rows
 
 __all__ = ["apply_moves", "order_moves"]
 

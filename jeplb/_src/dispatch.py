@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._state import EplbState
+from jeplb._src.state import EplbState
 
 __all__ = ["dispatch", "dispatch_layer"]
 

@@ -44,10 +44,14 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import _agree, _local, _plan, _rows, _validate
-from . import _balance as balance
-from ._state import EplbState, maps_from_phy2log
-from ._transfer import move_from_buffer, move_to_buffer
+from jeplb._src import checks as _validate
+from jeplb._src import metrics as balance
+from jeplb._src.state import EplbState, maps_from_phy2log
+from jeplb._src.transfer import agree as _agree
+from jeplb._src.transfer import inplace as _local
+from jeplb._src.transfer import plan as _plan
+from jeplb._src.transfer import rows as _rows
+from jeplb._src.transfer.api import move_from_buffer, move_to_buffer
 
 __all__ = ["StepInfo", "eplb_step", "eplb_step_local"]
 
@@ -97,7 +101,7 @@ def _balancedness(load: jax.Array, phy2log: jax.Array, num_devices: int):
 
 def _plan_placement(state: EplbState, total: jax.Array):
     """Runs the policy on the window's load: the target maps (phy2log, log2phy, logcnt)."""
-    from ._policy import rebalance_experts
+    from jeplb._src.policy.api import rebalance_experts
 
     phy2log, _, _ = rebalance_experts(
         total,
@@ -349,7 +353,7 @@ def eplb_step_local(
       >>> mesh = jax.make_mesh((1,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
       >>> s = EplbState.create(num_layers=1, num_experts=2, num_devices=1,
       ...                      window_size=2, step_interval=5)
-      >>> from jeplb._dispatch import dispatch
+      >>> from jeplb import dispatch
       >>> def body(s, w, ids):
       ...     _, s = dispatch(s, 0, ids)  # this device's counts
       ...     return eplb_step_local(s, w, load_axes="ep")

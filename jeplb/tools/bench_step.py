@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from ._benchio import copy_bandwidth, results_path, write_results
-from ._demo import add_device_flags, positive_int, setup_devices
+from jeplb.tools.benchio import copy_bandwidth, results_path, write_results
+from jeplb.tools.demo import add_device_flags, positive_int, setup_devices
 
 __all__ = ["main"]
 

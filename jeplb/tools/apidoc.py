@@ -1,4 +1,4 @@
-"""Renders docs/api.md from the public surface's docstrings (``python -m jeplb._apidoc``).
+"""Renders docs/api.md from the public surface's docstrings (``python -m jeplb.tools.apidoc``).
 
 A test compares docs/api.md with `render()`, so the reference cannot drift from the code.
 """
@@ -51,7 +51,7 @@ def render() -> str:
     lines = [
         "# API reference",
         "",
-        "Generated from the docstrings by `python -m jeplb._apidoc > docs/api.md`; a test keeps",
+        "Generated from the docstrings by `python -m jeplb.tools.apidoc > docs/api.md`; a test keeps",
         "it in sync. Letters: L layers, E logical experts, P physical slots, D devices on the",
         "expert-parallel axis, N_local = P // D slots per device, R_max replica columns.",
         "",

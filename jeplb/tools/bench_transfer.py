@@ -24,9 +24,10 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import _plan, _transfer
-from ._benchio import copy_bandwidth, results_path, table, write_results
-from ._demo import positive_int
+from jeplb._src.transfer import api as _transfer
+from jeplb._src.transfer import plan as _plan
+from jeplb.tools.benchio import copy_bandwidth, results_path, table, write_results
+from jeplb.tools.demo import positive_int
 
 __all__ = ["main", "make_plan", "run_time", "run_wire"]
 

@@ -30,7 +30,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import _agree, _validate
+from jeplb._src import checks as _validate
+from jeplb._src.transfer import agree as _agree
 
 __all__ = ["Recovery", "recover_experts"]
 
@@ -336,7 +337,7 @@ def recover_experts(
                     f"{tuple(load.shape)}"
                 )
             weight = np.asarray(load)
-        from ._policy import rebalance_experts
+        from jeplb._src.policy.api import rebalance_experts
 
         target = np.asarray(
             rebalance_experts(weight, p_new, num_groups, num_nodes, d_new)[0], np.int32
@@ -383,7 +384,7 @@ def recover_experts(
                 )
         staged_leaves.append(jax.make_array_from_single_device_arrays(shape, sharding, local))
 
-    from ._transfer import rearrange_expert_weights
+    from jeplb._src.transfer.api import rearrange_expert_weights
 
     out, report = rearrange_expert_weights(
         staged,
@@ -432,7 +433,7 @@ def recover_experts(
             for x, shards in zip(out_leaves, new_shards, strict=True)
         ]
 
-    from ._state import maps_from_phy2log
+    from jeplb._src.state import maps_from_phy2log
 
     target_j = jnp.asarray(target)
     log2phy, logcnt = maps_from_phy2log(target_j, num_experts, p_new - num_experts + 1)

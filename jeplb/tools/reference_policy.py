@@ -2,7 +2,7 @@
 
 It serves as the independent reference of the tests and as the baseline of the placement benchmark.
 It follows the steps of DeepSeek's hierarchical policy one loop at a time, with the tie rules that
-`jeplb._policy` documents, so the two must agree exactly on every input:
+`jeplb._src.policy.api` documents, so the two must agree exactly on every input:
 
 * arithmetic in float32 (loads are cast first; a group's load is the float32 sum of its experts
   left to right; a replica's load is ``load / count`` in float32; a pack's load is the float32

@@ -23,8 +23,12 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import _agree, _local, _plan, _rows, _validate
-from ._plan import TransferMetadata
+from jeplb._src import checks as _validate
+from jeplb._src.transfer import agree as _agree
+from jeplb._src.transfer import inplace as _local
+from jeplb._src.transfer import plan as _plan
+from jeplb._src.transfer import rows as _rows
+from jeplb._src.transfer.plan import TransferMetadata
 
 __all__ = [
     "TransferReport",

@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._validate import is_concrete
+from jeplb._src.checks import is_concrete
 
 __all__ = ["rebalance_experts"]
 

@@ -27,10 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._balance import balancedness, remote_copies
-from ._benchio import results_path, write_results
-from ._policy import _rebalance_jit, rebalance_experts
-from ._policy_numpy import rebalance_experts_numpy
+from jeplb._src.metrics import balancedness, remote_copies
+from jeplb._src.policy.api import _rebalance_jit, rebalance_experts
+from jeplb.tools.benchio import results_path, write_results
+from jeplb.tools.reference_policy import rebalance_experts_numpy
 
 __all__ = ["CASES", "Case", "main", "run_case"]
 

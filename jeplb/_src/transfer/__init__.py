@@ -1,0 +1,1 @@
+"""The weight transfer: plan, map agreement, row kernels, in-place order, stages, engine."""
