@@ -12,8 +12,9 @@ from jax.sharding import Mesh, NamedSharding
 __all__ = [
     "axis_size",
     "check_maps",
-    "check_weight_leaves",
+    "expert_spec",
     "is_concrete",
+    "weight_leaves",
 ]
 
 SUPPORTED_ITEMSIZES = (1, 2, 4, 8)
@@ -24,8 +25,11 @@ def is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def axis_size(mesh: Any, axis_name: str) -> int:
-    """D for ``axis_name`` of ``mesh``, or a ValueError/TypeError saying what is wrong."""
+def axis_size(mesh: Any, axis_name: str | tuple[str, ...]) -> int:
+    """D for ``axis_name`` (a mesh axis or a tuple of them: the product of their sizes) of
+    ``mesh``, or a ValueError/TypeError saying what is wrong."""
+    if not isinstance(axis_name, str):
+        return int(np.prod([axis_size(mesh, a) for a in axis_name], dtype=np.int64))
     if not isinstance(mesh, Mesh | jax.sharding.AbstractMesh):
         raise TypeError(
             f"mesh: expected a jax.sharding.Mesh (e.g. jax.make_mesh((8,), ('{axis_name}',))), "
@@ -58,8 +62,8 @@ def check_maps(
     num_experts: int | None = None,
     old_name: str = "old_phy2log",
     new_name: str = "new_phy2log",
-) -> None:
-    """Checks a pair of physical-to-logical maps.
+) -> tuple[Any, Any]:
+    """Checks a pair of physical-to-logical maps and returns them (lists as numpy arrays).
 
     Shapes must be ``[L, P]`` (``ndim == 2``) or ``[P]`` (``ndim == 1``), equal, integer, with P
     divisible by ``num_devices``. When the values are concrete: ids >= -1, ids < num_experts (if
@@ -77,13 +81,17 @@ def check_maps(
             f"got {tuple(new.shape)}"
         )
     p_total = old.shape[-1]
+    if 0 in old.shape:
+        raise ValueError(
+            f"{old_name}: expected at least one layer and one slot, got shape {tuple(old.shape)}"
+        )
     if p_total % num_devices:
         raise ValueError(
             f"{old_name}: P = {p_total} slots is not divisible by the {num_devices} devices of "
             f"the mesh axis; every device must hold P // D slots"
         )
     if not (is_concrete(old) and is_concrete(new)):
-        return
+        return old, new
     o = np.asarray(old).reshape(-1, p_total)
     n = np.asarray(new).reshape(-1, p_total)
     for name, m in ((old_name, o), (new_name, n)):
@@ -93,14 +101,14 @@ def check_maps(
             raise ValueError(
                 f"{name}{idx} = {m[tuple(bad[0])]}: expected an expert id >= 0 or -1 (empty slot)"
             )
-        if num_experts is not None:
-            bad = np.argwhere(m >= num_experts)
-            if bad.size:
-                idx = _where(bad[0], ndim)
-                raise ValueError(
-                    f"{name}{idx} = {m[tuple(bad[0])]}: expected an expert id below "
-                    f"num_experts = {num_experts}"
-                )
+        high = np.iinfo(np.int32).max if num_experts is None else num_experts
+        bad = np.argwhere(m >= high)
+        if bad.size:
+            idx = _where(bad[0], ndim)
+            limit = "the int32 range" if num_experts is None else f"num_experts = {num_experts}"
+            raise ValueError(
+                f"{name}{idx} = {m[tuple(bad[0])]}: expected an expert id below {limit}"
+            )
     for layer in range(o.shape[0]):
         present = np.isin(n[layer], o[layer]) | (n[layer] == -1)
         if not present.all():
@@ -112,6 +120,7 @@ def check_maps(
                 f"{old_name}{lay} holds expert {e}: every expert of the new placement must have a "
                 f"copy in the old one (restore lost experts from their source first)"
             )
+    return old, new
 
 
 def _where(idx: np.ndarray, ndim: int) -> str:
@@ -119,58 +128,136 @@ def _where(idx: np.ndarray, ndim: int) -> str:
     return "[" + ", ".join(map(str, idx[-ndim:])) + "]"
 
 
-def check_weight_leaves(
-    leaves: list[Any],
+SUB_BYTE_DTYPES = ("int4", "uint4", "float4_e2m1fn")
+
+
+def expert_spec(axes: tuple[str, ...]) -> Any:
+    """The PartitionSpec entry of the slot dim: the expert axis, or the tuple of them."""
+    return axes[0] if len(axes) == 1 else tuple(axes)
+
+
+def _spec_of(leaf: Any, ndim: int) -> tuple | None:
+    """A leaf's PartitionSpec as a tuple of ``ndim`` entries, or None when it is not known (a
+    traced value on a mesh of Auto axes)."""
+    sharding = getattr(leaf, "sharding", None)
+    if not is_concrete(leaf):
+        sharding = getattr(jax.typeof(leaf), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if not isinstance(sharding, NamedSharding) and spec is None:
+        return None
+    entries = tuple(spec) + (None,) * (ndim - len(spec))
+    if not is_concrete(leaf) and all(e is None for e in entries):
+        return None  # Auto axes: the tracer does not say how the value is sharded
+    return tuple(tuple(e) if isinstance(e, list) else e for e in entries)
+
+
+def _names(entry: Any) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def _leaf_problem(leaf, *, lead, slot_axis, layer_axis, mesh, axes) -> tuple[type, str] | None:
+    """What is wrong with one weight leaf, or None."""
+    if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+        return TypeError, f"is a {type(leaf).__name__}, expected a jax.Array"
+    dt = np.dtype(leaf.dtype)
+    sub_byte = dt.name in SUB_BYTE_DTYPES
+    if not sub_byte and (dt.itemsize not in SUPPORTED_ITEMSIZES or dt.kind in "bcOUS"):
+        return TypeError, (
+            f"has dtype {dt}, which is not moved; expected a real or integer dtype of 1, 2, 4 or "
+            f"8 bytes or int4 / uint4 / float4_e2m1fn (bool and complex: view them as integers)"
+        )
+    dims = sorted((slot_axis, layer_axis) if layer_axis is not None else (slot_axis,))
+    got = tuple(leaf.shape[d] for d in dims) if len(leaf.shape) > dims[-1] else None
+    if got != tuple(lead):
+        want = " x ".join(
+            f"{n} = {v}" for n, v in zip(_lead_letters(slot_axis, layer_axis), lead, strict=False)
+        )
+        return ValueError, f"has shape {tuple(leaf.shape)}, expected leading dims {want}"
+    expected = [None] * len(leaf.shape)
+    expected[slot_axis] = expert_spec(axes)
+    fix = f"PartitionSpec{tuple(expected)}"
+    if is_concrete(leaf) and not isinstance(leaf, jax.Array):
+        return TypeError, (
+            f"is a {type(leaf).__name__}; expected a jax.Array sharded over the mesh, e.g. "
+            f"jax.device_put(x, NamedSharding(mesh, {fix}))"
+        )
+    spec = _spec_of(leaf, len(leaf.shape))
+    if spec is None:
+        return None if not is_concrete(leaf) else (ValueError, f"is not NamedSharding; use {fix}")
+    if _names(spec[slot_axis]) != tuple(axes):
+        return ValueError, (
+            f"is sharded PartitionSpec{spec}; its slot dim {slot_axis} must be sharded over "
+            f"exactly {expert_spec(axes)!r} (other dims may use other mesh axes), e.g. {fix}"
+        )
+    if layer_axis is not None and spec[layer_axis] is not None:
+        return ValueError, (
+            f"is sharded PartitionSpec{spec}; its layer dim {layer_axis} must not be sharded"
+        )
+    clash = [e for d, e in enumerate(spec) if d != slot_axis and set(_names(e)) & set(axes)]
+    if clash:
+        return ValueError, f"is sharded PartitionSpec{spec}; only the slot dim may use {axes}"
+    sharding = getattr(leaf, "sharding", None)
+    if is_concrete(leaf) and isinstance(mesh, Mesh) and not _same_mesh(sharding.mesh, mesh):
+        return ValueError, (
+            f"lives on a mesh {dict(sharding.mesh.shape)} of other devices or axes than the mesh "
+            f"argument's {dict(mesh.shape)}; pass the mesh the weights are sharded over"
+        )
+    return None
+
+
+def _lead_letters(slot_axis: int, layer_axis: int | None) -> tuple[str, ...]:
+    if layer_axis is None:
+        return ("P",)
+    return ("P", "L") if slot_axis < layer_axis else ("L", "P")
+
+
+def _same_mesh(a: Any, b: Mesh) -> bool:
+    if tuple(a.axis_names) != tuple(b.axis_names) or dict(a.shape) != dict(b.shape):
+        return False
+    devices = getattr(a, "devices", None)
+    return devices is None or bool((np.asarray(devices) == np.asarray(b.devices)).all())
+
+
+def weight_leaves(
+    tree: Any,
     *,
     lead_shape: tuple[int, ...],
-    slot_dim: int,
+    slot_axis: int,
+    layer_axis: int | None,
     mesh: Any,
-    axis_name: str,
+    axes: tuple[str, ...],
     name: str = "expert_weights",
-) -> None:
-    """Checks that each leaf is an array ``[*lead_shape, ...]`` sharded on ``axis_name`` along
-    ``slot_dim`` (only checked for concrete `jax.Array` leaves)."""
-    if not leaves:
+) -> tuple[list[Any], Any, list[tuple | None]]:
+    """Checks every weight leaf at once and returns ``(leaves, treedef, specs)``.
+
+    ``lead_shape`` is the sizes of the layer and slot dims in the order they stand in a leaf
+    ((L, P) or (P, L); (P,) for one layer). Each spec is the leaf's PartitionSpec as a tuple, or
+    None when it cannot be known (traced on Auto axes). Raises one error naming every bad leaf by
+    its pytree path.
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    if not flat:
         raise ValueError(f"{name}: expected a pytree with at least one array leaf, got none")
-    want = "[" + ", ".join(("L", "P")[-len(lead_shape) :]) + ", ...]"
-    for i, leaf in enumerate(leaves):
-        if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
-            raise TypeError(f"{name}: leaf {i} is a {type(leaf).__name__}, expected a jax.Array")
-        kind = np.dtype(leaf.dtype).kind
-        if np.dtype(leaf.dtype).itemsize not in SUPPORTED_ITEMSIZES or kind in "bcOUS":
-            raise TypeError(
-                f"{name}: leaf {i} has unsupported dtype {leaf.dtype}; expected a real or integer "
-                f"dtype of 1, 2, 4 or 8 bytes (bf16, f32, fp8, int8, ...; bool and complex are "
-                f"not moved: view them as integers)"
-            )
-        if tuple(leaf.shape[: len(lead_shape)]) != tuple(lead_shape):
-            raise ValueError(
-                f"{name}: leaf {i} has shape {tuple(leaf.shape)}, expected leading dims {want} = "
-                f"{tuple(lead_shape)} (the maps' shape)"
-            )
-        if not is_concrete(leaf):
-            continue
-        if isinstance(leaf, np.ndarray) or not isinstance(leaf, jax.Array):
-            raise TypeError(
-                f"{name}: leaf {i} is a {type(leaf).__name__}; expected a jax.Array sharded "
-                f"PartitionSpec({'None, ' * slot_dim}{axis_name!r}) over the mesh, e.g. "
-                f"jax.device_put(x, NamedSharding(mesh, PartitionSpec({'None, ' * slot_dim}"
-                f"{axis_name!r})))"
-            )
-        sharding = leaf.sharding
-        spec = sharding.spec if isinstance(sharding, NamedSharding) else None
-        entry = spec[slot_dim] if spec is not None and len(spec) > slot_dim else None
-        names = entry if isinstance(entry, tuple) else (entry,)
-        others = [e for j, e in enumerate(spec or ()) if j != slot_dim and e is not None]
-        if spec is None or names != (axis_name,) or others:
-            got = spec if spec is not None else type(sharding).__name__
-            raise ValueError(
-                f"{name}: leaf {i} is sharded {got}; expected PartitionSpec("
-                f"{'None, ' * slot_dim}{axis_name!r}) on the mesh (slot axis over {axis_name!r}, "
-                f"everything else replicated)"
-            )
-        if sharding.mesh.shape != mesh.shape or sharding.mesh.axis_names != mesh.axis_names:
-            raise ValueError(
-                f"{name}: leaf {i} lives on a mesh {dict(sharding.mesh.shape)}, expected the "
-                f"mesh argument's {dict(mesh.shape)}"
-            )
+    problems = []
+    for path, leaf in flat:
+        problem = _leaf_problem(
+            leaf, lead=lead_shape, slot_axis=slot_axis, layer_axis=layer_axis, mesh=mesh, axes=axes
+        )
+        if problem is not None:
+            problems.append((problem[0], f"{name}{jax.tree_util.keystr(path)} {problem[1]}"))
+    if problems:
+        kind = TypeError if all(k is TypeError for k, _ in problems) else ValueError
+        head = "" if len(problems) == 1 else f"{len(problems)} leaves cannot be moved:\n  "
+        raise kind(head + "\n  ".join(text for _, text in problems))
+    leaves = [leaf for _, leaf in flat]
+    return leaves, treedef, [_given_spec(x) for x in leaves]
+
+
+def _given_spec(leaf: Any) -> tuple | None:
+    """The leaf's PartitionSpec entries as given (not padded), or None when unknown."""
+    if _spec_of(leaf, len(leaf.shape)) is None:
+        return None
+    sharding = leaf.sharding if is_concrete(leaf) else jax.typeof(leaf).sharding
+    return tuple(tuple(e) if isinstance(e, list) else e for e in sharding.spec)

@@ -51,7 +51,7 @@ from jeplb._src.transfer import agree as _agree
 from jeplb._src.transfer import inplace as _local
 from jeplb._src.transfer import plan as _plan
 from jeplb._src.transfer import rows as _rows
-from jeplb._src.transfer.api import move_from_buffer, move_to_buffer
+from jeplb._src.transfer.buffer import move_from_buffer, move_to_buffer
 
 __all__ = ["StepInfo", "eplb_step", "eplb_step_local"]
 

@@ -18,6 +18,7 @@ fingerprints compared:
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import jax
@@ -25,7 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["check_processes_agree", "fingerprint", "maps_agree"]
+from jeplb._src.transfer.config import axis_tuple
+from jeplb._src.transfer.rows import make_varying
+
+__all__ = ["check_processes_agree", "fingerprint", "maps_agree", "static_signature"]
 
 # Odd 32-bit constants, one per lane (the lanes must hash independently).
 _LANE_SEEDS = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F)
@@ -84,7 +88,7 @@ def fingerprint(*maps: jax.Array) -> jax.Array:
     return jnp.stack(lanes)
 
 
-def maps_agree(maps: tuple[jax.Array, ...], axis_name: str) -> jax.Array:
+def maps_agree(maps: tuple[jax.Array, ...], axis_name: str | tuple[str, ...]) -> jax.Array:
     """bool[]: every device on ``axis_name`` holds the same ``maps``. Call inside shard_map.
 
     The result is the same on every device (it comes from a ``pmin`` and a ``pmax``), so it may
@@ -100,7 +104,7 @@ def maps_agree(maps: tuple[jax.Array, ...], axis_name: str) -> jax.Array:
     fp = lax.bitcast_convert_type(fingerprint(*maps), jnp.int32)
     # Typed as varying, so that the reductions are real collectives even when shard_map believes
     # the maps replicated (a pmin of a value it types as replicated would be folded away).
-    fp = lax.pcast(fp, (axis_name,), to="varying")
+    fp = make_varying(fp, axis_tuple(axis_name))
     return jnp.all(lax.pmin(fp, axis_name) == lax.pmax(fp, axis_name))
 
 
@@ -129,11 +133,17 @@ def _host_fingerprint(maps: dict[str, Any]) -> np.ndarray:
     return np.asarray(out, np.int64)
 
 
-def check_processes_agree(maps: dict[str, Any], *, where: str) -> None:
-    """Raises a ValueError on every process if the processes passed different maps.
+def static_signature(*values: Any) -> np.ndarray:
+    """int32[4]: a fingerprint of static values (their repr), the same in every process."""
+    digest = hashlib.sha256(repr(values).encode()).digest()[:16]
+    return np.frombuffer(digest, np.int32).copy()
 
-    Does nothing in a single-process run or when a map is traced (the on-device check covers that).
-    Every process must call it with the same names (it is a collective over processes).
+
+def check_processes_agree(maps: dict[str, Any], *, where: str) -> None:
+    """Raises the same ValueError on every process if the processes passed different values.
+
+    Does nothing in a single-process run or when a value is traced (the on-device check covers
+    that). Every process must call it with the same names (it is a collective over processes).
 
     Args:
       maps: argument name -> its value (an integer array, or None).
@@ -152,11 +162,14 @@ def check_processes_agree(maps: dict[str, Any], *, where: str) -> None:
     if (everyone == everyone[0]).all():
         return
     differ = [int(p) for p in np.nonzero((everyone != everyone[0]).any(axis=1))[0]]
-    names = ", ".join(maps)
+    # Entry k of the fingerprint spans columns 1 + 4k .. 4 + 4k of each half.
+    width = mine.shape[0]
+    columns = np.nonzero((everyone != everyone[0]).any(axis=0))[0] % width
+    names = [n for k, n in enumerate(maps) if any(1 + 4 * k <= c < 5 + 4 * k for c in columns)]
     raise ValueError(
-        f"{names}: the processes passed different values to {where} (process "
-        f"{jax.process_index()} of {jax.process_count()}; processes {differ} differ from process "
-        f"0). Every process must pass identical maps: compute them from the same inputs (the "
-        f"policy is deterministic), or send process 0's with "
+        f"{', '.join(names) or ', '.join(maps)}: the processes passed different values to {where} "
+        f"(process {jax.process_index()} of {jax.process_count()}; processes {differ} differ from "
+        f"process 0). Every process must pass identical arguments: compute the maps from the same "
+        f"inputs (the policy is deterministic), or send process 0's with "
         f"jax.experimental.multihost_utils.broadcast_one_to_all. Nothing was moved."
     )

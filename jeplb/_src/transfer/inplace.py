@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jeplb._src.transfer import rows as _rows
+from jeplb._src.transfer import rows as rows_lib
 
-__all__ = ["apply_moves", "order_moves"]
+__all__ = ["apply_moves", "move_leaves", "order_moves", "order_moves_layers", "resolve_impl"]
 
 
 def order_moves(old: jax.Array, new: jax.Array, ok: jax.Array) -> tuple[jax.Array, ...]:
@@ -113,7 +113,7 @@ def order_moves_layers(old: jax.Array, new: jax.Array, ok: jax.Array) -> tuple[j
 # ------------------------------------------------------------------------------- executors
 
 
-def _apply_loop(rows, src, dst, count, n):
+def _apply_loop(rows, src, dst, count, n, slot_major, select):
     """One while loop of dynamic_slice / dynamic_update_slice over every layer's moves, in place;
     the temporary is one row. (One flat loop: a loop nested in the layer loop makes XLA:CPU copy
     the whole buffer at every layer.)"""
@@ -122,24 +122,31 @@ def _apply_loop(rows, src, dst, count, n):
     # Pack the moves of every layer in order, in global row indices; -1 marks the temporary.
     valid = (jnp.arange(m) < count[:, None]).reshape(-1)
     order = jnp.argsort(~valid, stable=True)
-    base = (jnp.arange(num_layers, dtype=jnp.int32) * n)[:, None]
-    gsrc = jnp.where(src == n, -1, base + src).reshape(-1)[order]
-    gdst = jnp.where(dst == n, -1, base + dst).reshape(-1)[order]
+    layer = jnp.arange(num_layers, dtype=jnp.int32)[:, None]
+
+    def row(slot):  # (layer, local slot) -> row of ``rows``; the temporary -> -1
+        at = slot * num_layers + layer if slot_major else layer * n + slot
+        return jnp.where(slot == n, -1, at).reshape(-1)[order]
+
+    gsrc, gdst = row(src), row(dst)
 
     def move(k, carry):
         rows, temp = carry
         s, d = gsrc[k], gdst[k]
-        x = lax.dynamic_slice(rows, (jnp.maximum(s, 0), 0), (1, width))
+        x = lax.dynamic_slice(rows, (jnp.maximum(s, 0), jnp.int32(0)), (1, width))
         x = jnp.where(s < 0, temp, x)
         # A save (d < 0) writes the row back onto itself, then reads it into the temporary from the
         # updated buffer: no branch, and no read of the old buffer after the write (either would
         # make XLA copy the whole buffer every move).
         at = jnp.where(d < 0, s, d)
-        rows = lax.dynamic_update_slice(rows, x, (at, 0))
-        temp = jnp.where(d < 0, lax.dynamic_slice(rows, (at, 0), (1, width)), temp)
+        if select:  # dtypes XLA:CPU does not write natively (see `layout`)
+            rows = rows_lib.write_row_select(rows, x, at, 0)
+        else:
+            rows = lax.dynamic_update_slice(rows, x, (at, jnp.int32(0)))
+        temp = jnp.where(d < 0, lax.dynamic_slice(rows, (at, jnp.int32(0)), (1, width)), temp)
         return rows, temp
 
-    temp = _rows.make_varying(jnp.zeros((1, width), rows.dtype), _rows.varying_axes(rows))
+    temp = rows_lib.make_varying(jnp.zeros((1, width), rows.dtype), rows_lib.varying_axes(rows))
     rows, _ = lax.fori_loop(0, valid.sum(), move, (rows, temp))
     return rows
 
@@ -161,7 +168,7 @@ def direct_block(width: int, num_layers: int) -> int:
     return block if block >= _MIN_BLOCK else 0
 
 
-def _apply_pallas(rows, src, dst, count, n, interpret):
+def _apply_pallas(rows, src, dst, count, n, interpret, slot_major):
     """One Pallas program per (layer, block of columns); it runs the layer's moves in order on its
     block, so each byte is read once and written once. The temporary lives in the program.
 
@@ -173,7 +180,7 @@ def _apply_pallas(rows, src, dst, count, n, interpret):
     num_layers, m = src.shape
     dtype, shape = rows.dtype, rows.shape
     packed = dtype.itemsize < 4 and (shape[1] * dtype.itemsize) % 4 == 0
-    words = _rows.words(rows) if packed else rows
+    words = rows_lib.words(rows) if packed else rows
     width = words.shape[1]
     block = direct_block(width, num_layers)
     if not block:
@@ -207,18 +214,22 @@ def _apply_pallas(rows, src, dst, count, n, interpret):
 
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    axes = _rows.varying_axes(rows)
-    layered = words.reshape(num_layers, n, width)
+    axes = rows_lib.varying_axes(rows)
+    if slot_major:
+        layered = words.reshape(n, num_layers, width)
+        layer_block = pl.BlockSpec((n, None, block), lambda li, b: (0, li, b))
+    else:
+        layered = words.reshape(num_layers, n, width)
+        layer_block = pl.BlockSpec((None, n, block), lambda li, b: (li, 0, b))
     args = [src.reshape(-1), dst.reshape(-1), count, layered]
-    args = [_rows.make_varying(a, axes) for a in args]
+    args = [rows_lib.make_varying(a, axes) for a in args]
 
     def whole(a):
         return pl.BlockSpec(a.shape, lambda li, b: (0,))
 
-    layer_block = pl.BlockSpec((None, n, block), lambda li, b: (li, 0, b))
     out = pl.pallas_call(
         kernel,
-        out_shape=_rows._like(args[3]),
+        out_shape=rows_lib._like(args[3]),
         grid=(num_layers, width // block),
         in_specs=[whole(args[0]), whole(args[1]), whole(args[2]), layer_block],
         out_specs=layer_block,
@@ -226,31 +237,25 @@ def _apply_pallas(rows, src, dst, count, n, interpret):
         interpret=interpret,
     )(*args)
     out = out.reshape(words.shape)
-    return _rows.unwords(out, rows) if packed else out
+    return rows_lib.unwords(out, rows) if packed else out
 
 
 def resolve_impl(impl: str, rows: jax.Array, platform: str) -> str | None:
     """The executor ``impl`` stands for (``auto``: the Pallas kernel on GPUs for rows of at least
     64 KiB, else the loop); None for ``scatter``, which has no ordered form and stages instead."""
-    impl = _rows.resolve_impl(impl, rows, platform)
+    impl = rows_lib.resolve_impl(impl, rows, platform)
     return None if impl == "scatter" else impl
 
 
-def leaf_impls(impl: str, leaves, platform: str) -> tuple[str, ...] | None:
-    """The in-place executor of each leaf [L, N, ...] (of its rows as `_rows.to_rows` makes them),
-    or None when one has none (``scatter``: the caller stages instead)."""
-    impls = tuple(resolve_impl(impl, _rows.to_rows(x, 2, platform), platform) for x in leaves)
-    return None if None in impls else impls
-
-
-def move_leaves(leaves, src, dst, count, impls, platform: str) -> list[jax.Array]:
-    """Leaves [L, N, ...] with each layer's ordered moves applied in place (``src``, ``dst``
-    int32[L, M] and ``count`` int32[L] as from `order_moves_layers`; ``impls`` from
-    `leaf_impls`)."""
+def move_leaves(leaves, src, dst, count, impls, *, slot_major: bool) -> list[jax.Array]:
+    """Leaves [L, N, ...] (or [N, L, ...] slot-major) with each layer's ordered moves applied in
+    place (``src``, ``dst`` int32[L, M] and ``count`` int32[L] as from `order_moves_layers`;
+    ``impls`` from `resolve_impl`). The leaves' dtypes must move natively (see `layout`)."""
     out = []
     for x, impl in zip(leaves, impls, strict=True):
-        rows = apply_moves(_rows.to_rows(x, 2, platform), src, dst, count, impl=impl)
-        out.append(_rows.from_rows(rows, x.shape, x.dtype))
+        rows = x.reshape(x.shape[0] * x.shape[1], -1)
+        rows = apply_moves(rows, src, dst, count, impl=impl, slot_major=slot_major)
+        out.append(rows.reshape(x.shape))
     return out
 
 
@@ -262,24 +267,29 @@ def apply_moves(
     *,
     impl: str = "loop",
     interpret: bool | None = None,
+    slot_major: bool = False,
 ) -> jax.Array:
     """Runs ordered local moves on every layer, in place.
 
     Args:
-      rows: [L * N, R] the device's rows, layer-major.
+      rows: [L * N, R] the device's rows, layer-major (or [N * L, R] with ``slot_major``).
       src: int32[L, M] per layer, the source row of each move (N: the temporary).
       dst: int32[L, M] per layer, the destination row of each move (N: the temporary).
       count: int32[L] moves per layer.
       impl: ``pallas`` (one kernel for every layer; GPUs, rows of a multiple of 512 32-bit words,
-        a layer below 2^31 words) or ``loop`` (any backend).
+        a layer below 2^31 words), ``loop`` (any backend) or ``select`` (the loop, writing rows
+        with a one-row select: dtypes that do not move natively, see `layout`).
       interpret: run the Pallas kernel in interpret mode; None: only on the CPU backend.
+      slot_major: the rows are slot-major: row ``slot * L + layer``.
 
     Returns:
       ``rows`` with the moves applied.
     """
     n = rows.shape[0] // src.shape[0]
     if impl == "pallas":
-        return _apply_pallas(rows, src, dst, count, n, interpret)
+        return _apply_pallas(rows, src, dst, count, n, interpret, slot_major)
     if impl == "loop":
-        return _apply_loop(rows, src, dst, count, n)
-    raise ValueError(f"impl: expected 'pallas' or 'loop', got {impl!r}")
+        return _apply_loop(rows, src, dst, count, n, slot_major, False)
+    if impl == "select":
+        return _apply_loop(rows, src, dst, count, n, slot_major, True)
+    raise ValueError(f"impl: expected 'pallas', 'loop' or 'select', got {impl!r}")

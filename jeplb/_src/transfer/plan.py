@@ -2,7 +2,7 @@
 
 Every device evaluates the same jnp program on the same replicated maps, so every device derives the
 same plan without talking to the others, and one compiled program serves every plan of the same
-shapes. Nothing here moves weights; `_transfer` executes the plan.
+shapes. Nothing here moves weights; the engine (`engine`) executes the plan.
 
 Letters: L layers, P physical slots, D devices on the expert-parallel axis, N = P // D slots per
 device (N_local), W = table width (N rounded up to a multiple of the chunk capacity C).
@@ -42,20 +42,24 @@ __all__ = [
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TransferMetadata:
-    """What one device needs to commit one layer's staged rows (vLLM's TransferMetadata, per device).
+    """What one device needs to commit one layer's staged rows: vLLM's TransferMetadata, per device.
 
-    All arrays are per device; rows are local slot indices in ``[0, N)``. Packed lists hold their
-    valid entries first and are padded with -1.
+    The first six fields carry exactly the meaning and order of vLLM's fields of the same names
+    (``rebalance_execute.py``); the others are what this transfer's commit needs besides. Arrays
+    are per device; rows are local slot indices in ``[0, N)``; packed lists hold their valid
+    entries first and are padded with -1.
 
     Attributes:
-      is_unchanged: bool[N]. The slot keeps its weights (same expert, or -1 in the new map).
-      is_received_locally: bool[N]. The slot's new expert is copied from a slot of this device.
-      local_src_rows: int32[N]. For locally received slots, the local slot copied from; else -1.
-      recv_primary_mask: bool[N]. The slot receives its expert from another device (first slot of
-        this device wanting that expert).
-      recv_count: int32[]. Number of primary receives.
-      recv_expert_ids: int32[N]. Packed logical ids of the primary receives.
-      recv_dst_rows: int32[N]. Packed local slots of the primary receives.
+      is_unchanged: bool[N]. The slot's expert is the same before and after (-1 to -1 included).
+      is_received_locally: bool[N]. The slot needs nothing from another device: it is unchanged,
+        or its new expert is held by a slot of this device in the old map.
+      recv_primary_mask: bool[N]. The slot receives its expert from another device (the lowest
+        slot of this device wanting that expert).
+      recv_count: int32[]. Number of primary receives (distinct experts received).
+      recv_expert_ids: int32[N]. Packed logical ids of the received experts, ascending.
+      recv_dst_rows: int32[N]. Packed local slot of each entry of ``recv_expert_ids``.
+      local_src_rows: int32[N]. For a changed slot copied from a slot of this device, that slot;
+        else -1.
       commit_dst_rows: int32[N]. Packed local slots written at commit (local copies, primaries,
         duplicates).
       commit_src_rows: int32[N]. For each entry of ``commit_dst_rows``, the staging-buffer row it
@@ -66,11 +70,11 @@ class TransferMetadata:
 
     is_unchanged: jax.Array
     is_received_locally: jax.Array
-    local_src_rows: jax.Array
     recv_primary_mask: jax.Array
     recv_count: jax.Array
     recv_expert_ids: jax.Array
     recv_dst_rows: jax.Array
+    local_src_rows: jax.Array
     commit_dst_rows: jax.Array
     commit_src_rows: jax.Array
     commit_count: jax.Array
@@ -262,19 +266,22 @@ def plan_layers(
     )
 
 
-def _pack(mask: jax.Array, values: jax.Array) -> jax.Array:
+def pack(mask: jax.Array, values: jax.Array) -> jax.Array:
     """The entries of ``values`` where ``mask`` holds, first and in order, padded with -1."""
     order = jnp.argsort(~mask, stable=True)
     count = mask.sum()
     return jnp.where(jnp.arange(mask.shape[0]) < count, values[order], -1).astype(jnp.int32)
 
 
-def local_metadata(plan: GlobalPlan, new: jax.Array, device: jax.Array, *, num_devices: int):
+def local_metadata(
+    plan: GlobalPlan, old: jax.Array, new: jax.Array, device: jax.Array, *, num_devices: int
+):
     """One device's view of a one-layer plan.
 
     Args:
       plan: a one-layer `GlobalPlan` (no leading L).
-      new: int32[P] the new map of the layer.
+      old: int32[P] the layer's map before.
+      new: int32[P] the layer's map after (as planned: the old map when the plan is infeasible).
       device: int32[] this device's index on the axis.
       num_devices: D (static).
 
@@ -291,19 +298,24 @@ def local_metadata(plan: GlobalPlan, new: jax.Array, device: jax.Array, *, num_d
     changed = mine(plan.changed)
     local = mine(plan.local)
     primary = mine(plan.primary)
+    mine_new = mine(jnp.where(plan.ok, new, old).astype(jnp.int32))
     rows = jnp.arange(n, dtype=jnp.int32)
+    # vLLM lists the received experts by ascending id.
+    by_expert = jnp.argsort(jnp.where(primary, mine_new, jnp.iinfo(jnp.int32).max), stable=True)
+    received = rows < primary.sum()
     # A duplicate's primary is on the same device: its local row is primary_of - start.
     staged_row = jnp.where(changed & ~local, mine(plan.primary_of) - start, rows)
+    unchanged = mine(old.astype(jnp.int32)) == mine_new
     meta = TransferMetadata(
-        is_unchanged=~changed,
-        is_received_locally=local,
-        local_src_rows=mine(plan.local_src),
+        is_unchanged=unchanged,
+        is_received_locally=unchanged | local,
         recv_primary_mask=primary,
         recv_count=primary.sum().astype(jnp.int32),
-        recv_expert_ids=_pack(primary, mine(new.astype(jnp.int32))),
-        recv_dst_rows=_pack(primary, rows),
-        commit_dst_rows=_pack(changed, rows),
-        commit_src_rows=_pack(changed, staged_row),
+        recv_expert_ids=jnp.where(received, mine_new[by_expert], -1),
+        recv_dst_rows=jnp.where(received, rows[by_expert], -1),
+        local_src_rows=mine(plan.local_src),
+        commit_dst_rows=pack(changed, rows),
+        commit_src_rows=pack(changed, staged_row),
         commit_count=changed.sum().astype(jnp.int32),
         ok=plan.ok,
     )

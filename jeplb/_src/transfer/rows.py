@@ -1,10 +1,9 @@
 """Row moves inside one device: the only way the transfer touches weight memory locally.
 
-A device's share of a weight leaf is viewed as a matrix of rows: ``[L * N, R]`` (layer-major, one
-row per slot, R = the product of the trailing dims). On CPU, types that XLA:CPU would widen to f32
-around each move (bf16, f16, fp8) are bit-cast to the unsigned integer type of their width. Every
-move is a loop of `lax.dynamic_slice` / `lax.dynamic_update_slice`
-with a data-dependent trip count, which XLA keeps in place on a loop-carried buffer.
+Rows are those of a `layout.RowSpace` (a leaf viewed as ``[L * N, R]``, or a converted slab).
+`copy_rows` moves a list of rows between two buffers: a loop of `lax.dynamic_slice` /
+`lax.dynamic_update_slice` with a data-dependent trip count, which XLA keeps in place on a
+loop-carried buffer, or a Pallas kernel on GPUs, or an XLA gather + scatter.
 """
 
 from __future__ import annotations
@@ -16,60 +15,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["copy_rows", "from_rows", "to_rows"]
+from jeplb._src.transfer import layout
+from jeplb._src.transfer.config import ROW_IMPLS
 
-_UINT_BY_SIZE = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
+__all__ = ["copy_rows", "make_varying", "pallas_block", "resolve_impl", "varying_axes"]
 
-
-# Types XLA:CPU moves natively; others (bf16, f16, fp8) it widens to f32 around every row move,
-# which costs more than one bit-cast copy of the array.
-_CPU_NATIVE = frozenset(
-    np.dtype(t)
-    for t in [
-        "float32",
-        "float64",
-        "int8",
-        "int16",
-        "int32",
-        "int64",
-        "uint8",
-        "uint16",
-        "uint32",
-        "uint64",
-    ]
-)
-
-
-def _bitcast_type(dtype, platform: str):
-    if platform != "cpu" or np.dtype(dtype) in _CPU_NATIVE:
-        return None
-    return _UINT_BY_SIZE[np.dtype(dtype).itemsize]
-
-
-def to_rows(x: jax.Array, lead: int, platform: str) -> jax.Array:
-    """Views ``x`` (``lead`` leading dims, then the row's dims) as ``[prod(lead dims), R]``.
-
-    On CPU, dtypes XLA:CPU does not move natively are bit-cast to the unsigned type of their width.
-    """
-    flat = x.reshape((int(np.prod(x.shape[:lead])), -1) if x.ndim > lead else (-1, 1))
-    target = _bitcast_type(x.dtype, platform)
-    return flat if target is None else lax.bitcast_convert_type(flat, target)
-
-
-def from_rows(rows: jax.Array, like_shape: tuple[int, ...], dtype) -> jax.Array:
-    """Inverse of `to_rows`: the rows back in ``like_shape`` and ``dtype``."""
-    if rows.dtype != dtype:
-        rows = lax.bitcast_convert_type(rows, dtype)
-    return rows.reshape(like_shape)
-
-
-ROW_IMPLS = ("auto", "loop", "pallas", "scatter")
 _PALLAS_MIN_ROW_BYTES = 1 << 16
 _PALLAS_MAX_BLOCK = 1 << 14
 _PALLAS_MAX_ELEMENTS = 1 << 31
 
 
-def _pallas_block(width: int) -> int:
+def pallas_block(width: int) -> int:
     """Largest power of two <= 16384 elements dividing the row (0 when below 1024)."""
     block = 1
     while block < _PALLAS_MAX_BLOCK and width % (block * 2) == 0:
@@ -78,14 +34,21 @@ def _pallas_block(width: int) -> int:
 
 
 def resolve_impl(impl: str, dst: jax.Array, platform: str) -> str:
-    """The row-move implementation ``auto`` stands for on ``platform`` for rows like ``dst``'s."""
+    """The row mover ``impl`` stands for on ``platform`` for rows written into ``dst``.
+
+    ``auto``: a Pallas kernel on GPUs for rows of at least 64 KiB, else the loop. Whatever was
+    asked, rows of a dtype that does not move natively there (see `layout`) are written with the
+    one-row ``select``.
+    """
     if impl not in ROW_IMPLS:
         raise ValueError(f"row_impl: expected one of {ROW_IMPLS}, got {impl!r}")
+    if layout.leaf_mode(dst.dtype, platform) != "native":
+        return "select"
     if impl != "auto":
         return impl
     width = dst.shape[1]
     big = width * np.dtype(dst.dtype).itemsize >= _PALLAS_MIN_ROW_BYTES
-    return "pallas" if platform == "gpu" and big and _pallas_block(width) else "loop"
+    return "pallas" if platform == "gpu" and big and pallas_block(width) else "loop"
 
 
 def varying_axes(x: jax.Array) -> frozenset:
@@ -137,7 +100,7 @@ def _copy_rows_pallas(
     from jax.experimental import pallas as pl
 
     num_rows = dst_idx.shape[0]
-    block = _pallas_block(width)
+    block = pallas_block(width)
     if not block:
         raise ValueError(
             f"row_impl 'pallas' needs rows of a multiple of 1024 elements, got {width}"
@@ -201,8 +164,10 @@ def copy_rows(
     Args:
       dst: [M, R] rows written.
       src: [M', R'] rows read (R' = R, or one of R and R' is a column block of the other); a
-        different buffer from ``dst`` (the transfer always copies between
-        the weights and the staging buffer), so a row is read once and written once.
+        different buffer from ``dst`` (the transfer always copies between the weights and the
+        staging buffer), so a row is read once and written once. Its dtype is ``dst``'s, or
+        one side is a leaf's dtype and the other its moving dtype (`layout.moving_dtype`): rows
+        are converted bit for bit on the way.
       dst_idx: int32[K] destination rows; only the first ``count`` are used.
       src_idx: int32[K] source rows.
       count: int32[] number of rows to move (0 <= count <= K).
@@ -210,7 +175,8 @@ def copy_rows(
       src_offset: added to every source index.
       dst_col: first column written in each destination row.
       src_col: first column read in each source row.
-      impl: ``loop`` (a while loop of dynamic_update_slice, any backend), ``pallas`` (a Pallas
+      impl: ``loop`` (a while loop of dynamic_update_slice, any backend), ``select`` (the loop,
+        writing each row with a one-row select: dtypes that do not move natively), ``pallas`` (a Pallas
         kernel, GPUs; rows of a multiple of 1024 elements; buffers of 2^31 elements or more
         take the loop, as the kernel's offsets are 32-bit), ``scatter`` (XLA gather + scatter),
         or ``auto`` (resolved by `resolve_impl`; callers normally pass the resolved name).
@@ -221,46 +187,114 @@ def copy_rows(
       ``dst`` with the rows written.
     """
     width = min(dst.shape[1], src.shape[1])
-    if impl == "pallas":
-        # Narrow types move as 32-bit words: whole-word loads, and 2-4x fewer elements to index.
-        size = dst.dtype.itemsize
-        per = 4 // size if size < 4 and (width * size) % 4 == 0 and dst.dtype == src.dtype else 1
-        if per > 1 and not _pallas_block(width // per):
-            per = 1
-        dst_w, src_w = (words(dst), words(src)) if per > 1 else (dst, src)
-        # The kernel's offsets are 32-bit: larger buffers move through the loop (XLA indexes
-        # them with 64-bit offsets).
-        if max(dst_w.size, src_w.size) < _PALLAS_MAX_ELEMENTS:
-            out = _copy_rows_pallas(
-                dst_w,
-                src_w,
-                dst_idx,
-                src_idx,
-                count,
-                dst_offset,
-                src_offset,
-                jnp.asarray(dst_col, jnp.int32) // per,
-                jnp.asarray(src_col, jnp.int32) // per,
-                width // per,
-                interpret,
-            )
-            return unwords(out, dst) if per > 1 else out
+    if impl == "pallas" and dst.dtype == src.dtype:
+        out = _copy_rows_pallas_words(
+            dst,
+            src,
+            dst_idx,
+            src_idx,
+            count,
+            dst_offset,
+            src_offset,
+            dst_col,
+            src_col,
+            width,
+            interpret,
+        )
+        if out is not None:
+            return out
         impl = "loop"
-    if impl == "scatter":
-        k = jnp.arange(dst_idx.shape[0])
-        block = lax.dynamic_slice_in_dim(src, src_col, width, axis=1)
-        rows = block[jnp.clip(src_offset + src_idx, 0, src.shape[0] - 1)]
-        target = jnp.where(k < count, dst_offset + dst_idx, dst.shape[0])
-        if width == dst.shape[1]:
-            return dst.at[target].set(rows, mode="drop")
-        block = lax.dynamic_slice_in_dim(dst, dst_col, width, axis=1)
-        block = block.at[target].set(rows, mode="drop")
-        return lax.dynamic_update_slice_in_dim(dst, block, dst_col, axis=1)
-    if impl not in ("loop", "auto"):
+    if impl == "scatter" and dst.dtype == src.dtype:
+        return _copy_rows_scatter(
+            dst, src, dst_idx, src_idx, count, dst_offset, src_offset, dst_col, src_col, width
+        )
+    if impl not in ("loop", "auto", "select", "pallas", "scatter"):
         raise ValueError(f"impl: expected one of {ROW_IMPLS}, got {impl!r}")
+    if src.dtype != dst.dtype and impl != "select":
+        # Reading a leaf that does not move natively into its moving dtype: one gather of the
+        # rows, not a loop over the leaf (a loop reading the leaf before a loop of selects writes
+        # it makes XLA:CPU copy the whole leaf).
+        src = gather_rows(src, src_offset + src_idx, src_col, width, dst.dtype)
+        src_offset, src_idx, src_col = 0, jnp.arange(src.shape[0], dtype=jnp.int32), 0
 
     def body(k, out):
-        r = lax.dynamic_slice(src, (src_offset + src_idx[k], src_col), (1, width))
-        return lax.dynamic_update_slice(out, r, (dst_offset + dst_idx[k], dst_col))
+        r = lax.dynamic_slice(src, _i32(src_offset + src_idx[k], src_col), (1, width))
+        r = layout.convert_rows(r, dst.dtype)
+        if impl == "select":
+            return write_row_select(out, r, dst_offset + dst_idx[k], dst_col)
+        return lax.dynamic_update_slice(out, r, _i32(dst_offset + dst_idx[k], dst_col))
 
     return lax.fori_loop(0, count, body, dst)
+
+
+def _i32(*starts) -> tuple[jax.Array, ...]:
+    """Slice starts as int32 (with jax_enable_x64, Python ints would mix int32 and int64)."""
+    return tuple(jnp.asarray(s, jnp.int32) for s in starts)
+
+
+def gather_rows(src: jax.Array, rows: jax.Array, col, width: int, dtype) -> jax.Array:
+    """``src[rows, col:col + width]`` converted to ``dtype`` (`layout.convert_rows`); rows out of
+    range are clipped (callers never use them)."""
+    rows = jnp.clip(rows, 0, src.shape[0] - 1)
+    if width == src.shape[1]:
+        block = src[rows]
+    else:
+        cols = jnp.asarray(col, jnp.int32) + jnp.arange(width, dtype=jnp.int32)
+        block = src[rows[:, None], cols[None, :]]
+    return layout.convert_rows(block, dtype)
+
+
+def write_row_select(dst: jax.Array, row: jax.Array, at: jax.Array, col) -> jax.Array:
+    """``dst[at, col:col + w] = row`` (row [1, w]) as one select over ``dst``: in place on XLA:CPU
+    for dtypes whose dynamic_update_slice it would run through f32 over the whole array."""
+    num_rows, width = dst.shape
+    w = row.shape[1]
+    mask = (jnp.arange(num_rows) == at)[:, None]
+    if w != width:
+        row = lax.dynamic_update_slice(jnp.zeros((1, width), dst.dtype), row, _i32(0, col))
+        cols = jnp.arange(width)
+        mask = mask & ((cols >= col) & (cols < col + w))
+    return jnp.where(mask, row, dst)
+
+
+def _copy_rows_scatter(
+    dst, src, dst_idx, src_idx, count, dst_offset, src_offset, dst_col, src_col, width
+):
+    """XLA gather + scatter (rows of one dtype)."""
+    k = jnp.arange(dst_idx.shape[0])
+    block = lax.dynamic_slice_in_dim(src, src_col, width, axis=1)
+    rows = block[jnp.clip(src_offset + src_idx, 0, src.shape[0] - 1)]
+    target = jnp.where(k < count, dst_offset + dst_idx, dst.shape[0])
+    if width == dst.shape[1]:
+        return dst.at[target].set(rows, mode="drop")
+    block = lax.dynamic_slice_in_dim(dst, dst_col, width, axis=1)
+    block = block.at[target].set(rows, mode="drop")
+    return lax.dynamic_update_slice_in_dim(dst, block, dst_col, axis=1)
+
+
+def _copy_rows_pallas_words(
+    dst, src, dst_idx, src_idx, count, dst_offset, src_offset, dst_col, src_col, width, interpret
+):
+    """The Pallas kernel on 32-bit words where the rows allow; None when the buffers are too
+    large for its 32-bit offsets (the caller takes the loop)."""
+    size = dst.dtype.itemsize
+    per = 4 // size if size < 4 and (width * size) % 4 == 0 else 1
+    if per > 1 and not pallas_block(width // per):
+        per = 1
+    dst_w, src_w = (words(dst), words(src)) if per > 1 else (dst, src)
+    if max(dst_w.size, src_w.size) >= _PALLAS_MAX_ELEMENTS:
+        return None
+    out = _copy_rows_pallas(
+        dst_w,
+        src_w,
+        dst_idx,
+        src_idx,
+        count,
+        dst_offset,
+        src_offset,
+        jnp.asarray(dst_col, jnp.int32) // per,
+        jnp.asarray(src_col, jnp.int32) // per,
+        width // per,
+        interpret,
+    )
+    return unwords(out, dst) if per > 1 else out

@@ -1,0 +1,203 @@
+"""The transfer's two stages for one layer, public, for models that run inside `jax.shard_map`
+and overlap the collectives with their own compute: `move_to_buffer` and `move_from_buffer`,
+joined by a `TransferMetadata`. They run the engine's own stages (`stages`) on one layer."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jeplb._src import checks
+from jeplb._src.transfer import agree, layout, stages
+from jeplb._src.transfer import plan as plan_lib
+from jeplb._src.transfer import rows as rows_lib
+from jeplb._src.transfer.config import TransferConfig
+from jeplb._src.transfer.plan import TransferMetadata
+
+__all__ = ["move_from_buffer", "move_to_buffer"]
+
+
+def _bound_size(config: TransferConfig, where: str) -> int:
+    try:
+        return lax.axis_size(config.axis_name)
+    except NameError as err:
+        raise ValueError(
+            f"axis_name: no mesh axis {config.axis_name!r} is bound here; {where} runs inside "
+            f"jax.shard_map over it (use rearrange_expert_weights or transfer_layer at global view)"
+        ) from err
+
+
+def _one_layer(x: jax.Array, platform: str) -> layout.RowSpace:
+    """A local leaf [N, ...] as a one-layer row space."""
+    return layout.open_rows(x[None], 0, 0, _width(x), slot_major=False, platform=platform)
+
+
+def _width(x: jax.Array) -> int:
+    w = 1
+    for d in x.shape[1:]:
+        w *= d
+    return w
+
+
+def _impls(rows: tuple[jax.Array, ...], row_impl: str) -> tuple[stages.Impls, ...]:
+    platform = jax.default_backend()
+    impls = [rows_lib.resolve_impl(row_impl, r, platform) for r in rows]
+    return tuple(stages.Impls(i, i) for i in impls)
+
+
+def _check_buffer(buffer: Any, leaves: list, treedef) -> list:
+    """The buffer's leaves, checked against the weights' (every mismatch named at once)."""
+    try:
+        buf_leaves = treedef.flatten_up_to(buffer)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"buffer: expected the weights' structure {treedef}: {err}") from err
+    paths = jax.tree_util.tree_flatten_with_path(treedef.unflatten(leaves))[0]
+    bad = [
+        f"buffer{jax.tree_util.keystr(p)} is {b.dtype}{list(b.shape)}, expected the weights' "
+        f"{x.dtype}{list(x.shape)}"
+        for (p, x), b in zip(paths, buf_leaves, strict=True)
+        if b.shape != x.shape or b.dtype != x.dtype
+    ]
+    if bad:
+        raise ValueError("; ".join(bad))
+    return buf_leaves
+
+
+def move_to_buffer(
+    old_phy2log: jax.Array,
+    new_phy2log: jax.Array,
+    expert_weights: Any,
+    *,
+    axis_name: str | tuple[str, ...] = "ep",
+    buffer: Any = None,
+    chunk_rows: int = 1,
+    row_impl: str = "auto",
+) -> tuple[Any, TransferMetadata]:
+    """Stage one layer: local copies into the buffer, then the collectives. Call inside shard_map.
+
+    This is the first half of `transfer_layer`, for models that overlap the collectives with their
+    own compute and commit later with `move_from_buffer`. The weights are only read.
+
+    Args:
+      old_phy2log: int32[P] the layer's map before (replicated: the same on every device).
+      new_phy2log: int32[P] the layer's map after (replicated).
+      expert_weights: pytree of this device's slots of the layer, leaves [N_local, ...].
+      axis_name: the expert-parallel mesh axis, or a tuple of axes (bound by the enclosing
+        shard_map).
+      buffer: optional pytree shaped like ``expert_weights`` to stage into (donate it to reuse
+        memory); a new one is made when None.
+      chunk_rows: C, rows per collective chunk (static).
+      row_impl: how rows move inside the device: ``auto`` (a Pallas kernel on GPUs for rows of at
+        least 64 KiB, else a loop of dynamic_update_slice), ``loop``, ``pallas`` or ``scatter``.
+
+    Returns:
+      ``(buffer, metadata)``: the staged rows ([N_local, ...] per leaf, row i holds what local
+      slot i will receive) and the `TransferMetadata` that `move_from_buffer` needs.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from jax.sharding import PartitionSpec as P
+      >>> mesh = jax.make_mesh((1,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+      >>> def step(old, new, w):
+      ...     buf, meta = move_to_buffer(old, new, w, axis_name="ep")
+      ...     return move_from_buffer(w, buf, meta)
+      >>> f = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P("ep")),
+      ...                           out_specs=P("ep")))
+      >>> f(jnp.array([0, 1]), jnp.array([1, 0]), jnp.array([10.0, 11.0])).tolist()
+      [11.0, 10.0]
+    """
+    config = TransferConfig(axis_name=axis_name, chunk_rows=chunk_rows, row_impl=row_impl)
+    d = _bound_size(config, "move_to_buffer")
+    old, new = checks.check_maps(old_phy2log, new_phy2log, num_devices=d, ndim=1)
+    n = old.shape[0] // d
+    flat, treedef = jax.tree_util.tree_flatten_with_path(expert_weights)
+    leaves = [x for _, x in flat]
+    bad = [
+        f"expert_weights{jax.tree_util.keystr(p)} has local shape {tuple(x.shape)}, expected "
+        f"[N_local = {n}, ...] (P = {old.shape[0]} slots over {d} devices)"
+        for p, x in flat
+        if x.ndim < 1 or x.shape[0] != n
+    ]
+    if bad:
+        raise ValueError("; ".join(bad))
+    if buffer is None:
+        buf_leaves = [jnp.zeros_like(x) for x in leaves]
+    else:
+        buf_leaves = _check_buffer(buffer, leaves, treedef)
+    old = jnp.asarray(old, jnp.int32)
+    new = jnp.asarray(new, jnp.int32)
+    # Devices holding different maps would plan different collective loops (a hang): they plan a
+    # no-op instead, and the layer counts as infeasible.
+    agreed = agree.maps_agree((old, new), config.axes)
+    target = jnp.where(agreed, new, old)
+    plan = plan_lib.plan_layer(old, target, num_devices=d, chunk_rows=chunk_rows)
+    plan = dataclasses.replace(plan, ok=plan.ok & agreed)
+    meta, send, recv = plan_lib.local_metadata(
+        plan, old, target, lax.axis_index(config.axes), num_devices=d
+    )
+    spaces = tuple(_one_layer(x) for x in leaves)
+    bufs = tuple(_one_layer(b).dst.rows for b in buf_leaves)
+    bufs = stages.stage(
+        spaces,
+        bufs,
+        meta,
+        stages.Rounds(send, recv, plan.num_chunks),
+        axes=config.axes,
+        num_devices=d,
+        chunk_rows=chunk_rows,
+        impls=_impls(bufs, row_impl),
+    )
+    out = [r.reshape(b.shape) for b, r in zip(buf_leaves, bufs, strict=True)]
+    return treedef.unflatten(out), meta
+
+
+def move_from_buffer(
+    expert_weights: Any, buffer: Any, metadata: TransferMetadata, *, row_impl: str = "auto"
+) -> Any:
+    """Commit one staged layer into the weights, then its duplicates. Call inside shard_map.
+
+    No collective runs here, so a model may call it whenever the layer is not being read (e.g. at
+    the start of its next step); slots whose expert does not change are not written.
+
+    Args:
+      expert_weights: pytree of this device's slots of the layer, leaves [N_local, ...].
+      buffer: the staged rows from `move_to_buffer`, same structure, shapes and dtypes.
+      metadata: the `TransferMetadata` from `move_to_buffer`.
+      row_impl: how rows move (see `move_to_buffer`).
+
+    Returns:
+      The layer's weights, rearranged (same structure, shapes and dtypes).
+
+    Example:
+      Stage, let the model compute, then commit (one device: every move is a local copy):
+
+      >>> import jax, jax.numpy as jnp
+      >>> from jax.sharding import PartitionSpec as P
+      >>> mesh = jax.make_mesh((1,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+      >>> def step(old, new, w, x):
+      ...     buf, meta = move_to_buffer(old, new, w, axis_name="ep")
+      ...     y = x * 2.0  # the model's own work, free to overlap the collectives
+      ...     return move_from_buffer(w, buf, meta), y
+      >>> f = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P("ep"), P()),
+      ...                           out_specs=(P("ep"), P())))
+      >>> w, y = f(jnp.array([0, 1, 2]), jnp.array([2, 2, 0]), jnp.array([10., 11., 12.]), 1.0)
+      >>> w.tolist()
+      [12.0, 12.0, 10.0]
+    """
+    if not isinstance(metadata, TransferMetadata):
+        raise TypeError(
+            f"metadata: expected the TransferMetadata returned by move_to_buffer, "
+            f"got {type(metadata).__name__}"
+        )
+    TransferConfig(row_impl=row_impl)
+    leaves, treedef = jax.tree_util.tree_flatten(expert_weights)
+    buf_leaves = _check_buffer(buffer, leaves, treedef)
+    spaces = tuple(_one_layer(x) for x in leaves)
+    bufs = tuple(_one_layer(b).dst.rows for b in buf_leaves)
+    spaces = stages.commit(spaces, bufs, metadata, _impls(bufs, row_impl))
+    out = [layout.close_rows(x[None], s)[0] for x, s in zip(leaves, spaces, strict=True)]
+    return treedef.unflatten(out)

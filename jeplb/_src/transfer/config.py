@@ -1,0 +1,97 @@
+"""`TransferConfig`: every static option of the weight transfer, in one frozen object.
+
+The options decide the compiled program (its loops, collectives and buffers), never the plan, so
+they are static: two calls with equal configs and equal shapes share one compilation. The object
+is hashable and travels whole from the public functions to the engine, the stages and the row
+kernels; nothing below reads an option from anywhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+__all__ = ["ROW_IMPLS", "TransferConfig", "axis_tuple"]
+
+ROW_IMPLS = ("auto", "loop", "pallas", "scatter")
+
+
+def axis_tuple(axis_name: str | tuple[str, ...]) -> tuple[str, ...]:
+    """The expert axis as a tuple of mesh axis names (a str is one axis)."""
+    return (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+
+
+def _positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        want = "a positive int or None" if allow_none else "a positive int"
+        raise ValueError(f"{name}: expected {want}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferConfig:
+    """Static options of the transfer.
+
+    Attributes:
+      axis_name: the expert-parallel mesh axis the slot dim is sharded over, or a tuple of axes
+        (D is the product of their sizes; slot p lives on the p // N_local-th device in the
+        order of the tuple, as in a ``PartitionSpec`` entry).
+      chunk_rows: C, rows per collective chunk (1 wastes no bandwidth on padding; larger chunks
+        amortise per-collective latency for small rows).
+      row_impl: how rows move inside a device: ``auto`` (a Pallas kernel on GPUs for rows of at
+        least 64 KiB, else a loop of dynamic_update_slice), ``loop``, ``pallas`` or ``scatter``.
+      staging_passes: on D > 1 devices, rows are staged and committed in this many blocks of
+        columns (None: the fewest that keep the staging memory below one layer of the device's
+        local weights).
+      layer_axis: the layer dim of a leaf (0 or 1; the other of the two is the slot dim). For
+        one-layer calls (`jeplb.transfer_layer`) it is ignored.
+      slot_axis: the slot dim of a leaf (1 or 0; one-layer calls: 0).
+    """
+
+    axis_name: str | tuple[str, ...] = "ep"
+    chunk_rows: int = 1
+    row_impl: str = "auto"
+    staging_passes: int | None = None
+    layer_axis: int = 0
+    slot_axis: int = 1
+
+    def __post_init__(self):
+        axes = axis_tuple(self.axis_name)
+        if not axes or not all(isinstance(a, str) for a in axes):
+            raise TypeError(
+                f"axis_name: expected a mesh axis name or a tuple of them, got {self.axis_name!r}"
+            )
+        if len(set(axes)) != len(axes):
+            raise ValueError(f"axis_name: names an axis twice: {self.axis_name!r}")
+        if not isinstance(self.axis_name, str):
+            object.__setattr__(self, "axis_name", axes if len(axes) > 1 else axes[0])
+        _positive_int("chunk_rows", self.chunk_rows)
+        _positive_int("staging_passes", self.staging_passes, allow_none=True)
+        if self.row_impl not in ROW_IMPLS:
+            raise ValueError(f"row_impl: expected one of {ROW_IMPLS}, got {self.row_impl!r}")
+        for name in ("layer_axis", "slot_axis"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or value not in (0, 1):
+                raise ValueError(
+                    f"{name}: expected 0 or 1 (leaves are [L, P, ...] or [P, L, ...]), got "
+                    f"{value!r}"
+                )
+        if self.layer_axis == self.slot_axis:
+            raise ValueError(
+                f"layer_axis and slot_axis: expected two different dims, got both {self.slot_axis}"
+            )
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        """``axis_name`` as a tuple."""
+        return axis_tuple(self.axis_name)
+
+    @property
+    def slot_major(self) -> bool:
+        """Leaves are [P, L, ...] (the slot dim first)."""
+        return self.slot_axis == 0
+
+    def replace(self, **changes) -> TransferConfig:
+        """A copy with the given options replaced (checked again)."""
+        return dataclasses.replace(self, **changes)

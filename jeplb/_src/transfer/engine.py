@@ -1,0 +1,320 @@
+"""The engine: moves a range of layers of a stacked pytree from the old maps to the new ones.
+
+Every public entry point that moves weights ends here (`jeplb.rearrange_expert_weights`,
+`jeplb.transfer_layer`, `jeplb.eplb_step`, `jeplb.eplb_step_local`, `jeplb.recover_experts`), so
+memory and speed are won once. `move_layers` runs inside `jax.shard_map` on the device's local
+leaves:
+
+* D = 1: every move stays on the device; rows move in place in an order that reads every row
+  before overwriting it (`inplace`), with no staging buffer.
+* D > 1: per layer (a `fori_loop`, so compile time does not grow with L), the plan (`plan`), then
+  in ``passes`` blocks of columns: stage (local copies + rotation rounds) and commit (`stages`).
+  The staging buffer holds N_local + 2C rows of one block: below one layer of local weights.
+
+Rows travel in a moving dtype and are written back as `layout` says, so no leaf is ever copied
+or converted whole. Memory depends on the shapes only, never on the plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jeplb._src.transfer import agree, inplace, layout, stages
+from jeplb._src.transfer import plan as plan_lib
+from jeplb._src.transfer import rows as rows_lib
+from jeplb._src.transfer.config import TransferConfig
+
+__all__ = ["Engine", "LayerStats", "move_layers"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Engine:
+    """What the engine needs besides the arrays (static, hashable).
+
+    Attributes:
+      config: the transfer's options.
+      num_devices: D, devices on the expert axis.
+      platform: the platform of the mesh's devices (``cpu``, ``gpu``, ``tpu``).
+    """
+
+    config: TransferConfig
+    num_devices: int
+    platform: str
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerStats:
+    """Per layer, what `move_layers` did (replicated). Every field is [L].
+
+    Attributes:
+      ok: the layer's plan is feasible and the devices agree on the maps.
+      moved: the layer's weights now match the new map (False: it keeps the old placement).
+      wire_rows: rows the busiest device moved through the rounds, padding included.
+      min_rows: the most rows any device had to send or receive remotely: the floor.
+      chunks: collective chunks run.
+      remote_rows: rows received from other devices (primaries, all devices).
+      local_rows: rows written from a device's own data (local copies, duplicates).
+    """
+
+    ok: jax.Array
+    moved: jax.Array
+    wire_rows: jax.Array
+    min_rows: jax.Array
+    chunks: jax.Array
+    remote_rows: jax.Array
+    local_rows: jax.Array
+
+
+def move_layers(
+    old: jax.Array,
+    new: jax.Array,
+    leaves: list[jax.Array],
+    *,
+    first: jax.Array | int,
+    count: jax.Array | int,
+    all_or_nothing: bool,
+    engine: Engine,
+) -> tuple[list[jax.Array], LayerStats]:
+    """Moves layers ``[first, first + count)`` of local leaves from ``old`` to ``new``.
+
+    Call inside `jax.shard_map` over ``engine.config.axes``.
+
+    Args:
+      old: int32[L, P] the maps the weights are in (replicated).
+      new: int32[L, P] the maps to move to (replicated).
+      leaves: the device's leaves, [L, N_local, ...] (or [N_local, L, ...] slot-major).
+      first: int32[] the first layer to move (replicated).
+      count: int32[] how many layers to move (replicated).
+      all_or_nothing: when a layer of the range is infeasible, move none of them (else each
+        infeasible layer keeps its placement and the others move).
+      engine: the static setup.
+
+    Returns:
+      ``(leaves, stats)``: the leaves moved, and per layer a `LayerStats`.
+    """
+    old = old.astype(jnp.int32)
+    new = new.astype(jnp.int32)
+    num_layers = old.shape[0]
+    first = jnp.asarray(first, jnp.int32)
+    count = jnp.asarray(count, jnp.int32)
+    layer_ids = jnp.arange(num_layers, dtype=jnp.int32)
+    in_range = (layer_ids >= first) & (layer_ids < first + count)
+    with jax.named_scope("plan"):
+        _, ok = jax.vmap(plan_lib.classify)(old, new)
+        if engine.num_devices > 1:
+            # Every device must plan from the same maps, range and program (options, leaf shapes
+            # and dtypes); if not, nothing moves and no further collective runs.
+            signature = agree.static_signature(engine, [(x.shape, str(x.dtype)) for x in leaves])
+            maps = (old, new, first, count, jnp.asarray(signature))
+            ok = ok & agree.maps_agree(maps, engine.config.axes)
+        go = ok & in_range
+        if all_or_nothing:
+            go = go & jnp.all(ok | ~in_range)
+    direct = _direct_impls(leaves, engine)
+    if engine.num_devices == 1 and direct is not None:
+        leaves, local_rows = _move_direct(old, new, leaves, go, direct, engine)
+        zeros = jnp.zeros((num_layers,), jnp.int32)
+        stats = LayerStats(ok, go, zeros, zeros, zeros, zeros, local_rows)
+        return leaves, stats
+    return _move_staged(old, new, leaves, ok, go, first, count, engine)
+
+
+# ------------------------------------------------------------------------------ one device
+
+
+def _direct_impls(leaves, engine: Engine) -> tuple[str, ...] | None:
+    """The in-place executor of each leaf, or None when one has none (``scatter``: the engine
+    stages instead)."""
+    impls = tuple(
+        inplace.resolve_impl(engine.config.row_impl, _rows_of(x), engine.platform) for x in leaves
+    )
+    return None if None in impls else impls
+
+
+def _rows_of(x: jax.Array) -> jax.ShapeDtypeStruct:
+    """The rows [L * N, R] of a local leaf, as a shape."""
+    num_layers, n, r = layout.dims(x, False)
+    return jax.ShapeDtypeStruct((num_layers * n, r), x.dtype)
+
+
+def _move_direct(old, new, leaves, go, impls, engine: Engine):
+    """D = 1: ordered in-place moves of every layer in the range, all layers in one loop or
+    kernel per leaf; no staging buffer."""
+    with jax.named_scope("plan"):
+        src, dst, moves = inplace.order_moves_layers(old, new, go)
+        changed = (new >= 0) & (new != old) & go[:, None]
+    with jax.named_scope("local_moves"):
+        out = inplace.move_leaves(
+            leaves, src, dst, moves, impls, slot_major=engine.config.slot_major
+        )
+    return out, changed.sum(-1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- many devices
+
+
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+    """Static geometry of one leaf in the staged transfer.
+
+    Attributes:
+      width: R, elements of a row.
+      block: columns staged per pass (``width`` when the leaf is staged whole, in pass 0).
+      impls: the row movers writing into the leaf and into the buffer.
+      dtype: the dtype its rows travel in (`layout.moving_dtype`).
+    """
+
+    width: int
+    block: int
+    impls: stages.Impls
+    dtype: np.dtype
+
+    @property
+    def split(self) -> bool:
+        return self.block != self.width
+
+
+def resolve_passes(requested, rows, *, n: int, chunk_rows: int) -> int:
+    """Column passes of the staged transfer.
+
+    Args:
+      requested: the caller's ``staging_passes``, or None.
+      rows: per leaf, ``(elements, bytes, granule, slab)`` of a row; a pass count splits the row
+        when ``elements`` is a multiple of ``passes * granule`` (else the leaf is staged whole);
+        ``slab``: the leaf is also read through a slab of its block (N rows more).
+      n: N_local.
+      chunk_rows: C.
+
+    Returns:
+      ``requested``, or the smallest count from ``low = (N + 2C) // N + 1`` to ``4 * low`` whose
+      buffer, chunks and slabs stay below one layer; if none does, the one holding the fewest
+      bytes.
+    """
+    if requested is not None:
+        return requested
+    low = (n + 2 * chunk_rows) // n + 1
+    layer = n * sum(b for _, b, _, _ in rows)
+
+    def staged(p):
+        return sum(
+            (n * (2 if slab else 1) + 2 * chunk_rows) * (b // p if w % (p * g) == 0 else b)
+            for w, b, g, slab in rows
+        )
+
+    candidates = range(low, 4 * low + 1)
+    fits = [p for p in candidates if staged(p) < layer]
+    return fits[0] if fits else min(candidates, key=lambda p: (staged(p), p))
+
+
+def _geometry(leaves, n: int, engine: Engine) -> tuple[int, list[_Geometry]]:
+    """The pass count and each leaf's staged geometry."""
+    cfg = engine.config
+    widths = [_rows_of(x).shape[1] for x in leaves]
+    dtypes = [layout.moving_dtype(x.dtype, engine.platform) for x in leaves]
+    granule = 1024 if cfg.row_impl == "pallas" else 1
+    rows = [
+        (w, w * dt.itemsize, granule, layout.leaf_mode(x.dtype, engine.platform) != "native")
+        for x, w, dt in zip(leaves, widths, dtypes, strict=True)
+    ]
+    passes = resolve_passes(cfg.staging_passes, rows, n=n, chunk_rows=cfg.chunk_rows)
+    # The default count splits a row as resolve_passes assumed (whole kernel blocks); an explicit
+    # count splits every row it divides, and a block the kernel cannot move is refused.
+    unit = granule if cfg.staging_passes is None else 1
+    out = []
+    for i, (x, w, dt) in enumerate(zip(leaves, widths, dtypes, strict=True)):
+        block = w // passes if w % (passes * unit) == 0 else w
+        into_buffer = rows_lib.resolve_impl(
+            cfg.row_impl, jax.ShapeDtypeStruct((n, block), dt), engine.platform
+        )
+        into_leaf = rows_lib.resolve_impl(
+            cfg.row_impl, jax.ShapeDtypeStruct((n, block), x.dtype), engine.platform
+        )
+        if "pallas" in (into_buffer, into_leaf) and block != w and not rows_lib.pallas_block(block):
+            raise ValueError(
+                f"row_impl 'pallas' moves blocks of a multiple of 1024 elements, but "
+                f"staging_passes = {passes} cuts leaf {i}'s rows of {w} elements into blocks of "
+                f"{block}: pass staging_passes=1 or a divisor that keeps such blocks"
+            )
+        out.append(_Geometry(w, block, stages.Impls(into_leaf, into_buffer), dt))
+    return passes, out
+
+
+def _move_staged(old, new, leaves, ok, go, first, count, engine: Engine):
+    """D > 1 (or ``scatter``): per layer, plan, then stage + commit in column passes."""
+    cfg, d = engine.config, engine.num_devices
+    num_layers, p_total = old.shape
+    n = p_total // d
+    passes, geo = _geometry(leaves, n, engine)
+    bufs = [rows_lib.make_varying(jnp.zeros((n, g.block), g.dtype), cfg.axes) for g in geo]
+    me = lax.axis_index(cfg.axes)
+    zeros = jnp.zeros((num_layers,), jnp.int32)
+    stats = LayerStats(ok, go, zeros, zeros, zeros, zeros, zeros)
+
+    def layer(j, carry):
+        leaves, bufs, stats = carry
+        li = first + j
+        with jax.named_scope("plan"):
+            target = jnp.where(go[li], new[li], old[li])
+            plan = plan_lib.plan_layer(old[li], target, num_devices=d, chunk_rows=cfg.chunk_rows)
+            meta, send, recv = plan_lib.local_metadata(plan, old[li], target, me, num_devices=d)
+        rounds = stages.Rounds(send, recv, plan.num_chunks)
+        for p in range(passes):
+            with jax.named_scope(f"pass_{p}" if passes > 1 else "stage_commit"):
+                leaves, bufs = _pass(leaves, bufs, li, p, meta, rounds, geo, engine)
+        return leaves, bufs, _record(stats, li, plan, cfg.chunk_rows)
+
+    trips = jnp.where(jnp.any(go), count, 0)
+    leaves, _, stats = lax.fori_loop(0, trips, layer, (list(leaves), bufs, stats))
+    return leaves, stats
+
+
+def _pass(leaves, bufs, li, p, meta, rounds, geo, engine: Engine):
+    """Column pass ``p`` of layer ``li``: every split leaf's p-th block, whole leaves in pass 0."""
+    cfg = engine.config
+    part = [i for i, g in enumerate(geo) if g.split or p == 0]
+    if not part:
+        return leaves, bufs
+    cols = [p * geo[i].block if geo[i].split else 0 for i in part]
+    spaces = tuple(
+        layout.open_rows(
+            leaves[i], li, c, geo[i].block, slot_major=cfg.slot_major, platform=engine.platform
+        )
+        for i, c in zip(part, cols, strict=True)
+    )
+    impls = tuple(geo[i].impls for i in part)
+    staged = stages.stage(
+        spaces,
+        tuple(bufs[i] for i in part),
+        meta,
+        rounds,
+        axes=cfg.axes,
+        num_devices=engine.num_devices,
+        chunk_rows=cfg.chunk_rows,
+        impls=impls,
+    )
+    spaces = stages.commit(spaces, staged, meta, impls)
+    leaves, bufs = list(leaves), list(bufs)
+    for k, i in enumerate(part):
+        leaves[i] = layout.close_rows(leaves[i], spaces[k])
+        bufs[i] = staged[k]
+    return leaves, bufs
+
+
+def _record(stats: LayerStats, li, plan, chunk_rows: int) -> LayerStats:
+    """``stats`` with layer ``li``'s figures from its plan."""
+    remote = plan.primary.sum().astype(jnp.int32)
+    changed = plan.changed.sum().astype(jnp.int32)
+    return dataclasses.replace(
+        stats,
+        wire_rows=stats.wire_rows.at[li].set(plan.wire_rows),
+        min_rows=stats.min_rows.at[li].set(plan.min_rows),
+        chunks=stats.chunks.at[li].set(plan.wire_rows // chunk_rows),
+        remote_rows=stats.remote_rows.at[li].set(remote),
+        local_rows=stats.local_rows.at[li].set(changed - remote),
+    )

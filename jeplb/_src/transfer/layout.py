@@ -1,0 +1,172 @@
+"""How one weight leaf is addressed as rows, and how its bits move on a platform.
+
+A device's share of a leaf is [L, N, ...] (layer-major) or [N, L, ...] (slot-major). Either way
+it is a matrix of rows ``[L * N, R]`` (R = the product of the trailing dims) in which the row of
+(layer l, local slot n) is ``l * layer_stride + n * slot_stride``: (N, 1) layer-major, (1, L)
+slot-major. The reshape is free, so rows move in place in the leaf's own buffer.
+
+Rows travel (staging buffers, collective chunks) in a *moving* dtype, and are written back into
+the leaf in one of two ways:
+
+* ``native``: the dtype moves as it is (everything on GPUs and TPUs but sub-byte types; f32,
+  integers on XLA:CPU); rows are written with dynamic_update_slice, in place.
+* ``bits``: XLA:CPU runs a dynamic_update_slice of bf16, f16 and fp8 through f32, over the whole
+  leaf, with a copy inside a loop. Their rows travel as the unsigned integer of their width (read
+  with dynamic_slice, exact, then bit-cast), and are written into the leaf with a one-row select,
+  which fuses in place; a layer's block is read once, gathered into the moving dtype (a slab).
+  That gather and select also go through f32, so XLA:CPU replaces NaN payloads of
+  bf16 and fp8 e5m2 by the canonical NaN; every other bit pattern (finite values, infinities, all
+  of fp8 e4m3fn) is kept bit for bit.
+* ``widen``: sub-byte types (int4, uint4, float4_e2m1fn) cannot be bit-cast to a byte type; their
+  rows travel as uint8, one element a byte, and are written with the one-row select.
+
+No leaf is ever converted whole: that would be a full copy of the device's weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+__all__ = [
+    "RowSpace",
+    "close_rows",
+    "convert_rows",
+    "dims",
+    "leaf_mode",
+    "moving_dtype",
+    "open_rows",
+]
+
+_UINT_BY_SIZE = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
+# Sub-byte types a MoE stack ships (4-bit weights with block scales as separate leaves).
+SUB_BYTE = ("int4", "uint4", "float4_e2m1fn")
+# Types XLA:CPU moves natively with dynamic_slice / dynamic_update_slice.
+_CPU_NATIVE = ("float32", "float64", "int8", "int16", "int32", "int64")
+_CPU_NATIVE += ("uint8", "uint16", "uint32", "uint64")
+
+
+def leaf_mode(dtype, platform: str) -> str:
+    """``native``, ``bits`` or ``widen``: how rows of ``dtype`` move on ``platform``."""
+    name = np.dtype(dtype).name
+    if name in SUB_BYTE:
+        return "widen"
+    if platform == "cpu" and name not in _CPU_NATIVE:
+        return "bits"
+    return "native"
+
+
+def to_moving(x: jax.Array, mode: str) -> jax.Array:
+    """``x`` in the dtype its rows move in (see the module docstring)."""
+    if mode == "bits":
+        return lax.bitcast_convert_type(x, _UINT_BY_SIZE[x.dtype.itemsize])
+    if mode == "widen":
+        if x.dtype == jnp.int4:
+            return lax.bitcast_convert_type(x.astype(jnp.int8), jnp.uint8)
+        if x.dtype != jnp.uint4:
+            x = lax.bitcast_convert_type(x, jnp.uint4)
+        return x.astype(jnp.uint8)
+    return x
+
+
+def from_moving(x: jax.Array, dtype) -> jax.Array:
+    """Inverse of `to_moving`: rows back in ``dtype``, bit for bit."""
+    dtype = np.dtype(dtype)
+    if x.dtype == dtype:
+        return x
+    if dtype == jnp.int4:
+        return lax.bitcast_convert_type(x, jnp.int8).astype(jnp.int4)
+    if dtype.name in SUB_BYTE:
+        u4 = x.astype(jnp.uint4)
+        return u4 if dtype == jnp.uint4 else lax.bitcast_convert_type(u4, dtype)
+    return lax.bitcast_convert_type(x, dtype)
+
+
+def moving_dtype(dtype, platform: str) -> np.dtype:
+    """The dtype rows of ``dtype`` travel in on ``platform``."""
+    mode = leaf_mode(dtype, platform)
+    if mode == "bits":
+        return np.dtype(_UINT_BY_SIZE[np.dtype(dtype).itemsize])
+    return np.dtype(jnp.uint8) if mode == "widen" else np.dtype(dtype)
+
+
+def convert_rows(x: jax.Array, dtype) -> jax.Array:
+    """Rows between a leaf's dtype and its moving dtype, either way, bit for bit."""
+    dtype = np.dtype(dtype)
+    if x.dtype == dtype:
+        return x
+    if dtype.name in SUB_BYTE:
+        return from_moving(x, dtype)
+    if np.dtype(x.dtype).name in SUB_BYTE:
+        return to_moving(x, "widen")
+    return lax.bitcast_convert_type(x, dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowView:
+    """Rows of one layer's block of columns inside a matrix of rows.
+
+    Attributes:
+      rows: [M, R] the matrix.
+      base: int32[] row of local slot 0 of the layer.
+      stride: rows between consecutive local slots.
+      col: first column of the block (static).
+    """
+
+    rows: jax.Array
+    base: jax.Array | int
+    stride: int
+    col: int
+
+    def index(self, slots: jax.Array) -> jax.Array:
+        """Local slot ids -> rows of ``self.rows`` (negative ids stay negative)."""
+        return jnp.where(slots >= 0, slots * self.stride, -1).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSpace:
+    """One leaf opened at one layer and one block of columns.
+
+    Attributes:
+      dst: where moved rows are written: the leaf's own rows (a free reshape).
+      src: where rows are read: the same rows when the dtype moves natively, else the layer's
+        block gathered once into the moving dtype (a slab [N, width]; a loop reading the leaf
+        before the one-row selects write it would make XLA:CPU copy the whole leaf).
+      width: columns moved.
+    """
+
+    dst: RowView
+    src: RowView
+    width: int
+
+
+def dims(x: jax.Array, slot_major: bool) -> tuple[int, int, int]:
+    """(L, N, R) of a local leaf [L, N, ...] (or [N, L, ...] slot-major)."""
+    lead = (x.shape[1], x.shape[0]) if slot_major else (x.shape[0], x.shape[1])
+    return lead[0], lead[1], int(np.prod(x.shape[2:], dtype=np.int64))
+
+
+def open_rows(
+    x: jax.Array, layer: jax.Array, col: int, width: int, *, slot_major: bool, platform: str
+) -> RowSpace:
+    """The columns ``[col, col + width)`` of layer ``layer`` of a local leaf, as rows."""
+    num_layers, n, r = dims(x, slot_major)
+    rows = x.reshape(num_layers * n, r)
+    layer = jnp.asarray(layer, jnp.int32)
+    base, stride = (layer, num_layers) if slot_major else (layer * n, 1)
+    dst = RowView(rows, base, stride, col)
+    if leaf_mode(x.dtype, platform) == "native":
+        return RowSpace(dst, dst, width)
+    slots = dst.base + jnp.arange(n, dtype=jnp.int32) * dst.stride
+    cols = col + jnp.arange(width, dtype=jnp.int32)
+    slab = convert_rows(rows[slots[:, None], cols[None, :]], moving_dtype(x.dtype, platform))
+    return RowSpace(dst, RowView(slab, 0, 1, 0), width)
+
+
+def close_rows(x: jax.Array, space: RowSpace) -> jax.Array:
+    """The leaf back from its rows (a free reshape)."""
+    return space.dst.rows.reshape(x.shape)

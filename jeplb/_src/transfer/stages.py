@@ -1,0 +1,164 @@
+"""The transfer's two stages for one layer, on rows: stage (local copies + rotation rounds), commit.
+
+Rows cross devices only through `lax.ppermute`: one rotation round per static shift s (device i
+sends to i + s mod D), each running a data-dependent number of chunks of C rows that every device
+computes identically from the replicated maps. Received rows and local copies land in a staging
+buffer; the commit then writes them into the weights, and duplicates take their primary's staged
+row. The stages read and write `layout.RowSpace`s, so they serve whole leaves, slabs and column
+blocks alike; the engine (`engine`) and the public one-layer stages (`move_to_buffer`,
+`move_from_buffer`) are their only callers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jeplb._src.transfer import plan as plan_lib
+from jeplb._src.transfer import rows as rows_lib
+from jeplb._src.transfer.layout import RowSpace
+
+__all__ = ["Impls", "Rounds", "commit", "stage"]
+
+
+class Impls(NamedTuple):
+    """How rows of one leaf are written: into the leaf, and into staging buffers and chunks (see
+    `rows.resolve_impl`)."""
+
+    leaf: str
+    buffer: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Rounds:
+    """One device's rotation rounds of one layer (from `plan.local_metadata`).
+
+    Attributes:
+      send_rows: int32[D, W]. Local slot sent as the j-th row of round s; -1 pads.
+      recv_rows: int32[D, W]. Buffer row the j-th row of round s is staged in; -1 pads.
+      num_chunks: int32[D]. Chunks of C rows in round s (0 for s = 0).
+    """
+
+    send_rows: jax.Array
+    recv_rows: jax.Array
+    num_chunks: jax.Array
+
+
+def _local_copies(spaces, bufs, meta, impls):
+    """Copies the rows this device already holds into the buffers."""
+    n = bufs[0].shape[0]
+    local = meta.local_src_rows >= 0
+    dst = plan_lib.pack(local, jnp.arange(n, dtype=jnp.int32))
+    src = plan_lib.pack(local, meta.local_src_rows)
+    count = local.sum()
+    return tuple(
+        rows_lib.copy_rows(
+            b,
+            s.src.rows,
+            dst,
+            s.src.index(src),
+            count,
+            src_offset=s.src.base,
+            src_col=s.src.col,
+            impl=i.buffer,
+        )
+        for b, s, i in zip(bufs, spaces, impls, strict=True)
+    )
+
+
+def _round(spaces, bufs, rounds, shift, *, axes, num_devices, chunk_rows, impls):
+    """Round ``shift``: chunks of C rows from device i to device i + shift (mod D)."""
+    c = chunk_rows
+    lanes = jnp.arange(c, dtype=jnp.int32)
+    perm = [(i, (i + shift) % num_devices) for i in range(num_devices)]
+
+    def chunk(k, bufs):
+        sidx = lax.dynamic_slice_in_dim(rounds.send_rows[shift], k * c, c)
+        ridx = lax.dynamic_slice_in_dim(rounds.recv_rows[shift], k * c, c)
+        payload = tuple(
+            rows_lib.copy_rows(
+                rows_lib.make_varying(jnp.zeros((c, b.shape[1]), b.dtype), axes),
+                s.src.rows,
+                lanes,
+                s.src.index(sidx),
+                (sidx >= 0).sum(),
+                src_offset=s.src.base,
+                src_col=s.src.col,
+                impl=i.buffer,
+            )
+            for s, b, i in zip(spaces, bufs, impls, strict=True)
+        )
+        got = lax.ppermute(payload, axes, perm)
+        return tuple(
+            rows_lib.copy_rows(b, g, ridx, lanes, (ridx >= 0).sum(), impl=i.buffer)
+            for b, g, i in zip(bufs, got, impls, strict=True)
+        )
+
+    return lax.fori_loop(0, rounds.num_chunks[shift], chunk, bufs)
+
+
+def stage(
+    spaces: tuple[RowSpace, ...],
+    bufs: tuple[jax.Array, ...],
+    meta: plan_lib.TransferMetadata,
+    rounds: Rounds,
+    *,
+    axes: tuple[str, ...],
+    num_devices: int,
+    chunk_rows: int,
+    impls: tuple[Impls, ...],
+) -> tuple[jax.Array, ...]:
+    """Fills the staging buffers ([N, w] each) from the weights' rows: local copies, then rounds.
+
+    The weights are only read. Every trip count comes from the replicated plan, so every device
+    runs the same collectives.
+    """
+    bufs = tuple(rows_lib.make_varying(b, axes) for b in bufs)
+    with jax.named_scope("local_copies"):
+        bufs = _local_copies(spaces, bufs, meta, impls)
+    for shift in range(1, num_devices):
+        with jax.named_scope(f"round_shift_{shift}"):
+            bufs = _round(
+                spaces,
+                bufs,
+                rounds,
+                shift,
+                axes=axes,
+                num_devices=num_devices,
+                chunk_rows=chunk_rows,
+                impls=impls,
+            )
+    return bufs
+
+
+def commit(
+    spaces: tuple[RowSpace, ...],
+    bufs: tuple[jax.Array, ...],
+    meta: plan_lib.TransferMetadata,
+    impls: tuple[Impls, ...],
+) -> tuple[RowSpace, ...]:
+    """Writes the staged rows into the weights; duplicates take their primary's staged row."""
+    with jax.named_scope("commit"):
+        return tuple(
+            dataclasses.replace(
+                s,
+                dst=dataclasses.replace(
+                    s.dst,
+                    rows=rows_lib.copy_rows(
+                        s.dst.rows,
+                        b,
+                        s.dst.index(meta.commit_dst_rows),
+                        meta.commit_src_rows,
+                        meta.commit_count,
+                        dst_offset=s.dst.base,
+                        dst_col=s.dst.col,
+                        impl=i.leaf,
+                    ),
+                ),
+            )
+            for s, b, i in zip(spaces, bufs, impls, strict=True)
+        )
