@@ -338,7 +338,7 @@ def one_gpu_rebalance(ceiling, *, layers=58, n=36, quick=False):
 
             def full(load, old, w, mode=mode, transfer=transfer):
                 prev = old if mode == "migration-aware" else None
-                new = rebalance_experts(load, n, 1, 1, 1, old_physical_to_logical=prev)[0]
+                new = rebalance_experts(load, n, 1, 1, 1, old_phy2log=prev)[0]
                 return new, transfer(old, new, w, "pallas")
 
             step = jax.jit(full, donate_argnums=2)
@@ -387,7 +387,7 @@ def policy_times():
     out.append(PolicyRow("deepseek-v3 58x256->288, 8 groups, 4 nodes, 32 GPUs", "refine", t * 1e3))
     old = f(load)[0]
     drift = load * jnp.asarray(rng.uniform(0.7, 1.3, load.shape).astype(np.float32))
-    g = jax.jit(lambda w, o: rebalance_experts(w, 288, 8, 4, 32, old_physical_to_logical=o))
+    g = jax.jit(lambda w, o: rebalance_experts(w, 288, 8, 4, 32, old_phy2log=o))
     try:
         t = median_s(lambda: g(drift, old), reps=20)
     except Exception as e:  # reported, so the rest of the run still lands
@@ -405,7 +405,7 @@ def policy_times():
     out.append(PolicyRow(local, "from scratch", median_s(lambda: f1(small), reps=20) * 1e3))
     old1 = f1(small)[0]
     drift1 = small * jnp.asarray(rng.uniform(0.7, 1.3, small.shape).astype(np.float32))
-    g1 = jax.jit(lambda w, o: rebalance_experts(w, 36, 1, 1, 1, old_physical_to_logical=o))
+    g1 = jax.jit(lambda w, o: rebalance_experts(w, 36, 1, 1, 1, old_phy2log=o))
     out.append(
         PolicyRow(local, "migration-aware", median_s(lambda: g1(drift1, old1), reps=20) * 1e3)
     )

@@ -164,7 +164,7 @@ def run(
 
     def policy_move(load, old, w):
         traces["policy"] += 1
-        new, _, _ = jeplb.rebalance_experts(load, PT, 4, 2, D, old_physical_to_logical=old)
+        new, _, _ = jeplb.rebalance_experts(load, PT, 4, 2, D, old_phy2log=old)
         w, report = jeplb.rearrange_expert_weights(old, new, w, mesh=mesh, return_report=True)
         return new, w, report
 
@@ -176,7 +176,7 @@ def run(
     logging.getLogger("jeplb").addHandler(handler)
     logging.getLogger("jeplb").propagate = False
 
-    policy_traces_before = sum(_policy.TRACE_COUNT.values())
+    policy_traces_before = _policy._rebalance_jit._cache_size()
     counts = {"random": 0, "policy": 0, "fault": 0}
     kinds: dict[str, int] = {}
     live_count, live_bytes, dev_mem = [], [], []
@@ -245,7 +245,7 @@ def run(
     logging.getLogger("jeplb").removeHandler(handler)
     logging.getLogger("jeplb").propagate = True
 
-    traces["policy_eager"] = sum(_policy.TRACE_COUNT.values()) - policy_traces_before
+    traces["policy_eager"] = _policy._rebalance_jit._cache_size() - policy_traces_before
     warm = min(10, len(live_count) - 1)
     cache = {
         "move": getattr(move_jit, "_cache_size", lambda: None)(),

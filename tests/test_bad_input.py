@@ -288,25 +288,25 @@ def test_rebalance_experts_bad_input(case, data):
     if case in ("nan", "inf", "negative"):
         load[lay, e] = {"nan": np.nan, "inf": np.inf, "negative": -3.0}[case]
         want = "expected loads >= 0" if case == "negative" else "expected finite loads"
-        error, match = ValueError, rf"weight\[{lay}, {e}\] = -?\w+(\.\d+)?: {want}"
+        error, match = ValueError, rf"load\[{lay}, {e}\] = -?\w+(\.\d+)?: {want}"
     elif case == "one_dim":
         args[0] = load[0]
-        error, match = ValueError, r"weight: expected a 2-D array \[L, E\]"
+        error, match = ValueError, r"load: expected a 2-D array \[L, E\]"
     elif case in ("bool", "complex"):
         args[0] = load > 3 if case == "bool" else load.astype(np.complex64)
-        error, match = TypeError, r"weight: expected a real \(integer or floating\) dtype"
+        error, match = TypeError, r"load: expected a real \(integer or floating\) dtype"
     elif case == "not_array":
         args[0] = [[1.0, 2.0]]
-        error, match = TypeError, r"weight: expected an array \[L, E\], got list"
+        error, match = TypeError, r"load: expected an array \[L, E\], got list"
     elif case == "empty":
         args[0] = np.zeros((0, E), np.float32)
-        error, match = ValueError, r"weight: expected at least one layer and one expert"
+        error, match = ValueError, r"load: expected at least one layer and one expert"
     elif case == "replicas":
         args[1], args[4] = E // 2, 2
-        error, match = ValueError, r"num_replicas: expected at least one slot per logical expert"
+        error, match = ValueError, r"num_slots: expected at least one slot per logical expert"
     elif case == "divisible":
         args[1] = PT + data.draw(st.integers(1, D - 1))
-        error, match = ValueError, r"num_replicas: expected a multiple of num_gpus = 8"
+        error, match = ValueError, r"num_slots: expected a multiple of num_devices = 8"
     elif case == "groups":
         args[2] = data.draw(st.sampled_from([3, 5, 7]))
         error, match = ValueError, r"num_groups: expected a divisor of the E = 8"
@@ -315,18 +315,18 @@ def test_rebalance_experts_bad_input(case, data):
         args[i] = data.draw(st.sampled_from([2.0, "2", None, True]))
         error, match = TypeError, r"num_\w+: expected a Python int"
     elif case == "old_shape":
-        kwargs["old_physical_to_logical"] = OLD[:, :N]
-        error, match = ValueError, r"old_physical_to_logical: expected shape \[L, P\]"
+        kwargs["old_phy2log"] = OLD[:, :N]
+        error, match = ValueError, r"old_phy2log: expected shape \[L, P\]"
     elif case == "old_ids":
         old = OLD.copy()
         old[lay, 2 * e] = E + data.draw(st.integers(0, 100))
-        kwargs["old_physical_to_logical"] = old
-        error, match = ValueError, r"old_physical_to_logical\[\d, \d+\] = \d+: expected an expert"
+        kwargs["old_phy2log"] = old
+        error, match = ValueError, r"old_phy2log\[\d, \d+\] = \d+: expected an expert"
     else:
         old = OLD.copy()
         old[lay] = np.where(old[lay] == e, (e + 1) % E, old[lay])
-        kwargs["old_physical_to_logical"] = old
-        error, match = ValueError, rf"old_physical_to_logical\[{lay}\]: .*expert {e} has none"
+        kwargs["old_phy2log"] = old
+        error, match = ValueError, rf"old_phy2log\[{lay}\]: .*expert {e} has none"
 
     def rebalance_experts():
         return jeplb.rebalance_experts(*args, **kwargs)
@@ -343,10 +343,10 @@ def test_metrics_bad_shapes(case):
     load = LOAD.copy()
     if case == "load_shape":
         fn = lambda: jeplb.balancedness(OLD, load[:1], D)  # noqa: E731
-        error, match = ValueError, r"logical_load: expected \[L, E\] with L = 2"
+        error, match = ValueError, r"load: expected \[L, E\] with L = 2"
     elif case == "gpus":
         fn = lambda: jeplb.device_loads(OLD, load, 5)  # noqa: E731
-        error, match = ValueError, r"num_gpus: expected a divisor of P = 16"
+        error, match = ValueError, r"num_devices: expected a divisor of P = 16"
     elif case == "map_dim":
         fn = lambda: jeplb.balancedness(OLD[0], load, D)  # noqa: E731
         error, match = ValueError, r"phy2log: expected a 2-D map \[L, P\]"
@@ -355,7 +355,10 @@ def test_metrics_bad_shapes(case):
         error, match = ValueError, r"new_phy2log: expected the shape of old_phy2log"
     else:
         fn = lambda: jeplb.remote_copies(OLD, OLD, 3)  # noqa: E731
-        error, match = ValueError, r"num_gpus: expected a divisor of P = 16, got 3"
+        error, match = (
+            ValueError,
+            r"num_devices: expected a divisor of P = 16 \(old_phy2log's slots\), got 3",
+        )
     fn.__qualname__ = "metrics"
     expect(fn, error, match, load)
 
@@ -374,7 +377,7 @@ def test_metrics_bad_values(case):
     try:
         jeplb.balancedness(phy2log, load, D)
     except (ValueError, TypeError) as err:
-        assert re.search(r"(logical_load|phy2log)", str(err)), err
+        assert re.search(r"(load|phy2log)", str(err)), err
         return
     raise AssertionError(f"balancedness accepted {case}")
 

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jeplb._src.metrics import balancedness, remote_copies
-from jeplb._src.policy import api as _policy
-from jeplb._src.policy.api import _preserve_slots, rebalance_experts
+from jeplb._src.metrics import balancedness, device_loads, remote_copies
+from jeplb._src.policy.api import _rebalance_jit, rebalance_experts
+from jeplb._src.policy.migration import preserve_slots
 from jeplb.tools.reference_policy import rebalance_experts_numpy
 
 README_W = [
@@ -33,18 +33,18 @@ CONFIGS = [(12, 16, 4, 2, 8), (16, 24, 8, 4, 8), (12, 16, 3, 2, 4)]
 L = 2  # layers of every property test, so that the compiled programs are shared
 
 
-def check_valid(weight, num_replicas, num_groups, num_nodes, num_gpus, out):
+def check_valid(load, num_slots, num_groups, num_nodes, num_devices, out):
     """Every structural property a placement must have."""
     phy2log, log2phy, logcnt = (np.asarray(x) for x in out)
-    num_layers, num_log = np.asarray(weight).shape
-    assert phy2log.shape == (num_layers, num_replicas)
+    num_layers, num_log = np.asarray(load).shape
+    assert phy2log.shape == (num_layers, num_slots)
     assert logcnt.shape == (num_layers, num_log)
-    assert log2phy.shape == (num_layers, num_log, num_replicas - num_log + 1)
+    assert log2phy.shape == (num_layers, num_log, num_slots - num_log + 1)
     assert phy2log.dtype == log2phy.dtype == logcnt.dtype == np.int32
-    # Every slot holds an expert (so every GPU holds exactly P / D of them).
+    # Every slot holds an expert (so every device holds exactly P / D of them).
     assert ((phy2log >= 0) & (phy2log < num_log)).all()
     assert (logcnt >= 1).all()
-    assert (logcnt.sum(1) == num_replicas).all()
+    assert (logcnt.sum(1) == num_slots).all()
     for layer in range(num_layers):
         assert (np.bincount(phy2log[layer], minlength=num_log) == logcnt[layer]).all()
         for e in range(num_log):
@@ -56,7 +56,7 @@ def check_valid(weight, num_replicas, num_groups, num_nodes, num_gpus, out):
     if num_groups % num_nodes == 0 and num_nodes > 1:
         # Hierarchical: each group on one node, the same number of groups on every node.
         group_size = num_log // num_groups
-        node = np.arange(num_replicas) // (num_replicas // num_nodes)
+        node = np.arange(num_slots) // (num_slots // num_nodes)
         for layer in range(num_layers):
             g_node = np.full(num_groups, -1)
             for p, e in enumerate(phy2log[layer]):
@@ -90,7 +90,7 @@ def test_readme_vector():
 
 
 @pytest.mark.parametrize(
-    "weight, args, fact",
+    "load, args, fact",
     [
         # vLLM test_eplb_algo, as facts: inputs and the properties it expects.
         ([[10, 20, 30, 40]], (4, 1, 1, 1), "all_experts_once"),
@@ -109,11 +109,11 @@ def test_readme_vector():
         ([[200, 150, 100, 50, 25, 12], [12, 25, 50, 100, 150, 200]], (10, 3, 1, 2), "heaviest_two"),
     ],
 )
-def test_vllm_cases(weight, args, fact):
-    out = rebalance_experts(jnp.array(weight), *args)
-    check_valid(weight, *args, out)
+def test_vllm_cases(load, args, fact):
+    out = rebalance_experts(jnp.array(load), *args)
+    check_valid(load, *args, out)
     phy2log, _, logcnt = (np.asarray(x) for x in out)
-    w = np.array(weight)
+    w = np.array(load)
     if fact == "all_experts_once":
         assert set(phy2log[0].tolist()) == set(range(w.shape[1]))
     if fact == "all_counts_one":
@@ -135,15 +135,17 @@ def test_groups_not_divisible_by_nodes_is_the_global_policy():
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_agrees_with_numpy_without_ties(config):
-    num_log, num_phy, groups, nodes, gpus = config
+    num_log, num_slots, groups, nodes, devices = config
     rng = np.random.default_rng(sum(config))
     w = rng.uniform(1.0, 1000.0, size=(L, num_log)).astype(np.float32)
-    ours = [np.asarray(x) for x in rebalance_experts(jnp.asarray(w), num_phy, groups, nodes, gpus)]
-    ref = rebalance_experts_numpy(w, num_phy, groups, nodes, gpus)
+    ours = [
+        np.asarray(x) for x in rebalance_experts(jnp.asarray(w), num_slots, groups, nodes, devices)
+    ]
+    ref = rebalance_experts_numpy(w, num_slots, groups, nodes, devices)
     assert (ours[2] == ref[2]).all()
-    slots = num_phy // gpus
+    slots = num_slots // devices
     for layer in range(L):
-        for g in range(gpus):
+        for g in range(devices):
             mine = sorted(ours[0][layer, g * slots : (g + 1) * slots].tolist())
             theirs = sorted(ref[0][layer, g * slots : (g + 1) * slots].tolist())
             assert mine == theirs
@@ -161,7 +163,7 @@ def test_agrees_with_numpy_without_ties(config):
     zeros=st.booleans(),
 )
 def test_valid_placement(config, seed, migrate, zeros):
-    num_log, num_phy, groups, nodes, gpus = config
+    num_log, num_slots, groups, nodes, devices = config
     rng = np.random.default_rng(seed)
     w = rng.integers(0, 1000, size=(L, num_log)).astype(np.float32)
     if zeros:
@@ -170,45 +172,50 @@ def test_valid_placement(config, seed, migrate, zeros):
     if migrate:
         # The placement of other loads, with some duplicate replicas emptied.
         w_old = rng.integers(0, 1000, size=(L, num_log)).astype(np.float32)
-        old = np.array(rebalance_experts(w_old, num_phy, groups, nodes, gpus)[0])
+        old = np.array(rebalance_experts(w_old, num_slots, groups, nodes, devices)[0])
         for layer in range(2):
-            for p in rng.permutation(num_phy):
+            for p in rng.permutation(num_slots):
                 if (old[layer] == old[layer, p]).sum() > 1 and rng.random() < 0.5:
                     old[layer, p] = -1
-    out = rebalance_experts(
-        jnp.asarray(w), num_phy, groups, nodes, gpus, old_physical_to_logical=old
-    )
-    check_valid(w, num_phy, groups, nodes, gpus, out)
+    out = rebalance_experts(jnp.asarray(w), num_slots, groups, nodes, devices, old_phy2log=old)
+    check_valid(w, num_slots, groups, nodes, devices, out)
     if migrate:
         # Within 1% of the from-scratch maximum on every layer; kept experts keep their slots.
-        scratch = rebalance_experts(jnp.asarray(w), num_phy, groups, nodes, gpus)[0]
-        top = np.asarray(balancedness(out[0], w, gpus).max)
-        assert (top <= np.asarray(balancedness(scratch, w, gpus).max) * 1.01 + 1e-3).all()
-        kept_slots_ok(old, np.asarray(out[0]), gpus)
+        scratch = rebalance_experts(jnp.asarray(w), num_slots, groups, nodes, devices)[0]
+        top = np.asarray(balancedness(out[0], w, devices).max)
+        assert (top <= np.asarray(balancedness(scratch, w, devices).max) * 1.01 + 1e-3).all()
+        kept_slots_ok(old, np.asarray(out[0]), devices)
 
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_zero_load_is_valid(config):
-    num_log, num_phy, groups, nodes, gpus = config
+    num_log, num_slots, groups, nodes, devices = config
     w = jnp.zeros((2, num_log), jnp.float32)
-    check_valid(w, num_phy, groups, nodes, gpus, rebalance_experts(w, num_phy, groups, nodes, gpus))
+    check_valid(
+        w,
+        num_slots,
+        groups,
+        nodes,
+        devices,
+        rebalance_experts(w, num_slots, groups, nodes, devices),
+    )
     old = np.array(rebalance_experts(w + jnp.arange(num_log, dtype=w.dtype), *config[1:])[0])
-    out = rebalance_experts(w, num_phy, groups, nodes, gpus, old_physical_to_logical=old)
-    check_valid(w, num_phy, groups, nodes, gpus, out)
+    out = rebalance_experts(w, num_slots, groups, nodes, devices, old_phy2log=old)
+    check_valid(w, num_slots, groups, nodes, devices, out)
     # Nothing to balance: at most the redundant replicas move.
-    assert int(remote_copies(old, out[0], gpus).sum()) <= 2 * (num_phy - num_log)
+    assert int(remote_copies(old, out[0], devices).sum()) <= 2 * (num_slots - num_log)
 
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_refine_never_worse_per_layer(config):
-    num_log, num_phy, groups, nodes, gpus = config
+    num_log, num_slots, groups, nodes, devices = config
     rng = np.random.default_rng(7)
     w = (rng.lognormal(0.0, 1.5, size=(L, num_log)) * 100).astype(np.float32)
-    plain = rebalance_experts(w, num_phy, groups, nodes, gpus)[0]
-    refined = rebalance_experts(w, num_phy, groups, nodes, gpus, refine=True)
-    check_valid(w, num_phy, groups, nodes, gpus, refined)
-    a = np.asarray(balancedness(plain, w, gpus).max)
-    b = np.asarray(balancedness(refined[0], w, gpus).max)
+    plain = rebalance_experts(w, num_slots, groups, nodes, devices)[0]
+    refined = rebalance_experts(w, num_slots, groups, nodes, devices, refine=True)
+    check_valid(w, num_slots, groups, nodes, devices, refined)
+    a = np.asarray(balancedness(plain, w, devices).max)
+    b = np.asarray(balancedness(refined[0], w, devices).max)
     assert (b <= a * (1 + 1e-6)).all()
     assert (np.asarray(refined[2]) == np.asarray(rebalance_experts(w, *config[1:])[2])).all()
 
@@ -225,52 +232,52 @@ MIGRATION_SHAPES = [
 @pytest.mark.parametrize("shape", MIGRATION_SHAPES)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_migration_target(shape, seed):
-    num_layers, num_log, num_phy, groups, nodes, gpus = shape
+    num_layers, num_log, num_slots, groups, nodes, devices = shape
     w0, w1 = drifted(seed, (num_layers, num_log))
-    old = rebalance_experts(w0, num_phy, groups, nodes, gpus)[0]
-    scratch = rebalance_experts(w1, num_phy, groups, nodes, gpus)[0]
-    out = rebalance_experts(w1, num_phy, groups, nodes, gpus, old_physical_to_logical=old)
-    check_valid(w1, num_phy, groups, nodes, gpus, out)
-    moved_scratch = int(remote_copies(old, scratch, gpus).sum())
-    moved = int(remote_copies(old, out[0], gpus).sum())
+    old = rebalance_experts(w0, num_slots, groups, nodes, devices)[0]
+    scratch = rebalance_experts(w1, num_slots, groups, nodes, devices)[0]
+    out = rebalance_experts(w1, num_slots, groups, nodes, devices, old_phy2log=old)
+    check_valid(w1, num_slots, groups, nodes, devices, out)
+    moved_scratch = int(remote_copies(old, scratch, devices).sum())
+    moved = int(remote_copies(old, out[0], devices).sum())
     assert moved <= 0.25 * moved_scratch, (moved, moved_scratch)
     # Per layer: max / mean within 1% of the from-scratch placement (the means are equal).
-    ratio = np.asarray(balancedness(out[0], w1, gpus).max / balancedness(scratch, w1, gpus).max)
+    ratio = np.asarray(
+        balancedness(out[0], w1, devices).max / balancedness(scratch, w1, devices).max
+    )
     assert (ratio <= 1.01 + 1e-6).all(), ratio.max()
 
 
 def test_migration_target_with_refine():
-    num_layers, num_log, num_phy, groups, nodes, gpus = MIGRATION_SHAPES[0]
+    num_layers, num_log, num_slots, groups, nodes, devices = MIGRATION_SHAPES[0]
     w0, w1 = drifted(5, (num_layers, num_log), drift=0.3)
-    old = rebalance_experts(w0, num_phy, groups, nodes, gpus, refine=True)[0]
-    scratch = rebalance_experts(w1, num_phy, groups, nodes, gpus, refine=True)[0]
-    full = rebalance_experts(
-        w1, num_phy, groups, nodes, gpus, old_physical_to_logical=old, refine=True
-    )
-    check_valid(w1, num_phy, groups, nodes, gpus, full)
+    old = rebalance_experts(w0, num_slots, groups, nodes, devices, refine=True)[0]
+    scratch = rebalance_experts(w1, num_slots, groups, nodes, devices, refine=True)[0]
+    full = rebalance_experts(w1, num_slots, groups, nodes, devices, old_phy2log=old, refine=True)
+    check_valid(w1, num_slots, groups, nodes, devices, full)
     out = full[0]
-    assert int(remote_copies(old, out, gpus).sum()) <= 0.25 * int(
-        remote_copies(old, scratch, gpus).sum()
+    assert int(remote_copies(old, out, devices).sum()) <= 0.25 * int(
+        remote_copies(old, scratch, devices).sum()
     )
-    ratio = np.asarray(balancedness(out, w1, gpus).max / balancedness(scratch, w1, gpus).max)
+    ratio = np.asarray(balancedness(out, w1, devices).max / balancedness(scratch, w1, devices).max)
     assert (ratio <= 1.01 + 1e-6).all()
 
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_same_load_moves_nothing(config):
-    num_log, num_phy, groups, nodes, gpus = config
+    num_log, num_slots, groups, nodes, devices = config
     w = np.random.default_rng(3).uniform(1, 100, size=(2, num_log)).astype(np.float32)
-    old = np.asarray(rebalance_experts(w, num_phy, groups, nodes, gpus)[0])
-    new = rebalance_experts(w, num_phy, groups, nodes, gpus, old_physical_to_logical=old)[0]
+    old = np.asarray(rebalance_experts(w, num_slots, groups, nodes, devices)[0])
+    new = rebalance_experts(w, num_slots, groups, nodes, devices, old_phy2log=old)[0]
     assert (np.asarray(new) == old).all()
 
 
-def kept_slots_ok(old, new, gpus):
-    """Per GPU: an expert held before and after keeps min(before, after) of its old slots."""
-    num_layers, num_phy = old.shape
-    slots = num_phy // gpus
+def kept_slots_ok(old, new, devices):
+    """Per device: an expert held before and after keeps min(before, after) of its old slots."""
+    num_layers, num_slots = old.shape
+    slots = num_slots // devices
     for layer in range(num_layers):
-        for g in range(gpus):
+        for g in range(devices):
             o = old[layer, g * slots : (g + 1) * slots]
             n = new[layer, g * slots : (g + 1) * slots]
             for e in set(o.tolist()) & set(n.tolist()):
@@ -282,47 +289,45 @@ def kept_slots_ok(old, new, gpus):
 
 @pytest.mark.parametrize("shape", MIGRATION_SHAPES)
 def test_migration_keeps_slot_indices(shape):
-    num_layers, num_log, num_phy, groups, nodes, gpus = shape
+    num_layers, num_log, num_slots, groups, nodes, devices = shape
     w0, w1 = drifted(11, (num_layers, num_log), drift=0.4)
-    old = np.asarray(rebalance_experts(w0, num_phy, groups, nodes, gpus)[0])
-    new = np.asarray(
-        rebalance_experts(w1, num_phy, groups, nodes, gpus, old_physical_to_logical=old)[0]
-    )
-    kept_slots_ok(old, new, gpus)
+    old = np.asarray(rebalance_experts(w0, num_slots, groups, nodes, devices)[0])
+    new = np.asarray(rebalance_experts(w1, num_slots, groups, nodes, devices, old_phy2log=old)[0])
+    kept_slots_ok(old, new, devices)
     # Most rows stay where they are, so few slots change at all.
     assert (new != old).mean() < 0.25
 
 
 def test_migration_with_empty_slots_and_duplicates():
-    num_log, num_phy, groups, nodes, gpus = 12, 16, 4, 2, 8
+    num_log, num_slots, groups, nodes, devices = 12, 16, 4, 2, 8
     w0, w1 = drifted(4, (2, num_log), drift=0.3)
-    old = np.array(rebalance_experts(w0, num_phy, groups, nodes, gpus)[0])
-    dup = [p for p in range(num_phy) if (old[0] == old[0, p]).sum() > 1]
+    old = np.array(rebalance_experts(w0, num_slots, groups, nodes, devices)[0])
+    dup = [p for p in range(num_slots) if (old[0] == old[0, p]).sum() > 1]
     old[0, dup[0]] = -1  # an empty slot
-    old[1, 0], old[1, 1] = old[1, 1], old[1, 1]  # a duplicate on one GPU
+    old[1, 0], old[1, 1] = old[1, 1], old[1, 1]  # a duplicate on one device
     if not set(range(num_log)) <= set(old[1].tolist()):
-        old[1] = np.array(rebalance_experts(w0, num_phy, groups, nodes, gpus)[0])[1]
-    out = rebalance_experts(w1, num_phy, groups, nodes, gpus, old_physical_to_logical=old)
-    check_valid(w1, num_phy, groups, nodes, gpus, out)
-    kept_slots_ok(old, np.asarray(out[0]), gpus)
+        old[1] = np.array(rebalance_experts(w0, num_slots, groups, nodes, devices)[0])[1]
+    out = rebalance_experts(w1, num_slots, groups, nodes, devices, old_phy2log=old)
+    check_valid(w1, num_slots, groups, nodes, devices, out)
+    kept_slots_ok(old, np.asarray(out[0]), devices)
 
 
 @pytest.mark.parametrize(
-    "gpus, slots, old, new",
+    "devices, slots, old, new",
     [
-        # vLLM's intra-GPU rearrangement cases (facts: a GPU's new set, old slots kept).
+        # vLLM's intra-GPU rearrangement cases (facts: a device's new set, old slots kept).
         (2, 4, [0, 1, 2, 3, 4, 5, 6, 7], [1, 5, 0, 4, 6, 2, 7, 3]),
         (2, 5, [0, 1, 0, 2, 3, 4, 5, 6, 1, 2], [0, 5, 4, 0, 1, 6, 2, 3, 2, 1]),
         (3, 4, [0, 1, 2, 3] * 3, [0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 0]),
     ],
 )
-def test_preserve_slots(gpus, slots, old, new):
-    o = jnp.array([old], jnp.int32).reshape(1, gpus, slots)
-    n = jnp.array([new], jnp.int32).reshape(1, gpus, slots)
-    post = np.asarray(_preserve_slots(n, o)).reshape(1, -1)
-    assert post.shape == (1, gpus * slots)
-    kept_slots_ok(np.array([old]), post, gpus)
-    for g in range(gpus):
+def test_preserve_slots(devices, slots, old, new):
+    o = jnp.array([old], jnp.int32).reshape(1, devices, slots)
+    n = jnp.array([new], jnp.int32).reshape(1, devices, slots)
+    post = np.asarray(preserve_slots(n, o)).reshape(1, -1)
+    assert post.shape == (1, devices * slots)
+    kept_slots_ok(np.array([old]), post, devices)
+    for g in range(devices):
         sl = slice(g * slots, (g + 1) * slots)
         assert sorted(post[0, sl].tolist()) == sorted(new[sl])
 
@@ -331,12 +336,12 @@ def test_preserve_slots(gpus, slots, old, new):
 
 
 def test_deterministic_repeated_and_traced_old():
-    num_log, num_phy, groups, nodes, gpus = CONFIGS[0]
+    num_log, num_slots, groups, nodes, devices = CONFIGS[0]
     w0, w1 = drifted(9, (L, num_log), drift=0.5)
-    old = rebalance_experts(w0, num_phy, groups, nodes, gpus)[0]
+    old = rebalance_experts(w0, num_slots, groups, nodes, devices)[0]
 
     def run(w, o):
-        return rebalance_experts(w, num_phy, groups, nodes, gpus, old_physical_to_logical=o)
+        return rebalance_experts(w, num_slots, groups, nodes, devices, old_phy2log=o)
 
     first = [np.asarray(x) for x in run(w1, old)]
     again = [np.asarray(x) for x in run(w1, old)]
@@ -359,15 +364,96 @@ def test_jit_equals_eager():
 
 
 def test_one_trace_per_shape():
-    num_log, num_phy, groups, nodes, gpus = CONFIGS[2]
+    num_log, num_slots, groups, nodes, devices = CONFIGS[2]
     rng = np.random.default_rng(0)
-    # A shape no other test uses, so this test sees its first trace.
-    key = ((3, num_log), num_phy, 1, 1, gpus, False, False)
-    before = _policy.TRACE_COUNT[key]
+    # A shape no other test uses, so this test sees its first compilation.
+    before = _rebalance_jit._cache_size()
     for _ in range(3):
-        w = jnp.asarray(rng.random((3, num_log)), jnp.float32)
-        rebalance_experts(w, num_phy, groups, nodes, gpus)
-    assert _policy.TRACE_COUNT[key] - before == 1
+        load = jnp.asarray(rng.random((3, num_log)), jnp.float32)
+        rebalance_experts(load, num_slots, groups, nodes, devices)
+    assert _rebalance_jit._cache_size() - before == 1
+
+
+def test_one_trace_inside_an_outer_jit():
+    traces = []
+
+    def policy(load):
+        traces.append(load.shape)  # runs once per trace, not per call
+        return rebalance_experts(load, 12, 2, 2, 4)
+
+    outer = jax.jit(policy)
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        outer(jnp.asarray(rng.random((1, 8)), jnp.float32))
+    assert traces == [(1, 8)]
+
+
+# ------------------------------------------------------------- loads past int32 and float32
+
+# (E, P, groups, nodes, D) of the wide-load tests: 4 redundant slots for one hot expert.
+WIDE = (8, 12, 1, 1, 4)
+# One expert at 3 units, the others at 1: the hot expert gets 4 replicas, the next one 2.
+UNITS = np.array([[3, 1, 1, 1, 1, 1, 1, 1], [1, 1, 2, 1, 1, 1, 1, 1]], np.float32)
+
+
+def maps(out):
+    return [np.asarray(x) for x in out]
+
+
+@pytest.fixture(scope="module")
+def units_placement():
+    out = maps(rebalance_experts(UNITS, *WIDE[1:]))
+    assert out[2][0].tolist() == [4, 2, 1, 1, 1, 1, 1, 1]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint32, np.uint64])
+def test_wide_integers_keep_proportions(dtype, units_placement):
+    # 3e9 and 1e9 are exact in float32 and keep the 3 : 1 ratio; an int32 would wrap 3e9.
+    load = (UNITS.astype(np.int64) * 10**9).astype(dtype)
+    for a, b in zip(maps(rebalance_experts(load, *WIDE[1:])), units_placement, strict=True):
+        assert (a == b).all()
+
+
+@pytest.mark.parametrize("scale", [2.0**130, 2.0**1000])
+def test_float64_past_float32_range_keeps_proportions(scale, units_placement):
+    # A power-of-two multiple of UNITS: the scaled placement must be the same, bit for bit.
+    out = maps(rebalance_experts(UNITS.astype(np.float64) * scale, *WIDE[1:]))
+    for a, b in zip(out, units_placement, strict=True):
+        assert (a == b).all()
+
+
+def test_float64_1e39_is_the_hot_expert():
+    load = np.ones((2, 8))
+    load[0, 0] = 1e39  # float32 would make it inf, then 0
+    _, _, logcnt = maps(rebalance_experts(load, *WIDE[1:]))
+    assert logcnt[0].tolist() == [5, 1, 1, 1, 1, 1, 1, 1]
+    # A layer is scaled on its own: the ordinary layer is placed as if alone.
+    alone = maps(rebalance_experts(load[1:], *WIDE[1:]))
+    assert (logcnt[1] == alone[2][0]).all()
+
+
+def test_float32_near_its_max_under_jit(units_placement):
+    # Traced loads are scaled inside the program; sums of 3 * 2**126 would overflow unscaled.
+    run = jax.jit(lambda w: rebalance_experts(w, *WIDE[1:]))
+    for a, b in zip(maps(run(jnp.asarray(UNITS * 2.0**126))), units_placement, strict=True):
+        assert (a == b).all()
+
+
+def test_wide_integers_migration_aware(units_placement):
+    load = UNITS.astype(np.int64) * 2**33  # past int32 and 2**24, the proportions exact
+    out = rebalance_experts(load, *WIDE[1:], old_phy2log=units_placement[0])
+    assert (np.asarray(out[0]) == units_placement[0]).all()  # same proportions: nothing moves
+
+
+def test_metrics_wide_loads():
+    phy2log = np.array([[0, 1, 0, 2]])
+    wide = device_loads(phy2log, np.array([[4, 1, 3]], np.int64) * 10**9, 2)
+    assert np.asarray(wide).tolist() == [[3e9, 5e9]]
+    with pytest.raises(ValueError, match=r"load\[0, 0\] = 1e\+39: expected loads within float32"):
+        balancedness(phy2log, np.array([[1e39, 1.0, 1.0]]), 2)
+    with pytest.raises(ValueError, match=r"phy2log\[0, 3\] = 4294967298: expected an expert id"):
+        device_loads(np.array([[0, 1, 0, 2**32 + 2]]), np.ones((1, 3)), 2)
 
 
 # -------------------------------------------------------------------------------- bad input
@@ -379,27 +465,27 @@ GOOD = np.ones((2, 8), np.float32)
     "args, kwargs, match",
     [
         ((np.ones((2, 12)), 16, 5, 1, 8), {}, r"num_groups: expected a divisor of the E = 12"),
-        ((GOOD, 9, 2, 2, 3), {}, r"num_gpus: expected a multiple of num_nodes = 2"),
-        ((GOOD, 14, 2, 2, 4), {}, r"num_replicas: expected a multiple of num_gpus = 4"),
-        ((GOOD, 4, 2, 2, 4), {}, r"num_replicas: expected at least one slot .*>= E = 8"),
-        ((-GOOD, 8, 2, 2, 4), {}, r"weight\[0, 0\] = -1.0: expected loads >= 0"),
-        ((GOOD * np.nan, 8, 2, 2, 4), {}, r"weight\[0, 0\] = nan: expected finite loads"),
+        ((GOOD, 9, 2, 2, 3), {}, r"num_devices: expected a multiple of num_nodes = 2"),
+        ((GOOD, 14, 2, 2, 4), {}, r"num_slots: expected a multiple of num_devices = 4"),
+        ((GOOD, 4, 2, 2, 4), {}, r"num_slots: expected at least one slot .*>= E = 8"),
+        ((-GOOD, 8, 2, 2, 4), {}, r"load\[0, 0\] = -1.0: expected loads >= 0"),
+        ((GOOD * np.nan, 8, 2, 2, 4), {}, r"load\[0, 0\] = nan: expected finite loads"),
         (
             (GOOD, 8, 2, 2, 4),
-            {"old_physical_to_logical": np.zeros((2, 9), np.int32)},
-            r"old_physical_to_logical: expected shape \[L, P\] = \(2, 8\)",
+            {"old_phy2log": np.zeros((2, 9), np.int32)},
+            r"old_phy2log: expected shape \[L, P\] = \(2, 8\)",
         ),
         (
             (GOOD, 8, 2, 2, 4),
-            {"old_physical_to_logical": np.zeros((2, 8), np.int32)},
-            r"old_physical_to_logical\[0\]: expected every expert .* expert 1 has none",
+            {"old_phy2log": np.zeros((2, 8), np.int32)},
+            r"old_phy2log\[0\]: expected every expert .* expert 1 has none",
         ),
         (
             (GOOD, 8, 2, 2, 4),
-            {"old_physical_to_logical": np.full((2, 8), 8, np.int32)},
-            r"old_physical_to_logical\[0, 0\] = 8: expected an expert id in \[0, E = 8\)",
+            {"old_phy2log": np.full((2, 8), 8, np.int32)},
+            r"old_phy2log\[0, 0\] = 8: expected an expert id in \[0, E = 8\)",
         ),
-        ((np.ones(8), 8, 2, 2, 4), {}, r"weight: expected a 2-D array \[L, E\]"),
+        ((np.ones(8), 8, 2, 2, 4), {}, r"load: expected a 2-D array \[L, E\]"),
     ],
 )
 def test_bad_input_value_errors(args, kwargs, match):
@@ -410,14 +496,14 @@ def test_bad_input_value_errors(args, kwargs, match):
 @pytest.mark.parametrize(
     "args, kwargs, match",
     [
-        ((GOOD, 8.0, 2, 2, 4), {}, r"num_replicas: expected a Python int, got float"),
-        ((GOOD, 8, 2, 2, True), {}, r"num_gpus: expected a Python int, got bool"),
-        (([[1.0] * 8], 8, 2, 2, 4), {}, r"weight: expected an array \[L, E\], got list"),
-        ((GOOD.astype(bool), 8, 2, 2, 4), {}, r"weight: expected a real .* dtype, got bool"),
+        ((GOOD, 8.0, 2, 2, 4), {}, r"num_slots: expected a Python int, got float"),
+        ((GOOD, 8, 2, 2, True), {}, r"num_devices: expected a Python int, got bool"),
+        (([[1.0] * 8], 8, 2, 2, 4), {}, r"load: expected an array \[L, E\], got list"),
+        ((GOOD.astype(bool), 8, 2, 2, 4), {}, r"load: expected a real .* dtype, got bool"),
         (
             (GOOD, 8, 2, 2, 4),
-            {"old_physical_to_logical": np.zeros((2, 8), np.float32)},
-            r"old_physical_to_logical: expected an integer dtype",
+            {"old_phy2log": np.zeros((2, 8), np.float32)},
+            r"old_phy2log: expected an integer dtype",
         ),
     ],
 )

@@ -1,13 +1,14 @@
 """Balance and migration metrics of a placement, in jnp (jit-able, any backend).
 
-Letters: L layers, E logical experts, P physical slots, D devices (GPUs), S = P // D slots per
+Letters: L layers, E logical experts, P physical slots, D devices, S = P // D slots per
 device; slot p lives on device p // S. A logical expert's load is split evenly over its replicas,
 as a router that spreads an expert's tokens over its replicas does (vLLM hashes the token index).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import numbers
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,8 @@ import numpy as np
 from jeplb._src import checks as _validate
 
 __all__ = ["Balance", "balancedness", "device_loads", "remote_copies"]
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class Balance(NamedTuple):
@@ -35,9 +38,15 @@ class Balance(NamedTuple):
     balancedness: jax.Array
 
 
-def _check_map(m: jax.Array, name: str, num_experts: int | None = None) -> None:
-    """Integer dtype; on concrete values, ids in [-1, E)."""
-    if not jnp.issubdtype(m.dtype, jnp.integer):
+def _as_array(x: Any) -> Any:
+    """``x`` itself when it is an array (numpy, jax, tracer), else ``np.asarray(x)``."""
+    return x if hasattr(x, "shape") and hasattr(x, "dtype") else np.asarray(x)
+
+
+def _check_map(m: Any, name: str, num_experts: int | None = None) -> None:
+    """Integer dtype; on concrete values, ids in [-1, E) (checked before any conversion, so no id
+    wraps into range)."""
+    if not np.issubdtype(np.dtype(m.dtype), np.integer):
         raise TypeError(f"{name}: expected an integer map (int32), got dtype {m.dtype}")
     if not _validate.is_concrete(m):
         return
@@ -46,47 +55,74 @@ def _check_map(m: jax.Array, name: str, num_experts: int | None = None) -> None:
     bad = np.argwhere((v < -1) | (v >= high))
     if bad.size:
         at = [int(i) for i in bad[0]]
-        want = f"[0, E = {num_experts})" if num_experts is not None else ">= 0"
+        want = f"[0, E = {num_experts})" if num_experts is not None else "[0, 2**31 - 1)"
         raise ValueError(f"{name}{at} = {v[tuple(at)]}: expected an expert id in {want} or -1")
 
 
-def _check_shapes(phy2log: jax.Array, logical_load: jax.Array, num_gpus: int) -> None:
+def _check_num_devices(num_devices: Any, num_slots: int, map_name: str) -> None:
+    if isinstance(num_devices, bool) or not isinstance(num_devices, numbers.Integral):
+        raise TypeError(
+            f"num_devices: expected a Python int, got {type(num_devices).__name__} {num_devices!r}"
+        )
+    if num_devices < 1 or num_slots % num_devices:
+        raise ValueError(
+            f"num_devices: expected a divisor of P = {num_slots} ({map_name}'s slots), got "
+            f"{num_devices}"
+        )
+
+
+def _check_load_values(load: Any) -> None:
+    """Concrete loads: finite, >= 0 and (floating ones) within float32's range."""
+    if not _validate.is_concrete(load):
+        return
+    v = np.asarray(load)
+    if np.issubdtype(v.dtype, np.floating):
+        bad = np.argwhere(~np.isfinite(v) | (v < 0))
+        big = np.argwhere(np.isfinite(v) & (v > _FLOAT32_MAX))
+    else:
+        bad, big = np.argwhere(v < 0), np.zeros((0, 2), int)
+    if bad.size:
+        at = [int(i) for i in bad[0]]
+        raise ValueError(f"load{at} = {v[tuple(at)]}: expected finite loads >= 0 (token counts)")
+    if big.size:
+        at = [int(i) for i in big[0]]
+        raise ValueError(
+            f"load{at} = {v[tuple(at)]}: expected loads within float32's range (<= "
+            f"{_FLOAT32_MAX:.8g}; the device loads are float32)"
+        )
+
+
+def _checked(phy2log: Any, load: Any, num_devices: Any) -> tuple[jax.Array, jax.Array]:
+    """Checks a map and its load; returns phy2log as jnp and the load as float32[L, E], converted
+    without wrapping (a concrete 64-bit load is rounded to float32 on the host)."""
+    phy2log, load = _as_array(phy2log), _as_array(load)
     if phy2log.ndim != 2:
         raise ValueError(f"phy2log: expected a 2-D map [L, P], got shape {tuple(phy2log.shape)}")
-    if not (
-        jnp.issubdtype(logical_load.dtype, jnp.integer)
-        or jnp.issubdtype(logical_load.dtype, jnp.floating)
-    ):
-        raise TypeError(f"logical_load: expected a real dtype, got {logical_load.dtype}")
-    if logical_load.ndim == 2:
-        _check_map(phy2log, "phy2log", logical_load.shape[1])
-    if logical_load.ndim == 2 and _validate.is_concrete(logical_load):
-        v = np.asarray(logical_load, np.float64)
-        bad = np.argwhere(~np.isfinite(v) | (v < 0))
-        if bad.size:
-            at = [int(i) for i in bad[0]]
-            raise ValueError(
-                f"logical_load{at} = {v[tuple(at)]}: expected finite loads >= 0 (token counts)"
-            )
-    if logical_load.ndim != 2 or logical_load.shape[0] != phy2log.shape[0]:
+    dtype = np.dtype(load.dtype)
+    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+        raise TypeError(f"load: expected a real dtype, got {load.dtype}")
+    if load.ndim == 2:
+        _check_map(phy2log, "phy2log", load.shape[1])
+        _check_load_values(load)
+    if load.ndim != 2 or load.shape[0] != phy2log.shape[0]:
         raise ValueError(
-            f"logical_load: expected [L, E] with L = {phy2log.shape[0]} (phy2log's layers), got "
-            f"shape {tuple(logical_load.shape)}"
+            f"load: expected [L, E] with L = {phy2log.shape[0]} (phy2log's layers), got "
+            f"shape {tuple(load.shape)}"
         )
-    if num_gpus < 1 or phy2log.shape[1] % num_gpus:
-        raise ValueError(
-            f"num_gpus: expected a divisor of P = {phy2log.shape[1]} (phy2log's slots), got "
-            f"{num_gpus}"
-        )
+    _check_num_devices(num_devices, phy2log.shape[1], "phy2log")
+    if _validate.is_concrete(load) and dtype.itemsize > 4:
+        load = np.asarray(load).astype(np.float32)  # before jnp would narrow it to 32 bits
+    return jnp.asarray(phy2log), jnp.asarray(load).astype(jnp.float32)
 
 
-def device_loads(phy2log: jax.Array, logical_load: jax.Array, num_gpus: int) -> jax.Array:
+def device_loads(phy2log: jax.Array, load: jax.Array, num_devices: int) -> jax.Array:
     """Load of every device: the sum over its slots of the slot's expert load / replica count.
 
     Args:
       phy2log: int [L, P] expert of each slot, -1 = empty (no load).
-      logical_load: [L, E] load of each logical expert (computed in float32).
-      num_gpus: D, a divisor of P.
+      load: [L, E] load of each logical expert, any real dtype, computed in float32 (integers are
+        rounded, never wrapped; floating loads past float32's range raise when concrete).
+      num_devices: D, a divisor of P.
 
     Returns:
       float32[L, D].
@@ -96,29 +132,25 @@ def device_loads(phy2log: jax.Array, logical_load: jax.Array, num_gpus: int) -> 
       >>> device_loads(jnp.array([[0, 1, 0, 2]]), jnp.array([[4.0, 1.0, 3.0]]), 2).tolist()
       [[3.0, 5.0]]
     """
-    phy2log = jnp.asarray(phy2log)
-    logical_load = jnp.asarray(logical_load)
-    _check_shapes(phy2log, logical_load, num_gpus)
-    num_layers, num_phy = phy2log.shape
-    num_log = logical_load.shape[1]
+    phy2log, load = _checked(phy2log, load, num_devices)
+    num_layers, num_slots = phy2log.shape
+    num_log = load.shape[1]
     valid = (phy2log >= 0) & (phy2log < num_log)
     ids = jnp.where(valid, phy2log, num_log)
     rows = jnp.arange(num_layers)[:, None]
     count = jnp.zeros((num_layers, num_log + 1), jnp.float32).at[rows, ids].add(1.0)
-    load = jnp.concatenate(
-        [logical_load.astype(jnp.float32), jnp.zeros((num_layers, 1), jnp.float32)], axis=1
-    )
+    load = jnp.concatenate([load, jnp.zeros((num_layers, 1), jnp.float32)], axis=1)
     per_slot = jnp.where(valid, load[rows, ids] / jnp.maximum(count[rows, ids], 1.0), 0.0)
-    return per_slot.reshape(num_layers, num_gpus, num_phy // num_gpus).sum(-1)
+    return per_slot.reshape(num_layers, num_devices, num_slots // num_devices).sum(-1)
 
 
-def balancedness(phy2log: jax.Array, logical_load: jax.Array, num_gpus: int) -> Balance:
+def balancedness(phy2log: jax.Array, load: jax.Array, num_devices: int) -> Balance:
     """Per-layer mean and max device load, and vLLM's aggregate balancedness.
 
     Args:
       phy2log: int [L, P] expert of each slot, -1 = empty.
-      logical_load: [L, E] load of each logical expert.
-      num_gpus: D, a divisor of P.
+      load: [L, E] load of each logical expert (as in `device_loads`).
+      num_devices: D, a divisor of P.
 
     Returns:
       A `Balance` (mean float32[L], max float32[L], per_layer float32[L], balancedness
@@ -130,7 +162,7 @@ def balancedness(phy2log: jax.Array, logical_load: jax.Array, num_gpus: int) -> 
       >>> round(float(b.balancedness), 6)
       0.8
     """
-    loads = device_loads(phy2log, logical_load, num_gpus)
+    loads = device_loads(phy2log, load, num_devices)
     mean = loads.mean(axis=1)
     top = loads.max(axis=1)
     total_max = top.sum()
@@ -139,7 +171,7 @@ def balancedness(phy2log: jax.Array, logical_load: jax.Array, num_gpus: int) -> 
     return Balance(mean=mean, max=top, per_layer=per_layer, balancedness=ratio)
 
 
-def remote_copies(old_phy2log: jax.Array, new_phy2log: jax.Array, num_gpus: int) -> jax.Array:
+def remote_copies(old_phy2log: jax.Array, new_phy2log: jax.Array, num_devices: int) -> jax.Array:
     """Remote expert copies a placement change costs: per layer, the slots whose new expert is not
     held by any slot of the same device in the old placement (those must cross the network; the
     other changed slots are local copies).
@@ -147,7 +179,7 @@ def remote_copies(old_phy2log: jax.Array, new_phy2log: jax.Array, num_gpus: int)
     Args:
       old_phy2log: int [L, P] current placement (-1 = empty).
       new_phy2log: int [L, P] next placement (-1 = empty, costs nothing).
-      num_gpus: D, a divisor of P.
+      num_devices: D, a divisor of P.
 
     Returns:
       int32[L].
@@ -157,20 +189,18 @@ def remote_copies(old_phy2log: jax.Array, new_phy2log: jax.Array, num_gpus: int)
       >>> remote_copies(jnp.array([[0, 1, 2, 3]]), jnp.array([[1, 0, 3, 0]]), 2).tolist()
       [1]
     """
-    old = jnp.asarray(old_phy2log)
-    new = jnp.asarray(new_phy2log)
-    if old.ndim != 2 or old.shape != new.shape:
+    old, new = _as_array(old_phy2log), _as_array(new_phy2log)
+    if old.ndim != 2 or tuple(old.shape) != tuple(new.shape):
         raise ValueError(
             f"new_phy2log: expected the shape of old_phy2log {tuple(old.shape)} ([L, P]), got "
             f"{tuple(new.shape)}"
         )
     _check_map(old, "old_phy2log")
     _check_map(new, "new_phy2log")
-    num_layers, num_phy = old.shape
-    if num_gpus < 1 or num_phy % num_gpus:
-        raise ValueError(f"num_gpus: expected a divisor of P = {num_phy}, got {num_gpus}")
-    slots = num_phy // num_gpus
-    o = old.reshape(num_layers, num_gpus, slots)
-    n = new.reshape(num_layers, num_gpus, slots)
+    num_layers, num_slots = old.shape
+    _check_num_devices(num_devices, num_slots, "old_phy2log")
+    slots = num_slots // num_devices
+    o = jnp.asarray(old).reshape(num_layers, num_devices, slots)
+    n = jnp.asarray(new).reshape(num_layers, num_devices, slots)
     held = (n[:, :, :, None] == o[:, :, None, :]).any(-1)
     return jnp.sum((n >= 0) & ~held, axis=(1, 2)).astype(jnp.int32)

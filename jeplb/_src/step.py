@@ -109,7 +109,7 @@ def _plan_placement(state: EplbState, total: jax.Array):
         state.num_groups,
         state.num_nodes,
         state.num_gpus,
-        old_physical_to_logical=state.phy2log,
+        old_phy2log=state.phy2log,
         refine=state.refine,
     )
     phy2log = jnp.asarray(phy2log, jnp.int32)

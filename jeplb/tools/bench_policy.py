@@ -37,7 +37,7 @@ __all__ = ["CASES", "Case", "main", "run_case"]
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """A benchmark shape: L layers, E experts, P slots, groups, nodes, D GPUs."""
+    """A benchmark shape: L layers, E experts, P slots, groups, nodes, D devices."""
 
     name: str
     layers: int
@@ -45,7 +45,7 @@ class Case:
     slots: int
     groups: int
     nodes: int
-    gpus: int
+    devices: int
 
     @property
     def policy(self) -> str:
@@ -53,7 +53,7 @@ class Case:
 
     @property
     def args(self) -> tuple[int, int, int, int]:
-        return self.slots, self.groups, self.nodes, self.gpus
+        return self.slots, self.groups, self.nodes, self.devices
 
 
 CASES = (
@@ -90,10 +90,10 @@ def _compile_s(case: Case, w: jax.Array, old: jax.Array | None, refine: bool) ->
     _rebalance_jit.lower(
         w,
         old,
-        num_replicas=case.slots,
+        num_slots=case.slots,
         num_groups=case.groups if case.groups % case.nodes == 0 else 1,
         num_nodes=case.nodes if case.groups % case.nodes == 0 else 1,
-        num_gpus=case.gpus,
+        num_devices=case.devices,
         refine=refine,
     ).compile()
     return time.perf_counter() - t
@@ -129,8 +129,8 @@ def run_case(case: Case, *, repeats: int, drifts: tuple[float, ...], seed: int =
     ref = rebalance_experts(w, *args)[0]
     refined = rebalance_experts(w, *args, refine=True)[0]
     refine_ms = _median_ms(lambda: rebalance_experts(w, *args, refine=True), repeats)
-    b_ref = balancedness(ref, w, case.gpus)
-    b_fin = balancedness(refined, w, case.gpus)
+    b_ref = balancedness(ref, w, case.devices)
+    b_fin = balancedness(refined, w, case.devices)
     worst = float(np.min(np.asarray(b_fin.per_layer) - np.asarray(b_ref.per_layer)))
 
     old = ref
@@ -140,15 +140,15 @@ def run_case(case: Case, *, repeats: int, drifts: tuple[float, ...], seed: int =
     for i, drift in enumerate(drifts):
         w1 = jnp.asarray(_drift(w_np, drift, seed + 1 + i))
         scratch = rebalance_experts(w1, *args)[0]
-        new = rebalance_experts(w1, *args, old_physical_to_logical=old)[0]
+        new = rebalance_experts(w1, *args, old_phy2log=old)[0]
         if i == 0:
             migrate_ms = _median_ms(
-                lambda w1=w1: rebalance_experts(w1, *args, old_physical_to_logical=old), repeats
+                lambda w1=w1: rebalance_experts(w1, *args, old_phy2log=old), repeats
             )
-        moved_scratch = int(remote_copies(old, scratch, case.gpus).sum())
-        moved = int(remote_copies(old, new, case.gpus).sum())
-        b_s = balancedness(scratch, w1, case.gpus)
-        b_n = balancedness(new, w1, case.gpus)
+        moved_scratch = int(remote_copies(old, scratch, case.devices).sum())
+        moved = int(remote_copies(old, new, case.devices).sum())
+        b_s = balancedness(scratch, w1, case.devices)
+        b_n = balancedness(new, w1, case.devices)
         ratio = np.asarray(b_n.max) / np.maximum(np.asarray(b_s.max), 1e-30)
         results.append(
             dict(
@@ -167,7 +167,7 @@ def run_case(case: Case, *, repeats: int, drifts: tuple[float, ...], seed: int =
     return Row(
         case=case.name,
         shape=f"{case.layers}x{case.experts}->{case.slots}, G{case.groups} N{case.nodes} "
-        f"D{case.gpus}",
+        f"D{case.devices}",
         policy=case.policy,
         compile_s=compile_s,
         jit_ms=jit_ms,

@@ -2,7 +2,7 @@
 
 It serves as the independent reference of the tests and as the baseline of the placement benchmark.
 It follows the steps of DeepSeek's hierarchical policy one loop at a time, with the tie rules that
-`jeplb._src.policy.api` documents, so the two must agree exactly on every input:
+`jeplb._src.policy.deepseek` documents, so the two must agree exactly on every input:
 
 * arithmetic in float32 (loads are cast first; a group's load is the float32 sum of its experts
   left to right; a replica's load is ``load / count`` in float32; a pack's load is the float32
@@ -12,7 +12,7 @@ It follows the steps of DeepSeek's hierarchical policy one loop at a time, with 
 * a redundant replica goes to the expert with the largest ``load / count``, equal values to the
   lowest index (node-local order in the hierarchical policy).
 
-Letters: L layers, E logical experts, P physical slots (``num_replicas``), D GPUs.
+Letters: L layers, E logical experts, P physical slots (``num_slots``), D devices.
 """
 
 from __future__ import annotations
@@ -72,15 +72,15 @@ def _replicate(weight: np.ndarray, num_phy: int) -> tuple[np.ndarray, np.ndarray
 
 
 def _hierarchical(
-    weight: np.ndarray, num_phy: int, num_groups: int, num_nodes: int, num_gpus: int
+    weight: np.ndarray, num_phy: int, num_groups: int, num_nodes: int, num_devices: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     num_layers, num_log = weight.shape
     group_size = num_log // num_groups
     groups_per_node = num_groups // num_nodes
     log_per_node = num_log // num_nodes
     phy_per_node = num_phy // num_nodes
-    gpus_per_node = num_gpus // num_nodes
-    slots_per_gpu = num_phy // num_gpus
+    devices_per_node = num_devices // num_nodes
+    slots_per_device = num_phy // num_devices
 
     # 1. groups onto nodes; node-local ("mlog") order: node, then rank in node, then expert in group
     grouped = weight.reshape(num_layers, num_groups, group_size)
@@ -101,12 +101,12 @@ def _hierarchical(
     node_weight = np.take_along_axis(weight, log_of_mlog, axis=1).reshape(-1, log_per_node)
     phy_mlog, phy_rank, mlog_count = _replicate(node_weight, phy_per_node)
 
-    # 3. each node's replicas onto its GPUs; the slot is the GPU's rank of arrival
+    # 3. each node's replicas onto its devices; the slot is the device's rank of arrival
     replica_load = np.take_along_axis(
         node_weight / mlog_count.astype(np.float32), phy_mlog, axis=1
     ).astype(np.float32)
-    gpu, gpu_rank = _pack(replica_load, gpus_per_node)
-    slot = gpu * slots_per_gpu + gpu_rank
+    device, device_rank = _pack(replica_load, devices_per_node)
+    slot = device * slots_per_device + device_rank
 
     phy2log = np.zeros((num_layers, num_phy), dtype=np.int64)
     rank = np.zeros((num_layers, num_phy), dtype=np.int64)
@@ -121,16 +121,16 @@ def _hierarchical(
 
 
 def rebalance_experts_numpy(
-    weight, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
+    load, num_slots: int, num_groups: int, num_nodes: int, num_devices: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """DeepSeek's EPLB placement in numpy (no argument checks beyond shapes dividing).
 
     Args:
-      weight: [L, E] load per logical expert.
-      num_replicas: P, physical slots per layer (a multiple of ``num_gpus``, at least E).
+      load: [L, E] load per logical expert.
+      num_slots: P, physical slots per layer (a multiple of ``num_devices``, at least E).
       num_groups: expert groups (E / num_groups consecutive experts each).
       num_nodes: nodes; the hierarchical policy is used when ``num_groups % num_nodes == 0``.
-      num_gpus: D, GPUs in total (a multiple of ``num_nodes``).
+      num_devices: D, devices in total (a multiple of ``num_nodes``).
 
     Returns:
       (phy2log int64[L, P], log2phy int64[L, E, P - E + 1] padded with -1, logcnt int64[L, E]).
@@ -140,15 +140,15 @@ def rebalance_experts_numpy(
       >>> rebalance_experts_numpy(w, 16, 4, 2, 8)[0].tolist()
       [[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1]]
     """
-    weight = np.asarray(weight, dtype=np.float32)
+    weight = np.asarray(load, dtype=np.float32)
     num_layers, num_log = weight.shape
     if num_groups % num_nodes == 0:
-        phy2log, rank, count = _hierarchical(weight, num_replicas, num_groups, num_nodes, num_gpus)
+        phy2log, rank, count = _hierarchical(weight, num_slots, num_groups, num_nodes, num_devices)
     else:
-        phy2log, rank, count = _hierarchical(weight, num_replicas, 1, 1, num_gpus)
-    width = num_replicas - num_log + 1
+        phy2log, rank, count = _hierarchical(weight, num_slots, 1, 1, num_devices)
+    width = num_slots - num_log + 1
     log2phy = np.full((num_layers, num_log, width), -1, dtype=np.int64)
     for layer in range(num_layers):
-        for p in range(num_replicas):
+        for p in range(num_slots):
             log2phy[layer, phy2log[layer, p], rank[layer, p]] = p
     return phy2log, log2phy, count

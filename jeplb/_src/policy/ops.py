@@ -1,0 +1,64 @@
+"""Row-wise array helpers shared by the policy modules.
+
+Every function works on rows (the leading axis: layers, or layer-and-node rows X) and is exact:
+sums are explicit left-to-right float32 chains, never a reduction whose order the backend picks.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = ["fold_sum", "inverse", "log2phy_of", "rows", "slot_ranks"]
+
+
+def rows(x: jax.Array) -> jax.Array:
+    """int32[X, 1] row indices of ``x`` [X, ...], for row-wise gathers and scatters."""
+    return jnp.arange(x.shape[0], dtype=jnp.int32)[:, None]
+
+
+def fold_sum(x: jax.Array) -> jax.Array:
+    """float32 sum over the last axis, strictly left to right (the same rounding on every backend,
+    where a reduction's order is the backend's choice)."""
+    acc = x[..., 0]
+    for k in range(1, x.shape[-1]):
+        acc = acc + x[..., k]
+    return acc
+
+
+def inverse(perm: jax.Array) -> jax.Array:
+    """Inverse of each row of a permutation ``[X, n]``."""
+    n = perm.shape[1]
+    iota = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), perm.shape)
+    return jnp.zeros_like(perm).at[rows(perm), perm].set(iota, unique_indices=True)
+
+
+def log2phy_of(phy2log: jax.Array, rank: jax.Array, num_log: int, width: int) -> jax.Array:
+    """log2phy[l, e, r] = the slot holding replica r of expert e; -1 past the expert's count.
+
+    Args:
+      phy2log: int32[L, P] expert of each slot.
+      rank: int32[L, P] replica rank of each slot.
+      num_log: E.
+      width: R_max, the last axis of the result.
+
+    Returns:
+      int32[L, E, R_max].
+    """
+    num_layers, num_slots = phy2log.shape
+    flat = jnp.full((num_layers, num_log * width), -1, jnp.int32)
+    iota = jnp.broadcast_to(jnp.arange(num_slots, dtype=jnp.int32), phy2log.shape)
+    flat = flat.at[rows(phy2log), phy2log * width + rank].set(iota, mode="drop")
+    return flat.reshape(num_layers, num_log, width)
+
+
+def slot_ranks(phy2log: jax.Array) -> jax.Array:
+    """rank[l, p] = how many slots before p hold the same expert (replica ranks in slot order)."""
+    num_layers, num_slots = phy2log.shape
+    iota = jnp.broadcast_to(jnp.arange(num_slots, dtype=jnp.int32), phy2log.shape)
+    key, pos = lax.sort((phy2log, iota), dimension=1, num_keys=2)
+    first = jnp.concatenate([jnp.ones((num_layers, 1), bool), key[:, 1:] != key[:, :-1]], axis=1)
+    start = lax.cummax(jnp.where(first, iota, 0), axis=1)
+    rank = iota - start
+    return jnp.zeros_like(phy2log).at[rows(pos), pos].set(rank, unique_indices=True)

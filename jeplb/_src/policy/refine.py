@@ -1,0 +1,152 @@
+"""Swap refinement: lowers each row's heaviest device by swapping two replicas between devices.
+
+Used by ``refine=True`` after the from-scratch packing and by the migration-aware mode after the
+sticky packing. A device's load is the float32 sum of its slots in slot order (an explicit chain,
+the same rounding on every backend).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jeplb._src.policy.ops import fold_sum
+
+__all__ = ["swap_refine"]
+
+# Swap refinement stops after this many swaps per row (each swap strictly lowers a row's maximum,
+# so it ends on its own long before on any real input; the cap bounds the worst case).
+_MAX_SWAPS_PER_DEVICE = 4
+
+
+class _Heaviest(NamedTuple):
+    """The heaviest device h of each row and the candidate swaps with it.
+
+    h: int32[X]; top: float32[X] its load; h_slots: int32[X, S] its slots;
+    pair: float32[X, S, P_x] the larger of the two new loads after swapping slot i of h with slot j;
+    ok: bool[X, S, P_x] whether that swap is allowed and lowers the pair below ``top``.
+    """
+
+    h: jax.Array
+    top: jax.Array
+    h_slots: jax.Array
+    pair: jax.Array
+    ok: jax.Array
+
+
+def _heaviest(load: jax.Array, slots: int) -> _Heaviest:
+    """Candidate swaps of each row's heaviest device (lowest index on ties) with any other slot."""
+    x_rows, p_x = load.shape
+    devices = p_x // slots
+    device_of_slot = jnp.arange(p_x, dtype=jnp.int32) // slots
+    device_load = fold_sum(load.reshape(x_rows, devices, slots))
+    h = jnp.argmax(device_load, axis=1).astype(jnp.int32)
+    top = device_load[jnp.arange(x_rows), h]
+    h_slots = h[:, None] * slots + jnp.arange(slots, dtype=jnp.int32)  # [X, S]
+    a = jnp.take_along_axis(load, h_slots, 1)  # [X, S]
+    delta = a[:, :, None] - load[:, None, :]  # [X, S, P_x]
+    g_load = device_load[:, device_of_slot]  # [X, P_x]
+    new_h = top[:, None, None] - delta
+    new_g = g_load[:, None, :] + delta
+    pair = jnp.maximum(new_h, new_g)
+    tol = 1e-6 * top[:, None, None]
+    ok = (
+        (device_of_slot[None, None, :] != h[:, None, None])
+        & (delta > 0)
+        & (pair < top[:, None, None] - tol)
+    )
+    return _Heaviest(h=h, top=top, h_slots=h_slots, pair=pair, ok=ok)
+
+
+def _held_change(expert: jax.Array, hv: _Heaviest, held: jax.Array, slots: int) -> jax.Array:
+    """Change in the number of replicas away from the devices that held them before, for every
+    candidate swap: int32[X, S, P_x].
+
+    Args:
+      expert: int32[X, P_x] expert of each slot (ids in [0, n)).
+      hv: the candidate swaps.
+      held: bool[X, D_x, n] whether each device held each expert before.
+      slots: S.
+    """
+    x_rows, p_x = expert.shape
+    n_held = held.shape[2]
+    held_t = jnp.swapaxes(held, 1, 2)  # [X, n, G]
+    held_flat = held.reshape(x_rows, (p_x // slots) * n_held)
+    device_of_slot = jnp.arange(p_x, dtype=jnp.int32) // slots
+    e_h = jnp.take_along_axis(expert, hv.h_slots, 1)  # [X, S]
+    held_h = jnp.take_along_axis(held, hv.h[:, None, None], 1)[:, 0]  # [X, n]
+    # Replica i of h moved to slot j's device; replica j moved to h; before: where they are.
+    i_to = jnp.take_along_axis(held_t, e_h[:, :, None], 1)  # [X, S, G]
+    after = jnp.repeat(~i_to, slots, axis=2).astype(jnp.int32)  # [X, S, P_x]
+    after = after + (~jnp.take_along_axis(held_h, expert, 1))[:, None, :]
+    before = (~jnp.take_along_axis(held_h, e_h, 1))[:, :, None].astype(jnp.int32)
+    here = jnp.take_along_axis(held_flat, device_of_slot * n_held + expert, 1)
+    before = before + (~here)[:, None, :]
+    return after - before
+
+
+def swap_refine(
+    slot_load: jax.Array,
+    payload: tuple[jax.Array, ...],
+    slots: int,
+    stop: jax.Array | None = None,
+    held: jax.Array | None = None,
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """Lowers each row's heaviest device by swapping two replicas between devices, while that helps.
+
+    Each swap takes the heaviest device h (lowest index on ties) and the pair (replica i of h,
+    replica j of another device g) that minimises ``max(load_h - a_i + a_j, load_g - a_j + a_i)``
+    among those that lower it below ``load_h`` (first such pair in (i, g, j) order on ties). The pair
+    maximum strictly falls and no other device changes, so a row's maximum never rises and the loop
+    ends; rows stop independently. Slot counts per device do not change.
+
+    Args:
+      slot_load: float32[X, P_x] replica loads, device-major (S slots per device).
+      payload: int32[X, P_x] arrays that travel with the replicas (expert ids, ranks).
+      slots: S.
+      stop: optional float32[X]; a row stops as soon as its heaviest device is at or under it.
+      held: optional bool[X, P_x // S, n]: whether each device held each expert before
+        (``payload[0]`` holds the expert ids in [0, n)). Then the pair is chosen by the change in
+        the number of replicas away from the devices that held them first (fewest), the pair
+        maximum second.
+
+    Returns:
+      The swapped (slot_load, payload).
+    """
+    x_rows, p_x = slot_load.shape
+    if p_x // slots == 1:
+        return slot_load, payload
+    max_iters = _MAX_SWAPS_PER_DEVICE * p_x
+    at = jnp.arange(x_rows)
+
+    def body(state):
+        it, active, load, pay = state
+        hv = _heaviest(load, slots)
+        pair = hv.pair
+        if held is not None:
+            change = _held_change(pay[0], hv, held, slots)
+            pair = pair + change.astype(jnp.float32) * (2.0 * hv.top[:, None, None])
+        score = jnp.where(hv.ok, pair, jnp.inf).reshape(x_rows, slots * p_x)
+        best = jnp.argmin(score, axis=1)
+        found = active & jnp.isfinite(score[at, best])
+        if stop is not None:
+            found = found & (hv.top > stop)
+        src = jnp.where(found, hv.h_slots[at, best // p_x], 0)
+        dst = jnp.where(found, (best % p_x).astype(jnp.int32), 0)
+
+        def swap(v):
+            vs, vd = v[at, src], v[at, dst]
+            return v.at[at, src].set(vd).at[at, dst].set(vs)
+
+        return it + 1, found, swap(load), tuple(swap(v) for v in pay)
+
+    def cond(state):
+        it, active, _, _ = state
+        return (it < max_iters) & jnp.any(active)
+
+    init = (jnp.int32(0), jnp.ones((x_rows,), bool), slot_load, payload)
+    _, _, load, pay = lax.while_loop(cond, body, init)
+    return load, pay
