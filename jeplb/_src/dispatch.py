@@ -20,6 +20,11 @@ Counting: ``counts[e]`` is the number of (token, k) pairs with ``topk_ids == e``
 ``valid`` set. Ids outside [0, E): when the ids are concrete a ValueError names the first one;
 under jit (traced ids) they map to physical id -1 and are not counted. Masked tokens (``valid``
 False) are mapped like any other token (so downstream indexing stays in range) but not counted.
+
+Layer index (`dispatch`): a concrete one outside [0, L) raises a ValueError naming ``layer``
+(negative indices are not wrapped); a traced one outside [0, L) maps every token to -1 and counts
+nothing. The counts are added through `EplbState.record`, so they never wrap: an int32 sum past
+2^31 - 1 raises eagerly and saturates at 2^31 - 1 under jit.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jeplb._src.state import EplbState
+from jeplb._src.state import EplbState, check_layer
 
 __all__ = ["dispatch", "dispatch_layer"]
 
@@ -150,6 +155,11 @@ def dispatch_layer(
             f"(slice it: state.log2phy[layer])"
         )
     num_experts, r_max = (int(s) for s in log2phy.shape)
+    if num_experts < 1 or r_max < 1:
+        raise ValueError(
+            f"log2phy: expected a map [E, R_max] with E >= 1 and R_max >= 1, got shape "
+            f"{tuple(log2phy.shape)}"
+        )
     if tuple(logcnt.shape) != (num_experts,):
         raise ValueError(
             f"logcnt: expected shape [E] = ({num_experts},) to match log2phy, got "
@@ -232,7 +242,9 @@ def dispatch(
 
     Args:
       state: the `EplbState` (its maps are read, its ``pass_load[layer]`` is added to).
-      layer: the MoE layer's index (int, or traced int32[] inside a scan).
+      layer: the MoE layer's index (int, or an integer scalar array; traced inside a scan). A
+        concrete index outside [0, L) is refused (negative ones are not wrapped); a traced one
+        outside [0, L) gives physical ids -1 and counts nothing.
       topk_ids: int[..., K] the router's logical expert ids (usually [T, K]).
       valid: optional bool[...]: tokens to count (padding excluded).
       token_index: optional int[...]: the index the replica hash uses (default: flat position).
@@ -241,11 +253,14 @@ def dispatch(
         ``lax.axis_index(state.axis_name)``, which needs the call to run inside `jax.shard_map`.
 
     Returns:
-      ``(physical_ids int32[..., K], state)`` with ``state.pass_load[layer]`` increased by the counts.
-      Inside `jax.shard_map` the counts are this device's; see `jeplb.eplb_step_local`.
+      ``(physical_ids int32[..., K], state)`` with ``state.pass_load[layer]`` increased by the counts
+      (through `EplbState.record`: an int32 sum that would pass 2^31 - 1 raises eagerly and
+      saturates under jit). Inside `jax.shard_map` the counts are this device's; see
+      `jeplb.eplb_step_local`.
 
     Raises:
-      ValueError, TypeError: as `dispatch_layer`, and a layer index out of range.
+      ValueError, TypeError: as `dispatch_layer`; a concrete layer index out of range or not an
+        integer scalar; a state with no layers.
 
     Example:
       >>> import jax.numpy as jnp
@@ -260,11 +275,7 @@ def dispatch(
             f"state: expected an EplbState (use dispatch_layer with map slices), got "
             f"{type(state).__name__}"
         )
-    is_int = isinstance(layer, int | np.integer) and not isinstance(layer, bool)
-    if is_int and not 0 <= layer < state.num_layers:
-        raise ValueError(
-            f"layer: expected an index in [0, num_layers = {state.num_layers}), got {layer}"
-        )
+    traced = check_layer(layer, state.num_layers)
     if prefer_local and device_index is None:
         try:
             device_index = lax.axis_index(state.axis_name)
@@ -273,9 +284,10 @@ def dispatch(
                 f"device_index: prefer_local needs the token's device; pass device_index= or "
                 f"call inside jax.shard_map over the {state.axis_name!r} axis"
             ) from err
+    read = jnp.clip(layer, 0, state.num_layers - 1) if traced else layer
     phys, counts = dispatch_layer(
-        state.log2phy[layer],
-        state.logcnt[layer],
+        state.log2phy[read],
+        state.logcnt[read],
         topk_ids,
         valid=valid,
         token_index=token_index,
@@ -284,4 +296,6 @@ def dispatch(
         slots_per_device=state.slots_per_device,
         num_devices=state.num_devices,
     )
-    return phys, state.replace(pass_load=state.pass_load.at[layer].add(counts))
+    if traced:  # an index outside [0, L): no slot, nothing counted (record drops it)
+        phys = jnp.where((layer >= 0) & (layer < state.num_layers), phys, -1)
+    return phys, state.record(counts, layer=layer)
