@@ -99,6 +99,72 @@ def _local_tables(log2phy: jax.Array, logcnt: jax.Array, num_devices: int, n_loc
     return table, count
 
 
+def _check_layer_args(
+    log2phy, logcnt, topk_ids, valid, token_index, prefer_local, device_index,
+    slots_per_device, num_devices,
+):  # fmt: skip
+    """`dispatch_layer`'s argument checks (shapes, sizes, the prefer_local set); returns
+    ``token_index`` as an integer array (or None)."""
+    if log2phy.ndim != 2:
+        raise ValueError(
+            f"log2phy: expected one layer's map [E, R_max], got shape {tuple(log2phy.shape)} "
+            f"(slice it: state.log2phy[layer])"
+        )
+    num_experts, r_max = (int(n) for n in log2phy.shape)
+    if num_experts < 1 or r_max < 1:
+        raise ValueError(
+            f"log2phy: expected a map [E, R_max] with E >= 1 and R_max >= 1, got shape "
+            f"{tuple(log2phy.shape)}"
+        )
+    if tuple(logcnt.shape) != (num_experts,):
+        raise ValueError(
+            f"logcnt: expected shape [E] = ({num_experts},) to match log2phy, got "
+            f"{tuple(logcnt.shape)}"
+        )
+    if topk_ids.ndim < 1:
+        raise ValueError("topk_ids: expected shape [..., K] (e.g. [T, K]), got a scalar")
+    batch = tuple(topk_ids.shape[:-1])
+    if valid is not None and (not hasattr(valid, "shape") or tuple(valid.shape) != batch):
+        raise ValueError(
+            f"valid: expected a bool mask of the tokens' shape {batch} (topk_ids without its "
+            f"K axis), got {getattr(valid, 'shape', type(valid).__name__)}"
+        )
+    if token_index is not None:
+        token_index = _as_int_array(token_index, "token_index")
+        if tuple(token_index.shape) != batch:
+            raise ValueError(
+                f"token_index: expected shape {batch} (topk_ids without its K axis), got "
+                f"{tuple(token_index.shape)}"
+            )
+    if prefer_local:
+        if device_index is None or slots_per_device is None or num_devices is None:
+            raise ValueError(
+                "prefer_local: needs device_index (the token's device on the expert-parallel "
+                "axis), slots_per_device (N_local) and num_devices (D); `jeplb.dispatch` fills "
+                "them from the state"
+            )
+        for name, v in (("slots_per_device", slots_per_device), ("num_devices", num_devices)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    return token_index
+
+
+def _local_choice(log2phy, logcnt, safe, h, device_index, num_devices, slots_per_device):
+    """With prefer_local: each (token, k)'s replica on its own device (hash-spread when there are
+    several), and whether there is one."""
+    d = num_devices
+    batch = safe.shape[:-1]
+    table, nloc = _local_tables(log2phy, logcnt, d, slots_per_device)
+    width = table.shape[-1]
+    dev = jnp.broadcast_to(jnp.asarray(device_index, jnp.int32), batch)[..., None]
+    dev_ok = (dev >= 0) & (dev < d)
+    dev = jnp.clip(dev, 0, d - 1)
+    here = nloc.reshape(-1)[safe * d + dev]
+    pick = (h % jnp.maximum(here, 1).astype(jnp.uint32)).astype(jnp.int32)
+    local = table.reshape(-1)[(safe * d + dev) * width + pick]
+    return local, (here > 0) & dev_ok
+
+
 def dispatch_layer(
     log2phy: jax.Array,
     logcnt: jax.Array,
@@ -149,48 +215,12 @@ def dispatch_layer(
     log2phy = _as_int_array(log2phy, "log2phy")
     logcnt = _as_int_array(logcnt, "logcnt")
     topk_ids = _as_int_array(topk_ids, "topk_ids")
-    if log2phy.ndim != 2:
-        raise ValueError(
-            f"log2phy: expected one layer's map [E, R_max], got shape {tuple(log2phy.shape)} "
-            f"(slice it: state.log2phy[layer])"
-        )
-    num_experts, r_max = (int(s) for s in log2phy.shape)
-    if num_experts < 1 or r_max < 1:
-        raise ValueError(
-            f"log2phy: expected a map [E, R_max] with E >= 1 and R_max >= 1, got shape "
-            f"{tuple(log2phy.shape)}"
-        )
-    if tuple(logcnt.shape) != (num_experts,):
-        raise ValueError(
-            f"logcnt: expected shape [E] = ({num_experts},) to match log2phy, got "
-            f"{tuple(logcnt.shape)}"
-        )
-    if topk_ids.ndim < 1:
-        raise ValueError("topk_ids: expected shape [..., K] (e.g. [T, K]), got a scalar")
-    batch = tuple(topk_ids.shape[:-1])
-    k = int(topk_ids.shape[-1])
-    if valid is not None and (not hasattr(valid, "shape") or tuple(valid.shape) != batch):
-        raise ValueError(
-            f"valid: expected a bool mask of the tokens' shape {batch} (topk_ids without its "
-            f"K axis), got {getattr(valid, 'shape', type(valid).__name__)}"
-        )
-    if token_index is not None:
-        token_index = _as_int_array(token_index, "token_index")
-        if tuple(token_index.shape) != batch:
-            raise ValueError(
-                f"token_index: expected shape {batch} (topk_ids without its K axis), got "
-                f"{tuple(token_index.shape)}"
-            )
-    if prefer_local:
-        if device_index is None or slots_per_device is None or num_devices is None:
-            raise ValueError(
-                "prefer_local: needs device_index (the token's device on the expert-parallel "
-                "axis), slots_per_device (N_local) and num_devices (D); `jeplb.dispatch` fills "
-                "them from the state"
-            )
-        for name, v in (("slots_per_device", slots_per_device), ("num_devices", num_devices)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    token_index = _check_layer_args(
+        log2phy, logcnt, topk_ids, valid, token_index, prefer_local, device_index,
+        slots_per_device, num_devices,
+    )  # fmt: skip
+    num_experts, r_max = (int(n) for n in log2phy.shape)
+    batch, k = tuple(topk_ids.shape[:-1]), int(topk_ids.shape[-1])
     _check_ids(topk_ids, valid, num_experts)
 
     with jax.named_scope("eplb_dispatch"):
@@ -208,16 +238,10 @@ def dispatch_layer(
         replica = (h % cnt).astype(jnp.int32)
         phys = log2phy.reshape(-1)[safe * r_max + replica]
         if prefer_local:
-            d = num_devices
-            table, nloc = _local_tables(log2phy, logcnt, d, slots_per_device)
-            width = table.shape[-1]
-            dev = jnp.broadcast_to(jnp.asarray(device_index, jnp.int32), batch)[..., None]
-            dev_ok = (dev >= 0) & (dev < d)
-            dev = jnp.clip(dev, 0, d - 1)
-            here = nloc.reshape(-1)[safe * d + dev]
-            pick = (h % jnp.maximum(here, 1).astype(jnp.uint32)).astype(jnp.int32)
-            local = table.reshape(-1)[(safe * d + dev) * width + pick]
-            phys = jnp.where((here > 0) & dev_ok, local, phys)
+            local, has_local = _local_choice(
+                log2phy, logcnt, safe, h, device_index, num_devices, slots_per_device
+            )
+            phys = jnp.where(has_local, local, phys)
         phys = jnp.where(in_range, phys, -1)
         counted = in_range if valid is None else in_range & jnp.asarray(valid, bool)[..., None]
         counts = (

@@ -187,6 +187,35 @@ def check_layer(layer: Any, num_layers: int) -> bool:
     return False
 
 
+def _check_phy2log(phy2log: Any, num_experts: int) -> tuple[Any, int, int]:
+    """A placement argument's type and shape: returns ``(phy2log, L, P)``."""
+    if isinstance(phy2log, list | tuple):
+        phy2log = np.asarray(phy2log)
+    if not hasattr(phy2log, "shape") or not hasattr(phy2log, "dtype"):
+        raise TypeError(f"phy2log: expected an int array [L, P], got {type(phy2log).__name__}")
+    if not np.issubdtype(np.dtype(phy2log.dtype), np.integer):
+        raise TypeError(f"phy2log: expected an integer dtype (int32), got {phy2log.dtype}")
+    if phy2log.ndim != 2:
+        raise ValueError(f"phy2log: expected a 2-D map [L, P], got shape {tuple(phy2log.shape)}")
+    num_layers, p_total = (int(s) for s in phy2log.shape)
+    if num_layers < 1:
+        raise ValueError("phy2log: expected at least one layer (L >= 1), got L = 0")
+    if p_total < num_experts:
+        raise ValueError(
+            f"phy2log: expected P >= num_experts = {num_experts} slots per layer, got P = {p_total}"
+        )
+    return phy2log, num_layers, p_total
+
+
+def _plain(value: Any) -> Any:
+    """A checked configuration value as a plain Python value (numpy ints and bools unwrapped)."""
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
 def _first_bad(name: str, a: np.ndarray, bad: np.ndarray) -> str:
     where = tuple(int(i) for i in np.argwhere(bad)[0])
     return f"{name}{list(where)} = {int(a[where])}"
@@ -485,27 +514,8 @@ class EplbState:
         """
         check_int("num_experts", num_experts, minimum=1)
         check_int("num_devices", num_devices, minimum=1)
-        if isinstance(phy2log, list | tuple):
-            phy2log = np.asarray(phy2log)
-        if not hasattr(phy2log, "shape") or not hasattr(phy2log, "dtype"):
-            raise TypeError(f"phy2log: expected an int array [L, P], got {type(phy2log).__name__}")
-        if not np.issubdtype(np.dtype(phy2log.dtype), np.integer):
-            raise TypeError(f"phy2log: expected an integer dtype (int32), got {phy2log.dtype}")
-        if phy2log.ndim != 2:
-            raise ValueError(
-                f"phy2log: expected a 2-D map [L, P], got shape {tuple(phy2log.shape)}"
-            )
-        num_layers, p_total = (int(s) for s in phy2log.shape)
-        if num_layers < 1:
-            raise ValueError("phy2log: expected at least one layer (L >= 1), got L = 0")
-        if p_total < num_experts:
-            raise ValueError(
-                f"phy2log: expected P >= num_experts = {num_experts} slots per layer, got P = "
-                f"{p_total}"
-            )
-        check_config(
-            num_layers=num_layers,
-            num_experts=num_experts,
+        phy2log, num_layers, p_total = _check_phy2log(phy2log, num_experts)
+        config = dict(
             num_devices=num_devices,
             num_redundant_experts=p_total - num_experts,
             window_size=window_size,
@@ -518,11 +528,11 @@ class EplbState:
             chunk_rows=chunk_rows,
             log_interval=log_interval,
         )
+        check_config(num_layers=num_layers, num_experts=num_experts, **config)
         if not _is_tracer(phy2log):
             check_placement(np.asarray(phy2log), num_experts, "phy2log")
         phy2log = jnp.asarray(phy2log, jnp.int32)
-        max_replicas = p_total - num_experts + 1
-        log2phy, logcnt = maps_from_phy2log(phy2log, num_experts, max_replicas)
+        log2phy, logcnt = maps_from_phy2log(phy2log, num_experts, p_total - num_experts + 1)
         return cls(
             phy2log=phy2log,
             log2phy=log2phy,
@@ -536,17 +546,7 @@ class EplbState:
             pending_log2phy=jnp.array(log2phy, copy=True),
             pending_logcnt=jnp.array(logcnt, copy=True),
             cursor=jnp.full((), num_layers, jnp.int32),
-            num_devices=int(num_devices),
-            window_size=int(window_size),
-            step_interval=int(step_interval),
-            num_redundant_experts=p_total - num_experts,
-            layers_per_step=None if layers_per_step is None else int(layers_per_step),
-            num_groups=int(num_groups),
-            num_nodes=int(num_nodes),
-            refine=bool(refine),
-            axis_name=axis_name,
-            chunk_rows=int(chunk_rows),
-            log_interval=int(log_interval),
+            **{k: _plain(v) for k, v in config.items()},
         )
 
     def replicated(self, mesh: jax.sharding.Mesh) -> EplbState:
