@@ -58,6 +58,11 @@ def _is_tracer(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
+def _readable(x: Any) -> bool:
+    """Whether this process can read ``x``'s values (not traced, every shard addressable)."""
+    return not _is_tracer(x) and getattr(x, "is_fully_addressable", True)
+
+
 # ---------------------------------------------------------------------------------- checks
 
 
@@ -241,7 +246,7 @@ def as_counts(load: Any, shape: tuple[int, ...], letters: str, name: str = "load
             f"{name}: expected shape {letters} = {shape}, got {tuple(load.shape)}{hint}"
         )
     info = jnp.iinfo(load.dtype)
-    if _is_tracer(load):
+    if not _readable(load):
         if info.min < 0:
             load = jnp.maximum(load, 0)
         if info.max > INT32_MAX:
@@ -631,7 +636,7 @@ class EplbState:
                         f"partial counts inside jax.shard_map over those axes: call record there, "
                         f"or leave load_axes empty at global view"
                     ) from err
-            elif not (_is_tracer(load) or _is_tracer(self.pass_load) or _is_tracer(layer)):
+            elif _readable(load) and _readable(self.pass_load) and not _is_tracer(layer):
                 _check_sum(self.pass_load, load, layer)
             if not one:
                 return self.replace(pass_load=saturating_add(self.pass_load, load))
