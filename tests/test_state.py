@@ -10,7 +10,8 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jeplb._src.dispatch import dispatch, dispatch_layer
-from jeplb._src.state import EplbState, maps_from_phy2log
+from jeplb._src.maps import maps_from_phy2log
+from jeplb._src.state import EplbState
 
 L, E, R, D = 3, 8, 8, 8  # P = 16 slots, N_local = 2
 
@@ -68,7 +69,7 @@ def test_create_initial_placement(state):
     assert int(state.cursor) == L and not bool(state.in_progress)
     np.testing.assert_array_equal(state.pending_phy2log, state.phy2log)
     assert (state.num_slots, state.slots_per_device, state.max_replicas) == (16, 2, 9)
-    assert state.num_gpus == D and state.effective_layers_per_step == L
+    assert not hasattr(state, "num_gpus") and state.effective_layers_per_step == L
 
 
 def test_state_is_a_pytree_with_static_config(state):
@@ -99,8 +100,11 @@ def test_state_is_a_pytree_with_static_config(state):
         (dict(num_layers=2.0), TypeError, r"num_layers: expected an int, got float 2.0"),
         (dict(num_experts=0), ValueError, r"num_experts: expected an int >= 1, got 0"),
         (dict(num_groups=3), ValueError, r"num_groups: expected a divisor of num_experts = 8"),
-        (dict(num_gpus=3), ValueError, r"num_gpus: P = 16 slots is not divisible by num_gpus = 3"),
-        (dict(axis_name=1), TypeError, r"axis_name: expected a mesh axis name \(str\), got 1"),
+        (dict(num_gpus=8), TypeError, r"unexpected keyword argument 'num_gpus'"),
+        (dict(axis_name=1), TypeError, r"axis_name: expected a mesh axis name \(str\) or a tuple"),
+        (dict(axis_name=["ep"]), TypeError, r"axis_name: expected a mesh axis name \(str\) or a tuple .* list \['ep'\]"),
+        (dict(axis_name=("ep", "ep")), TypeError, r"axis_name: expected .* distinct"),
+        (dict(refine=1), TypeError, r"refine: expected a bool, got int 1"),
         (dict(chunk_rows=0), ValueError, r"chunk_rows: expected an int >= 1, got 0"),
     ],
 )  # fmt: skip
@@ -291,9 +295,9 @@ def test_dispatch_layer_in_a_scan_then_record(placed):
         want, looped = dispatch(looped, lay, jnp.asarray(ids[lay]))
         np.testing.assert_array_equal(phys[lay], want)
     np.testing.assert_array_equal(s.pass_load, looped.pass_load)
-    with pytest.raises(ValueError, match=r"counts: expected shape \[L, E\] = \(3, 8\), got \(8,\)"):
+    with pytest.raises(ValueError, match=r"load: expected shape \[L, E\] = \(3, 8\), got \(8,\)"):
         placed.record(jnp.zeros((E,), jnp.int32))
-    with pytest.raises(TypeError, match=r"counts: expected integer token counts"):
+    with pytest.raises(TypeError, match=r"load: expected integer token counts"):
         placed.record(jnp.zeros((L, E)))
 
 
@@ -369,3 +373,343 @@ def test_load_says_what_does_not_match(busy, tmp_path):
         ValueError, match=r"window: expected shape \[W, L, E\] = \(2, 3, 8\) .*found \(1, 3, 8\)"
     ):
         EplbState.load(jpath)
+
+
+def test_maps_and_checkpoint_fields_agree_with_the_state():
+    from jeplb._src import checkpoint
+    from jeplb._src.state import array_fields, static_fields
+
+    assert tuple(checkpoint.SHAPES) == array_fields()
+    assert "num_gpus" not in static_fields()
+    with pytest.raises(ValueError, match=r"phy2log: expected a map \[L, P\] with L >= 1"):
+        maps_from_phy2log(jnp.zeros((0, 4), jnp.int32), 2, 3)
+    with pytest.raises(ValueError, match=r"num_experts: expected an int >= 1, got 0"):
+        maps_from_phy2log(jnp.zeros((1, 4), jnp.int32), 0, 3)
+
+
+# ------------------------------------------------------------------------- counts never wrap
+
+BIG = 2**31 - 1
+
+
+def test_record_refuses_counts_that_do_not_fit_int32(placed):
+    row = np.zeros(E, np.uint32)
+    row[3] = 2**31 + 10
+    with pytest.raises(
+        ValueError, match=r"load\[3\] = 2147483658: expected token counts below 2\^31"
+    ):
+        placed.record(row, layer=0)
+    full = np.zeros((L, E), np.int64)
+    full[1, 2] = 2**33
+    with pytest.raises(ValueError, match=r"load\[1, 2\] = 8589934592: expected token counts below"):
+        placed.record(full)
+    with pytest.raises(ValueError, match=r"load\[1, 2\] = -1: expected token counts >= 0"):
+        placed.record(-(full > 0).astype(np.int32))
+    # A sum past 2^31 - 1 (a long window of busy steps) is refused, not wrapped to -2^31.
+    busy_pass = placed.replace(pass_load=placed.pass_load.at[2, 5].set(BIG))
+    one = np.zeros(E, np.int32)
+    one[5] = 1
+    with pytest.raises(
+        ValueError,
+        match=r"load\[5\] = 1: adding it to state.pass_load\[2, 5\] = 2147483647 gives 2147483648",
+    ):
+        busy_pass.record(one, layer=2)
+    with pytest.raises(ValueError, match=r"state.pass_load\[2, 5\] = 2147483647"):
+        busy_pass.record(np.stack([one] * L))
+    # Exactly at the limit is fine.
+    s = placed.replace(pass_load=placed.pass_load.at[2, 5].set(BIG - 1)).record(one, layer=2)
+    assert int(s.pass_load[2, 5]) == BIG
+
+
+@pytest.fixture(scope="module")
+def jit_record():
+    return jax.jit(lambda s, c, lay: s.record(c, layer=lay))
+
+
+def test_record_saturates_under_jit(placed, jit_record):
+    big = np.zeros(E, np.uint32)
+    big[3] = 2**31 + 10
+    s = jit_record(placed, jnp.asarray(big), 0)
+    assert int(s.pass_load[0, 3]) == BIG and int(s.pass_load.sum()) == BIG
+    ones = np.ones(E, np.uint32)
+    s = jit_record(s, jnp.asarray(ones), 0)
+    assert int(s.pass_load[0, 3]) == BIG and int(s.pass_load[0, 4]) == 1  # saturated, not wrapped
+    with jax.enable_x64(True):
+        wide = np.zeros((L, E), np.int64)
+        wide[1, 1], wide[1, 2] = 2**33, -7
+        s = jax.jit(lambda s, c: s.record(c))(placed, jnp.asarray(wide))
+        assert int(s.pass_load[1, 1]) == BIG and int(s.pass_load[1, 2]) == 0
+
+
+def test_dispatch_refuses_or_saturates_an_overflowing_sum(placed):
+    full = placed.replace(pass_load=placed.pass_load.at[1, 4].set(BIG))
+    ids = jnp.full((3, 1), 4, jnp.int32)
+    with pytest.raises(ValueError, match=r"state.pass_load\[1, 4\] = 2147483647 gives 2147483650"):
+        dispatch(full, 1, ids)
+    _, s = jax.jit(lambda s, i: dispatch(s, 1, i))(full, ids)
+    assert int(s.pass_load[1, 4]) == BIG
+
+
+@pytest.mark.devices(8)
+def test_record_load_axes_sums_without_wrapping(placed):
+    mesh = mesh8()
+    rng = np.random.default_rng(7)
+    part = rng.integers(0, 2**27, (D, E)).astype(np.int32)  # per device; sum < 2^30: exact
+    part[:, 6] = 2**28 + 5  # sum 2^31 + 40: saturates
+
+    def body(s, c):
+        return s.record(c[0], layer=1, load_axes="ep")
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P("ep")), out_specs=P()))
+    s = f(placed, jnp.asarray(part))
+    want = part.astype(np.int64).sum(0)
+    want[6] = BIG
+    np.testing.assert_array_equal(s.pass_load[1], want)
+    assert int(s.pass_load[0].sum()) == 0
+
+
+# ------------------------------------------------------------------------------ layer indices
+
+
+@pytest.mark.parametrize(
+    "layer, error, match",
+    [
+        (jnp.int32(7), ValueError, r"layer: expected an index in \[0, num_layers = 3\), got 7"),
+        (np.array(5), ValueError, r"layer: expected an index in \[0, num_layers = 3\), got 5"),
+        (np.int64(-1), ValueError, r"layer: expected an index in \[0, num_layers = 3\), got -1"),
+        (np.array([1]), TypeError, r"layer: expected an int or an integer scalar array"),
+        (1.0, TypeError, r"layer: expected an int index, got float"),
+        (True, TypeError, r"layer: expected an int index, got bool"),
+        (jnp.float32(1), TypeError, r"layer: expected an int or an integer scalar array"),
+    ],
+)  # fmt: skip
+def test_concrete_layer_indices_are_checked(placed, layer, error, match):
+    ids = jnp.zeros((2, 1), jnp.int32)
+    with pytest.raises(error, match=match):
+        dispatch(placed, layer, ids)
+    with pytest.raises(error, match=match):
+        placed.record(np.ones(E, np.int32), layer=layer)
+
+
+def test_traced_layer_outside_the_range_counts_nothing(placed):
+    ids = jnp.asarray(routed(20, t=8)[0])
+
+    @jax.jit
+    def both(s, lay):
+        phys, s = dispatch(s, lay, ids)
+        return phys, s.record(jnp.ones(E, jnp.int32), layer=lay)
+
+    for lay in (-1, L, 50):  # not wrapped, not clamped: dropped
+        phys, s = both(placed, jnp.int32(lay))
+        assert (np.asarray(phys) == -1).all() and int(s.pass_load.sum()) == 0
+    phys, s = both(placed, jnp.int32(1))
+    want, _ = dispatch(placed, 1, ids)
+    np.testing.assert_array_equal(phys, want)
+    assert int(s.pass_load[1].sum()) == ids.size + E and int(s.pass_load.sum()) == ids.size + E
+
+
+def test_a_state_without_layers_and_load_axes_outside_shard_map(placed):
+    empty = placed.replace(
+        phy2log=placed.phy2log[:0],
+        log2phy=placed.log2phy[:0],
+        logcnt=placed.logcnt[:0],
+        pass_load=placed.pass_load[:0],
+    )
+    ids = jnp.zeros((2, 1), jnp.int32)
+    for fn in (
+        lambda: dispatch(empty, 0, ids),
+        lambda: empty.record(np.zeros((0, E), np.int32)),
+        lambda: empty.record(np.zeros(E, np.int32), layer=0),
+    ):
+        with pytest.raises(ValueError, match=r"state: expected a state with at least one layer"):
+            fn()
+    with pytest.raises(ValueError, match=r"log2phy: expected a map \[E, R_max\] with E >= 1"):
+        dispatch_layer(jnp.zeros((0, 2), jnp.int32), jnp.zeros((0,), jnp.int32), ids)
+    counts = np.ones((L, E), np.int32)
+    with pytest.raises(ValueError, match=r"load_axes: no mesh axis among \('ep',\) is bound here"):
+        placed.record(counts, load_axes="ep")
+    with pytest.raises(ValueError, match=r"load_axes: .* call record there"):
+        jax.jit(lambda s: s.record(counts, load_axes=("data", "ep")))(placed)
+    with pytest.raises(TypeError, match=r"load_axes: expected a mesh axis name \(str\)"):
+        placed.record(counts, load_axes=3)
+
+
+# ----------------------------------------------------------------------------- damaged files
+
+
+def _set(doc, key, value):
+    """Sets ``doc[key]``; ``key`` is "config.name", "arrays.name[i, j]" or a header field."""
+    part, _, rest = key.partition(".")
+    if not rest:
+        doc[part] = value
+        return doc
+    name, _, index = rest.partition("[")
+    if not index:
+        doc[part][name] = value
+        return doc
+    *outer, last = (int(i) for i in index.rstrip("]").split(","))
+    target = doc[part][name]
+    for i in outer:
+        target = target[i]
+    target[last] = value
+    return doc
+
+
+DAMAGE = [
+    ("arrays.cursor", -1, r"cursor: expected a layer in \[0, num_layers\] .*found -1"),
+    ("arrays.cursor", L + 1, r"cursor: expected a layer in \[0, num_layers\] .*found 4"),
+    ("arrays.window_pos", 2, r"window_pos: expected a row of the window, in \[0, window_size\), found 2"),
+    ("arrays.window_pos", -1, r"window_pos: expected a row of the window"),
+    ("arrays.step", -5, r"step: expected a step count >= 0, found -5"),
+    ("arrays.pass_load[1, 3]", -2, r"pass_load\[1, 3\] = -2: expected token counts >= 0"),
+    ("arrays.window[1, 0, 2]", -9, r"window\[1, 0, 2\] = -9: expected token counts >= 0"),
+    ("arrays.phy2log[0, 4]", 2**32 + 3, r"phy2log\[0, 4\] = 4294967299: expected a value that fits int32"),
+    ("arrays.log2phy[2, 1, 0]", 2**32 + 3, r"log2phy\[2, 1, 0\] = 4294967299: expected a value that fits"),
+    ("arrays.step", 2**31, r"step\[\] = 2147483648: expected a value that fits int32"),
+    ("arrays.pending_log2phy[0, 0, 8]", -4, r"pending_log2phy\[0, 0, 8\] = -4: expected a slot in \[0, P = 16\) or -1"),
+    ("config.step_interval", 0, r"step_interval: expected an int >= 1, got 0"),
+    ("config.num_devices", 3, r"num_devices: P = 16 slots per layer .* not divisible by num_devices = 3"),
+    ("config.num_devices", 0, r"num_devices: expected an int >= 1, got 0"),
+    ("config.chunk_rows", 0, r"chunk_rows: expected an int >= 1, got 0"),
+    ("config.num_gpus", 0, r"num_gpus: expected null or an int >= 1, got 0"),
+    ("config.num_gpus", 4, r"num_gpus: found 4, but num_devices = 8"),
+    ("config.layers_per_step", L + 1, r"layers_per_step: expected at most num_layers = 3, got 4"),
+    ("config.window_size", 2.5, r"window_size: expected an int, got float 2.5"),
+    ("config.window_size", 2.0, r"window_size: expected an int, got float 2.0"),
+    ("config.window_size", True, r"window_size: expected an int, got bool"),
+    ("config.axis_name", ["ep"], r"axis_name: expected a mesh axis name \(str\) or a tuple .*list \['ep'\]"),
+    ("config.axis_name", {"tuple": ["ep", 3]}, r"axis_name: expected a mesh axis name"),
+    ("config.axis_name", "", r"axis_name: expected a mesh axis name"),
+    ("config.refine", "yes", r"refine: expected a bool, got str 'yes'"),
+    ("config.log_interval", -1, r"log_interval: expected an int >= 0, got -1"),
+    ("config.num_groups", 3, r"num_groups: expected a divisor of num_experts = 8"),
+    ("config.extra", 1, r"extra: not a field of jeplb.EplbState"),
+    ("config.num_redundant_experts", 0, r"num_slots: expected num_experts \+ num_redundant_experts = 8 \+ 0, found 16"),
+    ("num_layers", 0, r"num_layers: expected an int >= 1, got 0"),
+    ("num_experts", "8", r"num_experts: expected an int, got str '8'"),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def saved_doc(busy, tmp_path_factory):
+    import json
+
+    path = tmp_path_factory.mktemp("doc") / "eplb.json"
+    busy.save(path)
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("key, value, match", DAMAGE, ids=[f"{k}={v!r}" for k, v, _ in DAMAGE])
+def test_load_refuses_damaged_fields(saved_doc, tmp_path, key, value, match):
+    import copy
+    import json
+
+    doc = _set(copy.deepcopy(saved_doc), key, value)
+    path = tmp_path / "damaged.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"path: .*damaged.json.* is a damaged saved") as err:
+        EplbState.load(path)
+    assert err.match(match)
+
+
+def test_load_refuses_wide_npz_arrays(busy, tmp_path):
+    path = tmp_path / "eplb.npz"
+    busy.save(path)
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["phy2log"] = arrays["phy2log"].astype(np.int64)
+    arrays["phy2log"][1, 2] = 2**32 + 3  # read as 3 by a cast
+    np.savez(path, **arrays)
+    with pytest.raises(
+        ValueError, match=r"phy2log\[1, 2\] = 4294967299: expected a value that fits"
+    ):
+        EplbState.load(path)
+
+
+@pytest.mark.parametrize("gpus", [None, D])
+def test_load_accepts_old_files_with_num_gpus(busy, saved_doc, tmp_path, gpus):
+    import copy
+    import json
+
+    doc = copy.deepcopy(saved_doc)
+    doc["config"]["num_gpus"] = gpus
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(doc))
+    back = EplbState.load(path)
+    assert back.config() == busy.config()
+
+
+@pytest.mark.parametrize("suffix", [".json", ".npz"])
+def test_tuple_axis_name_round_trip(tmp_path, suffix):
+    s = EplbState.create(
+        num_layers=2, num_experts=4, num_devices=2, window_size=2, step_interval=4,
+        axis_name=("data", "ep"),
+    )  # fmt: skip
+    path = tmp_path / f"eplb{suffix}"
+    s.save(path)
+    back = EplbState.load(path)
+    assert back.axis_name == ("data", "ep") and back.config() == s.config()
+
+
+# ----------------------------------------------------------------------------- atomic saving
+
+
+@pytest.mark.parametrize("suffix", [".json", ".npz"])
+def test_a_failed_save_leaves_the_old_file(busy, placed, tmp_path, monkeypatch, suffix):
+    from jeplb._src import checkpoint
+
+    path = tmp_path / f"eplb{suffix}"
+    placed.save(path)
+    name = "_write_json" if suffix == ".json" else "_write_npz"
+    real = getattr(checkpoint, name)
+
+    def fails_midway(f, header, arrays):
+        real(f, header, arrays)
+        f.truncate(f.tell() // 2)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, name, fails_midway)
+    with pytest.raises(OSError, match="disk full"):
+        busy.save(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary file left
+    back = EplbState.load(path)
+    for a, b in zip(
+        jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(placed), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    monkeypatch.setattr(checkpoint, name, real)
+    busy.save(path)
+    np.testing.assert_array_equal(EplbState.load(path).pending_phy2log, busy.pending_phy2log)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".npz"])
+def test_readers_racing_saves_never_fail(busy, placed, tmp_path, suffix):
+    import threading
+
+    path = tmp_path / f"eplb{suffix}"
+    placed.save(path)
+    steps = {int(placed.step), int(busy.step)}
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def writer():
+        try:
+            for i in range(40):
+                (busy if i % 2 else placed).save(path)
+        except BaseException as err:  # reported below
+            errors.append(err)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    reads = 0
+    try:
+        while not done.is_set() or reads < 5:
+            assert int(EplbState.load(path).step) in steps
+            reads += 1
+    finally:
+        done.wait()
+        thread.join()
+    assert not errors and reads >= 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]

@@ -20,6 +20,11 @@ Counting: ``counts[e]`` is the number of (token, k) pairs with ``topk_ids == e``
 ``valid`` set. Ids outside [0, E): when the ids are concrete a ValueError names the first one;
 under jit (traced ids) they map to physical id -1 and are not counted. Masked tokens (``valid``
 False) are mapped like any other token (so downstream indexing stays in range) but not counted.
+
+Layer index (`dispatch`): a concrete one outside [0, L) raises a ValueError naming ``layer``
+(negative indices are not wrapped); a traced one outside [0, L) maps every token to -1 and counts
+nothing. The counts are added through `EplbState.record`, so they never wrap: an int32 sum past
+2^31 - 1 raises eagerly and saturates at 2^31 - 1 under jit.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jeplb._src.state import EplbState
+from jeplb._src.state import EplbState, check_layer
 
 __all__ = ["dispatch", "dispatch_layer"]
 
@@ -94,6 +99,72 @@ def _local_tables(log2phy: jax.Array, logcnt: jax.Array, num_devices: int, n_loc
     return table, count
 
 
+def _check_layer_args(
+    log2phy, logcnt, topk_ids, valid, token_index, prefer_local, device_index,
+    slots_per_device, num_devices,
+):  # fmt: skip
+    """`dispatch_layer`'s argument checks (shapes, sizes, the prefer_local set); returns
+    ``token_index`` as an integer array (or None)."""
+    if log2phy.ndim != 2:
+        raise ValueError(
+            f"log2phy: expected one layer's map [E, R_max], got shape {tuple(log2phy.shape)} "
+            f"(slice it: state.log2phy[layer])"
+        )
+    num_experts, r_max = (int(n) for n in log2phy.shape)
+    if num_experts < 1 or r_max < 1:
+        raise ValueError(
+            f"log2phy: expected a map [E, R_max] with E >= 1 and R_max >= 1, got shape "
+            f"{tuple(log2phy.shape)}"
+        )
+    if tuple(logcnt.shape) != (num_experts,):
+        raise ValueError(
+            f"logcnt: expected shape [E] = ({num_experts},) to match log2phy, got "
+            f"{tuple(logcnt.shape)}"
+        )
+    if topk_ids.ndim < 1:
+        raise ValueError("topk_ids: expected shape [..., K] (e.g. [T, K]), got a scalar")
+    batch = tuple(topk_ids.shape[:-1])
+    if valid is not None and (not hasattr(valid, "shape") or tuple(valid.shape) != batch):
+        raise ValueError(
+            f"valid: expected a bool mask of the tokens' shape {batch} (topk_ids without its "
+            f"K axis), got {getattr(valid, 'shape', type(valid).__name__)}"
+        )
+    if token_index is not None:
+        token_index = _as_int_array(token_index, "token_index")
+        if tuple(token_index.shape) != batch:
+            raise ValueError(
+                f"token_index: expected shape {batch} (topk_ids without its K axis), got "
+                f"{tuple(token_index.shape)}"
+            )
+    if prefer_local:
+        if device_index is None or slots_per_device is None or num_devices is None:
+            raise ValueError(
+                "prefer_local: needs device_index (the token's device on the expert-parallel "
+                "axis), slots_per_device (N_local) and num_devices (D); `jeplb.dispatch` fills "
+                "them from the state"
+            )
+        for name, v in (("slots_per_device", slots_per_device), ("num_devices", num_devices)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    return token_index
+
+
+def _local_choice(log2phy, logcnt, safe, h, device_index, num_devices, slots_per_device):
+    """With prefer_local: each (token, k)'s replica on its own device (hash-spread when there are
+    several), and whether there is one."""
+    d = num_devices
+    batch = safe.shape[:-1]
+    table, nloc = _local_tables(log2phy, logcnt, d, slots_per_device)
+    width = table.shape[-1]
+    dev = jnp.broadcast_to(jnp.asarray(device_index, jnp.int32), batch)[..., None]
+    dev_ok = (dev >= 0) & (dev < d)
+    dev = jnp.clip(dev, 0, d - 1)
+    here = nloc.reshape(-1)[safe * d + dev]
+    pick = (h % jnp.maximum(here, 1).astype(jnp.uint32)).astype(jnp.int32)
+    local = table.reshape(-1)[(safe * d + dev) * width + pick]
+    return local, (here > 0) & dev_ok
+
+
 def dispatch_layer(
     log2phy: jax.Array,
     logcnt: jax.Array,
@@ -144,43 +215,12 @@ def dispatch_layer(
     log2phy = _as_int_array(log2phy, "log2phy")
     logcnt = _as_int_array(logcnt, "logcnt")
     topk_ids = _as_int_array(topk_ids, "topk_ids")
-    if log2phy.ndim != 2:
-        raise ValueError(
-            f"log2phy: expected one layer's map [E, R_max], got shape {tuple(log2phy.shape)} "
-            f"(slice it: state.log2phy[layer])"
-        )
-    num_experts, r_max = (int(s) for s in log2phy.shape)
-    if tuple(logcnt.shape) != (num_experts,):
-        raise ValueError(
-            f"logcnt: expected shape [E] = ({num_experts},) to match log2phy, got "
-            f"{tuple(logcnt.shape)}"
-        )
-    if topk_ids.ndim < 1:
-        raise ValueError("topk_ids: expected shape [..., K] (e.g. [T, K]), got a scalar")
-    batch = tuple(topk_ids.shape[:-1])
-    k = int(topk_ids.shape[-1])
-    if valid is not None and (not hasattr(valid, "shape") or tuple(valid.shape) != batch):
-        raise ValueError(
-            f"valid: expected a bool mask of the tokens' shape {batch} (topk_ids without its "
-            f"K axis), got {getattr(valid, 'shape', type(valid).__name__)}"
-        )
-    if token_index is not None:
-        token_index = _as_int_array(token_index, "token_index")
-        if tuple(token_index.shape) != batch:
-            raise ValueError(
-                f"token_index: expected shape {batch} (topk_ids without its K axis), got "
-                f"{tuple(token_index.shape)}"
-            )
-    if prefer_local:
-        if device_index is None or slots_per_device is None or num_devices is None:
-            raise ValueError(
-                "prefer_local: needs device_index (the token's device on the expert-parallel "
-                "axis), slots_per_device (N_local) and num_devices (D); `jeplb.dispatch` fills "
-                "them from the state"
-            )
-        for name, v in (("slots_per_device", slots_per_device), ("num_devices", num_devices)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    token_index = _check_layer_args(
+        log2phy, logcnt, topk_ids, valid, token_index, prefer_local, device_index,
+        slots_per_device, num_devices,
+    )  # fmt: skip
+    num_experts, r_max = (int(n) for n in log2phy.shape)
+    batch, k = tuple(topk_ids.shape[:-1]), int(topk_ids.shape[-1])
     _check_ids(topk_ids, valid, num_experts)
 
     with jax.named_scope("eplb_dispatch"):
@@ -198,16 +238,10 @@ def dispatch_layer(
         replica = (h % cnt).astype(jnp.int32)
         phys = log2phy.reshape(-1)[safe * r_max + replica]
         if prefer_local:
-            d = num_devices
-            table, nloc = _local_tables(log2phy, logcnt, d, slots_per_device)
-            width = table.shape[-1]
-            dev = jnp.broadcast_to(jnp.asarray(device_index, jnp.int32), batch)[..., None]
-            dev_ok = (dev >= 0) & (dev < d)
-            dev = jnp.clip(dev, 0, d - 1)
-            here = nloc.reshape(-1)[safe * d + dev]
-            pick = (h % jnp.maximum(here, 1).astype(jnp.uint32)).astype(jnp.int32)
-            local = table.reshape(-1)[(safe * d + dev) * width + pick]
-            phys = jnp.where((here > 0) & dev_ok, local, phys)
+            local, has_local = _local_choice(
+                log2phy, logcnt, safe, h, device_index, num_devices, slots_per_device
+            )
+            phys = jnp.where(has_local, local, phys)
         phys = jnp.where(in_range, phys, -1)
         counted = in_range if valid is None else in_range & jnp.asarray(valid, bool)[..., None]
         counts = (
@@ -232,7 +266,9 @@ def dispatch(
 
     Args:
       state: the `EplbState` (its maps are read, its ``pass_load[layer]`` is added to).
-      layer: the MoE layer's index (int, or traced int32[] inside a scan).
+      layer: the MoE layer's index (int, or an integer scalar array; traced inside a scan). A
+        concrete index outside [0, L) is refused (negative ones are not wrapped); a traced one
+        outside [0, L) gives physical ids -1 and counts nothing.
       topk_ids: int[..., K] the router's logical expert ids (usually [T, K]).
       valid: optional bool[...]: tokens to count (padding excluded).
       token_index: optional int[...]: the index the replica hash uses (default: flat position).
@@ -241,11 +277,14 @@ def dispatch(
         ``lax.axis_index(state.axis_name)``, which needs the call to run inside `jax.shard_map`.
 
     Returns:
-      ``(physical_ids int32[..., K], state)`` with ``state.pass_load[layer]`` increased by the counts.
-      Inside `jax.shard_map` the counts are this device's; see `jeplb.eplb_step_local`.
+      ``(physical_ids int32[..., K], state)`` with ``state.pass_load[layer]`` increased by the counts
+      (through `EplbState.record`: an int32 sum that would pass 2^31 - 1 raises eagerly and
+      saturates under jit). Inside `jax.shard_map` the counts are this device's; see
+      `jeplb.eplb_step_local`.
 
     Raises:
-      ValueError, TypeError: as `dispatch_layer`, and a layer index out of range.
+      ValueError, TypeError: as `dispatch_layer`; a concrete layer index out of range or not an
+        integer scalar; a state with no layers.
 
     Example:
       >>> import jax.numpy as jnp
@@ -260,11 +299,7 @@ def dispatch(
             f"state: expected an EplbState (use dispatch_layer with map slices), got "
             f"{type(state).__name__}"
         )
-    is_int = isinstance(layer, int | np.integer) and not isinstance(layer, bool)
-    if is_int and not 0 <= layer < state.num_layers:
-        raise ValueError(
-            f"layer: expected an index in [0, num_layers = {state.num_layers}), got {layer}"
-        )
+    traced = check_layer(layer, state.num_layers)
     if prefer_local and device_index is None:
         try:
             device_index = lax.axis_index(state.axis_name)
@@ -273,9 +308,10 @@ def dispatch(
                 f"device_index: prefer_local needs the token's device; pass device_index= or "
                 f"call inside jax.shard_map over the {state.axis_name!r} axis"
             ) from err
+    read = jnp.clip(layer, 0, state.num_layers - 1) if traced else layer
     phys, counts = dispatch_layer(
-        state.log2phy[layer],
-        state.logcnt[layer],
+        state.log2phy[read],
+        state.logcnt[read],
         topk_ids,
         valid=valid,
         token_index=token_index,
@@ -284,4 +320,6 @@ def dispatch(
         slots_per_device=state.slots_per_device,
         num_devices=state.num_devices,
     )
-    return phys, state.replace(pass_load=state.pass_load.at[layer].add(counts))
+    if traced:  # an index outside [0, L): no slot, nothing counted (record drops it)
+        phys = jnp.where((layer >= 0) & (layer < state.num_layers), phys, -1)
+    return phys, state.record(counts, layer=layer)

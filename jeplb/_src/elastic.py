@@ -433,7 +433,7 @@ def recover_experts(
             for x, shards in zip(out_leaves, new_shards, strict=True)
         ]
 
-    from jeplb._src.state import maps_from_phy2log
+    from jeplb._src.maps import maps_from_phy2log
 
     target_j = jnp.asarray(target)
     log2phy, logcnt = maps_from_phy2log(target_j, num_experts, p_new - num_experts + 1)

@@ -15,54 +15,39 @@ count keeps its meaning when the placement changes under it (progressive mode sw
 by layer while the window fills), and it is what the placement policy consumes. The counts are
 global (summed over every device that routes tokens) as soon as they enter the window; see
 `jeplb.eplb_step_local` for per-device partial counts inside `jax.shard_map`.
+
+Counts are int32 and never wrap: concrete counts that do not fit, or a sum that would pass
+2^31 - 1, raise a ValueError naming the argument; under `jax.jit` (traced counts) they saturate at
+2^31 - 1 instead. The map algebra lives in `jeplb._src.maps`, the file format in
+`jeplb._src.checkpoint`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import zipfile
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["EplbState", "maps_from_phy2log"]
+from jeplb._src.maps import check_placement, maps_from_phy2log
 
-_FORMAT = "jeplb.EplbState"
-_VERSION = 1
+__all__ = [
+    "EplbState",
+    "array_fields",
+    "as_counts",
+    "check_axis_name",
+    "check_config",
+    "check_int",
+    "check_layer",
+    "saturating_add",
+    "saturating_psum",
+    "static_fields",
+]
 
-# Array fields in save order, with the letters of their shapes.
-_ARRAY_FIELDS = {
-    "phy2log": ("L", "P"),
-    "log2phy": ("L", "E", "R_max"),
-    "logcnt": ("L", "E"),
-    "pass_load": ("L", "E"),
-    "window": ("W", "L", "E"),
-    "window_pos": (),
-    "step": (),
-    "pending_phy2log": ("L", "P"),
-    "pending_log2phy": ("L", "E", "R_max"),
-    "pending_logcnt": ("L", "E"),
-    "cursor": (),
-}
-
-_STATIC_FIELDS = (
-    "num_devices",
-    "window_size",
-    "step_interval",
-    "num_redundant_experts",
-    "layers_per_step",
-    "num_groups",
-    "num_nodes",
-    "num_gpus",
-    "refine",
-    "axis_name",
-    "chunk_rows",
-    "log_interval",
-)
+INT32_MAX = 2**31 - 1
 
 
 def _static(default=dataclasses.MISSING):
@@ -73,7 +58,16 @@ def _is_tracer(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
-def _check_int(name: str, value: Any, *, minimum: int | None = None, allow_none=False) -> None:
+def _readable(x: Any) -> bool:
+    """Whether this process can read ``x``'s values (not traced, every shard addressable)."""
+    return not _is_tracer(x) and getattr(x, "is_fully_addressable", True)
+
+
+# ---------------------------------------------------------------------------------- checks
+
+
+def check_int(name: str, value: Any, *, minimum: int | None = None, allow_none=False) -> None:
+    """Raises unless ``value`` is an int (not a bool, not a float) >= ``minimum``."""
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
@@ -82,48 +76,216 @@ def _check_int(name: str, value: Any, *, minimum: int | None = None, allow_none=
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
 
 
-def maps_from_phy2log(phy2log: jax.Array, num_experts: int, max_replicas: int):
-    """The logical-to-physical map and replica counts that a physical-to-logical map implies.
+def check_axis_name(name: str, value: Any) -> None:
+    """Raises unless ``value`` is a mesh axis name (str) or a non-empty tuple of distinct ones."""
+    names = value if isinstance(value, tuple) else (value,)
+    ok = len(names) >= 1 and all(isinstance(a, str) and a for a in names)
+    if not ok or len(set(names)) != len(names):
+        raise TypeError(
+            f"{name}: expected a mesh axis name (str) or a tuple of distinct ones, got "
+            f"{type(value).__name__} {value!r}"
+        )
 
-    Replicas are listed in ascending slot order. Works on concrete and traced maps.
 
-    Args:
-      phy2log: int32[L, P] (or [P]) physical-to-logical map, -1 for empty slots.
-      num_experts: E.
-      max_replicas: R_max, width of the returned log2phy (replicas beyond it are dropped).
+def check_config(
+    *,
+    num_layers: Any,
+    num_experts: Any,
+    num_devices: Any,
+    num_redundant_experts: Any,
+    window_size: Any,
+    step_interval: Any,
+    layers_per_step: Any,
+    num_groups: Any,
+    num_nodes: Any,
+    refine: Any,
+    axis_name: Any,
+    chunk_rows: Any,
+    log_interval: Any,
+) -> None:
+    """The one check of a state's sizes and configuration (`EplbState.create`, `from_placement`
+    and `EplbState.load` all go through it).
 
-    Returns:
-      ``(log2phy int32[L, E, R_max] padded with -1, logcnt int32[L, E])`` (no L for a [P] map).
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> log2phy, logcnt = maps_from_phy2log(jnp.array([0, 1, 0, -1]), 2, 3)
-      >>> log2phy.tolist(), logcnt.tolist()
-      ([[0, 2, -1], [1, -1, -1]], [2, 1])
+    Raises:
+      TypeError, ValueError: naming the field, what was expected and what arrived.
     """
-    phy2log = jnp.asarray(phy2log, jnp.int32)
-    if phy2log.ndim == 1:
-        l2p, cnt = maps_from_phy2log(phy2log[None], num_experts, max_replicas)
-        return l2p[0], cnt[0]
-    num_layers, p_total = phy2log.shape
-    slots = jnp.arange(p_total, dtype=jnp.int32)
-    same = phy2log[:, :, None] == phy2log[:, None, :]  # [L, P, P]
-    earlier = slots[None, :] < slots[:, None]  # [P, P]: q < p
-    rank = jnp.sum(same & earlier[None], axis=-1).astype(jnp.int32)  # [L, P]
-    valid = (phy2log >= 0) & (phy2log < num_experts)
-    layer = jnp.broadcast_to(jnp.arange(num_layers, dtype=jnp.int32)[:, None], phy2log.shape)
-    expert = jnp.where(valid, phy2log, num_experts)  # out of range: dropped
-    log2phy = (
-        jnp.full((num_layers, num_experts, max_replicas), -1, jnp.int32)
-        .at[layer, expert, rank]
-        .set(jnp.broadcast_to(slots, phy2log.shape), mode="drop")
-    )
-    logcnt = (
-        jnp.zeros((num_layers, num_experts), jnp.int32)
-        .at[layer, expert]
-        .add(valid.astype(jnp.int32), mode="drop")
-    )
-    return log2phy, jnp.minimum(logcnt, max_replicas)
+    for name, value, minimum in (
+        ("num_layers", num_layers, 1),
+        ("num_experts", num_experts, 1),
+        ("num_devices", num_devices, 1),
+        ("num_redundant_experts", num_redundant_experts, 0),
+        ("window_size", window_size, 1),
+        ("step_interval", step_interval, 1),
+        ("num_groups", num_groups, 1),
+        ("num_nodes", num_nodes, 1),
+        ("chunk_rows", chunk_rows, 1),
+        ("log_interval", log_interval, 0),
+    ):
+        check_int(name, value, minimum=minimum)
+    check_int("layers_per_step", layers_per_step, minimum=1, allow_none=True)
+    if not isinstance(refine, bool | np.bool_):
+        raise TypeError(f"refine: expected a bool, got {type(refine).__name__} {refine!r}")
+    check_axis_name("axis_name", axis_name)
+    p_total = num_experts + num_redundant_experts
+    if p_total % num_devices:
+        raise ValueError(
+            f"num_devices: P = {p_total} slots per layer (num_experts {num_experts} + "
+            f"num_redundant_experts {num_redundant_experts}) is not divisible by num_devices = "
+            f"{num_devices}; every device must hold P // D slots"
+        )
+    if layers_per_step is not None:
+        if layers_per_step > num_layers:
+            raise ValueError(
+                f"layers_per_step: expected at most num_layers = {num_layers}, got "
+                f"{layers_per_step}"
+            )
+        steps = -(-num_layers // layers_per_step)
+        if step_interval < steps:
+            raise ValueError(
+                f"step_interval: a progressive rebalance of {num_layers} layers at "
+                f"layers_per_step = {layers_per_step} takes {steps} steps, so step_interval must "
+                f"be >= {steps}; got {step_interval}"
+            )
+    # The policy's rules: hierarchical when num_groups % num_nodes == 0, else global.
+    if num_groups % num_nodes == 0:
+        if num_experts % num_groups:
+            raise ValueError(
+                f"num_groups: expected a divisor of num_experts = {num_experts} (hierarchical "
+                f"policy, used because num_groups % num_nodes == 0), got {num_groups}"
+            )
+        if num_devices % num_nodes:
+            raise ValueError(
+                f"num_nodes: num_devices = {num_devices} is not divisible by num_nodes = "
+                f"{num_nodes} (hierarchical policy, used because num_groups % num_nodes == 0)"
+            )
+
+
+def check_layer(layer: Any, num_layers: int) -> bool:
+    """Checks a layer index; returns whether it is traced (then its range cannot be checked).
+
+    Raises:
+      ValueError: L = 0, or a concrete index outside [0, L) (negative ones are not wrapped).
+      TypeError: an index that is not an integer scalar.
+    """
+    if num_layers < 1:
+        raise ValueError(
+            "state: expected a state with at least one layer (L >= 1), got L = 0; build it with "
+            "EplbState.create or EplbState.from_placement"
+        )
+    if isinstance(layer, bool | np.bool_):
+        raise TypeError(f"layer: expected an int index, got bool {layer!r}")
+    if isinstance(layer, int):
+        value = layer
+    elif not hasattr(layer, "dtype") or not hasattr(layer, "shape"):
+        raise TypeError(f"layer: expected an int index, got {type(layer).__name__} {layer!r}")
+    elif tuple(layer.shape) != () or not jnp.issubdtype(layer.dtype, jnp.integer):
+        raise TypeError(
+            f"layer: expected an int or an integer scalar array, got {type(layer).__name__} of "
+            f"dtype {layer.dtype} and shape {tuple(layer.shape)}"
+        )
+    elif _is_tracer(layer):
+        return True
+    else:
+        value = int(np.asarray(layer))
+    if not 0 <= value < num_layers:
+        raise ValueError(f"layer: expected an index in [0, num_layers = {num_layers}), got {value}")
+    return False
+
+
+def _check_phy2log(phy2log: Any, num_experts: int) -> tuple[Any, int, int]:
+    """A placement argument's type and shape: returns ``(phy2log, L, P)``."""
+    if isinstance(phy2log, list | tuple):
+        phy2log = np.asarray(phy2log)
+    if not hasattr(phy2log, "shape") or not hasattr(phy2log, "dtype"):
+        raise TypeError(f"phy2log: expected an int array [L, P], got {type(phy2log).__name__}")
+    if not np.issubdtype(np.dtype(phy2log.dtype), np.integer):
+        raise TypeError(f"phy2log: expected an integer dtype (int32), got {phy2log.dtype}")
+    if phy2log.ndim != 2:
+        raise ValueError(f"phy2log: expected a 2-D map [L, P], got shape {tuple(phy2log.shape)}")
+    num_layers, p_total = (int(s) for s in phy2log.shape)
+    if num_layers < 1:
+        raise ValueError("phy2log: expected at least one layer (L >= 1), got L = 0")
+    if p_total < num_experts:
+        raise ValueError(
+            f"phy2log: expected P >= num_experts = {num_experts} slots per layer, got P = {p_total}"
+        )
+    return phy2log, num_layers, p_total
+
+
+def _plain(value: Any) -> Any:
+    """A checked configuration value as a plain Python value (numpy ints and bools unwrapped)."""
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _first_bad(name: str, a: np.ndarray, bad: np.ndarray) -> str:
+    where = tuple(int(i) for i in np.argwhere(bad)[0])
+    return f"{name}{list(where)} = {int(a[where])}"
+
+
+def as_counts(load: Any, shape: tuple[int, ...], letters: str, name: str = "load"):
+    """Token counts as int32 that never wrap: concrete ones are checked (>= 0 and < 2^31), traced
+    ones are clipped into [0, 2^31 - 1].
+
+    Raises:
+      TypeError: not an integer array. ValueError: the wrong shape, a negative count or one that
+        does not fit int32, naming ``name`` and the first bad entry.
+    """
+    if isinstance(load, list | tuple | int | np.integer):
+        load = np.asarray(load)
+    if not hasattr(load, "shape") or not hasattr(load, "dtype"):
+        raise TypeError(f"{name}: expected an integer array {letters}, got {type(load).__name__}")
+    if not jnp.issubdtype(load.dtype, jnp.integer):
+        raise TypeError(f"{name}: expected integer token counts, got dtype {load.dtype}")
+    if tuple(load.shape) != shape:
+        hint = " (pass layer= to record one layer's [E] counts)" if letters == "[L, E]" else ""
+        raise ValueError(
+            f"{name}: expected shape {letters} = {shape}, got {tuple(load.shape)}{hint}"
+        )
+    info = jnp.iinfo(load.dtype)
+    if not _readable(load):
+        if info.min < 0:
+            load = jnp.maximum(load, 0)
+        if info.max > INT32_MAX:
+            load = jnp.minimum(load, INT32_MAX)
+        return load.astype(jnp.int32)
+    a = np.asarray(load)
+    if info.min < 0 and (a < 0).any():
+        raise ValueError(f"{_first_bad(name, a, a < 0)}: expected token counts >= 0")
+    if info.max > INT32_MAX and (a > INT32_MAX).any():
+        raise ValueError(
+            f"{_first_bad(name, a, a > INT32_MAX)}: expected token counts below 2^31 (they are "
+            f"kept as int32); record them in smaller parts or step more often"
+        )
+    return jnp.asarray(a.astype(np.int32))
+
+
+def saturating_add(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a + b`` for int32 counts ``b >= 0``, saturating at 2^31 - 1 instead of wrapping."""
+    return jnp.where(a > INT32_MAX - b, INT32_MAX, a + b)
+
+
+def saturating_psum(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    """``lax.psum`` of int32 counts ``x >= 0`` that saturates at 2^31 - 1 instead of wrapping.
+
+    The counts are summed as two 16-bit halves (one psum of [2, ...]), exact for up to 2^15
+    devices over ``axes``.
+    """
+    both = jax.lax.psum(jnp.stack([x & 0xFFFF, x >> 16]), axes)
+    high = both[1] + (both[0] >> 16)
+    return jnp.where(high > 0x7FFF, INT32_MAX, (high << 16) | (both[0] & 0xFFFF))
+
+
+def _load_axes(load_axes: Any) -> tuple[str, ...]:
+    axes = (load_axes,) if isinstance(load_axes, str) else load_axes
+    if not isinstance(axes, tuple | list) or not all(isinstance(a, str) and a for a in axes):
+        raise TypeError(
+            f"load_axes: expected a mesh axis name (str) or a tuple of them, got {load_axes!r}"
+        )
+    return tuple(axes)
 
 
 @jax.tree_util.register_dataclass
@@ -141,7 +303,8 @@ class EplbState:
       logcnt: int32[L, E]. Number of replicas of each logical expert (the non -1 entries of
         log2phy).
       pass_load: int32[L, E]. Tokens routed to each logical expert in the current pass (since the last
-        `jeplb.eplb_step`); added to by `jeplb.dispatch` / `EplbState.record`. Inside
+        `jeplb.eplb_step`); added to by `jeplb.dispatch` / `EplbState.record` (saturating at
+        2^31 - 1 under jit, an error eagerly). Inside
         `jax.shard_map` it may hold this device's partial counts until the step sums them.
       window: int32[W, L, E]. Global logical load of the last W passes (a ring buffer).
       window_pos: int32[]. Row of ``window`` the next pass is written to.
@@ -152,7 +315,8 @@ class EplbState:
       pending_log2phy: int32[L, E, R_max]. Its logical-to-physical map.
       pending_logcnt: int32[L, E]. Its replica counts.
       cursor: int32[]. Next layer whose weights move; L when no rebalance is in progress.
-      num_devices: D, devices on the expert-parallel mesh axis (static).
+      num_devices: D, devices on the expert-parallel mesh axis (static); the policy spreads the
+        slots over these D devices.
       window_size: W, passes the window keeps (static).
       step_interval: steps between rebalances (static).
       num_redundant_experts: P - E (static).
@@ -160,9 +324,8 @@ class EplbState:
         rebalance (static).
       num_groups: expert groups of the policy (DeepSeek's ``num_groups``; static).
       num_nodes: nodes of the policy (static).
-      num_gpus: devices the policy spreads slots over (static; normally D).
       refine: the policy's refinement option (static).
-      axis_name: the expert-parallel mesh axis name (static).
+      axis_name: the expert-parallel mesh axis name, or a tuple of them (static).
       chunk_rows: rows per collective chunk of the transfer (static).
       log_interval: log balancedness every this many steps; 0 never (static).
 
@@ -193,9 +356,8 @@ class EplbState:
     layers_per_step: int | None = _static(None)
     num_groups: int = _static(1)
     num_nodes: int = _static(1)
-    num_gpus: int | None = _static(None)
     refine: bool = _static(False)
-    axis_name: str = _static("ep")
+    axis_name: str | tuple[str, ...] = _static("ep")
     chunk_rows: int = _static(1)
     log_interval: int = _static(0)
 
@@ -255,9 +417,8 @@ class EplbState:
         layers_per_step: int | None = None,
         num_groups: int = 1,
         num_nodes: int = 1,
-        num_gpus: int | None = None,
         refine: bool = False,
-        axis_name: str = "ep",
+        axis_name: str | tuple[str, ...] = "ep",
         chunk_rows: int = 1,
         log_interval: int = 0,
     ) -> EplbState:
@@ -268,8 +429,8 @@ class EplbState:
         Args:
           num_layers: L, MoE layers (>= 1).
           num_experts: E, logical experts per layer (>= 1).
-          num_devices: D, devices on the expert-parallel mesh axis; P = E + num_redundant_experts
-            must be divisible by D.
+          num_devices: D, devices on the expert-parallel mesh axis, which the policy spreads the
+            slots over; P = E + num_redundant_experts must be divisible by D.
           num_redundant_experts: P - E, extra replica slots per layer (>= 0).
           window_size: W, passes of load the window keeps (>= 1; vLLM's default 1000).
           step_interval: steps between rebalances (>= 1; vLLM's default 3000). With
@@ -279,9 +440,8 @@ class EplbState:
             transfer over ceil(L / layers_per_step) steps; None moves every layer in one step.
           num_groups: expert groups (DeepSeek's ``num_groups``; E must be divisible by it).
           num_nodes: nodes for the hierarchical policy.
-          num_gpus: devices the policy spreads slots over; defaults to D.
-          refine: passed to the policy.
-          axis_name: the expert-parallel mesh axis name.
+          refine: passed to the policy (a bool).
+          axis_name: the expert-parallel mesh axis name, or a tuple of them.
           chunk_rows: rows per collective chunk of the weight transfer (>= 1).
           log_interval: log balancedness every this many steps (0: never).
 
@@ -297,10 +457,10 @@ class EplbState:
           >>> s.phy2log.shape, s.log2phy.shape, s.window.shape
           ((3, 12), (3, 8, 5), (10, 3, 8))
         """
-        _check_int("num_layers", num_layers, minimum=1)
-        _check_int("num_experts", num_experts, minimum=1)
-        _check_int("num_devices", num_devices, minimum=1)
-        _check_int("num_redundant_experts", num_redundant_experts, minimum=0)
+        check_int("num_layers", num_layers, minimum=1)
+        check_int("num_experts", num_experts, minimum=1)
+        check_int("num_devices", num_devices, minimum=1)
+        check_int("num_redundant_experts", num_redundant_experts, minimum=0)
         p_total = num_experts + num_redundant_experts
         phy2log = np.tile(np.arange(p_total, dtype=np.int32) % num_experts, (num_layers, 1))
         return cls.from_placement(
@@ -312,7 +472,6 @@ class EplbState:
             layers_per_step=layers_per_step,
             num_groups=num_groups,
             num_nodes=num_nodes,
-            num_gpus=num_gpus,
             refine=refine,
             axis_name=axis_name,
             chunk_rows=chunk_rows,
@@ -331,9 +490,8 @@ class EplbState:
         layers_per_step: int | None = None,
         num_groups: int = 1,
         num_nodes: int = 1,
-        num_gpus: int | None = None,
         refine: bool = False,
-        axis_name: str = "ep",
+        axis_name: str | tuple[str, ...] = "ep",
         chunk_rows: int = 1,
         log_interval: int = 0,
     ) -> EplbState:
@@ -344,8 +502,8 @@ class EplbState:
             expert must have at least one slot in every layer (checked when concrete).
           num_experts: E.
           num_devices: D; P must be divisible by it.
-          window_size, step_interval, layers_per_step, num_groups, num_nodes, num_gpus, refine,
-            axis_name, chunk_rows, log_interval: as in `EplbState.create`.
+          window_size, step_interval, layers_per_step, num_groups, num_nodes, refine, axis_name,
+            chunk_rows, log_interval: as in `EplbState.create`.
 
         Returns:
           The state: log2phy and logcnt derived from ``phy2log``, no load recorded.
@@ -359,52 +517,27 @@ class EplbState:
           >>> s.logcnt.tolist(), s.slots_per_device
           ([[1, 2, 1]], 2)
         """
-        _check_int("num_experts", num_experts, minimum=1)
-        _check_int("num_devices", num_devices, minimum=1)
-        if isinstance(phy2log, list | tuple):
-            phy2log = np.asarray(phy2log)
-        if not hasattr(phy2log, "shape") or not hasattr(phy2log, "dtype"):
-            raise TypeError(f"phy2log: expected an int array [L, P], got {type(phy2log).__name__}")
-        if not np.issubdtype(np.dtype(phy2log.dtype), np.integer):
-            raise TypeError(f"phy2log: expected an integer dtype (int32), got {phy2log.dtype}")
-        if phy2log.ndim != 2:
-            raise ValueError(
-                f"phy2log: expected a 2-D map [L, P], got shape {tuple(phy2log.shape)}"
-            )
-        num_layers, p_total = (int(s) for s in phy2log.shape)
-        if num_layers < 1:
-            raise ValueError("phy2log: expected at least one layer (L >= 1), got L = 0")
-        if p_total < num_experts:
-            raise ValueError(
-                f"phy2log: expected P >= num_experts = {num_experts} slots per layer, got P = "
-                f"{p_total}"
-            )
-        if p_total % num_devices:
-            raise ValueError(
-                f"num_devices: P = {p_total} slots per layer (num_experts {num_experts} + "
-                f"num_redundant_experts {p_total - num_experts}) is not divisible by num_devices = "
-                f"{num_devices}; every device must hold P // D slots"
-            )
-        _check_config(
-            num_layers=num_layers,
-            num_experts=num_experts,
-            p_total=p_total,
+        check_int("num_experts", num_experts, minimum=1)
+        check_int("num_devices", num_devices, minimum=1)
+        phy2log, num_layers, p_total = _check_phy2log(phy2log, num_experts)
+        config = dict(
             num_devices=num_devices,
+            num_redundant_experts=p_total - num_experts,
             window_size=window_size,
             step_interval=step_interval,
             layers_per_step=layers_per_step,
             num_groups=num_groups,
             num_nodes=num_nodes,
-            num_gpus=num_gpus,
+            refine=refine,
             axis_name=axis_name,
             chunk_rows=chunk_rows,
             log_interval=log_interval,
         )
+        check_config(num_layers=num_layers, num_experts=num_experts, **config)
         if not _is_tracer(phy2log):
-            _check_placement(np.asarray(phy2log), num_experts, "phy2log")
+            check_placement(np.asarray(phy2log), num_experts, "phy2log")
         phy2log = jnp.asarray(phy2log, jnp.int32)
-        max_replicas = p_total - num_experts + 1
-        log2phy, logcnt = maps_from_phy2log(phy2log, num_experts, max_replicas)
+        log2phy, logcnt = maps_from_phy2log(phy2log, num_experts, p_total - num_experts + 1)
         return cls(
             phy2log=phy2log,
             log2phy=log2phy,
@@ -418,18 +551,7 @@ class EplbState:
             pending_log2phy=jnp.array(log2phy, copy=True),
             pending_logcnt=jnp.array(logcnt, copy=True),
             cursor=jnp.full((), num_layers, jnp.int32),
-            num_devices=int(num_devices),
-            window_size=int(window_size),
-            step_interval=int(step_interval),
-            num_redundant_experts=p_total - num_experts,
-            layers_per_step=None if layers_per_step is None else int(layers_per_step),
-            num_groups=int(num_groups),
-            num_nodes=int(num_nodes),
-            num_gpus=int(num_devices if num_gpus is None else num_gpus),
-            refine=bool(refine),
-            axis_name=axis_name,
-            chunk_rows=int(chunk_rows),
-            log_interval=int(log_interval),
+            **{k: _plain(v) for k, v in config.items()},
         )
 
     def replicated(self, mesh: jax.sharding.Mesh) -> EplbState:
@@ -459,22 +581,35 @@ class EplbState:
     # ------------------------------------------------------------------------------ recording
 
     def record(
-        self, counts: Any, *, layer: Any = None, load_axes: tuple[str, ...] | str = ()
+        self, load: Any, *, layer: Any = None, load_axes: tuple[str, ...] | str = ()
     ) -> EplbState:
         """Adds routed-token counts to the current pass's load.
 
         Use it with `jeplb.dispatch_layer`, e.g. after a layer scan that returns each layer's
         counts.
 
+        Counts never wrap. Eagerly (concrete values), a count below 0 or above 2^31 - 1 (any
+        integer dtype: uint32, int64 ...), or a sum with ``pass_load`` past 2^31 - 1, raises a
+        ValueError naming ``load``; step (`jeplb.eplb_step`) more often or record smaller parts.
+        Under `jax.jit` (traced counts or state) nothing can raise: counts are clipped into
+        [0, 2^31 - 1] and every sum saturates at 2^31 - 1.
+
         Args:
-          counts: int[L, E] counts of every layer, or int[E] of one layer with ``layer``.
-          layer: the layer index (int or traced int32[]) when ``counts`` is [E].
+          load: int[L, E] counts of every layer, or int[E] of one layer with ``layer``.
+          layer: the layer index (int, or an integer scalar array) when ``load`` is [E]. A
+            concrete index outside [0, L) is refused (negative indices are not wrapped); a traced
+            one outside [0, L) adds nothing.
           load_axes: mesh axes the counts are partial over (inside `jax.shard_map`): they are
-            summed with one ``psum`` before being added, which keeps the state replicated. Leave
-            it empty at global view, or to defer the sum to `jeplb.eplb_step_local`.
+            summed with one ``psum`` (saturating) before being added, which keeps the state
+            replicated. Leave it empty at global view, or to defer the sum to
+            `jeplb.eplb_step_local`.
 
         Returns:
           The state with ``pass_load`` updated.
+
+        Raises:
+          TypeError, ValueError: naming ``load``, ``layer`` or ``load_axes`` (also when
+            ``load_axes`` names an axis that no enclosing `jax.shard_map` binds).
 
         Example:
           >>> s = EplbState.create(num_layers=2, num_experts=2, num_devices=1,
@@ -482,51 +617,55 @@ class EplbState:
           >>> s.record(jnp.array([3, 1]), layer=1).pass_load.tolist()
           [[0, 0], [3, 1]]
         """
-        counts = jnp.asarray(counts)
-        if not jnp.issubdtype(counts.dtype, jnp.integer):
-            raise TypeError(f"counts: expected integer token counts, got dtype {counts.dtype}")
-        want = (self.num_experts,) if layer is not None else (self.num_layers, self.num_experts)
-        if tuple(counts.shape) != want:
-            letters = "[E]" if layer is not None else "[L, E]"
-            raise ValueError(
-                f"counts: expected shape {letters} = {want}, got {tuple(counts.shape)}"
-                + ("" if layer is not None else " (pass layer= to record one layer's [E] counts)")
-            )
-        is_int = isinstance(layer, int | np.integer) and not isinstance(layer, bool)
-        if is_int and not 0 <= int(layer) < self.num_layers:
-            raise ValueError(
-                f"layer: expected an index in [0, num_layers = {self.num_layers}), got {layer}"
-            )
-        if not _is_tracer(counts) and bool(jnp.any(counts < 0)):
-            bad = tuple(int(i) for i in np.argwhere(np.asarray(counts) < 0)[0])
-            raise ValueError(
-                f"counts{list(bad)} = {int(np.asarray(counts)[bad])}: expected token counts >= 0"
-            )
-        axes = (load_axes,) if isinstance(load_axes, str) else tuple(load_axes)
-        counts = counts.astype(jnp.int32)
-        if axes:
-            counts = jax.lax.psum(counts, axes)
-        if layer is None:
-            return self.replace(pass_load=self.pass_load + counts)
-        return self.replace(pass_load=self.pass_load.at[layer].add(counts))
+        num_layers, num_experts = self.num_layers, self.num_experts
+        one = layer is not None
+        if one:
+            check_layer(layer, num_layers)
+        elif num_layers < 1:
+            check_layer(0, num_layers)
+        axes = _load_axes(load_axes)
+        shape = (num_experts,) if one else (num_layers, num_experts)
+        load = as_counts(load, shape, "[E]" if one else "[L, E]")
+        with jax.named_scope("eplb_record"):
+            if axes:
+                try:
+                    load = saturating_psum(load, axes)
+                except NameError as err:
+                    raise ValueError(
+                        f"load_axes: no mesh axis among {axes} is bound here; load_axes sums "
+                        f"partial counts inside jax.shard_map over those axes: call record there, "
+                        f"or leave load_axes empty at global view"
+                    ) from err
+            elif _readable(load) and _readable(self.pass_load) and not _is_tracer(layer):
+                _check_sum(self.pass_load, load, layer)
+            if not one:
+                return self.replace(pass_load=saturating_add(self.pass_load, load))
+            ok = (layer >= 0) & (layer < num_layers)
+            row = self.pass_load[jnp.clip(layer, 0, num_layers - 1)]
+            index = jnp.where(ok, layer, num_layers).astype(jnp.int32)
+            added = self.pass_load.at[index].set(saturating_add(row, load), mode="drop")
+            return self.replace(pass_load=added)
 
     # ------------------------------------------------------------------------------ save / load
 
     def config(self) -> dict[str, Any]:
         """The static configuration as a plain dict (what `EplbState.save` stores)."""
-        return {name: getattr(self, name) for name in _STATIC_FIELDS}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if _is_static(f)}
 
     def save(self, path: str | os.PathLike) -> None:
-        """Writes placement, load statistics and configuration to ``path``.
+        """Writes placement, load statistics and configuration to ``path``, atomically.
 
         ``.json``: human-readable (arrays as nested lists); ``.npz``: compact binary. Both hold the
-        same fields and load back into an identical state with `EplbState.load`.
+        same fields and load back into an identical state with `EplbState.load`. The file is
+        written to a temporary file in the same folder, flushed to disk and renamed over
+        ``path``: a reader sees the old file or the new one, never a part, and a failed save
+        leaves the old file as it was.
 
         Args:
           path: a file name ending in ``.json`` or ``.npz``.
 
         Raises:
-          ValueError: another suffix.
+          ValueError: another suffix. OSError: the write failed (``path`` unchanged).
 
         Example:
           >>> import tempfile, os
@@ -536,24 +675,9 @@ class EplbState:
           >>> s.save(p); EplbState.load(p).phy2log.tolist()
           [[0, 1]]
         """
-        kind = _kind(path, "path")
-        arrays = {name: np.asarray(jax.device_get(getattr(self, name))) for name in _ARRAY_FIELDS}
-        header = {
-            "format": _FORMAT,
-            "version": _VERSION,
-            "num_layers": self.num_layers,
-            "num_experts": self.num_experts,
-            "num_slots": self.num_slots,
-            "config": self.config(),
-        }
-        if kind == "json":
-            doc = dict(header, arrays={k: v.tolist() for k, v in arrays.items()})
-            with open(path, "w") as f:
-                json.dump(doc, f, indent=1)
-                f.write("\n")
-        else:
-            with open(path, "wb") as f:
-                np.savez_compressed(f, __header__=np.array(json.dumps(header)), **arrays)
+        from jeplb._src import checkpoint
+
+        checkpoint.save(self, path)
 
     @classmethod
     def load(
@@ -569,6 +693,12 @@ class EplbState:
     ) -> EplbState:
         """Reads a state written by `EplbState.save`, checking it against what the model expects.
 
+        Every field of the file is checked as `EplbState.create` checks its arguments (the same
+        checker), and so are the arrays: maps that agree with each other, ids and slots in range,
+        counts >= 0, ``window_pos`` in [0, W), ``cursor`` in [0, L], ``step`` >= 0, every value
+        an int32. A file from before ``num_gpus`` was removed loads when its ``num_gpus`` is null
+        or equal to ``num_devices``.
+
         Args:
           path: a ``.json`` or ``.npz`` file from `EplbState.save`.
           like: a state of the model being resumed (e.g. from `EplbState.create`): the file's
@@ -581,9 +711,8 @@ class EplbState:
           The state (arrays on the default device).
 
         Raises:
-          ValueError: a size or shape that does not match, naming the field with the expected
-            and the found value; a file that is not a saved state; maps that contradict each
-            other.
+          ValueError: a damaged file (naming the field, what was expected and what was found),
+            a size or shape that does not match, a file that is not a saved state.
 
         Example:
           >>> import tempfile, os
@@ -593,222 +722,47 @@ class EplbState:
           >>> s.save(p); EplbState.load(p, like=s).num_experts
           2
         """
-        kind = _kind(path, "path")
-        header, raw = _read_saved(path, kind)
-        if header.get("version") != _VERSION:
-            raise ValueError(
-                f"version: expected {_VERSION}, found {header.get('version')!r} in "
-                f"{os.fspath(path)!r}"
-            )
-        missing = [k for k in _ARRAY_FIELDS if k not in raw]
-        if missing:
-            raise ValueError(f"{missing[0]}: missing from {os.fspath(path)!r}")
-        try:
-            arrays = {k: _int_array(raw[k]) for k in _ARRAY_FIELDS}
-            config = dict(header["config"])
-            sizes = {
-                "L": int(header["num_layers"]),
-                "E": int(header["num_experts"]),
-                "P": int(header["num_slots"]),
-                "W": int(config["window_size"]),
-            }
-            missing = [k for k in _STATIC_FIELDS if k not in config]
-            if missing:
-                raise KeyError(missing[0])
-        except (KeyError, TypeError, ValueError, OverflowError) as err:
-            raise ValueError(
-                f"path: {os.fspath(path)!r} is a damaged saved {_FORMAT}: its header or arrays "
-                f"do not parse ({type(err).__name__}: {err})"
-            ) from err
-        sizes["R_max"] = sizes["P"] - sizes["E"] + 1
-        # The file against itself.
-        for name, letters in _ARRAY_FIELDS.items():
-            want = tuple(sizes[c] for c in letters)
-            got = arrays[name].shape
-            if got != want:
-                raise ValueError(
-                    f"{name}: expected shape [{', '.join(letters)}] = {want} (from the file's "
-                    f"header), found {got} in {os.fspath(path)!r}"
-                )
-        # The file against the caller's expectations.
-        expected = {
-            "num_layers": (num_layers, sizes["L"]),
-            "num_experts": (num_experts, sizes["E"]),
-            "num_devices": (num_devices, config["num_devices"]),
-            "num_redundant_experts": (num_redundant_experts, sizes["P"] - sizes["E"]),
-            "window_size": (window_size, sizes["W"]),
-        }
-        if like is not None:
-            if not isinstance(like, EplbState):
-                raise TypeError(f"like: expected an EplbState, got {type(like).__name__}")
-            for name in ("num_layers", "num_experts", "num_devices", "num_redundant_experts"):
-                expected[name] = (getattr(like, name), expected[name][1])
-            expected["window_size"] = (like.window_size, sizes["W"])
-        for name, (want, found) in expected.items():
-            if want is not None and want != found:
-                raise ValueError(
-                    f"{name}: expected {want}, found {found} in {os.fspath(path)!r}"
-                    + (" (from like=)" if like is not None else "")
-                )
-        _check_saved_maps(arrays, sizes["E"], os.fspath(path))
-        if like is not None:
-            config = like.config()
-        return cls(
-            **{k: jnp.asarray(v) for k, v in arrays.items()},
-            **{k: config[k] for k in _STATIC_FIELDS},
+        from jeplb._src import checkpoint
+
+        return checkpoint.load(
+            cls,
+            path,
+            like=like,
+            num_layers=num_layers,
+            num_experts=num_experts,
+            num_devices=num_devices,
+            num_redundant_experts=num_redundant_experts,
+            window_size=window_size,
         )
 
 
-# ---------------------------------------------------------------------------------- checks
+def _is_static(field: dataclasses.Field) -> bool:
+    return bool(field.metadata.get("static"))
 
 
-def _read_saved(path: Any, kind: str) -> tuple[dict, dict]:
-    """The header and the raw arrays of a saved state; a ValueError for anything else."""
-    where = os.fspath(path)
-    try:
-        if kind == "json":
-            with open(path) as f:
-                doc = json.load(f)
-            header = doc if isinstance(doc, dict) else {}
-            raw = header.get("arrays", {})
-        else:
-            with np.load(path, allow_pickle=False) as z:
-                header = json.loads(str(z["__header__"])) if "__header__" in z.files else {}
-                raw = {k: z[k] for k in z.files if k != "__header__"}
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+def static_fields() -> tuple[str, ...]:
+    """Names of the static (configuration) fields of `EplbState`, in declaration order."""
+    return tuple(f.name for f in dataclasses.fields(EplbState) if _is_static(f))
+
+
+def array_fields() -> tuple[str, ...]:
+    """Names of the array fields of `EplbState`, in declaration order."""
+    return tuple(f.name for f in dataclasses.fields(EplbState) if not _is_static(f))
+
+
+def _check_sum(pass_load: jax.Array, load: jax.Array, layer: Any) -> None:
+    """Eagerly: raises when adding ``load`` to ``pass_load`` (row ``layer``) would pass 2^31 - 1."""
+    before = np.asarray(pass_load, np.int64)
+    if layer is not None:
+        before = before[int(np.asarray(layer))]
+    total = before + np.asarray(load, np.int64)
+    over = total > INT32_MAX
+    if over.any():
+        where = tuple(int(i) for i in np.argwhere(over)[0])
+        row = () if layer is None else (int(np.asarray(layer)),)
         raise ValueError(
-            f"path: {where!r} is not a saved {_FORMAT} ({'JSON' if kind == 'json' else 'npz'}; "
-            f"it does not parse: {type(err).__name__}: {err})"
-        ) from err
-    if not isinstance(header, dict) or header.get("format") != _FORMAT or not isinstance(raw, dict):
-        raise ValueError(
-            f"path: {where!r} is not a saved {_FORMAT} ({'JSON' if kind == 'json' else 'npz'})"
+            f"load{list(where)} = {int(np.asarray(load)[where])}: adding it to "
+            f"state.pass_load{list(row + where)} = {int(before[where])} gives {int(total[where])}, "
+            f"past the int32 maximum 2^31 - 1; call jeplb.eplb_step more often (it moves the "
+            f"pass into the window and resets pass_load)"
         )
-    return header, raw
-
-
-def _int_array(x: Any) -> np.ndarray:
-    """A saved array as int32; non-integer values are refused rather than truncated."""
-    a = np.asarray(x)
-    if a.dtype == object or not (np.issubdtype(a.dtype, np.integer) or a.size == 0):
-        raise TypeError(f"expected integer arrays, found dtype {a.dtype}")
-    return a.astype(np.int32)
-
-
-def _kind(path: Any, name: str) -> str:
-    if not isinstance(path, str | os.PathLike):
-        raise TypeError(f"{name}: expected a file name (str or os.PathLike), got {type(path)}")
-    suffix = os.path.splitext(os.fspath(path))[1].lower()
-    if suffix not in (".json", ".npz"):
-        raise ValueError(f"{name}: expected a file name ending in .json or .npz, got {path!r}")
-    return suffix[1:]
-
-
-def _check_config(
-    *,
-    num_layers,
-    num_experts,
-    p_total,
-    num_devices,
-    window_size,
-    step_interval,
-    layers_per_step,
-    num_groups,
-    num_nodes,
-    num_gpus,
-    axis_name,
-    chunk_rows,
-    log_interval,
-) -> None:
-    _check_int("window_size", window_size, minimum=1)
-    _check_int("step_interval", step_interval, minimum=1)
-    _check_int("layers_per_step", layers_per_step, minimum=1, allow_none=True)
-    _check_int("num_groups", num_groups, minimum=1)
-    _check_int("num_nodes", num_nodes, minimum=1)
-    _check_int("num_gpus", num_gpus, minimum=1, allow_none=True)
-    _check_int("chunk_rows", chunk_rows, minimum=1)
-    _check_int("log_interval", log_interval, minimum=0)
-    if not isinstance(axis_name, str) or not axis_name:
-        raise TypeError(f"axis_name: expected a mesh axis name (str), got {axis_name!r}")
-    if layers_per_step is not None:
-        if layers_per_step > num_layers:
-            raise ValueError(
-                f"layers_per_step: expected at most num_layers = {num_layers}, got "
-                f"{layers_per_step}"
-            )
-        steps = -(-num_layers // layers_per_step)
-        if step_interval < steps:
-            raise ValueError(
-                f"step_interval: a progressive rebalance of {num_layers} layers at "
-                f"layers_per_step = {layers_per_step} takes {steps} steps, so step_interval must "
-                f"be >= {steps}; got {step_interval}"
-            )
-    gpus = num_devices if num_gpus is None else num_gpus
-    if p_total % gpus:
-        raise ValueError(f"num_gpus: P = {p_total} slots is not divisible by num_gpus = {gpus}")
-    # The policy's rules: hierarchical when num_groups % num_nodes == 0, else global.
-    if num_groups % num_nodes == 0:
-        if num_experts % num_groups:
-            raise ValueError(
-                f"num_groups: expected a divisor of num_experts = {num_experts} (hierarchical "
-                f"policy, used because num_groups % num_nodes == 0), got {num_groups}"
-            )
-        if gpus % num_nodes:
-            raise ValueError(
-                f"num_nodes: num_gpus = {gpus} is not divisible by num_nodes = {num_nodes} "
-                f"(hierarchical policy, used because num_groups % num_nodes == 0)"
-            )
-
-
-def _check_placement(phy2log: np.ndarray, num_experts: int, name: str) -> None:
-    """Concrete checks of a map [L, P]: ids in [-1, E), every expert present in every layer."""
-    bad = np.argwhere((phy2log < -1) | (phy2log >= num_experts))
-    if bad.size:
-        lay, p = (int(i) for i in bad[0])
-        raise ValueError(
-            f"{name}[{lay}, {p}] = {int(phy2log[lay, p])}: expected an expert id in "
-            f"[0, num_experts = {num_experts}) or -1 (empty slot)"
-        )
-    for lay in range(phy2log.shape[0]):
-        present = np.zeros(num_experts, bool)
-        present[phy2log[lay][phy2log[lay] >= 0]] = True
-        if not present.all():
-            e = int(np.argmin(present))
-            raise ValueError(
-                f"{name}[{lay}]: expert {e} has no slot; every logical expert needs at least one "
-                f"replica in every layer"
-            )
-
-
-def _check_saved_maps(arrays: dict[str, np.ndarray], num_experts: int, where: str) -> None:
-    for prefix in ("", "pending_"):
-        p2l = arrays[prefix + "phy2log"]
-        _check_placement(p2l, num_experts, prefix + "phy2log")
-        l2p = arrays[prefix + "log2phy"]
-        cnt = arrays[prefix + "logcnt"]
-        want_cnt = np.stack(
-            [np.bincount(row[row >= 0], minlength=num_experts) for row in p2l]
-        ).astype(np.int32)
-        if not np.array_equal(cnt, want_cnt):
-            lay, e = (int(i) for i in np.argwhere(cnt != want_cnt)[0])
-            raise ValueError(
-                f"{prefix}logcnt[{lay}, {e}]: expected {want_cnt[lay, e]} (replicas of expert {e} "
-                f"in {prefix}phy2log), found {cnt[lay, e]} in {where!r}"
-            )
-        listed = (l2p >= 0).sum(-1)
-        if not np.array_equal(listed, cnt):
-            lay, e = (int(i) for i in np.argwhere(listed != cnt)[0])
-            raise ValueError(
-                f"{prefix}log2phy[{lay}, {e}]: expected {cnt[lay, e]} slots (its logcnt), found "
-                f"{listed[lay, e]} in {where!r}"
-            )
-        for lay, e, r in np.argwhere(l2p >= 0):
-            p = l2p[lay, e, r]
-            if p >= p2l.shape[1] or p2l[lay, p] != e or r >= cnt[lay, e]:
-                raise ValueError(
-                    f"{prefix}log2phy[{lay}, {e}, {r}] = {p}: expected a slot holding expert {e} "
-                    f"in {prefix}phy2log, found one holding "
-                    f"{p2l[lay, p] if p < p2l.shape[1] else 'nothing'} in {where!r}"
-                )

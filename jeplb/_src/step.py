@@ -46,7 +46,8 @@ from jax.sharding import PartitionSpec as P
 
 from jeplb._src import checks as _validate
 from jeplb._src import metrics as balance
-from jeplb._src.state import EplbState, maps_from_phy2log
+from jeplb._src.maps import maps_from_phy2log
+from jeplb._src.state import EplbState
 from jeplb._src.transfer import agree as _agree
 from jeplb._src.transfer import inplace as _local
 from jeplb._src.transfer import plan as _plan
@@ -108,7 +109,7 @@ def _plan_placement(state: EplbState, total: jax.Array):
         state.num_slots,
         state.num_groups,
         state.num_nodes,
-        state.num_gpus,
+        state.num_devices,
         old_phy2log=state.phy2log,
         refine=state.refine,
     )
