@@ -22,10 +22,10 @@ from jeplb._src.step import StepInfo as StepInfo
 from jeplb._src.step import eplb_step as eplb_step
 from jeplb._src.step import eplb_step_local as eplb_step_local
 from jeplb._src.transfer.api import TransferReport as TransferReport
-from jeplb._src.transfer.buffer import move_from_buffer as move_from_buffer
-from jeplb._src.transfer.buffer import move_to_buffer as move_to_buffer
 from jeplb._src.transfer.api import rearrange_expert_weights as rearrange_expert_weights
 from jeplb._src.transfer.api import transfer_layer as transfer_layer
+from jeplb._src.transfer.buffer import move_from_buffer as move_from_buffer
+from jeplb._src.transfer.buffer import move_to_buffer as move_to_buffer
 from jeplb._src.transfer.plan import TransferMetadata as TransferMetadata
 
 __version__ = "0.1.0"

@@ -343,7 +343,7 @@ def test_step_rejects_bad_arguments(mesh):
     bad = jax.device_put(jnp.zeros((2, E, 3)), NamedSharding(mesh, P(None, "ep")))
     with pytest.raises(
         ValueError,
-        match=r"expert_weights: leaf 0 has shape \(2, 8, 3\), expected leading dims \[L, P, ...\] = \(2, 16\)",
+        match=r"expert_weights has shape \(2, 8, 3\), expected leading dims L = 2 x P = 16",
     ):
         eplb_step(state, bad, mesh=mesh)
     with pytest.raises(TypeError, match=r"state: expected an EplbState, got dict"):

@@ -11,7 +11,6 @@ slots whose row the slot may hold afterwards, so a check accepts exactly the row
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
 
@@ -118,21 +117,11 @@ LEAF_SPECS = {
 
 
 def random_bytes(rng: np.random.Generator, shape: tuple[int, ...], dtype) -> np.ndarray:
-    """An array of ``dtype`` filled with random bytes (NaN and inf payloads included).
-
-    On XLA:CPU, writing a bf16 block into a bf16 array goes through f32, which replaces every NaN
-    payload by the canonical NaN (0x7fc0, or 0xffc0 negative); there, bf16 NaNs are drawn as
-    canonical NaNs, and every other bit pattern (finite values, infinities) is drawn as it comes.
-    docs/robustness.md says so.
-    """
+    """An array of ``dtype`` filled with random bytes (NaN payloads, infinities and subnormals
+    included)."""
     dtype = np.dtype(dtype)
     raw = rng.integers(0, 256, (*shape, dtype.itemsize), dtype=np.uint8)
-    out = raw.view(dtype).reshape(shape)
-    if dtype.name == "bfloat16" and jax.default_backend() == "cpu":
-        bits = out.view(np.uint16)
-        nan = ((bits & 0x7F80) == 0x7F80) & ((bits & 0x7F) != 0)
-        out = np.where(nan, (bits & 0x8000) | 0x7FC0, bits).astype(np.uint16).view(dtype)
-    return out
+    return raw.view(dtype).reshape(shape)
 
 
 def make_leaves(

@@ -12,8 +12,11 @@ from jax.sharding import Mesh, NamedSharding
 __all__ = [
     "axis_size",
     "check_maps",
+    "default_specs",
     "expert_spec",
     "is_concrete",
+    "is_explicit",
+    "platform_of",
     "weight_leaves",
 ]
 
@@ -41,6 +44,27 @@ def axis_size(mesh: Any, axis_name: str | tuple[str, ...]) -> int:
             f"{tuple(mesh.axis_names)}. Pass axis_name= one of them or build the mesh with it."
         )
     return int(mesh.shape[axis_name])
+
+
+def platform_of(mesh: Any = None) -> str:
+    """The platform of a mesh's devices (``cpu``, ``gpu``, ``tpu``); inside `jax.shard_map`,
+    where no concrete mesh is at hand, the default backend's."""
+    devices = getattr(mesh, "devices", None)
+    if devices is not None and np.asarray(devices).size:
+        return np.asarray(devices).flat[0].platform
+    return jax.default_backend()
+
+
+def is_explicit(mesh: Any) -> bool:
+    """The mesh has an Explicit axis (inputs must then be resharded, not just constrained)."""
+    types = getattr(mesh, "axis_types", None) or ()
+    return any(t == jax.sharding.AxisType.Explicit for t in types)
+
+
+def default_specs(specs: list, slot_axis: int, axes: tuple[str, ...]) -> tuple:
+    """Each leaf's spec, or the slot dim over the expert axis where it cannot be known."""
+    default = (None,) * slot_axis + (expert_spec(axes),)
+    return tuple(default if s is None else s for s in specs)
 
 
 def _int_map(x: Any, name: str) -> Any:
@@ -157,7 +181,9 @@ def _names(entry: Any) -> tuple[str, ...]:
     return tuple(entry) if isinstance(entry, tuple) else (entry,)
 
 
-def _leaf_problem(leaf, *, lead, slot_axis, layer_axis, mesh, axes) -> tuple[type, str] | None:
+def _leaf_problem(
+    leaf, *, lead, slot_axis, layer_axis, mesh, axes, local=False
+) -> tuple[type, str] | None:
     """What is wrong with one weight leaf, or None."""
     if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
         return TypeError, f"is a {type(leaf).__name__}, expected a jax.Array"
@@ -175,6 +201,8 @@ def _leaf_problem(leaf, *, lead, slot_axis, layer_axis, mesh, axes) -> tuple[typ
             f"{n} = {v}" for n, v in zip(_lead_letters(slot_axis, layer_axis), lead, strict=False)
         )
         return ValueError, f"has shape {tuple(leaf.shape)}, expected leading dims {want}"
+    if local:
+        return None
     expected = [None] * len(leaf.shape)
     expected[slot_axis] = expert_spec(axes)
     fix = f"PartitionSpec{tuple(expected)}"
@@ -229,13 +257,15 @@ def weight_leaves(
     mesh: Any,
     axes: tuple[str, ...],
     name: str = "expert_weights",
+    local: bool = False,
 ) -> tuple[list[Any], Any, list[tuple | None]]:
     """Checks every weight leaf at once and returns ``(leaves, treedef, specs)``.
 
     ``lead_shape`` is the sizes of the layer and slot dims in the order they stand in a leaf
     ((L, P) or (P, L); (P,) for one layer). Each spec is the leaf's PartitionSpec as a tuple, or
-    None when it cannot be known (traced on Auto axes). Raises one error naming every bad leaf by
-    its pytree path.
+    None when it cannot be known (traced on Auto axes). With ``local`` the leaves are one
+    device's shards inside `jax.shard_map` (N_local instead of P; shardings are not checked).
+    Raises one error naming every bad leaf by its pytree path.
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     if not flat:
@@ -243,7 +273,13 @@ def weight_leaves(
     problems = []
     for path, leaf in flat:
         problem = _leaf_problem(
-            leaf, lead=lead_shape, slot_axis=slot_axis, layer_axis=layer_axis, mesh=mesh, axes=axes
+            leaf,
+            lead=lead_shape,
+            slot_axis=slot_axis,
+            layer_axis=layer_axis,
+            mesh=mesh,
+            axes=axes,
+            local=local,
         )
         if problem is not None:
             problems.append((problem[0], f"{name}{jax.tree_util.keystr(path)} {problem[1]}"))
@@ -252,7 +288,7 @@ def weight_leaves(
         head = "" if len(problems) == 1 else f"{len(problems)} leaves cannot be moved:\n  "
         raise kind(head + "\n  ".join(text for _, text in problems))
     leaves = [leaf for _, leaf in flat]
-    return leaves, treedef, [_given_spec(x) for x in leaves]
+    return leaves, treedef, [None if local else _given_spec(x) for x in leaves]
 
 
 def _given_spec(leaf: Any) -> tuple | None:

@@ -30,7 +30,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jeplb._src import checks as _validate
+from jeplb._src import checks
+from jeplb._src.maps import maps_from_phy2log
 from jeplb._src.transfer import agree as _agree
 
 __all__ = ["Recovery", "recover_experts"]
@@ -81,7 +82,7 @@ def _old_mesh(leaves: list[Any], axis_name: str):
                 f"expert_weights: leaf {i} lives on another mesh than leaf 0; every leaf must be "
                 f"sharded over the same (old) mesh"
             )
-    _validate.axis_size(mesh, axis_name)
+    checks.axis_size(mesh, axis_name)
     if mesh.devices.size != mesh.shape[axis_name]:
         raise ValueError(
             f"expert_weights: the old mesh {dict(mesh.shape)} has axes other than {axis_name!r} "
@@ -92,7 +93,7 @@ def _old_mesh(leaves: list[Any], axis_name: str):
 
 
 def _check_new_mesh(mesh: Any, axis_name: str) -> int:
-    d_new = _validate.axis_size(mesh, axis_name)
+    d_new = checks.axis_size(mesh, axis_name)
     if mesh.devices.size != d_new:
         raise ValueError(
             f"mesh: {dict(mesh.shape)} has axes other than {axis_name!r} of size > 1; "
@@ -267,10 +268,85 @@ def recover_experts(
         },
         where="recover_experts",
     )
-    old = _as_placement(old_phy2log, "old_phy2log")
     if not callable(loader):
         raise TypeError(f"loader: expected a callable (layer, expert) -> arrays, got {loader!r}")
     leaves, treedef = jax.tree_util.tree_flatten(expert_weights)
+    plan = _plan_recovery(
+        old_phy2log,
+        leaves,
+        mesh=mesh,
+        axis_name=axis_name,
+        num_experts=num_experts,
+        lost_devices=lost_devices,
+        load=load,
+        new_phy2log=new_phy2log,
+        policy=(num_groups, num_nodes),
+    )
+    staged = _survivors_on_new_mesh(leaves, plan, mesh, axis_name)
+    from jeplb._src.transfer.api import rearrange_expert_weights
+
+    out, report = rearrange_expert_weights(
+        plan.staged,
+        plan.moves,
+        treedef.unflatten(staged),
+        mesh=mesh,
+        axis_name=axis_name,
+        chunk_rows=chunk_rows,
+        num_experts=plan.num_experts,
+        donate=True,
+        return_report=True,
+    )
+    out_leaves = treedef.flatten_up_to(out)
+    if plan.lost_pairs:
+        out_leaves = _write_loaded(out_leaves, leaves, treedef, plan, loader, mesh, axis_name)
+    target = jnp.asarray(plan.target)
+    log2phy, logcnt = maps_from_phy2log(
+        target, plan.num_experts, target.shape[1] - plan.num_experts + 1
+    )
+    recovery = Recovery(
+        phy2log=target,
+        log2phy=log2phy,
+        logcnt=logcnt,
+        moved_rows=jnp.asarray(report.remote_rows),
+        lost_devices=plan.lost,
+        loaded=tuple((int(a), int(b)) for a, b in plan.lost_pairs),
+    )
+    return treedef.unflatten(out_leaves), recovery
+
+
+@dataclasses.dataclass(frozen=True)
+class _RecoveryPlan:
+    """What recover_experts will do, decided on the host before anything moves.
+
+    Attributes:
+      num_experts: E.
+      n_local: N_local, slots per device (unchanged).
+      target: int32[L, P'] the placement on the new mesh.
+      staged: int32[L, P'] what each new slot holds before the transfer (-1: nothing).
+      moves: int32[L, P'] the transfer's target: ``target`` with lost experts' slots at -1.
+      source_of_new: per new device, its index on the old mesh if its rows survive, else -1.
+      lost: old-mesh indices of the lost devices.
+      lost_pairs: (layer, expert) pairs with no surviving replica.
+      old_devices, new_devices: the meshes' devices along the axis.
+    """
+
+    num_experts: int
+    n_local: int
+    target: np.ndarray
+    staged: np.ndarray
+    moves: np.ndarray
+    source_of_new: tuple[int, ...]
+    lost: tuple[int, ...]
+    lost_pairs: tuple[tuple[int, int], ...]
+    old_devices: tuple[Any, ...]
+    new_devices: tuple[Any, ...]
+
+
+def _plan_recovery(
+    old_phy2log, leaves, *, mesh, axis_name, num_experts, lost_devices, load, new_phy2log, policy
+) -> _RecoveryPlan:
+    """Checks the arguments and decides the placement and the moves."""
+    old = _as_placement(old_phy2log, "old_phy2log")
     if not leaves:
         raise ValueError("expert_weights: expected a pytree with at least one array leaf, got none")
     old_mesh = _old_mesh(leaves, axis_name)
@@ -281,16 +357,15 @@ def recover_experts(
         raise ValueError(
             f"old_phy2log: P = {p_old} slots is not divisible by the old mesh's {d_old} devices"
         )
-    _validate.check_weight_leaves(
-        leaves, lead_shape=(num_layers, p_old), slot_dim=1, mesh=old_mesh, axis_name=axis_name
+    checks.weight_leaves(
+        leaves,
+        lead_shape=(num_layers, p_old),
+        slot_axis=1,
+        layer_axis=0,
+        mesh=old_mesh,
+        axes=(axis_name,),
     )
-    if num_experts is None:
-        num_experts = int(old.max()) + 1
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int | np.integer):
-        raise TypeError(f"num_experts: expected an int, got {type(num_experts).__name__}")
-    if num_experts < 1:
-        raise ValueError(f"num_experts: expected an int >= 1, got {num_experts}")
-    _check_ids(old, "old_phy2log", num_experts, complete=True)
+    num_experts = _check_num_experts(num_experts, old)
     n_local = p_old // d_old
     p_new = n_local * d_new
     if p_new < num_experts:
@@ -298,151 +373,162 @@ def recover_experts(
             f"mesh: {d_new} devices x N_local = {n_local} slots = {p_new} slots per layer, fewer "
             f"than num_experts = {num_experts}; every expert needs a slot (use more devices)"
         )
-
-    old_devices = _device_positions(old_mesh)
-    new_devices = _device_positions(mesh)
-    if lost_devices is None:
-        lost = tuple(i for i, dev in enumerate(old_devices) if dev not in new_devices)
-    else:
-        lost_list = list(lost_devices)
-        for i in lost_list:
-            if isinstance(i, bool) or not isinstance(i, int | np.integer) or not 0 <= i < d_old:
-                raise ValueError(
-                    f"lost_devices: expected indices in [0, {d_old}) on the old mesh's "
-                    f"{axis_name!r} axis, got {i!r}"
-                )
-        lost = tuple(sorted({int(i) for i in lost_list}))
-        gone = [i for i, dev in enumerate(old_devices) if dev not in new_devices]
-        lost = tuple(sorted(set(lost) | set(gone)))
-    alive_old = [i not in lost for i in range(d_old)]
-
-    # The target placement.
-    if new_phy2log is not None:
-        target = _as_placement(new_phy2log, "new_phy2log")
-        if target.shape != (num_layers, p_new):
-            raise ValueError(
-                f"new_phy2log: expected shape [L, P'] = {(num_layers, p_new)} (N_local = "
-                f"{n_local} slots on each of the {d_new} new devices), got {tuple(target.shape)}"
-            )
-        _check_ids(target, "new_phy2log", num_experts, complete=True)
-    else:
-        if load is None:
-            weight = np.ones((num_layers, num_experts), np.float32)
-        else:
-            if not hasattr(load, "shape") or not hasattr(load, "dtype"):
-                raise TypeError(f"load: expected an array [L, E], got {type(load).__name__}")
-            if tuple(load.shape) != (num_layers, num_experts):
-                raise ValueError(
-                    f"load: expected shape [L, E] = {(num_layers, num_experts)}, got "
-                    f"{tuple(load.shape)}"
-                )
-            weight = np.asarray(load)
-        from jeplb._src.policy.api import rebalance_experts
-
-        target = np.asarray(
-            rebalance_experts(weight, p_new, num_groups, num_nodes, d_new)[0], np.int32
-        )
-
-    # Where each new device's rows come from: its own old rows if it survived, else nothing.
-    staged = np.full((num_layers, p_new), -1, np.int32)
-    source_of_new = []
-    for j, dev in enumerate(new_devices):
-        i = old_devices.index(dev) if dev in old_devices else -1
-        i = i if i >= 0 and alive_old[i] else -1
-        source_of_new.append(i)
-        if i >= 0:
-            staged[:, j * n_local : (j + 1) * n_local] = old[:, i * n_local : (i + 1) * n_local]
-    lost_pairs = []
-    for layer in range(num_layers):
-        held = np.zeros(num_experts, bool)
-        held[staged[layer][staged[layer] >= 0]] = True
-        lost_pairs += [(layer, e) for e in np.nonzero(~held)[0].tolist()]
-    lost_set = set(lost_pairs)
+    old_devices = tuple(_device_positions(old_mesh))
+    new_devices = tuple(_device_positions(mesh))
+    lost = _lost_devices(lost_devices, old_devices, new_devices, axis_name)
+    target = _target(new_phy2log, load, (num_layers, p_new), num_experts, d_new, policy)
+    staged, source_of_new = _staged_maps(old, lost, old_devices, new_devices, n_local)
+    lost_pairs = _lost_pairs(staged, num_experts)
     # The transfer moves survivors; slots of lost experts are left to the loader (-1: untouched).
     moves = target.copy()
     for layer, e in lost_pairs:
         moves[layer][target[layer] == e] = -1
-
-    # Weights on the new mesh: surviving shards as they are, fresh zeros for the others.
-    sharding = NamedSharding(mesh, P(None, axis_name))
-    staged_leaves = []
-    for leaf in leaves:
-        shards = {s.device: s.data for s in leaf.addressable_shards}
-        shape = (num_layers, p_new, *leaf.shape[2:])
-        local = []
-        for j, dev in enumerate(new_devices):
-            if dev.process_index != jax.process_index():
-                continue
-            i = source_of_new[j]
-            if i >= 0:
-                local.append(jax.device_put(shards[old_devices[i]], dev, may_alias=False))
-            else:
-                local.append(
-                    jax.device_put(
-                        np.zeros((num_layers, n_local, *leaf.shape[2:]), leaf.dtype), dev
-                    )
-                )
-        staged_leaves.append(jax.make_array_from_single_device_arrays(shape, sharding, local))
-
-    from jeplb._src.transfer.api import rearrange_expert_weights
-
-    out, report = rearrange_expert_weights(
+    return _RecoveryPlan(
+        num_experts,
+        n_local,
+        target,
         staged,
         moves,
-        treedef.unflatten(staged_leaves),
-        mesh=mesh,
-        axis_name=axis_name,
-        chunk_rows=chunk_rows,
-        num_experts=num_experts,
-        donate=True,
-        return_report=True,
+        source_of_new,
+        lost,
+        lost_pairs,
+        old_devices,
+        new_devices,
     )
-    out_leaves = treedef.flatten_up_to(out)
 
-    # The lost experts: loaded once per process, written on the devices that hold their slots.
-    if lost_pairs:
-        leaf_shapes = [x.shape[2:] for x in leaves]
-        leaf_dtypes = [np.dtype(x.dtype) for x in leaves]
-        cache: dict[tuple[int, int], list[np.ndarray]] = {}
-        new_shards = [{s.device: s.data for s in x.addressable_shards} for x in out_leaves]
-        for j, dev in enumerate(new_devices):
+
+def _check_num_experts(num_experts, old: np.ndarray) -> int:
+    if num_experts is None:
+        num_experts = int(old.max()) + 1
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int | np.integer):
+        raise TypeError(f"num_experts: expected an int, got {type(num_experts).__name__}")
+    if num_experts < 1:
+        raise ValueError(f"num_experts: expected an int >= 1, got {num_experts}")
+    _check_ids(old, "old_phy2log", num_experts, complete=True)
+    return int(num_experts)
+
+
+def _lost_devices(lost_devices, old_devices, new_devices, axis_name) -> tuple[int, ...]:
+    """The old-mesh indices whose rows are gone: the ones named, and those not on the new mesh."""
+    gone = {i for i, dev in enumerate(old_devices) if dev not in new_devices}
+    if lost_devices is None:
+        return tuple(sorted(gone))
+    d_old = len(old_devices)
+    for i in list(lost_devices):
+        if isinstance(i, bool) or not isinstance(i, int | np.integer) or not 0 <= i < d_old:
+            raise ValueError(
+                f"lost_devices: expected indices in [0, {d_old}) on the old mesh's "
+                f"{axis_name!r} axis, got {i!r}"
+            )
+    return tuple(sorted({int(i) for i in lost_devices} | gone))
+
+
+def _target(new_phy2log, load, shape, num_experts, d_new, policy) -> np.ndarray:
+    """The placement on the new mesh: the caller's, or the policy's for the load."""
+    num_layers, p_new = shape
+    if new_phy2log is not None:
+        target = _as_placement(new_phy2log, "new_phy2log")
+        if target.shape != shape:
+            raise ValueError(
+                f"new_phy2log: expected shape [L, P'] = {shape} (N_local = {p_new // d_new} "
+                f"slots on each of the {d_new} new devices), got {tuple(target.shape)}"
+            )
+        _check_ids(target, "new_phy2log", num_experts, complete=True)
+        return target
+    if load is None:
+        load = np.ones((num_layers, num_experts), np.float32)
+    elif not hasattr(load, "shape") or not hasattr(load, "dtype"):
+        raise TypeError(f"load: expected an array [L, E], got {type(load).__name__}")
+    elif tuple(load.shape) != (num_layers, num_experts):
+        raise ValueError(
+            f"load: expected shape [L, E] = {(num_layers, num_experts)}, got {tuple(load.shape)}"
+        )
+    from jeplb._src.policy.api import rebalance_experts
+
+    placement = rebalance_experts(np.asarray(load), p_new, *policy, d_new)[0]
+    return np.asarray(placement, np.int32)
+
+
+def _staged_maps(old, lost, old_devices, new_devices, n_local):
+    """What each new slot holds before the transfer: its device's old rows if that device
+    survived, else nothing (-1); and each new device's old index (or -1)."""
+    num_layers = old.shape[0]
+    staged = np.full((num_layers, n_local * len(new_devices)), -1, np.int32)
+    source_of_new = []
+    for j, dev in enumerate(new_devices):
+        i = old_devices.index(dev) if dev in old_devices else -1
+        i = i if i >= 0 and i not in lost else -1
+        source_of_new.append(i)
+        if i >= 0:
+            staged[:, j * n_local : (j + 1) * n_local] = old[:, i * n_local : (i + 1) * n_local]
+    return staged, tuple(source_of_new)
+
+
+def _lost_pairs(staged: np.ndarray, num_experts: int) -> tuple[tuple[int, int], ...]:
+    """(layer, expert) pairs that no surviving slot holds."""
+    pairs = []
+    for layer in range(staged.shape[0]):
+        held = np.zeros(num_experts, bool)
+        held[staged[layer][staged[layer] >= 0]] = True
+        pairs += [(layer, e) for e in np.nonzero(~held)[0].tolist()]
+    return tuple(pairs)
+
+
+def _survivors_on_new_mesh(leaves, plan: _RecoveryPlan, mesh, axis_name) -> list[jax.Array]:
+    """Weights on the new mesh: surviving shards as they are, fresh zeros for the others."""
+    sharding = NamedSharding(mesh, P(None, axis_name))
+    out = []
+    for leaf in leaves:
+        shards = {s.device: s.data for s in leaf.addressable_shards}
+        num_layers = leaf.shape[0]
+        shape = (num_layers, plan.n_local * len(plan.new_devices), *leaf.shape[2:])
+        local = []
+        for j, dev in enumerate(plan.new_devices):
             if dev.process_index != jax.process_index():
                 continue
-            block = target[:, j * n_local : (j + 1) * n_local]
-            want = [
-                (layer, r, int(block[layer, r]))
-                for layer in range(num_layers)
-                for r in range(n_local)
-                if (layer, int(block[layer, r])) in lost_set
-            ]
-            if not want:
-                continue
-            for key in sorted({(lay, e) for lay, _, e in want}):
-                if key not in cache:
-                    cache[key] = _load_row(loader, *key, treedef, leaf_shapes, leaf_dtypes)
-            layer_idx = jax.device_put(np.array([w[0] for w in want], np.int32), dev)
-            row_idx = jax.device_put(np.array([w[1] for w in want], np.int32), dev)
-            patch = _patch_program(len(want))
-            for k in range(len(out_leaves)):
-                rows = np.stack([cache[(lay, e)][k] for lay, _, e in want])
-                new_shards[k][dev] = patch(
-                    new_shards[k][dev], layer_idx, row_idx, jax.device_put(rows, dev)
-                )
-        out_leaves = [
-            jax.make_array_from_single_device_arrays(x.shape, sharding, list(shards.values()))
-            for x, shards in zip(out_leaves, new_shards, strict=True)
+            i = plan.source_of_new[j]
+            if i >= 0:
+                local.append(jax.device_put(shards[plan.old_devices[i]], dev, may_alias=False))
+            else:
+                zeros = np.zeros((num_layers, plan.n_local, *leaf.shape[2:]), leaf.dtype)
+                local.append(jax.device_put(zeros, dev))
+        out.append(jax.make_array_from_single_device_arrays(shape, sharding, local))
+    return out
+
+
+def _write_loaded(out_leaves, leaves, treedef, plan: _RecoveryPlan, loader, mesh, axis_name):
+    """The lost experts: loaded once per process, written on the devices that hold their slots."""
+    lost_set = set(plan.lost_pairs)
+    leaf_shapes = [x.shape[2:] for x in leaves]
+    leaf_dtypes = [np.dtype(x.dtype) for x in leaves]
+    cache: dict[tuple[int, int], list[np.ndarray]] = {}
+    new_shards = [{s.device: s.data for s in x.addressable_shards} for x in out_leaves]
+    num_layers = plan.target.shape[0]
+    for j, dev in enumerate(plan.new_devices):
+        if dev.process_index != jax.process_index():
+            continue
+        block = plan.target[:, j * plan.n_local : (j + 1) * plan.n_local]
+        want = [
+            (layer, r, int(block[layer, r]))
+            for layer in range(num_layers)
+            for r in range(plan.n_local)
+            if (layer, int(block[layer, r])) in lost_set
         ]
-
-    from jeplb._src.maps import maps_from_phy2log
-
-    target_j = jnp.asarray(target)
-    log2phy, logcnt = maps_from_phy2log(target_j, num_experts, p_new - num_experts + 1)
-    recovery = Recovery(
-        phy2log=target_j,
-        log2phy=log2phy,
-        logcnt=logcnt,
-        moved_rows=jnp.asarray(report.remote_rows),
-        lost_devices=lost,
-        loaded=tuple((int(a), int(b)) for a, b in lost_pairs),
-    )
-    return treedef.unflatten(out_leaves), recovery
+        if not want:
+            continue
+        for key in sorted({(lay, e) for lay, _, e in want}):
+            if key not in cache:
+                cache[key] = _load_row(loader, *key, treedef, leaf_shapes, leaf_dtypes)
+        layer_idx = jax.device_put(np.array([w[0] for w in want], np.int32), dev)
+        row_idx = jax.device_put(np.array([w[1] for w in want], np.int32), dev)
+        patch = _patch_program(len(want))
+        for k in range(len(out_leaves)):
+            rows = np.stack([cache[(lay, e)][k] for lay, _, e in want])
+            new_shards[k][dev] = patch(
+                new_shards[k][dev], layer_idx, row_idx, jax.device_put(rows, dev)
+            )
+    sharding = NamedSharding(mesh, P(None, axis_name))
+    return [
+        jax.make_array_from_single_device_arrays(x.shape, sharding, list(shards.values()))
+        for x, shards in zip(out_leaves, new_shards, strict=True)
+    ]

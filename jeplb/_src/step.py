@@ -44,15 +44,13 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jeplb._src import checks as _validate
+from jeplb._src import checks
 from jeplb._src import metrics as balance
 from jeplb._src.maps import maps_from_phy2log
-from jeplb._src.state import EplbState
-from jeplb._src.transfer import agree as _agree
-from jeplb._src.transfer import inplace as _local
-from jeplb._src.transfer import plan as _plan
-from jeplb._src.transfer import rows as _rows
-from jeplb._src.transfer.buffer import move_from_buffer, move_to_buffer
+from jeplb._src.state import EplbState, saturating_psum
+from jeplb._src.transfer import engine as engine_lib
+from jeplb._src.transfer.config import TransferConfig
+from jeplb._src.transfer.rows import varying_axes
 
 __all__ = ["StepInfo", "eplb_step", "eplb_step_local"]
 
@@ -123,74 +121,50 @@ def _plan_placement(state: EplbState, total: jax.Array):
 # --------------------------------------------------------------------------------- the step
 
 
-def _as_bits(x: jax.Array, platform: str) -> jax.Array:
-    """``x`` as unsigned bits where XLA would not move it as is (only some types on CPU): an
-    unneeded bitcast is a full copy of the weights on XLA:CPU."""
-    target = _rows._bitcast_type(x.dtype, platform)
-    return x if target is None else lax.bitcast_convert_type(x, target)
+def _window(state: EplbState, load_axes: tuple[str, ...]):
+    """The pass's load enters the window: (window, window_pos, step, total float32[L, E])."""
+    pass_load = state.pass_load
+    if load_axes:
+        pass_load = saturating_psum(pass_load, load_axes)
+    window = lax.dynamic_update_index_in_dim(state.window, pass_load, state.window_pos, 0)
+    window_pos = (state.window_pos + 1) % state.window_size
+    total = jnp.sum(window.astype(jnp.float32), axis=0)  # [L, E], replicated
+    return window, window_pos, state.step + 1, total
 
 
-def _from_bits(x: jax.Array, dtype) -> jax.Array:
-    return x if x.dtype == dtype else lax.bitcast_convert_type(x, dtype)
-
-
-def _gained(old: jax.Array, new: jax.Array, num_devices: int, num_experts: int) -> jax.Array:
-    """int32[]: (device, expert) pairs that ``new`` [P] has and ``old`` [P] lacks: the rows the
-    transfer receives remotely (once per device and expert), computed from the replicated maps."""
-
-    def held(m):
-        dev = jnp.arange(m.shape[0]) // (m.shape[0] // num_devices)
-        e = jnp.where(m >= 0, m, num_experts)
-        return jnp.zeros((num_devices, num_experts), bool).at[dev, e].set(True, mode="drop")
-
-    return jnp.sum(held(new) & ~held(old)).astype(jnp.int32)
-
-
-def _varying(x: jax.Array, axis_name: str) -> jax.Array:
-    """Marks ``x`` as varying over ``axis_name`` (a loop carry that the stages make varying)."""
-    if axis_name in _vma(x):
-        return x
-    return lax.pcast(x, (axis_name,), to="varying")
-
-
-def _vma(x: jax.Array) -> frozenset:
-    manual = getattr(jax.typeof(x), "manual_axis_type", None)
-    return manual.varying if manual is not None else getattr(jax.typeof(x), "vma", frozenset())
-
-
-def _direct_layer(old, new, leaves, li, impls, platform):
-    """One device: layer ``li``'s moves in place, in a hazard-free order (see `_local`), on the
-    whole leaves [L, N, ...] (no copy of the layer, no staging). Maps int32[P]. Returns the
-    leaves and whether the plan was feasible (if not, nothing moves)."""
-    num_layers = leaves[0].shape[0]
-    with jax.named_scope("plan"):
-        _, ok = _plan.classify(old, new)
-        src, dst, count = _local.order_moves(old, new, ok)
-        # Every other layer gets no move: the executors run all layers' lists at once.
-        n = old.shape[0]
-        src = jnp.full((num_layers, src.shape[0]), n, jnp.int32).at[li].set(src)
-        dst = jnp.full((num_layers, dst.shape[0]), n, jnp.int32).at[li].set(dst)
-        count = jnp.zeros((num_layers,), jnp.int32).at[li].set(count)
-    with jax.named_scope("local_moves"):
-        return _local.move_leaves(leaves, src, dst, count, impls, platform), ok
-
-
-def _local_step(
-    state: EplbState, leaves: list[jax.Array], *, load_axes: tuple[str, ...], platform: str
-):
-    """The step on this device's shard: leaves [L, N_local, ...]. Runs inside shard_map."""
-    num_layers, d, e = state.num_layers, state.num_devices, state.num_experts
+def _transfer(state: EplbState, leaves, pending, cursor, setup: engine_lib.Engine):
+    """Moves the due layers [cursor, cursor + k) to the pending maps; switches exactly the maps
+    of the layers that moved. Returns (leaves, maps, cursor, stats, layer_ok)."""
+    num_layers = state.num_layers
     k = state.effective_layers_per_step
-    axis = state.axis_name
+    count = jnp.clip(num_layers - cursor, 0, k)
+    leaves, stats = engine_lib.move_layers(
+        state.phy2log,
+        pending[0],
+        leaves,
+        first=cursor,
+        count=count,
+        all_or_nothing=False,
+        engine=setup,
+    )
+    moved = stats.moved
+    maps = tuple(
+        jnp.where(moved.reshape((-1,) + (1,) * (cur.ndim - 1)), target, cur)
+        for cur, target in zip((state.phy2log, state.log2phy, state.logcnt), pending, strict=True)
+    )
+    layers = jnp.arange(num_layers)
+    due = (layers >= cursor) & (layers < cursor + count)
+    # Devices that disagree on the maps move nothing and keep their cursor (no layer is ok).
+    layer_ok = (stats.ok | ~due) & stats.agreed
+    cursor = jnp.where((count > 0) & stats.agreed, cursor + count, cursor)
+    return leaves, maps, cursor, stats, layer_ok
 
+
+def _local_step(state: EplbState, leaves: list[jax.Array], *, load_axes: tuple[str, ...], setup):
+    """The step on this device's shard: leaves [L, N_local, ...]. Runs inside shard_map."""
+    num_layers = state.num_layers
     with jax.named_scope("eplb_window"):
-        pass_load = state.pass_load
-        if load_axes:
-            pass_load = lax.psum(pass_load, load_axes)
-        window = lax.dynamic_update_index_in_dim(state.window, pass_load, state.window_pos, 0)
-        window_pos = (state.window_pos + 1) % state.window_size
-        step = state.step + 1
-        total = jnp.sum(window.astype(jnp.float32), axis=0)  # [L, E], replicated
+        window, window_pos, step, total = _window(state, load_axes)
 
     with jax.named_scope("eplb_policy"):
         idle = state.cursor >= num_layers
@@ -199,68 +173,11 @@ def _local_step(
         pending = lax.cond(fire, lambda: _plan_placement(state, total), lambda: pending)
         cursor = jnp.where(fire, 0, state.cursor)
 
-    maps = (state.phy2log, state.log2phy, state.logcnt)
-    zeros_l = jnp.zeros((num_layers,), jnp.int32)
-    stats = (jnp.zeros((num_layers,), bool), jnp.ones((num_layers,), bool), zeros_l)
-
-    def move(leaves, maps, stats):
-        def layer(j, carry):
-            leaves, bufs, maps, stats = carry
-            li = cursor + j
-            p2l, l2p, cnt = maps
-            moved, ok, remote = stats
-            old, new = p2l[li], pending[0][li]
-            # One device: ordered moves in place. Else the transfer's per-layer stages: stage
-            # (local copies + collectives), then commit.
-            if direct is not None:
-                leaves, good = _direct_layer(old, new, leaves, li, direct, platform)
-            else:
-                here = [lax.dynamic_index_in_dim(x, li, keepdims=False) for x in leaves]
-                bufs, meta = move_to_buffer(
-                    old, new, here, axis_name=axis, buffer=bufs, chunk_rows=state.chunk_rows
-                )
-                here = move_from_buffer(here, bufs, meta)
-                leaves = [
-                    lax.dynamic_update_index_in_dim(x, h, li, 0)
-                    for x, h in zip(leaves, here, strict=True)
-                ]
-                good = meta.ok
-            maps = (
-                p2l.at[li].set(jnp.where(good, new, old)),
-                l2p.at[li].set(jnp.where(good, pending[1][li], l2p[li])),
-                cnt.at[li].set(jnp.where(good, pending[2][li], cnt[li])),
-            )
-            stats = (
-                moved.at[li].set(good),
-                ok.at[li].set(good),
-                remote.at[li].set(jnp.where(good, _gained(old, new, d, e), 0)),
-            )
-            return leaves, bufs, maps, stats
-
-        # One device moves each layer in place (no buffer); else one staging buffer of one
-        # layer's local rows, reused by every layer.
-        direct = _local.leaf_impls("auto", leaves, platform) if d == 1 else None
-        bufs = []
-        if direct is None:
-            bufs = [_varying(jnp.zeros(x.shape[1:], x.dtype), axis) for x in leaves]
-        trips = jnp.minimum(k, num_layers - cursor)
-        leaves, _, maps, stats = lax.fori_loop(0, trips, layer, (leaves, bufs, maps, stats))
-        return leaves, maps, stats
-
     with jax.named_scope("eplb_transfer"):
-        # The move's collective loops run only if every device holds the same maps and cursor.
-        agree = _agree.maps_agree((maps[0], pending[0], cursor), axis)
-        active = (cursor < num_layers) & agree
-        stats = (stats[0], stats[1] & agree, stats[2])
-        # Bits, not numbers: XLA:CPU widens bf16/f16/fp8 around slices and updates (and
-        # canonicalises NaN payloads on the way); unsigned integers of the same width move as is.
-        bits = [_as_bits(x, platform) for x in leaves]
-        bits, maps, stats = lax.cond(active, move, lambda w, m, s: (w, m, s), bits, maps, stats)
-        leaves = [_from_bits(b, x.dtype) for b, x in zip(bits, leaves, strict=True)]
-        cursor = jnp.where(active, jnp.minimum(cursor + k, num_layers), cursor)
+        leaves, maps, cursor, stats, layer_ok = _transfer(state, leaves, pending, cursor, setup)
 
     with jax.named_scope("eplb_metrics"):
-        per_layer, overall = _balancedness(total, maps[0], d)
+        per_layer, overall = _balancedness(total, maps[0], state.num_devices)
 
     new_state = state.replace(
         phy2log=maps[0],
@@ -278,14 +195,25 @@ def _local_step(
     info = StepInfo(
         step=step,
         fired=fire,
-        moved=stats[0],
-        layer_ok=stats[1],
+        moved=stats.moved,
+        layer_ok=layer_ok,
         in_progress=cursor < num_layers,
-        remote_rows=stats[2],
+        remote_rows=stats.remote_rows,
         balancedness=per_layer,
         balancedness_total=overall,
     )
     return new_state, leaves, info
+
+
+def _setup(state: EplbState, platform: str, layer_axis: int, slot_axis: int):
+    """The engine setup of a state's transfer."""
+    config = TransferConfig(
+        axis_name=state.axis_name,
+        chunk_rows=state.chunk_rows,
+        layer_axis=layer_axis,
+        slot_axis=slot_axis,
+    )
+    return engine_lib.Engine(config=config, num_devices=state.num_devices, platform=platform)
 
 
 def _check_state(state: Any) -> EplbState:
@@ -321,7 +249,12 @@ def _log_balancedness(state: EplbState, info: StepInfo, *, only_device: jax.Arra
 
 
 def eplb_step_local(
-    state: EplbState, expert_weights: Any, *, load_axes: tuple[str, ...] | str = ()
+    state: EplbState,
+    expert_weights: Any,
+    *,
+    load_axes: tuple[str, ...] | str = (),
+    layer_axis: int = 0,
+    slot_axis: int = 1,
 ) -> tuple[EplbState, Any, StepInfo]:
     """`eplb_step` for a model whose step already runs inside `jax.shard_map`.
 
@@ -334,6 +267,8 @@ def eplb_step_local(
         ``load_axes``.
       expert_weights: pytree of this device's slots, leaves [L, N_local, ...] (the global [L, P,
         ...] sharded ``PartitionSpec(None, state.axis_name)``).
+      layer_axis: the leaves' layer dim (0 or 1).
+      slot_axis: the leaves' slot dim (1 or 0).
       load_axes: mesh axes over which ``pass_load`` is a partial count (e.g. ``("data", "ep")``);
         summed with one psum before entering the window. Leave empty when ``pass_load`` is
         already global (a psum of a replicated value would multiply it by the axis size, so this
@@ -378,8 +313,27 @@ def eplb_step_local(
             f"state.num_devices: the state was built for {state.num_devices} devices, the mesh "
             f"axis {axis!r} has {d}"
         )
+    axes = _check_load_axes(state, load_axes)
+    setup = _setup(state, checks.platform_of(), layer_axis, slot_axis)
+    lead = _lead_shape(state, setup, local=True)
+    leaves, treedef, _ = checks.weight_leaves(
+        expert_weights,
+        lead_shape=lead,
+        slot_axis=slot_axis,
+        layer_axis=layer_axis,
+        mesh=None,
+        axes=setup.config.axes,
+        local=True,
+    )
+    state, leaves, info = _local_step(state, leaves, load_axes=axes, setup=setup)
+    _log_balancedness(state, info, only_device=lax.axis_index(axis))
+    return state, treedef.unflatten(leaves), info
+
+
+def _check_load_axes(state: EplbState, load_axes) -> tuple[str, ...]:
+    """``load_axes`` as a tuple, checked against how ``state.pass_load`` varies."""
     axes = (load_axes,) if isinstance(load_axes, str) else tuple(load_axes)
-    varying = _vma(state.pass_load)
+    varying = varying_axes(state.pass_load)
     for a in axes:
         if a not in varying:
             raise ValueError(
@@ -393,33 +347,24 @@ def eplb_step_local(
             f"{sorted(varying - set(axes))} (from dispatch inside shard_map); name these axes in "
             f"load_axes={tuple(sorted(varying))} so they are summed"
         )
-    leaves, treedef = jax.tree_util.tree_flatten(expert_weights)
-    _check_local_leaves(leaves, state)
-    state, leaves, info = _local_step(state, leaves, load_axes=axes, platform=jax.default_backend())
-    _log_balancedness(state, info, only_device=lax.axis_index(axis))
-    return state, treedef.unflatten(leaves), info
+    return axes
 
 
-def _check_local_leaves(leaves, state: EplbState) -> None:
-    if not leaves:
-        raise ValueError("expert_weights: expected a pytree with at least one array leaf")
-    want = (state.num_layers, state.slots_per_device)
-    for i, x in enumerate(leaves):
-        if not hasattr(x, "shape") or tuple(x.shape[:2]) != want:
-            raise ValueError(
-                f"expert_weights: leaf {i} has local shape {tuple(getattr(x, 'shape', ()))}, "
-                f"expected [L, N_local, ...] = {want} + (...) (P = {state.num_slots} slots over "
-                f"{state.num_devices} devices)"
-            )
-
-
-def _explicit(mesh) -> bool:
-    types = getattr(mesh, "axis_types", None) or ()
-    return any(t == jax.sharding.AxisType.Explicit for t in types)
+def _lead_shape(state: EplbState, setup, *, local: bool) -> tuple[int, int]:
+    """The (layer, slot) dims of a leaf in the order they stand: (L, P) or (P, L) (N_local
+    instead of P for local leaves)."""
+    slots = state.slots_per_device if local else state.num_slots
+    lead = (state.num_layers, slots)
+    return lead[::-1] if setup.config.slot_major else lead
 
 
 def eplb_step(
-    state: EplbState, expert_weights: Any, *, mesh: jax.sharding.Mesh
+    state: EplbState,
+    expert_weights: Any,
+    *,
+    mesh: jax.sharding.Mesh,
+    layer_axis: int = 0,
+    slot_axis: int = 1,
 ) -> tuple[EplbState, Any, StepInfo]:
     """One rebalance step at global view: window, maybe plan, move due layers, switch their maps.
 
@@ -430,9 +375,13 @@ def eplb_step(
     Args:
       state: the `EplbState`, replicated. ``pass_load`` must hold global counts (what
         `jeplb.dispatch` records at global view).
-      expert_weights: pytree of arrays with leaves [L, P, ...] sharded ``PartitionSpec(None,
-        state.axis_name)`` over ``mesh`` (any trailing shape; dtypes with 1, 2, 4 or 8-byte items).
+      expert_weights: pytree of arrays with leaves [L, P, ...] (or [P, L, ...] with
+        ``slot_axis=0, layer_axis=1``) whose slot dim is sharded over ``state.axis_name`` on
+        ``mesh``; other dims may be sharded over other mesh axes (any trailing shape, any dtype
+        `jeplb.rearrange_expert_weights` moves). They come back with the same shardings.
       mesh: the device mesh; its ``state.axis_name`` axis must have ``state.num_devices`` devices.
+      layer_axis: the leaves' layer dim (0 or 1).
+      slot_axis: the leaves' slot dim (1 or 0).
 
     Returns:
       ``(state, expert_weights, info)``: the new state, the weights (same structure, shapes,
@@ -458,27 +407,26 @@ def eplb_step(
       True
     """
     state = _check_state(state)
-    axis = state.axis_name
-    d = _validate.axis_size(mesh, axis)
+    d = checks.axis_size(mesh, state.axis_name)
     if d != state.num_devices:
         raise ValueError(
-            f"mesh: axis {axis!r} has {d} devices, but the state was built for num_devices = "
-            f"{state.num_devices}"
+            f"mesh: axis {state.axis_name!r} has {d} devices, but the state was built for "
+            f"num_devices = {state.num_devices}"
         )
-    leaves, treedef = jax.tree_util.tree_flatten(expert_weights)
-    _validate.check_weight_leaves(
-        leaves,
-        lead_shape=(state.num_layers, state.num_slots),
-        slot_dim=1,
+    setup = _setup(state, checks.platform_of(mesh), layer_axis, slot_axis)
+    leaves, treedef, specs = checks.weight_leaves(
+        expert_weights,
+        lead_shape=_lead_shape(state, setup, local=False),
+        slot_axis=slot_axis,
+        layer_axis=layer_axis,
         mesh=mesh,
-        axis_name=axis,
+        axes=setup.config.axes,
     )
-    platform = mesh.devices.flat[0].platform if hasattr(mesh, "devices") else jax.default_backend()
-    if _explicit(mesh):
+    if checks.is_explicit(mesh):
         replicated = NamedSharding(mesh, P())
         state = jax.tree_util.tree_map(lambda x: jax.sharding.reshard(x, replicated), state)
-    specs = [P(None, axis)] * len(leaves)
-    body = functools.partial(_local_step, load_axes=(), platform=platform)
+    specs = [P(*s) for s in checks.default_specs(specs, slot_axis, setup.config.axes)]
+    body = functools.partial(_local_step, load_axes=(), setup=setup)
     f = jax.shard_map(body, mesh=mesh, in_specs=(P(), specs), out_specs=(P(), specs, P()))
     with jax.named_scope("eplb_step"):
         state, leaves, info = f(state, leaves)

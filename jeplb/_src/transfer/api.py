@@ -95,11 +95,6 @@ def _warn_if_infeasible(ok: Any, *, where: str) -> None:
         pass
 
 
-def _explicit(mesh) -> bool:
-    types = getattr(mesh, "axis_types", None) or ()
-    return any(t == jax.sharding.AxisType.Explicit for t in types)
-
-
 @functools.lru_cache(maxsize=128)
 def _program(mesh, setup: engine.Engine, specs: tuple, donate: bool, single_layer: bool):
     """One jitted program per (mesh, setup, leaf specs, donation, layout); jit caches per shapes.
@@ -122,7 +117,7 @@ def _program(mesh, setup: engine.Engine, specs: tuple, donate: bool, single_laye
     def run(old, new, leaves):
         if single_layer:
             old, new, leaves = old[None], new[None], [x[None] for x in leaves]
-        if _explicit(mesh):
+        if checks.is_explicit(mesh):
             old = jax.sharding.reshard(old, NamedSharding(mesh, P()))
             new = jax.sharding.reshard(new, NamedSharding(mesh, P()))
         out, stats = body(old.astype(jnp.int32), new.astype(jnp.int32), leaves)
@@ -235,12 +230,10 @@ def run_transfer(
     )
     if donate:
         _check_no_aliases(leaves, treedef)
-    default = (None,) * slot_axis + (checks.expert_spec(config.axes),)
-    specs = tuple(default if s is None else s for s in specs)
+    specs = checks.default_specs(specs, slot_axis, config.axes)
     if single_layer:
         config = config.replace(layer_axis=0, slot_axis=1)
-    platform = mesh.devices.flat[0].platform if hasattr(mesh, "devices") else jax.default_backend()
-    setup = engine.Engine(config=config, num_devices=num_devices, platform=platform)
+    setup = engine.Engine(config=config, num_devices=num_devices, platform=checks.platform_of(mesh))
     program = _program(mesh, setup, specs, bool(donate), single_layer)
     out, report = program(_place_map(old, mesh), _place_map(new, mesh), leaves)
     return treedef.unflatten(out), report

@@ -60,6 +60,8 @@ class LayerStats:
       chunks: collective chunks run.
       remote_rows: rows received from other devices (primaries, all devices).
       local_rows: rows written from a device's own data (local copies, duplicates).
+      agreed: bool[] (not [L]): every device held the same maps, range and program; when False
+        nothing moved.
     """
 
     ok: jax.Array
@@ -69,6 +71,7 @@ class LayerStats:
     chunks: jax.Array
     remote_rows: jax.Array
     local_rows: jax.Array
+    agreed: jax.Array
 
 
 def move_layers(
@@ -107,12 +110,14 @@ def move_layers(
     in_range = (layer_ids >= first) & (layer_ids < first + count)
     with jax.named_scope("plan"):
         _, ok = jax.vmap(plan_lib.classify)(old, new)
+        agreed = jnp.bool_(True)
         if engine.num_devices > 1:
             # Every device must plan from the same maps, range and program (options, leaf shapes
             # and dtypes); if not, nothing moves and no further collective runs.
             signature = agree.static_signature(engine, [(x.shape, str(x.dtype)) for x in leaves])
             maps = (old, new, first, count, jnp.asarray(signature))
-            ok = ok & agree.maps_agree(maps, engine.config.axes)
+            agreed = agree.maps_agree(maps, engine.config.axes)
+            ok = ok & agreed
         go = ok & in_range
         if all_or_nothing:
             go = go & jnp.all(ok | ~in_range)
@@ -120,9 +125,9 @@ def move_layers(
     if engine.num_devices == 1 and direct is not None:
         leaves, local_rows = _move_direct(old, new, leaves, go, direct, engine)
         zeros = jnp.zeros((num_layers,), jnp.int32)
-        stats = LayerStats(ok, go, zeros, zeros, zeros, zeros, local_rows)
+        stats = LayerStats(ok, go, zeros, zeros, zeros, zeros, local_rows, agreed)
         return leaves, stats
-    return _move_staged(old, new, leaves, ok, go, first, count, engine)
+    return _move_staged(old, new, leaves, ok, go, agreed, first, count, engine)
 
 
 # ------------------------------------------------------------------------------ one device
@@ -245,7 +250,7 @@ def _geometry(leaves, n: int, engine: Engine) -> tuple[int, list[_Geometry]]:
     return passes, out
 
 
-def _move_staged(old, new, leaves, ok, go, first, count, engine: Engine):
+def _move_staged(old, new, leaves, ok, go, agreed, first, count, engine: Engine):
     """D > 1 (or ``scatter``): per layer, plan, then stage + commit in column passes."""
     cfg, d = engine.config, engine.num_devices
     num_layers, p_total = old.shape
@@ -254,7 +259,7 @@ def _move_staged(old, new, leaves, ok, go, first, count, engine: Engine):
     bufs = [rows_lib.make_varying(jnp.zeros((n, g.block), g.dtype), cfg.axes) for g in geo]
     me = lax.axis_index(cfg.axes)
     zeros = jnp.zeros((num_layers,), jnp.int32)
-    stats = LayerStats(ok, go, zeros, zeros, zeros, zeros, zeros)
+    stats = LayerStats(ok, go, zeros, zeros, zeros, zeros, zeros, agreed)
 
     def layer(j, carry):
         leaves, bufs, stats = carry

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jeplb._src.transfer import layout
 from jeplb._src.transfer import rows as rows_lib
 
 __all__ = ["apply_moves", "move_leaves", "order_moves", "order_moves_layers", "resolve_impl"]
@@ -130,23 +131,27 @@ def _apply_loop(rows, src, dst, count, n, slot_major, select):
 
     gsrc, gdst = row(src), row(dst)
 
+    # Rows of dtypes XLA:CPU does not move natively travel as their bits (see `layout`).
+    bits = layout.bits_dtype(rows.dtype) if select else rows.dtype
+
+    def read(rows, at):
+        return layout.convert_rows(lax.dynamic_slice(rows, (at, jnp.int32(0)), (1, width)), bits)
     def move(k, carry):
         rows, temp = carry
         s, d = gsrc[k], gdst[k]
-        x = lax.dynamic_slice(rows, (jnp.maximum(s, 0), jnp.int32(0)), (1, width))
-        x = jnp.where(s < 0, temp, x)
-        # A save (d < 0) writes the row back onto itself, then reads it into the temporary from the
-        # updated buffer: no branch, and no read of the old buffer after the write (either would
-        # make XLA copy the whole buffer every move).
+        x = jnp.where(s < 0, temp, read(rows, jnp.maximum(s, 0)))
+        # A save (d < 0) writes the row back onto itself: no branch. XLA keeps each form in
+        # place only one way: after a dynamic_update_slice the temporary is read from the updated
+        # buffer (a read of the old one would copy the buffer every move); after a select it
+        # is the value read before (a read after the select would copy it).
         at = jnp.where(d < 0, s, d)
-        if select:  # dtypes XLA:CPU does not write natively (see `layout`)
+        if select:
             rows = rows_lib.write_row_select(rows, x, at, 0)
-        else:
-            rows = lax.dynamic_update_slice(rows, x, (at, jnp.int32(0)))
-        temp = jnp.where(d < 0, lax.dynamic_slice(rows, (at, jnp.int32(0)), (1, width)), temp)
-        return rows, temp
+            return rows, jnp.where(d < 0, x, temp)
+        rows = lax.dynamic_update_slice(rows, x, (at, jnp.int32(0)))
+        return rows, jnp.where(d < 0, read(rows, at), temp)
 
-    temp = rows_lib.make_varying(jnp.zeros((1, width), rows.dtype), rows_lib.varying_axes(rows))
+    temp = rows_lib.make_varying(jnp.zeros((1, width), bits), rows_lib.varying_axes(rows))
     rows, _ = lax.fori_loop(0, valid.sum(), move, (rows, temp))
     return rows
 

@@ -13,10 +13,9 @@ the leaf in one of two ways:
 * ``bits``: XLA:CPU runs a dynamic_update_slice of bf16, f16 and fp8 through f32, over the whole
   leaf, with a copy inside a loop. Their rows travel as the unsigned integer of their width (read
   with dynamic_slice, exact, then bit-cast), and are written into the leaf with a one-row select,
-  which fuses in place; a layer's block is read once, gathered into the moving dtype (a slab).
-  That gather and select also go through f32, so XLA:CPU replaces NaN payloads of
-  bf16 and fp8 e5m2 by the canonical NaN; every other bit pattern (finite values, infinities, all
-  of fp8 e4m3fn) is kept bit for bit.
+  run on the integer view of the leaf's bits, which fuses in place and keeps every bit pattern
+  (NaN payloads, subnormals); a layer's block is read once, gathered into the moving dtype (a
+  slab).
 * ``widen``: sub-byte types (int4, uint4, float4_e2m1fn) cannot be bit-cast to a byte type; their
   rows travel as uint8, one element a byte, and are written with the one-row select.
 
@@ -34,6 +33,7 @@ from jax import lax
 
 __all__ = [
     "RowSpace",
+    "bits_dtype",
     "close_rows",
     "convert_rows",
     "dims",
@@ -86,6 +86,14 @@ def from_moving(x: jax.Array, dtype) -> jax.Array:
     return lax.bitcast_convert_type(x, dtype)
 
 
+def bits_dtype(dtype) -> np.dtype:
+    """The unsigned integer dtype holding ``dtype``'s bits (uint8 for sub-byte types)."""
+    dtype = np.dtype(dtype)
+    return (
+        np.dtype(jnp.uint8) if dtype.name in SUB_BYTE else np.dtype(_UINT_BY_SIZE[dtype.itemsize])
+    )
+
+
 def moving_dtype(dtype, platform: str) -> np.dtype:
     """The dtype rows of ``dtype`` travel in on ``platform``."""
     mode = leaf_mode(dtype, platform)
@@ -103,6 +111,8 @@ def convert_rows(x: jax.Array, dtype) -> jax.Array:
         return from_moving(x, dtype)
     if np.dtype(x.dtype).name in SUB_BYTE:
         return to_moving(x, "widen")
+    if dtype.itemsize != np.dtype(x.dtype).itemsize:
+        raise TypeError(f"cannot move rows of {x.dtype} as {dtype}")
     return lax.bitcast_convert_type(x, dtype)
 
 

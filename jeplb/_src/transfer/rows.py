@@ -245,16 +245,22 @@ def gather_rows(src: jax.Array, rows: jax.Array, col, width: int, dtype) -> jax.
 
 
 def write_row_select(dst: jax.Array, row: jax.Array, at: jax.Array, col) -> jax.Array:
-    """``dst[at, col:col + w] = row`` (row [1, w]) as one select over ``dst``: in place on XLA:CPU
-    for dtypes whose dynamic_update_slice it would run through f32 over the whole array."""
+    """``dst[at, col:col + w] = row`` (row [1, w]) as one select over ``dst``'s bits.
+
+    For dtypes whose dynamic_update_slice XLA:CPU would run through f32 over the whole array
+    (bf16, fp8: NaN payloads and subnormals lost, and a copy inside loops): the select runs on
+    the unsigned integer view (sub-byte types: uint8), and the conversions fuse with it in place.
+    """
     num_rows, width = dst.shape
+    bits = layout.convert_rows(dst, layout.bits_dtype(dst.dtype))
+    row = layout.convert_rows(row, bits.dtype)
     w = row.shape[1]
     mask = (jnp.arange(num_rows) == at)[:, None]
     if w != width:
-        row = lax.dynamic_update_slice(jnp.zeros((1, width), dst.dtype), row, _i32(0, col))
+        row = lax.dynamic_update_slice(jnp.zeros((1, width), bits.dtype), row, _i32(0, col))
         cols = jnp.arange(width)
         mask = mask & ((cols >= col) & (cols < col + w))
-    return jnp.where(mask, row, dst)
+    return layout.convert_rows(jnp.where(mask, row, bits), dst.dtype)
 
 
 def _copy_rows_scatter(
