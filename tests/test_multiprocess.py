@@ -1,24 +1,33 @@
 """Multi-process: 2 processes x 4 simulated CPU devices on loopback, through `jax.distributed`.
 
-The test starts both processes itself (tests/multiprocess_worker.py), waits at most TIMEOUT_S for
-them, kills both if either hangs, and prints each worker's stderr (its traceback) if one fails. The
-workers check every shard they can address against the numpy model; the assertions here read what
-they report.
+The test starts both processes itself (tests/multiprocess_worker.py) and waits on their progress,
+not on a clock: each worker prints a line per scenario step, and a worker is given up on only when
+it has printed nothing for NO_PROGRESS_S seconds, scaled by the machine's load (a loaded 2-core
+machine runs everything several times slower). Then both workers are asked for their Python stacks
+(SIGUSR1), killed, and each worker's last progress line and stderr are printed. When one worker
+fails, the other (likely waiting for it in a collective) gets GRACE_S seconds to exit on its own.
+The workers check every shard they can address against the numpy model; the assertions here read
+what they report.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
+from tests.multiprocess_worker import load_factor
+
 pytestmark = pytest.mark.slow
 
-TIMEOUT_S = 240  # a hang is caught; a loaded 2-core machine needs the margin
+NO_PROGRESS_S = 150  # the longest quiet stretch (a compilation) takes ~20 s on 2 quiet cores
+GRACE_S = 20  # after one worker failed, for the other to fail or finish by itself
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -38,51 +47,93 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+class Workers:
+    """The worker processes, their stdout (progress lines) and stderr in files under ``out``."""
+
+    def __init__(self, out, count: int = 2):
+        self.out = out
+        port = _free_port()
+        self.procs = []
+        for i in range(count):
+            with open(out / f"worker_{i}.out", "w") as so, open(out / f"worker_{i}.err", "w") as se:
+                argv = [sys.executable, "-m", "tests.multiprocess_worker", str(i), str(port), out]
+                self.procs.append(
+                    subprocess.Popen(
+                        [str(a) for a in argv], cwd=ROOT, env=_child_env(), stdout=so, stderr=se
+                    )
+                )
+
+    def _text(self, i: int, stream: str) -> str:
+        return (self.out / f"worker_{i}.{stream}").read_text(errors="replace")
+
+    def last_progress(self, i: int) -> str:
+        lines = [ln for ln in self._text(i, "out").splitlines() if ln.startswith("progress ")]
+        return lines[-1] if lines else "(no progress line: still importing or joining the job)"
+
+    def wait(self) -> str | None:
+        """Waits while every running worker makes progress; None when all ended, else why not."""
+        sizes = [-1] * len(self.procs)
+        heard = [time.monotonic()] * len(self.procs)
+        failed_at = None
+        while True:
+            now = time.monotonic()
+            codes = [p.poll() for p in self.procs]
+            if all(c is not None for c in codes):
+                return None
+            if failed_at is None and any(c not in (None, 0) for c in codes):
+                failed_at = now
+            if failed_at is not None and now - failed_at > GRACE_S:
+                return f"a worker failed; the other was still running {GRACE_S} s later"
+            limit = NO_PROGRESS_S * load_factor()
+            for i in range(len(self.procs)):
+                size = os.path.getsize(self.out / f"worker_{i}.out")
+                if size != sizes[i]:
+                    sizes[i], heard[i] = size, now
+                elif codes[i] is None and now - heard[i] > limit:
+                    return (
+                        f"worker {i} made no progress for {now - heard[i]:.0f} s (limit "
+                        f"{NO_PROGRESS_S} s x load factor {limit / NO_PROGRESS_S:.1f})"
+                    )
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        """Asks running workers for their stacks, then kills them."""
+        running = [p for p in self.procs if p.poll() is None]
+        for p in running:
+            p.send_signal(signal.SIGUSR1)
+        if running:
+            time.sleep(2)
+        for p in running:
+            p.kill()
+        for p in self.procs:
+            p.wait()
+
+    def report(self) -> str:
+        def tail(text: str) -> str:
+            lines = [ln for ln in text.splitlines() if "[Gloo]" not in ln]
+            return "\n".join(lines[-80:])
+
+        return "\n".join(
+            f"--- worker {i} (exit {p.returncode}), last: {self.last_progress(i)}; stderr:\n"
+            f"{tail(self._text(i, 'err'))}"
+            for i, p in enumerate(self.procs)
+        )
+
+
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mp")
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.multiprocess_worker", str(i), str(port), str(out)],
-            cwd=ROOT,
-            env=_child_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    logs = [None, None]
-    timed_out = False
+    pool = Workers(tmp_path_factory.mktemp("mp"))
     try:
-        for i, p in enumerate(procs):
-            logs[i] = p.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        timed_out = True
+        stalled = pool.wait()
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        for i, p in enumerate(procs):
-            if logs[i] is None:
-                logs[i] = p.communicate()
-
-    def tail(text: str) -> str:
-        lines = [ln for ln in text.splitlines() if "[Gloo]" not in ln]
-        return "\n".join(lines[-60:])
-
-    report = "\n".join(
-        f"--- worker {i} (exit {p.returncode}) stderr:\n{tail(logs[i][1])}"
-        for i, p in enumerate(procs)
-    )
-    if timed_out:
-        pytest.fail(f"the workers did not finish within {TIMEOUT_S} s; killed both\n{report}")
-    if any(p.returncode != 0 for p in procs):
-        pytest.fail(f"a worker failed\n{report}")
+        pool.stop()
+    if stalled is not None:
+        pytest.fail(f"{stalled}; killed the workers\n{pool.report()}")
+    if any(p.returncode != 0 for p in pool.procs):
+        pytest.fail(f"a worker failed\n{pool.report()}")
     results = []
-    for i in range(2):
-        with open(out / f"process_{i}.json") as f:
+    for i in range(len(pool.procs)):
+        with open(pool.out / f"process_{i}.json") as f:
             results.append(json.load(f))
     return results
 
