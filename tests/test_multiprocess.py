@@ -28,6 +28,7 @@ pytestmark = pytest.mark.slow
 
 NO_PROGRESS_S = 150  # the longest quiet stretch (a compilation) takes ~20 s on 2 quiet cores
 GRACE_S = 20  # after one worker failed, for the other to fail or finish by itself
+TERMINATE_FLAG = "xla_cpu_collective_call_terminate_timeout_seconds"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -41,6 +42,10 @@ def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     # The parent's 8-device flag (conftest) must not reach the workers: they have 4 devices each.
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device" not in f]
+    if not any(TERMINATE_FLAG in f for f in flags):
+        # XLA:CPU aborts a collective whose local participants have not all arrived in 40 s; a
+        # loaded machine can starve a device thread that long. Scaled like the progress limit.
+        flags.append(f"--{TERMINATE_FLAG}={round(40 * load_factor())}")
     env["XLA_FLAGS"] = " ".join(flags)
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
