@@ -55,13 +55,15 @@ def _child_env() -> dict[str, str]:
 class Workers:
     """The worker processes, their stdout (progress lines) and stderr in files under ``out``."""
 
-    def __init__(self, out, count: int = 2):
+    WORKER = (sys.executable, "-m", "tests.multiprocess_worker")
+
+    def __init__(self, out, count: int = 2, worker: tuple[str, ...] = WORKER):
         self.out = out
         port = _free_port()
         self.procs = []
         for i in range(count):
             with open(out / f"worker_{i}.out", "w") as so, open(out / f"worker_{i}.err", "w") as se:
-                argv = [sys.executable, "-m", "tests.multiprocess_worker", str(i), str(port), out]
+                argv = [*worker, str(i), str(port), out]
                 self.procs.append(
                     subprocess.Popen(
                         [str(a) for a in argv], cwd=ROOT, env=_child_env(), stdout=so, stderr=se
@@ -202,3 +204,39 @@ def test_elastic_recovery_across_processes(workers):
     for r in workers:
         assert r["elastic"]["new_devices"] == 6
         assert r["elastic"]["shards_checked"] == 3 * 3  # 3 leaves x 3 remaining local devices
+
+
+# ------------------------------------------------------- the waiting itself (no jax, a few seconds)
+
+FAKE_WORKER = """
+import faulthandler, signal, sys, time
+faulthandler.register(signal.SIGUSR1, all_threads=True)
+print("progress 0.0 started", flush=True)
+if sys.argv[1] == "0":
+    sys.exit(FIRST_EXIT)
+print("progress 0.1 about to wait forever", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("first_exit", [0, 3])
+def test_a_stalled_worker_is_caught_and_reported(first_exit, tmp_path, monkeypatch):
+    """Worker 0 ends (cleanly, or failing); worker 1 stops making progress. The wait gives up on
+    it (the no-progress limit, or the grace after a failure), and the report names its last step
+    and shows where it waited."""
+    monkeypatch.setattr(sys.modules[__name__], "NO_PROGRESS_S", 1)
+    monkeypatch.setattr(sys.modules[__name__], "GRACE_S", 1)
+    code = FAKE_WORKER.replace("FIRST_EXIT", str(first_exit))
+    pool = Workers(tmp_path, worker=(sys.executable, "-c", code))
+    try:
+        why = pool.wait()
+    finally:
+        pool.stop()
+    if first_exit:
+        assert why == "a worker failed; the other was still running 1 s later"
+    else:
+        assert why.startswith("worker 1 made no progress for "), why
+    report = pool.report()
+    assert f"--- worker 0 (exit {first_exit}), last: progress 0.0 started" in report
+    assert "--- worker 1 (exit -9), last: progress 0.1 about to wait forever" in report
+    assert 'File "<string>", line 8 in <module>' in report  # the stack of the stalled worker
