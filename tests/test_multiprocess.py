@@ -26,7 +26,7 @@ from tests.multiprocess_worker import load_factor
 
 pytestmark = pytest.mark.slow
 
-NO_PROGRESS_S = 150  # the longest quiet stretch (a compilation) takes ~20 s on 2 quiet cores
+NO_PROGRESS_S = 150  # the longest quiet stretch (a compilation) takes under 30 s on 2 quiet cores
 GRACE_S = 20  # after one worker failed, for the other to fail or finish by itself
 TERMINATE_FLAG = "xla_cpu_collective_call_terminate_timeout_seconds"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
