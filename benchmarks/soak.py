@@ -20,6 +20,11 @@ weights are also compared byte for byte. Memory: the live jax arrays (count and 
 backend reports them, device memory stats, after every rebalance. Compilation: each jitted program's
 trace count and cache size. Results (markdown with the command) go to
 benchmarks/results/soak_<platform>.md unless --out says otherwise.
+
+Each rebalance is waited on (``jax.block_until_ready``) before the next is dispatched, as a model's
+training loop is (it reads the step's loss or metrics). Without a host sync, hundreds of dispatched
+collective programs queue up, and XLA:CPU aborts a collective whose participants have not all
+arrived within 40 s (plain JAX programs too): that is the runtime's limit, not a transfer fault.
 """
 
 from __future__ import annotations
@@ -112,7 +117,10 @@ def checksums(leaves: dict[str, jax.Array]) -> jax.Array:
 
 
 def _live() -> tuple[int, int]:
-    gc.collect()  # arrays freed by the cycle collector at some random later point would blur it
+    # Arrays freed by the cycle collector at some random later point would blur the count. `run`
+    # freezes the heap that existed before it, so this collection scans only the soak's own objects
+    # (a full collection of a large process, a test suite's, takes seconds).
+    gc.collect()
     arrays = jax.live_arrays()
     return len(arrays), int(sum(a.nbytes for a in arrays))
 
@@ -140,6 +148,15 @@ def run(
     Returns:
       The figures (see `render_md`).
     """
+    gc.collect()
+    gc.freeze()  # see `_live`
+    try:
+        return _run(num_rebalances, seed, fused_policy=fused_policy, verbose=verbose)
+    finally:
+        gc.unfreeze()
+
+
+def _run(num_rebalances: int, seed: int, *, fused_policy: bool, verbose: bool) -> dict:
     import jeplb
     from jeplb._src.policy import api as _policy
 
@@ -190,6 +207,7 @@ def run(
             layer, p = int(rng.integers(L)), int(rng.integers(PT))
             bad[layer, p] = E + int(rng.integers(0, 1000)) if rng.random() < 0.5 else -2
             weights, report = move_jit(current, bad, weights)
+            jax.block_until_ready((weights, report))  # one rebalance at a time, as in a model loop
             assert not bool(np.asarray(report.ok).all()), f"rebalance {i}: fault not detected"
         elif i % 3 == 2:
             kind = "policy"
@@ -199,6 +217,7 @@ def run(
             else:
                 new = np.array(jeplb.rebalance_experts(skew, PT, 4, 2, D)[0])  # a copy
                 weights, report = move_jit(current, new, weights)
+            jax.block_until_ready((weights, report))
             assert bool(np.asarray(report.ok).all()), f"rebalance {i}: policy plan refused"
             current = np.array(new)  # a copy: a view would keep the device array alive
             del new  # the device copy of the map goes now, not at the next random plan
@@ -206,6 +225,7 @@ def run(
             kind = KINDS[int(rng.integers(len(KINDS)))]
             new = random_plan(kind, rng, current)
             weights, report = move_jit(current, new, weights)
+            jax.block_until_ready((weights, report))
             assert bool(np.asarray(report.ok).all()), f"rebalance {i} ({kind}): plan refused"
             current = new
             kinds[kind] = kinds.get(kind, 0) + 1

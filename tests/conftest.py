@@ -2,13 +2,28 @@
 
 import os
 
+
+def _load_factor() -> float:
+    """The 1-minute load average per core, at least 1: how much slower than quiet this machine is."""
+    try:
+        return max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
+    except OSError:
+        return 1.0
+
+
 # Must happen before jax initialises its backends.
 os.environ.setdefault("XLA_FLAGS", "")
 if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+# XLA:CPU aborts the process when a collective's participants (the simulated devices' threads) have
+# not all arrived within 40 s; other work on a small machine can starve a thread that long. The
+# limit grows with the load (the default on a quiet machine).
+_TERMINATE = "xla_cpu_collective_call_terminate_timeout_seconds"
+if _TERMINATE not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += f" --{_TERMINATE}={round(40 * _load_factor())}"
 
-import jax
-import pytest
+import jax  # noqa: E402 (after XLA_FLAGS)
+import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 

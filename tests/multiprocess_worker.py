@@ -5,13 +5,23 @@ from the repository root. It joins the job through `jax.distributed.initialize`,
 scenario on one 8-device mesh spanning both processes, checks every shard it can address against
 the numpy model, and writes its findings to ``OUT_DIR/process_<id>.json``. A failed check raises
 (the traceback goes to stderr and the exit status is non-zero).
+
+Progress: every scenario step (a plan moved, a step run, a check done) prints one line
+``progress <seconds> <what>`` on stdout. The parent waits as long as such lines keep arriving, and
+names the last one when it gives up on a worker that stopped making progress.
+
+Every program is waited on (``jax.block_until_ready``) before the next one is dispatched, as a
+model's training loop does: XLA:CPU aborts a collective whose participants do not all arrive within
+40 s, which a long queue of dispatched collective programs on a loaded machine can exceed.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
@@ -20,6 +30,22 @@ START = time.perf_counter()
 
 NUM_PROCESSES = 2
 LOCAL_DEVICES = 4
+INIT_TIMEOUT_S = 60  # joining the job on a quiet machine; scaled by `load_factor`
+
+
+def load_factor() -> float:
+    """How much slower than a quiet machine this one is likely to be: the 1-minute load average per
+    core, at least 1."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        return 1.0
+    return max(1.0, load / (os.cpu_count() or 1))
+
+
+def progress(what: str) -> None:
+    """Tells the parent this worker is still getting somewhere (one line on stdout)."""
+    print(f"progress {time.perf_counter() - START:.1f} {what}", flush=True)
 
 
 def main(process_id: int, port: int, out_dir: str) -> None:
@@ -31,8 +57,9 @@ def main(process_id: int, port: int, out_dir: str) -> None:
         coordinator_address=f"127.0.0.1:{port}",
         num_processes=NUM_PROCESSES,
         process_id=process_id,
-        initialization_timeout=60,
+        initialization_timeout=int(INIT_TIMEOUT_S * load_factor()),
     )
+    progress("initialized")
     results = {"process": process_id, "collectives": jax.config.jax_cpu_collectives_implementation}
     results["seconds"] = {"initialize": round(time.perf_counter() - START, 1)}
     try:
@@ -40,7 +67,9 @@ def main(process_id: int, port: int, out_dir: str) -> None:
     finally:
         with open(os.path.join(out_dir, f"process_{process_id}.json"), "w") as f:
             json.dump(results, f, indent=1)
+    progress("results written")
     jax.distributed.shutdown()
+    progress("shut down")
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -151,11 +180,13 @@ def run_scenarios(results: dict) -> None:
         host = leaves_for(np.random.default_rng(100 + seed), num_layers, p_total)
         w = {k: _global(v, mesh, P(None, "ep")) for k, v in host.items()}
         out, report = jeplb.rearrange_expert_weights(old, new, w, mesh=mesh, return_report=True)
+        jax.block_until_ready((out, report))
         assert bool(np.asarray(report.ok).all()), kind
         for k, v in host.items():
             assert out[k].sharding.spec == P(None, "ep")
             shards += check_shards(v, out[k], old, new, d)
         plans += 1
+        progress(f"rearrange: concrete {kind} plan checked")
     # 1b. The same under an outer jit with traced maps (global replicated arrays).
     step = jax.jit(
         lambda o, n, w: jeplb.rearrange_expert_weights(o, n, w, mesh=mesh, return_report=True)
@@ -165,10 +196,12 @@ def run_scenarios(results: dict) -> None:
         host = leaves_for(np.random.default_rng(200 + seed), num_layers, p_total)
         w = {k: _global(v, mesh, P(None, "ep")) for k, v in host.items()}
         out, report = step(_global(old, mesh, P()), _global(new, mesh, P()), w)
+        jax.block_until_ready((out, report))
         assert bool(np.asarray(report.ok).all()), kind
         for k, v in host.items():
             shards += check_shards(v, out[k], old, new, d)
         plans += 1
+        progress(f"rearrange: traced {kind} plan checked")
     results["seconds"]["rearrange"] = round(time.perf_counter() - START, 1)
     results["rearrange"] = {"plans": plans, "shards_checked": shards}
 
@@ -180,6 +213,7 @@ def run_scenarios(results: dict) -> None:
         e = 12 if groups == 3 else 16
         maps = jeplb.rebalance_experts(load[:, :e], 24, groups, nodes, 8)
         fps.append(_host_fingerprint({"phy2log": np.asarray(maps[0])}).tolist())
+        progress(f"policy: {groups} groups, {nodes} nodes")
     all_fps = everyone(np.asarray(fps, np.int64))
     results["seconds"]["policy"] = round(time.perf_counter() - START, 1)
     results["policy"] = {"fingerprints": fps, "identical": bool((all_fps == all_fps[0]).all())}
@@ -211,10 +245,12 @@ def run_scenarios(results: dict) -> None:
     )
     fired = False
     balance = []
-    for _ in range(2):
+    for i in range(2):
         state, w, info = step_fn(state, w, counts_g)
+        jax.block_until_ready((state, w, info))
         fired |= bool(np.asarray(info.fired))
         balance.append(float(np.asarray(info.balancedness_total)))
+        progress(f"step: step {i} run")
     assert fired, "the rebalance did not fire"
     initial = p2l
     p2l = np.asarray(state.phy2log)
@@ -229,6 +265,7 @@ def run_scenarios(results: dict) -> None:
             )
             step_shards += 1
     fp = everyone(_host_fingerprint({"phy2log": p2l}))
+    progress("step: checked")
     results["seconds"]["step"] = round(time.perf_counter() - START, 1)
     results["step"] = {
         "fired": fired,
@@ -247,9 +284,11 @@ def run_scenarios(results: dict) -> None:
     mine = counts if jax.process_index() == 0 else counts[:, ::-1].copy()
     split_counts = _global(mine, mesh, P())  # "replicated", but each process filled its own
     infos = []
-    for _ in range(2):
+    for i in range(2):
         state, w, info = step_fn(state, w, split_counts)
+        jax.block_until_ready((state, w, info))
         infos.append(info)
+        progress(f"step with different loads: step {i} run")
     last = infos[-1]
     split_unchanged = 0
     for k, v in logical.items():
@@ -279,6 +318,7 @@ def run_scenarios(results: dict) -> None:
         message = str(err)
     assert message is not None and "different values" in message, message
     unchanged = sum(check_unchanged(v, w[k], p_total) for k, v in host.items())
+    progress("mismatch: concrete maps refused")
     # 4b. Traced maps that differ between processes: the on-device check, no hang, nothing moved.
     mine_g = _global(mine, mesh, P())  # each process fills its own devices with its own map
     logger = logging.getLogger("jeplb")
@@ -294,10 +334,13 @@ def run_scenarios(results: dict) -> None:
     ok = np.asarray(report.ok)
     assert not ok.any(), ok
     unchanged += sum(check_unchanged(v, out[k], p_total) for k, v in host.items())
+    progress("mismatch: traced maps refused on device")
     # 4c. The same maps again on every process: the program (same compilation) moves them.
     out, report = step(_global(old, mesh, P()), _global(new, mesh, P()), out)
+    jax.block_until_ready((out, report))
     assert bool(np.asarray(report.ok).all())
     exact = sum(check_shards(v, out[k], old, new, d) for k, v in host.items())
+    progress("mismatch: agreed maps moved")
     results["seconds"]["mismatch"] = round(time.perf_counter() - START, 1)
     results["mismatch"] = {
         "host_error": message,
@@ -345,9 +388,12 @@ def run_elastic(results: dict, mesh, logical, num_layers: int, num_experts: int)
         calls.append((layer, expert))
         return {k: np.array(v[layer, expert]) for k, v in logical.items()}
 
+    progress("elastic: weights placed")
     out, rec = jeplb.recover_experts(
         old, w, loader, mesh=new_mesh, num_experts=num_experts, lost_devices=lost
     )
+    jax.block_until_ready(out)
+    progress("elastic: recovered")
     p2l = np.asarray(rec.phy2log)
     shards = 0
     for k, v in logical.items():
@@ -369,6 +415,9 @@ def run_elastic(results: dict, mesh, logical, num_layers: int, num_experts: int)
 
 
 if __name__ == "__main__":
+    # The parent sends SIGUSR1 before it kills a worker that stopped making progress: every
+    # thread's Python stack goes to stderr, to show where it waited.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     pid, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     try:
         main(pid, port, out)

@@ -1,5 +1,5 @@
-"""The jeplb command: the demo end to end at a tiny size (in-process), flag errors, help texts,
-and the bench dispatcher."""
+"""The jeplb command: the demo end to end at a tiny size (in-process; skipped without flax, which
+the demo extra brings), flag errors, help texts, and the bench dispatcher."""
 
 from __future__ import annotations
 
@@ -19,6 +19,10 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory, cpu_devices):
+    # The demo's model is flax and its plot matplotlib (the demo and test extras); the flag and
+    # help tests below need neither.
+    pytest.importorskip("flax")
+    pytest.importorskip("matplotlib")
     out = tmp_path_factory.mktemp("demo")
     plot, figures = out / "demo.png", out / "demo.json"
     import contextlib

@@ -1,24 +1,34 @@
 """Multi-process: 2 processes x 4 simulated CPU devices on loopback, through `jax.distributed`.
 
-The test starts both processes itself (tests/multiprocess_worker.py), waits at most TIMEOUT_S for
-them, kills both if either hangs, and prints each worker's stderr (its traceback) if one fails. The
-workers check every shard they can address against the numpy model; the assertions here read what
-they report.
+The test starts both processes itself (tests/multiprocess_worker.py) and waits on their progress,
+not on a clock: each worker prints a line per scenario step, and a worker is given up on only when
+it has printed nothing for NO_PROGRESS_S seconds, scaled by the machine's load (a loaded 2-core
+machine runs everything several times slower). Then both workers are asked for their Python stacks
+(SIGUSR1), killed, and each worker's last progress line and stderr are printed. When one worker
+fails, the other (likely waiting for it in a collective) gets GRACE_S seconds to exit on its own.
+The workers check every shard they can address against the numpy model; the assertions here read
+what they report.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
+from tests.multiprocess_worker import load_factor
+
 pytestmark = pytest.mark.slow
 
-TIMEOUT_S = 240  # a hang is caught; a loaded 2-core machine needs the margin
+NO_PROGRESS_S = 150  # the longest quiet stretch (a compilation) takes under 30 s on 2 quiet cores
+GRACE_S = 20  # after one worker failed, for the other to fail or finish by itself
+TERMINATE_FLAG = "xla_cpu_collective_call_terminate_timeout_seconds"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -32,57 +42,105 @@ def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     # The parent's 8-device flag (conftest) must not reach the workers: they have 4 devices each.
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device" not in f]
+    if not any(TERMINATE_FLAG in f for f in flags):
+        # XLA:CPU aborts a collective whose local participants have not all arrived in 40 s; a
+        # loaded machine can starve a device thread that long. Scaled like the progress limit.
+        flags.append(f"--{TERMINATE_FLAG}={round(40 * load_factor())}")
     env["XLA_FLAGS"] = " ".join(flags)
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 
+class Workers:
+    """The worker processes, their stdout (progress lines) and stderr in files under ``out``."""
+
+    WORKER = (sys.executable, "-m", "tests.multiprocess_worker")
+
+    def __init__(self, out, count: int = 2, worker: tuple[str, ...] = WORKER):
+        self.out = out
+        port = _free_port()
+        self.procs = []
+        for i in range(count):
+            with open(out / f"worker_{i}.out", "w") as so, open(out / f"worker_{i}.err", "w") as se:
+                argv = [*worker, str(i), str(port), out]
+                self.procs.append(
+                    subprocess.Popen(
+                        [str(a) for a in argv], cwd=ROOT, env=_child_env(), stdout=so, stderr=se
+                    )
+                )
+
+    def _text(self, i: int, stream: str) -> str:
+        return (self.out / f"worker_{i}.{stream}").read_text(errors="replace")
+
+    def last_progress(self, i: int) -> str:
+        lines = [ln for ln in self._text(i, "out").splitlines() if ln.startswith("progress ")]
+        return lines[-1] if lines else "(no progress line: still importing or joining the job)"
+
+    def wait(self) -> str | None:
+        """Waits while every running worker makes progress; None when all ended, else why not."""
+        sizes = [-1] * len(self.procs)
+        heard = [time.monotonic()] * len(self.procs)
+        failed_at = None
+        while True:
+            now = time.monotonic()
+            codes = [p.poll() for p in self.procs]
+            if all(c is not None for c in codes):
+                return None
+            if failed_at is None and any(c not in (None, 0) for c in codes):
+                failed_at = now
+            if failed_at is not None and now - failed_at > GRACE_S:
+                return f"a worker failed; the other was still running {GRACE_S} s later"
+            limit = NO_PROGRESS_S * load_factor()
+            for i in range(len(self.procs)):
+                size = os.path.getsize(self.out / f"worker_{i}.out")
+                if size != sizes[i]:
+                    sizes[i], heard[i] = size, now
+                elif codes[i] is None and now - heard[i] > limit:
+                    return (
+                        f"worker {i} made no progress for {now - heard[i]:.0f} s (limit "
+                        f"{NO_PROGRESS_S} s x load factor {limit / NO_PROGRESS_S:.1f})"
+                    )
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        """Asks running workers for their stacks, then kills them."""
+        running = [p for p in self.procs if p.poll() is None]
+        for p in running:
+            p.send_signal(signal.SIGUSR1)
+        if running:
+            time.sleep(2)
+        for p in running:
+            p.kill()
+        for p in self.procs:
+            p.wait()
+
+    def report(self) -> str:
+        def tail(text: str) -> str:
+            lines = [ln for ln in text.splitlines() if "[Gloo]" not in ln]
+            return "\n".join(lines[-80:])
+
+        return "\n".join(
+            f"--- worker {i} (exit {p.returncode}), last: {self.last_progress(i)}; stderr:\n"
+            f"{tail(self._text(i, 'err'))}"
+            for i, p in enumerate(self.procs)
+        )
+
+
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mp")
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.multiprocess_worker", str(i), str(port), str(out)],
-            cwd=ROOT,
-            env=_child_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    logs = [None, None]
-    timed_out = False
+    pool = Workers(tmp_path_factory.mktemp("mp"))
     try:
-        for i, p in enumerate(procs):
-            logs[i] = p.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        timed_out = True
+        stalled = pool.wait()
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        for i, p in enumerate(procs):
-            if logs[i] is None:
-                logs[i] = p.communicate()
-
-    def tail(text: str) -> str:
-        lines = [ln for ln in text.splitlines() if "[Gloo]" not in ln]
-        return "\n".join(lines[-60:])
-
-    report = "\n".join(
-        f"--- worker {i} (exit {p.returncode}) stderr:\n{tail(logs[i][1])}"
-        for i, p in enumerate(procs)
-    )
-    if timed_out:
-        pytest.fail(f"the workers did not finish within {TIMEOUT_S} s; killed both\n{report}")
-    if any(p.returncode != 0 for p in procs):
-        pytest.fail(f"a worker failed\n{report}")
+        pool.stop()
+    if stalled is not None:
+        pytest.fail(f"{stalled}; killed the workers\n{pool.report()}")
+    if any(p.returncode != 0 for p in pool.procs):
+        pytest.fail(f"a worker failed\n{pool.report()}")
     results = []
-    for i in range(2):
-        with open(out / f"process_{i}.json") as f:
+    for i in range(len(pool.procs)):
+        with open(pool.out / f"process_{i}.json") as f:
             results.append(json.load(f))
     return results
 
@@ -146,3 +204,39 @@ def test_elastic_recovery_across_processes(workers):
     for r in workers:
         assert r["elastic"]["new_devices"] == 6
         assert r["elastic"]["shards_checked"] == 3 * 3  # 3 leaves x 3 remaining local devices
+
+
+# ------------------------------------------------------- the waiting itself (no jax, a few seconds)
+
+FAKE_WORKER = """
+import faulthandler, signal, sys, time
+faulthandler.register(signal.SIGUSR1, all_threads=True)
+print("progress 0.0 started", flush=True)
+if sys.argv[1] == "0":
+    sys.exit(FIRST_EXIT)
+print("progress 0.1 about to wait forever", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("first_exit", [0, 3])
+def test_a_stalled_worker_is_caught_and_reported(first_exit, tmp_path, monkeypatch):
+    """Worker 0 ends (cleanly, or failing); worker 1 stops making progress. The wait gives up on
+    it (the no-progress limit, or the grace after a failure), and the report names its last step
+    and shows where it waited."""
+    monkeypatch.setattr(sys.modules[__name__], "NO_PROGRESS_S", 1)
+    monkeypatch.setattr(sys.modules[__name__], "GRACE_S", 1)
+    code = FAKE_WORKER.replace("FIRST_EXIT", str(first_exit))
+    pool = Workers(tmp_path, worker=(sys.executable, "-c", code))
+    try:
+        why = pool.wait()
+    finally:
+        pool.stop()
+    if first_exit:
+        assert why == "a worker failed; the other was still running 1 s later"
+    else:
+        assert why.startswith("worker 1 made no progress for "), why
+    report = pool.report()
+    assert f"--- worker 0 (exit {first_exit}), last: progress 0.0 started" in report
+    assert "--- worker 1 (exit -9), last: progress 0.1 about to wait forever" in report
+    assert 'File "<string>", line 8 in <module>' in report  # the stack of the stalled worker
