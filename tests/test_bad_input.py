@@ -2,6 +2,8 @@
 changes (inputs byte-for-byte the same, donated weights still alive), no crash, no hang.
 
 Each test draws one kind of mistake (and where to make it) with hypothesis and pins the message.
+Inputs once refused and now accepted (maps as lists, other mesh axes on the dims after the slot
+dim) are checked to work, next to what is still refused.
 Set JEPLB_BAD_INPUT_COUNTS=path to write how many bad inputs each function was given.
 """
 
@@ -51,6 +53,12 @@ if jax.device_count() < D:  # e.g. one GPU: these cases build D-device meshes
     )
 MESH = mesh_of()
 OTHER = mesh_of("data")
+# MESH's devices in reverse order: same axes and sizes, another placement of the slots.
+REVERSED = jax.sharding.Mesh(
+    np.asarray(MESH.devices)[::-1], ("ep",), axis_types=(jax.sharding.AxisType.Auto,)
+)
+# Four devices on the expert axis, two on a tensor axis that may shard the other dims.
+TENSOR = jax.make_mesh((D // 2, 2), ("ep", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 SPEC = NamedSharding(MESH, P(None, "ep"))
 OLD = np.tile(np.arange(PT, dtype=np.int32) % E, (L, 1))
 NEW = np.roll(OLD, 3, axis=1)
@@ -61,6 +69,14 @@ def weights():
         "w": jax.device_put(jnp.arange(L * PT * 3, dtype=jnp.float32).reshape(L, PT, 3), SPEC),
         "q": jax.device_put(jnp.ones((L, PT, 4), jnp.int8), SPEC),
     }
+
+
+def by_expert(old, cols=3):
+    """float32[L, P, cols] whose row (l, p) says which expert slot p holds: every copy of an
+    expert has the same row, so the result of a transfer is known whichever copy it reads."""
+    old = np.asarray(old)
+    layer = np.arange(old.shape[0])[:, None, None]
+    return (1000 * layer + 10 * old[..., None] + np.arange(cols)).astype(np.float32)
 
 
 def snapshot(tree):
@@ -96,6 +112,8 @@ MAP_CASES = (
     "above_num_experts",
     "p_not_divisible",
     "not_array",
+    "no_layers",
+    "no_slots",
 )
 
 
@@ -122,6 +140,11 @@ def bad_maps(case, data):
         cut = data.draw(st.sampled_from([PT - 1, PT - 3, PT + 1]))
         o = np.resize(old, (L, cut)).astype(np.int32)
         return o, o, ValueError, r"P = \d+ slots is not divisible by the 8 devices"
+    if case in ("no_layers", "no_slots"):
+        o = old[:0] if case == "no_layers" else old[:, :0]
+        shape = r"\(0, 16\)" if case == "no_layers" else r"\(2, 0\)"
+        want = rf"old_phy2log: expected at least one layer and one slot, got shape {shape}"
+        return o, o.copy(), ValueError, want
     return "maps", new, TypeError, r"old_phy2log: expected an integer array, got str"
 
 
@@ -148,9 +171,14 @@ WEIGHT_CASES = (
     "empty",
     "not_array",
     "mesh_axis",
-    "mesh_type",
     "chunk",
     "row_impl",
+    "staging",
+    "layer_axis",
+    "same_axes",
+    "aliased",
+    "two_bad",
+    "reversed_mesh",
 )
 
 
@@ -161,45 +189,167 @@ def test_rearrange_bad_weights_and_options(case, data):
     kwargs = {"mesh": MESH}
     if case == "numpy":
         w["w"] = np.zeros((L, PT, 3), np.float32)
-        error, match = TypeError, r"expert_weights: leaf \d is a ndarray; expected a jax.Array"
+        error, match = TypeError, r"expert_weights\['w'\] is a ndarray; expected a jax.Array"
     elif case == "shape":
         p = data.draw(st.sampled_from([PT // 2, PT * 2]))
         w["w"] = jax.device_put(jnp.zeros((L, p, 3)), SPEC)
-        error, match = ValueError, r"expert_weights: leaf \d has shape .*expected leading dims"
+        error = ValueError
+        match = (
+            rf"expert_weights\['w'\] has shape \(2, {p}, 3\), expected leading dims L = 2 x P = 16"
+        )
     elif case == "replicated":
         w["w"] = jax.device_put(jnp.zeros((L, PT, 3)), NamedSharding(MESH, P()))
-        error, match = ValueError, r"expert_weights: leaf \d is sharded .*expected PartitionSpec"
+        error = ValueError
+        match = (
+            r"expert_weights\['w'\] is sharded PartitionSpec\(None, None, None\); its slot dim 1 "
+            r"must be sharded over exactly 'ep'.*e.g. PartitionSpec\(None, 'ep', None\)"
+        )
     elif case == "other_mesh":
         w["w"] = jax.device_put(jnp.zeros((L, PT, 3)), NamedSharding(mesh_of(d=4), P(None, "ep")))
-        error, match = ValueError, r"expert_weights: leaf \d lives on a mesh"
+        error = ValueError
+        match = r"expert_weights\['w'\] lives on a mesh \{'ep': 4\} .*mesh argument's \{'ep': 8\}"
     elif case in ("complex", "bool"):
         dtype = jnp.complex64 if case == "complex" else jnp.bool_
         w["w"] = jax.device_put(jnp.zeros((L, PT, 3), dtype), SPEC)
-        error, match = TypeError, r"expert_weights: leaf \d has unsupported dtype"
+        error = TypeError
+        match = rf"expert_weights\['w'\] has dtype {np.dtype(dtype)}, which is not moved; expected"
     elif case == "empty":
         w = {}
         error, match = ValueError, r"expert_weights: expected a pytree with at least one array"
     elif case == "not_array":
         w["w"] = "weights"
-        error, match = TypeError, r"expert_weights: leaf \d is a str"
+        error, match = TypeError, r"expert_weights\['w'\] is a str, expected a jax.Array"
     elif case == "mesh_axis":
         kwargs["mesh"] = OTHER
         error, match = ValueError, r"mesh: has no axis named 'ep' \(axis_name\); its axes are"
-    elif case == "mesh_type":
-        kwargs["mesh"] = data.draw(st.sampled_from([None, "ep", 8]))
-        error, match = TypeError, r"mesh: expected a jax.sharding.Mesh"
     elif case == "chunk":
-        kwargs["chunk_rows"] = data.draw(st.sampled_from([0, -1, 1.5, True, "2"]))
-        error, match = ValueError, r"chunk_rows: expected a positive int"
-    else:
+        kwargs["chunk_rows"] = bad = data.draw(st.sampled_from([0, -1, 1.5, True, "2"]))
+        error, match = (
+            ValueError,
+            rf"chunk_rows: expected a positive int, got {re.escape(repr(bad))}",
+        )
+    elif case == "row_impl":
         valid = ("auto", "loop", "pallas", "scatter")
-        kwargs["row_impl"] = data.draw(st.text(max_size=7).filter(lambda s: s not in valid))
-        error, match = ValueError, r"row_impl: expected one of"
+        kwargs["row_impl"] = bad = data.draw(st.text(max_size=7).filter(lambda s: s not in valid))
+        error = ValueError
+        match = rf"row_impl: expected one of \('auto', .*\), got {re.escape(repr(bad))}"
+    elif case == "staging":
+        kwargs["staging_passes"] = bad = data.draw(st.sampled_from([0, -2, 1.5, "1"]))
+        error = ValueError
+        match = rf"staging_passes: expected a positive int or None, got {re.escape(repr(bad))}"
+    elif case == "layer_axis":
+        kwargs["layer_axis"] = bad = data.draw(st.sampled_from([2, -1, True, "0"]))
+        error, match = ValueError, rf"layer_axis: expected 0 or 1 .*, got {re.escape(repr(bad))}"
+    elif case == "same_axes":
+        kwargs["slot_axis"] = 0
+        error, match = ValueError, r"layer_axis and slot_axis: expected two different dims"
+    elif case == "aliased":
+        w["b"] = w["w"]
+        error = ValueError
+        match = (
+            r"(expert_weights\['w'\] is the same array as expert_weights\['b'\]"
+            r"|expert_weights\['b'\] is the same array as expert_weights\['w'\]); "
+            r"a donated pytree must hold each array once"
+        )
+    elif case == "two_bad":
+        w["w"] = jax.device_put(jnp.zeros((L, PT, 3), jnp.complex64), SPEC)
+        w["q"] = jax.device_put(jnp.ones((L + 1, PT, 4), jnp.int8), SPEC)
+        error = ValueError  # a TypeError and a ValueError together
+        match = (
+            r"^2 leaves cannot be moved:\n"
+            r"  expert_weights\['q'\] has shape \(3, 16, 4\), expected leading dims L = 2 x P = 16\n"
+            r"  expert_weights\['w'\] has dtype complex64, which is not moved"
+        )
+    else:
+        w["q"] = jax.device_put(
+            jnp.ones((L, PT, 4), jnp.int8), NamedSharding(REVERSED, P(None, "ep"))
+        )
+        error = ValueError
+        match = r"expert_weights\['q'\] lives on a mesh \{'ep': 8\} of other devices"
 
     def rearrange_expert_weights():
         return jeplb.rearrange_expert_weights(OLD, NEW, w, **kwargs)
 
     expect(rearrange_expert_weights, error, match, OLD, NEW, w)
+
+
+@pytest.mark.parametrize("mesh", [None, "ep", 8])
+def test_rearrange_mesh_not_a_mesh(mesh):
+    w = weights()
+
+    def rearrange_expert_weights():
+        return jeplb.rearrange_expert_weights(OLD, NEW, w, mesh=mesh)
+
+    expect(rearrange_expert_weights, TypeError, r"mesh: expected a jax.sharding.Mesh", w)
+
+
+@pytest.mark.parametrize("axis_name", [3, None, (), ("ep", 3)])
+def test_rearrange_axis_name_not_a_name(axis_name):
+    w = weights()
+
+    def rearrange_expert_weights():
+        return jeplb.rearrange_expert_weights(OLD, NEW, w, mesh=MESH, axis_name=axis_name)
+
+    got = re.escape(repr(axis_name))
+    match = rf"axis_name: expected a mesh axis name or a tuple of them, got {got}"
+    expect(rearrange_expert_weights, TypeError, match, w)
+
+
+def test_rearrange_maps_as_lists():
+    """Python lists are maps like any other (no longer refused); the result is the new placement."""
+    sharded = {"w": jax.device_put(jnp.asarray(by_expert(OLD)), SPEC)}
+    out = jeplb.rearrange_expert_weights(OLD.tolist(), NEW.tolist(), sharded, mesh=MESH)
+    np.testing.assert_array_equal(np.asarray(out["w"]), by_expert(NEW))
+    assert out["w"].sharding.spec == SPEC.spec
+
+
+OLD4 = np.tile(np.arange(E, dtype=np.int32), (L, 1))  # P = 8 slots over TENSOR's 4 'ep' devices
+NEW4 = np.roll(OLD4, 3, axis=1)
+
+
+@pytest.mark.parametrize(
+    "spec, cols", [(P(None, "ep", "tensor"), (4,)), (P(None, "ep", None, "tensor"), (3, 2))]
+)
+def test_rearrange_other_axes_on_other_dims(spec, cols):
+    """Other mesh axes may shard the dims after the slot dim; the weights come back moved and with
+    the sharding they came in with."""
+    host = by_expert(OLD4, int(np.prod(cols))).reshape(L, E, *cols)
+    want = by_expert(NEW4, int(np.prod(cols))).reshape(L, E, *cols)
+    w = {"x": jax.device_put(jnp.asarray(host), NamedSharding(TENSOR, spec))}
+    out = jeplb.rearrange_expert_weights(OLD4, NEW4, w, mesh=TENSOR)
+    np.testing.assert_array_equal(np.asarray(out["x"]), want)
+    assert out["x"].sharding.spec == spec
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        (
+            P("tensor", "ep"),
+            r"expert_weights\['x'\] is sharded PartitionSpec\('tensor', 'ep', None\); "
+            r"its layer dim 0 must not be sharded",
+        ),
+        (
+            P(None, ("ep", "tensor")),
+            r"expert_weights\['x'\] is sharded PartitionSpec\(None, "
+            r"\('ep', 'tensor'\), None\); its slot dim 1 must be sharded over exactly 'ep'",
+        ),
+        (
+            P(None, "tensor", "ep"),
+            r"expert_weights\['x'\] is sharded PartitionSpec\(None, 'tensor', "
+            r"'ep'\); its slot dim 1 must be sharded over exactly 'ep'",
+        ),
+    ],
+)
+def test_rearrange_expert_axis_misplaced(spec, match):
+    """Still refused on a mesh with a tensor axis: the layer dim sharded, the slot dim over more
+    than the expert axis, the expert axis on another dim."""
+    w = {"x": jax.device_put(jnp.zeros((L, E, 4)), NamedSharding(TENSOR, spec))}
+
+    def rearrange_expert_weights():
+        return jeplb.rearrange_expert_weights(OLD4, NEW4, w, mesh=TENSOR)
+
+    expect(rearrange_expert_weights, ValueError, match, w)
 
 
 @settings(max_examples=10, deadline=None)
@@ -215,12 +365,16 @@ def test_transfer_layer_bad_input(case):
         error, match = ValueError, r"new_phy2log\[4\] = 99, but no slot"
     else:
         w = {"w": jax.device_put(jnp.zeros((L, PT, 3)), SPEC)}
-        error, match = ValueError, r"leaf 0 has shape \(2, 16, 3\), expected leading dims"
+        error = ValueError
+        match = r"expert_weights\['w'\] has shape \(2, 16, 3\), expected leading dims P = 16"
 
     def transfer_layer():
         return jeplb.transfer_layer(old, new, w, mesh=MESH)
 
     expect(transfer_layer, error, match, old, new, w)
+
+
+LOCAL_SHAPE = r"expert_weights has local shape \(3, 3\), expected \[N_local = 2, \.\.\.\]"
 
 
 def test_stages_bad_input():
@@ -243,8 +397,14 @@ def test_stages_bad_input():
         return lambda: jax.jit(f).lower(jnp.zeros((D * shape[0], *shape[1:])))
 
     for shape, buf, meta, error, match in (
-        ((N + 1, 3), None, None, ValueError, r"expert_weights: leaf 0 has local shape \(3, 3\)"),
-        ((N, 3), (N, 4), None, ValueError, r"buffer: leaf 0 is float32\[2, 4\], expected"),
+        ((N + 1, 3), None, None, ValueError, LOCAL_SHAPE),
+        (
+            (N, 3),
+            (N, 4),
+            None,
+            ValueError,
+            r"buffer is float32\[2, 4\], expected .* float32\[2, 3\]",
+        ),
         ((N, 3), None, "meta", TypeError, r"metadata: expected the TransferMetadata"),
     ):
         fn = traced(shape, buf, meta)
@@ -684,11 +844,12 @@ def test_step_bad_input(state, case):
     elif case == "shape":
         w["w"] = jax.device_put(jnp.zeros((L + 1, PT, 3)), SPEC)
         fn = lambda: jeplb.eplb_step(state, w, mesh=MESH)  # noqa: E731
-        error, match = ValueError, r"leaf \d has shape \(3, 16, 3\), expected leading dims"
+        error = ValueError
+        match = r"expert_weights\['w'\] has shape \(3, 16, 3\), expected leading dims L = 2 x P"
     elif case == "numpy":
         w["q"] = np.zeros((L, PT, 4), np.int8)
         fn = lambda: jeplb.eplb_step(state, w, mesh=MESH)  # noqa: E731
-        error, match = TypeError, r"leaf \d is a ndarray; expected a jax.Array"
+        error, match = TypeError, r"expert_weights\['q'\] is a ndarray; expected a jax.Array"
     else:
         fn = lambda: jeplb.eplb_step_local(state, w)  # noqa: E731
         error, match = ValueError, r"state.axis_name: no mesh axis 'ep' is bound here"
@@ -711,7 +872,6 @@ def test_step_bad_input(state, case):
             "load_nan",
             "load_shape",
             "lost",
-            "numpy",
             "old_ids",
             "old_float",
         )
@@ -742,16 +902,13 @@ def test_recover_experts_bad_input(case, data):
         load = LOAD.copy()
         load[data.draw(st.integers(0, L - 1)), data.draw(st.integers(0, E - 1))] = np.nan
         kwargs["load"] = load
-        error, match = ValueError, r"weight\[\d, \d\] = nan: expected finite loads"
+        error, match = ValueError, r"load\[\d, \d\] = nan: expected finite loads"
     elif case == "load_shape":
         kwargs["load"] = LOAD[:, :3]
         error, match = ValueError, r"load: expected shape \[L, E\] = \(2, 8\), got \(2, 3\)"
     elif case == "lost":
         kwargs["lost_devices"] = [data.draw(st.sampled_from([-1, D, 100]))]
         error, match = ValueError, r"lost_devices: expected indices in \[0, 8\)"
-    elif case == "numpy":
-        w["w"] = np.zeros((L, PT, 3), np.float32)
-        error, match = TypeError, r"expert_weights: leaf \d is a ndarray \(no sharding\)"
     elif case == "old_ids":
         old[1, data.draw(st.integers(0, PT - 1))] = -5
         error, match = ValueError, r"old_phy2log\[1, \d+\] = -5: expected an expert id"
@@ -763,3 +920,16 @@ def test_recover_experts_bad_input(case, data):
         return jeplb.recover_experts(old, w, loader, **kwargs)
 
     expect(recover_experts, error, match, old, w)
+
+
+def test_recover_experts_names_bad_leaf_by_path():
+    w = weights()
+    w["w"] = np.zeros((L, PT, 3), np.float32)
+
+    def recover_experts():
+        loader = lambda layer, expert: None  # noqa: E731
+        return jeplb.recover_experts(OLD, w, loader, mesh=mesh_of(d=6), num_experts=E)
+
+    expect(
+        recover_experts, TypeError, r"expert_weights\['w'\] is a ndarray.*expected a jax.Array", w
+    )
