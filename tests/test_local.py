@@ -18,7 +18,7 @@ from jeplb._src.transfer import api as _transfer
 from jeplb._src.transfer import inplace as _local
 from jeplb._src.transfer import rows as _rows
 from tests.test_step import E, Model, R, run
-from tests.transfer_model import check_rows, make_leaves, make_plan, random_bytes
+from tests.transfer_model import check_rows, make_leaves, make_plan, program, random_bytes
 
 N = 10  # slots of the test layers: one compilation of the order per width
 
@@ -83,7 +83,8 @@ def test_infeasible_layer_moves_nothing():
 
 @pytest.mark.parametrize("impl", ["loop", "pallas"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", "int8", "float8_e4m3fn"])
-def test_apply_moves_bit_exact(impl, dtype):
+@pytest.mark.parametrize("slot_major", [False, True])
+def test_apply_moves_bit_exact(impl, dtype, slot_major):
     import ml_dtypes
 
     dt = getattr(ml_dtypes, dtype) if dtype in ("bfloat16", "float8_e4m3fn") else np.dtype(dtype)
@@ -92,18 +93,19 @@ def test_apply_moves_bit_exact(impl, dtype):
     old, new = make_plan("random", 1, num_layers, N, 6, 1)
     new[1] = old[1]  # a layer with nothing to move
     orders = jax.jit(_local.order_moves_layers)(old, new, jnp.ones(num_layers, bool))
-    host = random_bytes(rng, (num_layers * N, width), dt)
-    platform = jax.default_backend()
-    rows = _rows.to_rows(jnp.asarray(host), 1, platform)
-    out = _local.apply_moves(rows, *orders, impl=impl)
-    out = np.asarray(_rows.from_rows(out, host.shape, dt)).reshape(num_layers, N, width)
-    expect = host.reshape(num_layers, N, width).copy()
+    host = random_bytes(rng, (num_layers, N, width), dt)
+    stacked = host.transpose(1, 0, 2) if slot_major else host
+    rows = jnp.asarray(stacked.reshape(num_layers * N, width))
+    # The executor the library resolves: bf16 and fp8 rows are written through their bits on CPU.
+    impl = _local.resolve_impl(impl, rows, jax.default_backend())
+    out = np.asarray(_local.apply_moves(rows, *orders, impl=impl, slot_major=slot_major))
+    out = out.reshape(stacked.shape)
+    out = out.transpose(1, 0, 2) if slot_major else out
+    expect = host.copy()
     for layer in range(num_layers):
         src, dst, count = (np.asarray(a[layer]) for a in orders)
         labels = simulate(old[layer], src, dst, count)
-        expect[layer] = np.stack(
-            [host.reshape(num_layers, N, width)[layer, lab[1]] for lab in labels]
-        )
+        expect[layer] = np.stack([host[layer, lab[1]] for lab in labels])
     np.testing.assert_array_equal(out.view(np.uint8), expect.view(np.uint8))
 
 
@@ -114,7 +116,7 @@ def test_apply_moves_errors():
         ValueError, match=r"needs rows of a multiple of 512 32-bit words, got 100 elements"
     ):
         _local.apply_moves(rows, z, z, jnp.zeros(1, jnp.int32), impl="pallas")
-    with pytest.raises(ValueError, match=r"impl: expected 'pallas' or 'loop', got 'scatter'"):
+    with pytest.raises(ValueError, match=r"impl: expected 'pallas', 'loop' or 'select', got 'sc"):
         _local.apply_moves(rows, z, z, jnp.zeros(1, jnp.int32), impl="scatter")
 
 
@@ -129,9 +131,11 @@ def mesh1():
 def test_one_device_rearrange_is_direct_and_needs_no_staging(mesh1):
     # Rows large enough that the order's integer tables are noise: the temporary is about a row.
     n, r, num_layers = 8, 4096, 4
-    w = jax.ShapeDtypeStruct((num_layers, n, r), jnp.float32)
+    w = jax.ShapeDtypeStruct(
+        (num_layers, n, r), jnp.float32, sharding=NamedSharding(mesh1, P(None, "ep"))
+    )
     maps = jax.ShapeDtypeStruct((num_layers, n), jnp.int32)
-    compiled = _transfer._program(mesh1, "ep", 1, True, False).lower(maps, maps, [w]).compile()
+    compiled = program(mesh1).lower(maps, maps, [w]).compile()
     stats = compiled.memory_analysis()
     row = r * 4
     assert stats.temp_size_in_bytes <= 2 * row + 64 * 1024  # vs n * row for a staging buffer

@@ -7,49 +7,87 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jeplb._src.transfer import layout
 from jeplb._src.transfer import rows as _rows
 
+DTYPES = [jnp.bfloat16, jnp.float32, jnp.int8, jnp.float8_e4m3fn, jnp.int4, jnp.float4_e2m1fn]
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.int8, jnp.float8_e4m3fn])
+
+def random_rows(rng, rows: int, width: int, dtype) -> np.ndarray:
+    """Rows of random bits (NaN payloads and subnormals included) as host bit patterns."""
+    if np.dtype(dtype).name in layout.SUB_BYTE:
+        return rng.integers(0, 16, (rows, width), dtype=np.uint8)
+    raw = rng.integers(0, 256, (rows, width * np.dtype(dtype).itemsize), dtype=np.uint8)
+    return raw.view(layout.bits_dtype(dtype))
+
+
+def as_device(bits: np.ndarray, dtype) -> jax.Array:
+    return layout.convert_rows(jnp.asarray(bits), dtype)
+
+
+def as_bits(x: jax.Array) -> np.ndarray:
+    return np.asarray(layout.convert_rows(x, layout.bits_dtype(x.dtype)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("impl", ["loop", "pallas", "scatter"])
-def test_copy_rows_matches_numpy(impl, dtype):
+@pytest.mark.parametrize("direction", ["same", "to_moving", "from_moving"])
+def test_copy_rows_matches_numpy(impl, dtype, direction):
+    # What the transfer does: rows between two arrays of a leaf's dtype, or between a leaf and a
+    # buffer of its moving dtype, with the mover the library resolves for the written array.
+    platform = jax.default_backend()
     rng = np.random.default_rng(0)
     width = 2048
-    nbytes = np.dtype(dtype).itemsize
-
-    def rand(rows):
-        raw = rng.integers(0, 256, (rows, width * nbytes), dtype=np.uint8)
-        return raw.view(dtype)
-
-    src, dst = rand(12), rand(10)
+    moving = layout.moving_dtype(dtype, platform)
+    src_t, dst_t = {
+        "same": (dtype, dtype),
+        "to_moving": (dtype, moving),
+        "from_moving": (moving, dtype),
+    }[direction]
+    src, dst = random_rows(rng, 12, width, dtype), random_rows(rng, 10, width, dtype)
     dst_idx = np.array([4, 0, 2, 7, 9], np.int32)
     src_idx = np.array([1, 5, 3, 0, 11], np.int32)
     count, d_off, s_off = 3, 1, 2
     expect = dst.copy()
     for k in range(count):
         expect[d_off + dst_idx[k]] = src[s_off + src_idx[k]]
-    platform = jax.default_backend()
+    dst_x = as_device(dst, dst_t)
     out = _rows.copy_rows(
-        _rows.to_rows(jnp.asarray(dst), 1, platform),
-        _rows.to_rows(jnp.asarray(src), 1, platform),
+        dst_x,
+        as_device(src, src_t),
         jnp.asarray(dst_idx),
         jnp.asarray(src_idx),
         jnp.int32(count),
         dst_offset=d_off,
         src_offset=s_off,
-        impl=impl,
+        impl=_rows.resolve_impl(impl, dst_x, platform),
         interpret=platform == "cpu",
     )
-    out = _rows.from_rows(out, dst.shape, dtype)
-    np.testing.assert_array_equal(np.asarray(out).view(np.uint8), expect.view(np.uint8))
+    np.testing.assert_array_equal(as_bits(out), expect)
+
+
+def test_column_block_select_keeps_other_columns():
+    # A select writing a block of columns leaves the rest of the row alone, bit for bit.
+    rng = np.random.default_rng(1)
+    dst, src = random_rows(rng, 4, 8, jnp.bfloat16), random_rows(rng, 2, 3, jnp.bfloat16)
+    out = _rows.write_row_select(
+        as_device(dst, jnp.bfloat16), as_device(src[1:], jnp.bfloat16), jnp.int32(2), 5
+    )
+    expect = dst.copy()
+    expect[2, 5:8] = src[1]
+    np.testing.assert_array_equal(as_bits(out), expect)
 
 
 def test_auto_resolution_and_errors():
     big = jax.ShapeDtypeStruct((4, 1 << 16), jnp.bfloat16)
     small = jax.ShapeDtypeStruct((4, 100), jnp.bfloat16)
+    big32 = jax.ShapeDtypeStruct((4, 1 << 16), jnp.float32)
     assert _rows.resolve_impl("auto", big, "gpu") == "pallas"
     assert _rows.resolve_impl("auto", small, "gpu") == "loop"
-    assert _rows.resolve_impl("auto", big, "cpu") == "loop"
+    assert _rows.resolve_impl("auto", big32, "cpu") == "loop"
+    # bf16 rows on XLA:CPU are written through their bits, whatever was asked.
+    assert _rows.resolve_impl("pallas", big, "cpu") == "select"
+    assert _rows.resolve_impl("auto", jax.ShapeDtypeStruct((4, 64), jnp.int4), "gpu") == "select"
     with pytest.raises(ValueError, match=r"row_impl: expected one of .*got 'fast'"):
         _rows.resolve_impl("fast", big, "gpu")
     with pytest.raises(ValueError, match=r"needs rows of a multiple of 1024 elements, got 100"):
@@ -80,7 +118,8 @@ def test_compiled_pallas_rearrange_on_gpu(dtype):
     old = np.tile(np.arange(n, dtype=np.int32), (2, 1))
     new = np.array([[5, 5, 0, 1, 2, 3], [1, 0, 3, 2, 5, 4]], np.int32)
     w = jax.device_put(host, NamedSharding(mesh, P(None, "ep")))
-    assert _rows.resolve_impl("auto", _rows.to_rows(w, 2, "gpu"), "gpu") == "pallas"
+    rows = jax.ShapeDtypeStruct((2 * n, width), dtype)
+    assert _rows.resolve_impl("auto", rows, "gpu") == "pallas"
     out = np.asarray(jeplb.rearrange_expert_weights(old, new, w, mesh=mesh))
     for layer in range(2):
         for p in range(n):

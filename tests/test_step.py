@@ -349,6 +349,7 @@ def test_step_rejects_bad_arguments(mesh):
     with pytest.raises(TypeError, match=r"state: expected an EplbState, got dict"):
         eplb_step({}, good, mesh=mesh)
     with pytest.raises(
-        ValueError, match=r"leaf 0 is sharded P\(\); expected PartitionSpec\(None, .ep.\)"
+        ValueError,
+        match=r"expert_weights is sharded PartitionSpec\(\); its slot dim 1 must be sharded over",
     ):
         eplb_step(state, jax.device_put(good, NamedSharding(mesh, P())), mesh=mesh)

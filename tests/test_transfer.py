@@ -15,7 +15,8 @@ from jax.sharding import PartitionSpec as P
 
 import jeplb
 from jeplb._src.transfer import api as _transfer
-from tests.transfer_model import KINDS, check_rows, make_leaves, make_plan
+from jeplb._src.transfer.engine import resolve_passes
+from tests.transfer_model import KINDS, check_rows, make_leaves, make_plan, program
 
 L, N, E_PER_DEV = 2, 3, 2  # small shapes: one compilation per device count
 
@@ -24,6 +25,10 @@ def mesh_of(d: int) -> Mesh:
     if len(jax.devices()) < d:
         pytest.skip(f"needs {d} devices, the backend has {len(jax.devices())}")
     return Mesh(np.array(jax.devices()[:d]), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def sharded(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(None, "ep"))
 
 
 def put(tree, mesh, spec):
@@ -110,14 +115,14 @@ def test_one_compilation_under_outer_jit(mesh8):
 
 
 def test_eager_calls_reuse_one_program(mesh8):
-    program = _transfer._program(mesh8, "ep", 1, True, False)
+    compiled = program(mesh8)
     host = {"w": np.arange(L * 8 * N * 2, dtype=np.float32).reshape(L, 8 * N, 2)}
     sizes = []
     for seed in range(3):
         old, new = make_plan("random", seed, L, 8 * N, 16, 8)
         jeplb.rearrange_expert_weights(old, new, put(host, mesh8, P(None, "ep")), mesh=mesh8)
-        sizes.append(program._cache_size())
-    assert sizes[0] == sizes[1] == sizes[2]  # new plans, same program
+        sizes.append(compiled._cache_size())
+    assert sizes[0] == sizes[1] == sizes[2] == 1  # new plans, same program
 
 
 def test_donated_weights_are_updated_in_place(mesh8):
@@ -137,18 +142,39 @@ def test_temporary_memory_within_a_layer(mesh8, passes, chunk_rows):
     # hold (N + 2C) rows of 1 / passes of the columns; the default passes keep that within a layer.
     n, r, num_layers = 8, 4096, 4
     p_total = 8 * n
-    w = jax.ShapeDtypeStruct((num_layers, p_total, r), jnp.float32)
+    w = jax.ShapeDtypeStruct((num_layers, p_total, r), jnp.float32, sharding=sharded(mesh8))
     maps = jax.ShapeDtypeStruct((num_layers, p_total), jnp.int32)
-    program = _transfer._program(mesh8, "ep", chunk_rows, True, False, "auto", passes)
-    stats = program.lower(maps, maps, [w]).compile().memory_analysis()
+    compiled = program(mesh8, chunk_rows=chunk_rows, staging_passes=passes)
+    stats = compiled.lower(maps, maps, [w]).compile().memory_analysis()
     row = r * 4
     layer_local = n * row
-    p = passes or _transfer.resolve_passes(None, [(r, row, 1)], n=n, chunk_rows=chunk_rows)
+    p = passes or resolve_passes(None, [(r, row, 1, False)], n=n, chunk_rows=chunk_rows)
     assert passes or p == {1: 2, 4: 4}[chunk_rows]  # with C = 4, 3 does not divide the rows
     assert stats.temp_size_in_bytes <= (n + 2 * chunk_rows) * row / p + 64 * 1024
     if passes is None:
         assert stats.temp_size_in_bytes <= layer_local
     assert stats.alias_size_in_bytes == num_layers * layer_local  # donated: updated in place
+
+
+@pytest.mark.parametrize("d", [1, 8])
+def test_temporary_memory_within_a_layer_every_dtype(d):
+    # bf16 and fp8 rows move through their bits on XLA:CPU; no leaf is converted or copied
+    # whole, on one device or many: the bound is one layer of the device's local weights. Rows
+    # are large enough (20 KiB) that the plan's integer tables are noise.
+    mesh = mesh_of(d)
+    n, num_layers = 16, 4
+    leaves = [
+        jax.ShapeDtypeStruct((num_layers, n * d, 2, 64, 64), jnp.bfloat16, sharding=sharded(mesh)),
+        jax.ShapeDtypeStruct(
+            (num_layers, n * d, 64, 64), jnp.float8_e4m3fn, sharding=sharded(mesh)
+        ),
+        jax.ShapeDtypeStruct((num_layers, n * d, 16), jnp.float32, sharding=sharded(mesh)),
+    ]
+    maps = jax.ShapeDtypeStruct((num_layers, n * d), jnp.int32)
+    stats = program(mesh, num_leaves=3).lower(maps, maps, leaves).compile().memory_analysis()
+    layer_local = sum(np.prod(x.shape[2:]) * x.dtype.itemsize for x in leaves) * n
+    assert stats.temp_size_in_bytes <= layer_local
+    assert stats.alias_size_in_bytes == num_layers * layer_local
 
 
 # -------------------------------------------------------------------- infeasible, traced maps
@@ -291,16 +317,16 @@ def test_bad_ids_against_num_experts(mesh8, good):
 def test_bad_weights_and_mesh(mesh8, good):
     with pytest.raises(
         ValueError,
-        match=r"expert_weights: leaf 0 has shape \(2, 16, 2\), expected leading dims \[L, P, ...\] = \(2, 24\)",
+        match=r"expert_weights\['w'\] has shape \(2, 16, 2\), expected leading dims L = 2 x P = 24",
     ):
         jeplb.rearrange_expert_weights(*good, _w(mesh8, (L, 16, 2)), mesh=mesh8)
     with pytest.raises(
         ValueError,
-        match=r"expert_weights: leaf 0 is sharded P\(\); expected PartitionSpec\(None, 'ep'\)",
+        match=r"expert_weights\['w'\] is sharded PartitionSpec\(\); its slot dim 1 must be sharded over exactly 'ep'",
     ):
         jeplb.rearrange_expert_weights(*good, _w(mesh8, spec=P()), mesh=mesh8)
     with pytest.raises(
-        TypeError, match=r"expert_weights: leaf 0 is a ndarray; expected a jax.Array sharded"
+        TypeError, match=r"expert_weights\['w'\] is a ndarray; expected a jax.Array sharded"
     ):
         jeplb.rearrange_expert_weights(*good, {"w": np.zeros((L, 24, 2))}, mesh=mesh8)
     with pytest.raises(

@@ -136,3 +136,18 @@ def make_leaves(
         dt = getattr(ml_dtypes, dtype) if dtype in ("bfloat16", "float8_e4m3fn") else dtype
         out[name] = random_bytes(rng, (num_layers, rows, *trailing), dt)
     return out
+
+
+def program(mesh, *, num_leaves: int = 1, donate: bool = True, **options):
+    """The cached jitted program `rearrange_expert_weights` runs for ``num_leaves`` leaves sharded
+    ``PartitionSpec(None, "ep")`` on ``mesh`` with the given `TransferConfig` options."""
+    from jeplb._src import checks
+    from jeplb._src.transfer import api, engine
+    from jeplb._src.transfer.config import TransferConfig
+
+    config = TransferConfig(**options)
+    setup = engine.Engine(
+        config, checks.axis_size(mesh, config.axis_name), checks.platform_of(mesh)
+    )
+    specs = ((None, config.axis_name),) * num_leaves
+    return api._program(mesh, setup, specs, donate, False)

@@ -214,18 +214,19 @@ def _leaf_problem(
     spec = _spec_of(leaf, len(leaf.shape))
     if spec is None:
         return None if not is_concrete(leaf) else (ValueError, f"is not NamedSharding; use {fix}")
+    shown = f"PartitionSpec{_given_spec(leaf)}".replace(",)", ")")
     if _names(spec[slot_axis]) != tuple(axes):
         return ValueError, (
-            f"is sharded PartitionSpec{spec}; its slot dim {slot_axis} must be sharded over "
+            f"is sharded {shown}; its slot dim {slot_axis} must be sharded over "
             f"exactly {expert_spec(axes)!r} (other dims may use other mesh axes), e.g. {fix}"
         )
     if layer_axis is not None and spec[layer_axis] is not None:
         return ValueError, (
-            f"is sharded PartitionSpec{spec}; its layer dim {layer_axis} must not be sharded"
+            f"is sharded {shown}; its layer dim {layer_axis} must not be sharded"
         )
     clash = [e for d, e in enumerate(spec) if d != slot_axis and set(_names(e)) & set(axes)]
     if clash:
-        return ValueError, f"is sharded PartitionSpec{spec}; only the slot dim may use {axes}"
+        return ValueError, f"is sharded {shown}; only the slot dim may use {axes}"
     sharding = getattr(leaf, "sharding", None)
     if is_concrete(leaf) and isinstance(mesh, Mesh) and not _same_mesh(sharding.mesh, mesh):
         return ValueError, (

@@ -63,24 +63,28 @@ class Recovery:
 # ------------------------------------------------------------------------------------ checks
 
 
-def _old_mesh(leaves: list[Any], axis_name: str):
+def _old_mesh(tree: Any, axis_name: str):
     """The mesh every leaf lives on (all the same), checked to be one device per axis position."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    if not flat:
+        raise ValueError("expert_weights: expected a pytree with at least one array leaf, got none")
     meshes = []
-    for i, leaf in enumerate(leaves):
+    for path, leaf in flat:
         sharding = getattr(leaf, "sharding", None)
         if not isinstance(leaf, jax.Array) or not isinstance(sharding, NamedSharding):
             raise TypeError(
-                f"expert_weights: leaf {i} is a {type(leaf).__name__} "
+                f"expert_weights{jax.tree_util.keystr(path)} is a {type(leaf).__name__} "
                 f"({type(sharding).__name__ if sharding is not None else 'no sharding'}); expected "
                 f"a jax.Array sharded NamedSharding(old_mesh, PartitionSpec(None, {axis_name!r}))"
             )
         meshes.append(sharding.mesh)
     mesh = meshes[0]
-    for i, m in enumerate(meshes):
+    for (path, _), m in zip(flat, meshes, strict=True):
         if m.devices.shape != mesh.devices.shape or (m.devices != mesh.devices).any():
             raise ValueError(
-                f"expert_weights: leaf {i} lives on another mesh than leaf 0; every leaf must be "
-                f"sharded over the same (old) mesh"
+                f"expert_weights{jax.tree_util.keystr(path)} lives on another mesh than "
+                f"expert_weights{jax.tree_util.keystr(flat[0][0])}; every leaf must be sharded "
+                f"over the same (old) mesh"
             )
     checks.axis_size(mesh, axis_name)
     if mesh.devices.size != mesh.shape[axis_name]:
@@ -273,7 +277,7 @@ def recover_experts(
     leaves, treedef = jax.tree_util.tree_flatten(expert_weights)
     plan = _plan_recovery(
         old_phy2log,
-        leaves,
+        expert_weights,
         mesh=mesh,
         axis_name=axis_name,
         num_experts=num_experts,
@@ -343,13 +347,11 @@ class _RecoveryPlan:
 
 
 def _plan_recovery(
-    old_phy2log, leaves, *, mesh, axis_name, num_experts, lost_devices, load, new_phy2log, policy
+    old_phy2log, tree, *, mesh, axis_name, num_experts, lost_devices, load, new_phy2log, policy
 ) -> _RecoveryPlan:
     """Checks the arguments and decides the placement and the moves."""
     old = _as_placement(old_phy2log, "old_phy2log")
-    if not leaves:
-        raise ValueError("expert_weights: expected a pytree with at least one array leaf, got none")
-    old_mesh = _old_mesh(leaves, axis_name)
+    old_mesh = _old_mesh(tree, axis_name)
     d_old = int(old_mesh.shape[axis_name])
     d_new = _check_new_mesh(mesh, axis_name)
     num_layers, p_old = old.shape
@@ -358,7 +360,7 @@ def _plan_recovery(
             f"old_phy2log: P = {p_old} slots is not divisible by the old mesh's {d_old} devices"
         )
     checks.weight_leaves(
-        leaves,
+        tree,
         lead_shape=(num_layers, p_old),
         slot_axis=1,
         layer_axis=0,

@@ -205,7 +205,7 @@ def run_transfer(
         {
             "old_phy2log": old_phy2log,
             "new_phy2log": new_phy2log,
-            "options": _fingerprint((config, num_experts, donate, mesh.shape)),
+            "options": _fingerprint((config, num_experts, donate, getattr(mesh, "shape", mesh))),
             "expert_weights": _fingerprint(_leaf_signature(expert_weights)),
         },
         where=where,

@@ -31,9 +31,11 @@ def _bound_size(config: TransferConfig, where: str) -> int:
         ) from err
 
 
-def _one_layer(x: jax.Array, platform: str) -> layout.RowSpace:
+def _one_layer(x: jax.Array) -> layout.RowSpace:
     """A local leaf [N, ...] as a one-layer row space."""
-    return layout.open_rows(x[None], 0, 0, _width(x), slot_major=False, platform=platform)
+    return layout.open_rows(
+        x[None], 0, 0, _width(x), slot_major=False, platform=checks.platform_of()
+    )
 
 
 def _width(x: jax.Array) -> int:
@@ -44,7 +46,7 @@ def _width(x: jax.Array) -> int:
 
 
 def _impls(rows: tuple[jax.Array, ...], row_impl: str) -> tuple[stages.Impls, ...]:
-    platform = jax.default_backend()
+    platform = checks.platform_of()
     impls = [rows_lib.resolve_impl(row_impl, r, platform) for r in rows]
     return tuple(stages.Impls(i, i) for i in impls)
 

@@ -18,7 +18,13 @@ ROW_IMPLS = ("auto", "loop", "pallas", "scatter")
 
 def axis_tuple(axis_name: str | tuple[str, ...]) -> tuple[str, ...]:
     """The expert axis as a tuple of mesh axis names (a str is one axis)."""
-    return (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+    if isinstance(axis_name, str):
+        return (axis_name,)
+    if not isinstance(axis_name, tuple | list) or not all(isinstance(a, str) for a in axis_name):
+        raise TypeError(
+            f"axis_name: expected a mesh axis name or a tuple of them, got {axis_name!r}"
+        )
+    return tuple(axis_name)
 
 
 def _positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:

@@ -256,7 +256,13 @@ def _move_staged(old, new, leaves, ok, go, agreed, first, count, engine: Engine)
     num_layers, p_total = old.shape
     n = p_total // d
     passes, geo = _geometry(leaves, n, engine)
-    bufs = [rows_lib.make_varying(jnp.zeros((n, g.block), g.dtype), cfg.axes) for g in geo]
+    # A buffer varies over the expert axes and every axis its leaf is sharded over.
+    bufs = [
+        rows_lib.make_varying(
+            jnp.zeros((n, g.block), g.dtype), set(cfg.axes) | rows_lib.varying_axes(x)
+        )
+        for g, x in zip(geo, leaves, strict=True)
+    ]
     me = lax.axis_index(cfg.axes)
     zeros = jnp.zeros((num_layers,), jnp.int32)
     stats = LayerStats(ok, go, zeros, zeros, zeros, zeros, zeros, agreed)

@@ -135,7 +135,11 @@ def _apply_loop(rows, src, dst, count, n, slot_major, select):
     bits = layout.bits_dtype(rows.dtype) if select else rows.dtype
 
     def read(rows, at):
-        return layout.convert_rows(lax.dynamic_slice(rows, (at, jnp.int32(0)), (1, width)), bits)
+        # Slice, then view the bits: XLA fuses the two, exactly and without copying the carry
+        # (viewing the carry's bits first would copy it).
+        row = lax.dynamic_slice(rows, (at, jnp.int32(0)), (1, width))
+        return layout.bits_view(row) if select else row
+
     def move(k, carry):
         rows, temp = carry
         s, d = gsrc[k], gdst[k]

@@ -34,6 +34,7 @@ from jax import lax
 __all__ = [
     "RowSpace",
     "bits_dtype",
+    "bits_view",
     "close_rows",
     "convert_rows",
     "dims",
@@ -65,8 +66,8 @@ def to_moving(x: jax.Array, mode: str) -> jax.Array:
     if mode == "bits":
         return lax.bitcast_convert_type(x, _UINT_BY_SIZE[x.dtype.itemsize])
     if mode == "widen":
-        if x.dtype == jnp.int4:
-            return lax.bitcast_convert_type(x.astype(jnp.int8), jnp.uint8)
+        if x.dtype == jnp.int4:  # the two's-complement nibble, 0..15
+            return lax.bitcast_convert_type(x.astype(jnp.int8), jnp.uint8) & jnp.uint8(0xF)
         if x.dtype != jnp.uint4:
             x = lax.bitcast_convert_type(x, jnp.uint4)
         return x.astype(jnp.uint8)
@@ -78,8 +79,9 @@ def from_moving(x: jax.Array, dtype) -> jax.Array:
     dtype = np.dtype(dtype)
     if x.dtype == dtype:
         return x
-    if dtype == jnp.int4:
-        return lax.bitcast_convert_type(x, jnp.int8).astype(jnp.int4)
+    if dtype == jnp.int4:  # a nibble 0..15 back to -8..7
+        nibble = lax.bitcast_convert_type(x, jnp.int8)
+        return ((nibble ^ jnp.int8(8)) - jnp.int8(8)).astype(jnp.int4)
     if dtype.name in SUB_BYTE:
         u4 = x.astype(jnp.uint4)
         return u4 if dtype == jnp.uint4 else lax.bitcast_convert_type(u4, dtype)
@@ -92,6 +94,13 @@ def bits_dtype(dtype) -> np.dtype:
     return (
         np.dtype(jnp.uint8) if dtype.name in SUB_BYTE else np.dtype(_UINT_BY_SIZE[dtype.itemsize])
     )
+
+
+def bits_view(x: jax.Array) -> jax.Array:
+    """``x`` as the unsigned integers of its bits (`bits_dtype`). Slice or gather a dtype that
+    does not move natively only through this view: XLA:CPU runs a slice of bf16 through f32, which
+    loses NaN payloads and subnormals, while the conversion fuses into the slice."""
+    return convert_rows(x, bits_dtype(x.dtype))
 
 
 def moving_dtype(dtype, platform: str) -> np.dtype:
@@ -173,7 +182,7 @@ def open_rows(
         return RowSpace(dst, dst, width)
     slots = dst.base + jnp.arange(n, dtype=jnp.int32) * dst.stride
     cols = col + jnp.arange(width, dtype=jnp.int32)
-    slab = convert_rows(rows[slots[:, None], cols[None, :]], moving_dtype(x.dtype, platform))
+    slab = bits_view(rows)[slots[:, None], cols[None, :]]
     return RowSpace(dst, RowView(slab, 0, 1, 0), width)
 
 

@@ -217,11 +217,14 @@ def copy_rows(
         src = gather_rows(src, src_offset + src_idx, src_col, width, dst.dtype)
         src_offset, src_idx, src_col = 0, jnp.arange(src.shape[0], dtype=jnp.int32), 0
 
+    # Through the bits view where a dtype may not move natively (see `layout.bits_view`).
+    read_from = layout.bits_view(src) if impl == "select" else src
+
     def body(k, out):
-        r = lax.dynamic_slice(src, _i32(src_offset + src_idx[k], src_col), (1, width))
-        r = layout.convert_rows(r, dst.dtype)
+        r = lax.dynamic_slice(read_from, _i32(src_offset + src_idx[k], src_col), (1, width))
         if impl == "select":
             return write_row_select(out, r, dst_offset + dst_idx[k], dst_col)
+        r = layout.convert_rows(r, dst.dtype)
         return lax.dynamic_update_slice(out, r, _i32(dst_offset + dst_idx[k], dst_col))
 
     return lax.fori_loop(0, count, body, dst)
@@ -233,9 +236,10 @@ def _i32(*starts) -> tuple[jax.Array, ...]:
 
 
 def gather_rows(src: jax.Array, rows: jax.Array, col, width: int, dtype) -> jax.Array:
-    """``src[rows, col:col + width]`` converted to ``dtype`` (`layout.convert_rows`); rows out of
-    range are clipped (callers never use them)."""
+    """``src[rows, col:col + width]`` converted to ``dtype`` (`layout.convert_rows`), gathered
+    through the bits view; rows out of range are clipped (callers never use them)."""
     rows = jnp.clip(rows, 0, src.shape[0] - 1)
+    src = layout.bits_view(src)
     if width == src.shape[1]:
         block = src[rows]
     else:
@@ -252,8 +256,8 @@ def write_row_select(dst: jax.Array, row: jax.Array, at: jax.Array, col) -> jax.
     the unsigned integer view (sub-byte types: uint8), and the conversions fuse with it in place.
     """
     num_rows, width = dst.shape
-    bits = layout.convert_rows(dst, layout.bits_dtype(dst.dtype))
-    row = layout.convert_rows(row, bits.dtype)
+    bits = layout.bits_view(dst)
+    row = layout.convert_rows(layout.bits_view(row), bits.dtype)
     w = row.shape[1]
     mask = (jnp.arange(num_rows) == at)[:, None]
     if w != width:

@@ -81,7 +81,9 @@ def _round(spaces, bufs, rounds, shift, *, axes, num_devices, chunk_rows, impls)
         ridx = lax.dynamic_slice_in_dim(rounds.recv_rows[shift], k * c, c)
         payload = tuple(
             rows_lib.copy_rows(
-                rows_lib.make_varying(jnp.zeros((c, b.shape[1]), b.dtype), axes),
+                rows_lib.make_varying(
+                    jnp.zeros((c, b.shape[1]), b.dtype), set(axes) | rows_lib.varying_axes(b)
+                ),
                 s.src.rows,
                 lanes,
                 s.src.index(sidx),
@@ -117,7 +119,10 @@ def stage(
     The weights are only read. Every trip count comes from the replicated plan, so every device
     runs the same collectives.
     """
-    bufs = tuple(rows_lib.make_varying(b, axes) for b in bufs)
+    bufs = tuple(
+        rows_lib.make_varying(b, set(axes) | rows_lib.varying_axes(s.src.rows))
+        for b, s in zip(bufs, spaces, strict=True)
+    )
     with jax.named_scope("local_copies"):
         bufs = _local_copies(spaces, bufs, meta, impls)
     for shift in range(1, num_devices):
