@@ -14,9 +14,7 @@ from jax.sharding import PartitionSpec as P
 import jeplb
 from jeplb._src.state import EplbState
 from jeplb._src.step import eplb_step
-from jeplb._src.transfer import api as _transfer
 from jeplb._src.transfer import inplace as _local
-from jeplb._src.transfer import rows as _rows
 from tests.test_step import E, Model, R, run
 from tests.transfer_model import check_rows, make_leaves, make_plan, program, random_bytes
 

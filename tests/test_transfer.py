@@ -14,7 +14,6 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jeplb
-from jeplb._src.transfer import api as _transfer
 from jeplb._src.transfer.engine import resolve_passes
 from tests.transfer_model import KINDS, check_rows, make_leaves, make_plan, program
 

@@ -221,9 +221,7 @@ def _leaf_problem(
             f"exactly {expert_spec(axes)!r} (other dims may use other mesh axes), e.g. {fix}"
         )
     if layer_axis is not None and spec[layer_axis] is not None:
-        return ValueError, (
-            f"is sharded {shown}; its layer dim {layer_axis} must not be sharded"
-        )
+        return ValueError, (f"is sharded {shown}; its layer dim {layer_axis} must not be sharded")
     clash = [e for d, e in enumerate(spec) if d != slot_axis and set(_names(e)) & set(axes)]
     if clash:
         return ValueError, f"is sharded {shown}; only the slot dim may use {axes}"
