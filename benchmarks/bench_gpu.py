@@ -102,7 +102,12 @@ def row_moves(ceiling, *, n=36, quick=False):
                         continue
                     stage = jax.jit(
                         lambda b, w, s, d, impl=impl: _rows.copy_rows(
-                            b, w, d, s, jnp.int32(s.shape[0]), impl=impl
+                            b,
+                            w,
+                            d,
+                            s,
+                            jnp.int32(s.shape[0]),
+                            impl=_rows.resolve_impl(impl, b, "gpu"),
                         ),
                         donate_argnums=0,
                     )
@@ -187,7 +192,12 @@ def direct_moves(ceiling, *, n=36, quick=False):
     shards = {"deepseek-v3 (88.1 MB)": 6, "qwen3-235b (37.7 MB)": 12, "1 MiB": 58}
     for row_name, layers in shards.items():
         row_bytes = ROWS[row_name]
-        for dtype in (jnp.bfloat16, jnp.float8_e4m3fn):
+        # Slot-major stacks ([P, L, ...], MaxText's param_scan_axis=1) move in place too.
+        for dtype, slot_major in (
+            (jnp.bfloat16, False),
+            (jnp.float8_e4m3fn, False),
+            (jnp.bfloat16, True),
+        ):
             if quick and dtype != jnp.bfloat16:
                 continue
             width = row_bytes // np.dtype(dtype).itemsize
@@ -198,7 +208,9 @@ def direct_moves(ceiling, *, n=36, quick=False):
                 src, dst, count = jax.jit(_local.order_moves_layers)(old, new, ok)
                 back = jax.jit(_local.order_moves_layers)(new, old, ok)
                 move = jax.jit(
-                    lambda w, s, d, c: _local.apply_moves(w, s, d, c, impl="pallas"),
+                    lambda w, s, d, c, sm=slot_major: _local.apply_moves(
+                        w, s, d, c, impl="pallas", slot_major=sm
+                    ),
                     donate_argnums=0,
                 )
                 state = {"w": w, "fwd": True}
@@ -216,7 +228,7 @@ def direct_moves(ceiling, *, n=36, quick=False):
                 out.append(
                     DirectRow(
                         row_name,
-                        np.dtype(dtype).name,
+                        np.dtype(dtype).name + (" slot-major" if slot_major else ""),
                         layers,
                         fraction,
                         rows_moved,
@@ -252,7 +264,7 @@ def _blockwise_transfer(mesh, layers, resident):
     blocks = [(b, min(b + resident, layers)) for b in range(0, layers, resident)]
 
     def transfer(old, new, w, impl):
-        prog = _transfer._program(mesh, "ep", 1, False, False, impl)
+        prog = _transfer.program_for(mesh, donate=False, row_impl=impl)
         for b, e in blocks:
             (part,), _ = prog(old[b:e], new[b:e], [w[: e - b]])
             w = part if e - b == resident else w.at[: e - b].set(part)

@@ -100,7 +100,7 @@ def run_case(mesh, row_name, row_bytes, kind, *, slots_per_device, layers, ceili
         ),
         out_shardings=spec,
     )(jax.random.key(0))
-    prog = _transfer._program(mesh, "ep", 1, True, False, "auto")
+    prog = _transfer.program_for(mesh)
     old_d, new_d = (jax.device_put(m, NamedSharding(mesh, P())) for m in (old, new))
     state = {"w": [w], "fwd": True, "report": None}
 

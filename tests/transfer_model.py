@@ -141,13 +141,6 @@ def make_leaves(
 def program(mesh, *, num_leaves: int = 1, donate: bool = True, **options):
     """The cached jitted program `rearrange_expert_weights` runs for ``num_leaves`` leaves sharded
     ``PartitionSpec(None, "ep")`` on ``mesh`` with the given `TransferConfig` options."""
-    from jeplb._src import checks
-    from jeplb._src.transfer import api, engine
-    from jeplb._src.transfer.config import TransferConfig
+    from jeplb._src.transfer import api
 
-    config = TransferConfig(**options)
-    setup = engine.Engine(
-        config, checks.axis_size(mesh, config.axis_name), checks.platform_of(mesh)
-    )
-    specs = ((None, config.axis_name),) * num_leaves
-    return api._program(mesh, setup, specs, donate, False)
+    return api.program_for(mesh, num_leaves=num_leaves, donate=donate, **options)

@@ -199,7 +199,7 @@ def run_time(
     row_bytes = row_elems * np.dtype(dtype).itemsize
     layer_local = slots_per_device * row_bytes
     out = []
-    ours = _transfer._program(mesh, axis_name, 1, True, False)
+    ours = _transfer.program_for(mesh, axis_name=axis_name)
     naive = _naive_program(mesh, axis_name)
     for kind in ("reshuffle", "drift"):
         old, new = make_plan(kind, seed, num_layers, p_total, num_experts)

@@ -134,6 +134,26 @@ def _program(mesh, setup: engine.Engine, specs: tuple, donate: bool, single_laye
     return jax.jit(run, donate_argnums=(2,) if donate else (), out_shardings=out_shardings)
 
 
+def program_for(
+    mesh, *, num_leaves: int = 1, donate: bool = True, single_layer: bool = False, **options
+):
+    """The cached program `rearrange_expert_weights` (``single_layer``: `transfer_layer`) runs
+    for ``num_leaves`` leaves whose slot dim alone is sharded, with the given `TransferConfig`
+    options: ``program(old, new, leaves) -> (leaves, report)``. For benchmarks and tests that
+    time or inspect the compiled program itself."""
+    config = TransferConfig(**options)
+    setup = engine.Engine(
+        config=config,
+        num_devices=checks.axis_size(mesh, config.axis_name),
+        platform=checks.platform_of(mesh),
+    )
+    spec = (None,) * (0 if single_layer else config.slot_axis) + (checks.expert_spec(config.axes),)
+    if single_layer:
+        config = config.replace(layer_axis=0, slot_axis=1)
+        setup = dataclasses.replace(setup, config=config)
+    return _program(mesh, setup, (spec,) * num_leaves, bool(donate), single_layer)
+
+
 def _body(old, new, leaves, *, setup: engine.Engine):
     """shard_map body: maps int32[L, P] replicated, leaves local."""
     num_layers = old.shape[0]
