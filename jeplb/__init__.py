@@ -28,4 +28,4 @@ from jeplb._src.transfer.buffer import move_from_buffer as move_from_buffer
 from jeplb._src.transfer.buffer import move_to_buffer as move_to_buffer
 from jeplb._src.transfer.plan import TransferMetadata as TransferMetadata
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
