@@ -96,11 +96,16 @@ def _warn_if_infeasible(ok: Any, *, where: str) -> None:
 
 
 @functools.lru_cache(maxsize=128)
-def _program(mesh, setup: engine.Engine, specs: tuple, donate: bool, single_layer: bool):
+def _program(
+    mesh, setup: engine.Engine, specs: tuple, donate: bool, single_layer: bool, warn: bool = False
+):
     """One jitted program per (mesh, setup, leaf specs, donation, layout); jit caches per shapes.
 
     With ``single_layer`` the maps are [P] and leaves [P, ...]: a unit layer axis is added and
-    removed inside the program, where it costs nothing and donation still aliases.
+    removed inside the program, where it costs nothing and donation still aliases. With ``warn``
+    (traced maps, whose values were not checked) an infeasible plan is also logged from the
+    program; concrete maps were checked before it ran, and a host call on every call would cost
+    a device-to-host round trip (milliseconds on a GPU).
     """
     where = "transfer_layer" if single_layer else "rearrange_expert_weights"
     inner = [P(None, *s) if single_layer else P(*s) for s in specs]
@@ -125,7 +130,14 @@ def _program(mesh, setup: engine.Engine, specs: tuple, donate: bool, single_laye
         if single_layer:
             out = [x[0] for x in out]
             report = jax.tree_util.tree_map(lambda a: a[0], report)
-        jax.debug.callback(functools.partial(_warn_if_infeasible, where=where), report.ok)
+        if warn:
+            log = functools.partial(_warn_if_infeasible, where=where)
+            jax.lax.cond(
+                jnp.all(report.ok),
+                lambda ok: None,
+                lambda ok: jax.debug.callback(log, ok),
+                report.ok,
+            )
         return out, report
 
     # Explicit output shardings: every leaf comes back exactly as it came in (also on a
@@ -151,7 +163,7 @@ def program_for(
     if single_layer:
         config = config.replace(layer_axis=0, slot_axis=1)
         setup = dataclasses.replace(setup, config=config)
-    return _program(mesh, setup, (spec,) * num_leaves, bool(donate), single_layer)
+    return _program(mesh, setup, (spec,) * num_leaves, bool(donate), single_layer, False)
 
 
 def _body(old, new, leaves, *, setup: engine.Engine):
@@ -254,7 +266,8 @@ def run_transfer(
     if single_layer:
         config = config.replace(layer_axis=0, slot_axis=1)
     setup = engine.Engine(config=config, num_devices=num_devices, platform=checks.platform_of(mesh))
-    program = _program(mesh, setup, specs, bool(donate), single_layer)
+    traced = not (checks.is_concrete(old) and checks.is_concrete(new))
+    program = _program(mesh, setup, specs, bool(donate), single_layer, traced)
     out, report = program(_place_map(old, mesh), _place_map(new, mesh), leaves)
     return treedef.unflatten(out), report
 
