@@ -354,6 +354,12 @@ def run_scenarios(results: dict) -> None:
     run_elastic(results, mesh, logical, num_layers, num_experts)
     results["seconds"]["elastic"] = round(time.perf_counter() - START, 1)
 
+    # 6. Processes that pass different options: concrete calls, and the step under jit.
+    run_option_mismatch(results, mesh, num_layers)
+    results["seconds"]["option_mismatch"] = round(time.perf_counter() - START, 1)
+    run_step_layers_mismatch(results, mesh, logical, num_layers, num_experts)
+    results["seconds"]["step_layers_mismatch"] = round(time.perf_counter() - START, 1)
+
 
 def run_elastic(results: dict, mesh, logical, num_layers: int, num_experts: int) -> None:
     """Lose device 3 (process 0) and device 6 (process 1), which hold the only copies of experts
@@ -411,6 +417,86 @@ def run_elastic(results: dict, mesh, logical, num_layers: int, num_experts: int)
         "calls": [list(x) for x in calls],
         "shards_checked": shards,
         "new_devices": new_mesh.size,
+    }
+
+
+def run_option_mismatch(results: dict, mesh, num_layers: int) -> None:
+    """rearrange_expert_weights with num_experts 8 vs 4, then chunk_rows 1 vs 2, on the two
+    processes (maps and weights identical, ids below 4 so both num_experts are valid alone): the
+    same ValueError on every process, nothing moved, no hang."""
+    import jax
+    import numpy as np
+    from jax.sharding import PartitionSpec as P
+
+    import jeplb
+    from tests.transfer_model import make_plan
+
+    first = jax.process_index() == 0
+    d = mesh.size
+    p_total = d * 3
+    old, new = make_plan("random", 88, num_layers, p_total, 4, d)
+    host = leaves_for(np.random.default_rng(600), num_layers, p_total)
+    errors, unchanged = {}, 0
+    for name, value in (("num_experts", 8 if first else 4), ("chunk_rows", 1 if first else 2)):
+        w = {k: _global(v, mesh, P(None, "ep")) for k, v in host.items()}
+        message = None
+        try:
+            jeplb.rearrange_expert_weights(old, new, w, mesh=mesh, **{name: value})
+        except ValueError as err:
+            message = str(err)
+        assert message is not None, f"{name}: different values on the processes were accepted"
+        unchanged += sum(check_unchanged(v, w[k], p_total) for k, v in host.items())
+        errors[name] = message
+        progress(f"option mismatch: different {name} refused")
+    results["option_mismatch"] = {"errors": errors, "unchanged_shards": unchanged}
+
+
+def run_step_layers_mismatch(results: dict, mesh, logical, num_layers: int, num_experts: int):
+    """eplb_step under jit with layers_per_step 1 on process 0 and 2 (= L) on process 1: each
+    process compiles its own program; the step's on-device agreement (the moved layer range is
+    fingerprinted) must keep both from moving, without a hang."""
+    import jax
+    import numpy as np
+    from jax.sharding import PartitionSpec as P
+
+    import jeplb
+
+    d = mesh.size
+    p_total = d * 3
+    state = jeplb.EplbState.create(
+        num_layers=num_layers,
+        num_experts=num_experts,
+        num_devices=d,
+        num_redundant_experts=p_total - num_experts,
+        window_size=2,
+        step_interval=2,
+        layers_per_step=1 if jax.process_index() == 0 else num_layers,
+    )
+    state = jax.tree_util.tree_map(lambda x: _global(np.asarray(x), mesh, P()), state)
+    lay = np.arange(num_layers)[:, None]
+    p2l0 = np.asarray(state.phy2log)
+    w = {k: _global(v[lay, p2l0], mesh, P(None, "ep")) for k, v in logical.items()}
+    skew = (1000.0 / np.arange(1, num_experts + 1) ** 2).astype(np.int32)
+    counts = np.stack([np.roll(skew, 3 * layer) for layer in range(num_layers)]).astype(np.int32)
+    counts_g = _global(counts, mesh, P())
+    step_fn = jax.jit(
+        lambda s, w, c: jeplb.eplb_step(s.record(c), w, mesh=mesh), donate_argnums=(0, 1)
+    )
+    infos = []
+    for i in range(3):
+        state, w, info = step_fn(state, w, counts_g)
+        jax.block_until_ready((state, w, info))
+        infos.append(jax.tree_util.tree_map(np.asarray, info))
+        progress(f"step with different layers_per_step: step {i} run")
+    unchanged = sum(check_unchanged(v[lay, p2l0], w[k], p_total) for k, v in logical.items())
+    results["step_layers_mismatch"] = {
+        "fired": [bool(x.fired) for x in infos],
+        "layer_ok": [x.layer_ok.tolist() for x in infos],
+        "moved": [x.moved.tolist() for x in infos],
+        "in_progress": [bool(x.in_progress) for x in infos],
+        "maps_unchanged": bool(np.array_equal(np.asarray(state.phy2log), p2l0)),
+        "cursor": int(np.asarray(state.cursor)),
+        "unchanged_shards": unchanged,
     }
 
 

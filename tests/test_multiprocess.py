@@ -206,6 +206,39 @@ def test_elastic_recovery_across_processes(workers):
         assert r["elastic"]["shards_checked"] == 3 * 3  # 3 leaves x 3 remaining local devices
 
 
+def test_different_options_same_error_on_every_process(workers):
+    # num_experts 8 vs 4, then chunk_rows 1 vs 2: caught by the host agreement check, which
+    # fingerprints the options together and names them "options".
+    texts = []
+    for r in workers:
+        m = r["option_mismatch"]
+        for name in ("num_experts", "chunk_rows"):
+            msg = m["errors"][name]
+            assert msg.startswith("options: the processes passed different values to "), msg
+            assert "rearrange_expert_weights" in msg and "Nothing was moved" in msg, msg
+        assert m["unchanged_shards"] == 2 * 3 * 4  # two attempts x 3 leaves x 4 local shards
+        texts.append(
+            {
+                k: v.replace(f"process {r['process']} of", "process ? of")
+                for k, v in m["errors"].items()
+            }
+        )
+    assert texts[0] == texts[1]  # the same error on both processes
+
+
+def test_different_layers_per_step_in_the_step_move_nothing(workers):
+    # layers_per_step 1 vs 2 under jit: each process compiles its own program; the step's
+    # on-device agreement check sees different layer ranges, so neither moves (no hang, no abort).
+    for r in workers:
+        m = r["step_layers_mismatch"]
+        assert m["fired"] == [False, True, False], m
+        assert m["layer_ok"] == [[True, True], [False, False], [False, False]], m
+        assert m["moved"] == [[False, False]] * 3, m
+        assert m["in_progress"] == [False, True, True], m
+        assert m["cursor"] == 0 and m["maps_unchanged"], m
+        assert m["unchanged_shards"] == 3 * 4
+
+
 # ------------------------------------------------------- the waiting itself (no jax, a few seconds)
 
 FAKE_WORKER = """
