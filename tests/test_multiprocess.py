@@ -208,13 +208,13 @@ def test_elastic_recovery_across_processes(workers):
 
 def test_different_options_same_error_on_every_process(workers):
     # num_experts 8 vs 4, then chunk_rows 1 vs 2: caught by the host agreement check, which
-    # fingerprints the options together and names them "options".
+    # fingerprints each option and names the one that differs.
     texts = []
     for r in workers:
         m = r["option_mismatch"]
         for name in ("num_experts", "chunk_rows"):
             msg = m["errors"][name]
-            assert msg.startswith("options: the processes passed different values to "), msg
+            assert msg.startswith(f"{name}: the processes passed different values to "), msg
             assert "rearrange_expert_weights" in msg and "Nothing was moved" in msg, msg
         assert m["unchanged_shards"] == 2 * 3 * 4  # two attempts x 3 leaves x 4 local shards
         texts.append(

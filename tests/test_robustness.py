@@ -231,18 +231,7 @@ def stages_jit(mesh):
     return {False: make(False), True: make(True)}
 
 
-IN_BODY_XFAIL = pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="move_to_buffer with a map that varies over the axis (built from lax.axis_index) fails "
-    "to trace: plan_layer's sender scan carries replicated zeros but returns values varying over "
-    "'ep' (a shard_map vma TypeError), instead of planning a no-op",
-)
-
-
-@pytest.mark.parametrize(
-    "case", ["infeasible", "disagree", pytest.param("disagree_in_body", marks=IN_BODY_XFAIL)]
-)
+@pytest.mark.parametrize("case", ["infeasible", "disagree", "disagree_in_body"])
 def test_traced_stages_refused_weights_kept(mesh, stages_jit, case):
     old, new, _, _ = maps_case("disagree" if case == "disagree_in_body" else case, 7, mesh)
     if case == "disagree_in_body":

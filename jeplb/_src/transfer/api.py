@@ -233,11 +233,13 @@ def run_transfer(
     where = "transfer_layer" if single_layer else "rearrange_expert_weights"
     # First, before any check that could fail on one process only: every process passed the same
     # maps, options and leaf shapes (a process that raised alone would leave the others hanging).
+    options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    options |= {"num_experts": num_experts, "donate": donate, "mesh": getattr(mesh, "shape", mesh)}
     agree.check_processes_agree(
         {
             "old_phy2log": old_phy2log,
             "new_phy2log": new_phy2log,
-            "options": _fingerprint((config, num_experts, donate, getattr(mesh, "shape", mesh))),
+            **{name: _fingerprint(value) for name, value in options.items()},
             "expert_weights": _fingerprint(_leaf_signature(expert_weights)),
         },
         where=where,

@@ -25,9 +25,12 @@ Semantics (those of vLLM's rebalance_execute, written for a static-shape SPMD pr
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from jeplb._src.transfer import rows as rows_lib
 
 __all__ = [
     "GlobalPlan",
@@ -158,102 +161,122 @@ def plan_layer(
     Returns:
       The layer's `GlobalPlan`.
     """
-    p_total = old.shape[0]
-    d = num_devices
-    n = p_total // d
-    c = chunk_rows
-    width = -(-n // c) * c
     old = old.astype(jnp.int32)
     new = new.astype(jnp.int32)
+    with jax.named_scope("plan_classify"):
+        slots = _classify_slots(old, new, num_devices)
+    with jax.named_scope("plan_senders"):
+        src_dev, rank, round_max, send_load = _assign_senders(slots, num_devices)
+    with jax.named_scope("plan_tables"):
+        return _tables(slots, src_dev, rank, round_max, send_load, num_devices, chunk_rows)
+
+
+class _Slots(NamedTuple):
+    """Per slot of one layer (all [P]; ``holds_by_dev`` [P, D, N], ``holder`` [P, D])."""
+
+    changed: jax.Array
+    ok: jax.Array
+    holds_by_dev: jax.Array
+    holder: jax.Array
+    local: jax.Array
+    local_src: jax.Array
+    primary_of: jax.Array
+    primary: jax.Array
+
+
+def _classify_slots(old: jax.Array, new: jax.Array, d: int) -> _Slots:
+    """Which slots are written, copied locally, received as primaries or as duplicates."""
+    p_total = old.shape[0]
+    n = p_total // d
     slot = jnp.arange(p_total, dtype=jnp.int32)
     dev = slot // n
-    row = slot % n
+    changed, ok = classify(old, new)
+    # holds[p, q]: old slot q holds the expert slot p wants.
+    holds = (old[None, :] == new[:, None]) & (new >= 0)[:, None]
+    holds_by_dev = holds.reshape(p_total, d, n)
+    holder = holds_by_dev.any(-1)  # [P, D]
+    own_dev_holds = jnp.take_along_axis(holds_by_dev, dev[:, None, None], axis=1)[:, 0, :]
+    local = changed & own_dev_holds.any(-1)
+    local_src = jnp.where(local, _first_true(own_dev_holds), -1)
+    remote = changed & ~local
+    same_want = (
+        (new[:, None] == new[None, :])
+        & (dev[:, None] == dev[None, :])
+        & remote[:, None]
+        & remote[None, :]
+    )
+    primary_of = jnp.where(remote, _first_true(same_want), -1)
+    primary = remote & (primary_of == slot)
+    return _Slots(changed, ok, holds_by_dev, holder, local, local_src, primary_of, primary)
 
-    with jax.named_scope("plan_classify"):
-        changed, ok = classify(old, new)
-        # holds[p, q]: old slot q holds the expert slot p wants.
-        holds = (old[None, :] == new[:, None]) & (new >= 0)[:, None]
-        holds_by_dev = holds.reshape(p_total, d, n)
-        holder = holds_by_dev.any(-1)  # [P, D]
-        own_dev_holds = jnp.take_along_axis(holds_by_dev, dev[:, None, None], axis=1)[:, 0, :]
-        local = changed & own_dev_holds.any(-1)
-        local_src = jnp.where(local, _first_true(own_dev_holds), -1)
-        remote = changed & ~local
-        same_want = (
-            (new[:, None] == new[None, :])
-            & (dev[:, None] == dev[None, :])
-            & remote[:, None]
-            & remote[None, :]
-        )
-        primary_of = jnp.where(remote, _first_true(same_want), -1)
-        primary = remote & (primary_of == slot)
 
-    with jax.named_scope("plan_senders"):
-        num_holders = holder.sum(-1).astype(jnp.int32)
-        order = jnp.argsort(jnp.where(primary, num_holders, d + 1) * p_total + slot, stable=True)
-        devs = jnp.arange(d, dtype=jnp.int32)
+def _assign_senders(slots: _Slots, d: int):
+    """The sender of each primary, greedily (see the module docstring): (src_dev int32[P],
+    rank int32[P] its place in its round, round_max int32[D], send_load int32[D])."""
+    p_total = slots.primary.shape[0]
+    slot = jnp.arange(p_total, dtype=jnp.int32)
+    dev = slot // (p_total // d)
+    num_holders = slots.holder.sum(-1).astype(jnp.int32)
+    order = jnp.argsort(jnp.where(slots.primary, num_holders, d + 1) * p_total + slot, stable=True)
+    devs = jnp.arange(d, dtype=jnp.int32)
 
-        def assign(carry, p):
-            pair_load, send_load, round_max = carry
-            dst = dev[p]
-            shifts = (dst - devs) % d
-            pair = pair_load[devs, shifts]
-            grows = (pair + 1 > round_max[shifts]).astype(jnp.int32)
-            score = (grows * (p_total + 1) + send_load) * d + devs
-            score = jnp.where(holder[p], score, jnp.iinfo(jnp.int32).max)
-            src = jnp.argmin(score).astype(jnp.int32)
-            s = shifts[src]
-            j = pair_load[src, s]
-            take = primary[p]
-            inc = take.astype(jnp.int32)
-            pair_load = pair_load.at[src, s].add(inc)
-            send_load = send_load.at[src].add(inc)
-            round_max = round_max.at[s].max(jnp.where(take, j + 1, 0))
-            return (pair_load, send_load, round_max), (src, j)
+    def assign(carry, p):
+        pair_load, send_load, round_max = carry
+        shifts = (dev[p] - devs) % d
+        grows = (pair_load[devs, shifts] + 1 > round_max[shifts]).astype(jnp.int32)
+        score = (grows * (p_total + 1) + send_load) * d + devs
+        score = jnp.where(slots.holder[p], score, jnp.iinfo(jnp.int32).max)
+        src = jnp.argmin(score).astype(jnp.int32)
+        s = shifts[src]
+        j = pair_load[src, s]
+        take = slots.primary[p]
+        inc = take.astype(jnp.int32)
+        pair_load = pair_load.at[src, s].add(inc)
+        send_load = send_load.at[src].add(inc)
+        round_max = round_max.at[s].max(jnp.where(take, j + 1, 0))
+        return (pair_load, send_load, round_max), (src, j)
 
-        init = (
-            jnp.zeros((d, d), jnp.int32),
-            jnp.zeros((d,), jnp.int32),
-            jnp.zeros((d,), jnp.int32),
-        )
-        (pair_load, send_load, round_max), (src_sorted, j_sorted) = jax.lax.scan(
-            assign, init, order
-        )
-        src_dev = jnp.zeros((p_total,), jnp.int32).at[order].set(src_sorted)
-        rank = jnp.zeros((p_total,), jnp.int32).at[order].set(j_sorted)
+    # Inside shard_map the carry varies as the maps do (they may vary when devices disagree).
+    vary = rows_lib.varying_axes(slots.holder)
+    zeros = rows_lib.make_varying(jnp.zeros((d,), jnp.int32), vary)
+    init = (rows_lib.make_varying(jnp.zeros((d, d), jnp.int32), vary), zeros, zeros)
+    (_, send_load, round_max), (src_sorted, j_sorted) = jax.lax.scan(assign, init, order)
+    src_dev = jnp.zeros((p_total,), jnp.int32).at[order].set(src_sorted)
+    rank = jnp.zeros((p_total,), jnp.int32).at[order].set(j_sorted)
+    return src_dev, rank, round_max, send_load
 
-    with jax.named_scope("plan_tables"):
-        shift = (dev - src_dev) % d
-        src_holds = jnp.take_along_axis(holds_by_dev, src_dev[:, None, None], axis=1)[:, 0, :]
-        src_row = _first_true(src_holds)
-        # Non-primaries scatter to an out-of-range index and are dropped.
-        sdev = jnp.where(primary, src_dev, d)
-        rdev = jnp.where(primary, dev, d)
-        send_rows = (
-            jnp.full((d, d, width), -1, jnp.int32).at[sdev, shift, rank].set(src_row, mode="drop")
-        )
-        recv_rows = (
-            jnp.full((d, d, width), -1, jnp.int32).at[rdev, shift, rank].set(row, mode="drop")
-        )
-        num_chunks = (round_max + c - 1) // c
-        num_chunks = num_chunks.at[0].set(0)
-        wire_rows = num_chunks.sum() * c
-        recv_load = jnp.zeros((d,), jnp.int32).at[dev].add(primary.astype(jnp.int32))
-        min_rows = jnp.maximum(recv_load.max(), send_load.max())
-        del pair_load
 
+def _tables(slots: _Slots, src_dev, rank, round_max, send_load, d: int, c: int) -> GlobalPlan:
+    """The rounds' send and receive tables, chunk counts and wire figures."""
+    p_total = slots.primary.shape[0]
+    n = p_total // d
+    width = -(-n // c) * c
+    slot = jnp.arange(p_total, dtype=jnp.int32)
+    dev, row = slot // n, slot % n
+    primary = slots.primary
+    shift = (dev - src_dev) % d
+    src_holds = jnp.take_along_axis(slots.holds_by_dev, src_dev[:, None, None], axis=1)[:, 0, :]
+    src_row = _first_true(src_holds)
+    # Non-primaries scatter to an out-of-range index and are dropped.
+    sdev = jnp.where(primary, src_dev, d)
+    rdev = jnp.where(primary, dev, d)
+    empty = jnp.full((d, d, width), -1, jnp.int32)
+    send_rows = empty.at[sdev, shift, rank].set(src_row, mode="drop")
+    recv_rows = empty.at[rdev, shift, rank].set(row, mode="drop")
+    num_chunks = ((round_max + c - 1) // c).at[0].set(0)
+    recv_load = jnp.zeros((d,), jnp.int32).at[dev].add(primary.astype(jnp.int32))
     return GlobalPlan(
-        changed=changed,
-        local=local,
-        local_src=local_src,
+        changed=slots.changed,
+        local=slots.local,
+        local_src=slots.local_src,
         primary=primary,
-        primary_of=primary_of,
+        primary_of=slots.primary_of,
         send_rows=send_rows,
         recv_rows=recv_rows,
         num_chunks=num_chunks.astype(jnp.int32),
-        wire_rows=wire_rows.astype(jnp.int32),
-        min_rows=min_rows.astype(jnp.int32),
-        ok=ok,
+        wire_rows=(num_chunks.sum() * c).astype(jnp.int32),
+        min_rows=jnp.maximum(recv_load.max(), send_load.max()).astype(jnp.int32),
+        ok=slots.ok,
     )
 
 
