@@ -353,3 +353,33 @@ def test_step_rejects_bad_arguments(mesh):
         match=r"expert_weights is sharded PartitionSpec\(\); its slot dim 1 must be sharded over",
     ):
         eplb_step(state, jax.device_put(good, NamedSharding(mesh, P())), mesh=mesh)
+
+
+@pytest.mark.parametrize("d", [1, 8])
+def test_step_temporary_memory_within_a_layer(d):
+    # The step moves its due layers through the same engine as rearrange_expert_weights, in
+    # place: at most one layer of the device's local weights (bf16 rows travel through their
+    # bits on XLA:CPU). Rows of 64 KiB make the policy's and the plan's integer tables (about
+    # 170 KB at P = 128, whatever the weights) small next to a layer.
+    if len(jax.devices()) < d:
+        pytest.skip(f"needs {d} devices")
+    mesh = jax.make_mesh((d,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+    n, num_layers = 16, 4
+    state = EplbState.create(
+        num_layers=num_layers,
+        num_experts=12 * d,
+        num_devices=d,
+        num_redundant_experts=4 * d,
+        window_size=2,
+        step_interval=2,
+    )
+    sharding = NamedSharding(mesh, P(None, "ep"))
+    leaves = [
+        jax.ShapeDtypeStruct((num_layers, n * d, 8, 64, 64), jnp.bfloat16, sharding=sharding),
+        jax.ShapeDtypeStruct((num_layers, n * d, 16), jnp.float32, sharding=sharding),
+    ]
+    step = jax.jit(lambda s, w: eplb_step(s, w, mesh=mesh), donate_argnums=(0, 1))
+    stats = step.lower(state, leaves).compile().memory_analysis()
+    layer_local = sum(np.prod(x.shape[2:]) * x.dtype.itemsize for x in leaves) * n
+    assert stats.temp_size_in_bytes <= layer_local
+    assert stats.alias_size_in_bytes >= num_layers * layer_local  # the weights, in place
