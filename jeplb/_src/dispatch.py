@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jeplb._src import checks
 from jeplb._src.state import EplbState, check_layer
 
 __all__ = ["dispatch", "dispatch_layer"]
@@ -51,10 +52,6 @@ def _mix32(x: jax.Array) -> jax.Array:
     return x ^ (x >> 16)
 
 
-def _is_concrete(x: Any) -> bool:
-    return x is None or not isinstance(x, jax.core.Tracer)
-
-
 def _as_int_array(x: Any, name: str) -> jax.Array:
     if isinstance(x, list | tuple | int | np.integer):
         x = np.asarray(x)
@@ -67,7 +64,7 @@ def _as_int_array(x: Any, name: str) -> jax.Array:
 
 def _check_ids(topk_ids: Any, valid: Any, num_experts: int) -> None:
     """Raises for the first out-of-range id of a valid token (concrete values only)."""
-    if not (_is_concrete(topk_ids) and _is_concrete(valid)):
+    if not (checks.is_concrete(topk_ids) and (valid is None or checks.is_concrete(valid))):
         return
     ids = np.asarray(topk_ids)
     bad = (ids < 0) | (ids >= num_experts)

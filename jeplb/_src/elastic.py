@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jeplb._src import checks
-from jeplb._src.maps import maps_from_phy2log
+from jeplb._src.maps import check_placement, maps_from_phy2log
 from jeplb._src.transfer import agree as _agree
 
 __all__ = ["Recovery", "recover_experts"]
@@ -109,7 +109,7 @@ def _check_new_mesh(mesh: Any, axis_name: str) -> int:
 def _as_placement(x: Any, name: str) -> np.ndarray:
     if isinstance(x, list | tuple):
         x = np.asarray(x)
-    if isinstance(x, jax.core.Tracer):
+    if not checks.is_concrete(x):
         raise TypeError(f"{name}: expected a concrete int array [L, P], got a traced value")
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"{name}: expected an int array [L, P], got {type(x).__name__}")
@@ -118,25 +118,6 @@ def _as_placement(x: Any, name: str) -> np.ndarray:
     if len(x.shape) != 2:
         raise ValueError(f"{name}: expected a 2-D map [L, P], got shape {tuple(x.shape)}")
     return np.asarray(x).astype(np.int32)
-
-
-def _check_ids(m: np.ndarray, name: str, num_experts: int, *, complete: bool) -> None:
-    bad = np.argwhere((m < -1) | (m >= num_experts))
-    if bad.size:
-        at = tuple(int(i) for i in bad[0])
-        raise ValueError(
-            f"{name}{list(at)} = {m[at]}: expected an expert id in [0, num_experts = "
-            f"{num_experts}) or -1 (empty slot)"
-        )
-    if complete:
-        for layer in range(m.shape[0]):
-            held = np.zeros(num_experts, bool)
-            held[m[layer][m[layer] >= 0]] = True
-            if not held.all():
-                raise ValueError(
-                    f"{name}[{layer}]: expert {int(np.argmin(held))} has no slot; every logical "
-                    f"expert needs at least one replica in every layer"
-                )
 
 
 def _device_positions(mesh) -> list[Any]:
@@ -149,7 +130,7 @@ def _device_positions(mesh) -> list[Any]:
 
 def _as_bits(x: Any) -> Any:
     """A host view of ``x`` as integers (for the cross-process fingerprint); None stays None."""
-    if x is None or isinstance(x, jax.core.Tracer) or not hasattr(x, "dtype"):
+    if x is None or not checks.is_concrete(x) or not hasattr(x, "dtype"):
         return x
     a = np.ascontiguousarray(np.asarray(x))
     return a.view(np.uint8) if a.dtype.kind not in "iub" else a
@@ -406,7 +387,7 @@ def _check_num_experts(num_experts, old: np.ndarray) -> int:
         raise TypeError(f"num_experts: expected an int, got {type(num_experts).__name__}")
     if num_experts < 1:
         raise ValueError(f"num_experts: expected an int >= 1, got {num_experts}")
-    _check_ids(old, "old_phy2log", num_experts, complete=True)
+    check_placement(old, num_experts, "old_phy2log")
     return int(num_experts)
 
 
@@ -435,7 +416,7 @@ def _target(new_phy2log, load, shape, num_experts, d_new, policy) -> np.ndarray:
                 f"new_phy2log: expected shape [L, P'] = {shape} (N_local = {p_new // d_new} "
                 f"slots on each of the {d_new} new devices), got {tuple(target.shape)}"
             )
-        _check_ids(target, "new_phy2log", num_experts, complete=True)
+        check_placement(target, num_experts, "new_phy2log")
         return target
     if load is None:
         load = np.ones((num_layers, num_experts), np.float32)

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jeplb._src import checks
 from jeplb._src.maps import check_placement, maps_from_phy2log
 
 __all__ = [
@@ -54,13 +55,9 @@ def _static(default=dataclasses.MISSING):
     return dataclasses.field(default=default, metadata={"static": True})
 
 
-def _is_tracer(x: Any) -> bool:
-    return isinstance(x, jax.core.Tracer)
-
-
 def _readable(x: Any) -> bool:
     """Whether this process can read ``x``'s values (not traced, every shard addressable)."""
-    return not _is_tracer(x) and getattr(x, "is_fully_addressable", True)
+    return checks.is_concrete(x) and getattr(x, "is_fully_addressable", True)
 
 
 # ---------------------------------------------------------------------------------- checks
@@ -183,7 +180,7 @@ def check_layer(layer: Any, num_layers: int) -> bool:
             f"layer: expected an int or an integer scalar array, got {type(layer).__name__} of "
             f"dtype {layer.dtype} and shape {tuple(layer.shape)}"
         )
-    elif _is_tracer(layer):
+    elif not checks.is_concrete(layer):
         return True
     else:
         value = int(np.asarray(layer))
@@ -534,7 +531,7 @@ class EplbState:
             log_interval=log_interval,
         )
         check_config(num_layers=num_layers, num_experts=num_experts, **config)
-        if not _is_tracer(phy2log):
+        if checks.is_concrete(phy2log):
             check_placement(np.asarray(phy2log), num_experts, "phy2log")
         phy2log = jnp.asarray(phy2log, jnp.int32)
         log2phy, logcnt = maps_from_phy2log(phy2log, num_experts, p_total - num_experts + 1)
@@ -636,7 +633,7 @@ class EplbState:
                         f"partial counts inside jax.shard_map over those axes: call record there, "
                         f"or leave load_axes empty at global view"
                     ) from err
-            elif _readable(load) and _readable(self.pass_load) and not _is_tracer(layer):
+            elif _readable(load) and _readable(self.pass_load) and checks.is_concrete(layer):
                 _check_sum(self.pass_load, load, layer)
             if not one:
                 return self.replace(pass_load=saturating_add(self.pass_load, load))
