@@ -5,7 +5,9 @@ The public surface, by job:
 * placement policy: `rebalance_experts`, `balancedness`, `device_loads`, `remote_copies`;
 * weight transfer: `rearrange_expert_weights`, `transfer_layer`, and its two stages
   `move_to_buffer` / `move_from_buffer` joined by `TransferMetadata`;
-* model integration: `EplbState`, `dispatch`, `dispatch_layer`, `eplb_step`, `eplb_step_local`.
+* model integration: `EplbState`, `dispatch`, `dispatch_layer`, `eplb_step`, `eplb_step_local`,
+  `place_experts` (logical expert weights onto the slots of a placement);
+* elastic expert parallelism: `recover_experts`.
 """
 
 from jeplb._src.dispatch import dispatch as dispatch
@@ -27,5 +29,29 @@ from jeplb._src.transfer.api import transfer_layer as transfer_layer
 from jeplb._src.transfer.buffer import move_from_buffer as move_from_buffer
 from jeplb._src.transfer.buffer import move_to_buffer as move_to_buffer
 from jeplb._src.transfer.plan import TransferMetadata as TransferMetadata
+from jeplb._src.weights import place_experts as place_experts
 
 __version__ = "0.2.0"
+
+__all__ = [
+    "Balance",
+    "EplbState",
+    "Recovery",
+    "StepInfo",
+    "TransferMetadata",
+    "TransferReport",
+    "balancedness",
+    "device_loads",
+    "dispatch",
+    "dispatch_layer",
+    "eplb_step",
+    "eplb_step_local",
+    "move_from_buffer",
+    "move_to_buffer",
+    "place_experts",
+    "rearrange_expert_weights",
+    "rebalance_experts",
+    "recover_experts",
+    "remote_copies",
+    "transfer_layer",
+]

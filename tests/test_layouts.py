@@ -115,3 +115,42 @@ def test_one_device_output_keeps_its_sharding():
     assert once.sharding.spec == P(None, "ep")
     twice = jeplb.rearrange_expert_weights(new, old, once, mesh=mesh)
     np.testing.assert_array_equal(np.asarray(twice), np.arange(8.0).reshape(2, 4))
+
+
+@pytest.mark.devices(8)
+@pytest.mark.parametrize("slot_major", [False, True])
+def test_place_experts_any_layout_keeps_other_axes(slot_major):
+    # Logical experts [L, E, H, F] with F on "tensor" -> slots [L, P, H, F] with P on "ep" and F
+    # still on "tensor"; empty slots hold zeros. Then the transfer takes them as they are.
+    mesh = _mesh((4, 2), ("ep", "tensor"))
+    e, p_total = 6, 4 * N
+    rng = np.random.default_rng(7)
+    logical = rng.standard_normal((L, e, 3, 4)).astype(np.float32)
+    phy2log = np.stack([rng.permutation(np.arange(p_total) % e) for _ in range(L)]).astype(np.int32)
+    phy2log[1, 5] = -1
+    axes = (1, 0) if slot_major else (0, 1)  # (layer, slot) dims
+    given = logical.transpose(1, 0, 2, 3) if slot_major else logical
+    spec_in = P(None, None, None, "tensor")
+    x = jax.device_put(given, NamedSharding(mesh, spec_in))
+    out = jeplb.place_experts(x, phy2log, mesh=mesh, layer_axis=axes[0], slot_axis=axes[1])
+    want_spec = P("ep", None, None, "tensor") if slot_major else P(None, "ep", None, "tensor")
+    assert out.sharding.spec == want_spec
+    got = np.asarray(out).transpose(1, 0, 2, 3) if slot_major else np.asarray(out)
+    for layer in range(L):
+        for p in range(p_total):
+            want = logical[layer, phy2log[layer, p]] if phy2log[layer, p] >= 0 else 0.0
+            np.testing.assert_array_equal(got[layer, p], want)
+    new = phy2log.copy()
+    new[0] = np.roll(new[0], 3)
+    moved = jeplb.rearrange_expert_weights(
+        phy2log, new, out, mesh=mesh, layer_axis=axes[0], slot_axis=axes[1]
+    )
+    assert moved.sharding.spec == want_spec
+
+
+def test_place_experts_refuses_ids_past_e():
+    mesh = _mesh((1,), ("ep",))
+    with pytest.raises(ValueError, match=r"phy2log: names expert 3, but logical_weights has only"):
+        jeplb.place_experts(jnp.zeros((1, 3, 2)), np.array([[0, 3]]), mesh=mesh)
+    with pytest.raises(ValueError, match=r"logical_weights\['w'\] has shape \(2, 3\), expected"):
+        jeplb.place_experts({"w": jnp.zeros((2, 3))}, np.array([[0, 1]]), mesh=mesh)

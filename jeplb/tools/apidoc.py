@@ -14,10 +14,8 @@ __all__ = ["public_names", "render"]
 
 
 def public_names() -> list[str]:
-    """The names `jeplb` re-exports, sorted (classes and functions; not ``__version__``)."""
-    return sorted(
-        n for n in vars(jeplb) if not n.startswith("_") and not inspect.ismodule(getattr(jeplb, n))
-    )
+    """The names `jeplb` exports (its ``__all__``), sorted."""
+    return sorted(jeplb.__all__)
 
 
 def _signature(obj) -> str:

@@ -1,0 +1,114 @@
+"""Laying logical expert weights onto physical slots: what initialisation and checkpoint loading
+need before the first step (afterwards the transfer keeps the weights where the maps say)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jeplb._src import checks
+from jeplb._src.transfer.config import TransferConfig
+
+__all__ = ["place_experts"]
+
+
+def _spec(leaf: Any, slot_axis: int, expert: Any) -> tuple:
+    """The placed leaf's spec: the logical leaf's own entries, the slot dim over the expert axis."""
+    given = checks._given_spec(leaf) if checks.is_concrete(leaf) else None
+    entries = list(given or ()) + [None] * (leaf.ndim - len(given or ()))
+    entries[slot_axis] = expert
+    return tuple(entries)
+
+
+@functools.lru_cache(maxsize=64)
+def _program(mesh, specs: tuple, layer_axis: int, slot_axis: int):
+    def place(phy2log, leaves):
+        ids = jnp.maximum(phy2log, 0)  # [L, P]
+        out = []
+        for x in leaves:
+            idx = ids if layer_axis == 0 else ids.T  # as the leaf's (layer, slot) dims stand
+            idx = idx.reshape(idx.shape + (1,) * (x.ndim - 2))
+            rows = jnp.take_along_axis(x, idx, axis=slot_axis)
+            empty = (phy2log < 0) if layer_axis == 0 else (phy2log < 0).T
+            out.append(jnp.where(empty.reshape(idx.shape), jnp.zeros((), x.dtype), rows))
+        return out
+
+    shardings = [NamedSharding(mesh, P(*s)) for s in specs]
+    return jax.jit(place, out_shardings=shardings)
+
+
+def place_experts(
+    logical_weights: Any,
+    phy2log: Any,
+    *,
+    mesh: jax.sharding.Mesh,
+    axis_name: str | tuple[str, ...] = "ep",
+    layer_axis: int = 0,
+    slot_axis: int = 1,
+) -> Any:
+    """Lays logical expert weights onto the slots of a placement, sharded for the transfer.
+
+    Slot p of layer l gets expert ``phy2log[l, p]``'s weights; an empty slot (-1) gets zeros. Use
+    it to build the physical weights from a checkpoint of logical experts (or after
+    `jeplb.EplbState.load`), for any layout: the result is what `jeplb.rearrange_expert_weights`
+    and `jeplb.eplb_step` take, with the same ``layer_axis`` / ``slot_axis``.
+
+    Args:
+      logical_weights: pytree of arrays [L, E, ...] (or [E, L, ...] with ``slot_axis=0,
+        layer_axis=1``): one row per logical expert. Their other dims keep their sharding.
+      phy2log: int[L, P] the placement (concrete or traced; -1 = empty slot).
+      mesh: the mesh to place on.
+      axis_name: the expert axis (or a tuple of axes) the slot dim is sharded over.
+      layer_axis: the leaves' layer dim (0 or 1).
+      slot_axis: the leaves' expert (then slot) dim (1 or 0).
+
+    Returns:
+      The physical weights: leaves [L, P, ...] (or [P, L, ...]), the slot dim sharded over
+      ``axis_name``.
+
+    Raises:
+      ValueError, TypeError: a map or leaf of the wrong shape or dtype, ids out of range (concrete
+        maps), P not divisible by the axis size; leaves named by their pytree path.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> mesh = jax.make_mesh((1,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+      >>> w = jnp.array([[10.0, 11.0, 12.0]])  # [L = 1, E = 3]
+      >>> place_experts(w, np.array([[2, 0, 2, -1]]), mesh=mesh).tolist()
+      [[12.0, 10.0, 12.0, 0.0]]
+    """
+    config = TransferConfig(axis_name=axis_name, layer_axis=layer_axis, slot_axis=slot_axis)
+    num_devices = checks.axis_size(mesh, config.axis_name)
+    if isinstance(phy2log, list | tuple):
+        phy2log = np.asarray(phy2log)
+    checks.check_maps(phy2log, phy2log, num_devices=num_devices, ndim=2)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(logical_weights)
+    leaves = [jnp.asarray(x) if isinstance(x, np.ndarray) else x for _, x in flat]
+    num_layers = phy2log.shape[0]
+    bad = [
+        f"logical_weights{jax.tree_util.keystr(p)} has shape {tuple(x.shape)}, expected "
+        f"{'[E, L, ...]' if config.slot_major else '[L, E, ...]'} with L = {num_layers}"
+        for (p, _), x in zip(flat, leaves, strict=True)
+        if x.ndim < 2 or x.shape[layer_axis] != num_layers
+    ]
+    if not leaves or bad:
+        raise ValueError("; ".join(bad) or "logical_weights: expected at least one array leaf")
+    if checks.is_concrete(phy2log):
+        num_experts = min(x.shape[slot_axis] for x in leaves)
+        high = int(np.max(np.asarray(phy2log)))
+        if high >= num_experts:
+            raise ValueError(
+                f"phy2log: names expert {high}, but logical_weights has only E = {num_experts} "
+                f"experts along dim {slot_axis}"
+            )
+        phy2log = jnp.asarray(np.asarray(phy2log), jnp.int32)
+    expert = checks.expert_spec(config.axes)
+    specs = tuple(_spec(x, slot_axis, expert) for x in leaves)
+    out = _program(mesh, specs, layer_axis, slot_axis)(phy2log.astype(jnp.int32), leaves)
+    return treedef.unflatten(out)
