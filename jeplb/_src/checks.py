@@ -9,6 +9,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from jeplb._src.transfer.layout import SUB_BYTE
+
 __all__ = [
     "axis_size",
     "check_maps",
@@ -152,9 +154,6 @@ def _where(idx: np.ndarray, ndim: int) -> str:
     return "[" + ", ".join(map(str, idx[-ndim:])) + "]"
 
 
-SUB_BYTE_DTYPES = ("int4", "uint4", "float4_e2m1fn")
-
-
 def expert_spec(axes: tuple[str, ...]) -> Any:
     """The PartitionSpec entry of the slot dim: the expert axis, or the tuple of them."""
     return axes[0] if len(axes) == 1 else tuple(axes)
@@ -188,7 +187,7 @@ def _leaf_problem(
     if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
         return TypeError, f"is a {type(leaf).__name__}, expected a jax.Array"
     dt = np.dtype(leaf.dtype)
-    sub_byte = dt.name in SUB_BYTE_DTYPES
+    sub_byte = dt.name in SUB_BYTE
     if not sub_byte and (dt.itemsize not in SUPPORTED_ITEMSIZES or dt.kind in "bcOUS"):
         return TypeError, (
             f"has dtype {dt}, which is not moved; expected a real or integer dtype of 1, 2, 4 or "

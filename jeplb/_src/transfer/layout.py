@@ -61,31 +61,22 @@ def leaf_mode(dtype, platform: str) -> str:
     return "native"
 
 
-def to_moving(x: jax.Array, mode: str) -> jax.Array:
-    """``x`` in the dtype its rows move in (see the module docstring)."""
-    if mode == "bits":
-        return lax.bitcast_convert_type(x, _UINT_BY_SIZE[x.dtype.itemsize])
-    if mode == "widen":
-        if x.dtype == jnp.int4:  # the two's-complement nibble, 0..15
-            return lax.bitcast_convert_type(x.astype(jnp.int8), jnp.uint8) & jnp.uint8(0xF)
-        if x.dtype != jnp.uint4:
-            x = lax.bitcast_convert_type(x, jnp.uint4)
-        return x.astype(jnp.uint8)
-    return x
+def _widen(x: jax.Array) -> jax.Array:
+    """Sub-byte rows as uint8, one element a byte (int4: its two's-complement nibble, 0..15)."""
+    if x.dtype == jnp.int4:
+        return lax.bitcast_convert_type(x.astype(jnp.int8), jnp.uint8) & jnp.uint8(0xF)
+    if x.dtype != jnp.uint4:
+        x = lax.bitcast_convert_type(x, jnp.uint4)
+    return x.astype(jnp.uint8)
 
 
-def from_moving(x: jax.Array, dtype) -> jax.Array:
-    """Inverse of `to_moving`: rows back in ``dtype``, bit for bit."""
-    dtype = np.dtype(dtype)
-    if x.dtype == dtype:
-        return x
+def _narrow(x: jax.Array, dtype: np.dtype) -> jax.Array:
+    """Inverse of `_widen`: uint8 rows back in the sub-byte ``dtype``, bit for bit."""
     if dtype == jnp.int4:  # a nibble 0..15 back to -8..7
         nibble = lax.bitcast_convert_type(x, jnp.int8)
         return ((nibble ^ jnp.int8(8)) - jnp.int8(8)).astype(jnp.int4)
-    if dtype.name in SUB_BYTE:
-        u4 = x.astype(jnp.uint4)
-        return u4 if dtype == jnp.uint4 else lax.bitcast_convert_type(u4, dtype)
-    return lax.bitcast_convert_type(x, dtype)
+    u4 = x.astype(jnp.uint4)
+    return u4 if dtype == jnp.uint4 else lax.bitcast_convert_type(u4, dtype)
 
 
 def bits_dtype(dtype) -> np.dtype:
@@ -104,11 +95,10 @@ def bits_view(x: jax.Array) -> jax.Array:
 
 
 def moving_dtype(dtype, platform: str) -> np.dtype:
-    """The dtype rows of ``dtype`` travel in on ``platform``."""
-    mode = leaf_mode(dtype, platform)
-    if mode == "bits":
-        return np.dtype(_UINT_BY_SIZE[np.dtype(dtype).itemsize])
-    return np.dtype(jnp.uint8) if mode == "widen" else np.dtype(dtype)
+    """The dtype rows of ``dtype`` travel in on ``platform``: their bits unless they move
+    natively there."""
+    native = leaf_mode(dtype, platform) == "native"
+    return np.dtype(dtype) if native else bits_dtype(dtype)
 
 
 def convert_rows(x: jax.Array, dtype) -> jax.Array:
@@ -117,9 +107,9 @@ def convert_rows(x: jax.Array, dtype) -> jax.Array:
     if x.dtype == dtype:
         return x
     if dtype.name in SUB_BYTE:
-        return from_moving(x, dtype)
+        return _narrow(x, dtype)
     if np.dtype(x.dtype).name in SUB_BYTE:
-        return to_moving(x, "widen")
+        return _widen(x)
     if dtype.itemsize != np.dtype(x.dtype).itemsize:
         raise TypeError(f"cannot move rows of {x.dtype} as {dtype}")
     return lax.bitcast_convert_type(x, dtype)
