@@ -154,3 +154,25 @@ def test_place_experts_refuses_ids_past_e():
         jeplb.place_experts(jnp.zeros((1, 3, 2)), np.array([[0, 3]]), mesh=mesh)
     with pytest.raises(ValueError, match=r"logical_weights\['w'\] has shape \(2, 3\), expected"):
         jeplb.place_experts({"w": jnp.zeros((2, 3))}, np.array([[0, 1]]), mesh=mesh)
+
+
+@pytest.mark.devices(8)
+def test_jitted_auto_mesh_leaves_keep_their_sharding():
+    # Under an outer jit on an Auto mesh the tracer does not say that F is on "tensor"; the leaf
+    # must still come back on "tensor" (no resharded state, no recompile on the second call).
+    mesh = _mesh((4, 2), ("ep", "tensor"))
+    spec = P(None, "ep", None, "tensor")
+    bits = _bits(np.random.default_rng(5), (L, 4 * N, 3, 4), jnp.float32)
+    step = jax.jit(
+        lambda o, n, w: jeplb.rearrange_expert_weights(o, n, w, mesh=mesh), donate_argnums=2
+    )
+    w = _put(bits, jnp.float32, NamedSharding(mesh, spec))
+    plans = [make_plan("random", seed, L, 4 * N, 8, 4) for seed in (6, 7)]
+    want = bits
+    for old, new in plans:
+        w = step(old, new, w)
+        assert w.sharding.spec == spec
+        got = _back(w)
+        check_rows(want.view(np.uint8), got.view(np.uint8), old, new, 4)
+        want = got
+    assert step._cache_size() == 1

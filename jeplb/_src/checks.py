@@ -69,6 +69,30 @@ def default_specs(specs: list, slot_axis: int, axes: tuple[str, ...]) -> tuple:
     return tuple(default if s is None else s for s in specs)
 
 
+def out_shardings(mesh: Any, specs: tuple) -> list:
+    """A program's output sharding per leaf: its spec where known, else left to `like_inputs`."""
+    return [
+        None if s is None else NamedSharding(mesh, jax.sharding.PartitionSpec(*s)) for s in specs
+    ]
+
+
+def like_inputs(inputs: list, outputs: list, specs: tuple) -> list:
+    """Each output leaf whose input's sharding is unknown, sharded as that input.
+
+    A traced leaf on a mesh of Auto axes does not say how its other dims are sharded, so the
+    shard_map sees it with the slot dim over the expert axis and the rest whole (XLA gathers the
+    other dims on the way in). Tying each output to its input keeps the caller's sharding, so a
+    jitted step neither reshards its state nor recompiles; on an Explicit mesh, or eagerly, the
+    spec is known and nothing is gathered.
+    """
+    from jax.experimental.shard_alike import shard_alike
+
+    return [
+        y if s is not None else shard_alike(x, y)[1]
+        for x, y, s in zip(inputs, outputs, specs, strict=True)
+    ]
+
+
 def _int_map(x: Any, name: str) -> Any:
     if isinstance(x, list | tuple):
         x = np.asarray(x)

@@ -108,7 +108,10 @@ def _program(
     a device-to-host round trip (milliseconds on a GPU).
     """
     where = "transfer_layer" if single_layer else "rearrange_expert_weights"
-    inner = [P(None, *s) if single_layer else P(*s) for s in specs]
+    full = checks.default_specs(
+        specs, 0 if single_layer else setup.config.slot_axis, setup.config.axes
+    )
+    inner = [P(None, *s) if single_layer else P(*s) for s in full]
     # The Pallas interpreter (the kernel on CPU) does not type its grid indices for shard_map.
     interpreted = setup.config.row_impl == "pallas" and setup.platform == "cpu"
     body = jax.shard_map(
@@ -126,6 +129,7 @@ def _program(
             old = jax.sharding.reshard(old, NamedSharding(mesh, P()))
             new = jax.sharding.reshard(new, NamedSharding(mesh, P()))
         out, stats = body(old.astype(jnp.int32), new.astype(jnp.int32), leaves)
+        out = checks.like_inputs(leaves, out, specs)
         report = TransferReport.from_stats(stats)
         if single_layer:
             out = [x[0] for x in out]
@@ -142,7 +146,8 @@ def _program(
 
     # Explicit output shardings: every leaf comes back exactly as it came in (also on a
     # one-device mesh, where jit would otherwise simplify the sharding away).
-    out_shardings = ([NamedSharding(mesh, P(*s)) for s in specs], NamedSharding(mesh, P()))
+    # Leaves of unknown sharding (traced, Auto mesh) come back as they came in (`like_inputs`).
+    out_shardings = (checks.out_shardings(mesh, specs), NamedSharding(mesh, P()))
     return jax.jit(run, donate_argnums=(2,) if donate else (), out_shardings=out_shardings)
 
 
@@ -264,7 +269,7 @@ def run_transfer(
     )
     if donate:
         _check_no_aliases(leaves, treedef)
-    specs = checks.default_specs(specs, slot_axis, config.axes)
+    specs = tuple(specs)  # None where unknown (traced leaves on an Auto mesh)
     if single_layer:
         config = config.replace(layer_axis=0, slot_axis=1)
     setup = engine.Engine(config=config, num_devices=num_devices, platform=checks.platform_of(mesh))
