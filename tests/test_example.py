@@ -14,8 +14,7 @@ import re
 import jax
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 import jeplb
 
@@ -41,13 +40,6 @@ def _config(**kw):
     return MoEConfig(
         num_layers=L, num_experts=E, num_redundant_experts=R, top_k=2, d_model=H, d_ff=F, **kw
     )
-
-
-def _on_mesh(params, mesh):
-    """The dense parameters (uncommitted, on one device when built) replicated on ``mesh``, as the
-    step returns them: the step and the forward then compile once, not again after the first step."""
-    replicated = NamedSharding(mesh, P())
-    return jax.tree.map(lambda x: x if x.committed else jax.device_put(x, replicated), params)
 
 
 def _forward(model):
@@ -76,7 +68,6 @@ def rebalanced(cpu_devices):
     ).replicated(mesh)
     workload = DriftingZipf(L, E, B, S, H, zipf_exponent=1.5, seed=1)
     step, params = make_step(model)
-    params = _on_mesh(params, mesh)
     fwd = _forward(model)
     probe = workload.batch_at(999)
     maps, outs, loads, infos = [], [], [], []
@@ -89,6 +80,7 @@ def rebalanced(cpu_devices):
         infos.append(jax.device_get(info))
     maps.append(np.asarray(state.phy2log))
     outs.append(np.asarray(fwd(params, state, *probe)[0]))
+    assert step._cache_size() == 1, "the step compiled again after its first call"
     return dict(maps=maps, outs=outs, loads=loads, infos=infos, probe=probe, model=model)
 
 

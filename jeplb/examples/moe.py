@@ -355,6 +355,10 @@ def make_step(model: MoETransformer, *, rebalance: bool = True):
     """
     graphdef, params = nnx.split(model)
     mesh = model.mesh
+    # Dense parameters built on one device, uncommitted, placed as the step returns them
+    # (replicated), so the step compiles once rather than again after its first call.
+    replicated = NamedSharding(mesh, P())
+    params = jax.tree.map(lambda x: x if x.committed else jax.device_put(x, replicated), params)
 
     def step(params, state, x, route_bias):
         m = nnx.merge(graphdef, params)
