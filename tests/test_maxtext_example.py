@@ -197,3 +197,10 @@ def test_config_rejects_bad_input():
         mt.MaxTextConfig(param_scan_axis=2)
     with pytest.raises(ValueError, match=r"num_slots: expected an int >= 8, got 4"):
         mt.MaxTextConfig(num_experts=8, num_slots=4)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    result = doctest.testmod(mt, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0, result
