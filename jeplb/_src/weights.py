@@ -19,10 +19,13 @@ __all__ = ["place_experts"]
 
 
 def _spec(leaf: Any, slot_axis: int, expert: Any) -> tuple:
-    """The placed leaf's spec: the logical leaf's own entries, the slot dim over the expert axis."""
+    """The placed leaf's spec: the logical leaf's own entries, the slot dim over the expert axis,
+    without trailing Nones (as a jitted program returns it, so a step's outputs compare equal)."""
     given = checks._given_spec(leaf) if checks.is_concrete(leaf) else None
     entries = list(given or ()) + [None] * (leaf.ndim - len(given or ()))
     entries[slot_axis] = expert
+    while entries and entries[-1] is None:
+        entries.pop()
     return tuple(entries)
 
 
