@@ -9,7 +9,8 @@ The public surface, by job:
   `place_experts` (logical expert weights onto the slots of a placement);
 * elastic expert parallelism: `recover_experts`;
 * training: `sync_replica_grads`, `sync_replica_grads_local` (replica gradients summed so that
-  replicas stay identical).
+  replicas stay identical), `expert_state` (the optimizer state that moves with the experts),
+  `replica_scale` and `global_norm` (norms that count each logical expert once).
 """
 
 from jeplb._src.dispatch import dispatch as dispatch
@@ -25,6 +26,9 @@ from jeplb._src.state import EplbState as EplbState
 from jeplb._src.step import StepInfo as StepInfo
 from jeplb._src.step import eplb_step as eplb_step
 from jeplb._src.step import eplb_step_local as eplb_step_local
+from jeplb._src.training import expert_state as expert_state
+from jeplb._src.training import global_norm as global_norm
+from jeplb._src.training import replica_scale as replica_scale
 from jeplb._src.training import sync_replica_grads as sync_replica_grads
 from jeplb._src.training import sync_replica_grads_local as sync_replica_grads_local
 from jeplb._src.transfer.api import TransferReport as TransferReport
@@ -50,6 +54,8 @@ __all__ = [
     "dispatch_layer",
     "eplb_step",
     "eplb_step_local",
+    "expert_state",
+    "global_norm",
     "move_from_buffer",
     "move_to_buffer",
     "place_experts",
@@ -57,6 +63,7 @@ __all__ = [
     "rebalance_experts",
     "recover_experts",
     "remote_copies",
+    "replica_scale",
     "sync_replica_grads",
     "sync_replica_grads_local",
     "transfer_layer",

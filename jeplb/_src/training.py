@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -39,7 +40,15 @@ from jeplb._src.transfer import plan as plan_lib
 from jeplb._src.transfer import rows as rows_lib
 from jeplb._src.transfer.config import TransferConfig
 
-__all__ = ["SyncStats", "replica_ranks", "sync_replica_grads", "sync_replica_grads_local"]
+__all__ = [
+    "SyncStats",
+    "expert_state",
+    "global_norm",
+    "replica_ranks",
+    "replica_scale",
+    "sync_replica_grads",
+    "sync_replica_grads_local",
+]
 
 
 @jax.tree_util.register_dataclass
@@ -421,3 +430,176 @@ def sync_replica_grads_local(
     setup = engine.Engine(config=config, num_devices=d, platform=checks.platform_of())
     out, _ = _sync_local(jnp.asarray(m), leaves, setup=setup)
     return treedef.unflatten(out)
+
+
+# ------------------------------------------------------------- optimizer state and norms
+
+
+def _shapes(tree: Any) -> tuple:
+    return tuple(tuple(getattr(x, "shape", ())) for x in jax.tree_util.tree_leaves(tree))
+
+
+def expert_state(state: Any, experts: Any) -> tuple[dict[str, Any], Callable[[Any], Any]]:
+    """The parts of a train state that move with the expert weights, and how to put them back.
+
+    Finds, by structure and not by name, every subtree of ``state`` that mirrors ``experts``:
+    same pytree structure (treedef) and leaves of the same shapes (dtypes may differ, e.g. optax's
+    ``mu_dtype``). In a state holding the parameters and an optax state, these are the expert
+    weights themselves and every optimizer leaf that mirrors them (Adam's ``mu`` and ``nu``,
+    momentum traces, ...); counters and other leaves are left out. Pass the parts to
+    `rearrange_expert_weights` or `eplb_step` as the expert weights, so that a rebalance moves the
+    weights and their moments together, then put them back::
+
+        parts, put_back = jeplb.expert_state((params, opt_state), params["moe"])
+        state, parts, info = jeplb.eplb_step(state, parts, mesh=mesh)
+        params, opt_state = put_back(parts)
+
+    Subtrees are matched from the root down; a matching subtree is taken whole. A one-leaf
+    ``experts`` matches every array of the same shape, so give the expert subtree as a whole
+    (e.g. the dict of w13 and w2), not one array of it.
+
+    Args:
+      state: any pytree (e.g. ``(params, opt_state)``, a dataclass train state).
+      experts: the expert weights as they stand in ``state`` (a pytree of [L, P, ...] or
+        [P, L, ...] leaves; arrays or `jax.ShapeDtypeStruct`), used for its structure and shapes.
+
+    Returns:
+      ``(parts, put_back)``: ``parts`` is a dict from each matching subtree's path in ``state``
+      (`jax.tree_util.keystr`) to the subtree, in ``state``'s flattening order;
+      ``put_back(parts)`` returns ``state`` with those subtrees replaced by the given ones (same
+      keys and structures; other leaves are those of ``state``).
+
+    Raises:
+      ValueError: when no subtree of ``state`` mirrors ``experts``, or (from ``put_back``) when
+        the parts given back do not have the keys and structures of those taken out.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> params = {"moe": {"w": jnp.ones((2, 4, 3))}, "dense": jnp.ones((3, 3))}
+      >>> opt_state = optax.adam(1e-3).init(params)
+      >>> parts, put_back = expert_state((params, opt_state), params["moe"])
+      >>> list(parts)
+      ["[0]['moe']", "[1][0].mu['moe']", "[1][0].nu['moe']"]
+      >>> moved = {k: {"w": v["w"] + 1} for k, v in parts.items()}
+      >>> params, opt_state = put_back(moved)
+      >>> float(params["moe"]["w"][0, 0, 0]), float(opt_state[0].mu["moe"]["w"][0, 0, 0])
+      (2.0, 1.0)
+    """
+    want_def = jax.tree_util.tree_structure(experts)
+    want_shapes = _shapes(experts)
+    if want_def.num_leaves == 0:
+        raise ValueError("experts: expected a pytree with at least one array leaf, got none")
+
+    def mirrors(node) -> bool:
+        try:
+            return jax.tree_util.tree_structure(node) == want_def and _shapes(node) == want_shapes
+        except Exception:
+            return False
+
+    flat, treedef = jax.tree_util.tree_flatten_with_path(state, is_leaf=mirrors)
+    parts = {jax.tree_util.keystr(p): x for p, x in flat if mirrors(x)}
+    if not parts:
+        raise ValueError(
+            f"state: no subtree mirrors experts (structure {want_def}, leaf shapes "
+            f"{list(want_shapes)}); pass the expert weights as they stand in the state"
+        )
+    keys = [jax.tree_util.keystr(p) if mirrors(x) else None for p, x in flat]
+
+    def put_back(new_parts: Any) -> Any:
+        if not isinstance(new_parts, dict) or set(new_parts) != set(parts):
+            got = sorted(new_parts) if isinstance(new_parts, dict) else type(new_parts).__name__
+            raise ValueError(f"parts: expected a dict with keys {list(parts)}, got {got}")
+        bad = [
+            f"parts[{k!r}] has structure {jax.tree_util.tree_structure(v)}, expected {want_def}"
+            for k, v in new_parts.items()
+            if jax.tree_util.tree_structure(v) != want_def
+        ]
+        if bad:
+            raise ValueError("; ".join(bad))
+        leaves = [x if k is None else new_parts[k] for k, (_, x) in zip(keys, flat, strict=True)]
+        return treedef.unflatten(leaves)
+
+    return parts, put_back
+
+
+def replica_scale(phy2log: Any) -> jax.Array:
+    """Per slot, 1 / the replica count of its expert (0 for -1 slots): float32[L, P].
+
+    Weighting a per-slot quantity by this scale counts each logical expert once: after
+    `sync_replica_grads` every replica holds its expert's whole gradient, so a sum over slots of
+    ``scale * |g|^2`` is the sum over logical experts. Jit-able; the map may be traced.
+
+    Args:
+      phy2log: int[L, P] (or int[P]) the placement, -1 for empty slots.
+
+    Returns:
+      float32 of ``phy2log``'s shape.
+
+    Example:
+      >>> replica_scale(jnp.array([[0, 1, 0, -1]])).tolist()
+      [[0.5, 1.0, 0.5, 0.0]]
+    """
+    m = checks._int_map(phy2log, "phy2log")
+    _, count = replica_ranks(jnp.asarray(m))
+    return jnp.where(count > 0, 1.0 / jnp.maximum(count, 1), 0.0).astype(jnp.float32)
+
+
+def global_norm(
+    grads: Any,
+    phy2log: Any,
+    *,
+    rest: Any = None,
+    layer_axis: int = 0,
+    slot_axis: int = 1,
+) -> jax.Array:
+    """The global L2 norm of expert gradients with each logical expert counted once.
+
+    ``sqrt(sum over leaves, layers and slots of replica_scale * sum(g ** 2) + |rest| ** 2)``,
+    in float32: after `sync_replica_grads` the replicas of an expert hold the same gradient, and
+    the norm is that of the model without redundant experts (-1 slots do not count). Use it
+    where optax computes a norm over the whole update (``optax.clip_by_global_norm``, see the
+    training guide). Works at global view, on sharded arrays, inside or outside `jax.jit`.
+
+    Args:
+      grads: pytree of expert gradients, leaves [L, P, ...] (or [P, L, ...] with
+        ``slot_axis=0, layer_axis=1``).
+      phy2log: int[L, P] the placement.
+      rest: optional pytree of the other gradients (e.g. the dense layers'), counted as
+        ``optax.tree.norm`` counts them.
+      layer_axis: the leaves' layer dim (0 or 1).
+      slot_axis: the leaves' slot dim (1 or 0).
+
+    Returns:
+      float32[].
+
+    Raises:
+      ValueError: a leaf whose layer and slot dims do not match ``phy2log`` (named by path).
+
+    Example:
+      >>> g = jnp.array([[[3.0], [4.0], [3.0], [9.0]]])  # expert 0 in slots 0 and 2
+      >>> float(global_norm(g, jnp.array([[0, 1, 0, -1]])))
+      5.0
+    """
+    config = TransferConfig(layer_axis=layer_axis, slot_axis=slot_axis)
+    m = checks._int_map(phy2log, "phy2log")
+    if m.ndim != 2:
+        raise ValueError(f"phy2log: expected a 2-D map [L, P], got shape {tuple(m.shape)}")
+    scale = replica_scale(m)
+    if config.slot_major:
+        scale = scale.T
+    flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+    bad = [
+        f"grads{jax.tree_util.keystr(p)} has shape {tuple(getattr(x, 'shape', ()))}, expected "
+        f"leading dims {tuple(scale.shape)} ({'P, L' if config.slot_major else 'L, P'})"
+        for p, x in flat
+        if tuple(getattr(x, "shape", ())[:2]) != tuple(scale.shape)
+    ]
+    if bad:
+        raise ValueError("; ".join(bad))
+    total = jnp.float32(0)
+    for _, x in flat:
+        sq = jnp.square(x.astype(jnp.float32)).reshape(*x.shape[:2], -1).sum(-1)
+        total = total + (sq * scale).sum()
+    for x in jax.tree_util.tree_leaves(rest):
+        total = total + jnp.square(jnp.asarray(x).astype(jnp.float32)).sum()
+    return jnp.sqrt(total)
