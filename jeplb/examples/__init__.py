@@ -1,12 +1,26 @@
 """Examples built on jeplb: a Flax NNX MoE transformer and a skewed, drifting router workload.
 
 * `MoEConfig`, `MoETransformer`, `make_step`: the model (jeplb/examples/moe.py);
-* `DriftingZipf`: the workload (jeplb/examples/workload.py).
+* `DriftingZipf`: the workload (jeplb/examples/workload.py);
+* `jeplb.examples.training`: the model trained with optax Adam and EPLB (`make_train_step`,
+  `train`), replicas kept identical by `jeplb.sync_replica_grads`; it needs optax, so it is
+  imported on first use of its names (``from jeplb.examples import train``).
 
-`jeplb demo` runs them together.
+`jeplb demo` runs them together; `jeplb demo --train` runs the training example.
 """
 
 from .moe import MoEConfig as MoEConfig
 from .moe import MoETransformer as MoETransformer
 from .moe import make_step as make_step
 from .workload import DriftingZipf as DriftingZipf
+
+_TRAINING = ("TrainRun", "make_train_step", "replicas_identical", "teacher", "train")
+
+
+def __getattr__(name: str):
+    # The training example needs optax; importing it lazily keeps the model usable without it.
+    if name in _TRAINING:
+        from . import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
