@@ -7,7 +7,10 @@ The public surface, by job:
   `move_to_buffer` / `move_from_buffer` joined by `TransferMetadata`;
 * model integration: `EplbState`, `dispatch`, `dispatch_layer`, `eplb_step`, `eplb_step_local`,
   `place_experts` (logical expert weights onto the slots of a placement);
-* elastic expert parallelism: `recover_experts`.
+* elastic expert parallelism: `recover_experts`;
+* training: `sync_replica_grads`, `sync_replica_grads_local` (replica gradients summed so that
+  replicas stay identical), `expert_state` (the optimizer state that moves with the experts),
+  `replica_scale` and `global_norm` (norms that count each logical expert once).
 """
 
 from jeplb._src.dispatch import dispatch as dispatch
@@ -23,6 +26,11 @@ from jeplb._src.state import EplbState as EplbState
 from jeplb._src.step import StepInfo as StepInfo
 from jeplb._src.step import eplb_step as eplb_step
 from jeplb._src.step import eplb_step_local as eplb_step_local
+from jeplb._src.training import expert_state as expert_state
+from jeplb._src.training import global_norm as global_norm
+from jeplb._src.training import replica_scale as replica_scale
+from jeplb._src.training import sync_replica_grads as sync_replica_grads
+from jeplb._src.training import sync_replica_grads_local as sync_replica_grads_local
 from jeplb._src.transfer.api import TransferReport as TransferReport
 from jeplb._src.transfer.api import rearrange_expert_weights as rearrange_expert_weights
 from jeplb._src.transfer.api import transfer_layer as transfer_layer
@@ -46,6 +54,8 @@ __all__ = [
     "dispatch_layer",
     "eplb_step",
     "eplb_step_local",
+    "expert_state",
+    "global_norm",
     "move_from_buffer",
     "move_to_buffer",
     "place_experts",
@@ -53,5 +63,8 @@ __all__ = [
     "rebalance_experts",
     "recover_experts",
     "remote_copies",
+    "replica_scale",
+    "sync_replica_grads",
+    "sync_replica_grads_local",
     "transfer_layer",
 ]

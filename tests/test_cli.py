@@ -63,6 +63,28 @@ def test_demo_rebalances_progressively_and_improves_balance(demo_run):
     assert r["bytes_moved"] == r["experts_received"] * 3 * 16 * 32 * 4
 
 
+def test_demo_train_compares_with_the_model_without_replicas(tmp_path, cpu_devices):
+    pytest.importorskip("flax")
+    pytest.importorskip("optax")
+    pytest.importorskip("matplotlib")
+    import contextlib
+    import io
+
+    argv = [*TINY, "--train", "--steps", "6", "--interval", "2", "--layers-per-step", "0"]
+    plot, figures, text = tmp_path / "train.png", tmp_path / "train.json", io.StringIO()
+    with contextlib.redirect_stdout(text):
+        rc = _cli.main([*argv, "--plot", str(plot), "--json", str(figures)])
+    assert rc == 0
+    out, r = text.getvalue(), json.loads(figures.read_text())
+    assert "replicas identical:               yes, bitwise" in out, out
+    assert "loss with EPLB" in out and "max device load" in out
+    assert r["replicas_identical"] and r["rebalance_steps"] == [1, 3, 5]
+    assert len(r["loss"]["eplb"]) == len(r["loss"]["reference"]) == 6
+    assert r["max_relative_loss_difference"] <= 1e-5
+    assert r["shape"]["P"] == 16 and r["compile_seconds"]["eplb"] > 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def _demo_parser():
     return _cli.build_parser()._subparsers._group_actions[0].choices["demo"]
 
@@ -101,6 +123,8 @@ def test_help_lists_every_flag(capsys):
         ),
         (["demo", "--interval", "2"], "--interval: a progressive rebalance of 4 layers"),
         (["demo", "--plot", "out.jpg"], "--plot: expected a file name ending in .png"),
+        (["demo", "--train", "--lr", "0"], "--lr: expected a positive number, got 0.0"),
+        (["demo", "--train", "--clip", "-1"], "--clip: expected a number >= 0, got -1.0"),
         (["bench", "nothing"], "argument name: invalid choice: 'nothing'"),
         ([], "the following arguments are required"),
     ],

@@ -1,4 +1,4 @@
-"""The ``jeplb`` command: ``jeplb demo`` and ``jeplb bench {transfer,policy,step}``."""
+"""The ``jeplb`` command: ``jeplb demo [--train]`` and ``jeplb bench {transfer,policy,step}``."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run an example MoE model on a skewed router and rebalance it",
         description="Runs the example MoE transformer (jeplb.examples) on a skewed, drifting "
         "router workload, rebalances its experts progressively, prints balancedness, load, bytes "
-        "moved and rebalance time, checks that outputs stay identical, and writes a plot.",
+        "moved and rebalance time, checks that outputs stay identical, and writes a plot. With "
+        "--train, trains it with Adam with and without EPLB and compares the loss curves.",
     )
     _demo.add_arguments(demo)
     bench = sub.add_parser(
@@ -97,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
 
         demo_parser = parser._subparsers._group_actions[0].choices["demo"]
         _demo.check_arguments(demo_parser, args)
-        _demo.run(args)
+        if args.train:
+            _demo.run_train(args)
+        else:
+            _demo.run(args)
         return 0
     return _run_bench(args.name, args.rest)
 

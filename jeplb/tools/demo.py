@@ -6,6 +6,11 @@ with `jeplb.eplb_step` in the same jitted step, and reports what the rebalances 
 and the busiest device's load before and after, experts and bytes moved, the cost of the steps
 that moved weights, and whether the model's outputs stayed bitwise identical (a fixed probe batch
 is run after every step and compared with the first run of it).
+
+``jeplb demo --train`` trains the same model with optax Adam instead (`jeplb.examples.training`):
+with EPLB (replica gradients summed by `jeplb.sync_replica_grads`, weights and Adam moments moved
+together) and without redundant experts, from the same initialisation and data, and reports both
+loss curves, whether the replicas stayed bitwise identical, and the busiest device's load.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "run", "run_train"]
 
 _DTYPES = ("float32", "bfloat16")
 
@@ -141,7 +146,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g = p.add_argument_group("rebalancing")
     g.add_argument(
-        "--steps", type=positive_int, default=40, help="model steps to run (default: %(default)s)"
+        "--steps",
+        type=positive_int,
+        default=None,
+        help="model steps to run (default: 40; 200 with --train)",
     )
     g.add_argument(
         "--interval",
@@ -173,10 +181,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON")
     g.add_argument("--quiet", action="store_true", help="no progress bars or progress messages")
+    g = p.add_argument_group("training")
+    g.add_argument(
+        "--train",
+        action="store_true",
+        help="train the model with Adam, with EPLB and without redundant experts, and compare "
+        "the two loss curves (needs optax)",
+    )
+    g.add_argument(
+        "--lr",
+        type=float,
+        default=1e-3,
+        help="with --train: Adam's learning rate (default: %(default)s)",
+    )
+    g.add_argument(
+        "--clip",
+        type=float,
+        default=1.0,
+        help="with --train: global-norm clipping, each logical expert counted once; 0 for none "
+        "(default: %(default)s)",
+    )
 
 
 def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Cross-flag checks that argparse cannot express; errors go through ``p.error`` (exit 2)."""
+    if args.steps is None:
+        args.steps = 200 if args.train else 40
+    if not (args.lr > 0 and np.isfinite(args.lr)):
+        p.error(f"--lr: expected a positive number, got {args.lr}")
+    if not (args.clip >= 0 and np.isfinite(args.clip)):
+        p.error(f"--clip: expected a number >= 0, got {args.clip}")
     if args.top_k > args.experts:
         p.error(f"--top-k: expected at most --experts = {args.experts}, got {args.top_k}")
     if args.layers_per_step > args.layers:
@@ -549,6 +583,225 @@ def _plot(r: dict[str, Any], records, path: str) -> None:
     right.set_xlabel("step (green: weights moving; red dotted: hot experts change)")
     right.set_ylabel("mean / max device load")
     right.set_title("balancedness over steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------ --train
+
+
+def run_train(args: argparse.Namespace, out=None) -> dict[str, Any]:
+    """``jeplb demo --train``: trains with and without EPLB, prints the comparison, returns it.
+
+    Args:
+      args: the namespace of `add_arguments`' flags (after `check_arguments`).
+      out: a text stream for the table (default sys.stdout).
+
+    Returns:
+      A dict of the figures printed (and written with ``--json``, with the per-step curves).
+    """
+    out = sys.stdout if out is None else out
+    devices = setup_devices(args.platform, args.cpu_devices)
+
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh
+
+    from jeplb.examples import DriftingZipf, MoEConfig, training
+
+    slots = args.experts + args.redundant
+    if slots % len(devices):
+        raise SystemExit(
+            f"jeplb demo: --experts {args.experts} + --redundant {args.redundant} = {slots} slots "
+            f"is not divisible by the {len(devices)} devices; choose --redundant so that it is"
+        )
+    mesh = Mesh(np.array(devices), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+    cfg = MoEConfig(
+        num_layers=args.layers,
+        num_experts=args.experts,
+        num_redundant_experts=args.redundant,
+        top_k=args.top_k,
+        d_model=args.d_model,
+        d_ff=args.d_ff,
+        dtype=jnp.dtype(args.dtype),
+    )
+    workload = DriftingZipf(
+        num_layers=args.layers,
+        num_experts=args.experts,
+        batch=args.batch,
+        seq_len=args.seq_len,
+        d_model=args.d_model,
+        zipf_exponent=args.zipf,
+        drift_every=args.drift_every,
+        seed=args.seed,
+    )
+    _say(
+        args,
+        f"jeplb demo --train: {len(devices)} {devices[0].platform} devices, L={args.layers} "
+        f"E={args.experts} P={slots} K={args.top_k} H={args.d_model} F={args.d_ff} "
+        f"{args.dtype}, T={args.batch * args.seq_len} tokens/step, {args.steps} Adam steps",
+    )
+    runs = {}
+    for name, eplb in (("reference", False), ("eplb", True)):
+        _say(args, f"training {'with EPLB' if eplb else 'without redundant experts'} ...")
+        bar = _Progress(args.steps, name, not args.quiet and sys.stderr.isatty())
+        runs[name] = training.train(
+            cfg,
+            mesh=mesh,
+            workload=workload,
+            steps=args.steps,
+            eplb=eplb,
+            learning_rate=args.lr,
+            window_size=args.window,
+            step_interval=args.interval,
+            layers_per_step=args.layers_per_step or None,
+            seed=args.seed,
+            clip_norm=args.clip or None,
+            check_replicas=eplb,
+            on_step=lambda i, loss, bar=bar: bar.update(loss=f"{loss:.4f}"),
+        )
+        bar.close()
+    result = _train_summary(args, runs, cfg, len(devices), devices[0].platform)
+    _print_train(result, out)
+    if args.plot:
+        _plot_train(result, args.plot)
+        print(f"plot written to {os.path.abspath(args.plot)}", file=out)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+            f.write("\n")
+        print(f"figures written to {os.path.abspath(args.json)}", file=out)
+    return result
+
+
+def _train_summary(args, runs, cfg, num_devices, platform) -> dict[str, Any]:
+    ref, run = runs["reference"], runs["eplb"]
+    fires = np.flatnonzero(run.fired).tolist()
+    rel = np.abs(run.loss - ref.loss) / np.maximum(np.abs(ref.loss), np.finfo(np.float32).tiny)
+    # Before: the steps up to the first rebalance; after: from the step after its last layer moved.
+    lps = args.layers_per_step or cfg.num_layers
+    first = fires[0] if fires else len(run.loss)
+    done = min(first + -(-cfg.num_layers // lps), len(run.loss))
+
+    def span(x, lo, hi):
+        return float(np.mean(x[lo:hi])) if hi > lo else None
+
+    return dict(
+        platform=platform,
+        devices=num_devices,
+        shape=dict(
+            L=cfg.num_layers,
+            E=cfg.num_experts,
+            P=cfg.num_slots,
+            K=cfg.top_k,
+            H=cfg.d_model,
+            F=cfg.d_ff,
+            T=args.batch * args.seq_len,
+            dtype=args.dtype,
+        ),
+        steps=len(run.loss),
+        learning_rate=args.lr,
+        clip_norm=args.clip or None,
+        layers_per_step=lps,
+        rebalances=len(fires),
+        rebalance_steps=fires,
+        replicas_identical=bool(run.replicas_identical.all()),
+        max_relative_loss_difference=float(rel.max()),
+        loss=dict(eplb=run.loss.tolist(), reference=ref.loss.tolist()),
+        max_device_load=dict(
+            eplb=run.max_device_load.tolist(), reference=ref.max_device_load.tolist()
+        ),
+        balancedness=dict(eplb=run.balancedness.tolist(), reference=ref.balancedness.tolist()),
+        before=dict(
+            balancedness=span(run.balancedness, 0, first),
+            max_device_load=span(run.max_device_load, 0, first),
+        ),
+        after=dict(
+            balancedness=span(run.balancedness, done, len(run.loss)),
+            max_device_load=span(run.max_device_load, done, len(run.loss)),
+        ),
+        reference_mean=dict(
+            balancedness=float(ref.balancedness.mean()),
+            max_device_load=float(ref.max_device_load.mean()),
+        ),
+        mean_device_load=float(run.mean_device_load.mean()),
+        compile_seconds=dict(eplb=run.compile_seconds, reference=ref.compile_seconds),
+    )
+
+
+def _print_train(r: dict[str, Any], out) -> None:
+    s = r["shape"]
+    print(
+        f"\njeplb demo --train: {r['devices']} {r['platform']} devices, L={s['L']} E={s['E']} "
+        f"P={s['P']} K={s['K']} H={s['H']} F={s['F']} {s['dtype']}, T={s['T']} tokens/step, "
+        f"{r['steps']} Adam steps (lr {r['learning_rate']:g}, clip {r['clip_norm'] or 'none'})",
+        file=out,
+    )
+    n = r["steps"]
+    print(f"  {'step':>6}  {'loss with EPLB':>15}  {'without (P = E)':>15}", file=out)
+    for i in sorted({0, n // 4, n // 2, 3 * n // 4, n - 1}):
+        eplb, ref = r["loss"]["eplb"][i], r["loss"]["reference"][i]
+        print(f"  {i:>6}  {eplb:>15.7f}  {ref:>15.7f}", file=out)
+
+    def fmt(x, spec):
+        return "n/a" if x is None else format(x, spec)
+
+    b, a, ref = r["before"], r["after"], r["reference_mean"]
+    lines = [
+        ("max relative loss difference", f"{r['max_relative_loss_difference']:.2e}"),
+        (
+            "replicas identical",
+            "yes, bitwise, weights and Adam moments, on every step"
+            if r["replicas_identical"]
+            else "NO",
+        ),
+        (
+            "rebalances",
+            f"{r['rebalances']} (at steps {', '.join(map(str, r['rebalance_steps'])) or '-'}), "
+            f"{r['layers_per_step']} layer(s) per step",
+        ),
+        (
+            "max device load (sum of layers)",
+            f"{fmt(b['max_device_load'], '.1f')} before the first rebalance, "
+            f"{fmt(a['max_device_load'], '.1f')} after; {ref['max_device_load']:.1f} without "
+            f"redundant experts (mean device {r['mean_device_load']:.1f})",
+        ),
+        (
+            "balancedness (mean/max)",
+            f"{fmt(b['balancedness'], '.3f')} before, {fmt(a['balancedness'], '.3f')} after; "
+            f"{ref['balancedness']:.3f} without redundant experts",
+        ),
+    ]
+    width = max(len(k) for k, _ in lines) + 1
+    for name, text in lines:
+        print(f"  {name + ':':<{width}}  {text}", file=out)
+
+
+def _plot_train(r: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = np.arange(r["steps"])
+    left.plot(steps, r["loss"]["reference"], lw=3, alpha=0.5, label="without EPLB (P = E)")
+    left.plot(steps, r["loss"]["eplb"], lw=1, label=f"with EPLB (P = {r['shape']['P']})")
+    left.set_yscale("log")
+    left.set_xlabel("step")
+    left.set_ylabel("training loss")
+    left.set_title(f"loss (max relative difference {r['max_relative_loss_difference']:.1e})")
+    left.legend()
+    right.plot(steps, r["max_device_load"]["reference"], lw=1, label="without EPLB (P = E)")
+    right.plot(steps, r["max_device_load"]["eplb"], lw=1, label="with EPLB")
+    right.axhline(r["mean_device_load"], color="gray", ls="--", lw=1, label="mean device")
+    for s in r["rebalance_steps"]:
+        right.axvline(s, color="tab:green", lw=0.8, alpha=0.5)
+    right.set_xlabel("step (green: rebalance planned)")
+    right.set_ylabel("tokens x k on the busiest device (all layers)")
+    right.set_title("max device load")
+    right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

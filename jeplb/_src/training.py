@@ -1,0 +1,605 @@
+"""Training with redundant experts: replica gradients summed so that replicas stay identical.
+
+A redundant replica of an expert sees other tokens than its siblings, so it gets another gradient;
+left alone, the replicas drift apart. `sync_replica_grads` gives every slot of an expert the sum
+of the gradients of all its slots, summed in ascending slot order, so the replicas receive the
+same update bit for bit and every process computes the same bits.
+
+It runs on the transfer engine and moves only what must move, in two phases per layer:
+
+* gather: for each replica rank r = 1, 2, ... (slots of an expert ranked by slot index; rank 0,
+  the lowest slot, is the expert's *owner*), the r-th replica's rows are staged onto the owner's
+  slot exactly as a transfer stages them (`stages.stage`: local copies, rotation rounds of C-row
+  chunks), the owner's row is added to the staged row, and the commit writes the sum back into
+  the owner's slot. After rank r the owner holds ``((g_0 + g_1) + ...) + g_r``.
+* broadcast: a plain transfer (`engine.move_layers`) from the map in which only owners hold their
+  expert to the full map copies each sum to the other replicas.
+
+So a replica row crosses the wire at most twice (to its owner and back), -1 slots and experts with
+one slot are never written, and the temporary memory is the engine's staging buffer (below one
+layer of the device's local weights). On one device every move is local: no collective runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jeplb._src import checks
+from jeplb._src.transfer import agree, engine, layout, stages
+from jeplb._src.transfer import plan as plan_lib
+from jeplb._src.transfer import rows as rows_lib
+from jeplb._src.transfer.config import TransferConfig
+
+__all__ = [
+    "SyncStats",
+    "expert_state",
+    "global_norm",
+    "replica_ranks",
+    "replica_scale",
+    "sync_replica_grads",
+    "sync_replica_grads_local",
+]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SyncStats:
+    """What one gradient sync moved, per layer (replicated). Every field is int32[L].
+
+    Attributes:
+      gather_wire_rows: rows the busiest device sent in the gather rounds (over all ranks),
+        padding included.
+      broadcast_wire_rows: the same for the broadcast.
+      gather_chunks: collective chunks run in the gather.
+    """
+
+    gather_wire_rows: jax.Array
+    broadcast_wire_rows: jax.Array
+    gather_chunks: jax.Array
+
+
+def replica_ranks(phy2log: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Rank and replica count of every slot.
+
+    Args:
+      phy2log: int32[..., P] maps, -1 for empty slots.
+
+    Returns:
+      ``(rank, count)``, int32[..., P] each: ``rank`` is the number of lower slots holding the
+      same expert (0: the expert's owner), ``count`` the number of slots holding it (0 for -1).
+    """
+    m = jnp.asarray(phy2log).astype(jnp.int32)
+    p_total = m.shape[-1]
+    same = (m[..., :, None] == m[..., None, :]) & (m >= 0)[..., :, None]
+    slot = jnp.arange(p_total)
+    lower = slot[None, :] < slot[:, None]
+    rank = (same & lower).sum(-1).astype(jnp.int32)
+    count = same.sum(-1).astype(jnp.int32)
+    return rank, count
+
+
+# ----------------------------------------------------------------------------- local core
+
+
+def _sync_local(
+    phy2log: jax.Array, leaves: list[jax.Array], *, setup: engine.Engine
+) -> tuple[list[jax.Array], SyncStats]:
+    """The sync on a device's local leaves, inside `jax.shard_map` over the expert axes."""
+    cfg, d = setup.config, setup.num_devices
+    phy2log = phy2log.astype(jnp.int32)
+    num_layers = phy2log.shape[0]
+    valid = jnp.all(phy2log >= -1)
+    if d > 1:
+        with jax.named_scope("agree"):
+            # Trip counts of collective loops come from the map: every device must hold the same
+            # one (else nothing moves and no collective loop runs).
+            signature = agree.static_signature(
+                "sync_replica_grads", setup, [(x.shape, str(x.dtype)) for x in leaves]
+            )
+            valid = valid & agree.maps_agree((phy2log, jnp.asarray(signature)), cfg.axes)
+    rank, _ = jax.vmap(replica_ranks)(phy2log)
+    with jax.named_scope("gather"):
+        leaves, gather_wire, gather_chunks = _gather(phy2log, leaves, valid, setup)
+    with jax.named_scope("broadcast"):
+        owners = jnp.where(rank == 0, phy2log, -1)
+        count = jnp.where(valid, num_layers, 0)
+        leaves, stats = engine.move_layers(
+            owners, phy2log, leaves, first=0, count=count, all_or_nothing=True, engine=setup
+        )
+    return leaves, SyncStats(gather_wire, stats.wire_rows, gather_chunks)
+
+
+def _gather(phy2log, leaves, valid, setup: engine.Engine):
+    """Owners' rows := ascending-slot sums of their expert's rows, every layer (a fori_loop over
+    layers, inside it one over replica ranks)."""
+    cfg, d = setup.config, setup.num_devices
+    num_layers, p_total = phy2log.shape
+    n = p_total // d
+    passes, geo = engine._geometry(leaves, n, setup)
+    bufs = [
+        rows_lib.make_varying(
+            jnp.zeros((n, g.block), g.dtype), set(cfg.axes) | rows_lib.varying_axes(x)
+        )
+        for g, x in zip(geo, leaves, strict=True)
+    ]
+    me = lax.axis_index(cfg.axes)
+    zeros = jnp.zeros((num_layers,), jnp.int32)
+
+    def layer(li, carry):
+        row = phy2log[li]
+        rank, count = replica_ranks(row)
+
+        def replica(r, carry):
+            leaves, bufs, wire, chunks = carry
+            with jax.named_scope("plan"):
+                old = jnp.where(rank == r, row, -1)
+                new = jnp.where((rank == 0) & (count > r), row, -1)
+                plan = plan_lib.plan_layer(old, new, num_devices=d, chunk_rows=cfg.chunk_rows)
+                meta, send, recv = plan_lib.local_metadata(plan, old, new, me, num_devices=d)
+            rounds = stages.Rounds(send, recv, plan.num_chunks)
+            for p in range(passes):
+                with jax.named_scope(f"pass_{p}" if passes > 1 else "stage_add_commit"):
+                    leaves, bufs = _pass(leaves, bufs, li, p, meta, rounds, geo, setup)
+            wire = wire.at[li].add(plan.wire_rows)
+            chunks = chunks.at[li].add(plan.wire_rows // cfg.chunk_rows)
+            return leaves, bufs, wire, chunks
+
+        trips = jnp.where(valid, count.max(), 0)
+        return lax.fori_loop(1, trips, replica, carry)
+
+    leaves, _, wire, chunks = lax.fori_loop(
+        0, num_layers, layer, (list(leaves), bufs, zeros, zeros)
+    )
+    return leaves, wire, chunks
+
+
+def _pass(leaves, bufs, li, p, meta, rounds, geo, setup: engine.Engine):
+    """Column pass ``p`` of one gather rank: stage the replicas' rows onto their owners' buffer
+    rows, add the owners' rows, commit the sums into the owners' slots."""
+    cfg = setup.config
+    part = [i for i, g in enumerate(geo) if g.split or p == 0]
+    if not part:
+        return leaves, bufs
+    spaces = tuple(
+        layout.open_rows(
+            leaves[i],
+            li,
+            p * geo[i].block if geo[i].split else 0,
+            geo[i].block,
+            slot_major=cfg.slot_major,
+            platform=setup.platform,
+        )
+        for i in part
+    )
+    impls = tuple(geo[i].impls for i in part)
+    staged = stages.stage(
+        spaces,
+        tuple(bufs[i] for i in part),
+        meta,
+        rounds,
+        axes=cfg.axes,
+        num_devices=setup.num_devices,
+        chunk_rows=cfg.chunk_rows,
+        impls=impls,
+    )
+    with jax.named_scope("add"):
+        staged = tuple(_add_owner_rows(s, b, meta) for s, b in zip(spaces, staged, strict=True))
+    spaces = stages.commit(spaces, staged, meta, impls)
+    leaves, bufs = list(leaves), list(bufs)
+    for k, i in enumerate(part):
+        leaves[i] = layout.close_rows(leaves[i], spaces[k])
+        bufs[i] = staged[k]
+    return leaves, bufs
+
+
+def _add_owner_rows(space: layout.RowSpace, buf: jax.Array, meta) -> jax.Array:
+    """``buf[src_k] = owner_k + buf[src_k]`` for the commit list (owner_k: the row the commit
+    will overwrite), added in the leaf's dtype, one row at a time (no extra buffer)."""
+    dtype = space.dst.rows.dtype
+    src = space.src
+    width = buf.shape[1]
+
+    def add(k, buf):
+        at = src.base + src.index(meta.commit_dst_rows[k])
+        own = lax.dynamic_slice(src.rows, _i32(at, src.col), (1, width))
+        s = meta.commit_src_rows[k]
+        got = lax.dynamic_slice(buf, _i32(s, 0), (1, width))
+        total = layout.convert_rows(own, dtype) + layout.convert_rows(got, dtype)
+        return lax.dynamic_update_slice(buf, layout.convert_rows(total, buf.dtype), _i32(s, 0))
+
+    return lax.fori_loop(0, meta.commit_count, add, buf)
+
+
+def _i32(*xs):
+    return tuple(jnp.asarray(x, jnp.int32) for x in xs)
+
+
+# ------------------------------------------------------------------------------ checks
+
+
+def _check_grad_leaves(tree, *, lead, config: TransferConfig, mesh, local: bool):
+    """The leaves, treedef and specs of ``grads``, every bad leaf named at once."""
+    leaves, treedef, specs = checks.weight_leaves(
+        tree,
+        lead_shape=lead,
+        slot_axis=config.slot_axis,
+        layer_axis=config.layer_axis,
+        mesh=mesh,
+        axes=config.axes,
+        name="grads",
+        local=local,
+    )
+    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    bad = [
+        f"grads{jax.tree_util.keystr(p)} has dtype {x.dtype}; expected a floating dtype of 1 to "
+        f"8 bytes (gradients are summed)"
+        for p, x in zip(paths, leaves, strict=True)
+        if not jnp.issubdtype(x.dtype, jnp.floating) or np.dtype(x.dtype).name in layout.SUB_BYTE
+    ]
+    if bad:
+        raise TypeError("; ".join(bad))
+    return leaves, treedef, specs
+
+
+def _check_map(phy2log, num_devices: int):
+    m, _ = checks.check_maps(
+        phy2log, phy2log, num_devices=num_devices, ndim=2, old_name="phy2log", new_name="phy2log"
+    )
+    return m
+
+
+def _lead(m, config: TransferConfig, num_devices: int, local: bool) -> tuple[int, int]:
+    num_layers, p_total = m.shape
+    lead = (num_layers, p_total // num_devices if local else p_total)
+    return lead[::-1] if config.slot_major else lead
+
+
+# ------------------------------------------------------------------------------ public
+
+
+@functools.lru_cache(maxsize=64)
+def _program(mesh, setup: engine.Engine, specs: tuple):
+    """One jitted program per (mesh, setup, leaf specs); jit caches it per shapes."""
+    inner = [P(*s) for s in specs]
+    body = jax.shard_map(
+        lambda m, leaves: _sync_local(m, leaves, setup=setup),
+        mesh=mesh,
+        in_specs=(P(), inner),
+        out_specs=(inner, P()),
+    )
+
+    def run(phy2log, leaves):
+        if checks.is_explicit(mesh):
+            phy2log = jax.sharding.reshard(phy2log, NamedSharding(mesh, P()))
+        return body(phy2log.astype(jnp.int32), leaves)
+
+    out_shardings = ([NamedSharding(mesh, P(*s)) for s in specs], NamedSharding(mesh, P()))
+    return jax.jit(run, out_shardings=out_shardings)
+
+
+def sync_program(mesh, specs: tuple, **options):
+    """The cached program `sync_replica_grads` runs for leaves of the given specs (tuples of
+    PartitionSpec entries) and `TransferConfig` options: ``program(phy2log, leaves) -> (leaves,
+    SyncStats)``. For benchmarks and tests that inspect the compiled program."""
+    config = TransferConfig(**options)
+    setup = engine.Engine(
+        config=config,
+        num_devices=checks.axis_size(mesh, config.axis_name),
+        platform=checks.platform_of(mesh),
+    )
+    return _program(mesh, setup, tuple(tuple(s) for s in specs))
+
+
+def _place_map(x: Any, mesh) -> Any:
+    if not checks.is_concrete(x):
+        return x
+    if not isinstance(x, jax.Array):
+        x = np.asarray(x)
+    return jax.device_put(x.astype(jnp.int32), NamedSharding(mesh, P()))
+
+
+def sync_replica_grads(
+    grads: Any,
+    phy2log: Any,
+    *,
+    mesh: jax.sharding.Mesh,
+    axis_name: str | tuple[str, ...] = "ep",
+    layer_axis: int = 0,
+    slot_axis: int = 1,
+) -> Any:
+    """Sums each expert's gradients over its replica slots, so that replicas stay identical.
+
+    Afterwards every slot p of layer l with ``phy2log[l, p] = e >= 0`` holds the sum of the
+    gradients of all slots holding e in that layer, added in ascending slot order
+    (``((g_p0 + g_p1) + g_p2) + ...`` with p0 < p1 < p2, in the leaf's dtype), so the replicas are
+    bitwise identical and every device and process computes the same bits. Slots with -1 and
+    experts with one slot keep their values. Call it between the backward pass and the optimizer
+    update; the maps may be traced (under an outer `jax.jit` one compilation serves every
+    placement of the same shapes).
+
+    Only replica rows move: each non-owner replica's row travels to the expert's lowest slot (its
+    owner) and the sum travels back, through the transfer engine's rotation rounds (``ppermute``
+    chunks); no all-reduce or all-gather. Temporary memory: the engine's staging buffer, below one
+    layer of the device's local gradients. On one device every move is local. The input is not
+    donated: under `jax.jit` XLA reuses its buffer when the caller does not read it afterwards.
+
+    Args:
+      grads: pytree of gradient arrays laid out as the expert weights `rearrange_expert_weights`
+        takes: leaves [L, P, ...] (or [P, L, ...] with ``slot_axis=0, layer_axis=1``) of a
+        floating dtype, the slot dim sharded over exactly ``axis_name``, other dims on other mesh
+        axes or replicated.
+      phy2log: int[L, P] the placement the gradients were computed with, -1 for empty slots.
+        Replicated (numpy, a list, a jax.Array or a traced value).
+      mesh: the device mesh; must have ``axis_name``.
+      axis_name: the expert-parallel mesh axis, or a tuple of axes.
+      layer_axis: the leaves' layer dim (0 or 1).
+      slot_axis: the leaves' slot dim (1 or 0).
+
+    Returns:
+      The summed gradients: same structure, shapes, dtypes and shardings.
+
+    Raises:
+      ValueError, TypeError: a map of the wrong shape, dtype or ids; leaves of the wrong shape,
+        dtype or sharding (every bad leaf named by its path, e.g. ``grads['w13']``); raised
+        before anything runs. With a traced map holding ids below -1, or devices holding
+        different maps, nothing is summed.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from jax.sharding import NamedSharding, PartitionSpec as P
+      >>> mesh = jax.make_mesh((1,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+      >>> g = jax.device_put(jnp.array([[[1.0], [2.0], [3.0], [4.0]]]),
+      ...                    NamedSharding(mesh, P(None, "ep")))
+      >>> sync_replica_grads(g, np.array([[0, 1, 0, -1]]), mesh=mesh)[0, :, 0].tolist()
+      [4.0, 2.0, 4.0, 4.0]
+    """
+    config = TransferConfig(axis_name=axis_name, layer_axis=layer_axis, slot_axis=slot_axis)
+    d = checks.axis_size(mesh, config.axis_name)
+    agree.check_processes_agree(
+        {"phy2log": phy2log, "options": agree.static_signature(config, dict(mesh.shape))},
+        where="sync_replica_grads",
+    )
+    m = _check_map(phy2log, d)
+    leaves, treedef, specs = _check_grad_leaves(
+        grads, lead=_lead(m, config, d, False), config=config, mesh=mesh, local=False
+    )
+    specs = checks.default_specs(specs, config.slot_axis, config.axes)
+    setup = engine.Engine(config=config, num_devices=d, platform=checks.platform_of(mesh))
+    out, _ = _program(mesh, setup, specs)(_place_map(m, mesh), leaves)
+    return treedef.unflatten(out)
+
+
+def sync_replica_grads_local(
+    grads: Any,
+    phy2log: Any,
+    *,
+    axis_name: str | tuple[str, ...] = "ep",
+    layer_axis: int = 0,
+    slot_axis: int = 1,
+) -> Any:
+    """`sync_replica_grads` for code already inside `jax.shard_map` over ``axis_name``.
+
+    Same sums, order and guarantees; the leaves are this device's shards.
+
+    Args:
+      grads: pytree of this device's gradient shards, leaves [L, N_local, ...] (or
+        [N_local, L, ...] with ``slot_axis=0, layer_axis=1``), floating dtypes.
+      phy2log: int[L, P] the placement, the same on every device (replicated).
+      axis_name: the bound expert-parallel mesh axis, or a tuple of axes.
+      layer_axis: the leaves' layer dim (0 or 1).
+      slot_axis: the leaves' slot dim (1 or 0).
+
+    Returns:
+      The summed local gradients (same structure, shapes and dtypes).
+
+    Raises:
+      ValueError, TypeError: as `sync_replica_grads`, and when ``axis_name`` is not bound.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax.sharding import PartitionSpec as P
+      >>> mesh = jax.make_mesh((1,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+      >>> f = jax.jit(jax.shard_map(lambda g, m: sync_replica_grads_local(g, m), mesh=mesh,
+      ...                           in_specs=(P(None, "ep"), P()), out_specs=P(None, "ep")))
+      >>> f(jnp.array([[1.0, 2.0, 3.0]]), jnp.array([[1, 1, 1]])).tolist()
+      [[6.0, 6.0, 6.0]]
+    """
+    config = TransferConfig(axis_name=axis_name, layer_axis=layer_axis, slot_axis=slot_axis)
+    try:
+        d = lax.axis_size(config.axis_name)
+    except NameError as err:
+        raise ValueError(
+            f"axis_name: no mesh axis {config.axis_name!r} is bound here; "
+            f"sync_replica_grads_local runs inside jax.shard_map over it (use "
+            f"sync_replica_grads(..., mesh=...) at global view)"
+        ) from err
+    m = _check_map(phy2log, d)
+    leaves, treedef, _ = _check_grad_leaves(
+        grads, lead=_lead(m, config, d, True), config=config, mesh=None, local=True
+    )
+    setup = engine.Engine(config=config, num_devices=d, platform=checks.platform_of())
+    out, _ = _sync_local(jnp.asarray(m), leaves, setup=setup)
+    return treedef.unflatten(out)
+
+
+# ------------------------------------------------------------- optimizer state and norms
+
+
+def _shapes(tree: Any) -> tuple:
+    return tuple(tuple(getattr(x, "shape", ())) for x in jax.tree_util.tree_leaves(tree))
+
+
+def expert_state(state: Any, experts: Any) -> tuple[dict[str, Any], Callable[[Any], Any]]:
+    """The parts of a train state that move with the expert weights, and how to put them back.
+
+    Finds, by structure and not by name, every subtree of ``state`` that mirrors ``experts``:
+    same pytree structure (treedef) and leaves of the same shapes (dtypes may differ, e.g. optax's
+    ``mu_dtype``). In a state holding the parameters and an optax state, these are the expert
+    weights themselves and every optimizer leaf that mirrors them (Adam's ``mu`` and ``nu``,
+    momentum traces, ...); counters and other leaves are left out. Pass the parts to
+    `rearrange_expert_weights` or `eplb_step` as the expert weights, so that a rebalance moves the
+    weights and their moments together, then put them back::
+
+        parts, put_back = jeplb.expert_state((params, opt_state), params["moe"])
+        state, parts, info = jeplb.eplb_step(state, parts, mesh=mesh)
+        params, opt_state = put_back(parts)
+
+    Subtrees are matched from the root down; a matching subtree is taken whole. A one-leaf
+    ``experts`` matches every array of the same shape, so give the expert subtree as a whole
+    (e.g. the dict of w13 and w2), not one array of it.
+
+    Args:
+      state: any pytree (e.g. ``(params, opt_state)``, a dataclass train state).
+      experts: the expert weights as they stand in ``state`` (a pytree of [L, P, ...] or
+        [P, L, ...] leaves; arrays or `jax.ShapeDtypeStruct`), used for its structure and shapes.
+
+    Returns:
+      ``(parts, put_back)``: ``parts`` is a dict from each matching subtree's path in ``state``
+      (`jax.tree_util.keystr`) to the subtree, in ``state``'s flattening order;
+      ``put_back(parts)`` returns ``state`` with those subtrees replaced by the given ones (same
+      keys and structures; other leaves are those of ``state``).
+
+    Raises:
+      ValueError: when no subtree of ``state`` mirrors ``experts``, or (from ``put_back``) when
+        the parts given back do not have the keys and structures of those taken out.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> params = {"moe": {"w": jnp.ones((2, 4, 3))}, "dense": jnp.ones((3, 3))}
+      >>> opt_state = optax.adam(1e-3).init(params)
+      >>> parts, put_back = expert_state((params, opt_state), params["moe"])
+      >>> list(parts)
+      ["[0]['moe']", "[1][0].mu['moe']", "[1][0].nu['moe']"]
+      >>> moved = {k: {"w": v["w"] + 1} for k, v in parts.items()}
+      >>> params, opt_state = put_back(moved)
+      >>> float(params["moe"]["w"][0, 0, 0]), float(opt_state[0].mu["moe"]["w"][0, 0, 0])
+      (2.0, 1.0)
+    """
+    want_def = jax.tree_util.tree_structure(experts)
+    want_shapes = _shapes(experts)
+    if want_def.num_leaves == 0:
+        raise ValueError("experts: expected a pytree with at least one array leaf, got none")
+
+    def mirrors(node) -> bool:
+        try:
+            return jax.tree_util.tree_structure(node) == want_def and _shapes(node) == want_shapes
+        except Exception:
+            return False
+
+    flat, treedef = jax.tree_util.tree_flatten_with_path(state, is_leaf=mirrors)
+    parts = {jax.tree_util.keystr(p): x for p, x in flat if mirrors(x)}
+    if not parts:
+        raise ValueError(
+            f"state: no subtree mirrors experts (structure {want_def}, leaf shapes "
+            f"{list(want_shapes)}); pass the expert weights as they stand in the state"
+        )
+    keys = [jax.tree_util.keystr(p) if mirrors(x) else None for p, x in flat]
+
+    def put_back(new_parts: Any) -> Any:
+        if not isinstance(new_parts, dict) or set(new_parts) != set(parts):
+            got = sorted(new_parts) if isinstance(new_parts, dict) else type(new_parts).__name__
+            raise ValueError(f"parts: expected a dict with keys {list(parts)}, got {got}")
+        bad = [
+            f"parts[{k!r}] has structure {jax.tree_util.tree_structure(v)}, expected {want_def}"
+            for k, v in new_parts.items()
+            if jax.tree_util.tree_structure(v) != want_def
+        ]
+        if bad:
+            raise ValueError("; ".join(bad))
+        leaves = [x if k is None else new_parts[k] for k, (_, x) in zip(keys, flat, strict=True)]
+        return treedef.unflatten(leaves)
+
+    return parts, put_back
+
+
+def replica_scale(phy2log: Any) -> jax.Array:
+    """Per slot, 1 / the replica count of its expert (0 for -1 slots): float32[L, P].
+
+    Weighting a per-slot quantity by this scale counts each logical expert once: after
+    `sync_replica_grads` every replica holds its expert's whole gradient, so a sum over slots of
+    ``scale * |g|^2`` is the sum over logical experts. Jit-able; the map may be traced.
+
+    Args:
+      phy2log: int[L, P] (or int[P]) the placement, -1 for empty slots.
+
+    Returns:
+      float32 of ``phy2log``'s shape.
+
+    Example:
+      >>> replica_scale(jnp.array([[0, 1, 0, -1]])).tolist()
+      [[0.5, 1.0, 0.5, 0.0]]
+    """
+    m = checks._int_map(phy2log, "phy2log")
+    _, count = replica_ranks(jnp.asarray(m))
+    return jnp.where(count > 0, 1.0 / jnp.maximum(count, 1), 0.0).astype(jnp.float32)
+
+
+def global_norm(
+    grads: Any,
+    phy2log: Any,
+    *,
+    rest: Any = None,
+    layer_axis: int = 0,
+    slot_axis: int = 1,
+) -> jax.Array:
+    """The global L2 norm of expert gradients with each logical expert counted once.
+
+    ``sqrt(sum over leaves, layers and slots of replica_scale * sum(g ** 2) + |rest| ** 2)``,
+    in float32: after `sync_replica_grads` the replicas of an expert hold the same gradient, and
+    the norm is that of the model without redundant experts (-1 slots do not count). Use it
+    where optax computes a norm over the whole update (``optax.clip_by_global_norm``, see the
+    training guide). Works at global view, on sharded arrays, inside or outside `jax.jit`.
+
+    Args:
+      grads: pytree of expert gradients, leaves [L, P, ...] (or [P, L, ...] with
+        ``slot_axis=0, layer_axis=1``).
+      phy2log: int[L, P] the placement.
+      rest: optional pytree of the other gradients (e.g. the dense layers'), counted as
+        ``optax.tree.norm`` counts them.
+      layer_axis: the leaves' layer dim (0 or 1).
+      slot_axis: the leaves' slot dim (1 or 0).
+
+    Returns:
+      float32[].
+
+    Raises:
+      ValueError: a leaf whose layer and slot dims do not match ``phy2log`` (named by path).
+
+    Example:
+      >>> g = jnp.array([[[3.0], [4.0], [3.0], [9.0]]])  # expert 0 in slots 0 and 2
+      >>> float(global_norm(g, jnp.array([[0, 1, 0, -1]])))
+      5.0
+    """
+    config = TransferConfig(layer_axis=layer_axis, slot_axis=slot_axis)
+    m = checks._int_map(phy2log, "phy2log")
+    if m.ndim != 2:
+        raise ValueError(f"phy2log: expected a 2-D map [L, P], got shape {tuple(m.shape)}")
+    scale = replica_scale(m)
+    if config.slot_major:
+        scale = scale.T
+    flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+    bad = [
+        f"grads{jax.tree_util.keystr(p)} has shape {tuple(getattr(x, 'shape', ()))}, expected "
+        f"leading dims {tuple(scale.shape)} ({'P, L' if config.slot_major else 'L, P'})"
+        for p, x in flat
+        if tuple(getattr(x, "shape", ())[:2]) != tuple(scale.shape)
+    ]
+    if bad:
+        raise ValueError("; ".join(bad))
+    total = jnp.float32(0)
+    for _, x in flat:
+        sq = jnp.square(x.astype(jnp.float32)).reshape(*x.shape[:2], -1).sum(-1)
+        total = total + (sq * scale).sum()
+    for x in jax.tree_util.tree_leaves(rest):
+        total = total + jnp.square(jnp.asarray(x).astype(jnp.float32)).sum()
+    return jnp.sqrt(total)
