@@ -1,5 +1,5 @@
-"""Examples built on jeplb: a Flax NNX MoE transformer, a MaxText-style Linen MoE stack, a
-skewed, drifting router workload.
+"""Examples built on jeplb: a Flax NNX MoE transformer, a MaxText-style Linen MoE stack,
+a skewed, drifting router workload and a training loop.
 
 * `MoEConfig`, `MoETransformer`, `make_step`: the NNX model (jeplb/examples/moe.py);
 * `maxtext_moe`: a Linen `nn.scan` stack in MaxText's layout (``wi_0``, ``wi_1``, ``wo``; the layer
