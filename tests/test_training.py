@@ -1,0 +1,297 @@
+"""Training helpers: replica gradient sums checked bit for bit against an independent numpy model
+(sequential ascending-slot sums), the optimizer state found by structure, norms that count each
+logical expert once, and errors that name the leaf."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jeplb
+from jeplb._src import training
+
+L, N, E = 2, 3, 9  # P = 8 * N = 24 slots over 8 devices: 15 replicas or empty slots per layer
+
+
+def _mesh(shape, names):
+    devices = np.array(jax.devices()[: int(np.prod(shape))]).reshape(shape)
+    return Mesh(devices, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+
+
+def _plan(rng, num_layers=L, num_slots=8 * N, num_experts=E) -> np.ndarray:
+    """int32[L, P]: every expert once, the other slots replicas or -1 (at least one), shuffled;
+    then layer 0 gets expert 0 in slots 0-2 (one device) and N + 1 (the next)."""
+    out = []
+    for _ in range(num_layers):
+        extra = rng.integers(-1, num_experts, num_slots - num_experts)
+        extra[0] = -1
+        row = rng.permutation(np.concatenate([np.arange(num_experts), extra]))
+        out.append(row)
+    m = np.stack(out).astype(np.int32)
+    m[0, :N] = m[0, N + 1] = 0
+    return m
+
+
+def reference(g: np.ndarray, m: np.ndarray, slot_axis: int = 1) -> np.ndarray:
+    """The numpy model: each expert's slots get ((g_p0 + g_p1) + g_p2) ..., in the dtype."""
+    g = np.swapaxes(g, 0, 1) if slot_axis == 0 else g
+    out = g.copy()
+    for layer in range(m.shape[0]):
+        for e in np.unique(m[layer][m[layer] >= 0]):
+            slots = np.nonzero(m[layer] == e)[0]
+            acc = g[layer, slots[0]]
+            for p in slots[1:]:
+                acc = (acc + g[layer, p]).astype(g.dtype)
+            out[layer, slots] = acc
+    return np.swapaxes(out, 0, 1) if slot_axis == 0 else out
+
+
+def _bits(x) -> np.ndarray:
+    a = np.asarray(x)
+    return a.view(np.uint16 if a.dtype.itemsize == 2 else np.uint32)
+
+
+def _grads(rng, lead, mesh, spec):
+    """A two-leaf gradient tree (f32 and bf16) with the given lead dims, and its numpy copy."""
+    host = {
+        "w13": rng.standard_normal((*lead, 4)).astype(np.float32),
+        "w2": rng.standard_normal((*lead, 2, 3)).astype(ml_dtypes.bfloat16),
+    }
+    put = {k: jax.device_put(v, NamedSharding(mesh, spec)) for k, v in host.items()}
+    return host, put
+
+
+def _check(out, host, m, specs, slot_axis=1):
+    for k, x in host.items():
+        assert out[k].dtype == x.dtype and out[k].shape == x.shape, k
+        assert out[k].sharding.spec == specs[k], (k, out[k].sharding.spec)
+        np.testing.assert_array_equal(_bits(out[k]), _bits(reference(x, m, slot_axis)), k)
+
+
+@pytest.fixture(scope="module")
+def mesh8():
+    return _mesh((8,), ("ep",))
+
+
+@pytest.mark.devices(8)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_layer_major_f32_bf16_bitwise(mesh8, seed):
+    rng = np.random.default_rng(seed)
+    m = _plan(rng)
+    host, g = _grads(rng, (L, 8 * N), mesh8, P(None, "ep"))
+    out = jeplb.sync_replica_grads(g, m, mesh=mesh8)
+    _check(out, host, m, {k: P(None, "ep") for k in host})
+
+
+@pytest.mark.devices(8)
+def test_slot_major(mesh8):
+    rng = np.random.default_rng(2)
+    m = _plan(rng)
+    host, g = _grads(rng, (8 * N, L), mesh8, P("ep"))
+    out = jeplb.sync_replica_grads(g, m, mesh=mesh8, layer_axis=1, slot_axis=0)
+    _check(out, host, m, {k: P("ep") for k in host}, slot_axis=0)
+
+
+@pytest.mark.devices(8)
+def test_tensor_sharded_trailing_dim_on_2d_mesh():
+    mesh = _mesh((4, 2), ("ep", "tensor"))
+    rng = np.random.default_rng(3)
+    m = _plan(rng, num_slots=4 * N, num_experts=5)
+    host = {"w": rng.standard_normal((L, 4 * N, 3, 4)).astype(ml_dtypes.bfloat16)}
+    spec = P(None, "ep", None, "tensor")
+    g = {"w": jax.device_put(host["w"], NamedSharding(mesh, spec))}
+    out = jeplb.sync_replica_grads(g, m, mesh=mesh)
+    _check(out, host, m, {"w": spec})
+
+
+@pytest.mark.devices(8)
+def test_tuple_expert_axis():
+    mesh = _mesh((4, 2), ("ep", "tp"))
+    rng = np.random.default_rng(4)
+    m = _plan(rng)
+    host = {"w": rng.standard_normal((L, 8 * N, 5)).astype(np.float32)}
+    spec = P(None, ("ep", "tp"))
+    g = {"w": jax.device_put(host["w"], NamedSharding(mesh, spec))}
+    out = jeplb.sync_replica_grads(g, m, mesh=mesh, axis_name=("ep", "tp"))
+    _check(out, host, m, {"w": spec})
+
+
+def test_one_device_is_a_local_sum():
+    mesh = _mesh((1,), ("ep",))
+    rng = np.random.default_rng(5)
+    m = _plan(rng)
+    host, g = _grads(rng, (L, 8 * N), mesh, P(None, "ep"))
+    out = jeplb.sync_replica_grads(g, m, mesh=mesh)
+    _check(out, host, m, {k: P(None, "ep") for k in host})
+    text = training.sync_program(mesh, [(None, "ep")] * 2).lower(m, [g["w13"], g["w2"]]).as_text()
+    assert not re.search(r"collective.permute|all.reduce|all.gather|all.to.all", text)
+
+
+@pytest.mark.devices(8)
+def test_traced_maps_one_compile_for_two_placements(mesh8):
+    rng = np.random.default_rng(6)
+    host, g = _grads(rng, (L, 8 * N), mesh8, P(None, "ep"))
+    traces = []
+
+    @jax.jit
+    def step(g, m):
+        traces.append(1)
+        return jeplb.sync_replica_grads(g, m, mesh=mesh8)
+
+    for _ in range(2):
+        m = _plan(rng)
+        _check(step(g, jnp.asarray(m)), host, m, {k: P(None, "ep") for k in host})
+    assert len(traces) == 1
+
+
+@pytest.mark.devices(8)
+def test_local_variant_inside_shard_map(mesh8):
+    rng = np.random.default_rng(7)
+    m = _plan(rng)
+    host, g = _grads(rng, (L, 8 * N), mesh8, P(None, "ep"))
+    f = jax.jit(
+        jax.shard_map(
+            lambda g, m: jeplb.sync_replica_grads_local(g, m),
+            mesh=mesh8,
+            in_specs=(P(None, "ep"), P()),
+            out_specs=P(None, "ep"),
+        )
+    )
+    _check(f(g, jnp.asarray(m)), host, m, {k: P(None, "ep") for k in host})
+
+
+@pytest.mark.devices(8)
+def test_no_replicas_is_identity_and_moves_nothing(mesh8):
+    rng = np.random.default_rng(8)
+    m = np.stack([rng.permutation(8 * N) for _ in range(L)]).astype(np.int32)
+    host, g = _grads(rng, (L, 8 * N), mesh8, P(None, "ep"))
+    program = training.sync_program(mesh8, [(None, "ep")] * 2)
+    out, stats = program(jnp.asarray(m), [g["w13"], g["w2"]])
+    np.testing.assert_array_equal(np.asarray(out[0]), host["w13"])
+    assert int(stats.gather_wire_rows.sum()) == 0 and int(stats.broadcast_wire_rows.sum()) == 0
+
+
+def test_errors_name_the_leaf_before_anything_runs():
+    mesh = _mesh((2,), ("ep",)) if jax.device_count() >= 2 else _mesh((1,), ("ep",))
+    d = mesh.shape["ep"]
+    good = jax.device_put(jnp.zeros((L, 4 * d, 2)), NamedSharding(mesh, P(None, "ep")))
+    m = np.zeros((L, 4 * d), np.int32)
+    with pytest.raises(ValueError, match=r"grads\['b'\] has shape \(2, 3, 2\)"):
+        jeplb.sync_replica_grads({"a": good, "b": jnp.zeros((L, 3, 2))}, m, mesh=mesh)
+    with pytest.raises(TypeError, match=r"grads\['i'\] has dtype int32"):
+        jeplb.sync_replica_grads({"a": good, "i": good.astype(jnp.int32)}, m, mesh=mesh)
+    if d > 1:
+        unsharded = jax.device_put(jnp.zeros((L, 4 * d, 2)), NamedSharding(mesh, P()))
+        with pytest.raises(ValueError, match=r"grads\[1\] is sharded"):
+            jeplb.sync_replica_grads([good, unsharded], m, mesh=mesh)
+    with pytest.raises(ValueError, match=r"phy2log: expected a 2-D map"):
+        jeplb.sync_replica_grads(good, m[0], mesh=mesh)
+    with pytest.raises(TypeError, match=r"phy2log: expected an integer dtype"):
+        jeplb.sync_replica_grads(good, m.astype(np.float32), mesh=mesh)
+    with pytest.raises(ValueError, match=r"phy2log\[0, 2\] = -3"):
+        jeplb.sync_replica_grads(good, np.where(np.arange(4 * d) == 2, -3, m), mesh=mesh)
+    with pytest.raises(ValueError, match=r"no mesh axis 'ep' is bound"):
+        jeplb.sync_replica_grads_local(good, m)
+
+
+# ------------------------------------------------------------------ optimizer state and norms
+
+
+def _train_state(tx):
+    params = {
+        "moe": {
+            "w13": jnp.arange(L * 8 * N * 2.0).reshape(L, 8 * N, 2),
+            "w2": jnp.ones((L, 8 * N)),
+        },
+        "dense": jnp.ones((3, 4)),
+    }
+    return params, tx.init(params)
+
+
+@pytest.mark.parametrize(
+    "tx, want",
+    [
+        (optax.adam(1e-3), ["[0]['moe']", "[1][0].mu['moe']", "[1][0].nu['moe']"]),
+        (
+            optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)),
+            ["[0]['moe']", "[1][1][0].mu['moe']", "[1][1][0].nu['moe']"],
+        ),
+    ],
+)
+def test_expert_state_finds_params_and_moments_by_structure(tx, want):
+    params, opt_state = _train_state(tx)
+    parts, put_back = jeplb.expert_state((params, opt_state), params["moe"])
+    assert list(parts) == want
+    moved = jax.tree.map(lambda x: x + 7, parts)
+    params2, opt2 = put_back(moved)
+    np.testing.assert_array_equal(params2["moe"]["w13"], params["moe"]["w13"] + 7)
+    np.testing.assert_array_equal(params2["dense"], params["dense"])
+    adam = opt2[0] if isinstance(opt2[0], optax.ScaleByAdamState) else opt2[1][0]
+    np.testing.assert_array_equal(adam.nu["moe"]["w2"], jnp.full((L, 8 * N), 7.0))
+    np.testing.assert_array_equal(adam.nu["dense"], jnp.zeros((3, 4)))
+    # The optimizer runs on the state put back (its structure is intact).
+    grads = jax.tree.map(jnp.ones_like, params2)
+    tx.update(grads, opt2, params2)
+
+
+@pytest.mark.devices(8)
+def test_expert_state_moves_moments_with_the_weights(mesh8):
+    sharding = NamedSharding(mesh8, P(None, "ep"))
+    params, opt_state = _train_state(optax.adam(1e-3))
+    parts, put_back = jeplb.expert_state((params, opt_state), params["moe"])
+    parts = jax.device_put(parts, sharding)
+    parts["[1][0].mu['moe']"] = jax.tree.map(lambda x: x + 1.0, parts["[0]['moe']"])
+    old = np.tile(np.arange(8 * N, dtype=np.int32), (L, 1))
+    new = np.roll(old, 5, axis=1)
+    moved = jeplb.rearrange_expert_weights(old, new, parts, mesh=mesh8, donate=False)
+    params2, opt2 = put_back(moved)
+    w = np.asarray(params2["moe"]["w13"])
+    np.testing.assert_array_equal(w, np.asarray(params["moe"]["w13"])[:, new[0]])
+    np.testing.assert_array_equal(np.asarray(opt2[0].mu["moe"]["w13"]), w + 1.0)
+
+
+def test_expert_state_errors():
+    params, opt_state = _train_state(optax.adam(1e-3))
+    with pytest.raises(ValueError, match="no subtree mirrors experts"):
+        jeplb.expert_state((params, opt_state), {"w13": jnp.zeros((5, 5))})
+    parts, put_back = jeplb.expert_state((params, opt_state), params["moe"])
+    with pytest.raises(ValueError, match="expected a dict with keys"):
+        put_back(list(parts.values()))
+    with pytest.raises(
+        ValueError, match=r"parts\[\"\[0\]\['moe'\]\"\] has structure PyTreeDef\(\*\)"
+    ):
+        put_back({**parts, "[0]['moe']": parts["[0]['moe']"]["w13"]})
+
+
+def test_replica_scale_and_global_norm_count_each_expert_once():
+    rng = np.random.default_rng(9)
+    m = _plan(rng)
+    g = reference(rng.standard_normal((L, 8 * N, 3)).astype(np.float32), m)
+    scale = np.asarray(jeplb.replica_scale(m))
+    counts = np.array([[np.sum(row == e) if e >= 0 else 0 for e in row] for row in m])
+    want_scale = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0).astype(np.float32)
+    np.testing.assert_array_equal(scale, want_scale)
+    # The norm of the model without redundant experts: each logical expert's row once.
+    logical = [
+        g[layer, np.nonzero(m[layer] == e)[0][0]]
+        for layer in range(L)
+        for e in np.unique(m[layer][m[layer] >= 0])
+    ]
+    dense = rng.standard_normal((4,)).astype(np.float32)
+    want = np.sqrt(np.sum(np.square(logical)) + np.sum(np.square(dense)))
+    got = jeplb.global_norm({"w": jnp.asarray(g)}, m, rest={"d": dense})
+    np.testing.assert_allclose(float(got), want, rtol=1e-6)
+    slot_major = jeplb.global_norm(
+        jnp.asarray(g).swapaxes(0, 1), m, rest=dense, slot_axis=0, layer_axis=1
+    )
+    np.testing.assert_allclose(float(slot_major), want, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"grads\['x'\] has shape \(3, 3\)"):
+        jeplb.global_norm({"w": jnp.asarray(g), "x": jnp.zeros((3, 3))}, m)
