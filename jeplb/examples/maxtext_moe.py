@@ -253,8 +253,7 @@ def _identity_maps(config: MaxTextConfig):
 def param_shardings(config: MaxTextConfig, mesh: jax.sharding.Mesh) -> Any:
     """The `NamedSharding` of every parameter of ``MoEStack(config)``, from `LOGICAL_RULES`."""
     x = jax.ShapeDtypeStruct((1, config.d_model), config.dtype)
-    maps = _identity_maps(dataclasses.replace(config, num_slots=config.num_experts))
-    abstract = jax.eval_shape(MoEStack(config).init, jax.random.key(0), x, *maps)
+    abstract = jax.eval_shape(MoEStack(config).init, jax.random.key(0), x, *_identity_maps(config))
     specs = nn.get_partition_spec(abstract)["params"]
     shardings = nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
     return jax.tree.map(lambda s: NamedSharding(mesh, _trimmed(s.spec)), shardings)
