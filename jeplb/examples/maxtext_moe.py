@@ -20,9 +20,13 @@ token with `combine_topk` (in top-k order):
 * ``"ragged"``: the (token, k) pairs sorted by slot, `jax.lax.ragged_dot` over the slot groups, and
   unsorted back to [T, K, H].
 
-Both give outputs that are bitwise identical before, during and after a rebalance: a token's k-th
-output is computed from its expert's weights alone, wherever they sit, and the combine's sum order
-is the top-k order, not the slot order.
+The combine's sum order is the top-k order, not the slot order, so a token's output depends only on
+its experts' outputs. The dense path computes each slot as its own batch entry, so its outputs are
+bitwise identical before, during and after a rebalance on any backend. The ragged path is too on
+XLA:CPU when H and F / tensor are multiples of 32 (its emulated `ragged_dot` is a masked dense dot
+over the groups, whose sum order can otherwise depend on a row's group); on the H200 (jax 0.11.2)
+XLA's `ragged_dot` result for a row depends on its group, so there the ragged path is equal only
+to rounding across a rebalance (docs/integration.md, "A MaxText-style layer").
 
 Letters: L layers, E logical experts, P physical slots, K experts per token, T tokens, H model width
 (MaxText's D_model), F expert hidden width.
@@ -88,8 +92,8 @@ class MaxTextConfig:
     num_experts: int = 8
     num_slots: int = 16
     top_k: int = 2
-    d_model: int = 8
-    d_ff: int = 8
+    d_model: int = 32
+    d_ff: int = 64
     path: str = "ragged"
     param_scan_axis: int = 0
     dtype: Any = jnp.float32
@@ -249,8 +253,7 @@ def _identity_maps(config: MaxTextConfig):
 def param_shardings(config: MaxTextConfig, mesh: jax.sharding.Mesh) -> Any:
     """The `NamedSharding` of every parameter of ``MoEStack(config)``, from `LOGICAL_RULES`."""
     x = jax.ShapeDtypeStruct((1, config.d_model), config.dtype)
-    maps = _identity_maps(dataclasses.replace(config, num_slots=config.num_experts))
-    abstract = jax.eval_shape(MoEStack(config).init, jax.random.key(0), x, *maps)
+    abstract = jax.eval_shape(MoEStack(config).init, jax.random.key(0), x, *_identity_maps(config))
     specs = nn.get_partition_spec(abstract)["params"]
     shardings = nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
     return jax.tree.map(lambda s: NamedSharding(mesh, _trimmed(s.spec)), shardings)
