@@ -176,7 +176,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--plot",
         default="jeplb_demo.png",
         metavar="PATH",
-        help="PNG to write (per-device load before/after, balancedness over steps); '' for none "
+        help="PNG to write (per-device load before/after, balancedness over steps; with --train: "
+        "loss with and without EPLB, max device load over steps); '' for none "
         "(default: %(default)s)",
     )
     g.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON")
