@@ -16,7 +16,9 @@ Semantics (those of vLLM's rebalance_execute, written for a static-shape SPMD pr
   *primary*, the others are *duplicates* copied from the primary's staged row at commit.
 * The sender of each primary is chosen among the devices holding the expert, greedily: primaries
   with the fewest holders first, each to the holder whose rotation round (shift = dst - src mod D)
-  grows least, then to the holder that sends least so far, then the lowest device index. Rows of a
+  grows least, then to the holder that sends least so far, then the lowest device index. With a
+  topology (``devices_per_node``), a holder on the receiver's node comes before every other. Rows
+  of a
   round travel in chunks of C rows; the round of shift s runs ceil(max pair load / C) chunks.
 * A plan is *feasible* when every expert the new map names is held somewhere in the old map and
   every id is >= -1. An infeasible layer is planned as a no-op and flagged ``ok = False``.
@@ -108,6 +110,9 @@ class GlobalPlan:
       wire_rows: int32[]. Rows the busiest device moves over all rounds, padding included.
       min_rows: int32[]. The most rows any device must send or receive remotely.
       ok: bool[]. The plan is feasible (else it is a no-op).
+      inter_node_rows: int32[]. Primaries whose sender is on another node (0 without a
+        topology).
+      sender: int32[P]. The device each primary receives from; -1 for other slots.
     """
 
     changed: jax.Array
@@ -121,6 +126,8 @@ class GlobalPlan:
     wire_rows: jax.Array
     min_rows: jax.Array
     ok: jax.Array
+    inter_node_rows: jax.Array
+    sender: jax.Array
 
 
 def _first_true(mask: jax.Array) -> jax.Array:
@@ -148,7 +155,12 @@ def classify(old: jax.Array, new: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def plan_layer(
-    old: jax.Array, new: jax.Array, *, num_devices: int, chunk_rows: int = 1
+    old: jax.Array,
+    new: jax.Array,
+    *,
+    num_devices: int,
+    chunk_rows: int = 1,
+    devices_per_node: int | None = None,
 ) -> GlobalPlan:
     """Plans the transfer of one layer.
 
@@ -157,6 +169,8 @@ def plan_layer(
       new: int32[P] physical-to-logical map after.
       num_devices: D, devices on the expert-parallel axis (static).
       chunk_rows: C, rows per collective chunk (static).
+      devices_per_node: devices per node, in axis order (static; must divide D): senders on the
+        receiver's node are preferred. None: a flat network.
 
     Returns:
       The layer's `GlobalPlan`.
@@ -166,9 +180,17 @@ def plan_layer(
     with jax.named_scope("plan_classify"):
         slots = _classify_slots(old, new, num_devices)
     with jax.named_scope("plan_senders"):
-        src_dev, rank, round_max, send_load = _assign_senders(slots, num_devices)
+        node = devices_per_node or num_devices
+        src_dev, rank, round_max, send_load = _assign_senders(slots, num_devices, node)
     with jax.named_scope("plan_tables"):
-        return _tables(slots, src_dev, rank, round_max, send_load, num_devices, chunk_rows)
+        plan = _tables(slots, src_dev, rank, round_max, send_load, num_devices, chunk_rows)
+    dev = jnp.arange(old.shape[0], dtype=jnp.int32) // (old.shape[0] // num_devices)
+    inter = plan.primary & (src_dev // node != dev // node)
+    return dataclasses.replace(
+        plan,
+        inter_node_rows=inter.sum().astype(jnp.int32),
+        sender=jnp.where(plan.primary, src_dev, -1).astype(jnp.int32),
+    )
 
 
 class _Slots(NamedTuple):
@@ -210,9 +232,10 @@ def _classify_slots(old: jax.Array, new: jax.Array, d: int) -> _Slots:
     return _Slots(changed, ok, holds_by_dev, holder, local, local_src, primary_of, primary)
 
 
-def _assign_senders(slots: _Slots, d: int):
+def _assign_senders(slots: _Slots, d: int, per_node: int):
     """The sender of each primary, greedily (see the module docstring): (src_dev int32[P],
-    rank int32[P] its place in its round, round_max int32[D], send_load int32[D])."""
+    rank int32[P] its place in its round, round_max int32[D], send_load int32[D]). Devices
+    ``[k * per_node, (k + 1) * per_node)`` share a node; same-node holders come first."""
     p_total = slots.primary.shape[0]
     slot = jnp.arange(p_total, dtype=jnp.int32)
     dev = slot // (p_total // d)
@@ -224,7 +247,8 @@ def _assign_senders(slots: _Slots, d: int):
         pair_load, send_load, round_max = carry
         shifts = (dev[p] - devs) % d
         grows = (pair_load[devs, shifts] + 1 > round_max[shifts]).astype(jnp.int32)
-        score = (grows * (p_total + 1) + send_load) * d + devs
+        far = (devs // per_node != dev[p] // per_node).astype(jnp.int32)
+        score = ((far * 2 + grows) * (p_total + 1) + send_load) * d + devs
         score = jnp.where(slots.holder[p], score, jnp.iinfo(jnp.int32).max)
         src = jnp.argmin(score).astype(jnp.int32)
         s = shifts[src]
@@ -277,16 +301,25 @@ def _tables(slots: _Slots, src_dev, rank, round_max, send_load, d: int, c: int) 
         wire_rows=(num_chunks.sum() * c).astype(jnp.int32),
         min_rows=jnp.maximum(recv_load.max(), send_load.max()).astype(jnp.int32),
         ok=slots.ok,
+        inter_node_rows=jnp.int32(0),
+        sender=jnp.where(primary, src_dev, -1).astype(jnp.int32),
     )
 
 
 def plan_layers(
-    old: jax.Array, new: jax.Array, *, num_devices: int, chunk_rows: int = 1
+    old: jax.Array,
+    new: jax.Array,
+    *,
+    num_devices: int,
+    chunk_rows: int = 1,
+    devices_per_node: int | None = None,
 ) -> GlobalPlan:
     """`plan_layer` over a leading layer axis: maps int32[L, P] -> a `GlobalPlan` with leading L."""
-    return jax.vmap(lambda o, n: plan_layer(o, n, num_devices=num_devices, chunk_rows=chunk_rows))(
-        old, new
-    )
+    return jax.vmap(
+        lambda o, n: plan_layer(
+            o, n, num_devices=num_devices, chunk_rows=chunk_rows, devices_per_node=devices_per_node
+        )
+    )(old, new)
 
 
 def pack(mask: jax.Array, values: jax.Array) -> jax.Array:
