@@ -490,6 +490,7 @@ def test_plan_counts_inter_node_rows():
     new = jnp.array([0, 1, 2, 0, 0, 5, 6, 7], jnp.int32)
     plan = plan_lib.plan_layer(old, new, num_devices=4, devices_per_node=2)
     assert int(plan.primary.sum()) == 2 and int(plan.inter_node_rows) == 1
+    assert plan.sender.tolist() == [-1, -1, -1, 0, 0, -1, -1, -1]
     flat = plan_lib.plan_layer(old, new, num_devices=4)
     assert int(flat.inter_node_rows) == 0
 
@@ -506,3 +507,42 @@ def test_topology_and_collective_options_are_checked(mesh8):
     with pytest.raises(NotImplementedError, match=r"XLA:CPU cannot compile ragged-all-to-all"):
         jeplb.rearrange_expert_weights(old, new, w, mesh=mesh8, collective="ragged_all_to_all")
     assert not w["w"].is_deleted()  # refused before anything ran
+
+
+@pytest.mark.parametrize(("d", "n", "capacity"), [(4, 3, 2), (4, 3, 3), (8, 2, 1), (2, 5, 4)])
+def test_ragged_tables_deliver_every_primary(d, n, capacity):
+    # The seam's tables, checked on the host against the collective's documented semantics:
+    # per wave, device a's operand rows [input_offsets[b], + send_sizes[b]) land in device b's
+    # output at output_offsets[b], and b expects recv_sizes[a] of them.
+    from jeplb._src.transfer import plan as plan_lib
+
+    for seed, kind in enumerate(KINDS):
+        old, new = make_plan(kind, seed, 1, d * n, max(1, d * n - 2), d)
+        plan = plan_lib.plan_layer(jnp.asarray(old[0]), jnp.asarray(new[0]), num_devices=d)
+        tabs = [
+            jax.tree_util.tree_map(
+                np.asarray,
+                plan_lib.ragged_tables(plan, jnp.int32(a), num_devices=d, capacity=capacity),
+            )
+            for a in range(d)
+        ]
+        out = np.full((d, n), -1)
+        for w in range(tabs[0].send_rows.shape[0]):
+            if w >= int(tabs[0].num_waves):
+                assert all(int(t.send_sizes[w].sum()) == 0 for t in tabs)
+            for a in range(d):
+                operand = np.where(tabs[a].send_rows[w] >= 0, a * n + tabs[a].send_rows[w], -1)
+                for b in range(d):
+                    size = int(tabs[a].send_sizes[w, b])
+                    assert size == int(tabs[b].recv_sizes[w, a])
+                    lo, at = int(tabs[a].input_offsets[w, b]), int(tabs[a].output_offsets[w, b])
+                    if size:
+                        assert (out[b, at : at + size] == -1).all()  # nothing overwritten
+                        out[b, at : at + size] = operand[lo : lo + size]
+        primary = np.asarray(plan.primary).reshape(d, n)
+        for b in range(d):
+            staged = tabs[b].recv_rows
+            assert ((out[b] >= 0) == (staged >= 0)).all()
+            assert sorted(staged[staged >= 0].tolist()) == np.nonzero(primary[b])[0].tolist()
+            for q in np.nonzero(staged >= 0)[0]:
+                assert old[0, out[b, q]] == new[0, b * n + staged[q]]

@@ -36,11 +36,13 @@ from jeplb._src.transfer import rows as rows_lib
 
 __all__ = [
     "GlobalPlan",
+    "RaggedTables",
     "TransferMetadata",
     "classify",
     "local_metadata",
     "plan_layer",
     "plan_layers",
+    "ragged_tables",
 ]
 
 
@@ -378,3 +380,98 @@ def local_metadata(
     send_rows = jax.lax.dynamic_index_in_dim(plan.send_rows, device, keepdims=False)
     recv_rows = jax.lax.dynamic_index_in_dim(plan.recv_rows, device, keepdims=False)
     return meta, send_rows, recv_rows
+
+
+class RaggedTables(NamedTuple):
+    """One device's tables for `lax.ragged_all_to_all` waves of one layer (the seam
+    `stages.stage_ragged_all_to_all` is to use; see docs/transfer.md). S = ``capacity``.
+
+    Attributes:
+      num_waves: int32[]. Waves of at most S sent rows per device (the same on every device).
+      send_rows: int32[V, S]. Per wave, the local rows packed into the operand, grouped by
+        destination (ascending); -1 pads.
+      input_offsets: int32[V, D]. Where each destination's segment starts in the operand.
+      send_sizes: int32[V, D]. Rows sent to each device.
+      output_offsets: int32[V, D]. Where this device's segment lands in each destination's
+        output (a receive buffer of N rows, filled over the waves).
+      recv_sizes: int32[V, D]. Rows received from each device.
+      recv_rows: int32[N]. For each row of the receive buffer, the staging row it belongs to;
+        -1 pads.
+    """
+
+    num_waves: jax.Array
+    send_rows: jax.Array
+    input_offsets: jax.Array
+    send_sizes: jax.Array
+    output_offsets: jax.Array
+    recv_sizes: jax.Array
+    recv_rows: jax.Array
+
+
+def ragged_tables(
+    plan: GlobalPlan, device: jax.Array, *, num_devices: int, capacity: int
+) -> RaggedTables:
+    """The exact-bytes exchange of a one-layer plan as waves of one `lax.ragged_all_to_all`.
+
+    Device a's sends, grouped by destination b ascending (in each pair, the order of the plan's
+    round of shift b - a), are cut into waves of ``capacity`` rows. Every table comes from the
+    replicated plan, so each device knows where its rows land on its peers without a collective.
+    A device receives at most N rows in all, so the output is one N-row receive buffer, filled
+    wave after wave, senders ascending within a wave.
+
+    Args:
+      plan: a one-layer `GlobalPlan`.
+      device: int32[] this device's index.
+      num_devices: D (static).
+      capacity: S, rows one wave's operand holds (static); V = ceil(P / S) waves at most.
+
+    Returns:
+      This device's `RaggedTables` (waves past ``num_waves`` send and receive nothing).
+    """
+    d, s = num_devices, capacity
+    p_total = plan.changed.shape[0]
+    n, width = p_total // d, plan.send_rows.shape[-1]
+    waves = -(-p_total // s)
+    devs = jnp.arange(d, dtype=jnp.int32)
+    shift = (devs[None, :] - devs[:, None]) % d  # [src, dst]
+    pair = (plan.send_rows >= 0).sum(-1).astype(jnp.int32)  # [src, shift]
+    load = jnp.take_along_axis(pair, shift, axis=1) * (shift > 0)  # [src, dst]
+    start = jnp.cumsum(load, axis=1) - load  # exclusive, in src's send order
+    lo = jnp.arange(waves, dtype=jnp.int32)[:, None, None] * s  # [V, 1, 1]
+    seg_lo = jnp.clip(start[None] - lo, 0, s)
+    seg_hi = jnp.clip(start[None] + load[None] - lo, 0, s)
+    sizes = seg_hi - seg_lo  # [V, src, dst]
+    # Receive positions: waves in turn, senders ascending within a wave.
+    flat = sizes.transpose(2, 0, 1).reshape(d, waves * d)  # [dst, (wave, src)]
+    before = (jnp.cumsum(flat, axis=1) - flat).reshape(d, waves, d).transpose(1, 2, 0)
+    # This device's operand rows per wave: entry k of its send list is row j of pair (me, b).
+    k = jnp.arange(waves * s, dtype=jnp.int32)
+    mine = jax.lax.dynamic_index_in_dim(start, device, keepdims=False)
+    mload = jax.lax.dynamic_index_in_dim(load, device, keepdims=False)
+    dst = jnp.clip(jnp.sum(mine[None, :] + mload[None, :] <= k[:, None], axis=1), 0, d - 1)
+    j = k - mine[dst]
+    rows_me = jax.lax.dynamic_index_in_dim(plan.send_rows, device, keepdims=False)
+    valid = k < mload.sum()
+    sent = jnp.where(valid, rows_me[(dst - device) % d, jnp.clip(j, 0, width - 1)], -1)
+    # Receive buffer: for each sender in order, its rows for me, in its pair order.
+    got = jax.lax.dynamic_index_in_dim(plan.recv_rows, device, keepdims=False)  # [shift, W]
+    src_of = (device - devs) % d  # shift t comes from device - t
+    pos = before[:, src_of, device][:, :, None]  # [V, shift, 1]
+    rank = jnp.arange(width, dtype=jnp.int32)[None, None, :]
+    # Row j of pair (src -> me) travels in the wave holding entry start[src, me] + j.
+    entry = jnp.take(start[:, device], src_of)[None, :, None] + rank
+    wave_of = entry // s
+    in_wave = (wave_of == jnp.arange(waves)[:, None, None]) & (got[None] >= 0)
+    first = jnp.clip(jnp.take(start[:, device], src_of)[None, :, None] - lo, 0, s)
+    at = pos + (entry - lo) - first
+    recv = jnp.full((n + 1,), -1, jnp.int32)
+    recv = recv.at[jnp.where(in_wave, at, n)].set(jnp.broadcast_to(got[None], at.shape))
+    return RaggedTables(
+        num_waves=((load.sum(1).max() + s - 1) // s).astype(jnp.int32),
+        send_rows=sent.reshape(waves, s),
+        input_offsets=seg_lo[:, device, :],
+        send_sizes=sizes[:, device, :],
+        output_offsets=before[:, device, :],
+        recv_sizes=sizes[:, :, device],
+        recv_rows=recv[:n],
+    )

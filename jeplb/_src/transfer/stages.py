@@ -183,8 +183,8 @@ def _rounds(spaces, bufs, rounds, *, axes, num_devices, chunk_rows, impls):
         )
         got = _exchange(payload, branches, shift - 1)
         return tuple(
-            rows_lib.copy_rows(b, g, ridx, lanes, (ridx >= 0).sum(), impl=i.buffer)
-            for b, g, i in zip(bufs, got, impls, strict=True)
+            rows_lib.copy_rows(b, rows, ridx, lanes, (ridx >= 0).sum(), impl=i.buffer)
+            for b, rows, i in zip(bufs, got, impls, strict=True)
         )
 
     return lax.fori_loop(0, ends[-1], chunk, bufs)
@@ -260,8 +260,9 @@ def stage_ragged_all_to_all(
     rows when a device sends more, so memory never depends on the plan); ``input_offsets`` /
     ``send_sizes`` per destination and ``output_offsets`` / ``recv_sizes`` per source come from
     the replicated plan (an exclusive cumulative sum of the pair loads), so every device computes
-    its peers' offsets without a collective; the output is the staging buffer's byte view, whose
-    rows are then ordered by ``rounds.recv_rows``. Each busiest device then moves exactly its
+    its peers' offsets without a collective (`plan.ragged_tables`, tested on the host against
+    the collective's semantics); the output is an N-row receive buffer whose rows go to the
+    staging buffer by the tables' ``recv_rows``. Each busiest device then moves exactly its
     floor of rows: no rotation round, no padding.
 
     Raises:
