@@ -400,3 +400,149 @@ def test_column_passes_bit_exact(passes, chunk_rows):
         )
         for name, before in host.items():
             check_rows(as_bytes(before), as_bytes(out[name]), old, new, 8)
+
+
+# ------------------------------------------------------- packed collectives, topology, seams
+
+
+@pytest.mark.parametrize(
+    "dtypes",
+    [
+        ("bfloat16", "float32", "int8"),
+        ("float8_e4m3fn", "uint16", "float16", "int32"),
+        ("uint8", "float32"),
+    ],
+)
+def test_pack_bytes_round_trip_bit_exact(dtypes):
+    from jeplb._src.transfer import stages
+
+    rng = np.random.default_rng(0)
+    parts = tuple(
+        jnp.asarray(rng.integers(0, 256, (3, 5 * np.dtype(jnp.dtype(d)).itemsize), np.uint8)).view(
+            jnp.dtype(d)
+        )
+        for d in dtypes
+    )
+    packed = stages.pack_bytes(parts)
+    assert packed.dtype == jnp.uint8 and packed.shape == (3, sum(5 * x.itemsize for x in parts))
+    back = stages.unpack_bytes(packed, parts)
+    for a, b in zip(parts, back, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert np.array_equal(as_bytes(a), as_bytes(b))
+
+
+def _collective_permutes(mesh, leaves, **options):
+    maps = jax.ShapeDtypeStruct(leaves[0].shape[:2], jnp.int32)
+    text = program(mesh, num_leaves=len(leaves), **options).lower(maps, maps, leaves).as_text()
+    return text.count("collective_permute")
+
+
+def test_one_collective_per_round_for_every_leaf_and_pass(mesh8):
+    # Three leaves of three dtypes in two column passes: one ppermute per shift, not one per
+    # shift, leaf and pass (the leaves travel as one byte buffer, the passes are one loop).
+    leaves = [
+        jax.ShapeDtypeStruct((L, 8 * N, 8), dt, sharding=sharded(mesh8))
+        for dt in (jnp.bfloat16, jnp.float32, jnp.int8)
+    ]
+    assert _collective_permutes(mesh8, leaves, staging_passes=2) == 7
+    assert _collective_permutes(mesh8, leaves[:1], staging_passes=4) == 7
+
+
+def test_leaves_of_every_dtype_packed_bit_exact(mesh8):
+    # Leaves of several dtypes (bf16, fp8, f32, int8 ... from LEAF_SPECS) staged in passes.
+    for seed, kind in enumerate(("random", "reversal")):
+        old, new = make_plan(kind, seed, L, 8 * N, 16, 8)
+        host = make_leaves(np.random.default_rng(seed), L, 8 * N)
+        out = jeplb.rearrange_expert_weights(
+            old, new, put(host, mesh8, P(None, "ep")), mesh=mesh8, staging_passes=2
+        )
+        for name, before in host.items():
+            check_rows(as_bytes(before), as_bytes(out[name]), old, new, 8)
+
+
+def test_devices_per_node_prefers_senders_on_the_receivers_node(mesh8):
+    # Expert k is held by device k and by device (k + 4) % 8; each device wants the expert of
+    # device k ^ 1 (same node of two devices): with the topology, no row crosses a node.
+    d = 8
+    old = np.array([[k, 10 + k, (k + 4) % d] for k in range(d)], np.int32).reshape(1, -1)
+    new = old.copy()
+    new[0, 1::3] = [k ^ 1 for k in range(d)]
+    host = {"w": np.random.default_rng(0).random((1, 3 * d, 4), np.float32)}
+    for per_node, crossing in ((None, 0), (2, 0), (1, 8)):
+        out, report = jeplb.rearrange_expert_weights(
+            old,
+            new,
+            put(host, mesh8, P(None, "ep")),
+            mesh=mesh8,
+            devices_per_node=per_node,
+            return_report=True,
+        )
+        check_rows(as_bytes(host["w"]), as_bytes(out["w"]), old, new, d)
+        assert int(report.remote_rows[0]) == d
+        assert int(report.inter_node_rows[0]) == crossing
+
+
+def test_plan_counts_inter_node_rows():
+    from jeplb._src.transfer import plan as plan_lib
+
+    # Expert 0 lives on device 0 only; devices 1 (same node of 2) and 2 (another node) want it.
+    old = jnp.array([0, 1, 2, 3, 4, 5, 6, 7], jnp.int32)
+    new = jnp.array([0, 1, 2, 0, 0, 5, 6, 7], jnp.int32)
+    plan = plan_lib.plan_layer(old, new, num_devices=4, devices_per_node=2)
+    assert int(plan.primary.sum()) == 2 and int(plan.inter_node_rows) == 1
+    assert plan.sender.tolist() == [-1, -1, -1, 0, 0, -1, -1, -1]
+    flat = plan_lib.plan_layer(old, new, num_devices=4)
+    assert int(flat.inter_node_rows) == 0
+
+
+def test_topology_and_collective_options_are_checked(mesh8):
+    old, new = make_plan("random", 0, L, 8 * N, 16, 8)
+    w = put({"w": np.zeros((L, 8 * N, 2), np.float32)}, mesh8, P(None, "ep"))
+    with pytest.raises(ValueError, match=r"devices_per_node: expected a divisor of the 8 devices"):
+        jeplb.rearrange_expert_weights(old, new, w, mesh=mesh8, devices_per_node=3)
+    with pytest.raises(ValueError, match=r"devices_per_node: expected a positive int or None"):
+        jeplb.rearrange_expert_weights(old, new, w, mesh=mesh8, devices_per_node=0)
+    with pytest.raises(ValueError, match=r"collective: expected one of"):
+        jeplb.rearrange_expert_weights(old, new, w, mesh=mesh8, collective="all_gather")
+    with pytest.raises(NotImplementedError, match=r"XLA:CPU cannot compile ragged-all-to-all"):
+        jeplb.rearrange_expert_weights(old, new, w, mesh=mesh8, collective="ragged_all_to_all")
+    assert not w["w"].is_deleted()  # refused before anything ran
+
+
+@pytest.mark.parametrize(("d", "n", "capacity"), [(4, 3, 2), (4, 3, 3), (8, 2, 1), (2, 5, 4)])
+def test_ragged_tables_deliver_every_primary(d, n, capacity):
+    # The seam's tables, checked on the host against the collective's documented semantics:
+    # per wave, device a's operand rows [input_offsets[b], + send_sizes[b]) land in device b's
+    # output at output_offsets[b], and b expects recv_sizes[a] of them.
+    from jeplb._src.transfer import plan as plan_lib
+
+    for seed, kind in enumerate(KINDS):
+        old, new = make_plan(kind, seed, 1, d * n, max(1, d * n - 2), d)
+        plan = plan_lib.plan_layer(jnp.asarray(old[0]), jnp.asarray(new[0]), num_devices=d)
+        tabs = [
+            jax.tree_util.tree_map(
+                np.asarray,
+                plan_lib.ragged_tables(plan, jnp.int32(a), num_devices=d, capacity=capacity),
+            )
+            for a in range(d)
+        ]
+        out = np.full((d, n), -1)
+        for w in range(tabs[0].send_rows.shape[0]):
+            if w >= int(tabs[0].num_waves):
+                assert all(int(t.send_sizes[w].sum()) == 0 for t in tabs)
+            for a in range(d):
+                operand = np.where(tabs[a].send_rows[w] >= 0, a * n + tabs[a].send_rows[w], -1)
+                for b in range(d):
+                    size = int(tabs[a].send_sizes[w, b])
+                    assert size == int(tabs[b].recv_sizes[w, a])
+                    lo, at = int(tabs[a].input_offsets[w, b]), int(tabs[a].output_offsets[w, b])
+                    if size:
+                        assert (out[b, at : at + size] == -1).all()  # nothing overwritten
+                        out[b, at : at + size] = operand[lo : lo + size]
+        primary = np.asarray(plan.primary).reshape(d, n)
+        for b in range(d):
+            staged = tabs[b].recv_rows
+            assert ((out[b] >= 0) == (staged >= 0)).all()
+            assert sorted(staged[staged >= 0].tolist()) == np.nonzero(primary[b])[0].tolist()
+            for q in np.nonzero(staged >= 0)[0]:
+                assert old[0, out[b, q]] == new[0, b * n + staged[q]]

@@ -44,6 +44,8 @@ class TransferReport:
       chunks: int32[L]. Collective chunks run (sum over rounds).
       remote_rows: int32[L]. Rows received from other devices (primaries, all devices).
       local_rows: int32[L]. Rows written from this device's own data (local copies, duplicates).
+      inter_node_rows: int32[L]. Of ``remote_rows``, those sent from another node (0 without
+        ``devices_per_node``); ``remote_rows - inter_node_rows`` stayed inside a node.
     """
 
     ok: jax.Array
@@ -52,6 +54,7 @@ class TransferReport:
     chunks: jax.Array
     remote_rows: jax.Array
     local_rows: jax.Array
+    inter_node_rows: jax.Array
 
     def replace(self, **changes) -> TransferReport:
         """Returns a copy with the given fields replaced."""
@@ -72,6 +75,7 @@ class TransferReport:
             chunks=stats.chunks,
             remote_rows=stats.remote_rows,
             local_rows=stats.local_rows,
+            inter_node_rows=stats.inter_node_rows,
         )
 
 
@@ -250,6 +254,9 @@ def run_transfer(
         where=where,
     )
     num_devices = checks.axis_size(mesh, config.axis_name)
+    engine.check_setup(
+        engine.Engine(config=config, num_devices=num_devices, platform=checks.platform_of(mesh))
+    )
     ndim = 1 if single_layer else 2
     old, new = checks.check_maps(
         old_phy2log, new_phy2log, num_devices=num_devices, ndim=ndim, num_experts=num_experts
@@ -294,6 +301,8 @@ def rearrange_expert_weights(
     return_report: bool = False,
     row_impl: str = "auto",
     staging_passes: int | None = None,
+    devices_per_node: int | None = None,
+    collective: str = "ppermute",
 ) -> Any:
     """Moves expert weights from the old placement to the new one, on the mesh, in one program.
 
@@ -335,6 +344,11 @@ def rearrange_expert_weights(
         independent transfer of the same plan). None: the fewest that keep the buffer, the chunks
         and any converted slab below one layer's local weights. Leaves whose row length the count
         does not divide are staged whole in the first pass.
+      devices_per_node: devices per node (host) on the expert axis, in axis order (must divide
+        D): senders are chosen on the receiver's node where a replica is there, and the report
+        counts the rows that cross nodes (``inter_node_rows``). None: one flat network.
+      collective: ``ppermute`` (rotation rounds; every backend) or ``ragged_all_to_all`` (one
+        exact-bytes collective on GPUs and TPUs: a seam, raises NotImplementedError for now).
 
     Returns:
       The rearranged weights (same structure, shapes, dtypes and shardings), and the
@@ -363,6 +377,8 @@ def rearrange_expert_weights(
         staging_passes=staging_passes,
         layer_axis=layer_axis,
         slot_axis=slot_axis,
+        devices_per_node=devices_per_node,
+        collective=collective,
     )
     weights, report = run_transfer(
         old_phy2log,
@@ -390,6 +406,8 @@ def transfer_layer(
     return_report: bool = False,
     row_impl: str = "auto",
     staging_passes: int | None = None,
+    devices_per_node: int | None = None,
+    collective: str = "ppermute",
 ) -> Any:
     """`rearrange_expert_weights` for one layer: maps int[P], leaves [P, ...] with the slot dim
     sharded over ``axis_name``. Same guarantees, arguments and errors.
@@ -403,7 +421,12 @@ def transfer_layer(
       [2.0, 1.0, 1.0]
     """
     config = TransferConfig(
-        axis_name=axis_name, chunk_rows=chunk_rows, row_impl=row_impl, staging_passes=staging_passes
+        axis_name=axis_name,
+        chunk_rows=chunk_rows,
+        row_impl=row_impl,
+        staging_passes=staging_passes,
+        devices_per_node=devices_per_node,
+        collective=collective,
     )
     weights, report = run_transfer(
         old_phy2log,

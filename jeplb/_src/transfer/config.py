@@ -11,9 +11,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-__all__ = ["ROW_IMPLS", "TransferConfig", "axis_tuple"]
+__all__ = ["COLLECTIVES", "ROW_IMPLS", "TransferConfig", "axis_tuple"]
 
 ROW_IMPLS = ("auto", "loop", "pallas", "scatter")
+# How rows cross devices: rotation rounds of `lax.ppermute` (every backend), or one
+# `lax.ragged_all_to_all` per chunk of layers (exact bytes; GPUs and TPUs, a seam not yet built).
+COLLECTIVES = ("ppermute", "ragged_all_to_all")
 
 
 def axis_tuple(axis_name: str | tuple[str, ...]) -> tuple[str, ...]:
@@ -53,6 +56,13 @@ class TransferConfig:
       layer_axis: the layer dim of a leaf (0 or 1; the other of the two is the slot dim). For
         one-layer calls (`jeplb.transfer_layer`) it is ignored.
       slot_axis: the slot dim of a leaf (1 or 0; one-layer calls: 0).
+      devices_per_node: devices of one node (host) on the expert axis, in axis order: devices
+        ``[k * devices_per_node, (k + 1) * devices_per_node)`` share node k (fast links). Senders
+        are then chosen on the receiver's node where a replica is there (as SGLang does), and
+        the report counts the rows that cross nodes. None: one flat network. Must divide D.
+      collective: how rows cross devices: ``ppermute`` (rotation rounds, every backend) or
+        ``ragged_all_to_all`` (one exact-bytes collective; a seam for GPUs and TPUs that raises
+        NotImplementedError until it is built and measured there).
     """
 
     axis_name: str | tuple[str, ...] = "ep"
@@ -61,6 +71,8 @@ class TransferConfig:
     staging_passes: int | None = None
     layer_axis: int = 0
     slot_axis: int = 1
+    devices_per_node: int | None = None
+    collective: str = "ppermute"
 
     def __post_init__(self):
         axes = axis_tuple(self.axis_name)
@@ -74,6 +86,9 @@ class TransferConfig:
             object.__setattr__(self, "axis_name", axes if len(axes) > 1 else axes[0])
         _positive_int("chunk_rows", self.chunk_rows)
         _positive_int("staging_passes", self.staging_passes, allow_none=True)
+        _positive_int("devices_per_node", self.devices_per_node, allow_none=True)
+        if self.collective not in COLLECTIVES:
+            raise ValueError(f"collective: expected one of {COLLECTIVES}, got {self.collective!r}")
         if self.row_impl not in ROW_IMPLS:
             raise ValueError(f"row_impl: expected one of {ROW_IMPLS}, got {self.row_impl!r}")
         for name in ("layer_axis", "slot_axis"):

@@ -18,6 +18,7 @@ or converted whole. Memory depends on the shapes only, never on the plan.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,7 @@ from jeplb._src.transfer import plan as plan_lib
 from jeplb._src.transfer import rows as rows_lib
 from jeplb._src.transfer.config import TransferConfig
 
-__all__ = ["Engine", "LayerStats", "move_layers"]
+__all__ = ["Engine", "LayerStats", "check_setup", "move_layers"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,8 @@ class LayerStats:
       chunks: collective chunks run.
       remote_rows: rows received from other devices (primaries, all devices).
       local_rows: rows written from a device's own data (local copies, duplicates).
+      inter_node_rows: of ``remote_rows``, those sent from another node (0 without
+        ``devices_per_node``).
       agreed: bool[] (not [L]): every device held the same maps, range and program; when False
         nothing moved.
     """
@@ -72,6 +75,25 @@ class LayerStats:
     remote_rows: jax.Array
     local_rows: jax.Array
     agreed: jax.Array
+    inter_node_rows: jax.Array
+
+
+def check_setup(engine: Engine) -> None:
+    """Raises where the static setup cannot run: ``devices_per_node`` must divide D, and the
+    ``ragged_all_to_all`` collective is a seam not built yet (XLA:CPU cannot compile it at all).
+
+    Raises:
+      ValueError: ``devices_per_node`` does not divide D.
+      NotImplementedError: ``collective="ragged_all_to_all"``.
+    """
+    cfg, d = engine.config, engine.num_devices
+    if cfg.devices_per_node is not None and d % cfg.devices_per_node:
+        raise ValueError(
+            f"devices_per_node: expected a divisor of the {d} devices on the expert axis "
+            f"{cfg.axis_name!r}, got {cfg.devices_per_node}"
+        )
+    if cfg.collective == "ragged_all_to_all":
+        raise NotImplementedError(stages.ragged_unavailable(engine.platform))
 
 
 def move_layers(
@@ -101,6 +123,7 @@ def move_layers(
     Returns:
       ``(leaves, stats)``: the leaves moved, and per layer a `LayerStats`.
     """
+    check_setup(engine)
     old = old.astype(jnp.int32)
     new = new.astype(jnp.int32)
     num_layers = old.shape[0]
@@ -125,7 +148,7 @@ def move_layers(
     if engine.num_devices == 1 and direct is not None:
         leaves, local_rows = _move_direct(old, new, leaves, go, direct, engine)
         zeros = jnp.zeros((num_layers,), jnp.int32)
-        stats = LayerStats(ok, go, zeros, zeros, zeros, zeros, local_rows, agreed)
+        stats = LayerStats(ok, go, zeros, zeros, zeros, zeros, local_rows, agreed, zeros)
         return leaves, stats
     return _move_staged(old, new, leaves, ok, go, agreed, first, count, engine)
 
@@ -198,17 +221,19 @@ def resolve_passes(requested, rows, *, n: int, chunk_rows: int) -> int:
 
     Returns:
       ``requested``, or the smallest count from ``low = (N + 2C) // N + 1`` to ``4 * low`` whose
-      buffer, chunks and slabs stay below one layer; if none does, the one holding the fewest
-      bytes.
+      buffer, chunks (2C rows, 4C when several leaves travel packed) and slabs stay below one
+      layer; if none does, the one holding the fewest bytes.
     """
     if requested is not None:
         return requested
     low = (n + 2 * chunk_rows) // n + 1
     layer = n * sum(b for _, b, _, _ in rows)
+    # Several leaves travel packed in one byte buffer: a packed chunk each way besides the leaves'.
+    chunks = 2 * chunk_rows if len(rows) == 1 else 4 * chunk_rows
 
     def staged(p):
         return sum(
-            (n * (2 if slab else 1) + 2 * chunk_rows) * (b // p if w % (p * g) == 0 else b)
+            (n * (2 if slab else 1) + chunks) * (b // p if w % (p * g) == 0 else b)
             for w, b, g, slab in rows
         )
 
@@ -265,19 +290,23 @@ def _move_staged(old, new, leaves, ok, go, agreed, first, count, engine: Engine)
     ]
     me = lax.axis_index(cfg.axes)
     zeros = jnp.zeros((num_layers,), jnp.int32)
-    stats = LayerStats(ok, go, zeros, zeros, zeros, zeros, zeros, agreed)
+    stats = LayerStats(ok, go, zeros, zeros, zeros, zeros, zeros, agreed, zeros)
 
     def layer(j, carry):
         leaves, bufs, stats = carry
         li = first + j
         with jax.named_scope("plan"):
             target = jnp.where(go[li], new[li], old[li])
-            plan = plan_lib.plan_layer(old[li], target, num_devices=d, chunk_rows=cfg.chunk_rows)
+            plan = plan_lib.plan_layer(
+                old[li],
+                target,
+                num_devices=d,
+                chunk_rows=cfg.chunk_rows,
+                devices_per_node=cfg.devices_per_node,
+            )
             meta, send, recv = plan_lib.local_metadata(plan, old[li], target, me, num_devices=d)
         rounds = stages.Rounds(send, recv, plan.num_chunks)
-        for p in range(passes):
-            with jax.named_scope(f"pass_{p}" if passes > 1 else "stage_commit"):
-                leaves, bufs = _pass(leaves, bufs, li, p, meta, rounds, geo, engine)
+        leaves, bufs = _passes(leaves, bufs, li, passes, meta, rounds, geo, engine)
         return leaves, bufs, _record(stats, li, plan, cfg.chunk_rows)
 
     trips = jnp.where(jnp.any(go), count, 0)
@@ -285,10 +314,29 @@ def _move_staged(old, new, leaves, ok, go, agreed, first, count, engine: Engine)
     return leaves, stats
 
 
+def _passes(leaves, bufs, li, passes: int, meta, rounds, geo, engine: Engine):
+    """Every column pass of layer ``li``. When every leaf splits into the passes, they are one
+    `fori_loop` over the pass index (the rounds are compiled once, not once per pass); else
+    pass 0 (with the leaves staged whole) and the others are unrolled."""
+    if passes > 1 and all(g.split for g in geo):
+
+        def one(p, carry):
+            return _pass(*carry, li, p.astype(jnp.int32), meta, rounds, geo, engine)
+
+        with jax.named_scope("passes"):
+            leaves, bufs = lax.fori_loop(0, passes, one, (list(leaves), list(bufs)))
+        return list(leaves), list(bufs)
+    for p in range(passes):
+        with jax.named_scope(f"pass_{p}" if passes > 1 else "stage_commit"):
+            leaves, bufs = _pass(leaves, bufs, li, p, meta, rounds, geo, engine)
+    return leaves, bufs
+
+
 def _pass(leaves, bufs, li, p, meta, rounds, geo, engine: Engine):
-    """Column pass ``p`` of layer ``li``: every split leaf's p-th block, whole leaves in pass 0."""
+    """Column pass ``p`` (an int, or traced when every leaf splits) of layer ``li``: every split
+    leaf's p-th block, whole leaves in pass 0."""
     cfg = engine.config
-    part = [i for i, g in enumerate(geo) if g.split or p == 0]
+    part = [i for i, g in enumerate(geo) if g.split or (isinstance(p, int) and p == 0)]
     if not part:
         return leaves, bufs
     cols = [p * geo[i].block if geo[i].split else 0 for i in part]
@@ -299,7 +347,10 @@ def _pass(leaves, bufs, li, p, meta, rounds, geo, engine: Engine):
         for i, c in zip(part, cols, strict=True)
     )
     impls = tuple(geo[i].impls for i in part)
-    staged = stages.stage(
+    stage = stages.stage
+    if cfg.collective == "ragged_all_to_all":  # the seam; check_setup refuses it for now
+        stage = functools.partial(stages.stage_ragged_all_to_all, platform=engine.platform)
+    staged = stage(
         spaces,
         tuple(bufs[i] for i in part),
         meta,
@@ -328,4 +379,5 @@ def _record(stats: LayerStats, li, plan, chunk_rows: int) -> LayerStats:
         chunks=stats.chunks.at[li].set(plan.wire_rows // chunk_rows),
         remote_rows=stats.remote_rows.at[li].set(remote),
         local_rows=stats.local_rows.at[li].set(changed - remote),
+        inter_node_rows=stats.inter_node_rows.at[li].set(plan.inter_node_rows),
     )

@@ -123,13 +123,13 @@ class RowView:
       rows: [M, R] the matrix.
       base: int32[] row of local slot 0 of the layer.
       stride: rows between consecutive local slots.
-      col: first column of the block (static).
+      col: first column of the block (an int, or int32[] when the column passes run as a loop).
     """
 
     rows: jax.Array
     base: jax.Array | int
     stride: int
-    col: int
+    col: jax.Array | int
 
     def index(self, slots: jax.Array) -> jax.Array:
         """Local slot ids -> rows of ``self.rows`` (negative ids stay negative)."""
@@ -160,7 +160,13 @@ def dims(x: jax.Array, slot_major: bool) -> tuple[int, int, int]:
 
 
 def open_rows(
-    x: jax.Array, layer: jax.Array, col: int, width: int, *, slot_major: bool, platform: str
+    x: jax.Array,
+    layer: jax.Array,
+    col: jax.Array | int,
+    width: int,
+    *,
+    slot_major: bool,
+    platform: str,
 ) -> RowSpace:
     """The columns ``[col, col + width)`` of layer ``layer`` of a local leaf, as rows."""
     num_layers, n, r = dims(x, slot_major)

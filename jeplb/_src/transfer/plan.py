@@ -16,7 +16,9 @@ Semantics (those of vLLM's rebalance_execute, written for a static-shape SPMD pr
   *primary*, the others are *duplicates* copied from the primary's staged row at commit.
 * The sender of each primary is chosen among the devices holding the expert, greedily: primaries
   with the fewest holders first, each to the holder whose rotation round (shift = dst - src mod D)
-  grows least, then to the holder that sends least so far, then the lowest device index. Rows of a
+  grows least, then to the holder that sends least so far, then the lowest device index. With a
+  topology (``devices_per_node``), a holder on the receiver's node comes before every other. Rows
+  of a
   round travel in chunks of C rows; the round of shift s runs ceil(max pair load / C) chunks.
 * A plan is *feasible* when every expert the new map names is held somewhere in the old map and
   every id is >= -1. An infeasible layer is planned as a no-op and flagged ``ok = False``.
@@ -34,11 +36,13 @@ from jeplb._src.transfer import rows as rows_lib
 
 __all__ = [
     "GlobalPlan",
+    "RaggedTables",
     "TransferMetadata",
     "classify",
     "local_metadata",
     "plan_layer",
     "plan_layers",
+    "ragged_tables",
 ]
 
 
@@ -108,6 +112,9 @@ class GlobalPlan:
       wire_rows: int32[]. Rows the busiest device moves over all rounds, padding included.
       min_rows: int32[]. The most rows any device must send or receive remotely.
       ok: bool[]. The plan is feasible (else it is a no-op).
+      inter_node_rows: int32[]. Primaries whose sender is on another node (0 without a
+        topology).
+      sender: int32[P]. The device each primary receives from; -1 for other slots.
     """
 
     changed: jax.Array
@@ -121,6 +128,8 @@ class GlobalPlan:
     wire_rows: jax.Array
     min_rows: jax.Array
     ok: jax.Array
+    inter_node_rows: jax.Array
+    sender: jax.Array
 
 
 def _first_true(mask: jax.Array) -> jax.Array:
@@ -148,7 +157,12 @@ def classify(old: jax.Array, new: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def plan_layer(
-    old: jax.Array, new: jax.Array, *, num_devices: int, chunk_rows: int = 1
+    old: jax.Array,
+    new: jax.Array,
+    *,
+    num_devices: int,
+    chunk_rows: int = 1,
+    devices_per_node: int | None = None,
 ) -> GlobalPlan:
     """Plans the transfer of one layer.
 
@@ -157,6 +171,8 @@ def plan_layer(
       new: int32[P] physical-to-logical map after.
       num_devices: D, devices on the expert-parallel axis (static).
       chunk_rows: C, rows per collective chunk (static).
+      devices_per_node: devices per node, in axis order (static; must divide D): senders on the
+        receiver's node are preferred. None: a flat network.
 
     Returns:
       The layer's `GlobalPlan`.
@@ -166,9 +182,17 @@ def plan_layer(
     with jax.named_scope("plan_classify"):
         slots = _classify_slots(old, new, num_devices)
     with jax.named_scope("plan_senders"):
-        src_dev, rank, round_max, send_load = _assign_senders(slots, num_devices)
+        node = devices_per_node or num_devices
+        src_dev, rank, round_max, send_load = _assign_senders(slots, num_devices, node)
     with jax.named_scope("plan_tables"):
-        return _tables(slots, src_dev, rank, round_max, send_load, num_devices, chunk_rows)
+        plan = _tables(slots, src_dev, rank, round_max, send_load, num_devices, chunk_rows)
+    dev = jnp.arange(old.shape[0], dtype=jnp.int32) // (old.shape[0] // num_devices)
+    inter = plan.primary & (src_dev // node != dev // node)
+    return dataclasses.replace(
+        plan,
+        inter_node_rows=inter.sum().astype(jnp.int32),
+        sender=jnp.where(plan.primary, src_dev, -1).astype(jnp.int32),
+    )
 
 
 class _Slots(NamedTuple):
@@ -210,9 +234,10 @@ def _classify_slots(old: jax.Array, new: jax.Array, d: int) -> _Slots:
     return _Slots(changed, ok, holds_by_dev, holder, local, local_src, primary_of, primary)
 
 
-def _assign_senders(slots: _Slots, d: int):
+def _assign_senders(slots: _Slots, d: int, per_node: int):
     """The sender of each primary, greedily (see the module docstring): (src_dev int32[P],
-    rank int32[P] its place in its round, round_max int32[D], send_load int32[D])."""
+    rank int32[P] its place in its round, round_max int32[D], send_load int32[D]). Devices
+    ``[k * per_node, (k + 1) * per_node)`` share a node; same-node holders come first."""
     p_total = slots.primary.shape[0]
     slot = jnp.arange(p_total, dtype=jnp.int32)
     dev = slot // (p_total // d)
@@ -224,7 +249,8 @@ def _assign_senders(slots: _Slots, d: int):
         pair_load, send_load, round_max = carry
         shifts = (dev[p] - devs) % d
         grows = (pair_load[devs, shifts] + 1 > round_max[shifts]).astype(jnp.int32)
-        score = (grows * (p_total + 1) + send_load) * d + devs
+        far = (devs // per_node != dev[p] // per_node).astype(jnp.int32)
+        score = ((far * 2 + grows) * (p_total + 1) + send_load) * d + devs
         score = jnp.where(slots.holder[p], score, jnp.iinfo(jnp.int32).max)
         src = jnp.argmin(score).astype(jnp.int32)
         s = shifts[src]
@@ -277,16 +303,25 @@ def _tables(slots: _Slots, src_dev, rank, round_max, send_load, d: int, c: int) 
         wire_rows=(num_chunks.sum() * c).astype(jnp.int32),
         min_rows=jnp.maximum(recv_load.max(), send_load.max()).astype(jnp.int32),
         ok=slots.ok,
+        inter_node_rows=jnp.int32(0),
+        sender=jnp.where(primary, src_dev, -1).astype(jnp.int32),
     )
 
 
 def plan_layers(
-    old: jax.Array, new: jax.Array, *, num_devices: int, chunk_rows: int = 1
+    old: jax.Array,
+    new: jax.Array,
+    *,
+    num_devices: int,
+    chunk_rows: int = 1,
+    devices_per_node: int | None = None,
 ) -> GlobalPlan:
     """`plan_layer` over a leading layer axis: maps int32[L, P] -> a `GlobalPlan` with leading L."""
-    return jax.vmap(lambda o, n: plan_layer(o, n, num_devices=num_devices, chunk_rows=chunk_rows))(
-        old, new
-    )
+    return jax.vmap(
+        lambda o, n: plan_layer(
+            o, n, num_devices=num_devices, chunk_rows=chunk_rows, devices_per_node=devices_per_node
+        )
+    )(old, new)
 
 
 def pack(mask: jax.Array, values: jax.Array) -> jax.Array:
@@ -345,3 +380,98 @@ def local_metadata(
     send_rows = jax.lax.dynamic_index_in_dim(plan.send_rows, device, keepdims=False)
     recv_rows = jax.lax.dynamic_index_in_dim(plan.recv_rows, device, keepdims=False)
     return meta, send_rows, recv_rows
+
+
+class RaggedTables(NamedTuple):
+    """One device's tables for `lax.ragged_all_to_all` waves of one layer (the seam
+    `stages.stage_ragged_all_to_all` is to use; see docs/transfer.md). S = ``capacity``.
+
+    Attributes:
+      num_waves: int32[]. Waves of at most S sent rows per device (the same on every device).
+      send_rows: int32[V, S]. Per wave, the local rows packed into the operand, grouped by
+        destination (ascending); -1 pads.
+      input_offsets: int32[V, D]. Where each destination's segment starts in the operand.
+      send_sizes: int32[V, D]. Rows sent to each device.
+      output_offsets: int32[V, D]. Where this device's segment lands in each destination's
+        output (a receive buffer of N rows, filled over the waves).
+      recv_sizes: int32[V, D]. Rows received from each device.
+      recv_rows: int32[N]. For each row of the receive buffer, the staging row it belongs to;
+        -1 pads.
+    """
+
+    num_waves: jax.Array
+    send_rows: jax.Array
+    input_offsets: jax.Array
+    send_sizes: jax.Array
+    output_offsets: jax.Array
+    recv_sizes: jax.Array
+    recv_rows: jax.Array
+
+
+def ragged_tables(
+    plan: GlobalPlan, device: jax.Array, *, num_devices: int, capacity: int
+) -> RaggedTables:
+    """The exact-bytes exchange of a one-layer plan as waves of one `lax.ragged_all_to_all`.
+
+    Device a's sends, grouped by destination b ascending (in each pair, the order of the plan's
+    round of shift b - a), are cut into waves of ``capacity`` rows. Every table comes from the
+    replicated plan, so each device knows where its rows land on its peers without a collective.
+    A device receives at most N rows in all, so the output is one N-row receive buffer, filled
+    wave after wave, senders ascending within a wave.
+
+    Args:
+      plan: a one-layer `GlobalPlan`.
+      device: int32[] this device's index.
+      num_devices: D (static).
+      capacity: S, rows one wave's operand holds (static); V = ceil(P / S) waves at most.
+
+    Returns:
+      This device's `RaggedTables` (waves past ``num_waves`` send and receive nothing).
+    """
+    d, s = num_devices, capacity
+    p_total = plan.changed.shape[0]
+    n, width = p_total // d, plan.send_rows.shape[-1]
+    waves = -(-p_total // s)
+    devs = jnp.arange(d, dtype=jnp.int32)
+    shift = (devs[None, :] - devs[:, None]) % d  # [src, dst]
+    pair = (plan.send_rows >= 0).sum(-1).astype(jnp.int32)  # [src, shift]
+    load = jnp.take_along_axis(pair, shift, axis=1) * (shift > 0)  # [src, dst]
+    start = jnp.cumsum(load, axis=1) - load  # exclusive, in src's send order
+    lo = jnp.arange(waves, dtype=jnp.int32)[:, None, None] * s  # [V, 1, 1]
+    seg_lo = jnp.clip(start[None] - lo, 0, s)
+    seg_hi = jnp.clip(start[None] + load[None] - lo, 0, s)
+    sizes = seg_hi - seg_lo  # [V, src, dst]
+    # Receive positions: waves in turn, senders ascending within a wave.
+    flat = sizes.transpose(2, 0, 1).reshape(d, waves * d)  # [dst, (wave, src)]
+    before = (jnp.cumsum(flat, axis=1) - flat).reshape(d, waves, d).transpose(1, 2, 0)
+    # This device's operand rows per wave: entry k of its send list is row j of pair (me, b).
+    k = jnp.arange(waves * s, dtype=jnp.int32)
+    mine = jax.lax.dynamic_index_in_dim(start, device, keepdims=False)
+    mload = jax.lax.dynamic_index_in_dim(load, device, keepdims=False)
+    dst = jnp.clip(jnp.sum(mine[None, :] + mload[None, :] <= k[:, None], axis=1), 0, d - 1)
+    j = k - mine[dst]
+    rows_me = jax.lax.dynamic_index_in_dim(plan.send_rows, device, keepdims=False)
+    valid = k < mload.sum()
+    sent = jnp.where(valid, rows_me[(dst - device) % d, jnp.clip(j, 0, width - 1)], -1)
+    # Receive buffer: for each sender in order, its rows for me, in its pair order.
+    got = jax.lax.dynamic_index_in_dim(plan.recv_rows, device, keepdims=False)  # [shift, W]
+    src_of = (device - devs) % d  # shift t comes from device - t
+    pos = before[:, src_of, device][:, :, None]  # [V, shift, 1]
+    rank = jnp.arange(width, dtype=jnp.int32)[None, None, :]
+    # Row j of pair (src -> me) travels in the wave holding entry start[src, me] + j.
+    entry = jnp.take(start[:, device], src_of)[None, :, None] + rank
+    wave_of = entry // s
+    in_wave = (wave_of == jnp.arange(waves)[:, None, None]) & (got[None] >= 0)
+    first = jnp.clip(jnp.take(start[:, device], src_of)[None, :, None] - lo, 0, s)
+    at = pos + (entry - lo) - first
+    recv = jnp.full((n + 1,), -1, jnp.int32)
+    recv = recv.at[jnp.where(in_wave, at, n)].set(jnp.broadcast_to(got[None], at.shape))
+    return RaggedTables(
+        num_waves=((load.sum(1).max() + s - 1) // s).astype(jnp.int32),
+        send_rows=sent.reshape(waves, s),
+        input_offsets=seg_lo[:, device, :],
+        send_sizes=sizes[:, device, :],
+        output_offsets=before[:, device, :],
+        recv_sizes=sizes[:, :, device],
+        recv_rows=recv[:n],
+    )
