@@ -12,6 +12,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jeplb
+from jeplb._src import checks
 from jeplb._src.transfer import layout
 from tests.transfer_model import check_rows, make_plan
 
@@ -157,6 +158,7 @@ def test_place_experts_refuses_ids_past_e():
 
 
 @pytest.mark.devices(8)
+@pytest.mark.skipif(checks._shard_alike() is None, reason="this jax has no shard_alike")
 def test_jitted_auto_mesh_leaves_keep_their_sharding():
     # Under an outer jit on an Auto mesh the tracer does not say that F is on "tensor"; the leaf
     # must still come back on "tensor" (no resharded state, no recompile on the second call).

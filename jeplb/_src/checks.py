@@ -81,16 +81,27 @@ def like_inputs(inputs: list, outputs: list, specs: tuple) -> list:
 
     A traced leaf on a mesh of Auto axes does not say how its other dims are sharded, so the
     shard_map sees it with the slot dim over the expert axis and the rest whole (XLA gathers the
-    other dims on the way in). Tying each output to its input keeps the caller's sharding, so a
-    jitted step neither reshards its state nor recompiles; on an Explicit mesh, or eagerly, the
-    spec is known and nothing is gathered.
+    other dims on the way in). Tying each output to its input (``shard_alike``) keeps the
+    caller's sharding, so a jitted step neither reshards its state nor recompiles. jax releases
+    without ``shard_alike`` (0.11) leave the output as the shard_map gives it; on an Explicit
+    mesh, or eagerly, the spec is known and nothing is gathered.
     """
-    from jax.experimental.shard_alike import shard_alike
+    unknown = [i for i, s in enumerate(specs) if s is None]
+    tie = _shard_alike()
+    if not unknown or tie is None:
+        return list(outputs)
+    outputs = list(outputs)
+    for i in unknown:
+        outputs[i] = tie(inputs[i], outputs[i])[1]
+    return outputs
 
-    return [
-        y if s is not None else shard_alike(x, y)[1]
-        for x, y, s in zip(inputs, outputs, specs, strict=True)
-    ]
+
+def _shard_alike():
+    try:
+        from jax.experimental.shard_alike import shard_alike
+    except ImportError:  # removed in jax 0.11
+        return None
+    return shard_alike
 
 
 def _int_map(x: Any, name: str) -> Any:
