@@ -712,7 +712,7 @@ LOAD_MESSAGES = {
     "float_ids": r"is a damaged saved jeplb.EplbState.*expected integer arrays",
     "array_shape": r"window: expected shape \[W, L, E\] = \(2, 2, 8\)",
     "missing_array": r"logcnt: missing from",
-    "version": r"version: expected 1, found 99",
+    "version": r"version: expected 1 or 2, found 99",
     "format": r"is not a saved jeplb.EplbState \(JSON\)",
     "logcnt": r"logcnt\[1, 2\]: expected 2 \(replicas of expert 2 in phy2log\), found 3",
     "string_array": r"is a damaged saved jeplb.EplbState",

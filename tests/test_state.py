@@ -74,7 +74,7 @@ def test_create_initial_placement(state):
 
 def test_state_is_a_pytree_with_static_config(state):
     leaves, treedef = jax.tree_util.tree_flatten(state)
-    assert len(leaves) == 11
+    assert len(leaves) == 13
     out = jax.jit(lambda s: s.replace(step=s.step + 1))(state)
     assert int(out.step) == 1 and out.config() == state.config()
     other = EplbState.create(
@@ -310,9 +310,12 @@ def busy(placed):
     rng = np.random.default_rng(5)
     pending = random_placement(rng)
     l2p, cnt = maps_from_phy2log(pending, E, R + 1)
+    window = rng.integers(0, 50, (2, L, E)).astype(np.int32)
     return placed.replace(
         pass_load=jnp.asarray(rng.integers(0, 50, (L, E)), jnp.int32),
-        window=jnp.asarray(rng.integers(0, 50, (2, L, E)), jnp.int32),
+        window=jnp.asarray(window),
+        window_total=jnp.asarray(window.sum(0, dtype=np.int32)),
+        window_leaving=jnp.asarray(window[1]),
         window_pos=jnp.int32(1),
         step=jnp.int32(7),
         pending_phy2log=jnp.asarray(pending),
@@ -563,6 +566,8 @@ DAMAGE = [
     ("arrays.step", -5, r"step: expected a step count >= 0, found -5"),
     ("arrays.pass_load[1, 3]", -2, r"pass_load\[1, 3\] = -2: expected token counts >= 0"),
     ("arrays.window[1, 0, 2]", -9, r"window\[1, 0, 2\] = -9: expected token counts >= 0"),
+    ("arrays.window_total[2, 1]", 10**6, r"window_total\[2, 1\] = 1000000: expected the sum of the window's rows"),
+    ("arrays.window_leaving[0, 3]", 10**6, r"window_leaving\[0, 3\] = 1000000: expected window\[window_pos\]"),
     ("arrays.phy2log[0, 4]", 2**32 + 3, r"phy2log\[0, 4\] = 4294967299: expected a value that fits int32"),
     ("arrays.log2phy[2, 1, 0]", 2**32 + 3, r"log2phy\[2, 1, 0\] = 4294967299: expected a value that fits"),
     ("arrays.step", 2**31, r"step\[\] = 2147483648: expected a value that fits int32"),
@@ -637,6 +642,56 @@ def test_load_accepts_old_files_with_num_gpus(busy, saved_doc, tmp_path, gpus):
     path.write_text(json.dumps(doc))
     back = EplbState.load(path)
     assert back.config() == busy.config()
+
+
+@pytest.mark.parametrize("suffix", [".json", ".npz"])
+def test_version_1_files_load_with_the_window_total_derived(busy, tmp_path, suffix):
+    import json
+
+    # A file as version 1 wrote it: no window_total, no window_leaving.
+    path = tmp_path / f"v1{suffix}"
+    busy.save(path)
+    if suffix == ".json":
+        doc = json.loads(path.read_text())
+        doc["version"] = 1
+        del doc["arrays"]["window_total"], doc["arrays"]["window_leaving"]
+        path.write_text(json.dumps(doc))
+    else:
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files if k not in ("window_total", "window_leaving")}
+        header = json.loads(str(arrays.pop("__header__")))
+        np.savez(path, __header__=np.array(json.dumps(dict(header, version=1))), **arrays)
+    back = EplbState.load(path)
+    back.check_window()
+    for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(busy), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_slide_window_keeps_the_total_exact_or_saturated():
+    # Many passes through a window of 3 (wrap-around), with counts near 2^31 - 1 so that totals
+    # saturate and come back down as the big passes leave; after every pass the running total is
+    # the window's saturated sum, and the window and the leaving row are what numpy says.
+    from jeplb._src.state import slide_window, window_sum
+
+    w, shape = 3, (2, 4)
+    slide = jax.jit(slide_window, donate_argnums=(0, 1, 2))
+    rng = np.random.default_rng(3)
+    window = np.zeros((w, *shape), np.int64)
+    state = (*(jnp.zeros(s, jnp.int32) for s in ((w, *shape), shape, shape)), jnp.int32(0))
+    saturated = 0
+    for i in range(40):
+        big = rng.random(shape) < (0.5 if (i // 8) % 2 else 0.05)  # busy and quiet stretches
+        row = np.where(big, rng.integers(2**29, 2**31 - 1, shape), rng.integers(0, 9, shape))
+        state = slide(*state, jnp.asarray(row, jnp.int32))
+        window[i % w] = row
+        want = np.minimum(window.sum(0), BIG)
+        saturated += int((want == BIG).sum())
+        np.testing.assert_array_equal(state[0], window, err_msg=f"pass {i}")
+        np.testing.assert_array_equal(state[1], want, err_msg=f"pass {i}")
+        np.testing.assert_array_equal(state[2], window[(i + 1) % w], err_msg=f"pass {i}")
+        assert int(state[3]) == (i + 1) % w
+    assert saturated > 0  # the saturated path ran
+    np.testing.assert_array_equal(window_sum(state[0]), np.minimum(window.sum(0), BIG))
 
 
 @pytest.mark.parametrize("suffix", [".json", ".npz"])

@@ -129,6 +129,8 @@ def run(model, state, steps, mesh, *, masked_steps=(), seed=1):
                 after=np.asarray(state.phy2log),
                 cursor=int(state.cursor),
                 window=np.asarray(state.window),
+                window_total=np.asarray(state.window_total),
+                window_leaving=np.asarray(state.window_leaving),
                 window_pos=int(state.window_pos),
             )
         )
@@ -181,6 +183,42 @@ def test_window_slides_over_the_last_passes(whole_run):
             want[j % w] = log[j]["counts"]
         np.testing.assert_array_equal(e["window"], want, err_msg=f"step {i}")
         assert e["window_pos"] == (i + 1) % w
+
+
+def test_window_total_is_the_window_sum_after_every_step(whole_run, tmp_path):
+    # 13 steps through a window of 3: the running total wraps round four times.
+    state, _, log, _, _ = whole_run
+    for i, e in enumerate(log):
+        np.testing.assert_array_equal(e["window_total"], e["window"].sum(0), err_msg=f"step {i}")
+        np.testing.assert_array_equal(e["window_leaving"], e["window"][e["window_pos"]])
+    assert log[-1]["window_total"].sum() > 0
+    state.check_window()
+    path = tmp_path / "eplb.npz"
+    state.save(path)
+    back = EplbState.load(path)
+    back.check_window()
+    np.testing.assert_array_equal(back.window_total, log[-1]["window_total"])
+
+
+def test_idle_step_has_no_window_sized_temporary(mesh):
+    # The window is written in place (one row) and its sum kept as a running total: the step's
+    # temporary memory does not grow with the window (bytes of alignment aside), and the window
+    # is aliased (donated), not copied.
+    def compiled(w):
+        state = EplbState.create(
+            num_layers=3, num_experts=E, num_devices=D, num_redundant_experts=R,
+            window_size=w, step_interval=10**6,
+        ).replicated(mesh)  # fmt: skip
+        weights = jax.ShapeDtypeStruct(
+            (3, E + R, 4), jnp.float32, sharding=NamedSharding(mesh, P(None, "ep"))
+        )
+        step = jax.jit(lambda s, x: eplb_step(s, x, mesh=mesh), donate_argnums=(0, 1))
+        return step.lower(state, weights).compile().memory_analysis(), state.window.nbytes
+
+    one, _ = compiled(1)
+    many, window_bytes = compiled(512)
+    assert many.temp_size_in_bytes - one.temp_size_in_bytes < window_bytes // 10
+    assert many.alias_size_in_bytes - one.alias_size_in_bytes >= window_bytes - 3 * E * 4
 
 
 def test_rebalance_moves_experts_and_raises_balancedness(whole_run):

@@ -1,8 +1,8 @@
 """The saved-state file: `EplbState.save` and `EplbState.load` (which call `save` and `load` here).
 
-Format (version 1), the same fields in both encodings:
+Format (version 2), the same fields in both encodings:
 
-* ``.json``: one object ``{"format": "jeplb.EplbState", "version": 1, "num_layers": L,
+* ``.json``: one object ``{"format": "jeplb.EplbState", "version": 2, "num_layers": L,
   "num_experts": E, "num_slots": P, "config": {...}, "arrays": {name: nested lists}}``.
 * ``.npz``: the arrays by name, and the same header (without ``arrays``) as a JSON string in
   ``__header__``.
@@ -11,6 +11,10 @@ Format (version 1), the same fields in both encodings:
 ``{"tuple": [names]}`` (a bare JSON list is refused, so a damaged value is not mistaken for one).
 Files from before ``num_gpus`` was removed carry it: null or equal to ``num_devices`` loads, any
 other value is refused.
+
+Version 2 added the arrays ``window_total`` (the window's running sum) and ``window_leaving``
+(its row ``window_pos``); a version 1 file, which lacks them, loads with them derived from its
+window. A version 2 file's must agree with its window (`state.check_window`).
 
 Saving is atomic: the file is written to a temporary file in the same folder, flushed to disk and
 renamed over the target (``os.replace``), so readers see the old file or the new one, never a part.
@@ -32,12 +36,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from jeplb._src.maps import check_derived_maps, check_placement
-from jeplb._src.state import INT32_MAX, EplbState, array_fields, check_config, static_fields
+from jeplb._src.state import (
+    INT32_MAX,
+    EplbState,
+    array_fields,
+    check_config,
+    check_window,
+    static_fields,
+)
 
 __all__ = ["FORMAT", "VERSION", "load", "save"]
 
 FORMAT = "jeplb.EplbState"
-VERSION = 1
+VERSION = 2
+# Versions this reader loads, and the array fields each one lacks (derived at load).
+_LACKS = {1: ("window_total", "window_leaving"), 2: ()}
 
 # The letters of each array field's shape.
 SHAPES = {
@@ -46,6 +59,8 @@ SHAPES = {
     "logcnt": ("L", "E"),
     "pass_load": ("L", "E"),
     "window": ("W", "L", "E"),
+    "window_total": ("L", "E"),
+    "window_leaving": ("L", "E"),
     "window_pos": (),
     "step": (),
     "pending_phy2log": ("L", "P"),
@@ -136,12 +151,14 @@ def load(
         raise TypeError(f"like: expected an EplbState, got {type(like).__name__}")
     where = os.fspath(path)
     header, raw = _read_saved(path, kind)
-    if header.get("version") != VERSION:
+    version = header.get("version")
+    if type(version) is not int or version not in _LACKS:
         raise ValueError(
-            f"version: expected {VERSION}, found {header.get('version')!r} in {where!r}"
+            f"version: expected {' or '.join(str(v) for v in sorted(_LACKS))}, found "
+            f"{version!r} in {where!r}"
         )
     try:
-        config, arrays = _parse(header, raw)
+        config, arrays = _parse(header, raw, lacks=_LACKS[version])
     except (TypeError, ValueError, OverflowError) as err:
         raise ValueError(f"path: {where!r} is a damaged saved {FORMAT}: {err}") from err
     num_slots = int(header["num_slots"])
@@ -172,12 +189,17 @@ def load(
     return cls(**{k: jnp.asarray(v) for k, v in arrays.items()}, **config)
 
 
-def _parse(header: dict, raw: dict) -> tuple[dict, dict[str, np.ndarray]]:
-    """The checked configuration and int32 arrays of a file; raises naming the bad field."""
+def _parse(
+    header: dict, raw: dict, *, lacks: tuple[str, ...] = ()
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """The checked configuration and int32 arrays of a file; raises naming the bad field.
+
+    ``lacks``: array fields the file's version does not have; they are derived from the others.
+    """
     for key in (*_SIZES, "config"):
         if key not in header:
             raise ValueError(f"{key}: missing from the header")
-    missing = [k for k in array_fields() if k not in raw]
+    missing = [k for k in array_fields() if k not in raw and k not in lacks]
     if missing:
         raise ValueError(f"{missing[0]}: missing from the file")
     config = _decode_config(header["config"])
@@ -201,6 +223,8 @@ def _parse(header: dict, raw: dict) -> tuple[dict, dict[str, np.ndarray]]:
     }
     arrays = {}
     for name, shape in SHAPES.items():
+        if name in lacks:
+            continue
         arrays[name] = _int32_array(name, raw[name])
         want = tuple(letters[c] for c in shape)
         if arrays[name].shape != want:
@@ -209,6 +233,14 @@ def _parse(header: dict, raw: dict) -> tuple[dict, dict[str, np.ndarray]]:
                 f"found {arrays[name].shape}"
             )
     _check_values(arrays, num_layers, config["window_size"])
+    if lacks:
+        window = arrays["window"]
+        arrays["window_total"] = np.minimum(window.sum(axis=0, dtype=np.int64), INT32_MAX)
+        arrays["window_leaving"] = window[int(arrays["window_pos"])]
+    check_window(
+        arrays["window"], arrays["window_total"], arrays["window_leaving"], arrays["window_pos"]
+    )
+    arrays = {name: arrays[name].astype(np.int32) for name in array_fields()}  # field order
     return config, arrays
 
 
@@ -260,7 +292,9 @@ def _int32_array(name: str, x: Any) -> np.ndarray:
 
 def _check_values(arrays: dict[str, np.ndarray], num_layers: int, window_size: int) -> None:
     """Counts >= 0, positions in range, maps valid and in agreement."""
-    for name in ("pass_load", "window"):
+    for name in ("pass_load", "window", "window_total", "window_leaving"):
+        if name not in arrays:
+            continue
         neg = arrays[name] < 0
         if neg.any():
             at = tuple(int(i) for i in np.argwhere(neg)[0])

@@ -31,6 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jeplb._src import checks
 from jeplb._src.maps import check_placement, maps_from_phy2log
@@ -43,9 +44,12 @@ __all__ = [
     "check_config",
     "check_int",
     "check_layer",
+    "check_window",
     "saturating_add",
     "saturating_psum",
+    "slide_window",
     "static_fields",
+    "window_sum",
 ]
 
 INT32_MAX = 2**31 - 1
@@ -276,6 +280,80 @@ def saturating_psum(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
     return jnp.where(high > 0x7FFF, INT32_MAX, (high << 16) | (both[0] & 0xFFFF))
 
 
+def window_sum(window: Any) -> jax.Array:
+    """The sum of a window's W rows, int32[L, E], saturating at 2^31 - 1 (exact below it).
+
+    What ``EplbState.window_total`` must equal. Costs O(W x L x E): one pass over the rows, one row
+    at a time (no [W, L, E] temporary); the step calls it only while some total is saturated.
+
+    Args:
+      window: int32[W, L, E] counts >= 0.
+
+    Returns:
+      int32[L, E].
+    """
+    window = jnp.asarray(window, jnp.int32)
+    return lax.fori_loop(
+        0,
+        window.shape[0],
+        lambda i, acc: saturating_add(acc, lax.dynamic_index_in_dim(window, i, 0, False)),
+        jnp.zeros(window.shape[1:], jnp.int32),
+    )
+
+
+def check_window(window: Any, total: Any, leaving: Any, pos: Any) -> None:
+    """Checks a window's derived fields: ``total`` its sum (`window_sum`, saturating at
+    2^31 - 1) and ``leaving`` its row ``pos``. Concrete arrays only; numpy, O(W x L x E).
+
+    Raises:
+      ValueError: naming ``window_total`` or ``window_leaving`` and the first entry that differs.
+    """
+    window = np.asarray(window)
+    want = np.minimum(window.sum(axis=0, dtype=np.int64), INT32_MAX)  # int64: no overflow
+    for name, got, expected, what in (
+        ("window_total", np.asarray(total), want, "the sum of the window's rows (saturating)"),
+        ("window_leaving", np.asarray(leaving), window[int(np.asarray(pos))], "window[window_pos]"),
+    ):
+        if got.shape != expected.shape:
+            raise ValueError(f"{name}: expected shape {expected.shape}, got {got.shape}")
+        bad = got != expected
+        if bad.any():
+            at = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(
+                f"{name}{list(at)} = {int(got[at])}: expected {what}, {int(expected[at])}"
+            )
+
+
+def slide_window(
+    window: jax.Array, total: jax.Array, leaving: jax.Array, pos: jax.Array, row: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Writes ``row`` into ``window`` at ``pos`` and keeps the running total: O(L x E).
+
+    The row it overwrites (``leaving``, a copy of ``window[pos]``) is subtracted from ``total`` and
+    the new one added, so the total stays the window's sum (`window_sum`): exact below 2^31 - 1,
+    saturated at it, never wrapped. A saturated entry's true sum is not known, so while any entry
+    of ``total`` is saturated the total is summed again from the window (O(W x L x E), only then).
+    The window is only read after it is written (the next ``leaving`` row): a read of the donated
+    window before the write would make XLA copy all of it.
+
+    Args:
+      window: int32[W, L, E] (updated in place when donated).
+      total: int32[L, E], the window's sum.
+      leaving: int32[L, E], ``window[pos]``.
+      pos: int32[], the row to overwrite.
+      row: int32[L, E] counts >= 0.
+
+    Returns:
+      ``(window, total, leaving, pos)`` after the write: the next ``leaving`` row and position.
+    """
+    window = lax.dynamic_update_index_in_dim(window, row, pos, 0)
+    # Below the limit the total is exact, so it holds the row it loses (max: a hand-made state).
+    slid = saturating_add(jnp.maximum(total - leaving, 0), row)
+    total = lax.cond(jnp.any(total == INT32_MAX), lambda: window_sum(window), lambda: slid)
+    pos = (pos + 1) % window.shape[0]
+    return window, total, lax.dynamic_index_in_dim(window, pos, 0, keepdims=False), pos
+
+
 def _load_axes(load_axes: Any) -> tuple[str, ...]:
     axes = (load_axes,) if isinstance(load_axes, str) else load_axes
     if not isinstance(axes, tuple | list) or not all(isinstance(a, str) and a for a in axes):
@@ -304,6 +382,12 @@ class EplbState:
         2^31 - 1 under jit, an error eagerly). Inside
         `jax.shard_map` it may hold this device's partial counts until the step sums them.
       window: int32[W, L, E]. Global logical load of the last W passes (a ring buffer).
+      window_total: int32[L, E]. The sum of ``window``'s rows (`window_sum`), kept as a running
+        total as passes enter and leave, so that a step costs O(L x E), not O(W x L x E);
+        saturates at 2^31 - 1.
+      window_leaving: int32[L, E]. ``window[window_pos]``, the pass the next step drops from the
+        total (kept apart so the step reads the window only after writing it). Replace
+        ``window`` or ``window_pos`` only together with these two (`EplbState.check_window`).
       window_pos: int32[]. Row of ``window`` the next pass is written to.
       step: int32[]. Steps taken (`jeplb.eplb_step` calls). A rebalance is planned when it reaches a
         multiple of ``step_interval``.
@@ -340,6 +424,8 @@ class EplbState:
     logcnt: jax.Array
     pass_load: jax.Array
     window: jax.Array
+    window_total: jax.Array
+    window_leaving: jax.Array
     window_pos: jax.Array
     step: jax.Array
     pending_phy2log: jax.Array
@@ -400,6 +486,23 @@ class EplbState:
     def replace(self, **changes) -> EplbState:
         """Returns a copy with the given fields replaced (no checks; use for array updates)."""
         return dataclasses.replace(self, **changes)
+
+    def check_window(self) -> None:
+        """Checks that ``window_total`` is the window's sum and ``window_leaving`` its row
+        ``window_pos`` (what the step keeps true); reads every row, O(W x L x E).
+
+        Raises:
+          ValueError: naming the field and the first entry that differs (concrete states only).
+
+        Example:
+          >>> s = EplbState.create(num_layers=1, num_experts=2, num_devices=1,
+          ...                      window_size=2, step_interval=9)
+          >>> s.replace(window=s.window.at[1, 0, 1].set(5)).check_window()
+          Traceback (most recent call last):
+          ...
+          ValueError: window_total[0, 1] = 0: expected the sum of the window's rows (saturating), 5
+        """
+        check_window(self.window, self.window_total, self.window_leaving, self.window_pos)
 
     @classmethod
     def create(
@@ -541,6 +644,8 @@ class EplbState:
             logcnt=logcnt,
             pass_load=jnp.zeros((num_layers, num_experts), jnp.int32),
             window=jnp.zeros((window_size, num_layers, num_experts), jnp.int32),
+            window_total=jnp.zeros((num_layers, num_experts), jnp.int32),
+            window_leaving=jnp.zeros((num_layers, num_experts), jnp.int32),
             window_pos=jnp.zeros((), jnp.int32),
             step=jnp.zeros((), jnp.int32),
             # Distinct buffers: a state may be donated, and XLA refuses one buffer donated twice.

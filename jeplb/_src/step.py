@@ -47,7 +47,7 @@ from jax.sharding import PartitionSpec as P
 from jeplb._src import checks
 from jeplb._src import metrics as balance
 from jeplb._src.maps import maps_from_phy2log
-from jeplb._src.state import EplbState, saturating_psum
+from jeplb._src.state import EplbState, saturating_psum, slide_window
 from jeplb._src.transfer import engine as engine_lib
 from jeplb._src.transfer.config import TransferConfig
 from jeplb._src.transfer.rows import varying_axes
@@ -122,14 +122,19 @@ def _plan_placement(state: EplbState, total: jax.Array):
 
 
 def _window(state: EplbState, load_axes: tuple[str, ...]):
-    """The pass's load enters the window: (window, window_pos, step, total float32[L, E])."""
+    """The pass's load enters the window: (window, window_total, window_leaving, window_pos,
+    step).
+
+    O(L x E): one row of the window is overwritten in place (when the state is donated) and the
+    running total slides with it (`state.slide_window`); the window is not summed again.
+    """
     pass_load = state.pass_load
     if load_axes:
         pass_load = saturating_psum(pass_load, load_axes)
-    window = lax.dynamic_update_index_in_dim(state.window, pass_load, state.window_pos, 0)
-    window_pos = (state.window_pos + 1) % state.window_size
-    total = jnp.sum(window.astype(jnp.float32), axis=0)  # [L, E], replicated
-    return window, window_pos, state.step + 1, total
+    window, total, leaving, pos = slide_window(
+        state.window, state.window_total, state.window_leaving, state.window_pos, pass_load
+    )
+    return window, total, leaving, pos, state.step + 1
 
 
 def _transfer(state: EplbState, leaves, pending, cursor, setup: engine_lib.Engine):
@@ -164,11 +169,12 @@ def _local_step(state: EplbState, leaves: list[jax.Array], *, load_axes: tuple[s
     """The step on this device's shard: leaves [L, N_local, ...]. Runs inside shard_map."""
     num_layers = state.num_layers
     with jax.named_scope("eplb_window"):
-        window, window_pos, step, total = _window(state, load_axes)
+        window, window_total, leaving, window_pos, step = _window(state, load_axes)
+        total = window_total.astype(jnp.float32)  # [L, E], replicated
 
     with jax.named_scope("eplb_policy"):
         idle = state.cursor >= num_layers
-        fire = (step % state.step_interval == 0) & idle & (jnp.sum(total) > 0)
+        fire = (step % state.step_interval == 0) & idle & jnp.any(window_total > 0)
         pending = (state.pending_phy2log, state.pending_log2phy, state.pending_logcnt)
         pending = lax.cond(fire, lambda: _plan_placement(state, total), lambda: pending)
         cursor = jnp.where(fire, 0, state.cursor)
@@ -185,6 +191,8 @@ def _local_step(state: EplbState, leaves: list[jax.Array], *, load_axes: tuple[s
         logcnt=maps[2],
         pass_load=jnp.zeros(state.pass_load.shape, jnp.int32),  # not zeros_like: may vary
         window=window,
+        window_total=window_total,
+        window_leaving=leaving,
         window_pos=window_pos,
         step=step,
         pending_phy2log=pending[0],

@@ -9,6 +9,12 @@ Per case (named by its shapes and dtype), four jitted programs on the same devic
   step, so every plan moves experts);
 * ``progressive``: one layer moved per step (``layers_per_step=1``, a plan every L steps).
 
+``--idle-scale`` runs instead the idle `jeplb.eplb_step` alone (no model, no rebalance due) at
+vLLM's defaults, a window of W = 1000 passes of L = 58 layers of E = 256 experts on P = 288 slots,
+against the same step with a window of 1: the step's time and its compiled temporary memory next
+to the window's bytes. It runs on 8 simulated CPU devices by default, on one device with
+``--platform gpu`` (or ``--idle-devices``).
+
 Each program runs a few warm-up steps (compilation included); then the programs take ``repeats``
 timed steps in turn (interleaved, so that a change of machine load hits all alike); the figures are
 medians. Slots compute at capacity factor 2 (``C = 2 T K / P`` rows per slot; pairs
@@ -168,6 +174,96 @@ def _run_case(case, devices, *, warmup: int, repeats: int, progress: bool) -> li
     return rows
 
 
+# The idle step alone at vLLM's defaults: (L, E, P, W) and the window-1 reference.
+_IDLE = (58, 256, 288, 1000)
+
+
+def _idle_scale(devices, *, warmup: int, repeats: int) -> list[dict[str, Any]]:
+    """The idle eplb_step alone at W = 1000 and at W = 1: median time and temporary memory."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import jeplb
+
+    lay, e, p, big = _IDLE
+    d = len(devices)
+    mesh = Mesh(np.array(devices), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+    progs = {}
+    for w in (1, big):
+        state = jeplb.EplbState.create(
+            num_layers=lay, num_experts=e, num_devices=d, num_redundant_experts=p - e,
+            window_size=w, step_interval=10**9,
+        ).replicated(mesh)  # fmt: skip
+        counts = np.random.default_rng(0).integers(0, 500, (lay, e), dtype=np.int32)
+        state = state.replace(pass_load=jax.device_put(counts, NamedSharding(mesh, P())))
+        # Small rows: nothing moves in an idle step, the weights only ride through it.
+        weights = jax.device_put(
+            jnp.zeros((lay, p, 64), jnp.float32), NamedSharding(mesh, P(None, "ep"))
+        )
+        step = jax.jit(functools.partial(jeplb.eplb_step, mesh=mesh), donate_argnums=(0, 1))
+        compiled = step.lower(state, weights).compile()
+        mem = compiled.memory_analysis()
+        progs[w] = dict(
+            step=compiled,
+            carry=(state, weights),
+            temp=int(mem.temp_size_in_bytes),
+            window_bytes=int(state.window.nbytes),
+            times=[],
+        )
+
+    def run(prog):
+        t = time.perf_counter()
+        state, weights, _ = prog["step"](*prog["carry"])
+        jax.block_until_ready((state, weights))
+        prog["carry"] = (state, weights)
+        return time.perf_counter() - t
+
+    for prog in progs.values():
+        for _ in range(warmup):
+            run(prog)
+    for _ in range(repeats):  # interleaved
+        for prog in progs.values():
+            prog["times"].append(run(prog))
+    ref = float(np.median(progs[1]["times"]))
+    return [
+        dict(
+            case=f"idle eplb_step L{lay} E{e} P{p} W{w}",
+            window_size=w,
+            devices=d,
+            median_us=1e6 * float(np.median(prog["times"])),
+            min_us=1e6 * float(np.min(prog["times"])),
+            vs_window_1=float(np.median(prog["times"])) / ref,
+            temp_bytes=prog["temp"],
+            window_bytes=prog["window_bytes"],
+            repeats=repeats,
+        )
+        for w, prog in progs.items()
+    ]
+
+
+def idle_markdown(rows) -> str:
+    head = ["case", "median us", "min us", "vs W = 1", "temp MB", "temp over W = 1, bytes"]
+    head += ["window MB"]
+    ref = rows[0]["temp_bytes"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        vals = [
+            r["case"],
+            f"{r['median_us']:.0f}",
+            f"{r['min_us']:.0f}",
+            f"{r['vs_window_1']:.2f}x",
+            f"{r['temp_bytes'] / 1e6:.2f}",
+            f"{r['temp_bytes'] - ref:+d}",
+            f"{r['window_bytes'] / 1e6:.2f}",
+        ]
+        lines.append("| " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows, copy_bw: float | None) -> str:
     head = ["case", "variant", "median ms", "vs plain", "extra ms", "rows/step", "slots/step"]
     head += ["MB/step"]
@@ -225,12 +321,26 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
         help="markdown results file (default: benchmarks/results/step_<platform>.md)",
     )
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
+    ap.add_argument(
+        "--idle-scale",
+        action="store_true",
+        help="only the idle eplb_step alone at W = 1000, L = 58, E = 256, P = 288 against W = 1 "
+        "(results in step_idle_<platform>.md)",
+    )
+    ap.add_argument(
+        "--idle-devices",
+        type=positive_int,
+        default=None,
+        help="devices of the --idle-scale case (default: all CPU devices, one accelerator)",
+    )
     args = ap.parse_args(argv)
     devices = setup_devices(args.platform, args.cpu_devices)
     import jax
 
     platform = devices[0].platform
     repeats = args.repeats or (5 if args.quick else 15)
+    if args.idle_scale:
+        return _main_idle(args, devices, argv, prog)
     cases = _QUICK if args.quick else _CASES
     d = len(devices)
     rows = []
@@ -272,6 +382,42 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
             "copy_bytes_per_s": copy_bw,
             "rows": rows,
         },
+    )
+    return 0
+
+
+def _main_idle(args, devices, argv, prog) -> int:
+    import jax
+
+    platform = devices[0].platform
+    count = args.idle_devices or (len(devices) if platform == "cpu" else 1)
+    if count > len(devices) or _IDLE[2] % count:
+        raise SystemExit(f"--idle-devices: {count} devices: expected a divisor of P = {_IDLE[2]} "
+                         f"and at most {len(devices)}")  # fmt: skip
+    repeats = args.repeats or 30
+    rows = _idle_scale(devices[:count], warmup=args.warmup, repeats=repeats)
+    given = sys.argv[1:] if argv is None else list(argv)
+    cmd = " ".join([prog or "jeplb bench step", *given])
+    text = (
+        f"# Idle step at vLLM's defaults ({platform}, {count} devices, jax {jax.__version__})\n\n"
+        f"Command: `{cmd}`\n\n"
+        f"`jeplb.eplb_step` alone (jitted, state and weights donated), no rebalance due "
+        f"(step_interval 10^9), L = {_IDLE[0]}, E = {_IDLE[1]}, P = {_IDLE[2]}, weights "
+        f"f32[L, P, 64]; the window of W = {_IDLE[3]} passes against a window of 1. Medians of "
+        f"{repeats} steps after {args.warmup} warm-up steps, the two programs' steps "
+        f"interleaved. temp: the compiled program's temporary bytes (memory_analysis), and "
+        f"how many more the W = {_IDLE[3]} program has than the W = 1 one: what grows with the "
+        f"window (the rest, the same at both sizes, is the step's other work compiled in, e.g. "
+        f"the policy and the transfer plan that run when a rebalance is due). Load average at the end: "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs.\n\n"
+        + idle_markdown(rows)
+    )
+    print(text)
+    write_results(
+        text,
+        args.out or results_path(f"step_idle_{platform}.md"),
+        json_path=args.json,
+        payload={"platform": platform, "devices": count, "command": cmd, "rows": rows},
     )
     return 0
 
