@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jeplb._src.policy.ops import fold_sum
+from jeplb._src.policy.ops import first_argmin, fold_sum
 
 __all__ = ["swap_refine"]
 
@@ -119,8 +119,8 @@ def _swap_step(rows: _Rows, it: jax.Array, slots: int, max_iters: int) -> _Rows:
         change = _held_change(rows.pay[0], hv, rows.held, slots)
         pair = pair + change.astype(jnp.float32) * (2.0 * hv.top[:, None, None])
     score = jnp.where(hv.ok, pair, jnp.inf).reshape(x_rows, slots * p_x)
-    best = jnp.argmin(score, axis=1)
-    found = rows.active & jnp.isfinite(score[at, best]) & (it < max_iters)
+    best, low = first_argmin(score)
+    found = rows.active & jnp.isfinite(low) & (it < max_iters)
     if rows.stop is not None:
         found = found & (hv.top > rows.stop)
     src = jnp.where(found, hv.h_slots[at, best // p_x], 0)
@@ -196,7 +196,5 @@ def swap_refine(
         sub, it = _swap_loop(
             jax.tree.map(lambda v, i=idx: v[i], state), it, slots, max_iters, until
         )
-        state = jax.tree.map(
-            lambda v, s, i=idx: v.at[i].set(s, unique_indices=True), state, sub
-        )
+        state = jax.tree.map(lambda v, s, i=idx: v.at[i].set(s, unique_indices=True), state, sub)
     return state.load, state.pay
