@@ -510,3 +510,40 @@ def test_bad_input_value_errors(args, kwargs, match):
 def test_bad_input_type_errors(args, kwargs, match):
     with pytest.raises(TypeError, match=match):
         rebalance_experts(*args, **kwargs)
+
+
+# ------------------------------------------------------------------------------ swap refinement
+
+
+def test_first_argmin_is_argmin_with_ties():
+    from jeplb._src.policy.ops import first_argmin
+
+    x = np.random.default_rng(0).integers(0, 4, size=(64, 37)).astype(np.float32)
+    x[3] = np.inf
+    idx, low = first_argmin(jnp.asarray(x))
+    assert (np.asarray(idx) == np.argmin(x, axis=1)).all()
+    assert (np.asarray(low) == x.min(axis=1)).all()
+
+
+def test_swap_refine_batches_the_active_rows_without_changing_a_swap(monkeypatch):
+    from jeplb._src.policy import refine
+
+    rng = np.random.default_rng(4)
+    x_rows, devices, slots, n = 64, 4, 3, 9
+    load = jnp.asarray(rng.lognormal(0.0, 1.0, size=(x_rows, devices * slots)).astype(np.float32))
+    expert = jnp.asarray(rng.integers(0, n, size=(x_rows, devices * slots)).astype(np.int32))
+    held = jnp.asarray(rng.random((x_rows, devices, n)) < 0.3)
+    stop = jnp.asarray(rng.uniform(0.5, 1.0, size=x_rows).astype(np.float32)) * load.sum(1) / 4
+
+    def run():
+        return jax.jit(lambda a, b, c, d: refine.swap_refine(a, (b,), slots, stop=c, held=d))(
+            load, expert, stop, held
+        )
+
+    batched = run()
+    monkeypatch.setattr(refine, "_COMPACT", ())
+    monkeypatch.setattr(refine, "_UNROLL", 1)
+    plain = run()
+    assert (np.asarray(batched[0]) == np.asarray(plain[0])).all()
+    assert (np.asarray(batched[1][0]) == np.asarray(plain[1][0])).all()
+    assert not (np.asarray(plain[1][0]) == np.asarray(expert)).all()  # some rows swapped

@@ -184,6 +184,38 @@ def run_case(case: Case, *, repeats: int, drifts: tuple[float, ...], seed: int =
     )
 
 
+def policy_times(cases: tuple[Case, ...], *, repeats: int, drift: float = 0.2) -> str:
+    """Markdown table: ms per call of the jitted program alone (no argument checks, loads already
+    on the device), from scratch, refine, migration-aware and migration-aware with refine, for
+    timing the policy on an accelerator (``--times``)."""
+    out = [
+        "| case | from scratch ms | refine ms | migration-aware ms | migration-aware + refine ms |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for case in cases:
+        w_np = _loads(case, 0)
+        w = jnp.asarray(w_np)
+        w1 = jnp.asarray(_drift(w_np, drift, 1))
+        hier = case.groups % case.nodes == 0
+        kw = dict(
+            num_slots=case.slots,
+            num_groups=case.groups if hier else 1,
+            num_nodes=case.nodes if hier else 1,
+            num_devices=case.devices,
+        )
+        times = []
+        for old_given, refine in ((False, False), (False, True), (True, False), (True, True)):
+            old = _rebalance_jit(w, None, refine=refine, **kw)[0] if old_given else None
+            times.append(
+                _median_ms(
+                    lambda old=old, r=refine, w1=w1, kw=kw: _rebalance_jit(w1, old, refine=r, **kw),
+                    repeats,
+                )
+            )
+        out.append(f"| {case.name} | " + " | ".join(f"{t:.3f}" for t in times) + " |")
+    return "\n".join(out) + "\n"
+
+
 def markdown(rows: list[Row]) -> str:
     """The three tables of the results file."""
     out = [
@@ -247,7 +279,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="two cases, fewer repeats, one drift")
     ap.add_argument("--json", metavar="PATH", help="also write machine-readable results")
     ap.add_argument("--out", metavar="PATH", help="markdown results file")
+    ap.add_argument(
+        "--times",
+        action="store_true",
+        help="only the jitted program's ms per call in four modes (for GPUs); prints, writes nothing",
+    )
     args = ap.parse_args(argv)
+    if args.times:
+        cases = QUICK_CASES[:1] + CASES[1:2] if args.quick else CASES
+        print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, medians of 51 calls\n")
+        print(policy_times(cases, repeats=51))
+        return 0
 
     cases = QUICK_CASES if args.quick else CASES
     repeats = 5 if args.quick else 21

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["fold_sum", "inverse", "log2phy_of", "rows", "slot_ranks"]
+__all__ = ["first_argmin", "fold_sum", "inverse", "log2phy_of", "rows", "slot_ranks"]
 
 
 def rows(x: jax.Array) -> jax.Array:
@@ -25,6 +25,16 @@ def fold_sum(x: jax.Array) -> jax.Array:
     for k in range(1, x.shape[-1]):
         acc = acc + x[..., k]
     return acc
+
+
+def first_argmin(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(index int32[...], value) of the minimum over the last axis, the first index among equal
+    minima: `jnp.argmin`'s result for NaN-free ``x``, as two plain reductions (a min, then the
+    lowest index holding it), which XLA:CPU runs several times faster than an arg-reduction."""
+    low = jnp.min(x, axis=-1, keepdims=True)
+    n = x.shape[-1]
+    iota = jnp.arange(n, dtype=jnp.int32)
+    return jnp.min(jnp.where(x == low, iota, n), axis=-1), low[..., 0]
 
 
 def inverse(perm: jax.Array) -> jax.Array:
