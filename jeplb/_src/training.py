@@ -107,10 +107,10 @@ def _sync_local(
                 "sync_replica_grads", setup, [(x.shape, str(x.dtype)) for x in leaves]
             )
             valid = valid & agree.maps_agree((phy2log, jnp.asarray(signature)), cfg.axes)
-    rank, _ = jax.vmap(replica_ranks)(phy2log)
     with jax.named_scope("gather"):
         leaves, gather_wire, gather_chunks = _gather(phy2log, leaves, valid, setup)
     with jax.named_scope("broadcast"):
+        rank, _ = jax.vmap(replica_ranks)(phy2log)
         owners = jnp.where(rank == 0, phy2log, -1)
         count = jnp.where(valid, num_layers, 0)
         leaves, stats = engine.move_layers(
@@ -120,8 +120,9 @@ def _sync_local(
 
 
 def _gather(phy2log, leaves, valid, setup: engine.Engine):
-    """Owners' rows := ascending-slot sums of their expert's rows, every layer (a fori_loop over
-    layers, inside it one over replica ranks)."""
+    """Owners' rows := ascending-slot sums of their expert's rows, every layer: one fori_loop
+    over the (layer, replica rank) steps (a flat loop: a loop nested in a loop over layers makes
+    XLA:CPU copy leaves whose rows it writes with selects)."""
     cfg, d = setup.config, setup.num_devices
     num_layers, p_total = phy2log.shape
     n = p_total // d
@@ -134,32 +135,31 @@ def _gather(phy2log, leaves, valid, setup: engine.Engine):
     ]
     me = lax.axis_index(cfg.axes)
     zeros = jnp.zeros((num_layers,), jnp.int32)
+    rank, count = jax.vmap(replica_ranks)(phy2log)
+    # Steps of layer l: ranks 1 .. max count - 1; step k is (layer, rank) from the prefix sums.
+    steps = jnp.where(valid, jnp.maximum(count.max(-1) - 1, 0), 0).astype(jnp.int32)
+    ends = jnp.cumsum(steps).astype(jnp.int32)
 
-    def layer(li, carry):
-        row = phy2log[li]
-        rank, count = replica_ranks(row)
+    def step(k, carry):
+        leaves, bufs, wire, chunks = carry
+        li = jnp.searchsorted(ends, k, side="right").astype(jnp.int32)
+        r = k - (ends[li] - steps[li]) + 1
+        row, rank_l, count_l = phy2log[li], rank[li], count[li]
+        with jax.named_scope("plan"):
+            old = jnp.where(rank_l == r, row, -1)
+            new = jnp.where((rank_l == 0) & (count_l > r), row, -1)
+            plan = plan_lib.plan_layer(old, new, num_devices=d, chunk_rows=cfg.chunk_rows)
+            meta, send, recv = plan_lib.local_metadata(plan, old, new, me, num_devices=d)
+        rounds = stages.Rounds(send, recv, plan.num_chunks)
+        for p in range(passes):
+            with jax.named_scope(f"pass_{p}" if passes > 1 else "stage_add_commit"):
+                leaves, bufs = _pass(leaves, bufs, li, p, meta, rounds, geo, setup)
+        wire = wire.at[li].add(plan.wire_rows)
+        chunks = chunks.at[li].add(plan.wire_rows // cfg.chunk_rows)
+        return leaves, bufs, wire, chunks
 
-        def replica(r, carry):
-            leaves, bufs, wire, chunks = carry
-            with jax.named_scope("plan"):
-                old = jnp.where(rank == r, row, -1)
-                new = jnp.where((rank == 0) & (count > r), row, -1)
-                plan = plan_lib.plan_layer(old, new, num_devices=d, chunk_rows=cfg.chunk_rows)
-                meta, send, recv = plan_lib.local_metadata(plan, old, new, me, num_devices=d)
-            rounds = stages.Rounds(send, recv, plan.num_chunks)
-            for p in range(passes):
-                with jax.named_scope(f"pass_{p}" if passes > 1 else "stage_add_commit"):
-                    leaves, bufs = _pass(leaves, bufs, li, p, meta, rounds, geo, setup)
-            wire = wire.at[li].add(plan.wire_rows)
-            chunks = chunks.at[li].add(plan.wire_rows // cfg.chunk_rows)
-            return leaves, bufs, wire, chunks
-
-        trips = jnp.where(valid, count.max(), 0)
-        return lax.fori_loop(1, trips, replica, carry)
-
-    leaves, _, wire, chunks = lax.fori_loop(
-        0, num_layers, layer, (list(leaves), bufs, zeros, zeros)
-    )
+    carry = (list(leaves), bufs, zeros, zeros)
+    leaves, _, wire, chunks = lax.fori_loop(0, ends[-1], step, carry)
     return leaves, wire, chunks
 
 
