@@ -178,3 +178,43 @@ def test_jitted_auto_mesh_leaves_keep_their_sharding():
         check_rows(want.view(np.uint8), got.view(np.uint8), old, new, 4)
         want = got
     assert step._cache_size() == 1
+
+
+@pytest.mark.devices(8)
+@pytest.mark.skipif(checks._shard_alike() is None, reason="this jax has no shard_alike")
+def test_jitted_eplb_step_on_auto_mesh_keeps_tensor_sharding():
+    # The step under jit on an Auto mesh: the weights come back on "tensor" as they came in, and
+    # every slot holds its new expert's logical row.
+    mesh = _mesh((4, 2), ("ep", "tensor"))
+    num_experts, num_slots = 8, 12
+    state = jeplb.EplbState.create(
+        num_layers=L,
+        num_experts=num_experts,
+        num_devices=4,
+        num_redundant_experts=num_slots - num_experts,
+        window_size=1,
+        step_interval=1,
+    ).replicated(mesh)
+    logical = np.random.default_rng(9).standard_normal((L, num_experts, 3, 4)).astype(np.float32)
+    spec = P(None, "ep", None, "tensor")
+    w = jeplb.place_experts(
+        jax.device_put(logical, NamedSharding(mesh, P(None, None, None, "tensor"))),
+        state.phy2log,
+        mesh=mesh,
+    )
+    assert w.sharding.spec == spec
+    load = np.tile(np.arange(1, num_experts + 1) ** 3, (L, 1)).astype(np.int32)
+
+    @jax.jit
+    def step(state, w):
+        state = state.record(jnp.asarray(load))
+        state, w, info = jeplb.eplb_step(state, w, mesh=mesh)
+        return state, w, info
+
+    state, w, info = step(state, w)
+    assert bool(info.fired) and w.sharding.spec == spec
+    phy2log = np.asarray(state.phy2log)
+    assert (phy2log != np.asarray(jnp.tile(jnp.arange(num_slots) % num_experts, (L, 1)))).any()
+    np.testing.assert_array_equal(
+        np.asarray(w), np.take_along_axis(logical, phy2log[..., None, None], 1)
+    )

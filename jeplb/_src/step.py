@@ -433,10 +433,12 @@ def eplb_step(
     if checks.is_explicit(mesh):
         replicated = NamedSharding(mesh, P())
         state = jax.tree_util.tree_map(lambda x: jax.sharding.reshard(x, replicated), state)
-    specs = [P(*s) for s in checks.default_specs(specs, slot_axis, setup.config.axes)]
+    given = tuple(specs)  # None where unknown (traced leaves on an Auto mesh)
+    specs = [P(*s) for s in checks.default_specs(given, slot_axis, setup.config.axes)]
     body = functools.partial(_local_step, load_axes=(), setup=setup)
     f = jax.shard_map(body, mesh=mesh, in_specs=(P(), specs), out_specs=(P(), specs, P()))
     with jax.named_scope("eplb_step"):
-        state, leaves, info = f(state, leaves)
+        state, out, info = f(state, leaves)
+        leaves = checks.like_inputs(leaves, out, given)
     _log_balancedness(state, info)
     return state, treedef.unflatten(leaves), info
