@@ -556,9 +556,17 @@ def global_norm(
 
     ``sqrt(sum over leaves, layers and slots of replica_scale * sum(g ** 2) + |rest| ** 2)``,
     in float32: after `sync_replica_grads` the replicas of an expert hold the same gradient, and
-    the norm is that of the model without redundant experts (-1 slots do not count). Use it
-    where optax computes a norm over the whole update (``optax.clip_by_global_norm``, see the
-    training guide). Works at global view, on sharded arrays, inside or outside `jax.jit`.
+    the norm is that of the model without redundant experts (-1 slots do not count). Works at
+    global view, on sharded arrays, inside or outside `jax.jit`.
+
+    Which optax transforms see the replicas (optax 0.2.8): ``clip_by_global_norm`` takes the
+    norm of every leaf (``optax.tree.norm``), so a replicated expert counts once per copy: clip
+    with this norm instead (scale the updates by ``min(1, max_norm / norm)``). Per-leaf norms
+    (``scale_by_trust_ratio`` in lamb and lars, ``clip_by_block_rms``) scale a whole leaf by one
+    factor: the replicas stay identical, but the factor counts every slot, replicas and empty
+    slots included. Element-wise transforms (Adam's and AdamW's moments, ``add_decayed_weights``,
+    ``clip``, ``trace``) need nothing, as long as the replicas and their moments are identical
+    (`sync_replica_grads`, and `expert_state` at a rebalance).
 
     Args:
       grads: pytree of expert gradients, leaves [L, P, ...] (or [P, L, ...] with
