@@ -6,13 +6,15 @@ The public surface, by job:
 * weight transfer: `rearrange_expert_weights`, `transfer_layer`, and its two stages
   `move_to_buffer` / `move_from_buffer` joined by `TransferMetadata`;
 * model integration: `EplbState`, `dispatch`, `dispatch_layer`, `eplb_step`, `eplb_step_local`,
-  `place_experts` (logical expert weights onto the slots of a placement);
+  `place_experts` (logical expert weights onto the slots of a placement), `combine_topk` (a
+  combine whose bits a rebalance cannot change);
 * elastic expert parallelism: `recover_experts`;
 * training: `sync_replica_grads`, `sync_replica_grads_local` (replica gradients summed so that
   replicas stay identical), `expert_state` (the optimizer state that moves with the experts),
   `replica_scale` and `global_norm` (norms that count each logical expert once).
 """
 
+from jeplb._src.combine import combine_topk as combine_topk
 from jeplb._src.dispatch import dispatch as dispatch
 from jeplb._src.dispatch import dispatch_layer as dispatch_layer
 from jeplb._src.elastic import Recovery as Recovery
@@ -49,6 +51,7 @@ __all__ = [
     "TransferMetadata",
     "TransferReport",
     "balancedness",
+    "combine_topk",
     "device_loads",
     "dispatch",
     "dispatch_layer",

@@ -14,7 +14,7 @@ The layout is the one MaxText-like JAX MoE code keeps (written here from the lay
 Each layer routes every token to its top-k LOGICAL experts, maps them to physical slots with
 `jeplb.dispatch_layer` (and returns the counts; the stack's [L, E] counts go to
 `EplbState.record`), computes the experts on one of two paths, and combines the K outputs of a
-token with `combine_topk` (in top-k order):
+token with `jeplb.combine_topk` (in top-k order):
 
 * ``"dense"``: every slot on every token ([T, P, F] hidden), then each (token, k) picks its slot's row;
 * ``"ragged"``: the (token, k) pairs sorted by slot, `jax.lax.ragged_dot` over the slot groups, and
@@ -46,6 +46,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jeplb
+from jeplb import combine_topk as combine_topk
 
 from .moe import _check_int
 
@@ -116,40 +117,6 @@ class MaxTextConfig:
         """The ``layer_axis`` / ``slot_axis`` keywords jeplb needs for this stacking."""
         scan = self.param_scan_axis
         return {"layer_axis": scan, "slot_axis": 1 - scan}
-
-
-def combine_topk(expert_out: jax.Array, weights: jax.Array) -> jax.Array:
-    """Combines each token's K expert outputs in top-k order: bitwise stable across rebalances.
-
-    ``out = w_0 * y_0 + w_1 * y_1 + ... + w_{K-1} * y_{K-1}``, accumulated one k after the other.
-    The operands of every token are its routing weights and its experts' outputs, which do not
-    depend on the slots that computed them, and so neither does the sum. A combine over slots
-    (an einsum of [T, P] weights with [T, P, H] outputs, or a scatter-add into slots) adds the
-    same terms in slot order instead, which a rebalance permutes: outputs then move by rounding
-    (about 1e-6 in float32).
-
-    Args:
-      expert_out: [..., K, H] each (token, k) pair's expert output, in the router's top-k order.
-      weights: [..., K] the routing weights of those pairs.
-
-    Returns:
-      [..., H] the combined outputs, in ``expert_out``'s dtype.
-
-    Example:
-      >>> y = jnp.array([[[1.0, 2.0], [10.0, 20.0]]])  # [T = 1, K = 2, H = 2]
-      >>> combine_topk(y, jnp.array([[0.75, 0.25]])).tolist()
-      [[3.25, 6.5]]
-    """
-    if expert_out.shape[:-1] != weights.shape:
-        raise ValueError(
-            f"weights: expected shape {expert_out.shape[:-1]} (expert_out without its last dim), "
-            f"got {weights.shape}"
-        )
-    w = weights.astype(expert_out.dtype)[..., None]
-    out = w[..., 0, :] * expert_out[..., 0, :]
-    for k in range(1, expert_out.shape[-2]):
-        out = out + w[..., k, :] * expert_out[..., k, :]
-    return out
 
 
 def _rms_norm(x: jax.Array) -> jax.Array:
