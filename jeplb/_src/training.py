@@ -17,7 +17,12 @@ It runs on the transfer engine and moves only what must move, in two phases per 
 
 So a replica row crosses the wire at most twice (to its owner and back), -1 slots and experts with
 one slot are never written, and the temporary memory is the engine's staging buffer (below one
-layer of the device's local weights). On one device every move is local: no collective runs.
+layer of the device's local weights).
+
+On one device (`_sum_one_device`) there is no plan: one loop over chunks of at most P / 2 row
+jobs (the rank-1 adds of every layer, then rank 2, ..., then the copies to the replicas), each
+chunk one gather, add and scatter of replica rows, so a few loop trips in all instead of a
+planned transfer per (layer, rank). No collective runs.
 """
 
 from __future__ import annotations
@@ -95,15 +100,42 @@ def _sync_local(
     phy2log: jax.Array, leaves: list[jax.Array], *, setup: engine.Engine
 ) -> tuple[list[jax.Array], SyncStats]:
     """The sync on a device's local leaves, inside `jax.shard_map` over the expert axes."""
-    cfg, d = setup.config, setup.num_devices
+    d = setup.num_devices
     phy2log = phy2log.astype(jnp.int32)
-    num_layers = phy2log.shape[0]
     valid = jnp.all(phy2log >= -1)
     if d == 1:
+        return _sync_one_device(phy2log, leaves, valid, setup)
+    return _sync_engine(phy2log, leaves, valid, setup)
+
+
+def _sync_one_device(phy2log, leaves, valid, setup: engine.Engine):
+    """One device: leaves whose dtype moves natively on the platform (every floating dtype on a
+    GPU) take `_sum_one_device`; the others (bf16, f16 and fp8 on XLA:CPU, which move as bits)
+    take the engine, whose per-layer slabs keep the temporary memory below one layer where a
+    whole-leaf bits view would copy the leaf."""
+    fast = [layout.leaf_mode(x.dtype, setup.platform) == "native" for x in leaves]
+    out = list(leaves)
+    zeros = jnp.zeros((phy2log.shape[0],), jnp.int32)
+    stats = SyncStats(zeros, zeros, zeros)
+    if any(fast):
         with jax.named_scope("one_device_sum"):
-            leaves = _sum_one_device(phy2log, leaves, valid, setup)
-        zeros = jnp.zeros((num_layers,), jnp.int32)
-        return leaves, SyncStats(zeros, zeros, zeros)
+            summed = _sum_one_device(
+                phy2log, [x for x, f in zip(leaves, fast, strict=True) if f], valid, setup
+            )
+        for i, x in zip([i for i, f in enumerate(fast) if f], summed, strict=True):
+            out[i] = x
+    if not all(fast):
+        slow = [i for i, f in enumerate(fast) if not f]
+        moved, stats = _sync_engine(phy2log, [leaves[i] for i in slow], valid, setup)
+        for i, x in zip(slow, moved, strict=True):
+            out[i] = x
+    return out, stats
+
+
+def _sync_engine(phy2log, leaves, valid, setup: engine.Engine):
+    """The sync through the transfer engine (several devices, or bits-moving leaves on one)."""
+    cfg, d = setup.config, setup.num_devices
+    num_layers = phy2log.shape[0]
     if d > 1:
         with jax.named_scope("agree"):
             # Trip counts of collective loops come from the map: every device must hold the same
