@@ -9,7 +9,7 @@
 
 Usage (from the repository root):
     python benchmarks/bench_grad_sync.py [--tiny] [--json PATH] [--out PATH]
-    python benchmarks/bench_grad_sync.py --gpu [--tiny] [--json PATH] [--out PATH]
+    python benchmarks/bench_grad_sync.py --gpu [--tiny] [--kib K] [--json PATH] [--out PATH]
 
 The floor of a layer: each device must send (and receive) at least the rows of its non-owner
 replicas whose owner (the expert's lowest slot) is on another device (the gather) plus one copy of
@@ -180,11 +180,11 @@ def copy_bandwidth(nbytes: int) -> float:
     return 2 * x.nbytes / _median_s(lambda: xor(x))
 
 
-def one_device(*, tiny: bool) -> tuple[list[LocalRow], float]:
+def one_device(*, tiny: bool, kib: int | None = None) -> tuple[list[LocalRow], float]:
     device = jax.devices()[0]
     mesh = Mesh(np.array([device]), ("ep",))
     layers, experts, slots = (2, 8, 12) if tiny else (4, 32, 40)
-    rows_kib = [4] if tiny else [1024, 16 * 1024]
+    rows_kib = [kib] if kib else [4] if tiny else [1024, 16 * 1024]
     rng = np.random.default_rng(0)
     m = _placement(rng, layers, experts, slots, 1)
     _, count = training.replica_ranks(m)
@@ -232,6 +232,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python benchmarks/bench_grad_sync.py")
     parser.add_argument("--gpu", action="store_true", help="one device: the local sum")
     parser.add_argument("--tiny", action="store_true", help="small sizes (a CPU smoke test)")
+    parser.add_argument("--kib", type=int, default=None, help="--gpu: one row size (KiB)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -244,7 +245,7 @@ def main(argv=None) -> int:
         f"Command: `{command.strip()}`\n\njax {jax.__version__}, {jax.devices()[0].device_kind}\n\n"
     )
     if args.gpu:
-        rows, copy = one_device(tiny=args.tiny)
+        rows, copy = one_device(tiny=args.tiny, kib=args.kib)
         text = head + f"Copy bandwidth (read + write): {copy / 1e12:.3g} TB/s\n\n"
         text += table(rows, "Local sum: bytes = every replica row read once and written once")
         name = f"grad_sync_{platform}{'_tiny' if args.tiny else ''}.md"

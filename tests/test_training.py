@@ -135,6 +135,52 @@ def test_one_device_is_a_local_sum():
     assert not re.search(r"collective.permute|all.reduce|all.gather|all.to.all", text)
 
 
+def test_one_device_slot_major_local_many_replicas_and_bad_maps():
+    """The one-device path: slot-major leaves, the local variant, experts with more replicas than
+    a chunk holds (several chunks per rank and for the copies), a traced map with an id below -1
+    (nothing summed)."""
+    mesh = _mesh((1,), ("ep",))
+    rng = np.random.default_rng(9)
+    m = _plan(rng, num_slots=8 * N, num_experts=3)
+    m[1, : 8 * N - 2] = 1  # 22 slots of expert 1: ranks 1..21, 21 copies
+    host, g = _grads(rng, (8 * N, L), mesh, P("ep"))
+    out = jeplb.sync_replica_grads(g, m, mesh=mesh, layer_axis=1, slot_axis=0)
+    _check(out, host, m, {k: P("ep") for k in host}, slot_axis=0)
+    f = jax.jit(
+        jax.shard_map(
+            lambda g, m: jeplb.sync_replica_grads_local(g, m, layer_axis=1, slot_axis=0),
+            mesh=mesh,
+            in_specs=(P("ep"), P()),
+            out_specs=P("ep"),
+        )
+    )
+    local = f(g, jnp.asarray(m))
+    for k, x in host.items():
+        np.testing.assert_array_equal(_bits(local[k]), _bits(reference(x, m, 0)), k)
+    bad = jnp.asarray(m).at[0, 0].set(-3)
+    same = f(g, bad)
+    for k, x in host.items():
+        np.testing.assert_array_equal(_bits(same[k]), _bits(x), k)
+
+
+def test_one_device_sum_of_natively_moving_bf16():
+    """The plan-free one-device sum on bf16 rows as a GPU moves them (natively; XLA:CPU takes
+    the engine for bf16), bit for bit, layer- and slot-major."""
+    from jeplb._src.transfer import engine
+    from jeplb._src.transfer.config import TransferConfig
+
+    rng = np.random.default_rng(10)
+    m = _plan(rng, num_slots=8 * N, num_experts=4)
+    for slot_axis in (1, 0):
+        config = TransferConfig(layer_axis=1 - slot_axis, slot_axis=slot_axis)
+        setup = engine.Engine(config=config, num_devices=1, platform="gpu")
+        lead = (L, 8 * N) if slot_axis else (8 * N, L)
+        x = rng.standard_normal((*lead, 3, 2)).astype(ml_dtypes.bfloat16)
+        f = jax.jit(lambda g, m, s=setup: training._sum_one_device(m, [g], jnp.all(m >= -1), s)[0])
+        got = f(jnp.asarray(x), jnp.asarray(m))
+        np.testing.assert_array_equal(_bits(got), _bits(reference(x, m, slot_axis)))
+
+
 @pytest.mark.devices(8)
 def test_traced_maps_one_compile_for_two_placements(mesh8):
     rng = np.random.default_rng(6)

@@ -17,7 +17,12 @@ It runs on the transfer engine and moves only what must move, in two phases per 
 
 So a replica row crosses the wire at most twice (to its owner and back), -1 slots and experts with
 one slot are never written, and the temporary memory is the engine's staging buffer (below one
-layer of the device's local weights). On one device every move is local: no collective runs.
+layer of the device's local weights).
+
+On one device (`_sum_one_device`) there is no plan: one loop over chunks of at most P / 2 row
+jobs (the rank-1 adds of every layer, then rank 2, ..., then the copies to the replicas), each
+chunk one gather, add and scatter of replica rows, so a few loop trips in all instead of a
+planned transfer per (layer, rank). No collective runs.
 """
 
 from __future__ import annotations
@@ -95,10 +100,42 @@ def _sync_local(
     phy2log: jax.Array, leaves: list[jax.Array], *, setup: engine.Engine
 ) -> tuple[list[jax.Array], SyncStats]:
     """The sync on a device's local leaves, inside `jax.shard_map` over the expert axes."""
-    cfg, d = setup.config, setup.num_devices
+    d = setup.num_devices
     phy2log = phy2log.astype(jnp.int32)
-    num_layers = phy2log.shape[0]
     valid = jnp.all(phy2log >= -1)
+    if d == 1:
+        return _sync_one_device(phy2log, leaves, valid, setup)
+    return _sync_engine(phy2log, leaves, valid, setup)
+
+
+def _sync_one_device(phy2log, leaves, valid, setup: engine.Engine):
+    """One device: leaves whose dtype moves natively on the platform (every floating dtype on a
+    GPU) take `_sum_one_device`; the others (bf16, f16 and fp8 on XLA:CPU, which move as bits)
+    take the engine, whose per-layer slabs keep the temporary memory below one layer where a
+    whole-leaf bits view would copy the leaf."""
+    fast = [layout.leaf_mode(x.dtype, setup.platform) == "native" for x in leaves]
+    out = list(leaves)
+    zeros = jnp.zeros((phy2log.shape[0],), jnp.int32)
+    stats = SyncStats(zeros, zeros, zeros)
+    if any(fast):
+        with jax.named_scope("one_device_sum"):
+            summed = _sum_one_device(
+                phy2log, [x for x, f in zip(leaves, fast, strict=True) if f], valid, setup
+            )
+        for i, x in zip([i for i, f in enumerate(fast) if f], summed, strict=True):
+            out[i] = x
+    if not all(fast):
+        slow = [i for i, f in enumerate(fast) if not f]
+        moved, stats = _sync_engine(phy2log, [leaves[i] for i in slow], valid, setup)
+        for i, x in zip(slow, moved, strict=True):
+            out[i] = x
+    return out, stats
+
+
+def _sync_engine(phy2log, leaves, valid, setup: engine.Engine):
+    """The sync through the transfer engine (several devices, or bits-moving leaves on one)."""
+    cfg, d = setup.config, setup.num_devices
+    num_layers = phy2log.shape[0]
     if d > 1:
         with jax.named_scope("agree"):
             # Trip counts of collective loops come from the map: every device must hold the same
@@ -117,6 +154,93 @@ def _sync_local(
             owners, phy2log, leaves, first=0, count=count, all_or_nothing=True, engine=setup
         )
     return leaves, SyncStats(gather_wire, stats.wire_rows, gather_chunks)
+
+
+def _one_device_jobs(phy2log, valid, *, slot_major: bool, chunk: int):
+    """The row jobs of the one-device sum, sorted into groups, and the chunk schedule.
+
+    A job writes row ``dst := a + b`` (an add: group r = the replica's rank, ``a`` the owner's
+    row, ``b`` the rank-r replica's) or ``dst := a`` (a copy: group P, ``a`` the owner's row, to
+    every non-owner replica). Rows index the leaf's [L * P, R] rows. The jobs of one group write
+    distinct rows; groups run in ascending order in chunks of ``chunk`` jobs, so owner rows get
+    ``((g_0 + g_1) + ...) + g_r`` before the copies. Returns ``(jobs, group_of, start_of,
+    num_chunks)``: jobs int32[4, 2 * L * P + chunk] (dst, a, b, group; sorted by group, padded with
+    group P + 1) and, per chunk c < num_chunks, its group and first job (functions of c).
+    """
+    num_layers, p_total = phy2log.shape
+    rank, _ = jax.vmap(replica_ranks)(phy2log)
+    same = (phy2log[:, :, None] == phy2log[:, None, :]) & (rank == 0)[:, None, :]
+    owner = jnp.argmax(same, axis=-1).astype(jnp.int32)  # the rank-0 slot of each slot's expert
+    layer = jnp.arange(num_layers, dtype=jnp.int32)[:, None]
+    slot = jnp.arange(p_total, dtype=jnp.int32)[None, :]
+
+    def row(p):
+        return p * num_layers + layer if slot_major else layer * p_total + p
+
+    here, own = row(slot), row(owner)
+    replica = (rank >= 1) & (phy2log >= 0) & valid
+    none = jnp.int32(num_layers * p_total)  # out of range: gathers read 0, scatters drop
+    add = (own, own, here, jnp.where(replica, rank, p_total + 1))
+    copy = (here, own, jnp.broadcast_to(none, here.shape), jnp.where(replica, p_total, p_total + 1))
+    jobs = jnp.stack(
+        [jnp.concatenate([a.ravel(), c.ravel()]) for a, c in zip(add, copy, strict=True)]
+    )
+    jobs = jnp.take(jobs, jnp.argsort(jobs[3], stable=True), axis=1)
+    pad = jnp.broadcast_to(
+        jnp.array([[none], [none], [none], [p_total + 1]], jnp.int32), (4, chunk)
+    )
+    jobs = jnp.concatenate([jobs, pad], axis=1).astype(jnp.int32)
+    size = jnp.zeros((p_total + 2,), jnp.int32).at[jobs[3]].add(1)[: p_total + 1]
+    first = jnp.cumsum(size) - size
+    chunks = (size + chunk - 1) // chunk
+    ends = jnp.cumsum(chunks).astype(jnp.int32)
+
+    def group_of(c):
+        return jnp.searchsorted(ends, c, side="right").astype(jnp.int32)
+
+    def start_of(c, g):
+        return first[g] + (c - (ends[g] - chunks[g])) * chunk
+
+    return jobs, group_of, start_of, ends[-1]
+
+
+def _sum_one_device(phy2log, leaves, valid, setup: engine.Engine):
+    """The sync on one device, without a transfer plan: one loop over chunks of row jobs
+    (`_one_device_jobs`), each chunk one gather of the rows it reads, one add and one scatter of
+    the rows it writes, for every leaf; only replicated experts' rows are read or written. A chunk
+    is at most P / 2 rows, so the temporary memory stays below one layer of the leaf; the loop
+    runs (max replica count - 1) + (replica rows / chunk) + a few trips, not one per row."""
+    num_layers, p_total = phy2log.shape
+    slot_major = setup.config.slot_major
+    chunk = max(1, p_total // 2)
+    jobs, group_of, start_of, num_chunks = _one_device_jobs(
+        phy2log, valid, slot_major=slot_major, chunk=chunk
+    )
+    moving = [layout.moving_dtype(x.dtype, setup.platform) for x in leaves]
+    rows = [
+        layout.convert_rows(x.reshape(num_layers * p_total, -1), t)
+        for x, t in zip(leaves, moving, strict=True)
+    ]
+    none = num_layers * p_total
+
+    def step(c, rows):
+        g = group_of(c)
+        dst, a, b, grp = lax.dynamic_slice(jobs, _i32(0, start_of(c, g)), (4, chunk))
+        mine = grp == g
+        dst, a, b = (jnp.where(mine, i, none) for i in (dst, a, b))
+        out = []
+        for x, leaf in zip(rows, leaves, strict=True):
+            got_a = x.at[a].get(mode="fill", fill_value=0)
+            got_b = x.at[b].get(mode="fill", fill_value=0)
+            total = layout.convert_rows(got_a, leaf.dtype) + layout.convert_rows(got_b, leaf.dtype)
+            val = jnp.where(g < p_total, layout.convert_rows(total, x.dtype), got_a)
+            out.append(x.at[dst].set(val, mode="drop", unique_indices=True))
+        return out
+
+    rows = lax.fori_loop(0, num_chunks, step, rows)
+    return [
+        layout.convert_rows(r, x.dtype).reshape(x.shape) for r, x in zip(rows, leaves, strict=True)
+    ]
 
 
 def _gather(phy2log, leaves, valid, setup: engine.Engine):
