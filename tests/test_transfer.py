@@ -509,7 +509,7 @@ def test_topology_and_collective_options_are_checked(mesh8):
     assert not w["w"].is_deleted()  # refused before anything ran
 
 
-@pytest.mark.parametrize(("d", "n", "capacity"), [(4, 3, 2), (8, 2, 1)])
+@pytest.mark.parametrize(("d", "n", "capacity"), [(4, 3, 2), (4, 3, 3), (8, 2, 1)])
 def test_ragged_tables_deliver_every_primary(d, n, capacity):
     # The seam's tables, checked on the host against the collective's documented semantics:
     # per wave, device a's operand rows [input_offsets[b], + send_sizes[b]) land in device b's
