@@ -48,6 +48,7 @@ __all__ = [
     "saturating_add",
     "saturating_psum",
     "slide_window",
+    "slide_window_fast",
     "static_fields",
     "window_sum",
 ]
@@ -346,12 +347,30 @@ def slide_window(
     Returns:
       ``(window, total, leaving, pos)`` after the write: the next ``leaving`` row and position.
     """
+    saturated = jnp.any(total == INT32_MAX)
+    window, slid, leaving, pos = slide_window_fast(window, total, leaving, pos, row)
+    total = lax.cond(saturated, lambda: window_sum(window), lambda: slid)
+    return window, total, leaving, pos
+
+
+def slide_window_fast(
+    window: jax.Array, total: jax.Array, leaving: jax.Array, pos: jax.Array, row: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """`slide_window` without its re-sum: branch-free, a handful of fused kernels.
+
+    The total it returns is the window's sum only while no entry of the ``total`` it was given is
+    saturated (``jnp.any(total == INT32_MAX)`` false); otherwise the caller must replace it with
+    `window_sum` of the returned window (what `slide_window` does), e.g. inside a branch that runs
+    only then.
+
+    Returns:
+      ``(window, total, leaving, pos)`` as `slide_window`.
+    """
     window = lax.dynamic_update_index_in_dim(window, row, pos, 0)
     # Below the limit the total is exact, so it holds the row it loses (max: a hand-made state).
     slid = saturating_add(jnp.maximum(total - leaving, 0), row)
-    total = lax.cond(jnp.any(total == INT32_MAX), lambda: window_sum(window), lambda: slid)
     pos = (pos + 1) % window.shape[0]
-    return window, total, lax.dynamic_index_in_dim(window, pos, 0, keepdims=False), pos
+    return window, slid, lax.dynamic_index_in_dim(window, pos, 0, keepdims=False), pos
 
 
 def _load_axes(load_axes: Any) -> tuple[str, ...]:

@@ -47,7 +47,13 @@ from jax.sharding import PartitionSpec as P
 from jeplb._src import checks
 from jeplb._src import metrics as balance
 from jeplb._src.maps import maps_from_phy2log
-from jeplb._src.state import EplbState, saturating_psum, slide_window
+from jeplb._src.state import (
+    INT32_MAX,
+    EplbState,
+    saturating_psum,
+    slide_window_fast,
+    window_sum,
+)
 from jeplb._src.transfer import engine as engine_lib
 from jeplb._src.transfer.config import TransferConfig
 from jeplb._src.transfer.rows import varying_axes
@@ -122,16 +128,17 @@ def _plan_placement(state: EplbState, total: jax.Array):
 
 
 def _window(state: EplbState, load_axes: tuple[str, ...]):
-    """The pass's load enters the window: (window, window_total, window_leaving, window_pos,
-    step).
+    """The pass's load enters the window: (window, slid total, window_leaving, window_pos, step).
 
-    O(L x E): one row of the window is overwritten in place (when the state is donated) and the
-    running total slides with it (`state.slide_window`); the window is not summed again.
+    O(L x E) and branch-free: one row of the window is overwritten in place (when the state is
+    donated) and the running total slides with it (`state.slide_window_fast`). The total is the
+    window's sum unless ``state.window_total`` had a saturated entry; then the busy branch of the
+    step sums the window again (`_exact_total`).
     """
     pass_load = state.pass_load
     if load_axes:
         pass_load = saturating_psum(pass_load, load_axes)
-    window, total, leaving, pos = slide_window(
+    window, total, leaving, pos = slide_window_fast(
         state.window, state.window_total, state.window_leaving, state.window_pos, pass_load
     )
     return window, total, leaving, pos, state.step + 1
@@ -165,25 +172,60 @@ def _transfer(state: EplbState, leaves, pending, cursor, setup: engine_lib.Engin
     return leaves, maps, cursor, stats, layer_ok
 
 
-def _local_step(state: EplbState, leaves: list[jax.Array], *, load_axes: tuple[str, ...], setup):
-    """The step on this device's shard: leaves [L, N_local, ...]. Runs inside shard_map."""
-    num_layers = state.num_layers
-    with jax.named_scope("eplb_window"):
-        window, window_total, leaving, window_pos, step = _window(state, load_axes)
-        total = window_total.astype(jnp.float32)  # [L, E], replicated
-
+def _busy(state: EplbState, leaves, window, slid, scheduled, setup):
+    """The step's branch when a rebalance is scheduled or under way, or the total saturated:
+    the exact total, maybe the policy, the transfer of the due layers. Returns (total, fired,
+    pending, maps, cursor, leaves, moved, layer_ok, remote_rows)."""
+    saturated = jnp.any(state.window_total == INT32_MAX)
+    total = lax.cond(saturated, lambda: window_sum(window), lambda: slid)
     with jax.named_scope("eplb_policy"):
-        idle = state.cursor >= num_layers
-        fire = (step % state.step_interval == 0) & idle & jnp.any(window_total > 0)
+        fire = scheduled & jnp.any(total > 0)
         pending = (state.pending_phy2log, state.pending_log2phy, state.pending_logcnt)
-        pending = lax.cond(fire, lambda: _plan_placement(state, total), lambda: pending)
+        target = total.astype(jnp.float32)
+        pending = lax.cond(fire, lambda: _plan_placement(state, target), lambda: pending)
         cursor = jnp.where(fire, 0, state.cursor)
-
     with jax.named_scope("eplb_transfer"):
         leaves, maps, cursor, stats, layer_ok = _transfer(state, leaves, pending, cursor, setup)
+    return (
+        total, fire, pending, maps, cursor, leaves, stats.moved, layer_ok, stats.remote_rows
+    )  # fmt: skip
+
+
+def _quiet(state: EplbState, leaves, slid):
+    """The step's branch otherwise: nothing but the slid total; maps and weights pass through."""
+    num_layers = state.num_layers
+    pending = (state.pending_phy2log, state.pending_log2phy, state.pending_logcnt)
+    maps = (state.phy2log, state.log2phy, state.logcnt)
+    no = jnp.zeros((num_layers,), bool)
+    return (
+        slid, jnp.bool_(False), pending, maps, state.cursor, leaves, no, ~no,
+        jnp.zeros((num_layers,), jnp.int32),
+    )  # fmt: skip
+
+
+def _local_step(state: EplbState, leaves: list[jax.Array], *, load_axes: tuple[str, ...], setup):
+    """The step on this device's shard: leaves [L, N_local, ...]. Runs inside shard_map.
+
+    One `lax.cond` decides the step (on a GPU each costs a device-to-host sync): an idle step
+    (no rebalance scheduled or under way, no saturated total) writes the window row, slides the
+    total and computes the balancedness, nothing more; the policy, the transfer plan and the
+    moves run only in the other branch.
+    """
+    num_layers = state.num_layers
+    with jax.named_scope("eplb_window"):
+        window, slid, leaving, window_pos, step = _window(state, load_axes)
+
+    idle = state.cursor >= num_layers
+    scheduled = (step % state.step_interval == 0) & idle
+    busy = scheduled | ~idle | jnp.any(state.window_total == INT32_MAX)
+    total, fire, pending, maps, cursor, leaves, moved, layer_ok, remote_rows = lax.cond(
+        busy,
+        lambda: _busy(state, leaves, window, slid, scheduled, setup),
+        lambda: _quiet(state, leaves, slid),
+    )
 
     with jax.named_scope("eplb_metrics"):
-        per_layer, overall = _balancedness(total, maps[0], state.num_devices)
+        per_layer, overall = _balancedness(total.astype(jnp.float32), maps[0], state.num_devices)
 
     new_state = state.replace(
         phy2log=maps[0],
@@ -191,7 +233,7 @@ def _local_step(state: EplbState, leaves: list[jax.Array], *, load_axes: tuple[s
         logcnt=maps[2],
         pass_load=jnp.zeros(state.pass_load.shape, jnp.int32),  # not zeros_like: may vary
         window=window,
-        window_total=window_total,
+        window_total=total,
         window_leaving=leaving,
         window_pos=window_pos,
         step=step,
@@ -203,10 +245,10 @@ def _local_step(state: EplbState, leaves: list[jax.Array], *, load_axes: tuple[s
     info = StepInfo(
         step=step,
         fired=fire,
-        moved=stats.moved,
+        moved=moved,
         layer_ok=layer_ok,
         in_progress=cursor < num_layers,
-        remote_rows=stats.remote_rows,
+        remote_rows=remote_rows,
         balancedness=per_layer,
         balancedness_total=overall,
     )
