@@ -296,6 +296,8 @@ def _old_view(
     e_n, p_n, d_n, slots = dims.e_n, dims.p_n, dims.d_n, dims.slots
     num_cands = mlog2log.shape[0] // num_layers
     cx = num_cands * dims.x_rows
+    if num_cands == 1:  # nothing to share: the scatters and the sort of the row itself
+        return _old_view_single(old, mlog2log, item_e, item_rank, dims)
     max_rank = p_n - e_n + 1  # no expert has more replicas on a node
     old_n = old.reshape(dims.x_rows, p_n)
     occ = _occurrence(old_n)  # rank of each old slot among its node's slots of that expert
@@ -320,6 +322,33 @@ def _old_view(
     item_g = jnp.take_along_axis(g, item_e, axis=1)
     flat_kth = (x_of[:, None] * num_log + item_g) * max_rank + jnp.minimum(item_rank, max_rank - 1)
     pref = jnp.take(kth.reshape(-1), flat_kth)
+    return old_has, pref
+
+
+def _old_view_single(
+    old: jax.Array, mlog2log: jax.Array, item_e: jax.Array, item_rank: jax.Array, dims: _Dims
+) -> tuple[jax.Array, jax.Array]:
+    """`_old_view` for a single candidate: node-local old ids, then scatters and a sort per row."""
+    e_n, p_n, d_n, slots = dims.e_n, dims.p_n, dims.d_n, dims.slots
+    x_rows = dims.x_rows
+    slot_node = jnp.arange(dims.num_slots, dtype=jnp.int32) // p_n
+    loc = (
+        jnp.take_along_axis(inverse(mlog2log), jnp.where(old >= 0, old, 0), axis=1)
+        - slot_node * e_n
+    )
+    loc = jnp.where((old >= 0) & (loc >= 0) & (loc < e_n), loc, -1).reshape(x_rows, p_n)
+    loc_or_pad = jnp.where(loc >= 0, loc, e_n)
+    device_of_slot = jnp.broadcast_to(jnp.arange(p_n, dtype=jnp.int32) // slots, (x_rows, p_n))
+    # int32 counts, not a bool scatter: XLA:GPU miscompiles a sliced pred scatter here.
+    old_has = jnp.zeros((x_rows, d_n, e_n + 1), jnp.int32)
+    old_has = old_has.at[rows(loc), device_of_slot, loc_or_pad].add(1)[:, :, :e_n] > 0
+    iota = jnp.broadcast_to(jnp.arange(p_n, dtype=jnp.int32), (x_rows, p_n))
+    _, by_expert = lax.sort((loc_or_pad, iota), dimension=1, num_keys=2)
+    old_cnt = jnp.zeros((x_rows, e_n + 1), jnp.int32).at[rows(loc), loc_or_pad].add(1)[:, :e_n]
+    start = jnp.cumsum(old_cnt, axis=1) - old_cnt
+    has_pref = item_rank < jnp.take_along_axis(old_cnt, item_e, 1)
+    pos = jnp.clip(jnp.take_along_axis(start, item_e, 1) + item_rank, 0, p_n - 1)
+    pref = jnp.where(has_pref, jnp.take_along_axis(by_expert, pos, 1) // slots, -1)
     return old_has, pref
 
 
