@@ -271,42 +271,80 @@ def _candidates(
 
 def _old_view(
     old: jax.Array,
-    log2mlog: jax.Array,
+    mlog2log: jax.Array,
     item_e: jax.Array,
     item_rank: jax.Array,
     dims: _Dims,
 ) -> tuple[jax.Array, jax.Array]:
     """The old placement in each candidate's node-local ids.
 
+    Both tables are built once per layer in global expert ids (one scatter of the L * P old
+    slots) and read through each candidate's ids with gathers.
+
     Args:
       old: int32[L, P] current placement (-1 = empty).
-      log2mlog: int32[C * L, E] the candidates' node-local ids.
+      mlog2log: int32[C * L, E] global expert of each of the candidates' node-local ids.
       item_e, item_rank: int32[CX, P_n] expert and replica rank of each replica to place.
       dims: the sizes.
 
     Returns:
       (old_has bool[CX, D_n, E_n]: whether each device held each node-local expert before;
       pref int32[CX, P_n]: each replica's preferred device, -1 for none). The k-th replica of
-      expert e prefers the device of the k-th old slot of e (slot order).
+      expert e prefers the device of the k-th old slot of e on the row's node (slot order).
     """
+    num_layers, num_log = dims.num_layers, dims.num_log
     e_n, p_n, d_n, slots = dims.e_n, dims.p_n, dims.d_n, dims.slots
-    num_cands = log2mlog.shape[0] // dims.num_layers
+    num_cands = mlog2log.shape[0] // num_layers
     cx = num_cands * dims.x_rows
-    slot_node = jnp.broadcast_to(jnp.arange(dims.num_slots, dtype=jnp.int32) // p_n, old.shape)
-    # Node-local ids of the old experts (-1: empty or another node's).
-    old_t = jnp.tile(old, (num_cands, 1))
-    loc = jnp.take_along_axis(log2mlog, jnp.where(old_t >= 0, old_t, 0), axis=1)
-    loc = loc - jnp.tile(slot_node, (num_cands, 1)) * e_n
-    loc = jnp.where((old_t >= 0) & (loc >= 0) & (loc < e_n), loc, -1).reshape(cx, p_n)
-    loc_or_pad = jnp.where(loc >= 0, loc, e_n)
-    device_of_slot = jnp.broadcast_to(jnp.arange(p_n, dtype=jnp.int32) // slots, (cx, p_n))
+    if num_cands == 1:  # nothing to share: the scatters and the sort of the row itself
+        return _old_view_single(old, mlog2log, item_e, item_rank, dims)
+    max_rank = p_n - e_n + 1  # no expert has more replicas on a node
+    old_n = old.reshape(dims.x_rows, p_n)
+    occ = _occurrence(old_n)  # rank of each old slot among its node's slots of that expert
+    valid = old_n >= 0
+    expert = jnp.where(valid, old_n, num_log)
+    node_row = rows(old_n)
+    device = jnp.broadcast_to(jnp.arange(p_n, dtype=jnp.int32) // slots, old_n.shape)
     # int32 counts, not a bool scatter: XLA:GPU miscompiles a sliced pred scatter here.
-    old_has = jnp.zeros((cx, d_n, e_n + 1), jnp.int32)
+    has = jnp.zeros((dims.x_rows, d_n, num_log + 1), jnp.int32)
+    has = has.at[node_row, device, expert].add(1)[:, :, :num_log] > 0  # [X, D_n, E]
+    kth = jnp.full((dims.x_rows, num_log + 1, max_rank), -1, jnp.int32)
+    kth = kth.at[
+        node_row, jnp.where(occ < max_rank, expert, num_log), jnp.minimum(occ, max_rank - 1)
+    ]
+    kth = kth.set(device, mode="drop")[:, :num_log]  # [X, E, R]: device of the r-th old slot
+    # Global expert of each candidate row's node-local ids; X index of each candidate row.
+    g = mlog2log.reshape(cx, e_n)
+    x_of = jnp.arange(cx, dtype=jnp.int32) % dims.x_rows
+    d_ids = jnp.arange(d_n, dtype=jnp.int32)
+    flat_has = (x_of[:, None, None] * d_n + d_ids[:, None]) * num_log + g[:, None, :]
+    old_has = jnp.take(has.reshape(-1), flat_has)  # [CX, D_n, E_n]
+    item_g = jnp.take_along_axis(g, item_e, axis=1)
+    flat_kth = (x_of[:, None] * num_log + item_g) * max_rank + jnp.minimum(item_rank, max_rank - 1)
+    pref = jnp.take(kth.reshape(-1), flat_kth)
+    return old_has, pref
+
+
+def _old_view_single(
+    old: jax.Array, mlog2log: jax.Array, item_e: jax.Array, item_rank: jax.Array, dims: _Dims
+) -> tuple[jax.Array, jax.Array]:
+    """`_old_view` for a single candidate: node-local old ids, then scatters and a sort per row."""
+    e_n, p_n, d_n, slots = dims.e_n, dims.p_n, dims.d_n, dims.slots
+    x_rows = dims.x_rows
+    slot_node = jnp.arange(dims.num_slots, dtype=jnp.int32) // p_n
+    loc = (
+        jnp.take_along_axis(inverse(mlog2log), jnp.where(old >= 0, old, 0), axis=1)
+        - slot_node * e_n
+    )
+    loc = jnp.where((old >= 0) & (loc >= 0) & (loc < e_n), loc, -1).reshape(x_rows, p_n)
+    loc_or_pad = jnp.where(loc >= 0, loc, e_n)
+    device_of_slot = jnp.broadcast_to(jnp.arange(p_n, dtype=jnp.int32) // slots, (x_rows, p_n))
+    # int32 counts, not a bool scatter: XLA:GPU miscompiles a sliced pred scatter here.
+    old_has = jnp.zeros((x_rows, d_n, e_n + 1), jnp.int32)
     old_has = old_has.at[rows(loc), device_of_slot, loc_or_pad].add(1)[:, :, :e_n] > 0
-    iota = jnp.broadcast_to(jnp.arange(p_n, dtype=jnp.int32), (cx, p_n))
+    iota = jnp.broadcast_to(jnp.arange(p_n, dtype=jnp.int32), (x_rows, p_n))
     _, by_expert = lax.sort((loc_or_pad, iota), dimension=1, num_keys=2)
-    old_cnt = jnp.zeros((cx, e_n + 1), jnp.int32).at[rows(loc), loc_or_pad].add(1)
-    old_cnt = old_cnt[:, :e_n]
+    old_cnt = jnp.zeros((x_rows, e_n + 1), jnp.int32).at[rows(loc), loc_or_pad].add(1)[:, :e_n]
     start = jnp.cumsum(old_cnt, axis=1) - old_cnt
     has_pref = item_rank < jnp.take_along_axis(old_cnt, item_e, 1)
     pos = jnp.clip(jnp.take_along_axis(start, item_e, 1) + item_rank, 0, p_n - 1)
@@ -436,7 +474,7 @@ def migrate(
         item_e, item_rank, count = replicate(node_w, dims.p_n)
         rep_load = node_w / count.astype(jnp.float32)  # [CX, E_n]
     with jax.named_scope("old_view"):
-        old_has, pref = _old_view(old, cands.log2mlog, item_e, item_rank, dims)
+        old_has, pref = _old_view(old, mlog2log, item_e, item_rank, dims)
     with jax.named_scope("sticky_pack"):
         item_load = jnp.take_along_axis(rep_load, item_e, 1)
         device = _sticky_pack(item_load, pref, dims.d_n, slots)  # [CX, P_n]
