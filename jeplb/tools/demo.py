@@ -282,6 +282,44 @@ def _say(args, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
+def _model_and_workload(args, devices):
+    """The example model's config, its mesh over ``devices`` and the workload, from the flags:
+    ``(mesh, MoEConfig, DriftingZipf, P)``; exits with a message when P does not split over D."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh
+
+    from jeplb.examples import DriftingZipf, MoEConfig
+
+    slots = args.experts + args.redundant
+    if slots % len(devices):
+        raise SystemExit(
+            f"jeplb demo: --experts {args.experts} + --redundant {args.redundant} = {slots} slots "
+            f"is not divisible by the {len(devices)} devices; choose --redundant so that it is"
+        )
+    mesh = Mesh(np.array(devices), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+    cfg = MoEConfig(
+        num_layers=args.layers,
+        num_experts=args.experts,
+        num_redundant_experts=args.redundant,
+        top_k=args.top_k,
+        d_model=args.d_model,
+        d_ff=args.d_ff,
+        dtype=jnp.dtype(args.dtype),
+    )
+    workload = DriftingZipf(
+        num_layers=args.layers,
+        num_experts=args.experts,
+        batch=args.batch,
+        seq_len=args.seq_len,
+        d_model=args.d_model,
+        zipf_exponent=args.zipf,
+        drift_every=args.drift_every,
+        seed=args.seed,
+    )
+    return mesh, cfg, workload, slots
+
+
 def run(args: argparse.Namespace, out=None) -> dict[str, Any]:
     """Runs the demo with parsed flags; prints the table to ``out`` and returns the figures.
 
@@ -296,41 +334,14 @@ def run(args: argparse.Namespace, out=None) -> dict[str, Any]:
     devices = setup_devices(args.platform, args.cpu_devices)
 
     import jax
-    import jax.numpy as jnp
     from flax import nnx
-    from jax.sharding import Mesh
 
     import jeplb
-    from jeplb.examples import DriftingZipf, MoEConfig, MoETransformer, make_step
+    from jeplb.examples import MoETransformer, make_step
 
     num_devices = len(devices)
-    slots = args.experts + args.redundant
-    if slots % num_devices:
-        raise SystemExit(
-            f"jeplb demo: --experts {args.experts} + --redundant {args.redundant} = {slots} slots "
-            f"is not divisible by the {num_devices} devices; choose --redundant so that it is"
-        )
-    mesh = Mesh(np.array(devices), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
-    cfg = MoEConfig(
-        num_layers=args.layers,
-        num_experts=args.experts,
-        num_redundant_experts=args.redundant,
-        top_k=args.top_k,
-        d_model=args.d_model,
-        d_ff=args.d_ff,
-        dtype=jnp.dtype(args.dtype),
-    )
+    mesh, cfg, workload, slots = _model_and_workload(args, devices)
     progressive = args.layers_per_step or None
-    workload = DriftingZipf(
-        num_layers=args.layers,
-        num_experts=args.experts,
-        batch=args.batch,
-        seq_len=args.seq_len,
-        d_model=args.d_model,
-        zipf_exponent=args.zipf,
-        drift_every=args.drift_every,
-        seed=args.seed,
-    )
     _say(
         args,
         f"jeplb demo: {num_devices} {devices[0].platform} devices, L={args.layers} "
@@ -605,38 +616,9 @@ def run_train(args: argparse.Namespace, out=None) -> dict[str, Any]:
     out = sys.stdout if out is None else out
     devices = setup_devices(args.platform, args.cpu_devices)
 
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import Mesh
+    from jeplb.examples import training
 
-    from jeplb.examples import DriftingZipf, MoEConfig, training
-
-    slots = args.experts + args.redundant
-    if slots % len(devices):
-        raise SystemExit(
-            f"jeplb demo: --experts {args.experts} + --redundant {args.redundant} = {slots} slots "
-            f"is not divisible by the {len(devices)} devices; choose --redundant so that it is"
-        )
-    mesh = Mesh(np.array(devices), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
-    cfg = MoEConfig(
-        num_layers=args.layers,
-        num_experts=args.experts,
-        num_redundant_experts=args.redundant,
-        top_k=args.top_k,
-        d_model=args.d_model,
-        d_ff=args.d_ff,
-        dtype=jnp.dtype(args.dtype),
-    )
-    workload = DriftingZipf(
-        num_layers=args.layers,
-        num_experts=args.experts,
-        batch=args.batch,
-        seq_len=args.seq_len,
-        d_model=args.d_model,
-        zipf_exponent=args.zipf,
-        drift_every=args.drift_every,
-        seed=args.seed,
-    )
+    mesh, cfg, workload, slots = _model_and_workload(args, devices)
     _say(
         args,
         f"jeplb demo --train: {len(devices)} {devices[0].platform} devices, L={args.layers} "
