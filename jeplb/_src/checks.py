@@ -104,6 +104,16 @@ def _shard_alike():
     return shard_alike
 
 
+def place_map(x: Any, mesh) -> Any:
+    """A concrete map as int32 replicated over ``mesh`` (wherever it was); traced ones as they
+    are."""
+    if not is_concrete(x):
+        return x
+    if not isinstance(x, jax.Array):
+        x = np.asarray(x)
+    return jax.device_put(x.astype(np.int32), NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
 def _int_map(x: Any, name: str) -> Any:
     if isinstance(x, list | tuple):
         x = np.asarray(x)

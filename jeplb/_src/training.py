@@ -42,7 +42,6 @@ from jax.sharding import PartitionSpec as P
 from jeplb._src import checks
 from jeplb._src.transfer import agree, engine, layout, stages
 from jeplb._src.transfer import plan as plan_lib
-from jeplb._src.transfer import rows as rows_lib
 from jeplb._src.transfer.config import TransferConfig
 
 __all__ = [
@@ -250,13 +249,7 @@ def _gather(phy2log, leaves, valid, setup: engine.Engine):
     cfg, d = setup.config, setup.num_devices
     num_layers, p_total = phy2log.shape
     n = p_total // d
-    passes, geo = engine._geometry(leaves, n, setup)
-    bufs = [
-        rows_lib.make_varying(
-            jnp.zeros((n, g.block), g.dtype), set(cfg.axes) | rows_lib.varying_axes(x)
-        )
-        for g, x in zip(geo, leaves, strict=True)
-    ]
+    passes, geo, bufs = engine.staging(leaves, n, setup)
     me = lax.axis_index(cfg.axes)
     zeros = jnp.zeros((num_layers,), jnp.int32)
     rank, count = jax.vmap(replica_ranks)(phy2log)
@@ -424,14 +417,6 @@ def sync_program(mesh, specs: tuple, **options):
     return _program(mesh, setup, tuple(tuple(s) for s in specs))
 
 
-def _place_map(x: Any, mesh) -> Any:
-    if not checks.is_concrete(x):
-        return x
-    if not isinstance(x, jax.Array):
-        x = np.asarray(x)
-    return jax.device_put(x.astype(jnp.int32), NamedSharding(mesh, P()))
-
-
 def sync_replica_grads(
     grads: Any,
     phy2log: Any,
@@ -499,7 +484,7 @@ def sync_replica_grads(
     )
     specs = checks.default_specs(specs, config.slot_axis, config.axes)
     setup = engine.Engine(config=config, num_devices=d, platform=checks.platform_of(mesh))
-    out, _ = _program(mesh, setup, specs)(_place_map(m, mesh), leaves)
+    out, _ = _program(mesh, setup, specs)(checks.place_map(m, mesh), leaves)
     return treedef.unflatten(out)
 
 

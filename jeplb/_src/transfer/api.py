@@ -183,16 +183,6 @@ def _body(old, new, leaves, *, setup: engine.Engine):
     )
 
 
-def _place_map(x: Any, mesh) -> Any:
-    """A concrete map as int32 replicated over ``mesh`` (wherever it was); traced ones as they
-    are."""
-    if not checks.is_concrete(x):
-        return x
-    if not isinstance(x, jax.Array):
-        x = np.asarray(x)
-    return jax.device_put(x.astype(jnp.int32), NamedSharding(mesh, P()))
-
-
 def _fingerprint(value: Any) -> np.ndarray:
     """A host fingerprint of any static value (its repr), for the cross-process check."""
     return np.frombuffer(hashlib.sha256(repr(value).encode()).digest(), np.uint8)
@@ -282,7 +272,7 @@ def run_transfer(
     setup = engine.Engine(config=config, num_devices=num_devices, platform=checks.platform_of(mesh))
     traced = not (checks.is_concrete(old) and checks.is_concrete(new))
     program = _program(mesh, setup, specs, bool(donate), single_layer, traced)
-    out, report = program(_place_map(old, mesh), _place_map(new, mesh), leaves)
+    out, report = program(checks.place_map(old, mesh), checks.place_map(new, mesh), leaves)
     return treedef.unflatten(out), report
 
 

@@ -275,19 +275,25 @@ def _geometry(leaves, n: int, engine: Engine) -> tuple[int, list[_Geometry]]:
     return passes, out
 
 
+def staging(leaves, n: int, engine: Engine) -> tuple[int, list[_Geometry], list[jax.Array]]:
+    """The column passes, each leaf's block geometry and its zeroed staging buffer [N, block]."""
+    passes, geo = _geometry(leaves, n, engine)
+    # A buffer varies over the expert axes and every axis its leaf is sharded over.
+    bufs = [
+        rows_lib.make_varying(
+            jnp.zeros((n, g.block), g.dtype), set(engine.config.axes) | rows_lib.varying_axes(x)
+        )
+        for g, x in zip(geo, leaves, strict=True)
+    ]
+    return passes, geo, bufs
+
+
 def _move_staged(old, new, leaves, ok, go, agreed, first, count, engine: Engine):
     """D > 1 (or ``scatter``): per layer, plan, then stage + commit in column passes."""
     cfg, d = engine.config, engine.num_devices
     num_layers, p_total = old.shape
     n = p_total // d
-    passes, geo = _geometry(leaves, n, engine)
-    # A buffer varies over the expert axes and every axis its leaf is sharded over.
-    bufs = [
-        rows_lib.make_varying(
-            jnp.zeros((n, g.block), g.dtype), set(cfg.axes) | rows_lib.varying_axes(x)
-        )
-        for g, x in zip(geo, leaves, strict=True)
-    ]
+    passes, geo, bufs = staging(leaves, n, engine)
     me = lax.axis_index(cfg.axes)
     zeros = jnp.zeros((num_layers,), jnp.int32)
     stats = LayerStats(ok, go, zeros, zeros, zeros, zeros, zeros, agreed, zeros)
