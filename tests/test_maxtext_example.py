@@ -13,7 +13,6 @@ every group aligned (the dense path is bitwise stable at any width).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import jax
@@ -24,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jeplb
+from tests.transfer_model import compilations
 
 pytest.importorskip("flax")
 from jeplb.examples import maxtext_moe as mt
@@ -33,25 +33,8 @@ MESHES = {0: (2, 2, 2), 1: (1, 4, 2)}  # param_scan_axis -> (data, expert, tenso
 STEPS = 7  # rebalances planned in steps 2 (batch a's load) and 5 (batch b's)
 CASES = [(0, "dense"), (0, "ragged"), (1, "dense"), (1, "ragged")]
 IDS = [f"scan{s}-{p}" for s, p in CASES]
-COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 pytestmark = pytest.mark.devices(8)
-
-
-@contextlib.contextmanager
-def _compilations():
-    """Counts XLA backend compilations (jax's own monitoring event) inside the block."""
-    seen = []
-
-    def listener(event, duration_secs, **kwargs):
-        if event == COMPILE_EVENT:
-            seen.append(duration_secs)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield seen
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def _batches(mesh):
@@ -91,7 +74,7 @@ def _run(scan: int, path: str) -> dict:
         compiles=[],
     )
     for i in range(STEPS):
-        with _compilations() as seen:
+        with compilations() as seen:
             params, state, y, info = step(params, state, batches[i % 2])
             run["ys"].append(np.array(y))  # a host sync every step
         run["compiles"].append(len(seen))

@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jeplb
-from tests.transfer_model import make_leaves
+from tests.transfer_model import compilations, make_leaves
 
 L, N, D, E = 2, 2, 8, 8  # layers, slots per device, devices, experts
 PT = N * D  # physical slots
@@ -263,24 +263,6 @@ def test_traced_stages_agreeing_maps_move(mesh, stages_jit):
 
 
 # ------------------------------------------------------------- 2. eager calls: compile, leak
-
-COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-
-
-@contextlib.contextmanager
-def compilations():
-    """Counts XLA backend compilations (jax's own monitoring event) inside the block."""
-    seen = []
-
-    def listener(event, duration_secs, **kwargs):
-        if event == COMPILE_EVENT:
-            seen.append(duration_secs)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield seen
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def test_compilation_counter_sees_a_compilation():

@@ -11,6 +11,9 @@ slots whose row the slot may hold afterwards, so a check accepts exactly the row
 
 from __future__ import annotations
 
+import contextlib
+
+import jax
 import numpy as np
 
 
@@ -144,3 +147,22 @@ def program(mesh, *, num_leaves: int = 1, donate: bool = True, **options):
     from jeplb._src.transfer import api
 
     return api.program_for(mesh, num_leaves=num_leaves, donate=donate, **options)
+
+
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+@contextlib.contextmanager
+def compilations():
+    """Counts XLA backend compilations (jax's own monitoring event) inside the block."""
+    seen = []
+
+    def listener(event, duration_secs, **kwargs):
+        if event == COMPILE_EVENT:
+            seen.append(duration_secs)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield seen
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
