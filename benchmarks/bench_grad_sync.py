@@ -153,6 +153,7 @@ def cpu_wire(*, tiny: bool) -> list[WireRow]:
 @dataclasses.dataclass
 class LocalRow:
     case: str
+    impl: str
     dtype: str
     row_kib: int
     replica_rows: int
@@ -180,6 +181,31 @@ def copy_bandwidth(nbytes: int) -> float:
     return 2 * x.nbytes / _median_s(lambda: xor(x))
 
 
+def _local_row(mesh, m, maps, layers, experts, slots, kib, dtype, impl) -> LocalRow:
+    """Times one (row size, dtype, row_impl) case of the one-device sync (bandwidth filled in by
+    the caller)."""
+    program = training.sync_program(mesh, [(None, "ep")], row_impl=impl)
+    jitted = jax.jit(lambda g, m: program(m, [g])[0][0], donate_argnums=0)
+    width = kib * 1024 // np.dtype(dtype).itemsize
+    g = jax.device_put(
+        jax.random.normal(jax.random.key(0), (layers, slots, width), dtype),
+        NamedSharding(mesh, P(None, "ep")),
+    )
+    temp = jitted.lower(g, maps).compile().memory_analysis().temp_size_in_bytes
+    state = {"g": g}
+
+    def run():
+        state["g"] = jitted(state["g"], maps)
+        return state["g"]
+
+    t = _median_s(run, reps=10)
+    layer = slots * kib * 1024
+    name = f"L={layers} E={experts} P={slots}"
+    return LocalRow(
+        name, impl, np.dtype(dtype).name, kib, 0, t * 1e3, 0.0, 0.0, int(temp), temp / layer
+    )
+
+
 def one_device(*, tiny: bool, kib: int | None = None) -> tuple[list[LocalRow], float]:
     device = jax.devices()[0]
     mesh = Mesh(np.array([device]), ("ep",))
@@ -190,41 +216,18 @@ def one_device(*, tiny: bool, kib: int | None = None) -> tuple[list[LocalRow], f
     _, count = training.replica_ranks(m)
     replica_rows = int((np.asarray(count) > 1).sum())  # rows read once and written once
     copy = copy_bandwidth((16 << 20) if tiny else (1 << 30))
-    program = training.sync_program(mesh, [(None, "ep")])
     maps = jax.device_put(m, NamedSharding(mesh, P()))
-    jitted = jax.jit(lambda g, m: program(m, [g])[0][0], donate_argnums=0)
     out = []
     for kib in rows_kib:
         for dtype in (jnp.bfloat16, jnp.float32):
-            width = kib * 1024 // np.dtype(dtype).itemsize
-            g = jax.device_put(
-                jax.random.normal(jax.random.key(0), (layers, slots, width), dtype),
-                NamedSharding(mesh, P(None, "ep")),
-            )
-            temp = jitted.lower(g, maps).compile().memory_analysis().temp_size_in_bytes
-            state = {"g": g}
-
-            def run(state=state):
-                state["g"] = jitted(state["g"], maps)
-                return state["g"]
-
-            t = _median_s(run)
-            moved = 2 * replica_rows * kib * 1024
-            layer = slots * kib * 1024
-            out.append(
-                LocalRow(
-                    f"L={layers} E={experts} P={slots}",
-                    np.dtype(dtype).name,
-                    kib,
-                    replica_rows,
-                    t * 1e3,
-                    moved / t / 1e12,
-                    moved / t / copy,
-                    int(temp),
-                    temp / layer,
-                )
-            )
-            print(out[-1], flush=True)
+            # auto: the Pallas kernel on a GPU; loop: the XLA loop of gathers and scatters.
+            for impl in ("auto", "loop"):
+                out.append(_local_row(mesh, m, maps, layers, experts, slots, kib, dtype, impl))
+                out[-1].replica_rows = replica_rows
+                moved = 2 * replica_rows * kib * 1024
+                out[-1].tb_s = moved / (out[-1].ms / 1e3) / 1e12
+                out[-1].of_copy = out[-1].tb_s * 1e12 / copy
+                print(out[-1], flush=True)
     return out, copy
 
 

@@ -181,6 +181,38 @@ def test_one_device_sum_of_natively_moving_bf16():
         np.testing.assert_array_equal(_bits(got), _bits(reference(x, m, slot_axis)))
 
 
+@pytest.mark.parametrize("slot_axis", [1, 0])
+def test_one_device_kernel_bitwise(slot_axis):
+    """The one-device Pallas kernel (GPUs; interpreted here, forced with row_impl='pallas'):
+    f32, bf16 and f16 rows, every group summed in slot order, other rows untouched; a traced map
+    with an id below -1 sums nothing."""
+    mesh = _mesh((1,), ("ep",))
+    rng = np.random.default_rng(11 + slot_axis)
+    m = _plan(rng, num_slots=8 * N, num_experts=5)
+    m[1, :9] = 2  # a group of 9 or more slots
+    lead = (L, 8 * N) if slot_axis else (8 * N, L)
+    spec = P(None, "ep") if slot_axis else P("ep")
+    host = {
+        "f32": rng.standard_normal((*lead, 2, 256)).astype(np.float32),
+        "bf16": rng.standard_normal((*lead, 512)).astype(ml_dtypes.bfloat16),
+        "f16": rng.standard_normal((*lead, 1024)).astype(np.float16),
+    }
+    g = {k: jax.device_put(v, NamedSharding(mesh, spec)) for k, v in host.items()}
+    options = dict(layer_axis=1 - slot_axis, slot_axis=slot_axis, row_impl="pallas")
+    program = training.sync_program(mesh, [tuple(spec)] * 3, **options)
+    setup = training.engine.Engine(
+        config=training.TransferConfig(**options), num_devices=1, platform="cpu"
+    )
+    assert all(training._route(x, setup) == "kernel" for x in host.values())
+    leaves = [g[k] for k in sorted(host)]
+    out, _ = program(jnp.asarray(m), leaves)
+    for k, x in zip(sorted(host), out, strict=True):
+        np.testing.assert_array_equal(_bits(x), _bits(reference(host[k], m, slot_axis)), k)
+    same, _ = program(jnp.asarray(m).at[0, 0].set(-3), leaves)
+    for k, x in zip(sorted(host), same, strict=True):
+        np.testing.assert_array_equal(_bits(x), _bits(host[k]), k)
+
+
 @pytest.mark.devices(8)
 def test_traced_maps_one_compile_for_two_placements(mesh8):
     rng = np.random.default_rng(6)
@@ -341,3 +373,21 @@ def test_replica_scale_and_global_norm_count_each_expert_once():
     np.testing.assert_allclose(float(slot_major), want, rtol=1e-6)
     with pytest.raises(ValueError, match=r"grads\['x'\] has shape \(3, 3\)"):
         jeplb.global_norm({"w": jnp.asarray(g), "x": jnp.zeros((3, 3))}, m)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_one_device_kernel_compiled_on_gpu(dtype):
+    """The compiled (not interpreted) kernel under the default row_impl on one GPU, bit for bit,
+    layer-major with a group of many slots."""
+    gpu = jax.devices("gpu")[:1]
+    mesh = jax.make_mesh((1,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,), devices=gpu)
+    rng = np.random.default_rng(12)
+    m = _plan(rng, num_slots=8 * N, num_experts=5)
+    m[1, :9] = 2
+    x = rng.standard_normal((L, 8 * N, 1 << 14)).astype(dtype)
+    g = jax.device_put(x, NamedSharding(mesh, P(None, "ep")))
+    setup = training.engine.Engine(config=training.TransferConfig(), num_devices=1, platform="gpu")
+    assert training._route(g, setup) == "kernel"
+    out = jeplb.sync_replica_grads(g, m, mesh=mesh)
+    np.testing.assert_array_equal(_bits(out), _bits(reference(x, m)))

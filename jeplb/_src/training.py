@@ -40,7 +40,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jeplb._src import checks
-from jeplb._src.transfer import agree, engine, layout, stages
+from jeplb._src.transfer import agree, engine, layout, replica_sum, stages
 from jeplb._src.transfer import plan as plan_lib
 from jeplb._src.transfer.config import TransferConfig
 
@@ -108,27 +108,49 @@ def _sync_local(
 
 
 def _sync_one_device(phy2log, leaves, valid, setup: engine.Engine):
-    """One device: leaves whose dtype moves natively on the platform (every floating dtype on a
-    GPU) take `_sum_one_device`; the others (bf16, f16 and fp8 on XLA:CPU, which move as bits)
-    take the engine, whose per-layer slabs keep the temporary memory below one layer where a
-    whole-leaf bits view would copy the leaf."""
-    fast = [layout.leaf_mode(x.dtype, setup.platform) == "native" for x in leaves]
+    """One device, each leaf by the fastest route it takes (`_route`): the Pallas kernel
+    (`replica_sum`, GPUs), the XLA loop `_sum_one_device` (dtypes that move natively), or the
+    engine (bf16, f16 and fp8 on XLA:CPU, which move as bits: the engine's per-layer slabs keep
+    the temporary memory below one layer where a whole-leaf bits view would copy the leaf)."""
+    routes = [_route(x, setup) for x in leaves]
     out = list(leaves)
     zeros = jnp.zeros((phy2log.shape[0],), jnp.int32)
     stats = SyncStats(zeros, zeros, zeros)
-    if any(fast):
+
+    def pick(route):
+        return [i for i, r in enumerate(routes) if r == route]
+
+    if pick("kernel"):
+        with jax.named_scope("one_device_kernel"):
+            groups = replica_sum.replica_groups(phy2log, valid)
+            for i in pick("kernel"):
+                rows = leaves[i].reshape(leaves[i].shape[0] * leaves[i].shape[1], -1)
+                rows = replica_sum.sum_replicas(rows, groups, slot_major=setup.config.slot_major)
+                out[i] = rows.reshape(leaves[i].shape)
+    if pick("sum"):
         with jax.named_scope("one_device_sum"):
-            summed = _sum_one_device(
-                phy2log, [x for x, f in zip(leaves, fast, strict=True) if f], valid, setup
-            )
-        for i, x in zip([i for i, f in enumerate(fast) if f], summed, strict=True):
+            summed = _sum_one_device(phy2log, [leaves[i] for i in pick("sum")], valid, setup)
+        for i, x in zip(pick("sum"), summed, strict=True):
             out[i] = x
-    if not all(fast):
-        slow = [i for i, f in enumerate(fast) if not f]
-        moved, stats = _sync_engine(phy2log, [leaves[i] for i in slow], valid, setup)
-        for i, x in zip(slow, moved, strict=True):
+    if pick("engine"):
+        moved, stats = _sync_engine(phy2log, [leaves[i] for i in pick("engine")], valid, setup)
+        for i, x in zip(pick("engine"), moved, strict=True):
             out[i] = x
     return out, stats
+
+
+def _route(x: jax.Array, setup: engine.Engine) -> str:
+    """How the one-device sync sums a local leaf: ``kernel`` (`replica_sum`'s Pallas kernel, for
+    ``row_impl`` auto on a GPU or ``pallas`` anywhere, interpreted on the CPU, when the dtype and
+    row width fit it), ``sum`` (`_sum_one_device`, dtypes that move natively) or ``engine``."""
+    impl, platform = setup.config.row_impl, setup.platform
+    num_layers = x.shape[1] if setup.config.slot_major else x.shape[0]
+    rows = x.reshape(x.shape[0] * x.shape[1], -1)
+    if (impl == "pallas" or (impl == "auto" and platform == "gpu")) and replica_sum.kernel_fits(
+        rows, num_layers
+    ):
+        return "kernel"
+    return "sum" if layout.leaf_mode(x.dtype, platform) == "native" else "engine"
 
 
 def _sync_engine(phy2log, leaves, valid, setup: engine.Engine):
@@ -388,11 +410,14 @@ def _lead(m, config: TransferConfig, num_devices: int, local: bool) -> tuple[int
 def _program(mesh, setup: engine.Engine, specs: tuple):
     """One jitted program per (mesh, setup, leaf specs); jit caches it per shapes."""
     inner = [P(*s) for s in specs]
+    # The Pallas interpreter (the kernel on CPU) does not type its grid indices for shard_map.
+    interpreted = setup.config.row_impl == "pallas" and setup.platform == "cpu"
     body = jax.shard_map(
         lambda m, leaves: _sync_local(m, leaves, setup=setup),
         mesh=mesh,
         in_specs=(P(), inner),
         out_specs=(inner, P()),
+        check_vma=not interpreted,
     )
 
     def run(phy2log, leaves):
