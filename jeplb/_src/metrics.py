@@ -133,14 +133,35 @@ def device_loads(phy2log: jax.Array, load: jax.Array, num_devices: int) -> jax.A
       [[3.0, 5.0]]
     """
     phy2log, load = _checked(phy2log, load, num_devices)
-    num_layers, num_slots = phy2log.shape
-    num_log = load.shape[1]
+    num_layers, num_log = load.shape
     valid = (phy2log >= 0) & (phy2log < num_log)
     ids = jnp.where(valid, phy2log, num_log)
     rows = jnp.arange(num_layers)[:, None]
-    count = jnp.zeros((num_layers, num_log + 1), jnp.float32).at[rows, ids].add(1.0)
-    load = jnp.concatenate([load, jnp.zeros((num_layers, 1), jnp.float32)], axis=1)
-    per_slot = jnp.where(valid, load[rows, ids] / jnp.maximum(count[rows, ids], 1.0), 0.0)
+    logcnt = jnp.zeros((num_layers, num_log + 1), jnp.int32).at[rows, ids].add(1)[:, :num_log]
+    return device_loads_counted(phy2log, logcnt, load, num_devices)
+
+
+def device_loads_counted(
+    phy2log: jax.Array, logcnt: jax.Array, load: jax.Array, num_devices: int
+) -> jax.Array:
+    """`device_loads` given the replica counts (unchecked): no scatter, two gathers and a sum.
+
+    Args:
+      phy2log: int32[L, P], -1 = empty.
+      logcnt: int[L, E] slots of each expert in ``phy2log`` (as `jeplb.EplbState` keeps them).
+      load: float32[L, E].
+      num_devices: D, a divisor of P.
+
+    Returns:
+      float32[L, D].
+    """
+    num_layers, num_slots = phy2log.shape
+    num_log = load.shape[1]
+    valid = (phy2log >= 0) & (phy2log < num_log)
+    ids = jnp.where(valid, phy2log, 0)
+    rows = jnp.arange(num_layers)[:, None]
+    count = jnp.maximum(logcnt[rows, ids].astype(jnp.float32), 1.0)
+    per_slot = jnp.where(valid, load[rows, ids] / count, 0.0)
     return per_slot.reshape(num_layers, num_devices, num_slots // num_devices).sum(-1)
 
 
@@ -162,7 +183,18 @@ def balancedness(phy2log: jax.Array, load: jax.Array, num_devices: int) -> Balan
       >>> round(float(b.balancedness), 6)
       0.8
     """
-    loads = device_loads(phy2log, load, num_devices)
+    return _balance(device_loads(phy2log, load, num_devices))
+
+
+def balance_counted(
+    phy2log: jax.Array, logcnt: jax.Array, load: jax.Array, num_devices: int
+) -> Balance:
+    """`balancedness` given the replica counts (unchecked; see `device_loads_counted`)."""
+    return _balance(device_loads_counted(phy2log, logcnt, load, num_devices))
+
+
+def _balance(loads: jax.Array) -> Balance:
+    """The `Balance` of device loads float32[L, D]."""
     mean = loads.mean(axis=1)
     top = loads.max(axis=1)
     total_max = top.sum()

@@ -95,9 +95,10 @@ class StepInfo:
 # ----------------------------------------------------------------------------------- metrics
 
 
-def _balancedness(load: jax.Array, phy2log: jax.Array, num_devices: int):
-    """(per_layer float32[L], total float32[]) of `jeplb.balancedness` for the window's load."""
-    b = balance.balancedness(phy2log, load, num_devices)
+def _balancedness(load: jax.Array, phy2log: jax.Array, logcnt: jax.Array, num_devices: int):
+    """(per_layer float32[L], total float32[]) of `jeplb.balancedness` for the window's load,
+    from the state's replica counts (gathers only: no scatter in the idle step)."""
+    b = balance.balance_counted(phy2log, logcnt, load, num_devices)
     return b.per_layer, b.balancedness
 
 
@@ -225,7 +226,9 @@ def _local_step(state: EplbState, leaves: list[jax.Array], *, load_axes: tuple[s
     )
 
     with jax.named_scope("eplb_metrics"):
-        per_layer, overall = _balancedness(total.astype(jnp.float32), maps[0], state.num_devices)
+        per_layer, overall = _balancedness(
+            total.astype(jnp.float32), maps[0], maps[2], state.num_devices
+        )
 
     new_state = state.replace(
         phy2log=maps[0],
