@@ -229,6 +229,7 @@ def _idle_scale(devices, *, warmup: int, repeats: int) -> list[dict[str, Any]]:
         for prog in progs.values():
             prog["times"].append(run(prog))
     ref = float(np.median(progs[1]["times"]))
+    looped = _idle_in_a_loop(mesh, progs[big]["carry"], warmup=warmup, repeats=repeats)
     return [
         dict(
             case=f"idle eplb_step L{lay} E{e} P{p} W{w}",
@@ -242,6 +243,67 @@ def _idle_scale(devices, *, warmup: int, repeats: int) -> list[dict[str, Any]]:
             repeats=repeats,
         )
         for w, prog in progs.items()
+    ] + looped
+
+
+# Idle steps per program in the looped measure: the per-step cost is the difference of the two
+# programs' times over the difference of their steps, so the call's dispatch cancels out.
+_LOOP_STEPS = (1, 41)
+
+
+def _idle_in_a_loop(mesh, carry, *, warmup: int, repeats: int) -> list[dict[str, Any]]:
+    """The idle step as a model's jit pays it: K idle eplb_steps (each with a new pass load) in
+    one jitted `lax.fori_loop`, K = 1 and 41; per step = the median time difference / 40."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    import jeplb
+
+    state = carry[0]
+    counts = np.random.default_rng(1).integers(0, 500, state.pass_load.shape, dtype=np.int32)
+    base = jnp.asarray(counts)
+
+    def make(k):
+        def body(i, c):
+            s, w = c
+            s = s.replace(pass_load=(base + i).astype(jnp.int32))
+            s, w, _ = jeplb.eplb_step(s, w, mesh=mesh)
+            return s, w
+
+        return jax.jit(lambda s, w: lax.fori_loop(0, k, body, (s, w)), donate_argnums=(0, 1))
+
+    progs = {k: dict(step=make(k), times=[]) for k in _LOOP_STEPS}
+    live = [carry]
+
+    def run(prog):
+        t = time.perf_counter()
+        out = prog["step"](*live[0])
+        jax.block_until_ready(out)
+        live[0] = out
+        return time.perf_counter() - t
+
+    for prog in progs.values():
+        for _ in range(warmup):
+            run(prog)
+    for _ in range(repeats):
+        for prog in progs.values():
+            prog["times"].append(run(prog))
+    short, long = (float(np.median(progs[k]["times"])) for k in _LOOP_STEPS)
+    per_step = (long - short) / (_LOOP_STEPS[1] - _LOOP_STEPS[0])
+    lay, e, p, w = _IDLE
+    return [
+        dict(
+            case=f"idle eplb_step L{lay} E{e} P{p} W{w}, per step inside a jitted loop",
+            window_size=w,
+            devices=len(mesh.devices.flat),
+            median_us=1e6 * per_step,
+            min_us=float("nan"),
+            vs_window_1=float("nan"),
+            temp_bytes=0,
+            window_bytes=int(state.window.nbytes),
+            repeats=repeats,
+        )
     ]
 
 
@@ -251,13 +313,14 @@ def idle_markdown(rows) -> str:
     ref = rows[0]["temp_bytes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
+        looped = np.isnan(r["min_us"])  # the per-step figure of the jitted loop
         vals = [
             r["case"],
             f"{r['median_us']:.0f}",
-            f"{r['min_us']:.0f}",
-            f"{r['vs_window_1']:.2f}x",
-            f"{r['temp_bytes'] / 1e6:.2f}",
-            f"{r['temp_bytes'] - ref:+d}",
+            "-" if looped else f"{r['min_us']:.0f}",
+            "-" if looped else f"{r['vs_window_1']:.2f}x",
+            "-" if looped else f"{r['temp_bytes'] / 1e6:.2f}",
+            "-" if looped else f"{r['temp_bytes'] - ref:+d}",
             f"{r['window_bytes'] / 1e6:.2f}",
         ]
         lines.append("| " + " | ".join(vals) + " |")
@@ -408,7 +471,11 @@ def _main_idle(args, devices, argv, prog) -> int:
         f"interleaved. temp: the compiled program's temporary bytes (memory_analysis), and "
         f"how many more the W = {_IDLE[3]} program has than the W = 1 one: what grows with the "
         f"window (the rest, the same at both sizes, is the step's other work compiled in, e.g. "
-        f"the policy and the transfer plan that run when a rebalance is due). Load average at the end: "
+        f"the policy and the transfer plan that run when a rebalance is due). The last row is "
+        f"the step as a model's jit pays it: {_LOOP_STEPS[1]} and {_LOOP_STEPS[0]} idle steps "
+        f"(each with a new pass load) in one jitted fori_loop, the difference of the two "
+        f"programs' median times over {_LOOP_STEPS[1] - _LOOP_STEPS[0]} steps, so the call's "
+        f"dispatch cancels out. Load average at the end: "
         f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs.\n\n"
         + idle_markdown(rows)
     )
