@@ -176,6 +176,19 @@ def test_dispatch_counts_exactly_what_was_routed(placed):
     np.testing.assert_array_equal(s2.pass_load[1], 2 * want)
 
 
+@pytest.mark.parametrize("n", [1, 7, 1000, 4096 * 8])
+def test_both_counting_kernels_match_bincount(n):
+    """The accelerators' blocked count and the CPU's flat one, against numpy's bincount (ids E
+    are the dropped ones)."""
+    from jeplb._src import dispatch as dispatch_lib
+
+    e = 256
+    ids = np.random.default_rng(n).integers(0, e + 1, n).astype(np.int32)
+    want = np.bincount(ids, minlength=e + 1)[:e]
+    for count in (dispatch_lib._count_flat, dispatch_lib._count_blocked):
+        np.testing.assert_array_equal(np.asarray(count(jnp.asarray(ids), num_experts=e)), want)
+
+
 def test_dispatch_spreads_over_replicas_deterministically(placed):
     cnt = np.asarray(placed.logcnt[0])
     e = int(np.argmax(cnt))

@@ -29,6 +29,7 @@ nothing. The counts are added through `EplbState.record`, so they never wrap: an
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -241,12 +242,42 @@ def dispatch_layer(
             phys = jnp.where(has_local, local, phys)
         phys = jnp.where(in_range, phys, -1)
         counted = in_range if valid is None else in_range & jnp.asarray(valid, bool)[..., None]
-        counts = (
-            jnp.zeros((num_experts,), jnp.int32)
-            .at[jnp.where(counted, ids, num_experts)]
-            .add(1, mode="drop")
-        )
+        counts = _count(jnp.where(counted, ids, num_experts).reshape(-1), num_experts)
     return phys, counts
+
+
+# Rows of per-block counts on accelerators: 256 blocks spread the scatter's atomic adds over
+# 256 x E counters (one counter per expert took 35 us per layer for 16384 x 8 ids on an H200,
+# 256 blocks about 1 us above the loop's own cost).
+_COUNT_BLOCKS = 256
+
+
+def _count(ids: jax.Array, num_experts: int) -> jax.Array:
+    """int32[E] occurrences of each id in ``ids`` (int32[n], ids in [0, E]; E is dropped): on
+    the CPU `_count_flat`, elsewhere `_count_blocked`. Both exact (integer adds)."""
+    if ids.shape[0] == 0:
+        return jnp.zeros((num_experts,), jnp.int32)
+    return lax.platform_dependent(
+        ids,
+        cpu=functools.partial(_count_flat, num_experts=num_experts),
+        default=functools.partial(_count_blocked, num_experts=num_experts),
+    )
+
+
+def _count_flat(ids: jax.Array, *, num_experts: int) -> jax.Array:
+    """One scatter-add into E counters."""
+    return jnp.zeros((num_experts,), jnp.int32).at[ids].add(1, mode="drop")
+
+
+def _count_blocked(ids: jax.Array, *, num_experts: int) -> jax.Array:
+    """A scatter-add into ``_COUNT_BLOCKS`` rows of E counters (one row per block of ids), then
+    the rows' sum: fewer adds contend for one counter."""
+    n = ids.shape[0]
+    blocks = min(_COUNT_BLOCKS, n)
+    grid = jnp.pad(ids, (0, (-n) % blocks), constant_values=num_experts).reshape(blocks, -1)
+    rows = jnp.arange(blocks, dtype=jnp.int32)[:, None]
+    per_block = jnp.zeros((blocks, num_experts), jnp.int32).at[rows, grid].add(1, mode="drop")
+    return per_block.sum(0, dtype=jnp.int32)
 
 
 def dispatch(
