@@ -19,10 +19,11 @@ So a replica row crosses the wire at most twice (to its owner and back), -1 slot
 one slot are never written, and the temporary memory is the engine's staging buffer (below one
 layer of the device's local weights).
 
-On one device (`_sum_one_device`) there is no plan: one loop over chunks of at most P / 2 row
-jobs (the rank-1 adds of every layer, then rank 2, ..., then the copies to the replicas), each
-chunk one gather, add and scatter of replica rows, so a few loop trips in all instead of a
-planned transfer per (layer, rank). No collective runs.
+On one device there is no plan and no collective. On a GPU a Pallas kernel
+(`transfer.replica_sum`) reads each replica row once and writes it once. Elsewhere
+(`_sum_one_device`) one loop runs over chunks of at most P / 2 row jobs (the rank-1 adds of every
+layer, then rank 2, ..., then the copies to the replicas), each chunk one gather, add and scatter
+of replica rows, so a few loop trips in all instead of a planned transfer per (layer, rank).
 """
 
 from __future__ import annotations
