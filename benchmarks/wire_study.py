@@ -365,6 +365,18 @@ class ScheduleRow:
 
 
 @dataclasses.dataclass
+class CapacityRow:
+    devices: int
+    plan: str
+    cube_hops: float
+    cube_bound: float
+    signed_hops: float
+    signed_bound: float
+    twohop_hops: float
+    twohop_bound: float
+
+
+@dataclasses.dataclass
 class SenderRow:
     devices: int
     plan: str
@@ -419,9 +431,16 @@ def study(d: int, kind: str, num_layers: int):
         med([family_log10_k(x, t) for x, t in zip(layers, t_target, strict=True)]),
     )  # fmt: skip
     runs = {}  # (family, senders) -> list of Routed per layer
+    cap = [d, kind]
     for name in (*FAMILIES, "all+xor"):
         perms = family(name, d)
         dist = hop_table(perms)
+        if name in FAMILIES:
+            # Each unit round moves at most D rows one hop: T >= (sum of the rows' fewest hops) / D.
+            need = np.array([sum(dist[h, v].min() for v, h in zip(x.dst, x.holders, strict=True))
+                             for x in layers], np.float64)  # fmt: skip
+            rows = np.maximum([len(x.dst) for x in layers], 1)
+            cap += [med(need / rows), med(np.maximum(np.ceil(need / d), floor) / floor)]
         for how in HOW if name != "all+xor" else ("plan",):
             runs[name, how] = [route(x, perms, dist, senders(x, dist, how)) for x in layers]
     perms = family("cube", d)
@@ -459,7 +478,7 @@ def study(d: int, kind: str, num_layers: int):
                 max(r.peak_transit for r in chosen) / layers[0].n,
             )
         )  # fmt: skip
-    return brow, srow, sender, costs
+    return brow, srow, CapacityRow(*cap), sender, costs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -470,12 +489,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     cmd = " ".join(["python benchmarks/wire_study.py", *(sys.argv[1:] if argv is None else argv)])
     t0 = time.perf_counter()
-    bounds, scheds, sends, costs = [], [], [], []
+    bounds, scheds, caps, sends, costs = [], [], [], [], []
     for d in DEVICES:
         for kind in ("reshuffle", "drift"):
-            b, s, r, c = study(d, kind, args.layers)
+            b, s, h, r, c = study(d, kind, args.layers)
             bounds.append(b)
             scheds.append(s)
+            caps.append(h)
             sends.append(r)
             costs += c
             print(s, flush=True)
@@ -488,6 +508,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         + "\n"
         + table(scheds, "(b) Unit rounds / floor, medians over layers", float_format=fmt)
+        + "\n"
+        + table(
+            caps,
+            "Hop capacity of each family: mean fewest hops per row, and the bound "
+            "max(floor, ceil(sum of hops / D)) / floor (no relaying)",
+            float_format=fmt,
+        )
         + "\n"
         + table(sends, "Which copy sends: unit rounds / floor by sender choice", float_format=fmt)
         + "\n"
