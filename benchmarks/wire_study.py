@@ -78,7 +78,7 @@ def primaries(old: np.ndarray, new: np.ndarray, d: int):
     return np.array(dst, np.int64), np.array(exp, np.int64), hold
 
 
-def plan_senders(dst, holders, d: int, p_total: int):
+def plan_senders(dst, holders, d: int):
     """plan.py's sender choice (flat network) and its rotation rounds: fewest holders first, each
     to the holder whose round grows least, then the least loaded, then the lowest index."""
     pair = np.zeros((d, d), np.int64)
@@ -108,7 +108,7 @@ def layers_for(kind: str, d: int, num_layers: int) -> list[Layer]:
     for o, w in zip(old, new, strict=True):
         dst, exp, hold = primaries(o, w, d)
         holders = [np.nonzero(hold[e])[0] for e in exp]
-        src, rot, floor = plan_senders(dst, holders, d, p_total)
+        src, rot, floor = plan_senders(dst, holders, d)
         out.append(Layer(d, p_total // d, dst, exp, holders, src, rot, floor))
     return out
 
