@@ -281,10 +281,13 @@ def route(
     *,
     beta: float = 1.0,
     rng: np.random.Generator | None = None,
+    cap: int | None = None,
 ) -> Routed:
     """Greedy forwarding: each unit round takes the permutation of ``perms`` that moves the most
     urgent rows one hop closer (see `_pick`), every device sending at most one row. With ``rng``,
-    each row's worth is multiplied by a random factor e^(N(0, 1/4)) (a seeded restart)."""
+    each row's worth is multiplied by a random factor e^(N(0, 1/4)) (a seeded restart). With
+    ``cap``, no row is forwarded into a device already holding ``cap`` rows for others (unless no
+    row could move at all)."""
     d, dst = layer.d, layer.dst
     pos = src.copy()
     live = pos != dst
@@ -294,6 +297,12 @@ def route(
         left = dist[pos[idx], dst[idx]]
         # can[r, k]: row r gets one hop closer in a round of permutation k.
         can = dist[perms[:, pos[idx]].T, dst[idx][:, None]] == (left - 1)[:, None]
+        if cap is not None:
+            held = np.bincount(pos[live & (pos != src)], minlength=d)
+            to = perms[:, pos[idx]].T  # [m, K]
+            room = (to == dst[idx][:, None]) | (held[to] < cap) | (to == src[idx][:, None])
+            if (can & room).any():
+                can = can & room
         k, go = _pick(d, dst[idx], pos[idx], can, left, beta, rng)
         pos[idx[go]] = perms[k, pos[idx[go]]]
         live = pos != dst
@@ -358,9 +367,11 @@ class ScheduleRow:
     signed: float
     twohop: float
     cube_restarts: float
+    cube_cap: float
     all_xor: float
     best: float
     best_max: float
+    best_capped: float
     target: float
 
 
@@ -456,18 +467,22 @@ def study(d: int, kind: str, num_layers: int):
         )
         for i, x in enumerate(layers)
     ]
+    runs["cube+cap", "near"] = [
+        route(x, perms, dist, senders(x, dist, "near"), cap=x.n) for x in layers
+    ]
     ratio = {key: np.array([r.rounds for r in v]) / floor for key, v in runs.items()}
     rotation = np.array([x.rotation for x in layers]) / floor
-    best = np.min([rotation] + [ratio[k] for k in runs if k[0] != "all+xor"], axis=0)
+    best = np.min([rotation] + [ratio[k] for k in runs if k[0] in (*FAMILIES, "cube+restarts")], 0)
+    best_cap = np.min([rotation, ratio["cube+cap", "near"]], axis=0)
     srow = ScheduleRow(
         d, kind, brow.bound_ratio, brow.rotation_ratio,
         *(med(np.min([ratio[f, h] for h in HOW], axis=0)) for f in FAMILIES),
-        med(ratio["cube+restarts", "near"]), med(ratio["all+xor", "plan"]), med(best),
-        float(best.max()), target,
+        med(ratio["cube+restarts", "near"]), med(ratio["cube+cap", "near"]),
+        med(ratio["all+xor", "plan"]), med(best), float(best.max()), med(best_cap), target,
     )  # fmt: skip
     sender = SenderRow(d, kind, *(med(ratio[f, h]) for f in ("cube", "twohop") for h in HOW))
     costs = []
-    for name in (*FAMILIES, "cube+restarts"):
+    for name in (*FAMILIES, "cube+restarts", "cube+cap"):
         hows = HOW if name in FAMILIES else ("near",)
         pick = np.argmin([ratio[name, h] for h in hows], axis=0)
         chosen = [runs[name, hows[j]][i] for i, j in enumerate(pick)]
