@@ -18,7 +18,8 @@ reshuffle and drift, P as there); every figure is a median over layers of T / fl
 * (b) ``rotation``: today's schedule. Greedy forwarding schedules (`route`) over a family of
   static permutations (`family`): ``cube`` (shifts 2^k), ``signed`` (+-2^k), ``twohop``
   ({1..q-1} u {q, 2q, ...}), ``all+xor`` (the D - 1 shifts and the D - 1 XOR maps, direct), each
-  with the senders chosen three ways (`senders`), and ``cube`` with seeded restarts.
+  with the senders chosen three ways (`senders`), and ``cube`` with seeded restarts and with at
+  most N rows in transit per device.
 
 The results file keeps the hand-written reading that follows its tables (from ``## Reading``).
 """
