@@ -12,12 +12,15 @@ It runs on the transfer engine and moves only what must move, in two phases per 
   slot exactly as a transfer stages them (`stages.stage`: local copies, rotation rounds of C-row
   chunks), the owner's row is added to the staged row, and the commit writes the sum back into
   the owner's slot. After rank r the owner holds ``((g_0 + g_1) + ...) + g_r``.
-* broadcast: a plain transfer (`engine.move_layers`) from the map in which only owners hold their
-  expert to the full map copies each sum to the other replicas.
+* broadcast: a plain transfer (the engine's stage and commit) from the map in which only owners
+  hold their expert to the full map copies each sum to the other replicas.
 
-So a replica row crosses the wire at most twice (to its owner and back), -1 slots and experts with
-one slot are never written, and the temporary memory is the engine's staging buffer (below one
-layer of the device's local weights).
+Both phases of every layer run in one loop over (layer, step) pairs with one set of the engine's
+staging buffers (`engine.staging`: N_local rows of a block of columns, the row count below one
+layer), so a replica row crosses the wire at most twice (to its owner and back), -1 slots and
+experts with one slot are never written, and the temporary memory is that one staging buffer plus
+the plan's int32[P]-sized tables: below one layer of the device's local weights
+(benchmarks/results/grad_sync_cpu.md).
 
 On one device (`_sum_one_device`) there is no plan: one loop over chunks of at most P / 2 row
 jobs (the rank-1 adds of every layer, then rank 2, ..., then the copies to the replicas), each
@@ -75,21 +78,39 @@ class SyncStats:
 def replica_ranks(phy2log: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Rank and replica count of every slot.
 
+    Computed by a stable sort of each map (no [P, P] comparison table), so its memory is a few
+    int32[..., P] arrays.
+
     Args:
       phy2log: int32[..., P] maps, -1 for empty slots.
 
     Returns:
       ``(rank, count)``, int32[..., P] each: ``rank`` is the number of lower slots holding the
-      same expert (0: the expert's owner), ``count`` the number of slots holding it (0 for -1).
+      same expert (0: the expert's owner, and -1 slots), ``count`` the number of slots holding
+      it (0 for -1).
+
+    Example:
+      >>> rank, count = replica_ranks(jnp.array([[0, 1, 0, -1, 0]]))
+      >>> rank.tolist(), count.tolist()
+      ([[0, 0, 1, 0, 2]], [[3, 1, 3, 0, 3]])
     """
     m = jnp.asarray(phy2log).astype(jnp.int32)
     p_total = m.shape[-1]
-    same = (m[..., :, None] == m[..., None, :]) & (m >= 0)[..., :, None]
-    slot = jnp.arange(p_total)
-    lower = slot[None, :] < slot[:, None]
-    rank = (same & lower).sum(-1).astype(jnp.int32)
-    count = same.sum(-1).astype(jnp.int32)
-    return rank, count
+    axis = m.ndim - 1
+    slot = jnp.broadcast_to(jnp.arange(p_total, dtype=jnp.int32), m.shape)
+    order = jnp.argsort(m, axis=-1, stable=True).astype(jnp.int32)  # ties: ascending slot
+    ids = jnp.take_along_axis(m, order, axis=-1)
+    edge = ids[..., 1:] != ids[..., :-1]
+    true = jnp.ones((*m.shape[:-1], 1), bool)
+    first = lax.cummax(jnp.where(jnp.concatenate([true, edge], -1), slot, 0), axis=axis)
+    last = lax.cummin(
+        jnp.where(jnp.concatenate([edge, true], -1), slot, p_total), axis=axis, reverse=True
+    )
+    back = jnp.argsort(order, axis=-1).astype(jnp.int32)  # the inverse permutation
+    rank = jnp.take_along_axis(slot - first, back, axis=-1)
+    count = jnp.take_along_axis(last - first + 1, back, axis=-1)
+    held = m >= 0
+    return jnp.where(held, rank, 0).astype(jnp.int32), jnp.where(held, count, 0).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------- local core
@@ -133,26 +154,15 @@ def _sync_one_device(phy2log, leaves, valid, setup: engine.Engine):
 
 def _sync_engine(phy2log, leaves, valid, setup: engine.Engine):
     """The sync through the transfer engine (several devices, or bits-moving leaves on one)."""
-    cfg, d = setup.config, setup.num_devices
-    num_layers = phy2log.shape[0]
-    if d > 1:
+    if setup.num_devices > 1:
         with jax.named_scope("agree"):
             # Trip counts of collective loops come from the map: every device must hold the same
             # one (else nothing moves and no collective loop runs).
             signature = agree.static_signature(
                 "sync_replica_grads", setup, [(x.shape, str(x.dtype)) for x in leaves]
             )
-            valid = valid & agree.maps_agree((phy2log, jnp.asarray(signature)), cfg.axes)
-    with jax.named_scope("gather"):
-        leaves, gather_wire, gather_chunks = _gather(phy2log, leaves, valid, setup)
-    with jax.named_scope("broadcast"):
-        rank, _ = jax.vmap(replica_ranks)(phy2log)
-        owners = jnp.where(rank == 0, phy2log, -1)
-        count = jnp.where(valid, num_layers, 0)
-        leaves, stats = engine.move_layers(
-            owners, phy2log, leaves, first=0, count=count, all_or_nothing=True, engine=setup
-        )
-    return leaves, SyncStats(gather_wire, stats.wire_rows, gather_chunks)
+            valid = valid & agree.maps_agree((phy2log, jnp.asarray(signature)), setup.config.axes)
+    return _gather_broadcast(phy2log, leaves, valid, setup)
 
 
 def _one_device_jobs(phy2log, valid, *, slot_major: bool, chunk: int):
@@ -242,49 +252,86 @@ def _sum_one_device(phy2log, leaves, valid, setup: engine.Engine):
     ]
 
 
-def _gather(phy2log, leaves, valid, setup: engine.Engine):
-    """Owners' rows := ascending-slot sums of their expert's rows, every layer: one fori_loop
-    over the (layer, replica rank) steps (a flat loop: a loop nested in a loop over layers makes
-    XLA:CPU copy leaves whose rows it writes with selects)."""
+def _gather_broadcast(phy2log, leaves, valid, setup: engine.Engine):
+    """Both phases of every layer in ONE fori_loop over (layer, step) pairs, sharing one set of
+    staging buffers (`engine.staging`), so one layer's staging is live at a time.
+
+    Layer l, whose largest replica count is R_l > 1, takes R_l steps: step r < R_l gathers rank r
+    (owners' rows := owner + rank-r replica), step R_l broadcasts (a plain transfer from the map
+    in which only owners hold their expert to the full map). Layers without replicas take none.
+    A flat loop: a loop over steps nested in a loop over layers makes XLA:CPU copy leaves whose
+    rows it writes with selects.
+    """
     cfg, d = setup.config, setup.num_devices
     num_layers, p_total = phy2log.shape
-    n = p_total // d
-    passes, geo, bufs = engine.staging(leaves, n, setup)
+    passes, geo, bufs = engine.staging(leaves, p_total // d, setup)
     me = lax.axis_index(cfg.axes)
-    zeros = jnp.zeros((num_layers,), jnp.int32)
-    rank, count = jax.vmap(replica_ranks)(phy2log)
-    # Steps of layer l: ranks 1 .. max count - 1; step k is (layer, rank) from the prefix sums.
-    steps = jnp.where(valid, jnp.maximum(count.max(-1) - 1, 0), 0).astype(jnp.int32)
+    rank, count = replica_ranks(phy2log)
+    top = count.max(-1)
+    steps = jnp.where(valid & (top > 1), top, 0).astype(jnp.int32)
     ends = jnp.cumsum(steps).astype(jnp.int32)
+    zeros = jnp.zeros((num_layers,), jnp.int32)
 
     def step(k, carry):
-        leaves, bufs, wire, chunks = carry
+        leaves, bufs, stats = carry
         li = jnp.searchsorted(ends, k, side="right").astype(jnp.int32)
         r = k - (ends[li] - steps[li]) + 1
+        gather = r < steps[li]
         row, rank_l, count_l = phy2log[li], rank[li], count[li]
         with jax.named_scope("plan"):
-            old = jnp.where(rank_l == r, row, -1)
-            new = jnp.where((rank_l == 0) & (count_l > r), row, -1)
-            plan = plan_lib.plan_layer(old, new, num_devices=d, chunk_rows=cfg.chunk_rows)
+            owners = jnp.where(rank_l == 0, row, -1)
+            old = jnp.where(gather, jnp.where(rank_l == r, row, -1), owners)
+            new = jnp.where(gather, jnp.where((rank_l == 0) & (count_l > r), row, -1), row)
+            plan = plan_lib.plan_layer(
+                old,
+                new,
+                num_devices=d,
+                chunk_rows=cfg.chunk_rows,
+                devices_per_node=cfg.devices_per_node,
+            )
             meta, send, recv = plan_lib.local_metadata(plan, old, new, me, num_devices=d)
         rounds = stages.Rounds(send, recv, plan.num_chunks)
-        for p in range(passes):
-            with jax.named_scope(f"pass_{p}" if passes > 1 else "stage_add_commit"):
-                leaves, bufs = _pass(leaves, bufs, li, p, meta, rounds, geo, setup)
-        wire = wire.at[li].add(plan.wire_rows)
-        chunks = chunks.at[li].add(plan.wire_rows // cfg.chunk_rows)
-        return leaves, bufs, wire, chunks
+        adds = jnp.where(gather, meta.commit_count, 0)
+        leaves, bufs = _passes(leaves, bufs, li, passes, meta, rounds, adds, geo, setup)
+        wire = plan.wire_rows
+        stats = SyncStats(
+            stats.gather_wire_rows.at[li].add(jnp.where(gather, wire, 0)),
+            stats.broadcast_wire_rows.at[li].add(jnp.where(gather, 0, wire)),
+            stats.gather_chunks.at[li].add(jnp.where(gather, wire // cfg.chunk_rows, 0)),
+        )
+        return leaves, bufs, stats
 
-    carry = (list(leaves), bufs, zeros, zeros)
-    leaves, _, wire, chunks = lax.fori_loop(0, ends[-1], step, carry)
-    return leaves, wire, chunks
+    carry = (list(leaves), bufs, SyncStats(zeros, zeros, zeros))
+    leaves, _, stats = lax.fori_loop(0, ends[-1], step, carry)
+    return leaves, stats
 
 
-def _pass(leaves, bufs, li, p, meta, rounds, geo, setup: engine.Engine):
-    """Column pass ``p`` of one gather rank: stage the replicas' rows onto their owners' buffer
-    rows, add the owners' rows, commit the sums into the owners' slots."""
+def _passes(leaves, bufs, li, passes: int, meta, rounds, adds, geo, setup: engine.Engine):
+    """Every column pass of one step (each stages, adds and commits one block of columns). When
+    every leaf splits into the passes they are one `fori_loop` over the pass index (rounds and
+    row moves compiled once; unrolled passes' column masks would be hoisted out of the step loop
+    and stay live side by side); else pass 0 (with the leaves staged whole) and the others are
+    unrolled."""
+    if passes > 1 and all(g.split for g in geo):
+
+        def one(p, carry):
+            return _pass(*carry, li, p.astype(jnp.int32), meta, rounds, adds, geo, setup)
+
+        with jax.named_scope("passes"):
+            leaves, bufs = lax.fori_loop(0, passes, one, (list(leaves), list(bufs)))
+        return list(leaves), list(bufs)
+    for p in range(passes):
+        with jax.named_scope(f"pass_{p}" if passes > 1 else "stage_add_commit"):
+            leaves, bufs = _pass(leaves, bufs, li, p, meta, rounds, adds, geo, setup)
+    return leaves, bufs
+
+
+def _pass(leaves, bufs, li, p, meta, rounds, adds, geo, setup: engine.Engine):
+    """Column pass ``p`` of one step: stage the rows the plan moves (local copies, rounds), add
+    the owners' rows to the first ``adds`` staged rows of the commit list (a gather step; 0 in a
+    broadcast step), commit them into their slots."""
     cfg = setup.config
-    part = [i for i, g in enumerate(geo) if g.split or p == 0]
+    part = [i for i, g in enumerate(geo) if g.split or (isinstance(p, int) and p == 0)]
     if not part:
         return leaves, bufs
     spaces = tuple(
@@ -310,7 +357,9 @@ def _pass(leaves, bufs, li, p, meta, rounds, geo, setup: engine.Engine):
         impls=impls,
     )
     with jax.named_scope("add"):
-        staged = tuple(_add_owner_rows(s, b, meta) for s, b in zip(spaces, staged, strict=True))
+        staged = tuple(
+            _add_owner_rows(s, b, meta, adds) for s, b in zip(spaces, staged, strict=True)
+        )
     spaces = stages.commit(spaces, staged, meta, impls)
     leaves, bufs = list(leaves), list(bufs)
     for k, i in enumerate(part):
@@ -319,9 +368,10 @@ def _pass(leaves, bufs, li, p, meta, rounds, geo, setup: engine.Engine):
     return leaves, bufs
 
 
-def _add_owner_rows(space: layout.RowSpace, buf: jax.Array, meta) -> jax.Array:
-    """``buf[src_k] = owner_k + buf[src_k]`` for the commit list (owner_k: the row the commit
-    will overwrite), added in the leaf's dtype, one row at a time (no extra buffer)."""
+def _add_owner_rows(space: layout.RowSpace, buf: jax.Array, meta, count) -> jax.Array:
+    """``buf[src_k] = owner_k + buf[src_k]`` for the first ``count`` entries of the commit list
+    (owner_k: the row the commit will overwrite), added in the leaf's dtype, one row at a time
+    (no extra buffer)."""
     dtype = space.dst.rows.dtype
     src = space.src
     width = buf.shape[1]
@@ -334,7 +384,7 @@ def _add_owner_rows(space: layout.RowSpace, buf: jax.Array, meta) -> jax.Array:
         total = layout.convert_rows(own, dtype) + layout.convert_rows(got, dtype)
         return lax.dynamic_update_slice(buf, layout.convert_rows(total, buf.dtype), _i32(s, 0))
 
-    return lax.fori_loop(0, meta.commit_count, add, buf)
+    return lax.fori_loop(0, count, add, buf)
 
 
 def _i32(*xs):
@@ -438,8 +488,8 @@ def sync_replica_grads(
 
     Only replica rows move: each non-owner replica's row travels to the expert's lowest slot (its
     owner) and the sum travels back, through the transfer engine's rotation rounds (``ppermute``
-    chunks); no all-reduce or all-gather. Temporary memory: the engine's staging buffer, below one
-    layer of the device's local gradients. On one device every move is local. The input is not
+    chunks); no all-reduce or all-gather. Temporary memory: one staging buffer shared by both
+    phases, below one layer of the device's local gradients. On one device every move is local. The input is not
     donated: under `jax.jit` XLA reuses its buffer when the caller does not read it afterwards.
 
     Args:
