@@ -594,28 +594,69 @@ def sync_replica_grads_local(
 # ------------------------------------------------------------- optimizer state and norms
 
 
-def _shapes(tree: Any) -> tuple:
-    return tuple(tuple(getattr(x, "shape", ())) for x in jax.tree_util.tree_leaves(tree))
+def _leaf_kind(x: Any, lead_of: tuple) -> str | None:
+    """How a state leaf relates to the expert leaf of shape ``lead_of`` at its position.
+
+    ``moves``: it carries the expert leaf's lead dims (the leaf's first two dims: [L, P] or
+    [P, L]), whatever its trailing dims (a moment of the same shape, or a factored statistic
+    that reduced a trailing dim). ``reduced``: it is the expert shape without one of its two
+    lead dims (a statistic over the layers or the slots, e.g. Adafactor factoring the slot dim):
+    it cannot follow the slots. ``fixed``: at most one element (a counter, an unused
+    placeholder), no per-slot data: it stays. None: unrelated.
+    """
+    shape = tuple(getattr(x, "shape", ()))
+    if len(lead_of) >= 2 and len(shape) >= 2 and shape[:2] == lead_of[:2]:
+        return "moves"
+    if len(lead_of) >= 2 and shape in (lead_of[1:], lead_of[:1] + lead_of[2:]):
+        return "reduced"
+    if int(np.prod(shape, dtype=np.int64)) <= 1:
+        return "fixed"
+    return None
+
+
+def _kinds(node: Any, want_def, want_shapes: tuple) -> list[str] | None:
+    """Per leaf `_leaf_kind` of a subtree with the experts' structure, or None when it does not
+    mirror them (another structure, an unrelated leaf, or no leaf with per-slot data)."""
+    try:
+        if jax.tree_util.tree_structure(node) != want_def:
+            return None
+    except Exception:
+        return None
+    kinds = [
+        _leaf_kind(x, w) for x, w in zip(jax.tree_util.tree_leaves(node), want_shapes, strict=True)
+    ]
+    if None in kinds or not {"moves", "reduced"} & set(kinds):
+        return None
+    return kinds
 
 
 def expert_state(state: Any, experts: Any) -> tuple[dict[str, Any], Callable[[Any], Any]]:
     """The parts of a train state that move with the expert weights, and how to put them back.
 
     Finds, by structure and not by name, every subtree of ``state`` that mirrors ``experts``:
-    same pytree structure (treedef) and leaves of the same shapes (dtypes may differ, e.g. optax's
-    ``mu_dtype``). In a state holding the parameters and an optax state, these are the expert
-    weights themselves and every optimizer leaf that mirrors them (Adam's ``mu`` and ``nu``,
-    momentum traces, ...); counters and other leaves are left out. Pass the parts to
-    `rearrange_expert_weights` or `eplb_step` as the expert weights, so that a rebalance moves the
-    weights and their moments together, then put them back::
+    the same pytree structure (treedef), every leaf carrying the lead dims of the expert leaf
+    at its position (its first two dims, [L, P] or [P, L]) or holding at most one element. In a
+    state holding the parameters and an optax state these are the expert weights, every
+    optimizer leaf of their shape (Adam's ``mu`` and ``nu``, momentum traces; dtypes may differ,
+    e.g. ``mu_dtype``) and Adafactor's factored statistics ``v_row`` and ``v_col`` (the expert
+    shape with one trailing dim reduced). Counters and leaves of other shapes are left out.
+    Pass the parts to `rearrange_expert_weights` or `eplb_step` as the expert weights, so that a
+    rebalance moves the weights and their optimizer state together, then put them back::
 
         parts, put_back = jeplb.expert_state((params, opt_state), params["moe"])
         state, parts, info = jeplb.eplb_step(state, parts, mesh=mesh)
         params, opt_state = put_back(parts)
 
-    Subtrees are matched from the root down; a matching subtree is taken whole. A one-leaf
-    ``experts`` matches every array of the same shape, so give the expert subtree as a whole
-    (e.g. the dict of w13 and w2), not one array of it.
+    Subtrees are matched from the root down; a matching subtree is taken whole, but its leaves
+    of at most one element (e.g. Adafactor's unused ``v`` of a factored leaf) are None in the
+    part and stay as they are. A one-leaf ``experts`` matches every array with the same lead
+    dims, so give the expert subtree as a whole (e.g. the dict of w13 and w2), not one array.
+
+    A statistic that reduced a lead dim cannot move: Adafactor factors the two largest dims of
+    a leaf of at least ``min_dim_size_to_factor``, so an expert leaf whose slot (or layer) dim is
+    among them gets a ``v_row`` or ``v_col`` averaged over the slots. Such a leaf raises; keep
+    the factored dims trailing (``min_dim_size_to_factor`` above P, or trailing dims of at least
+    P elements) or do not factor (``factored=False``).
 
     Args:
       state: any pytree (e.g. ``(params, opt_state)``, a dataclass train state).
@@ -625,60 +666,112 @@ def expert_state(state: Any, experts: Any) -> tuple[dict[str, Any], Callable[[An
     Returns:
       ``(parts, put_back)``: ``parts`` is a dict from each matching subtree's path in ``state``
       (`jax.tree_util.keystr`) to the subtree, in ``state``'s flattening order;
-      ``put_back(parts)`` returns ``state`` with those subtrees replaced by the given ones (same
-      keys and structures; other leaves are those of ``state``).
+      ``put_back(parts)`` returns ``state`` with those subtrees' moving leaves replaced by the
+      given ones (same keys and structures; other leaves are those of ``state``).
 
     Raises:
-      ValueError: when no subtree of ``state`` mirrors ``experts``, or (from ``put_back``) when
-        the parts given back do not have the keys and structures of those taken out.
+      ValueError: when no subtree of ``state`` mirrors ``experts``; when a mirroring subtree
+        holds a statistic reduced over an expert leaf's layer or slot dim (every such leaf named
+        by path); or (from ``put_back``) when the parts given back do not have the keys and
+        structures of those taken out.
 
     Example:
       >>> import jax.numpy as jnp, optax
-      >>> params = {"moe": {"w": jnp.ones((2, 4, 3))}, "dense": jnp.ones((3, 3))}
+      >>> params = {"moe": {"w": jnp.ones((2, 4, 8, 6))}, "dense": jnp.ones((3, 3))}
       >>> opt_state = optax.adam(1e-3).init(params)
       >>> parts, put_back = expert_state((params, opt_state), params["moe"])
       >>> list(parts)
       ["[0]['moe']", "[1][0].mu['moe']", "[1][0].nu['moe']"]
       >>> moved = {k: {"w": v["w"] + 1} for k, v in parts.items()}
       >>> params, opt_state = put_back(moved)
-      >>> float(params["moe"]["w"][0, 0, 0]), float(opt_state[0].mu["moe"]["w"][0, 0, 0])
+      >>> float(params["moe"]["w"][0, 0, 0, 0]), float(opt_state[0].mu["moe"]["w"][0, 0, 0, 0])
       (2.0, 1.0)
+      >>> factored = optax.adafactor(1e-3, min_dim_size_to_factor=5).init(params)
+      >>> parts, _ = expert_state(factored, params["moe"])
+      >>> {k: v["w"].shape for k, v in parts.items()}
+      {"[0].v_row['moe']": (2, 4, 6), "[0].v_col['moe']": (2, 4, 8)}
     """
-    want_def = jax.tree_util.tree_structure(experts)
-    want_shapes = _shapes(experts)
+    want_flat, want_def = jax.tree_util.tree_flatten_with_path(experts)
+    want_shapes = tuple(tuple(getattr(x, "shape", ())) for _, x in want_flat)
     if want_def.num_leaves == 0:
         raise ValueError("experts: expected a pytree with at least one array leaf, got none")
 
     def mirrors(node) -> bool:
-        try:
-            return jax.tree_util.tree_structure(node) == want_def and _shapes(node) == want_shapes
-        except Exception:
-            return False
+        return _kinds(node, want_def, want_shapes) is not None
 
     flat, treedef = jax.tree_util.tree_flatten_with_path(state, is_leaf=mirrors)
-    parts = {jax.tree_util.keystr(p): x for p, x in flat if mirrors(x)}
-    if not parts:
+    taken = {jax.tree_util.keystr(p): (x, _kinds(x, want_def, want_shapes)) for p, x in flat}
+    taken = {k: v for k, v in taken.items() if v[1] is not None}
+    _check_no_reduced(taken, [p for p, _ in want_flat], want_def, want_shapes)
+    if not taken:
         raise ValueError(
             f"state: no subtree mirrors experts (structure {want_def}, leaf shapes "
             f"{list(want_shapes)}); pass the expert weights as they stand in the state"
         )
-    keys = [jax.tree_util.keystr(p) if mirrors(x) else None for p, x in flat]
+    parts = {
+        k: want_def.unflatten(
+            [
+                x if kind == "moves" else None
+                for x, kind in zip(want_def.flatten_up_to(node), kinds, strict=True)
+            ]
+        )
+        for k, (node, kinds) in taken.items()
+    }
+    return parts, _put_back(flat, treedef, taken, parts, want_def)
+
+
+def _check_no_reduced(taken: dict, leaf_paths: list, want_def, want_shapes: tuple) -> None:
+    """Raises, naming every one, for mirroring leaves that reduced an expert leaf's lead dim."""
+    bad = [
+        f"state{k}{jax.tree_util.keystr(p)} has shape {tuple(x.shape)}: the shape {w} of "
+        f"experts{jax.tree_util.keystr(p)} without its dim {0 if tuple(x.shape) == w[1:] else 1} "
+        f"(a statistic over the layers or the slots) cannot move with the slots"
+        for k, (node, kinds) in taken.items()
+        for p, x, w, kind in zip(
+            leaf_paths, want_def.flatten_up_to(node), want_shapes, kinds, strict=True
+        )
+        if kind == "reduced"
+    ]
+    if bad:
+        raise ValueError(
+            "; ".join(bad) + ". Adafactor factors a leaf's two largest dims: keep the slot and "
+            "layer dims out of them (min_dim_size_to_factor above P, or factored=False)"
+        )
+
+
+def _put_back(flat, treedef, taken: dict, parts: dict, want_def) -> Callable[[Any], Any]:
+    """``put_back`` of `expert_state`: the state with the parts' leaves in the taken subtrees."""
+    structures = {k: jax.tree_util.tree_structure(v) for k, v in parts.items()}
 
     def put_back(new_parts: Any) -> Any:
         if not isinstance(new_parts, dict) or set(new_parts) != set(parts):
             got = sorted(new_parts) if isinstance(new_parts, dict) else type(new_parts).__name__
             raise ValueError(f"parts: expected a dict with keys {list(parts)}, got {got}")
         bad = [
-            f"parts[{k!r}] has structure {jax.tree_util.tree_structure(v)}, expected {want_def}"
+            f"parts[{k!r}] has structure {jax.tree_util.tree_structure(v)}, expected "
+            f"{structures[k]}"
             for k, v in new_parts.items()
-            if jax.tree_util.tree_structure(v) != want_def
+            if jax.tree_util.tree_structure(v) != structures[k]
         ]
         if bad:
             raise ValueError("; ".join(bad))
-        leaves = [x if k is None else new_parts[k] for k, (_, x) in zip(keys, flat, strict=True)]
+        leaves = []
+        for p, x in flat:
+            k = jax.tree_util.keystr(p)
+            if k in taken:
+                node, kinds = taken[k]
+                new = iter(jax.tree_util.tree_leaves(new_parts[k]))
+                olds = want_def.flatten_up_to(node)
+                x = want_def.unflatten(
+                    [
+                        next(new) if kind == "moves" else old
+                        for old, kind in zip(olds, kinds, strict=True)
+                    ]
+                )
+            leaves.append(x)
         return treedef.unflatten(leaves)
 
-    return parts, put_back
+    return put_back
 
 
 def replica_scale(phy2log: Any) -> jax.Array:
