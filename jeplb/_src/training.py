@@ -19,8 +19,8 @@ Both phases of every layer run in one loop over (layer, step) pairs with one set
 staging buffers (`engine.staging`: N_local rows of a block of columns, the row count below one
 layer), so a replica row crosses the wire at most twice (to its owner and back), -1 slots and
 experts with one slot are never written, and the temporary memory is that one staging buffer plus
-the plan's int32[P]-sized tables: below one layer of the device's local weights
-(benchmarks/results/grad_sync_cpu.md).
+one layer's plan tables (int32[P] and bool[P, P] arrays): below one layer of the device's local
+weights (benchmarks/results/grad_sync_cpu.md).
 
 On one device (`_sum_one_device`) there is no plan: one loop over chunks of at most P / 2 row
 jobs (the rank-1 adds of every layer, then rank 2, ..., then the copies to the replicas), each
