@@ -2,7 +2,8 @@
 
 * Default (8 simulated CPU devices): per placement, the rows the busiest device moves through the
   rounds (gather + broadcast, padding included) against the floor, and the compiled temporary
-  memory against one layer of a device's local gradients.
+  memory against one layer of a device's local gradients (f32 + bf16 leaves, and one f32 leaf
+  alone: ``f32_temp_of_layer``).
 * ``--gpu`` (one device, the default backend: the H200): a local sum; its time against the
   device's copy bandwidth measured in the same run (bytes: every replica row read once and
   written once). ``--tiny`` shrinks the sizes so that either mode runs on a CPU in seconds.
@@ -86,7 +87,18 @@ class WireRow:
     temp_bytes: int
     layer_bytes: int
     temp_of_layer: float
+    f32_temp_of_layer: float
     ms: float
+
+
+def _f32_temp_of_layer(mesh, layers, slots, width) -> float:
+    """Compiled temporaries of the sync of one f32 leaf, over one layer of it (no run)."""
+    sharding = NamedSharding(mesh, P(None, "ep"))
+    leaf = jax.ShapeDtypeStruct((layers, slots, width), jnp.float32, sharding=sharding)
+    maps = jax.ShapeDtypeStruct((layers, slots), jnp.int32, sharding=NamedSharding(mesh, P()))
+    program = training.sync_program(mesh, [(None, "ep")])
+    temp = program.lower(maps, [leaf]).compile().memory_analysis().temp_size_in_bytes
+    return temp / ((slots // mesh.shape["ep"]) * width * 4)
 
 
 def _grads(mesh, layers, slots, width, spec):
@@ -143,6 +155,7 @@ def cpu_wire(*, tiny: bool) -> list[WireRow]:
                 temp,
                 layer_bytes,
                 temp / layer_bytes,
+                _f32_temp_of_layer(mesh, layers, slots, width),
                 ms,
             )
         )

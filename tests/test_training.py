@@ -257,6 +257,34 @@ def test_no_replicas_is_identity_and_moves_nothing(mesh8):
     assert int(stats.gather_wire_rows.sum()) == 0 and int(stats.broadcast_wire_rows.sum()) == 0
 
 
+@pytest.mark.devices(8)
+@pytest.mark.parametrize(
+    "dtypes, width", [(("float32",), 4096), (("float32", "bfloat16"), 2048)], ids=["f32", "mix"]
+)
+def test_temporary_memory_below_one_layer(mesh8, dtypes, width):
+    """The gather and the broadcast share one set of staging buffers: the compiled temporaries
+    (deterministic, per device) stay within one layer of the device's local gradients (they were
+    1.8-1.9 layers when each phase had its own)."""
+    sharding = NamedSharding(mesh8, P(None, "ep"))
+    leaves = [jax.ShapeDtypeStruct((L, 8 * N, width), d, sharding=sharding) for d in dtypes]
+    maps = jax.ShapeDtypeStruct((L, 8 * N), jnp.int32, sharding=NamedSharding(mesh8, P()))
+    program = training.sync_program(mesh8, [(None, "ep")] * len(leaves))
+    temp = program.lower(maps, leaves).compile().memory_analysis().temp_size_in_bytes
+    layer = N * width * sum(np.dtype(d).itemsize for d in dtypes)
+    assert temp <= 1.05 * layer, (temp, layer, temp / layer)
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 9), (2, 3, 16)])
+def test_replica_ranks_match_a_pairwise_count(shape):
+    rng = np.random.default_rng(11)
+    m = rng.integers(-1, 4, size=shape).astype(np.int32)
+    same = (m[..., :, None] == m[..., None, :]) & (m >= 0)[..., :, None]
+    lower = np.arange(shape[-1])[None, :] < np.arange(shape[-1])[:, None]
+    rank, count = training.replica_ranks(jnp.asarray(m))
+    np.testing.assert_array_equal(np.asarray(rank), (same & lower).sum(-1))
+    np.testing.assert_array_equal(np.asarray(count), same.sum(-1))
+
+
 def test_errors_name_the_leaf_before_anything_runs():
     mesh = _mesh((2,), ("ep",)) if jax.device_count() >= 2 else _mesh((1,), ("ep",))
     d = mesh.shape["ep"]
@@ -347,6 +375,70 @@ def test_expert_state_errors():
         ValueError, match=r"parts\[\"\[0\]\['moe'\]\"\] has structure PyTreeDef\(\*\)"
     ):
         put_back({**parts, "[0]['moe']": parts["[0]['moe']"]["w13"]})
+
+
+def _adafactor_state(trailing, min_dim):
+    """Params with an expert leaf [L, 8, *trailing] and a real (factored) Adafactor state after
+    one update with random gradients, so that every statistic differs from slot to slot."""
+    rng = np.random.default_rng(12)
+    params = {
+        "moe": {"w": jnp.asarray(rng.standard_normal((L, 8, *trailing)), jnp.float32)},
+        "dense": jnp.ones((3, 4)),
+    }
+    tx = optax.adafactor(1e-2, min_dim_size_to_factor=min_dim)
+    state = tx.init(params)
+    grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), params)
+    _, state = tx.update(grads, state, params)
+    return tx, params, state
+
+
+@pytest.mark.devices(8)
+def test_expert_state_moves_adafactor_factored_stats(mesh8):
+    # [L, 8, 12, 10] with min_dim_size_to_factor 8: the two largest dims (12, 10) are factored,
+    # so v_row is [L, 8, 10] and v_col [L, 8, 12]; v is an unused [1] placeholder.
+    tx, params, opt_state = _adafactor_state((12, 10), 8)
+    factored = opt_state[0]
+    assert factored.v_row["moe"]["w"].shape == (L, 8, 10)
+    assert factored.v_col["moe"]["w"].shape == (L, 8, 12)
+    parts, put_back = jeplb.expert_state((params, opt_state), params["moe"])
+    assert list(parts) == ["[0]['moe']", "[1][0].v_row['moe']", "[1][0].v_col['moe']"]
+    rng = np.random.default_rng(13)
+    old = np.stack([rng.permutation(8) for _ in range(L)]).astype(np.int32)
+    new = np.stack([rng.choice(8, 8) for _ in range(L)]).astype(np.int32)  # with replicas
+    layers = np.arange(L)[:, None]
+    src = np.argsort(old, axis=1)[layers, new]  # the old slot of each new slot's expert
+    parts = jax.device_put(parts, NamedSharding(mesh8, P(None, "ep")))
+    moved = jeplb.rearrange_expert_weights(old, new, parts, mesh=mesh8, donate=False)
+    params2, opt2 = put_back(moved)
+
+    def model(x):  # the numpy model: slot p of layer l takes old slot src[l, p]'s values
+        return np.asarray(x)[layers, src]
+
+    np.testing.assert_array_equal(_bits(params2["moe"]["w"]), _bits(model(params["moe"]["w"])))
+    for name in ("v_row", "v_col"):
+        got, was = getattr(opt2[0], name)["moe"]["w"], getattr(factored, name)["moe"]["w"]
+        np.testing.assert_array_equal(_bits(got), _bits(model(was)), name)
+        assert not np.array_equal(np.asarray(got), np.asarray(was)), name  # something moved
+    assert opt2[0].v["moe"]["w"] is factored.v["moe"]["w"]  # the placeholder stays
+    np.testing.assert_array_equal(opt2[0].v["dense"], factored.v["dense"])
+    grads = jax.tree.map(jnp.ones_like, params2)
+    tx.update(grads, opt2, params2)  # the optimizer runs on the state put back
+
+
+def test_expert_state_refuses_a_factored_slot_dim():
+    # [L, 8, 6, 4] with min_dim_size_to_factor 4: the two largest dims are the slots (8) and 6,
+    # so v_row ([L, 6, 4]) is averaged over the slots: it cannot move, and nothing is returned.
+    _, params, opt_state = _adafactor_state((6, 4), 4)
+    with pytest.raises(
+        ValueError,
+        match=r"state\[1\]\[0\]\.v_row\['moe'\]\['w'\] has shape \(2, 6, 4\): the shape "
+        r"\(2, 8, 6, 4\) of experts\['w'\] without its dim 1 .*min_dim_size_to_factor",
+    ):
+        jeplb.expert_state((params, opt_state), params["moe"])
+    # Not factored: v mirrors the weights and moves; v_row and v_col are [1] placeholders.
+    state = optax.adafactor(1e-2, factored=False).init(params)
+    parts, _ = jeplb.expert_state(state, params["moe"])
+    assert list(parts) == ["[0].v['moe']"]
 
 
 def test_replica_scale_and_global_norm_count_each_expert_once():

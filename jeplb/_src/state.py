@@ -500,6 +500,49 @@ class EplbState:
         """bool[]: a progressive rebalance has layers left to move."""
         return self.cursor < self.num_layers
 
+    # ------------------------------------------------------------------------------ recorded load
+
+    def last_load(self) -> jax.Array:
+        """The logical load of the most recent pass in the window: int32[L, E].
+
+        The row `jeplb.eplb_step` (or `jeplb.eplb_step_local`) wrote last,
+        ``window[(window_pos - 1) % W]``: the tokens (x top-k) each logical expert of each layer
+        received in that pass, summed over every device, valid tokens only. This is the signal a
+        router-bias update needs (DeepSeek-V3's auxiliary-loss-free balancing, see
+        docs/training.md); it does not depend on the placement. Read it after the step; before
+        the step the current pass's counts are ``pass_load`` (inside `jax.shard_map` possibly a
+        device's partial counts). All zeros until the first step. Jit-able.
+
+        Example:
+          >>> import jax, jax.numpy as jnp, jeplb
+          >>> from jax.sharding import NamedSharding, PartitionSpec as P
+          >>> mesh = jax.make_mesh((1,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+          >>> s = EplbState.create(num_layers=1, num_experts=2, num_devices=1,
+          ...                      window_size=2, step_interval=100)
+          >>> w = jax.device_put(jnp.zeros((1, 2)), NamedSharding(mesh, P(None, "ep")))
+          >>> for load in ([[1, 9]], [[4, 2]], [[5, 5]]):
+          ...     s, w, _ = jeplb.eplb_step(s.record(jnp.array(load)), w, mesh=mesh)
+          >>> s.last_load().tolist(), s.window_load().tolist()
+          ([[5, 5]], [[9, 7]])
+        """
+        row = (self.window_pos - 1) % self.window_size
+        return lax.dynamic_index_in_dim(self.window, row, 0, keepdims=False)
+
+    def window_load(self) -> jax.Array:
+        """The logical load summed over the window's last W passes: int32[L, E].
+
+        What the placement policy balances (``window_total``, kept as a running sum as passes
+        enter and leave; saturating at 2^31 - 1): a smoother signal than `last_load` for a
+        router-bias update with a large speed. Passes not yet recorded count as zeros. Jit-able.
+
+        Example:
+          >>> s = EplbState.create(num_layers=2, num_experts=3, num_devices=1,
+          ...                      window_size=4, step_interval=9)
+          >>> s.window_load().tolist()
+          [[0, 0, 0], [0, 0, 0]]
+        """
+        return self.window_total
+
     # ------------------------------------------------------------------------------ building
 
     def replace(self, **changes) -> EplbState:

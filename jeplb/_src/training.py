@@ -12,12 +12,15 @@ It runs on the transfer engine and moves only what must move, in two phases per 
   slot exactly as a transfer stages them (`stages.stage`: local copies, rotation rounds of C-row
   chunks), the owner's row is added to the staged row, and the commit writes the sum back into
   the owner's slot. After rank r the owner holds ``((g_0 + g_1) + ...) + g_r``.
-* broadcast: a plain transfer (`engine.move_layers`) from the map in which only owners hold their
-  expert to the full map copies each sum to the other replicas.
+* broadcast: a plain transfer (the engine's stage and commit) from the map in which only owners
+  hold their expert to the full map copies each sum to the other replicas.
 
-So a replica row crosses the wire at most twice (to its owner and back), -1 slots and experts with
-one slot are never written, and the temporary memory is the engine's staging buffer (below one
-layer of the device's local weights).
+Both phases of every layer run in one loop over (layer, step) pairs with one set of the engine's
+staging buffers (`engine.staging`: N_local rows of a block of columns, the row count below one
+layer), so a replica row crosses the wire at most twice (to its owner and back), -1 slots and
+experts with one slot are never written, and the temporary memory is that one staging buffer plus
+one layer's plan tables (int32[P] and bool[P, P] arrays): below one layer of the device's local
+weights (benchmarks/results/grad_sync_cpu.md).
 
 On one device there is no plan and no collective. On a GPU a Pallas kernel
 (`transfer.replica_sum`) reads each replica row once and writes it once. Elsewhere
@@ -76,21 +79,39 @@ class SyncStats:
 def replica_ranks(phy2log: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Rank and replica count of every slot.
 
+    Computed by a stable sort of each map (no [P, P] comparison table), so its memory is a few
+    int32[..., P] arrays.
+
     Args:
       phy2log: int32[..., P] maps, -1 for empty slots.
 
     Returns:
       ``(rank, count)``, int32[..., P] each: ``rank`` is the number of lower slots holding the
-      same expert (0: the expert's owner), ``count`` the number of slots holding it (0 for -1).
+      same expert (0: the expert's owner, and -1 slots), ``count`` the number of slots holding
+      it (0 for -1).
+
+    Example:
+      >>> rank, count = replica_ranks(jnp.array([[0, 1, 0, -1, 0]]))
+      >>> rank.tolist(), count.tolist()
+      ([[0, 0, 1, 0, 2]], [[3, 1, 3, 0, 3]])
     """
     m = jnp.asarray(phy2log).astype(jnp.int32)
     p_total = m.shape[-1]
-    same = (m[..., :, None] == m[..., None, :]) & (m >= 0)[..., :, None]
-    slot = jnp.arange(p_total)
-    lower = slot[None, :] < slot[:, None]
-    rank = (same & lower).sum(-1).astype(jnp.int32)
-    count = same.sum(-1).astype(jnp.int32)
-    return rank, count
+    axis = m.ndim - 1
+    slot = jnp.broadcast_to(jnp.arange(p_total, dtype=jnp.int32), m.shape)
+    order = jnp.argsort(m, axis=-1, stable=True).astype(jnp.int32)  # ties: ascending slot
+    ids = jnp.take_along_axis(m, order, axis=-1)
+    edge = ids[..., 1:] != ids[..., :-1]
+    true = jnp.ones((*m.shape[:-1], 1), bool)
+    first = lax.cummax(jnp.where(jnp.concatenate([true, edge], -1), slot, 0), axis=axis)
+    last = lax.cummin(
+        jnp.where(jnp.concatenate([edge, true], -1), slot, p_total), axis=axis, reverse=True
+    )
+    back = jnp.argsort(order, axis=-1).astype(jnp.int32)  # the inverse permutation
+    rank = jnp.take_along_axis(slot - first, back, axis=-1)
+    count = jnp.take_along_axis(last - first + 1, back, axis=-1)
+    held = m >= 0
+    return jnp.where(held, rank, 0).astype(jnp.int32), jnp.where(held, count, 0).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------- local core
@@ -156,26 +177,15 @@ def _route(x: jax.Array, setup: engine.Engine) -> str:
 
 def _sync_engine(phy2log, leaves, valid, setup: engine.Engine):
     """The sync through the transfer engine (several devices, or bits-moving leaves on one)."""
-    cfg, d = setup.config, setup.num_devices
-    num_layers = phy2log.shape[0]
-    if d > 1:
+    if setup.num_devices > 1:
         with jax.named_scope("agree"):
             # Trip counts of collective loops come from the map: every device must hold the same
             # one (else nothing moves and no collective loop runs).
             signature = agree.static_signature(
                 "sync_replica_grads", setup, [(x.shape, str(x.dtype)) for x in leaves]
             )
-            valid = valid & agree.maps_agree((phy2log, jnp.asarray(signature)), cfg.axes)
-    with jax.named_scope("gather"):
-        leaves, gather_wire, gather_chunks = _gather(phy2log, leaves, valid, setup)
-    with jax.named_scope("broadcast"):
-        rank, _ = jax.vmap(replica_ranks)(phy2log)
-        owners = jnp.where(rank == 0, phy2log, -1)
-        count = jnp.where(valid, num_layers, 0)
-        leaves, stats = engine.move_layers(
-            owners, phy2log, leaves, first=0, count=count, all_or_nothing=True, engine=setup
-        )
-    return leaves, SyncStats(gather_wire, stats.wire_rows, gather_chunks)
+            valid = valid & agree.maps_agree((phy2log, jnp.asarray(signature)), setup.config.axes)
+    return _gather_broadcast(phy2log, leaves, valid, setup)
 
 
 def _one_device_jobs(phy2log, valid, *, slot_major: bool, chunk: int):
@@ -265,49 +275,86 @@ def _sum_one_device(phy2log, leaves, valid, setup: engine.Engine):
     ]
 
 
-def _gather(phy2log, leaves, valid, setup: engine.Engine):
-    """Owners' rows := ascending-slot sums of their expert's rows, every layer: one fori_loop
-    over the (layer, replica rank) steps (a flat loop: a loop nested in a loop over layers makes
-    XLA:CPU copy leaves whose rows it writes with selects)."""
+def _gather_broadcast(phy2log, leaves, valid, setup: engine.Engine):
+    """Both phases of every layer in ONE fori_loop over (layer, step) pairs, sharing one set of
+    staging buffers (`engine.staging`), so one layer's staging is live at a time.
+
+    Layer l, whose largest replica count is R_l > 1, takes R_l steps: step r < R_l gathers rank r
+    (owners' rows := owner + rank-r replica), step R_l broadcasts (a plain transfer from the map
+    in which only owners hold their expert to the full map). Layers without replicas take none.
+    A flat loop: a loop over steps nested in a loop over layers makes XLA:CPU copy leaves whose
+    rows it writes with selects.
+    """
     cfg, d = setup.config, setup.num_devices
     num_layers, p_total = phy2log.shape
-    n = p_total // d
-    passes, geo, bufs = engine.staging(leaves, n, setup)
+    passes, geo, bufs = engine.staging(leaves, p_total // d, setup)
     me = lax.axis_index(cfg.axes)
-    zeros = jnp.zeros((num_layers,), jnp.int32)
-    rank, count = jax.vmap(replica_ranks)(phy2log)
-    # Steps of layer l: ranks 1 .. max count - 1; step k is (layer, rank) from the prefix sums.
-    steps = jnp.where(valid, jnp.maximum(count.max(-1) - 1, 0), 0).astype(jnp.int32)
+    rank, count = replica_ranks(phy2log)
+    top = count.max(-1)
+    steps = jnp.where(valid & (top > 1), top, 0).astype(jnp.int32)
     ends = jnp.cumsum(steps).astype(jnp.int32)
+    zeros = jnp.zeros((num_layers,), jnp.int32)
 
     def step(k, carry):
-        leaves, bufs, wire, chunks = carry
+        leaves, bufs, stats = carry
         li = jnp.searchsorted(ends, k, side="right").astype(jnp.int32)
         r = k - (ends[li] - steps[li]) + 1
+        gather = r < steps[li]
         row, rank_l, count_l = phy2log[li], rank[li], count[li]
         with jax.named_scope("plan"):
-            old = jnp.where(rank_l == r, row, -1)
-            new = jnp.where((rank_l == 0) & (count_l > r), row, -1)
-            plan = plan_lib.plan_layer(old, new, num_devices=d, chunk_rows=cfg.chunk_rows)
+            owners = jnp.where(rank_l == 0, row, -1)
+            old = jnp.where(gather, jnp.where(rank_l == r, row, -1), owners)
+            new = jnp.where(gather, jnp.where((rank_l == 0) & (count_l > r), row, -1), row)
+            plan = plan_lib.plan_layer(
+                old,
+                new,
+                num_devices=d,
+                chunk_rows=cfg.chunk_rows,
+                devices_per_node=cfg.devices_per_node,
+            )
             meta, send, recv = plan_lib.local_metadata(plan, old, new, me, num_devices=d)
         rounds = stages.Rounds(send, recv, plan.num_chunks)
-        for p in range(passes):
-            with jax.named_scope(f"pass_{p}" if passes > 1 else "stage_add_commit"):
-                leaves, bufs = _pass(leaves, bufs, li, p, meta, rounds, geo, setup)
-        wire = wire.at[li].add(plan.wire_rows)
-        chunks = chunks.at[li].add(plan.wire_rows // cfg.chunk_rows)
-        return leaves, bufs, wire, chunks
+        adds = jnp.where(gather, meta.commit_count, 0)
+        leaves, bufs = _passes(leaves, bufs, li, passes, meta, rounds, adds, geo, setup)
+        wire = plan.wire_rows
+        stats = SyncStats(
+            stats.gather_wire_rows.at[li].add(jnp.where(gather, wire, 0)),
+            stats.broadcast_wire_rows.at[li].add(jnp.where(gather, 0, wire)),
+            stats.gather_chunks.at[li].add(jnp.where(gather, wire // cfg.chunk_rows, 0)),
+        )
+        return leaves, bufs, stats
 
-    carry = (list(leaves), bufs, zeros, zeros)
-    leaves, _, wire, chunks = lax.fori_loop(0, ends[-1], step, carry)
-    return leaves, wire, chunks
+    carry = (list(leaves), bufs, SyncStats(zeros, zeros, zeros))
+    leaves, _, stats = lax.fori_loop(0, ends[-1], step, carry)
+    return leaves, stats
 
 
-def _pass(leaves, bufs, li, p, meta, rounds, geo, setup: engine.Engine):
-    """Column pass ``p`` of one gather rank: stage the replicas' rows onto their owners' buffer
-    rows, add the owners' rows, commit the sums into the owners' slots."""
+def _passes(leaves, bufs, li, passes: int, meta, rounds, adds, geo, setup: engine.Engine):
+    """Every column pass of one step (each stages, adds and commits one block of columns). When
+    every leaf splits into the passes they are one `fori_loop` over the pass index (rounds and
+    row moves compiled once; unrolled passes' column masks would be hoisted out of the step loop
+    and stay live side by side); else pass 0 (with the leaves staged whole) and the others are
+    unrolled."""
+    if passes > 1 and all(g.split for g in geo):
+
+        def one(p, carry):
+            return _pass(*carry, li, p.astype(jnp.int32), meta, rounds, adds, geo, setup)
+
+        with jax.named_scope("passes"):
+            leaves, bufs = lax.fori_loop(0, passes, one, (list(leaves), list(bufs)))
+        return list(leaves), list(bufs)
+    for p in range(passes):
+        with jax.named_scope(f"pass_{p}" if passes > 1 else "stage_add_commit"):
+            leaves, bufs = _pass(leaves, bufs, li, p, meta, rounds, adds, geo, setup)
+    return leaves, bufs
+
+
+def _pass(leaves, bufs, li, p, meta, rounds, adds, geo, setup: engine.Engine):
+    """Column pass ``p`` of one step: stage the rows the plan moves (local copies, rounds), add
+    the owners' rows to the first ``adds`` staged rows of the commit list (a gather step; 0 in a
+    broadcast step), commit them into their slots."""
     cfg = setup.config
-    part = [i for i, g in enumerate(geo) if g.split or p == 0]
+    part = [i for i, g in enumerate(geo) if g.split or (isinstance(p, int) and p == 0)]
     if not part:
         return leaves, bufs
     spaces = tuple(
@@ -333,7 +380,9 @@ def _pass(leaves, bufs, li, p, meta, rounds, geo, setup: engine.Engine):
         impls=impls,
     )
     with jax.named_scope("add"):
-        staged = tuple(_add_owner_rows(s, b, meta) for s, b in zip(spaces, staged, strict=True))
+        staged = tuple(
+            _add_owner_rows(s, b, meta, adds) for s, b in zip(spaces, staged, strict=True)
+        )
     spaces = stages.commit(spaces, staged, meta, impls)
     leaves, bufs = list(leaves), list(bufs)
     for k, i in enumerate(part):
@@ -342,9 +391,10 @@ def _pass(leaves, bufs, li, p, meta, rounds, geo, setup: engine.Engine):
     return leaves, bufs
 
 
-def _add_owner_rows(space: layout.RowSpace, buf: jax.Array, meta) -> jax.Array:
-    """``buf[src_k] = owner_k + buf[src_k]`` for the commit list (owner_k: the row the commit
-    will overwrite), added in the leaf's dtype, one row at a time (no extra buffer)."""
+def _add_owner_rows(space: layout.RowSpace, buf: jax.Array, meta, count) -> jax.Array:
+    """``buf[src_k] = owner_k + buf[src_k]`` for the first ``count`` entries of the commit list
+    (owner_k: the row the commit will overwrite), added in the leaf's dtype, one row at a time
+    (no extra buffer)."""
     dtype = space.dst.rows.dtype
     src = space.src
     width = buf.shape[1]
@@ -357,7 +407,7 @@ def _add_owner_rows(space: layout.RowSpace, buf: jax.Array, meta) -> jax.Array:
         total = layout.convert_rows(own, dtype) + layout.convert_rows(got, dtype)
         return lax.dynamic_update_slice(buf, layout.convert_rows(total, buf.dtype), _i32(s, 0))
 
-    return lax.fori_loop(0, meta.commit_count, add, buf)
+    return lax.fori_loop(0, count, add, buf)
 
 
 def _i32(*xs):
@@ -464,8 +514,8 @@ def sync_replica_grads(
 
     Only replica rows move: each non-owner replica's row travels to the expert's lowest slot (its
     owner) and the sum travels back, through the transfer engine's rotation rounds (``ppermute``
-    chunks); no all-reduce or all-gather. Temporary memory: the engine's staging buffer, below one
-    layer of the device's local gradients. On one device every move is local. The input is not
+    chunks); no all-reduce or all-gather. Temporary memory: one staging buffer shared by both
+    phases, below one layer of the device's local gradients. On one device every move is local. The input is not
     donated: under `jax.jit` XLA reuses its buffer when the caller does not read it afterwards.
 
     Args:
@@ -570,28 +620,69 @@ def sync_replica_grads_local(
 # ------------------------------------------------------------- optimizer state and norms
 
 
-def _shapes(tree: Any) -> tuple:
-    return tuple(tuple(getattr(x, "shape", ())) for x in jax.tree_util.tree_leaves(tree))
+def _leaf_kind(x: Any, lead_of: tuple) -> str | None:
+    """How a state leaf relates to the expert leaf of shape ``lead_of`` at its position.
+
+    ``moves``: it carries the expert leaf's lead dims (the leaf's first two dims: [L, P] or
+    [P, L]), whatever its trailing dims (a moment of the same shape, or a factored statistic
+    that reduced a trailing dim). ``reduced``: it is the expert shape without one of its two
+    lead dims (a statistic over the layers or the slots, e.g. Adafactor factoring the slot dim):
+    it cannot follow the slots. ``fixed``: at most one element (a counter, an unused
+    placeholder), no per-slot data: it stays. None: unrelated.
+    """
+    shape = tuple(getattr(x, "shape", ()))
+    if len(lead_of) >= 2 and len(shape) >= 2 and shape[:2] == lead_of[:2]:
+        return "moves"
+    if len(lead_of) >= 2 and shape in (lead_of[1:], lead_of[:1] + lead_of[2:]):
+        return "reduced"
+    if int(np.prod(shape, dtype=np.int64)) <= 1:
+        return "fixed"
+    return None
+
+
+def _kinds(node: Any, want_def, want_shapes: tuple) -> list[str] | None:
+    """Per leaf `_leaf_kind` of a subtree with the experts' structure, or None when it does not
+    mirror them (another structure, an unrelated leaf, or no leaf with per-slot data)."""
+    try:
+        if jax.tree_util.tree_structure(node) != want_def:
+            return None
+    except Exception:
+        return None
+    kinds = [
+        _leaf_kind(x, w) for x, w in zip(jax.tree_util.tree_leaves(node), want_shapes, strict=True)
+    ]
+    if None in kinds or not {"moves", "reduced"} & set(kinds):
+        return None
+    return kinds
 
 
 def expert_state(state: Any, experts: Any) -> tuple[dict[str, Any], Callable[[Any], Any]]:
     """The parts of a train state that move with the expert weights, and how to put them back.
 
     Finds, by structure and not by name, every subtree of ``state`` that mirrors ``experts``:
-    same pytree structure (treedef) and leaves of the same shapes (dtypes may differ, e.g. optax's
-    ``mu_dtype``). In a state holding the parameters and an optax state, these are the expert
-    weights themselves and every optimizer leaf that mirrors them (Adam's ``mu`` and ``nu``,
-    momentum traces, ...); counters and other leaves are left out. Pass the parts to
-    `rearrange_expert_weights` or `eplb_step` as the expert weights, so that a rebalance moves the
-    weights and their moments together, then put them back::
+    the same pytree structure (treedef), every leaf carrying the lead dims of the expert leaf
+    at its position (its first two dims, [L, P] or [P, L]) or holding at most one element. In a
+    state holding the parameters and an optax state these are the expert weights, every
+    optimizer leaf of their shape (Adam's ``mu`` and ``nu``, momentum traces; dtypes may differ,
+    e.g. ``mu_dtype``) and Adafactor's factored statistics ``v_row`` and ``v_col`` (the expert
+    shape with one trailing dim reduced). Counters and leaves of other shapes are left out.
+    Pass the parts to `rearrange_expert_weights` or `eplb_step` as the expert weights, so that a
+    rebalance moves the weights and their optimizer state together, then put them back::
 
         parts, put_back = jeplb.expert_state((params, opt_state), params["moe"])
         state, parts, info = jeplb.eplb_step(state, parts, mesh=mesh)
         params, opt_state = put_back(parts)
 
-    Subtrees are matched from the root down; a matching subtree is taken whole. A one-leaf
-    ``experts`` matches every array of the same shape, so give the expert subtree as a whole
-    (e.g. the dict of w13 and w2), not one array of it.
+    Subtrees are matched from the root down; a matching subtree is taken whole, but its leaves
+    of at most one element (e.g. Adafactor's unused ``v`` of a factored leaf) are None in the
+    part and stay as they are. A one-leaf ``experts`` matches every array with the same lead
+    dims, so give the expert subtree as a whole (e.g. the dict of w13 and w2), not one array.
+
+    A statistic that reduced a lead dim cannot move: Adafactor factors the two largest dims of
+    a leaf of at least ``min_dim_size_to_factor``, so an expert leaf whose slot (or layer) dim is
+    among them gets a ``v_row`` or ``v_col`` averaged over the slots. Such a leaf raises; keep
+    the factored dims trailing (``min_dim_size_to_factor`` above P, or trailing dims of at least
+    P elements) or do not factor (``factored=False``).
 
     Args:
       state: any pytree (e.g. ``(params, opt_state)``, a dataclass train state).
@@ -601,60 +692,112 @@ def expert_state(state: Any, experts: Any) -> tuple[dict[str, Any], Callable[[An
     Returns:
       ``(parts, put_back)``: ``parts`` is a dict from each matching subtree's path in ``state``
       (`jax.tree_util.keystr`) to the subtree, in ``state``'s flattening order;
-      ``put_back(parts)`` returns ``state`` with those subtrees replaced by the given ones (same
-      keys and structures; other leaves are those of ``state``).
+      ``put_back(parts)`` returns ``state`` with those subtrees' moving leaves replaced by the
+      given ones (same keys and structures; other leaves are those of ``state``).
 
     Raises:
-      ValueError: when no subtree of ``state`` mirrors ``experts``, or (from ``put_back``) when
-        the parts given back do not have the keys and structures of those taken out.
+      ValueError: when no subtree of ``state`` mirrors ``experts``; when a mirroring subtree
+        holds a statistic reduced over an expert leaf's layer or slot dim (every such leaf named
+        by path); or (from ``put_back``) when the parts given back do not have the keys and
+        structures of those taken out.
 
     Example:
       >>> import jax.numpy as jnp, optax
-      >>> params = {"moe": {"w": jnp.ones((2, 4, 3))}, "dense": jnp.ones((3, 3))}
+      >>> params = {"moe": {"w": jnp.ones((2, 4, 8, 6))}, "dense": jnp.ones((3, 3))}
       >>> opt_state = optax.adam(1e-3).init(params)
       >>> parts, put_back = expert_state((params, opt_state), params["moe"])
       >>> list(parts)
       ["[0]['moe']", "[1][0].mu['moe']", "[1][0].nu['moe']"]
       >>> moved = {k: {"w": v["w"] + 1} for k, v in parts.items()}
       >>> params, opt_state = put_back(moved)
-      >>> float(params["moe"]["w"][0, 0, 0]), float(opt_state[0].mu["moe"]["w"][0, 0, 0])
+      >>> float(params["moe"]["w"][0, 0, 0, 0]), float(opt_state[0].mu["moe"]["w"][0, 0, 0, 0])
       (2.0, 1.0)
+      >>> factored = optax.adafactor(1e-3, min_dim_size_to_factor=5).init(params)
+      >>> parts, _ = expert_state(factored, params["moe"])
+      >>> {k: v["w"].shape for k, v in parts.items()}
+      {"[0].v_row['moe']": (2, 4, 6), "[0].v_col['moe']": (2, 4, 8)}
     """
-    want_def = jax.tree_util.tree_structure(experts)
-    want_shapes = _shapes(experts)
+    want_flat, want_def = jax.tree_util.tree_flatten_with_path(experts)
+    want_shapes = tuple(tuple(getattr(x, "shape", ())) for _, x in want_flat)
     if want_def.num_leaves == 0:
         raise ValueError("experts: expected a pytree with at least one array leaf, got none")
 
     def mirrors(node) -> bool:
-        try:
-            return jax.tree_util.tree_structure(node) == want_def and _shapes(node) == want_shapes
-        except Exception:
-            return False
+        return _kinds(node, want_def, want_shapes) is not None
 
     flat, treedef = jax.tree_util.tree_flatten_with_path(state, is_leaf=mirrors)
-    parts = {jax.tree_util.keystr(p): x for p, x in flat if mirrors(x)}
-    if not parts:
+    taken = {jax.tree_util.keystr(p): (x, _kinds(x, want_def, want_shapes)) for p, x in flat}
+    taken = {k: v for k, v in taken.items() if v[1] is not None}
+    _check_no_reduced(taken, [p for p, _ in want_flat], want_def, want_shapes)
+    if not taken:
         raise ValueError(
             f"state: no subtree mirrors experts (structure {want_def}, leaf shapes "
             f"{list(want_shapes)}); pass the expert weights as they stand in the state"
         )
-    keys = [jax.tree_util.keystr(p) if mirrors(x) else None for p, x in flat]
+    parts = {
+        k: want_def.unflatten(
+            [
+                x if kind == "moves" else None
+                for x, kind in zip(want_def.flatten_up_to(node), kinds, strict=True)
+            ]
+        )
+        for k, (node, kinds) in taken.items()
+    }
+    return parts, _put_back(flat, treedef, taken, parts, want_def)
+
+
+def _check_no_reduced(taken: dict, leaf_paths: list, want_def, want_shapes: tuple) -> None:
+    """Raises, naming every one, for mirroring leaves that reduced an expert leaf's lead dim."""
+    bad = [
+        f"state{k}{jax.tree_util.keystr(p)} has shape {tuple(x.shape)}: the shape {w} of "
+        f"experts{jax.tree_util.keystr(p)} without its dim {0 if tuple(x.shape) == w[1:] else 1} "
+        f"(a statistic over the layers or the slots) cannot move with the slots"
+        for k, (node, kinds) in taken.items()
+        for p, x, w, kind in zip(
+            leaf_paths, want_def.flatten_up_to(node), want_shapes, kinds, strict=True
+        )
+        if kind == "reduced"
+    ]
+    if bad:
+        raise ValueError(
+            "; ".join(bad) + ". Adafactor factors a leaf's two largest dims: keep the slot and "
+            "layer dims out of them (min_dim_size_to_factor above P, or factored=False)"
+        )
+
+
+def _put_back(flat, treedef, taken: dict, parts: dict, want_def) -> Callable[[Any], Any]:
+    """``put_back`` of `expert_state`: the state with the parts' leaves in the taken subtrees."""
+    structures = {k: jax.tree_util.tree_structure(v) for k, v in parts.items()}
 
     def put_back(new_parts: Any) -> Any:
         if not isinstance(new_parts, dict) or set(new_parts) != set(parts):
             got = sorted(new_parts) if isinstance(new_parts, dict) else type(new_parts).__name__
             raise ValueError(f"parts: expected a dict with keys {list(parts)}, got {got}")
         bad = [
-            f"parts[{k!r}] has structure {jax.tree_util.tree_structure(v)}, expected {want_def}"
+            f"parts[{k!r}] has structure {jax.tree_util.tree_structure(v)}, expected "
+            f"{structures[k]}"
             for k, v in new_parts.items()
-            if jax.tree_util.tree_structure(v) != want_def
+            if jax.tree_util.tree_structure(v) != structures[k]
         ]
         if bad:
             raise ValueError("; ".join(bad))
-        leaves = [x if k is None else new_parts[k] for k, (_, x) in zip(keys, flat, strict=True)]
+        leaves = []
+        for p, x in flat:
+            k = jax.tree_util.keystr(p)
+            if k in taken:
+                node, kinds = taken[k]
+                new = iter(jax.tree_util.tree_leaves(new_parts[k]))
+                olds = want_def.flatten_up_to(node)
+                x = want_def.unflatten(
+                    [
+                        next(new) if kind == "moves" else old
+                        for old, kind in zip(olds, kinds, strict=True)
+                    ]
+                )
+            leaves.append(x)
         return treedef.unflatten(leaves)
 
-    return parts, put_back
+    return put_back
 
 
 def replica_scale(phy2log: Any) -> jax.Array:
