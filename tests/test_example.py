@@ -196,6 +196,9 @@ def test_documented_examples_run_and_rebalance(doc, index, cpu_devices, capsys):
         pytest.importorskip("flax")
     namespace: dict = {"__name__": "doc_example"}
     exec(compile(blocks[index], f"{doc}[{index}]", "exec"), namespace)
+    # The example's jitted step compiled once: its inputs come back as they went in.
+    jitted = [v for v in namespace.values() if hasattr(v, "_cache_size")]
+    assert jitted and all(f._cache_size() == 1 for f in jitted), [f._cache_size() for f in jitted]
     printed = capsys.readouterr().out.splitlines()
     assert any(" True " in line for line in printed), printed  # a rebalance fired
     state = namespace["state"]

@@ -7,6 +7,8 @@ numpy reference computed from the *logical* weights, bit for bit, whatever the p
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -200,25 +202,15 @@ def test_window_total_is_the_window_sum_after_every_step(whole_run, tmp_path):
     np.testing.assert_array_equal(back.window_total, log[-1]["window_total"])
 
 
-def test_idle_step_has_no_window_sized_temporary(mesh):
+def test_idle_step_has_no_window_sized_temporary():
     # The window is written in place (one row) and its sum kept as a running total: the step's
     # temporary memory does not grow with the window (bytes of alignment aside), and the window
-    # is aliased (donated), not copied.
-    def compiled(w):
-        state = EplbState.create(
-            num_layers=3, num_experts=E, num_devices=D, num_redundant_experts=R,
-            window_size=w, step_interval=10**6,
-        ).replicated(mesh)  # fmt: skip
-        weights = jax.ShapeDtypeStruct(
-            (3, E + R, 4), jnp.float32, sharding=NamedSharding(mesh, P(None, "ep"))
-        )
-        step = jax.jit(lambda s, x: eplb_step(s, x, mesh=mesh), donate_argnums=(0, 1))
-        return step.lower(state, weights).compile().memory_analysis(), state.window.nbytes
-
-    one, _ = compiled(1)
-    many, window_bytes = compiled(512)
+    # is aliased (donated), not copied. The one-row program is the one the test below checks.
+    one, window_row = big_step_memory(D, 1)
+    many, window_bytes = big_step_memory(D, 512)
+    assert window_bytes == 512 * window_row
     assert many.temp_size_in_bytes - one.temp_size_in_bytes < window_bytes // 10
-    assert many.alias_size_in_bytes - one.alias_size_in_bytes >= window_bytes - 3 * E * 4
+    assert many.alias_size_in_bytes - one.alias_size_in_bytes >= window_bytes - window_row
 
 
 def test_rebalance_moves_experts_and_raises_balancedness(whole_run):
@@ -393,6 +385,35 @@ def test_step_rejects_bad_arguments(mesh):
         eplb_step(state, jax.device_put(good, NamedSharding(mesh, P())), mesh=mesh)
 
 
+@functools.cache
+def big_step_memory(d: int, window_size: int):
+    """The memory analysis of `eplb_step` compiled for d devices, N = 16 slots each, 4 layers of
+    64 KiB bf16 rows and a small f32 leaf, with a window of ``window_size`` rows; and the bytes of
+    the window. Cached: the two tests that read it share the compilations."""
+    mesh = jax.make_mesh((d,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+    n, num_layers = 16, 4
+    state = EplbState.create(
+        num_layers=num_layers,
+        num_experts=12 * d,
+        num_devices=d,
+        num_redundant_experts=4 * d,
+        window_size=window_size,
+        step_interval=2,
+    )
+    step = jax.jit(lambda s, w: eplb_step(s, w, mesh=mesh), donate_argnums=(0, 1))
+    stats = step.lower(state, big_leaves(mesh, n, num_layers)).compile().memory_analysis()
+    return stats, state.window.nbytes
+
+
+def big_leaves(mesh, n: int, num_layers: int) -> list:
+    sharding = NamedSharding(mesh, P(None, "ep"))
+    d = mesh.size
+    return [
+        jax.ShapeDtypeStruct((num_layers, n * d, 8, 64, 64), jnp.bfloat16, sharding=sharding),
+        jax.ShapeDtypeStruct((num_layers, n * d, 16), jnp.float32, sharding=sharding),
+    ]
+
+
 @pytest.mark.parametrize("d", [1, 8])
 def test_step_temporary_memory_within_a_layer(d):
     # The step moves its due layers through the same engine as rearrange_expert_weights, in
@@ -401,23 +422,9 @@ def test_step_temporary_memory_within_a_layer(d):
     # 170 KB at P = 128, whatever the weights) small next to a layer.
     if len(jax.devices()) < d:
         pytest.skip(f"needs {d} devices")
-    mesh = jax.make_mesh((d,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+    stats, _ = big_step_memory(d, 1)
     n, num_layers = 16, 4
-    state = EplbState.create(
-        num_layers=num_layers,
-        num_experts=12 * d,
-        num_devices=d,
-        num_redundant_experts=4 * d,
-        window_size=2,
-        step_interval=2,
-    )
-    sharding = NamedSharding(mesh, P(None, "ep"))
-    leaves = [
-        jax.ShapeDtypeStruct((num_layers, n * d, 8, 64, 64), jnp.bfloat16, sharding=sharding),
-        jax.ShapeDtypeStruct((num_layers, n * d, 16), jnp.float32, sharding=sharding),
-    ]
-    step = jax.jit(lambda s, w: eplb_step(s, w, mesh=mesh), donate_argnums=(0, 1))
-    stats = step.lower(state, leaves).compile().memory_analysis()
+    leaves = big_leaves(jax.make_mesh((d,), ("ep",)), n, num_layers)
     layer_local = sum(np.prod(x.shape[2:]) * x.dtype.itemsize for x in leaves) * n
     assert stats.temp_size_in_bytes <= layer_local
     assert stats.alias_size_in_bytes >= num_layers * layer_local  # the weights, in place

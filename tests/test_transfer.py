@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
@@ -79,13 +80,16 @@ def test_chunked_rounds_bit_exact(chunk_rows):
 def test_sender_choice_packs_rounds():
     # Device d holds experts d+1 and d+2 (mod 8) and a private one; it then wants expert d, which
     # devices d-1 and d-2 hold. Choosing the same shift for everyone makes one round of one row.
+    # Layer 1 stays as it is: two layers, the shapes of the tests above (one compilation).
     d = 8
     old = np.array([[(k + 1) % d, (k + 2) % d, 10 + k] for k in range(d)], np.int32).reshape(1, -1)
+    old = np.concatenate([old, old])
     new = old.copy()
     new[0, 2::3] = np.arange(d)
     report = run_and_check(d, old, new)
     assert int(report.min_rows[0]) == 1
     assert int(report.wire_rows[0]) == 1
+    assert int(report.wire_rows[1]) == 0
 
 
 # ------------------------------------------------------------------------------ compilation
@@ -463,11 +467,13 @@ def test_leaves_of_every_dtype_packed_bit_exact(mesh8):
 def test_devices_per_node_prefers_senders_on_the_receivers_node(mesh8):
     # Expert k is held by device k and by device (k + 4) % 8; each device wants the expert of
     # device k ^ 1 (same node of two devices): with the topology, no row crosses a node.
+    # Layer 1 stays as it is; the leaf has the shape of test_eager_calls_reuse_one_program's.
     d = 8
     old = np.array([[k, 10 + k, (k + 4) % d] for k in range(d)], np.int32).reshape(1, -1)
+    old = np.concatenate([old, old])
     new = old.copy()
     new[0, 1::3] = [k ^ 1 for k in range(d)]
-    host = {"w": np.random.default_rng(0).random((1, 3 * d, 4), np.float32)}
+    host = {"w": np.random.default_rng(0).random((2, 3 * d, 2), np.float32)}
     for per_node, crossing in ((None, 0), (2, 0), (1, 8)):
         out, report = jeplb.rearrange_expert_weights(
             old,
@@ -480,6 +486,7 @@ def test_devices_per_node_prefers_senders_on_the_receivers_node(mesh8):
         check_rows(as_bytes(host["w"]), as_bytes(out["w"]), old, new, d)
         assert int(report.remote_rows[0]) == d
         assert int(report.inter_node_rows[0]) == crossing
+        assert int(report.remote_rows[1]) == 0
 
 
 def test_plan_counts_inter_node_rows():
@@ -488,10 +495,11 @@ def test_plan_counts_inter_node_rows():
     # Expert 0 lives on device 0 only; devices 1 (same node of 2) and 2 (another node) want it.
     old = jnp.array([0, 1, 2, 3, 4, 5, 6, 7], jnp.int32)
     new = jnp.array([0, 1, 2, 0, 0, 5, 6, 7], jnp.int32)
-    plan = plan_lib.plan_layer(old, new, num_devices=4, devices_per_node=2)
+    plan_layer = jax.jit(plan_lib.plan_layer, static_argnames=("num_devices", "devices_per_node"))
+    plan = plan_layer(old, new, num_devices=4, devices_per_node=2)
     assert int(plan.primary.sum()) == 2 and int(plan.inter_node_rows) == 1
     assert plan.sender.tolist() == [-1, -1, -1, 0, 0, -1, -1, -1]
-    flat = plan_lib.plan_layer(old, new, num_devices=4)
+    flat = plan_layer(old, new, num_devices=4)
     assert int(flat.inter_node_rows) == 0
 
 
@@ -509,23 +517,34 @@ def test_topology_and_collective_options_are_checked(mesh8):
     assert not w["w"].is_deleted()  # refused before anything ran
 
 
+@functools.cache
+def _ragged_tables_program(d: int, capacity: int):
+    """One jitted program per (D, capacity): a layer's plan and every device's ragged tables, the
+    device index traced (as `lax.axis_index` is inside the transfer)."""
+    from jeplb._src.transfer import plan as plan_lib
+
+    def tables(old, new, devices):
+        plan = plan_lib.plan_layer(old, new, num_devices=d)
+        per_device = [
+            plan_lib.ragged_tables(plan, devices[a], num_devices=d, capacity=capacity)
+            for a in range(d)
+        ]
+        return plan, per_device
+
+    return jax.jit(tables)
+
+
 @pytest.mark.parametrize(("d", "n", "capacity"), [(4, 3, 2), (4, 3, 3), (8, 2, 1)])
 def test_ragged_tables_deliver_every_primary(d, n, capacity):
     # The seam's tables, checked on the host against the collective's documented semantics:
     # per wave, device a's operand rows [input_offsets[b], + send_sizes[b]) land in device b's
     # output at output_offsets[b], and b expects recv_sizes[a] of them.
-    from jeplb._src.transfer import plan as plan_lib
-
+    program = _ragged_tables_program(d, capacity)
     for seed, kind in enumerate(KINDS):
         old, new = make_plan(kind, seed, 1, d * n, max(1, d * n - 2), d)
-        plan = plan_lib.plan_layer(jnp.asarray(old[0]), jnp.asarray(new[0]), num_devices=d)
-        tabs = [
-            jax.tree_util.tree_map(
-                np.asarray,
-                plan_lib.ragged_tables(plan, jnp.int32(a), num_devices=d, capacity=capacity),
-            )
-            for a in range(d)
-        ]
+        plan, tabs = jax.tree_util.tree_map(
+            np.asarray, program(old[0], new[0], jnp.arange(d, dtype=jnp.int32))
+        )
         out = np.full((d, n), -1)
         for w in range(tabs[0].send_rows.shape[0]):
             if w >= int(tabs[0].num_waves):
