@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jeplb._src.policy.ops import fold_sum, inverse, rows
+from jeplb._src.policy.ops import descending_order, fold_sum, inverse, rows
 
 __all__ = ["NodeLayout", "node_layout", "pack", "replicate"]
 
@@ -86,8 +86,7 @@ def pack(load: jax.Array, num_packs: int) -> tuple[jax.Array, jax.Array]:
     if cap == 1:
         iota = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (x_rows, n))
         return iota, jnp.zeros((x_rows, n), jnp.int32)
-    iota = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (x_rows, n))
-    neg_sorted, order = lax.sort((-load, iota), dimension=1, num_keys=2)
+    order = descending_order(load)
     if num_packs == 1:  # every item in the one pack, ranked in the order they are taken
         return jnp.zeros((x_rows, n), jnp.int32), inverse(order)
     pack_ids = jnp.arange(num_packs, dtype=jnp.int32)
@@ -105,7 +104,8 @@ def pack(load: jax.Array, num_packs: int) -> tuple[jax.Array, jax.Array]:
         return (pack_load, pack_count), (k, rank)
 
     init = (jnp.zeros((x_rows, num_packs), jnp.float32), jnp.zeros((x_rows, num_packs), jnp.int32))
-    _, (k_sorted, r_sorted) = lax.scan(step, init, -neg_sorted.T, unroll=4)
+    sorted_load = jnp.take_along_axis(load, order, axis=1)
+    _, (k_sorted, r_sorted) = lax.scan(step, init, sorted_load.T, unroll=4)
     at = rows(order)
     pack_of = jnp.zeros((x_rows, n), jnp.int32).at[at, order].set(k_sorted.T, unique_indices=True)
     rank = jnp.zeros((x_rows, n), jnp.int32).at[at, order].set(r_sorted.T, unique_indices=True)

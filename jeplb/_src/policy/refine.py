@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jeplb._src.policy.ops import first_argmin, fold_sum
+from jeplb._src.policy.ops import first_argmin, fold_sum, sort_by_key
 
 __all__ = ["swap_refine"]
 
@@ -191,7 +191,7 @@ def swap_refine(
     state, it = _swap_loop(state, jnp.int32(0), slots, max_iters, sizes[1] if sizes[1:] else 0)
     for n, until in zip(sizes[1:], [*sizes[2:], 0][: len(sizes) - 1], strict=True):
         # The active rows first (all of them: at most n are), then inactive ones in row order.
-        _, idx = lax.sort((~state.active, jnp.arange(x_rows, dtype=jnp.int32)), num_keys=1)
+        _, idx = sort_by_key((~state.active).astype(jnp.int32))
         idx = idx[:n]
         sub, it = _swap_loop(
             jax.tree.map(lambda v, i=idx: v[i], state), it, slots, max_iters, until
