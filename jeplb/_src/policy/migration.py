@@ -19,8 +19,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jeplb._src.policy.deepseek import NodeLayout, replicate
-from jeplb._src.policy.ops import descending_order, fold_sum, inverse, rows, sort_by_key
+from jeplb._src.policy.deepseek import NodeLayout, lightest_pack, replicate
+from jeplb._src.policy.ops import (
+    descending_order,
+    first_argmax,
+    fold_sum,
+    inverse,
+    rows,
+    sort_by_key,
+)
 from jeplb._src.policy.refine import swap_refine
 
 __all__ = ["migrate", "preserve_slots"]
@@ -51,7 +58,7 @@ def _greedy_match(overlap: jax.Array) -> jax.Array:
 
     def step(_, carry):
         ov, perm = carry
-        best = jnp.argmax(ov.reshape(x_rows, n * n), axis=1).astype(jnp.int32)
+        best, _ = first_argmax(ov.reshape(x_rows, n * n))
         a, b = best // n, best % n
         perm = perm.at[at, a].set(b)
         taken = (ids[None, :, None] == a[:, None, None]) | (ids[None, None, :] == b[:, None, None])
@@ -187,22 +194,17 @@ def _sticky_pack(
         return jnp.zeros((x_rows, n), jnp.int32)
     order = descending_order(item_load)
     pref = jnp.take_along_axis(pref_device, order, axis=1)
-    pack_ids = jnp.arange(num_packs, dtype=jnp.int32)
-    at = jnp.arange(x_rows)
+    pack_ids = jnp.arange(num_packs, dtype=jnp.int32)[:, None]
 
-    def step(carry, x):
+    def step(carry, x):  # packs on the leading axis (see `lightest_pack`)
         pack_load, pack_count = carry
         a, p = x
-        room = pack_count < cap
-        light = jnp.argmin(jnp.where(room, pack_load, jnp.inf), axis=1).astype(jnp.int32)
-        light = jnp.where(room[at, light], light, jnp.argmax(room, 1).astype(jnp.int32))
-        pc = jnp.clip(p, 0, num_packs - 1)
-        k = jnp.where((p >= 0) & room[at, pc], pc, light)
-        hit = pack_ids == k[:, None]
-        pack_load = jnp.where(hit, pack_load + a[:, None], pack_load)
+        k = lightest_pack(pack_load, pack_count < cap, p)
+        hit = pack_ids == k
+        pack_load = jnp.where(hit, pack_load + a, pack_load)
         return (pack_load, pack_count + hit.astype(jnp.int32)), k
 
-    init = (jnp.zeros((x_rows, num_packs), jnp.float32), jnp.zeros((x_rows, num_packs), jnp.int32))
+    init = (jnp.zeros((num_packs, x_rows), jnp.float32), jnp.zeros((num_packs, x_rows), jnp.int32))
     sorted_load = jnp.take_along_axis(item_load, order, axis=1)
     _, k_sorted = lax.scan(step, init, (sorted_load.T, pref.T), unroll=4)
     return (

@@ -12,6 +12,7 @@ from jax import lax
 
 __all__ = [
     "descending_order",
+    "first_argmax",
     "first_argmin",
     "fold_sum",
     "inverse",
@@ -84,6 +85,16 @@ def sort_by_key(key: jax.Array) -> tuple[jax.Array, jax.Array]:
     packed = key * n + jnp.arange(n, dtype=jnp.int32)
     packed = lax.sort(packed, dimension=key.ndim - 1)
     return packed // n, packed % n
+
+
+def first_argmax(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(index int32[...], value) of the maximum over the last axis, the first index among equal
+    maxima: `jnp.argmax`'s result for NaN-free ``x``, as two plain reductions (see
+    `first_argmin`)."""
+    high = jnp.max(x, axis=-1, keepdims=True)
+    n = x.shape[-1]
+    iota = jnp.arange(n, dtype=jnp.int32)
+    return jnp.min(jnp.where(x == high, iota, n), axis=-1), high[..., 0]
 
 
 def inverse(perm: jax.Array) -> jax.Array:

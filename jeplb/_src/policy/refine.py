@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jeplb._src.policy.ops import first_argmin, fold_sum, sort_by_key
+from jeplb._src.policy.ops import first_argmax, first_argmin, fold_sum, sort_by_key
 
 __all__ = ["swap_refine"]
 
@@ -50,8 +50,7 @@ def _heaviest(load: jax.Array, slots: int) -> _Heaviest:
     devices = p_x // slots
     device_of_slot = jnp.arange(p_x, dtype=jnp.int32) // slots
     device_load = fold_sum(load.reshape(x_rows, devices, slots))
-    h = jnp.argmax(device_load, axis=1).astype(jnp.int32)
-    top = device_load[jnp.arange(x_rows), h]
+    h, top = first_argmax(device_load)
     h_slots = h[:, None] * slots + jnp.arange(slots, dtype=jnp.int32)  # [X, S]
     a = jnp.take_along_axis(load, h_slots, 1)  # [X, S]
     delta = a[:, :, None] - load[:, None, :]  # [X, S, P_x]
