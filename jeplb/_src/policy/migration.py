@@ -22,7 +22,6 @@ from jax import lax
 from jeplb._src.policy.deepseek import NodeLayout, lightest_pack, replicate
 from jeplb._src.policy.ops import (
     descending_order,
-    first_argmax,
     fold_sum,
     inverse,
     rows,
@@ -53,19 +52,20 @@ def _greedy_match(overlap: jax.Array) -> jax.Array:
       int32[X, n]: the old label given to each new label (a permutation per row).
     """
     x_rows, n, _ = overlap.shape
-    at = jnp.arange(x_rows)
-    ids = jnp.arange(n, dtype=jnp.int32)
+    ids = jnp.arange(n, dtype=jnp.int32)[:, None]
+    flat = jnp.arange(n * n, dtype=jnp.int32)[:, None]
 
-    def step(_, carry):
+    def step(_, carry):  # label pairs on the leading axis (see `deepseek.lightest_pack`)
         ov, perm = carry
-        best, _ = first_argmax(ov.reshape(x_rows, n * n))
+        high = jnp.max(ov, axis=0)
+        best = jnp.min(jnp.where(ov == high, flat, n * n), axis=0)  # the first maximum
         a, b = best // n, best % n
-        perm = perm.at[at, a].set(b)
-        taken = (ids[None, :, None] == a[:, None, None]) | (ids[None, None, :] == b[:, None, None])
-        return jnp.where(taken, -1.0, ov), perm
+        perm = jnp.where(ids == a, b, perm)
+        return jnp.where((flat // n == a) | (flat % n == b), -1.0, ov), perm
 
-    init = (overlap.astype(jnp.float32), jnp.zeros((x_rows, n), jnp.int32))
-    return lax.fori_loop(0, n, step, init)[1]
+    ov = overlap.astype(jnp.float32).reshape(x_rows, n * n).T
+    perm = lax.fori_loop(0, n, step, (ov, jnp.zeros((n, x_rows), jnp.int32)))[1]
+    return perm.T
 
 
 def _occurrence(v: jax.Array) -> jax.Array:

@@ -185,7 +185,10 @@ def swap_refine(
     if p_x // slots == 1:
         return slot_load, payload
     max_iters = _MAX_SWAPS_PER_DEVICE * p_x
-    state = _Rows(slot_load, tuple(payload), jnp.ones((x_rows,), bool), stop, held)
+    active = jnp.ones((x_rows,), bool)
+    if stop is not None:  # rows already at or under ``stop`` never swap: not active from the start
+        active = fold_sum(slot_load.reshape(x_rows, p_x // slots, slots)).max(axis=1) > stop
+    state = _Rows(slot_load, tuple(payload), active, stop, held)
     sizes = [x_rows] + [x_rows // k for k in _COMPACT if x_rows // k >= _COMPACT_MIN_ROWS]
     state, it = _swap_loop(state, jnp.int32(0), slots, max_iters, sizes[1] if sizes[1:] else 0)
     for n, until in zip(sizes[1:], [*sizes[2:], 0][: len(sizes) - 1], strict=True):
