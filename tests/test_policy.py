@@ -525,6 +525,36 @@ def test_first_argmin_is_argmin_with_ties():
     assert (np.asarray(low) == x.min(axis=1)).all()
 
 
+def test_first_argmax_is_argmax_with_ties():
+    from jeplb._src.policy.ops import first_argmax
+
+    x = np.random.default_rng(1).integers(0, 4, size=(64, 37)).astype(np.float32)
+    x[3] = np.inf
+    idx, high = first_argmax(jnp.asarray(x))
+    assert (np.asarray(idx) == np.argmax(x, axis=1)).all()
+    assert (np.asarray(high) == x.max(axis=1)).all()
+
+
+@pytest.mark.parametrize("n", [37, 600])  # counted, and sorted past _COUNT_ORDER_MAX
+def test_descending_order_is_a_stable_sort_with_ties(n):
+    from jeplb._src.policy.ops import descending_order
+
+    x = np.random.default_rng(n).integers(0, 4, size=(8, n)).astype(np.float32)
+    x[1] = np.inf
+    x[2, ::2] = -0.0  # equal to +0: increasing index
+    order = np.asarray(descending_order(jnp.asarray(x)))
+    assert (order == np.argsort(-x, axis=1, kind="stable")).all()
+
+
+def test_sort_by_key_is_a_stable_sort():
+    from jeplb._src.policy.ops import sort_by_key
+
+    key = np.random.default_rng(2).integers(-1, 5, size=(3, 4, 41)).astype(np.int32)
+    sorted_key, pos = (np.asarray(v) for v in sort_by_key(jnp.asarray(key)))
+    assert (pos == np.argsort(key, axis=-1, kind="stable")).all()
+    assert (sorted_key == np.sort(key, axis=-1)).all()
+
+
 def test_swap_refine_batches_the_active_rows_without_changing_a_swap(monkeypatch):
     from jeplb._src.policy import refine
 

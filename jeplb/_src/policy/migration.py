@@ -19,8 +19,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jeplb._src.policy.deepseek import NodeLayout, replicate
-from jeplb._src.policy.ops import fold_sum, inverse, rows
+from jeplb._src.policy.deepseek import NodeLayout, lightest_pack, replicate
+from jeplb._src.policy.ops import (
+    descending_order,
+    fold_sum,
+    inverse,
+    rows,
+    sort_by_key,
+)
 from jeplb._src.policy.refine import swap_refine
 
 __all__ = ["migrate", "preserve_slots"]
@@ -46,19 +52,20 @@ def _greedy_match(overlap: jax.Array) -> jax.Array:
       int32[X, n]: the old label given to each new label (a permutation per row).
     """
     x_rows, n, _ = overlap.shape
-    at = jnp.arange(x_rows)
-    ids = jnp.arange(n, dtype=jnp.int32)
+    ids = jnp.arange(n, dtype=jnp.int32)[:, None]
+    flat = jnp.arange(n * n, dtype=jnp.int32)[:, None]
 
-    def step(_, carry):
+    def step(_, carry):  # label pairs on the leading axis (see `deepseek.lightest_pack`)
         ov, perm = carry
-        best = jnp.argmax(ov.reshape(x_rows, n * n), axis=1).astype(jnp.int32)
+        high = jnp.max(ov, axis=0)
+        best = jnp.min(jnp.where(ov == high, flat, n * n), axis=0)  # the first maximum
         a, b = best // n, best % n
-        perm = perm.at[at, a].set(b)
-        taken = (ids[None, :, None] == a[:, None, None]) | (ids[None, None, :] == b[:, None, None])
-        return jnp.where(taken, -1.0, ov), perm
+        perm = jnp.where(ids == a, b, perm)
+        return jnp.where((flat // n == a) | (flat % n == b), -1.0, ov), perm
 
-    init = (overlap.astype(jnp.float32), jnp.zeros((x_rows, n), jnp.int32))
-    return lax.fori_loop(0, n, step, init)[1]
+    ov = overlap.astype(jnp.float32).reshape(x_rows, n * n).T
+    perm = lax.fori_loop(0, n, step, (ov, jnp.zeros((n, x_rows), jnp.int32)))[1]
+    return perm.T
 
 
 def _occurrence(v: jax.Array) -> jax.Array:
@@ -83,7 +90,6 @@ def preserve_slots(new: jax.Array, old: jax.Array) -> jax.Array:
       int32[X, D, S]: ``new`` with each device's entries permuted.
     """
     slots = new.shape[-1]
-    iota = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), new.shape)
     match = (
         (new[..., :, None] == old[..., None, :])
         & (_occurrence(new)[..., :, None] == _occurrence(old)[..., None, :])
@@ -92,7 +98,7 @@ def preserve_slots(new: jax.Array, old: jax.Array) -> jax.Array:
     new_matched = jnp.any(match, axis=-1)
     old_matched = jnp.any(match, axis=-2)
     # Free slots in increasing order first, then the matched ones.
-    _, free = lax.sort((old_matched.astype(jnp.int32), iota), dimension=new.ndim - 1, num_keys=2)
+    _, free = sort_by_key(old_matched.astype(jnp.int32))
     r = jnp.cumsum(~new_matched, axis=-1) - 1
     dst = jnp.where(
         new_matched,
@@ -186,25 +192,21 @@ def _sticky_pack(
     x_rows, n = item_load.shape
     if num_packs == 1:
         return jnp.zeros((x_rows, n), jnp.int32)
-    iota = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (x_rows, n))
-    neg, order, pref = lax.sort((-item_load, iota, pref_device), dimension=1, num_keys=2)
-    pack_ids = jnp.arange(num_packs, dtype=jnp.int32)
-    at = jnp.arange(x_rows)
+    order = descending_order(item_load)
+    pref = jnp.take_along_axis(pref_device, order, axis=1)
+    pack_ids = jnp.arange(num_packs, dtype=jnp.int32)[:, None]
 
-    def step(carry, x):
+    def step(carry, x):  # packs on the leading axis (see `lightest_pack`)
         pack_load, pack_count = carry
         a, p = x
-        room = pack_count < cap
-        light = jnp.argmin(jnp.where(room, pack_load, jnp.inf), axis=1).astype(jnp.int32)
-        light = jnp.where(room[at, light], light, jnp.argmax(room, 1).astype(jnp.int32))
-        pc = jnp.clip(p, 0, num_packs - 1)
-        k = jnp.where((p >= 0) & room[at, pc], pc, light)
-        hit = pack_ids == k[:, None]
-        pack_load = jnp.where(hit, pack_load + a[:, None], pack_load)
+        k = lightest_pack(pack_load, pack_count < cap, p)
+        hit = pack_ids == k
+        pack_load = jnp.where(hit, pack_load + a, pack_load)
         return (pack_load, pack_count + hit.astype(jnp.int32)), k
 
-    init = (jnp.zeros((x_rows, num_packs), jnp.float32), jnp.zeros((x_rows, num_packs), jnp.int32))
-    _, k_sorted = lax.scan(step, init, (-neg.T, pref.T), unroll=4)
+    init = (jnp.zeros((num_packs, x_rows), jnp.float32), jnp.zeros((num_packs, x_rows), jnp.int32))
+    sorted_load = jnp.take_along_axis(item_load, order, axis=1)
+    _, k_sorted = lax.scan(step, init, (sorted_load.T, pref.T), unroll=4)
     return (
         jnp.zeros((x_rows, n), jnp.int32)
         .at[rows(order), order]
@@ -342,8 +344,7 @@ def _old_view_single(
     # int32 counts, not a bool scatter: XLA:GPU miscompiles a sliced pred scatter here.
     old_has = jnp.zeros((x_rows, d_n, e_n + 1), jnp.int32)
     old_has = old_has.at[rows(loc), device_of_slot, loc_or_pad].add(1)[:, :, :e_n] > 0
-    iota = jnp.broadcast_to(jnp.arange(p_n, dtype=jnp.int32), (x_rows, p_n))
-    _, by_expert = lax.sort((loc_or_pad, iota), dimension=1, num_keys=2)
+    _, by_expert = sort_by_key(loc_or_pad)
     old_cnt = jnp.zeros((x_rows, e_n + 1), jnp.int32).at[rows(loc), loc_or_pad].add(1)[:, :e_n]
     start = jnp.cumsum(old_cnt, axis=1) - old_cnt
     has_pref = item_rank < jnp.take_along_axis(old_cnt, item_e, 1)
@@ -478,8 +479,8 @@ def migrate(
     with jax.named_scope("sticky_pack"):
         item_load = jnp.take_along_axis(rep_load, item_e, 1)
         device = _sticky_pack(item_load, pref, dims.d_n, slots)  # [CX, P_n]
-        iota = jnp.broadcast_to(jnp.arange(dims.p_n, dtype=jnp.int32), (cx, dims.p_n))
-        _, entries = lax.sort((device * dims.p_n + iota, item_e), dimension=1, num_keys=1)
+        # Each device's replicas in item order.
+        entries = jnp.take_along_axis(item_e, sort_by_key(device)[1], axis=1)
     with jax.named_scope("sticky_refine"):
         # Swaps between devices until each row is within the slack of the from-scratch maximum.
         limit = jnp.tile(jnp.repeat(target, nodes), num_cands) * (1.0 + _MIGRATION_SLACK)

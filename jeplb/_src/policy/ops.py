@@ -10,7 +10,21 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["first_argmin", "fold_sum", "inverse", "log2phy_of", "rows", "slot_ranks"]
+__all__ = [
+    "descending_order",
+    "first_argmax",
+    "first_argmin",
+    "fold_sum",
+    "inverse",
+    "log2phy_of",
+    "rows",
+    "slot_ranks",
+    "sort_by_key",
+]
+
+# Rows of up to this many items are ordered by counting, for each item, the items ahead of it (one
+# fused comparison and reduction over [X, n, n]); longer rows by a sort.
+_COUNT_ORDER_MAX = 512
 
 
 def rows(x: jax.Array) -> jax.Array:
@@ -35,6 +49,52 @@ def first_argmin(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     n = x.shape[-1]
     iota = jnp.arange(n, dtype=jnp.int32)
     return jnp.min(jnp.where(x == low, iota, n), axis=-1), low[..., 0]
+
+
+def descending_order(load: jax.Array) -> jax.Array:
+    """int32[X, n]: the items of each row heaviest first, equal loads in increasing index.
+
+    The order of a stable sort of ``-load`` for NaN-free ``load`` (-0 and +0 equal). XLA:CPU sorts
+    key-value pairs slowly, so rows of up to _COUNT_ORDER_MAX items count the items ahead of each
+    item instead and invert that permutation (the same order, several times faster).
+
+    Args:
+      load: float32[X, n].
+    """
+    x_rows, n = load.shape
+    iota = jnp.arange(n, dtype=jnp.int32)
+    if n > _COUNT_ORDER_MAX:
+        iota = jnp.broadcast_to(iota, (x_rows, n))
+        return lax.sort((-load, iota), dimension=1, num_keys=2)[1]
+    other, this = load[:, None, :], load[:, :, None]  # [X, i, j]: item j against item i
+    ahead = (other > this) | ((other == this) & (iota[None, :] < iota[:, None]))
+    return inverse(jnp.sum(ahead, axis=2, dtype=jnp.int32))
+
+
+def sort_by_key(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A stable sort of each row (last axis) by an integer key: (sorted key, position) int32.
+
+    One sort of the single operand ``key * n + position`` (XLA:CPU sorts a single integer operand
+    several times faster than key-value pairs); the caller keeps ``(max key + 2) * n`` within
+    int32.
+
+    Args:
+      key: int32[..., n], each >= -1.
+    """
+    n = key.shape[-1]
+    packed = key * n + jnp.arange(n, dtype=jnp.int32)
+    packed = lax.sort(packed, dimension=key.ndim - 1)
+    return packed // n, packed % n
+
+
+def first_argmax(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(index int32[...], value) of the maximum over the last axis, the first index among equal
+    maxima: `jnp.argmax`'s result for NaN-free ``x``, as two plain reductions (see
+    `first_argmin`)."""
+    high = jnp.max(x, axis=-1, keepdims=True)
+    n = x.shape[-1]
+    iota = jnp.arange(n, dtype=jnp.int32)
+    return jnp.min(jnp.where(x == high, iota, n), axis=-1), high[..., 0]
 
 
 def inverse(perm: jax.Array) -> jax.Array:
@@ -67,7 +127,7 @@ def slot_ranks(phy2log: jax.Array) -> jax.Array:
     """rank[l, p] = how many slots before p hold the same expert (replica ranks in slot order)."""
     num_layers, num_slots = phy2log.shape
     iota = jnp.broadcast_to(jnp.arange(num_slots, dtype=jnp.int32), phy2log.shape)
-    key, pos = lax.sort((phy2log, iota), dimension=1, num_keys=2)
+    key, pos = sort_by_key(phy2log)
     first = jnp.concatenate([jnp.ones((num_layers, 1), bool), key[:, 1:] != key[:, :-1]], axis=1)
     start = lax.cummax(jnp.where(first, iota, 0), axis=1)
     rank = iota - start

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jeplb._src.policy.ops import first_argmin, fold_sum
+from jeplb._src.policy.ops import first_argmax, first_argmin, fold_sum, sort_by_key
 
 __all__ = ["swap_refine"]
 
@@ -50,8 +50,7 @@ def _heaviest(load: jax.Array, slots: int) -> _Heaviest:
     devices = p_x // slots
     device_of_slot = jnp.arange(p_x, dtype=jnp.int32) // slots
     device_load = fold_sum(load.reshape(x_rows, devices, slots))
-    h = jnp.argmax(device_load, axis=1).astype(jnp.int32)
-    top = device_load[jnp.arange(x_rows), h]
+    h, top = first_argmax(device_load)
     h_slots = h[:, None] * slots + jnp.arange(slots, dtype=jnp.int32)  # [X, S]
     a = jnp.take_along_axis(load, h_slots, 1)  # [X, S]
     delta = a[:, :, None] - load[:, None, :]  # [X, S, P_x]
@@ -186,12 +185,15 @@ def swap_refine(
     if p_x // slots == 1:
         return slot_load, payload
     max_iters = _MAX_SWAPS_PER_DEVICE * p_x
-    state = _Rows(slot_load, tuple(payload), jnp.ones((x_rows,), bool), stop, held)
+    active = jnp.ones((x_rows,), bool)
+    if stop is not None:  # rows already at or under ``stop`` never swap: not active from the start
+        active = fold_sum(slot_load.reshape(x_rows, p_x // slots, slots)).max(axis=1) > stop
+    state = _Rows(slot_load, tuple(payload), active, stop, held)
     sizes = [x_rows] + [x_rows // k for k in _COMPACT if x_rows // k >= _COMPACT_MIN_ROWS]
     state, it = _swap_loop(state, jnp.int32(0), slots, max_iters, sizes[1] if sizes[1:] else 0)
     for n, until in zip(sizes[1:], [*sizes[2:], 0][: len(sizes) - 1], strict=True):
         # The active rows first (all of them: at most n are), then inactive ones in row order.
-        _, idx = lax.sort((~state.active, jnp.arange(x_rows, dtype=jnp.int32)), num_keys=1)
+        _, idx = sort_by_key((~state.active).astype(jnp.int32))
         idx = idx[:n]
         sub, it = _swap_loop(
             jax.tree.map(lambda v, i=idx: v[i], state), it, slots, max_iters, until
