@@ -221,32 +221,72 @@ def _apply_pallas(rows, src, dst, count, n, interpret, slot_major):
 
         lax.fori_loop(0, cnt_ref[li], move, jnp.zeros((block,), out_ref.dtype))
 
+    tables = [src.reshape(-1), dst.reshape(-1), count]
+    out = layer_kernel_call(
+        kernel,
+        tables,
+        words,
+        num_layers=num_layers,
+        block=block,
+        slot_major=slot_major,
+        interpret=interpret,
+    )
+    return rows_lib.unwords(out, rows) if packed else out
+
+
+def layer_kernel_call(
+    kernel,
+    tables: list,
+    rows: jax.Array,
+    *,
+    num_layers: int,
+    block: int,
+    slot_major: bool,
+    interpret: bool | None,
+) -> jax.Array:
+    """Runs ``kernel(*table_refs, _rows_in_ref, rows_out_ref)`` with one Pallas program per
+    (layer, block of ``block`` columns), in place on ``rows``.
+
+    Args:
+      kernel: the Pallas kernel; each program sees its layer as an [N, block] ref (N = rows of a
+        layer) and every table whole.
+      tables: 1-D int32 arrays, passed whole to every program.
+      rows: [L * N, R] layer-major (or [N * L, R] with ``slot_major``), R a multiple of ``block``.
+      num_layers: L.
+      block: columns per program.
+      slot_major: the rows are slot-major: row ``slot * L + layer``.
+      interpret: run in interpret mode; None: only on the CPU backend.
+
+    Returns:
+      ``rows`` after the kernel, [L * N, R].
+    """
+    from jax.experimental import pallas as pl
+
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    axes = rows_lib.varying_axes(rows)
+    n, width = rows.shape[0] // num_layers, rows.shape[1]
     if slot_major:
-        layered = words.reshape(n, num_layers, width)
+        layered = rows.reshape(n, num_layers, width)
         layer_block = pl.BlockSpec((n, None, block), lambda li, b: (0, li, b))
     else:
-        layered = words.reshape(num_layers, n, width)
+        layered = rows.reshape(num_layers, n, width)
         layer_block = pl.BlockSpec((None, n, block), lambda li, b: (li, 0, b))
-    args = [src.reshape(-1), dst.reshape(-1), count, layered]
-    args = [rows_lib.make_varying(a, axes) for a in args]
+    axes = rows_lib.varying_axes(rows)
+    args = [rows_lib.make_varying(a, axes) for a in [*tables, layered]]
 
     def whole(a):
         return pl.BlockSpec(a.shape, lambda li, b: (0,))
 
     out = pl.pallas_call(
         kernel,
-        out_shape=rows_lib._like(args[3]),
+        out_shape=rows_lib._like(args[-1]),
         grid=(num_layers, width // block),
-        in_specs=[whole(args[0]), whole(args[1]), whole(args[2]), layer_block],
+        in_specs=[whole(a) for a in args[:-1]] + [layer_block],
         out_specs=layer_block,
-        input_output_aliases={3: 0},
+        input_output_aliases={len(tables): 0},
         interpret=interpret,
     )(*args)
-    out = out.reshape(words.shape)
-    return rows_lib.unwords(out, rows) if packed else out
+    return out.reshape(rows.shape)
 
 
 def resolve_impl(impl: str, rows: jax.Array, platform: str) -> str | None:

@@ -20,7 +20,6 @@ import numpy as np
 from jax import lax
 
 from jeplb._src.transfer import inplace
-from jeplb._src.transfer import rows as rows_lib
 
 __all__ = ["kernel_fits", "replica_groups", "sum_replicas"]
 
@@ -130,28 +129,13 @@ def sum_replicas(
         init = (jnp.zeros((block,), jnp.float32), jnp.int32(0))
         lax.fori_loop(0, cnt_ref[pl.program_id(0)], step, init)
 
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
-    axes = rows_lib.varying_axes(rows)
-    if slot_major:
-        layered = rows.reshape(num_slots, num_layers, width)
-        layer_block = pl.BlockSpec((num_slots, None, block), lambda li, b: (0, li, b))
-    else:
-        layered = rows.reshape(num_layers, num_slots, width)
-        layer_block = pl.BlockSpec((None, num_slots, block), lambda li, b: (li, 0, b))
-    args = [order.reshape(-1), first.reshape(-1), last.reshape(-1), count, layered]
-    args = [rows_lib.make_varying(a, axes) for a in args]
-
-    def whole(a):
-        return pl.BlockSpec(a.shape, lambda li, b: (0,))
-
-    out = pl.pallas_call(
+    tables = [order.reshape(-1), first.reshape(-1), last.reshape(-1), count]
+    return inplace.layer_kernel_call(
         kernel,
-        out_shape=rows_lib._like(args[4]),
-        grid=(num_layers, width // block),
-        in_specs=[whole(a) for a in args[:4]] + [layer_block],
-        out_specs=layer_block,
-        input_output_aliases={4: 0},
+        tables,
+        rows,
+        num_layers=num_layers,
+        block=block,
+        slot_major=slot_major,
         interpret=interpret,
-    )(*args)
-    return out.reshape(rows.shape)
+    )
