@@ -315,7 +315,16 @@ def _gather_broadcast(phy2log, leaves, valid, setup: engine.Engine):
             meta, send, recv = plan_lib.local_metadata(plan, old, new, me, num_devices=d)
         rounds = stages.Rounds(send, recv, plan.num_chunks)
         adds = jnp.where(gather, meta.commit_count, 0)
-        leaves, bufs = _passes(leaves, bufs, li, passes, meta, rounds, adds, geo, setup)
+
+        def add_owners(spaces, staged):
+            with jax.named_scope("add"):
+                return tuple(
+                    _add_owner_rows(s, b, meta, adds) for s, b in zip(spaces, staged, strict=True)
+                )
+
+        leaves, bufs = engine.stage_commit(
+            leaves, bufs, li, passes, meta, rounds, geo, setup, edit=add_owners
+        )
         wire = plan.wire_rows
         stats = SyncStats(
             stats.gather_wire_rows.at[li].add(jnp.where(gather, wire, 0)),
@@ -327,68 +336,6 @@ def _gather_broadcast(phy2log, leaves, valid, setup: engine.Engine):
     carry = (list(leaves), bufs, SyncStats(zeros, zeros, zeros))
     leaves, _, stats = lax.fori_loop(0, ends[-1], step, carry)
     return leaves, stats
-
-
-def _passes(leaves, bufs, li, passes: int, meta, rounds, adds, geo, setup: engine.Engine):
-    """Every column pass of one step (each stages, adds and commits one block of columns). When
-    every leaf splits into the passes they are one `fori_loop` over the pass index (rounds and
-    row moves compiled once; unrolled passes' column masks would be hoisted out of the step loop
-    and stay live side by side); else pass 0 (with the leaves staged whole) and the others are
-    unrolled."""
-    if passes > 1 and all(g.split for g in geo):
-
-        def one(p, carry):
-            return _pass(*carry, li, p.astype(jnp.int32), meta, rounds, adds, geo, setup)
-
-        with jax.named_scope("passes"):
-            leaves, bufs = lax.fori_loop(0, passes, one, (list(leaves), list(bufs)))
-        return list(leaves), list(bufs)
-    for p in range(passes):
-        with jax.named_scope(f"pass_{p}" if passes > 1 else "stage_add_commit"):
-            leaves, bufs = _pass(leaves, bufs, li, p, meta, rounds, adds, geo, setup)
-    return leaves, bufs
-
-
-def _pass(leaves, bufs, li, p, meta, rounds, adds, geo, setup: engine.Engine):
-    """Column pass ``p`` of one step: stage the rows the plan moves (local copies, rounds), add
-    the owners' rows to the first ``adds`` staged rows of the commit list (a gather step; 0 in a
-    broadcast step), commit them into their slots."""
-    cfg = setup.config
-    part = [i for i, g in enumerate(geo) if g.split or (isinstance(p, int) and p == 0)]
-    if not part:
-        return leaves, bufs
-    spaces = tuple(
-        layout.open_rows(
-            leaves[i],
-            li,
-            p * geo[i].block if geo[i].split else 0,
-            geo[i].block,
-            slot_major=cfg.slot_major,
-            platform=setup.platform,
-        )
-        for i in part
-    )
-    impls = tuple(geo[i].impls for i in part)
-    staged = stages.stage(
-        spaces,
-        tuple(bufs[i] for i in part),
-        meta,
-        rounds,
-        axes=cfg.axes,
-        num_devices=setup.num_devices,
-        chunk_rows=cfg.chunk_rows,
-        impls=impls,
-    )
-    with jax.named_scope("add"):
-        staged = tuple(
-            _add_owner_rows(s, b, meta, adds) for s, b in zip(spaces, staged, strict=True)
-        )
-    spaces = stages.commit(spaces, staged, meta, impls)
-    leaves, bufs = list(leaves), list(bufs)
-    for k, i in enumerate(part):
-        leaves[i] = layout.close_rows(leaves[i], spaces[k])
-        bufs[i] = staged[k]
-    return leaves, bufs
 
 
 def _add_owner_rows(space: layout.RowSpace, buf: jax.Array, meta, count) -> jax.Array:

@@ -30,7 +30,7 @@ from jeplb._src.transfer import plan as plan_lib
 from jeplb._src.transfer import rows as rows_lib
 from jeplb._src.transfer.config import TransferConfig
 
-__all__ = ["Engine", "LayerStats", "check_setup", "move_layers"]
+__all__ = ["Engine", "LayerStats", "check_setup", "move_layers", "stage_commit", "staging"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,7 +312,7 @@ def _move_staged(old, new, leaves, ok, go, agreed, first, count, engine: Engine)
             )
             meta, send, recv = plan_lib.local_metadata(plan, old[li], target, me, num_devices=d)
         rounds = stages.Rounds(send, recv, plan.num_chunks)
-        leaves, bufs = _passes(leaves, bufs, li, passes, meta, rounds, geo, engine)
+        leaves, bufs = stage_commit(leaves, bufs, li, passes, meta, rounds, geo, engine)
         return leaves, bufs, _record(stats, li, plan, cfg.chunk_rows)
 
     trips = jnp.where(jnp.any(go), count, 0)
@@ -320,25 +320,30 @@ def _move_staged(old, new, leaves, ok, go, agreed, first, count, engine: Engine)
     return leaves, stats
 
 
-def _passes(leaves, bufs, li, passes: int, meta, rounds, geo, engine: Engine):
-    """Every column pass of layer ``li``. When every leaf splits into the passes, they are one
-    `fori_loop` over the pass index (the rounds are compiled once, not once per pass); else
-    pass 0 (with the leaves staged whole) and the others are unrolled."""
+def stage_commit(leaves, bufs, li, passes: int, meta, rounds, geo, engine: Engine, *, edit=None):
+    """Every column pass of layer ``li``: stage the rows the plan moves, then commit them. When
+    every leaf splits into the passes, they are one `fori_loop` over the pass index (the rounds
+    are compiled once, not once per pass); else pass 0 (with the leaves staged whole) and the
+    others are unrolled.
+
+    ``edit(spaces, staged) -> staged``, when given, changes the staged rows of a pass before they
+    are committed (the gradient sync adds the owners' rows there); ``spaces`` are the pass's
+    `layout.RowSpace`s and ``staged`` its staging buffers, in the same order."""
     if passes > 1 and all(g.split for g in geo):
 
         def one(p, carry):
-            return _pass(*carry, li, p.astype(jnp.int32), meta, rounds, geo, engine)
+            return _pass(*carry, li, p.astype(jnp.int32), meta, rounds, geo, engine, edit)
 
         with jax.named_scope("passes"):
             leaves, bufs = lax.fori_loop(0, passes, one, (list(leaves), list(bufs)))
         return list(leaves), list(bufs)
     for p in range(passes):
         with jax.named_scope(f"pass_{p}" if passes > 1 else "stage_commit"):
-            leaves, bufs = _pass(leaves, bufs, li, p, meta, rounds, geo, engine)
+            leaves, bufs = _pass(leaves, bufs, li, p, meta, rounds, geo, engine, edit)
     return leaves, bufs
 
 
-def _pass(leaves, bufs, li, p, meta, rounds, geo, engine: Engine):
+def _pass(leaves, bufs, li, p, meta, rounds, geo, engine: Engine, edit):
     """Column pass ``p`` (an int, or traced when every leaf splits) of layer ``li``: every split
     leaf's p-th block, whole leaves in pass 0."""
     cfg = engine.config
@@ -366,6 +371,8 @@ def _pass(leaves, bufs, li, p, meta, rounds, geo, engine: Engine):
         chunk_rows=cfg.chunk_rows,
         impls=impls,
     )
+    if edit is not None:
+        staged = edit(spaces, staged)
     spaces = stages.commit(spaces, staged, meta, impls)
     leaves, bufs = list(leaves), list(bufs)
     for k, i in enumerate(part):
