@@ -41,7 +41,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jeplb  # noqa: E402
 from jeplb._src import training  # noqa: E402
-from jeplb.tools.benchio import results_path, table, write_results  # noqa: E402
+from jeplb.tools.benchio import median_seconds, results_path, table, write_results  # noqa: E402
 
 
 def _placement(rng, layers, experts, slots, devices, skew=1.2):
@@ -177,21 +177,11 @@ class LocalRow:
     temp_of_layer: float
 
 
-def _median_s(fn, reps=5):
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def copy_bandwidth(nbytes: int) -> float:
     """Bytes read + written per second by the device's own copy of a buffer of ``nbytes``."""
     x = jax.random.bits(jax.random.key(0), (nbytes // 4,), jnp.uint32)
     xor = jax.jit(lambda x: x ^ jnp.uint32(1))
-    return 2 * x.nbytes / _median_s(lambda: xor(x))
+    return 2 * x.nbytes / median_seconds(lambda: xor(x), repeats=5)
 
 
 def _local_row(mesh, m, maps, layers, experts, slots, kib, dtype, impl) -> LocalRow:
@@ -211,7 +201,7 @@ def _local_row(mesh, m, maps, layers, experts, slots, kib, dtype, impl) -> Local
         state["g"] = jitted(state["g"], maps)
         return state["g"]
 
-    t = _median_s(run, reps=10)
+    t = median_seconds(run, repeats=10)
     layer = slots * kib * 1024
     name = f"L={layers} E={experts} P={slots}"
     return LocalRow(

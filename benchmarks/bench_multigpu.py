@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import os
 import sys
-import time
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 
@@ -35,20 +34,9 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from jeplb._src.transfer import api as _transfer  # noqa: E402
 from jeplb.tools import bench_transfer as _bench_transfer  # noqa: E402
-from jeplb.tools.benchio import results_path, table, write_results  # noqa: E402
+from jeplb.tools.benchio import median_seconds, results_path, table, write_results  # noqa: E402
 
 ROWS = {"deepseek-v3 88.1 MB": 7168 * 2048 * 3 * 2, "qwen3-235b 37.7 MB": 4096 * 1536 * 3 * 2}
-
-
-def median_s(fn, *, warmup=2, reps=7):
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def mesh_of(ep: int):
@@ -70,7 +58,7 @@ def ppermute_ceiling(mesh, nbytes: int) -> float:
             out_specs=P("ep"),
         )
     )
-    return nbytes / median_s(lambda: f(x))
+    return nbytes / median_seconds(lambda: f(x), repeats=7, warmup=2)
 
 
 @dataclasses.dataclass
@@ -112,7 +100,7 @@ def run_case(mesh, row_name, row_bytes, kind, *, slots_per_device, layers, ceili
         state["fwd"] = not state["fwd"]
         return state["w"]
 
-    t = median_s(run) / layers
+    t = median_seconds(run, repeats=7, warmup=2) / layers
     rep = state["report"]
     busiest = float(np.mean(np.asarray(rep.wire_rows)))
     floor = float(np.mean(np.asarray(rep.min_rows)))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ import numpy as np
 
 from jeplb._src.metrics import balancedness, remote_copies
 from jeplb._src.policy.api import _rebalance_jit, rebalance_experts
-from jeplb.tools.benchio import results_path, write_results
+from jeplb.tools.benchio import median_seconds, results_path, write_results
 from jeplb.tools.reference_policy import rebalance_experts_numpy
 
 __all__ = ["CASES", "Case", "main", "run_case"]
@@ -76,13 +75,7 @@ def _drift(w: np.ndarray, drift: float, seed: int) -> np.ndarray:
 
 
 def _median_ms(fn: Callable[[], object], repeats: int) -> float:
-    jax.block_until_ready(fn())  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+    return 1e3 * median_seconds(fn, repeats=repeats)
 
 
 def _compile_s(case: Case, w: jax.Array, old: jax.Array | None, refine: bool) -> float:

@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from jeplb._src.transfer import api as _transfer
 from jeplb._src.transfer import plan as _plan
-from jeplb.tools.benchio import copy_bandwidth, results_path, table, write_results
+from jeplb.tools.benchio import copy_bandwidth, median_seconds, results_path, table, write_results
 from jeplb.tools.demo import positive_int
 
 __all__ = [
@@ -363,12 +363,7 @@ class TimeRow:
 
 
 def _median_ms(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
+    return 1e3 * median_seconds(fn, repeats=repeats, warmup=0)
 
 
 def run_time(

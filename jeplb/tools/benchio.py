@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["copy_bandwidth", "results_path", "table", "write_results"]
+__all__ = ["copy_bandwidth", "median_seconds", "results_path", "table", "write_results"]
 
 
 def table(rows: Sequence[Any], title: str, *, float_format: str = "{:.3g}") -> str:
@@ -47,6 +47,22 @@ def write_results(
     if json_path:
         with open(json_path, "w") as f:
             json.dump(payload or {}, f, indent=1)
+
+
+def median_seconds(fn, *, repeats: int, warmup: int = 1) -> float:
+    """Median wall time in seconds of ``repeats`` calls of ``fn`` (its result waited for with
+    `jax.block_until_ready`), after ``warmup`` untimed calls."""
+    import jax
+    import numpy as np
+
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
 
 
 def copy_bandwidth(device, repeats: int = 5) -> float:
