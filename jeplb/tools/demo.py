@@ -466,16 +466,7 @@ def _summarise(args, records, cfg, num_devices, platform, compile_s, identical) 
     return dict(
         platform=platform,
         devices=num_devices,
-        shape=dict(
-            L=cfg.num_layers,
-            E=cfg.num_experts,
-            P=cfg.num_slots,
-            K=cfg.top_k,
-            H=cfg.d_model,
-            F=cfg.d_ff,
-            T=args.batch * args.seq_len,
-            dtype=args.dtype,
-        ),
+        shape=_shape(cfg, args),
         steps=len(records),
         compile_seconds=compile_s,
         rebalances=len(fires),
@@ -658,6 +649,20 @@ def run_train(args: argparse.Namespace, out=None) -> dict[str, Any]:
     return result
 
 
+def _shape(cfg, args) -> dict[str, Any]:
+    """The model's and the batch's sizes, as both summaries report them."""
+    return dict(
+        L=cfg.num_layers,
+        E=cfg.num_experts,
+        P=cfg.num_slots,
+        K=cfg.top_k,
+        H=cfg.d_model,
+        F=cfg.d_ff,
+        T=args.batch * args.seq_len,
+        dtype=args.dtype,
+    )
+
+
 def _train_summary(args, runs, cfg, num_devices, platform) -> dict[str, Any]:
     ref, run = runs["reference"], runs["eplb"]
     fires = np.flatnonzero(run.fired).tolist()
@@ -673,16 +678,7 @@ def _train_summary(args, runs, cfg, num_devices, platform) -> dict[str, Any]:
     return dict(
         platform=platform,
         devices=num_devices,
-        shape=dict(
-            L=cfg.num_layers,
-            E=cfg.num_experts,
-            P=cfg.num_slots,
-            K=cfg.top_k,
-            H=cfg.d_model,
-            F=cfg.d_ff,
-            T=args.batch * args.seq_len,
-            dtype=args.dtype,
-        ),
+        shape=_shape(cfg, args),
         steps=len(run.loss),
         learning_rate=args.lr,
         clip_norm=args.clip or None,
