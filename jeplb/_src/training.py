@@ -144,7 +144,8 @@ def _sync_one_device(phy2log, leaves, valid, setup: engine.Engine):
 
     if pick("kernel"):
         with jax.named_scope("one_device_kernel"):
-            groups = replica_sum.replica_groups(phy2log, valid)
+            _, copies = replica_ranks(phy2log)
+            groups = replica_sum.replica_groups(phy2log, copies, valid)
             for i in pick("kernel"):
                 rows = leaves[i].reshape(leaves[i].shape[0] * leaves[i].shape[1], -1)
                 rows = replica_sum.sum_replicas(rows, groups, slot_major=setup.config.slot_major)

@@ -28,11 +28,15 @@ __all__ = ["kernel_fits", "replica_groups", "sum_replicas"]
 _KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
 
 
-def replica_groups(phy2log: jax.Array, valid: jax.Array) -> tuple[jax.Array, ...]:
+def replica_groups(
+    phy2log: jax.Array, copies: jax.Array, valid: jax.Array
+) -> tuple[jax.Array, ...]:
     """The replica groups of every layer, as ordered slot lists.
 
     Args:
       phy2log: int32[L, P] expert of each slot, -1 for an empty slot.
+      copies: int32[L, P] how many slots of the layer hold each slot's expert (the count of
+        ``training.replica_ranks``).
       valid: bool[] the map is valid; when False no group is listed.
 
     Returns:
@@ -43,14 +47,12 @@ def replica_groups(phy2log: jax.Array, valid: jax.Array) -> tuple[jax.Array, ...
     Example:
       >>> import jax.numpy as jnp
       >>> order, first, last, count = replica_groups(
-      ...     jnp.array([[2, 0, 2, 1, 0]]), jnp.bool_(True))
+      ...     jnp.array([[2, 0, 2, 1, 0]]), jnp.array([[2, 2, 2, 1, 2]]), jnp.bool_(True))
       >>> order[0, :int(count[0])].tolist(), first[0, :4].tolist(), last[0, :4].tolist()
       ([1, 4, 0, 2], [1, 0, 1, 0], [0, 1, 0, 1])
     """
     num_slots = phy2log.shape[1]
     phy2log = phy2log.astype(jnp.int32)
-    same = phy2log[:, :, None] == phy2log[:, None, :]
-    copies = same.sum(-1)
     listed = (phy2log >= 0) & (copies >= 2) & valid
     slot = jnp.arange(num_slots, dtype=jnp.int32)
     key = jnp.where(listed, phy2log * num_slots + slot, jnp.iinfo(jnp.int32).max)
