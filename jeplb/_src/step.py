@@ -475,15 +475,32 @@ def eplb_step(
         mesh=mesh,
         axes=setup.config.axes,
     )
-    if checks.is_explicit(mesh):
-        replicated = NamedSharding(mesh, P())
-        state = jax.tree_util.tree_map(lambda x: jax.sharding.reshard(x, replicated), state)
     given = tuple(specs)  # None where unknown (traced leaves on an Auto mesh)
-    specs = [P(*s) for s in checks.default_specs(given, slot_axis, setup.config.axes)]
+    state, leaves, info = _program(mesh, setup, given)(state, leaves)
+    return state, treedef.unflatten(leaves), info
+
+
+@functools.lru_cache(maxsize=64)
+def _program(mesh: jax.sharding.Mesh, setup: engine_lib.Engine, given: tuple):
+    """The step at global view as one jitted program per (mesh, setup, leaf specs).
+
+    Called eagerly it compiles once per shapes and reuses the program, instead of running the
+    `jax.shard_map` op by op (seconds per call); under an outer `jax.jit` it is inlined.
+    ``given``: each leaf's spec, None where unknown (traced leaves on an Auto mesh).
+    """
+    specs = [P(*s) for s in checks.default_specs(given, setup.config.slot_axis, setup.config.axes)]
     body = functools.partial(_local_step, load_axes=(), setup=setup)
     f = jax.shard_map(body, mesh=mesh, in_specs=(P(), specs), out_specs=(P(), specs, P()))
-    with jax.named_scope("eplb_step"):
-        state, out, info = f(state, leaves)
-        leaves = checks.like_inputs(leaves, out, given)
-    _log_balancedness(state, info)
-    return state, treedef.unflatten(leaves), info
+
+    def run(state: EplbState, leaves: list[jax.Array]):
+        if checks.is_explicit(mesh):
+            replicated = NamedSharding(mesh, P())
+            state = jax.tree_util.tree_map(lambda x: jax.sharding.reshard(x, replicated), state)
+        with jax.named_scope("eplb_step"):
+            state, out, info = f(state, leaves)
+            out = checks.like_inputs(leaves, out, given)
+        _log_balancedness(state, info)
+        return state, out, info
+
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(run, out_shardings=(replicated, checks.out_shardings(mesh, given), replicated))
