@@ -95,14 +95,10 @@ def devices(cpu_devices):
     return cpu_devices
 
 
-@pytest.mark.parametrize("lost", [(3,), (2, 5), (0, 1)])
-def test_lose_devices(devices, lost):
-    rng = np.random.default_rng(sum(lost))
-    old_mesh = mesh_of(devices)
-    p_old = N_LOCAL * 8
-    old = np.stack([placement(rng, E, p_old) for _ in range(L)])
+def old_placement(rng, lost):
+    """A random placement on 8 devices; with ``lost == (0, 1)``, experts 0..5 live only there."""
+    old = np.stack([placement(rng, E, N_LOCAL * 8) for _ in range(L)])
     if lost == (0, 1):
-        # Make sure some expert lives only on the lost devices.
         old[:, : 2 * N_LOCAL] = np.arange(2 * N_LOCAL)
         old[:, 2 * N_LOCAL :] = np.where(
             old[:, 2 * N_LOCAL :] < 2 * N_LOCAL, 7, old[:, 2 * N_LOCAL :]
@@ -110,6 +106,27 @@ def test_lose_devices(devices, lost):
         for layer in range(L):
             missing = sorted(set(range(E)) - set(old[layer].tolist()))
             old[layer, 2 * N_LOCAL : 2 * N_LOCAL + len(missing)] = missing
+    return old
+
+
+def signalling_nans(x: np.ndarray, rng) -> np.ndarray:
+    """``x`` with every element of a 2- or 4-byte float dtype replaced by a signalling NaN with a
+    random payload (exponent all ones, quiet bit clear, payload nonzero)."""
+    width = {2: np.uint16, 4: np.uint32}.get(x.dtype.itemsize)
+    if width is None or x.dtype.kind not in "fV":
+        return x
+    mant = 7 if x.dtype.name == "bfloat16" else (10 if x.dtype.itemsize == 2 else 23)
+    exp = (1 << (8 * x.dtype.itemsize - 1)) - (1 << mant)  # sign clear, exponent all ones
+    payload = rng.integers(1, 1 << (mant - 1), x.shape).astype(width)
+    sign = rng.integers(0, 2, x.shape).astype(width) << (8 * x.dtype.itemsize - 1)
+    return (sign | width(exp) | payload).view(x.dtype)
+
+
+@pytest.mark.parametrize("lost", [(3,), (2, 5), (0, 1)])
+def test_lose_devices(devices, lost):
+    rng = np.random.default_rng(sum(lost))
+    old_mesh = mesh_of(devices)
+    old = old_placement(rng, lost)
     logical = logical_weights(10 + len(lost))
     weights = physical(logical, old, old_mesh, lost=lost)
     before = {k: as_bytes(v) for k, v in weights.items()}
@@ -130,6 +147,21 @@ def test_lose_devices(devices, lost):
     # The new placement follows the load: the policy's placement on the remaining devices.
     p2l, _, _ = jeplb.rebalance_experts(load, N_LOCAL * new_mesh.size, 1, 1, new_mesh.size)
     assert np.array_equal(np.asarray(rec.phy2log), np.asarray(p2l))
+
+
+def test_loaded_rows_keep_signalling_nan_payloads(devices):
+    # Rows read through the loader are written as bits: a float path (XLA:CPU computes some bf16
+    # ops in float32) would quiet a signalling NaN and change its payload.
+    rng = np.random.default_rng(7)
+    lost = (0, 1)
+    old = old_placement(rng, lost)
+    logical = {k: signalling_nans(v, rng) for k, v in logical_weights(3).items()}
+    assert any(v.dtype.kind == "f" or v.dtype.name == "bfloat16" for v in logical.values())
+    weights = physical(logical, old, mesh_of(devices), lost=lost)
+    new_mesh = mesh_of(devices[2:])
+    out, rec = jeplb.recover_experts(old, weights, Loader(logical), mesh=new_mesh, num_experts=E)
+    assert rec.loaded, "the scenario should load some expert"
+    check_recovered(logical, out, rec, new_mesh)
 
 
 def test_scale_up_4_to_8(devices):

@@ -145,9 +145,27 @@ def _patch_program(num_rows: int):
             start = (layer_idx[i], row_idx[i]) + (0,) * (s.ndim - 2)
             return jax.lax.dynamic_update_slice(s, rows[i][None, None], start)
 
-        return jax.lax.fori_loop(0, num_rows, body, shard)
+        # Floats are written as their bits: XLA:CPU computes some bf16 ops in float32, which
+        # would quiet a signalling NaN's payload; bits stay bits.
+        bits = _bits_dtype(shard.dtype)
+        if bits is None:
+            return jax.lax.fori_loop(0, num_rows, body, shard)
+        as_bits = functools.partial(jax.lax.bitcast_convert_type, new_dtype=bits)
+        rows = as_bits(rows)
+        out = jax.lax.fori_loop(0, num_rows, body, as_bits(shard))
+        return jax.lax.bitcast_convert_type(out, shard.dtype)
 
     return jax.jit(patch, donate_argnums=(0,))
+
+
+def _bits_dtype(dtype) -> np.dtype | None:
+    """The unsigned integer type of a floating dtype's width (None: not a float, or complex)."""
+    dtype = np.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        return None
+    return {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32)}.get(
+        dtype.itemsize, np.dtype(np.uint64) if jax.config.jax_enable_x64 else None
+    )
 
 
 def _load_row(loader, layer: int, expert: int, treedef, leaf_shapes, leaf_dtypes):
