@@ -9,6 +9,8 @@ can never disagree.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,6 +52,13 @@ def maps_from_phy2log(phy2log: jax.Array, num_experts: int, max_replicas: int):
             f"phy2log: expected a map [L, P] with L >= 1 layers and P >= 1 slots, got shape "
             f"{tuple(phy2log.shape)}"
         )
+    return _maps(phy2log, num_experts, max_replicas)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _maps(phy2log: jax.Array, num_experts: int, max_replicas: int):
+    """`maps_from_phy2log` on a checked int32[L, P] map: one compiled program per shape (eagerly
+    the ops would each compile on their own, a second or more per new shape)."""
     num_layers, p_total = phy2log.shape
     slots = jnp.arange(p_total, dtype=jnp.int32)
     same = phy2log[:, :, None] == phy2log[:, None, :]  # [L, P, P]

@@ -25,6 +25,7 @@ Counts are int32 and never wrap: concrete counts that do not fit, or a sum that 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -212,6 +213,28 @@ def _check_phy2log(phy2log: Any, num_experts: int) -> tuple[Any, int, int]:
             f"phy2log: expected P >= num_experts = {num_experts} slots per layer, got P = {p_total}"
         )
     return phy2log, num_layers, p_total
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _fresh_arrays(phy2log: jax.Array, num_experts: int, window_size: int) -> dict[str, jax.Array]:
+    """The arrays of a fresh state on the placement ``phy2log`` int32[L, P]: its maps, an empty
+    window, pending maps equal to the current ones. One compiled program per shape (eagerly each
+    op would compile on its own)."""
+    num_layers, p_total = phy2log.shape
+    log2phy, logcnt = maps_from_phy2log(phy2log, num_experts, p_total - num_experts + 1)
+    zeros = functools.partial(jnp.zeros, dtype=jnp.int32)
+    return dict(
+        phy2log=phy2log,
+        log2phy=log2phy,
+        logcnt=logcnt,
+        pass_load=zeros((num_layers, num_experts)),
+        window=zeros((window_size, num_layers, num_experts)),
+        window_total=zeros((num_layers, num_experts)),
+        window_leaving=zeros((num_layers, num_experts)),
+        window_pos=zeros(()),
+        step=zeros(()),
+        cursor=jnp.full((), num_layers, jnp.int32),
+    )
 
 
 def _plain(value: Any) -> Any:
@@ -698,25 +721,13 @@ class EplbState:
         check_config(num_layers=num_layers, num_experts=num_experts, **config)
         if checks.is_concrete(phy2log):
             check_placement(np.asarray(phy2log), num_experts, "phy2log")
-        phy2log = jnp.asarray(phy2log, jnp.int32)
-        log2phy, logcnt = maps_from_phy2log(phy2log, num_experts, p_total - num_experts + 1)
-        return cls(
-            phy2log=phy2log,
-            log2phy=log2phy,
-            logcnt=logcnt,
-            pass_load=jnp.zeros((num_layers, num_experts), jnp.int32),
-            window=jnp.zeros((window_size, num_layers, num_experts), jnp.int32),
-            window_total=jnp.zeros((num_layers, num_experts), jnp.int32),
-            window_leaving=jnp.zeros((num_layers, num_experts), jnp.int32),
-            window_pos=jnp.zeros((), jnp.int32),
-            step=jnp.zeros((), jnp.int32),
-            # Distinct buffers: a state may be donated, and XLA refuses one buffer donated twice.
-            pending_phy2log=jnp.array(phy2log, copy=True),
-            pending_log2phy=jnp.array(log2phy, copy=True),
-            pending_logcnt=jnp.array(logcnt, copy=True),
-            cursor=jnp.full((), num_layers, jnp.int32),
-            **{k: _plain(v) for k, v in config.items()},
-        )
+        arrays = _fresh_arrays(jnp.asarray(phy2log, jnp.int32), num_experts, window_size)
+        # Distinct buffers: a state may be donated, and XLA refuses one buffer donated twice.
+        pending = {
+            f"pending_{k}": jnp.array(arrays[k], copy=True)
+            for k in ("phy2log", "log2phy", "logcnt")
+        }
+        return cls(**arrays, **pending, **{k: _plain(v) for k, v in config.items()})
 
     def replicated(self, mesh: jax.sharding.Mesh) -> EplbState:
         """The state with every array placed on ``mesh``, replicated (``PartitionSpec()``).
