@@ -109,6 +109,7 @@ MAP_CASES = (
     "shape",
     "below_minus_one",
     "not_in_old",
+    "int32_max",
     "above_num_experts",
     "p_not_divisible",
     "not_array",
@@ -131,8 +132,12 @@ def bad_maps(case, data):
         new[lay, p] = data.draw(st.integers(-(2**31), -2))
         return old, new, ValueError, rf"new_phy2log\[{lay}, {p}\] = -\d+: expected an expert id"
     if case == "not_in_old":
-        new[lay, p] = data.draw(st.integers(E, 2**31 - 1))
+        # 2^31 - 1 is refused for another reason (ids must stay below it, see "int32_max").
+        new[lay, p] = data.draw(st.integers(E, 2**31 - 2))
         return old, new, ValueError, rf"new_phy2log\[{lay}, {p}\] = \d+, but no slot of old_phy2log"
+    if case == "int32_max":  # reserved: ids must stay below it
+        new[lay, p] = 2**31 - 1
+        return old, new, ValueError, rf"new_phy2log\[{lay}, {p}\] = 2147483647: .* int32 range"
     if case == "above_num_experts":
         old[lay, p] = E + 5
         return old, new, ValueError, r"old_phy2log\[\d, \d+\] = 13: expected an expert id below"
