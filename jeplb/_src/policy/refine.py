@@ -22,7 +22,7 @@ __all__ = ["swap_refine"]
 _MAX_SWAPS_PER_DEVICE = 4
 # Swap steps per trip of the loop (fewer trips, fewer host round trips of the loop condition on
 # GPUs); a row that is done stays done, so extra steps change nothing.
-_UNROLL = 2
+_UNROLL = 4
 # Once at most X // k rows are still active, they continue in a batch of X // k rows, for each k
 # here with X // k >= _COMPACT_MIN_ROWS.
 _COMPACT = (4, 16)
