@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jeplb._src.policy.ops import descending_order, fold_sum, inverse, rows
+from jeplb._src.policy.ops import descending_order, fold_sum, inverse, lexicographic_first, rows
 
 __all__ = [
     "NodeItems",
@@ -84,9 +84,9 @@ def lightest_pack(
     int32[X] (-1: none) wins while it has room.
 
     Packs are on the leading axis, rows on the trailing one: XLA:CPU reduces over the leading axis
-    across all rows at once, several times faster than over a short trailing axis. Two plain
-    reductions (a min, then the lowest index holding it) rather than an arg-reduction, which
-    XLA:CPU also runs slowly. Loads that overflowed to inf never pick a full pack.
+    across all rows at once, several times faster than over a short trailing axis. The first
+    (key, index) pair by `lexicographic_first`, full packs ranked after every pack with room, so
+    loads that overflowed to inf never pick a full pack.
 
     Args:
       pack_load: float32[m, X] (>= 0); room: bool[m, X], some pack with room in every row.
@@ -97,8 +97,7 @@ def lightest_pack(
     key = jnp.where(room, pack_load, jnp.inf)
     if pref is not None:
         key = jnp.where(room & (pack_ids == pref), -1.0, key)
-    low = jnp.min(key, axis=0)
-    return jnp.min(jnp.where(room & (key == low), pack_ids, num_packs), axis=0)
+    return lexicographic_first(key, jnp.where(room, pack_ids, pack_ids + num_packs), 0)[0]
 
 
 def pack(

@@ -23,6 +23,7 @@ from jeplb._src.policy.deepseek import pack, replicate
 from jeplb._src.policy.ops import (
     fold_sum,
     inverse,
+    lexicographic_first,
     rows,
     sort_by_key,
 )
@@ -56,8 +57,7 @@ def _greedy_match(overlap: jax.Array) -> jax.Array:
 
     def step(_, carry):  # label pairs on the leading axis (see `deepseek.lightest_pack`)
         ov, perm = carry
-        high = jnp.max(ov, axis=0)
-        best = jnp.min(jnp.where(ov == high, flat, n * n), axis=0)  # the first maximum
+        best = lexicographic_first(ov, jnp.broadcast_to(flat, ov.shape), 0, largest=True)[0]
         a, b = best // n, best % n
         perm = jnp.where(ids == a, b, perm)
         return jnp.where((flat // n == a) | (flat % n == b), -1.0, ov), perm
