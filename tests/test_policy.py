@@ -553,6 +553,22 @@ def test_pair_reduction_matches_two_reductions(axis, largest):
     assert (np.asarray(pair[1]) == extreme).all()
 
 
+@pytest.mark.parametrize("width", [8, 40])  # one uint32 word, and two
+def test_held_bits_read_back(width):
+    """Swap refinement's held-before rows as bits give back every flag, one or all at a time."""
+    from jeplb._src.policy import refine
+
+    rng = np.random.default_rng(width)
+    flags = rng.random((3, 5, width)) < 0.5
+    words = refine._bit_words(jnp.asarray(flags))
+    assert words.shape == (3, 5, -(-width // 32))
+    g = rng.integers(0, width, (3, 5)).astype(np.int32)
+    one = np.take_along_axis(flags, g[..., None], 2)[..., 0]
+    assert (np.asarray(refine._bit(words, jnp.asarray(g))) == one).all()
+    every = refine._bit(words[:, :, None, :], jnp.arange(width, dtype=jnp.int32))
+    assert (np.asarray(every) == flags).all()
+
+
 @pytest.mark.parametrize("n", [37, 600])  # counted, and sorted past _COUNT_ORDER_MAX
 def test_descending_order_is_a_stable_sort_with_ties(n):
     from jeplb._src.policy.ops import descending_order

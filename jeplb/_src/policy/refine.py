@@ -66,7 +66,13 @@ def _heaviest(load: jax.Array, slots: int) -> _Heaviest:
     on_h = jnp.arange(devices, dtype=jnp.int32) == h[:, None]  # [X, D_x]
     a = _pick(by_device, on_h[:, :, None], 1)  # [X, S] the loads on h
     delta = a[:, :, None] - load[:, None, :]  # [X, S, P_x]
-    g_load = jnp.repeat(device_load, slots, axis=1)  # [X, P_x]
+    # [X, P_x]: a gather on CPUs, where XLA fused into the [X, S, P_x] candidates below would
+    # recompute the S-term sums for every candidate; a broadcast (fusible) elsewhere.
+    g_load = lax.platform_dependent(
+        device_load,
+        cpu=lambda d: d[:, device_of_slot],
+        default=lambda d: jnp.repeat(d, slots, axis=1),
+    )
     new_h = top[:, None, None] - delta
     new_g = g_load[:, None, :] + delta
     pair = jnp.maximum(new_h, new_g)
@@ -79,25 +85,45 @@ def _heaviest(load: jax.Array, slots: int) -> _Heaviest:
     return _Heaviest(h=h, top=top, on_h=on_h, pair=pair, ok=ok)
 
 
-def _held_change(hv: _Heaviest, held_by: jax.Array, slots: int) -> jax.Array:
+def _bit_words(flags: jax.Array) -> jax.Array:
+    """uint32[..., W] with bit g % 32 of word g // 32 set where ``flags`` bool[..., G] is set."""
+    width = flags.shape[-1]
+    words = -(-width // 32)
+    flags = jnp.pad(flags, [(0, 0)] * (flags.ndim - 1) + [(0, words * 32 - width)])
+    flags = flags.reshape(*flags.shape[:-1], words, 32).astype(jnp.uint32)
+    return jnp.sum(flags << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
+
+
+def _bit(words: jax.Array, g: jax.Array) -> jax.Array:
+    """bool: bit ``g`` of ``words`` uint32[..., W] (g int32, broadcast against ``words[..., 0]``)."""
+    if words.shape[-1] == 1:
+        word = words[..., 0]
+    else:
+        hit = jnp.arange(words.shape[-1], dtype=jnp.int32) == (g // 32)[..., None]
+        word = _pick(words, hit, -1)
+    return ((word >> (g % 32).astype(jnp.uint32)) & 1) == 1
+
+
+def _held_change(hv: _Heaviest, held_bits: jax.Array, slots: int) -> jax.Array:
     """Change in the number of replicas away from the devices that held them before, for every
     candidate swap: int32[X, S, P_x].
 
     Args:
       hv: the candidate swaps.
-      held_by: bool[X, P_x, D_x] whether each device held each slot's expert before (a row that
-        travels with the slot's replica, so that no step looks anything up by expert id).
+      held_bits: uint32[X, P_x, W] bit g: whether device g held the slot's expert before (a row
+        that travels with the slot's replica, so that no step looks anything up by expert id).
       slots: S.
     """
-    x_rows, p_x, devices = held_by.shape
+    x_rows, p_x, words = held_bits.shape
+    devices = p_x // slots
     device_ids = jnp.arange(devices, dtype=jnp.int32)
     device_of_slot = jnp.arange(p_x, dtype=jnp.int32) // slots
     # Replica i of h moved to slot j's device; replica j moved to h; before: where they are.
-    by_device = held_by.reshape(x_rows, devices, slots, devices)
-    i_to = _pick(by_device, hv.on_h[:, :, None, None], 1)  # [X, S, D_x]
-    h_had_j = _pick(held_by, hv.on_h[:, None, :], 2)  # [X, P_x]
-    h_had_i = jnp.any(by_device & hv.on_h[:, :, None, None] & hv.on_h[:, None, None, :], (1, 3))
-    here = _pick(held_by, device_ids == device_of_slot[:, None], 2)  # [X, P_x]
+    i_bits = _pick(held_bits.reshape(x_rows, devices, slots, words), hv.on_h[:, :, None, None], 1)
+    i_to = _bit(i_bits[:, :, None, :], device_ids)  # [X, S, D_x]
+    h_had_j = _bit(held_bits, hv.h[:, None])  # [X, P_x]
+    h_had_i = _bit(i_bits, hv.h[:, None])  # [X, S]
+    here = _bit(held_bits, device_of_slot)  # [X, P_x]
     after = jnp.repeat(~i_to, slots, axis=2).astype(jnp.int32)  # [X, S, P_x]
     after = after + (~h_had_j)[:, None, :]
     before = (~h_had_i)[:, :, None].astype(jnp.int32)
@@ -109,14 +135,14 @@ class _Rows(NamedTuple):
     """The per-row state of swap refinement (any leaf may be None where unused).
 
     load: float32[X, P_x]; pay: tuple of int32[X, P_x]; active: bool[X] whether the row may still
-    swap; stop: float32[X]; held_by: bool[X, P_x, D_x] (see `_held_change`).
+    swap; stop: float32[X]; held_bits: uint32[X, P_x, W] (see `_held_change`).
     """
 
     load: jax.Array
     pay: tuple[jax.Array, ...]
     active: jax.Array
     stop: jax.Array | None
-    held_by: jax.Array | None
+    held_bits: jax.Array | None
 
 
 def _swap_step(rows: _Rows, it: jax.Array, slots: int, max_iters: int) -> _Rows:
@@ -127,8 +153,8 @@ def _swap_step(rows: _Rows, it: jax.Array, slots: int, max_iters: int) -> _Rows:
     x_rows, p_x = rows.load.shape
     hv = _heaviest(rows.load, slots)
     pair = hv.pair
-    if rows.held_by is not None:
-        change = _held_change(hv, rows.held_by, slots)
+    if rows.held_bits is not None:
+        change = _held_change(hv, rows.held_bits, slots)
         pair = pair + change.astype(jnp.float32) * (2.0 * hv.top[:, None, None])
     score = jnp.where(hv.ok, pair, jnp.inf).reshape(x_rows, slots * p_x)
     best, low = first_argmin(score)
@@ -146,9 +172,12 @@ def _swap_step(rows: _Rows, it: jax.Array, slots: int, max_iters: int) -> _Rows:
         vs, vd = jnp.unstack(_pick(v[:, None], h2, 2), axis=1)
         return jnp.where(h2[:, 0], vd[:, None], jnp.where(h2[:, 1], vs[:, None], v))
 
-    held_by = None if rows.held_by is None else swap(rows.held_by)
+    held_bits = None if rows.held_bits is None else swap(rows.held_bits)
     return rows._replace(
-        load=swap(rows.load), pay=tuple(swap(v) for v in rows.pay), active=found, held_by=held_by
+        load=swap(rows.load),
+        pay=tuple(swap(v) for v in rows.pay),
+        active=found,
+        held_bits=held_bits,
     )
 
 
@@ -208,10 +237,11 @@ def swap_refine(
     active = jnp.ones((x_rows,), bool)
     if stop is not None:  # rows already at or under ``stop`` never swap: not active from the start
         active = fold_sum(slot_load.reshape(x_rows, p_x // slots, slots)).max(axis=1) > stop
-    held_by = None
-    if held is not None:  # [X, P_x, D_x]: the held row of each slot's expert
-        held_by = jnp.take_along_axis(jnp.swapaxes(held, 1, 2), payload[0][:, :, None], 1)
-    state = _Rows(slot_load, tuple(payload), active, stop, held_by)
+    held_bits = None
+    if held is not None:  # [X, P_x, W]: the held row of each slot's expert, as bits
+        held_t = jnp.swapaxes(held, 1, 2)  # [X, n, D_x]
+        held_bits = jnp.take_along_axis(_bit_words(held_t), payload[0][:, :, None], 1)
+    state = _Rows(slot_load, tuple(payload), active, stop, held_bits)
     sizes = [x_rows] + [x_rows // k for k in _COMPACT if x_rows // k >= _COMPACT_MIN_ROWS]
     state, it = _swap_loop(state, jnp.int32(0), slots, max_iters, sizes[1] if sizes[1:] else 0)
     for n, until in zip(sizes[1:], [*sizes[2:], 0][: len(sizes) - 1], strict=True):
