@@ -535,6 +535,40 @@ def test_first_argmax_is_argmax_with_ties():
     assert (np.asarray(high) == x.max(axis=1)).all()
 
 
+@pytest.mark.parametrize("largest", [False, True])
+@pytest.mark.parametrize("axis", [0, -1])
+def test_pair_reduction_matches_two_reductions(axis, largest):
+    """The one-reduction form of `lexicographic_first` (used off CPUs) picks the same entry."""
+    from jeplb._src.policy import ops
+
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 4, size=(64, 37)).astype(np.float32)
+    x[3], x[5], x[7, ::3], x[:, 4] = np.inf, -np.inf, -0.0, 0.0
+    tie = rng.permutation(x.size).reshape(x.shape).astype(np.int32)
+    pair = jax.jit(ops._pair_reduction, static_argnums=(2, 3))(x, tie, axis, largest)
+    two = ops._two_reductions(jnp.asarray(x), jnp.asarray(tie), axis, largest)
+    assert (np.asarray(pair[0]) == np.asarray(two[0])).all()
+    assert (np.asarray(pair[1]) == np.asarray(two[1])).all()
+    extreme = x.max(axis) if largest else x.min(axis)
+    assert (np.asarray(pair[1]) == extreme).all()
+
+
+@pytest.mark.parametrize("width", [8, 40])  # one uint32 word, and two
+def test_held_bits_read_back(width):
+    """Swap refinement's held-before rows as bits give back every flag, one or all at a time."""
+    from jeplb._src.policy import refine
+
+    rng = np.random.default_rng(width)
+    flags = rng.random((3, 5, width)) < 0.5
+    words = refine._bit_words(jnp.asarray(flags))
+    assert words.shape == (3, 5, -(-width // 32))
+    g = rng.integers(0, width, (3, 5)).astype(np.int32)
+    one = np.take_along_axis(flags, g[..., None], 2)[..., 0]
+    assert (np.asarray(refine._bit(words, jnp.asarray(g))) == one).all()
+    every = refine._bit(words[:, :, None, :], jnp.arange(width, dtype=jnp.int32))
+    assert (np.asarray(every) == flags).all()
+
+
 @pytest.mark.parametrize("n", [37, 600])  # counted, and sorted past _COUNT_ORDER_MAX
 def test_descending_order_is_a_stable_sort_with_ties(n):
     from jeplb._src.policy.ops import descending_order

@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 
 from jeplb._src.policy.checks import check_args
-from jeplb._src.policy.deepseek import NodeLayout, node_layout
+from jeplb._src.policy.deepseek import NodeLayout, node_items, node_layout, node_slots
 from jeplb._src.policy.loads import clean, host_load
-from jeplb._src.policy.migration import migrate
+from jeplb._src.policy.migration import migrate, pack_both, sticky_items
 from jeplb._src.policy.ops import fold_sum, log2phy_of, rows, slot_ranks
 from jeplb._src.policy.refine import swap_refine
 
@@ -78,7 +78,22 @@ def _rebalance_jit(
     num_layers, num_log = load.shape
     slots = num_slots // num_devices
     w = clean(load)
-    lay = node_layout(w, num_slots, num_groups, num_nodes, num_devices)
+    if old_phy2log is None:
+        lay = node_layout(w, num_slots, num_groups, num_nodes, num_devices)
+    else:  # the from-scratch and the sticky packing in one scan
+        items = node_items(w, num_slots, num_groups, num_nodes)
+        st = sticky_items(
+            w,
+            old_phy2log.astype(jnp.int32),
+            items.log2mlog,
+            num_slots=num_slots,
+            groups=num_groups,
+            nodes=num_nodes,
+            num_devices=num_devices,
+        )
+        with jax.named_scope("replicas_to_devices"):
+            (device, device_rank), sticky_device = pack_both(items.rep_load, st)
+            lay = node_slots(items, device, device_rank, slots)
     slot_load, slot_mlog, slot_rank = lay.slot_load, lay.slot_mlog, lay.slot_rank
     if refine:
         with jax.named_scope("refine"):
@@ -89,17 +104,7 @@ def _rebalance_jit(
         with jax.named_scope("to_global"):
             return _scratch_maps(lay, slot_mlog, slot_rank, num_slots, num_nodes)
     target = fold_sum(slot_load.reshape(num_layers, -1, slots)).max(-1)
-    phy2log = migrate(
-        w,
-        old_phy2log.astype(jnp.int32),
-        lay,
-        slot_mlog,
-        target,
-        num_slots=num_slots,
-        groups=num_groups,
-        nodes=num_nodes,
-        num_devices=num_devices,
-    )
+    phy2log = migrate(st, sticky_device, slot_mlog, target)
     with jax.named_scope("to_global"):
         return _placement_maps(phy2log, num_log)
 

@@ -40,9 +40,18 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jeplb._src.policy.ops import descending_order, fold_sum, inverse, rows
+from jeplb._src.policy.ops import descending_order, fold_sum, inverse, lexicographic_first, rows
 
-__all__ = ["NodeLayout", "lightest_pack", "node_layout", "pack", "replicate"]
+__all__ = [
+    "NodeItems",
+    "NodeLayout",
+    "lightest_pack",
+    "node_items",
+    "node_layout",
+    "node_slots",
+    "pack",
+    "replicate",
+]
 
 # Replication uses one top-k over E_n * (P_n - E_n) candidates per row up to this size; above it,
 # a loop of P_n - E_n argmax steps (the same result, less memory).
@@ -75,9 +84,9 @@ def lightest_pack(
     int32[X] (-1: none) wins while it has room.
 
     Packs are on the leading axis, rows on the trailing one: XLA:CPU reduces over the leading axis
-    across all rows at once, several times faster than over a short trailing axis. Two plain
-    reductions (a min, then the lowest index holding it) rather than an arg-reduction, which
-    XLA:CPU also runs slowly. Loads that overflowed to inf never pick a full pack.
+    across all rows at once, several times faster than over a short trailing axis. The first
+    (key, index) pair by `lexicographic_first`, full packs ranked after every pack with room, so
+    loads that overflowed to inf never pick a full pack.
 
     Args:
       pack_load: float32[m, X] (>= 0); room: bool[m, X], some pack with room in every row.
@@ -88,26 +97,31 @@ def lightest_pack(
     key = jnp.where(room, pack_load, jnp.inf)
     if pref is not None:
         key = jnp.where(room & (pack_ids == pref), -1.0, key)
-    low = jnp.min(key, axis=0)
-    return jnp.min(jnp.where(room & (key == low), pack_ids, num_packs), axis=0)
+    return lexicographic_first(key, jnp.where(room, pack_ids, pack_ids + num_packs), 0)[0]
 
 
-def pack(load: jax.Array, num_packs: int) -> tuple[jax.Array, jax.Array]:
+def pack(
+    load: jax.Array, num_packs: int, pref: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """Balanced packing of the n items of each row into ``num_packs`` packs of n / num_packs items.
 
-    Items are taken heaviest first (equal loads: lower index first); each goes to the lightest pack
-    that still has room (equal loads: lower pack index).
+    Items are taken heaviest first (equal loads: lower index first); each goes to its preferred
+    pack while that pack has room, else to the lightest pack that still has room (equal loads:
+    lower pack index). Rows are independent: stacking two sets of rows on the leading axis packs
+    both in one scan, the same result as two calls.
 
     Args:
       load: float32[X, n] item loads.
       num_packs: m, a divisor of n.
+      pref: optional int32[X, n], each item's preferred pack (-1: none). Without it, packs of a
+        single item hold the items in index order.
 
     Returns:
       (pack, rank): int32[X, n] each item's pack and its arrival rank in that pack.
     """
     x_rows, n = load.shape
     cap = n // num_packs
-    if cap == 1:
+    if cap == 1 and pref is None:
         iota = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (x_rows, n))
         return iota, jnp.zeros((x_rows, n), jnp.int32)
     order = descending_order(load)
@@ -115,9 +129,10 @@ def pack(load: jax.Array, num_packs: int) -> tuple[jax.Array, jax.Array]:
         return jnp.zeros((x_rows, n), jnp.int32), inverse(order)
     pack_ids = jnp.arange(num_packs, dtype=jnp.int32)[:, None]
 
-    def step(carry, item_load):  # packs on the leading axis (see `lightest_pack`)
+    def step(carry, x):  # packs on the leading axis (see `lightest_pack`)
         pack_load, pack_count = carry
-        k = lightest_pack(pack_load, pack_count < cap)
+        item_load, p = x if pref is not None else (x, None)
+        k = lightest_pack(pack_load, pack_count < cap, p)
         hit = pack_ids == k
         rank = jnp.sum(jnp.where(hit, pack_count, 0), axis=0)
         pack_load = jnp.where(hit, pack_load + item_load, pack_load)
@@ -126,7 +141,10 @@ def pack(load: jax.Array, num_packs: int) -> tuple[jax.Array, jax.Array]:
 
     init = (jnp.zeros((num_packs, x_rows), jnp.float32), jnp.zeros((num_packs, x_rows), jnp.int32))
     sorted_load = jnp.take_along_axis(load, order, axis=1)
-    _, (k_sorted, r_sorted) = lax.scan(step, init, sorted_load.T, unroll=4)
+    xs = sorted_load.T
+    if pref is not None:
+        xs = (xs, jnp.take_along_axis(pref, order, axis=1).T)
+    _, (k_sorted, r_sorted) = lax.scan(step, init, xs, unroll=4)
     at = rows(order)
     pack_of = jnp.zeros((x_rows, n), jnp.int32).at[at, order].set(k_sorted.T, unique_indices=True)
     rank = jnp.zeros((x_rows, n), jnp.int32).at[at, order].set(r_sorted.T, unique_indices=True)
@@ -186,17 +204,29 @@ def replicate(load: jax.Array, num_phy: int) -> tuple[jax.Array, jax.Array, jax.
     return phy2log, ranks, count
 
 
-def node_layout(
-    w: jax.Array, num_slots: int, num_groups: int, num_nodes: int, num_devices: int
-) -> NodeLayout:
-    """Steps 1 to 3 of the hierarchical policy on cleaned loads ``w`` float32[L, E]."""
+class NodeItems(NamedTuple):
+    """Steps 1 and 2 of the hierarchical policy: the replicas of each node row, not yet on devices.
+
+    phy_mlog, phy_rank: int32[X, P_n] node-local expert and rank of each replica (`replicate`);
+    rep_load: float32[X, P_n] its load; count: int32[X, E_n]; mlog2log, log2mlog: int32[L, E] as in
+    `NodeLayout`.
+    """
+
+    phy_mlog: jax.Array
+    phy_rank: jax.Array
+    rep_load: jax.Array
+    count: jax.Array
+    mlog2log: jax.Array
+    log2mlog: jax.Array
+
+
+def node_items(w: jax.Array, num_slots: int, num_groups: int, num_nodes: int) -> NodeItems:
+    """Steps 1 and 2 of the hierarchical policy on cleaned loads ``w`` float32[L, E]."""
     num_layers, num_log = w.shape
     group_size = num_log // num_groups
     groups_per_node = num_groups // num_nodes
     log_per_node = num_log // num_nodes
     slots_per_node = num_slots // num_nodes
-    devices_per_node = num_devices // num_nodes
-    slots = num_slots // num_devices
 
     with jax.named_scope("groups_to_nodes"):
         group_load = fold_sum(w.reshape(num_layers, num_groups, group_size))
@@ -209,20 +239,36 @@ def node_layout(
     with jax.named_scope("replicate"):
         node_w = jnp.take_along_axis(w, mlog2log, axis=1).reshape(-1, log_per_node)
         phy_mlog, phy_rank, count = replicate(node_w, slots_per_node)
-    with jax.named_scope("replicas_to_devices"):
         rep_load = jnp.take_along_axis(node_w / count.astype(jnp.float32), phy_mlog, axis=1)
-        device, device_rank = pack(rep_load, devices_per_node)
-        slot = device * slots + device_rank
-        at = rows(slot)
+    return NodeItems(phy_mlog, phy_rank, rep_load, count, mlog2log, log2mlog)
 
-        def to_slots(v):
-            return jnp.zeros_like(v).at[at, slot].set(v, unique_indices=True)
 
-        return NodeLayout(
-            slot_mlog=to_slots(phy_mlog),
-            slot_rank=to_slots(phy_rank),
-            slot_load=to_slots(rep_load),
-            count=count,
-            mlog2log=mlog2log,
-            log2mlog=log2mlog,
-        )
+def node_slots(
+    items: NodeItems, device: jax.Array, device_rank: jax.Array, slots: int
+) -> NodeLayout:
+    """Step 3's result in slots: each replica at slot ``device * S + device_rank`` (int32[X, P_n]
+    from `pack`)."""
+    slot = device * slots + device_rank
+    at = rows(slot)
+
+    def to_slots(v):
+        return jnp.zeros_like(v).at[at, slot].set(v, unique_indices=True)
+
+    return NodeLayout(
+        slot_mlog=to_slots(items.phy_mlog),
+        slot_rank=to_slots(items.phy_rank),
+        slot_load=to_slots(items.rep_load),
+        count=items.count,
+        mlog2log=items.mlog2log,
+        log2mlog=items.log2mlog,
+    )
+
+
+def node_layout(
+    w: jax.Array, num_slots: int, num_groups: int, num_nodes: int, num_devices: int
+) -> NodeLayout:
+    """Steps 1 to 3 of the hierarchical policy on cleaned loads ``w`` float32[L, E]."""
+    items = node_items(w, num_slots, num_groups, num_nodes)
+    with jax.named_scope("replicas_to_devices"):
+        device, device_rank = pack(items.rep_load, num_devices // num_nodes)
+        return node_slots(items, device, device_rank, num_slots // num_devices)

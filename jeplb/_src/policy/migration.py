@@ -19,17 +19,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jeplb._src.policy.deepseek import NodeLayout, lightest_pack, replicate
+from jeplb._src.policy.deepseek import pack, replicate
 from jeplb._src.policy.ops import (
-    descending_order,
     fold_sum,
     inverse,
+    lexicographic_first,
     rows,
     sort_by_key,
 )
 from jeplb._src.policy.refine import swap_refine
 
-__all__ = ["migrate", "preserve_slots"]
+__all__ = ["Sticky", "migrate", "pack_both", "preserve_slots", "sticky_items"]
 
 # A migration-aware placement may be at most this much heavier (max device load, per layer) than
 # the from-scratch placement of the same loads.
@@ -57,8 +57,7 @@ def _greedy_match(overlap: jax.Array) -> jax.Array:
 
     def step(_, carry):  # label pairs on the leading axis (see `deepseek.lightest_pack`)
         ov, perm = carry
-        high = jnp.max(ov, axis=0)
-        best = jnp.min(jnp.where(ov == high, flat, n * n), axis=0)  # the first maximum
+        best = lexicographic_first(ov, jnp.broadcast_to(flat, ov.shape), 0, largest=True)[0]
         a, b = best // n, best % n
         perm = jnp.where(ids == a, b, perm)
         return jnp.where((flat // n == a) | (flat % n == b), -1.0, ov), perm
@@ -175,45 +174,6 @@ def _old_group_layouts(w: jax.Array, old: jax.Array, groups: int, nodes: int):
     return tuple(layouts), single & even
 
 
-def _sticky_pack(
-    item_load: jax.Array, pref_device: jax.Array, num_packs: int, cap: int
-) -> jax.Array:
-    """Packs each row's items heaviest first (equal loads: lower index first): an item goes to its
-    preferred device while that device has room, else to the lightest device with room (equal
-    loads: lowest index).
-
-    Args:
-      item_load: float32[X, n]; pref_device: int32[X, n] (-1: none).
-      num_packs: devices per row; cap: slots per device (n = num_packs * cap).
-
-    Returns:
-      int32[X, n] the device of each item.
-    """
-    x_rows, n = item_load.shape
-    if num_packs == 1:
-        return jnp.zeros((x_rows, n), jnp.int32)
-    order = descending_order(item_load)
-    pref = jnp.take_along_axis(pref_device, order, axis=1)
-    pack_ids = jnp.arange(num_packs, dtype=jnp.int32)[:, None]
-
-    def step(carry, x):  # packs on the leading axis (see `lightest_pack`)
-        pack_load, pack_count = carry
-        a, p = x
-        k = lightest_pack(pack_load, pack_count < cap, p)
-        hit = pack_ids == k
-        pack_load = jnp.where(hit, pack_load + a, pack_load)
-        return (pack_load, pack_count + hit.astype(jnp.int32)), k
-
-    init = (jnp.zeros((num_packs, x_rows), jnp.float32), jnp.zeros((num_packs, x_rows), jnp.int32))
-    sorted_load = jnp.take_along_axis(item_load, order, axis=1)
-    _, k_sorted = lax.scan(step, init, (sorted_load.T, pref.T), unroll=4)
-    return (
-        jnp.zeros((x_rows, n), jnp.int32)
-        .at[rows(order), order]
-        .set(k_sorted.T, unique_indices=True)
-    )
-
-
 class _Dims(NamedTuple):
     """The static sizes of one migration-aware call."""
 
@@ -233,16 +193,16 @@ class _Candidates(NamedTuple):
 
     log2mlog: int32[C * L, E] node-local id of each expert, candidate-major.
     ok: bool[C, L] whether the candidate exists for the layer.
-    fs_rows: int32[X, P_n] the from-scratch rows, moved to the node each one maps to in candidate 0.
+    node_perm: int32[L, nodes] the old node given to each from-scratch node (candidate 0).
     """
 
     log2mlog: jax.Array
     ok: jax.Array
-    fs_rows: jax.Array
+    node_perm: jax.Array
 
 
 def _candidates(
-    w: jax.Array, old: jax.Array, lay: NodeLayout, fs_slot_mlog: jax.Array, groups: int, dims: _Dims
+    w: jax.Array, old: jax.Array, fs_log2mlog: jax.Array, groups: int, dims: _Dims
 ) -> _Candidates:
     """Candidate 0: the from-scratch assignment with its nodes relabelled to the old nodes by
     overlap; in the hierarchical policy also the old placement's own assignment and that one after
@@ -250,7 +210,7 @@ def _candidates(
     num_layers, nodes, e_n, p_n = dims.num_layers, dims.nodes, dims.e_n, dims.p_n
     valid = old >= 0
     slot_node = jnp.broadcast_to(jnp.arange(dims.num_slots, dtype=jnp.int32) // p_n, old.shape)
-    fs_node = lay.log2mlog // e_n
+    fs_node = fs_log2mlog // e_n
     if nodes > 1:
         a = jnp.take_along_axis(fs_node, jnp.where(valid, old, 0), axis=1)
         ov = jnp.zeros((num_layers, nodes, nodes), jnp.float32)
@@ -258,17 +218,14 @@ def _candidates(
         node_perm = _greedy_match(ov)
     else:
         node_perm = jnp.zeros((num_layers, 1), jnp.int32)
-    cands = [jnp.take_along_axis(node_perm, fs_node, 1) * e_n + lay.log2mlog % e_n]
+    cands = [jnp.take_along_axis(node_perm, fs_node, 1) * e_n + fs_log2mlog % e_n]
     cand_ok = [jnp.ones((num_layers,), bool)]
-    fs_rows = jnp.take_along_axis(
-        fs_slot_mlog.reshape(num_layers, nodes, p_n), inverse(node_perm)[:, :, None], axis=1
-    ).reshape(dims.x_rows, p_n)
     if nodes > 1:
         l2ms, ok = _old_group_layouts(w, old, groups, nodes)
         for l2m in l2ms:
             cands.append(jnp.where(ok[:, None], l2m, cands[0]))
             cand_ok.append(ok)
-    return _Candidates(jnp.concatenate(cands, axis=0), jnp.stack(cand_ok), fs_rows)
+    return _Candidates(jnp.concatenate(cands, axis=0), jnp.stack(cand_ok), node_perm)
 
 
 def _old_view(
@@ -419,44 +376,50 @@ def _choose(
     return jnp.take_along_axis(m2l, chosen + offset, axis=1)
 
 
-def migrate(
+class Sticky(NamedTuple):
+    """The replicas of every candidate row, ready for the sticky packing (`sticky_items`).
+
+    old: int32[L, P] the current placement (-1 = empty or out of range); cands: the candidates;
+    item_e: int32[CX, P_n] node-local expert of each replica; rep_load: float32[CX, E_n] load of
+    one replica of each node-local expert; item_load: float32[CX, P_n] load of each replica;
+    old_has: bool[CX, D_n, E_n] whether each device held each expert before; pref: int32[CX, P_n]
+    each replica's preferred device (-1: none); dims: the static sizes.
+    """
+
+    old: jax.Array
+    cands: _Candidates
+    item_e: jax.Array
+    rep_load: jax.Array
+    item_load: jax.Array
+    old_has: jax.Array
+    pref: jax.Array
+    dims: _Dims
+
+
+def sticky_items(
     w: jax.Array,
     old: jax.Array,
-    lay: NodeLayout,
-    fs_slot_mlog: jax.Array,
-    target: jax.Array,
+    fs_log2mlog: jax.Array,
     *,
     num_slots: int,
     groups: int,
     nodes: int,
     num_devices: int,
-) -> jax.Array:
-    """The migration-aware placement (see ``docs/policy.md``); returns phy2log int32[L, P].
-
-    Candidates (C of them) are group-to-node assignments (`_candidates`). For each candidate and
-    node row, the replica counts of that candidate's node loads are packed sticky (each kept
-    replica on its old device) and swap-refined, fewest new copies first, down to the from-scratch
-    maximum plus the slack; the first candidate also has the from-scratch row with its devices
-    relabelled by overlap. Each row keeps its cheapest variant within the slack (ties: the sticky
-    one), each layer its cheapest candidate whose rows all qualify (ties: the lower candidate); the
-    relabelled from-scratch rows guarantee one. Cost: remote copies, experts a device did not hold
-    before.
+) -> Sticky:
+    """The first half of the migration-aware mode: candidates, their replicas, the old view.
 
     Args:
       w: float32[L, E] cleaned loads.
       old: int32[L, P] current placement (-1 = empty).
-      lay: the from-scratch node layout of ``w``.
-      fs_slot_mlog: int32[L * nodes, P_n] its node-local experts per slot (after refinement).
-      target: float32[L] its heaviest device load per layer.
+      fs_log2mlog: int32[L, E] the from-scratch node-local id of each expert.
       num_slots, groups, nodes, num_devices: P, the effective groups and nodes, D.
     """
     num_layers, num_log = w.shape
-    slots = num_slots // num_devices
     dims = _Dims(
         num_layers=num_layers,
         num_log=num_log,
         num_slots=num_slots,
-        slots=slots,
+        slots=num_slots // num_devices,
         nodes=nodes,
         e_n=num_log // nodes,
         p_n=num_slots // nodes,
@@ -465,7 +428,7 @@ def migrate(
     )
     old = jnp.where((old >= 0) & (old < num_log), old, -1)
     with jax.named_scope("candidates"):
-        cands = _candidates(w, old, lay, fs_slot_mlog, groups, dims)
+        cands = _candidates(w, old, fs_log2mlog, groups, dims)
     num_cands = cands.ok.shape[0]
     cx = num_cands * dims.x_rows
     with jax.named_scope("replicate"):
@@ -474,25 +437,77 @@ def migrate(
         node_w = node_w.reshape(cx, dims.e_n)
         item_e, item_rank, count = replicate(node_w, dims.p_n)
         rep_load = node_w / count.astype(jnp.float32)  # [CX, E_n]
+        item_load = jnp.take_along_axis(rep_load, item_e, 1)
     with jax.named_scope("old_view"):
         old_has, pref = _old_view(old, mlog2log, item_e, item_rank, dims)
+    return Sticky(old, cands, item_e, rep_load, item_load, old_has, pref, dims)
+
+
+def pack_both(fs_load: jax.Array, st: Sticky) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
+    """The from-scratch packing of the node rows and the sticky packing of the candidate rows,
+    as one scan over both sets of rows where the packs hold more than one replica (half the
+    sequential steps of two scans; the same result).
+
+    Args:
+      fs_load: float32[X, P_n] the from-scratch replica loads (`deepseek.node_items`).
+      st: the candidate rows.
+
+    Returns:
+      ((device, rank) int32[X, P_n] of the from-scratch replicas, device int32[CX, P_n] of the
+      candidate replicas).
+    """
+    d_n, x_rows = st.dims.d_n, fs_load.shape[0]
+    if st.dims.slots == 1:  # `pack` places single-replica packs in index order without a pref
+        return pack(fs_load, d_n), pack(st.item_load, d_n, st.pref)[0]
+    loads = jnp.concatenate([fs_load, st.item_load], axis=0)
+    pref = jnp.concatenate([jnp.full(fs_load.shape, -1, jnp.int32), st.pref], axis=0)
+    device, rank = pack(loads, d_n, pref)
+    return (device[:x_rows], rank[:x_rows]), device[x_rows:]
+
+
+def migrate(st: Sticky, device: jax.Array, fs_slot_mlog: jax.Array, target: jax.Array) -> jax.Array:
+    """The migration-aware placement (see ``docs/policy.md``); returns phy2log int32[L, P].
+
+    Candidates (C of them) are group-to-node assignments (`_candidates`). For each candidate and
+    node row, the replica counts of that candidate's node loads are packed sticky (each kept
+    replica on its old device: `pack_both`) and swap-refined, fewest new copies first, down to the
+    from-scratch maximum plus the slack; the first candidate also has the from-scratch row with its
+    devices relabelled by overlap. Each row keeps its cheapest variant within the slack (ties: the
+    sticky one), each layer its cheapest candidate whose rows all qualify (ties: the lower
+    candidate); the relabelled from-scratch rows guarantee one. Cost: remote copies, experts a
+    device did not hold before.
+
+    Args:
+      st: the candidate rows (`sticky_items`).
+      device: int32[CX, P_n] the device of each candidate replica (the sticky packing).
+      fs_slot_mlog: int32[L * nodes, P_n] the from-scratch node-local experts per slot (after
+        refinement).
+      target: float32[L] its heaviest device load per layer.
+    """
+    dims, cands = st.dims, st.cands
+    num_layers, nodes, slots = dims.num_layers, dims.nodes, dims.slots
+    num_cands = cands.ok.shape[0]
+    cx = num_cands * dims.x_rows
     with jax.named_scope("sticky_pack"):
-        item_load = jnp.take_along_axis(rep_load, item_e, 1)
-        device = _sticky_pack(item_load, pref, dims.d_n, slots)  # [CX, P_n]
         # Each device's replicas in item order.
-        entries = jnp.take_along_axis(item_e, sort_by_key(device)[1], axis=1)
+        entries = jnp.take_along_axis(st.item_e, sort_by_key(device)[1], axis=1)
     with jax.named_scope("sticky_refine"):
         # Swaps between devices until each row is within the slack of the from-scratch maximum.
         limit = jnp.tile(jnp.repeat(target, nodes), num_cands) * (1.0 + _MIGRATION_SLACK)
-        e_load = jnp.take_along_axis(rep_load, entries, 1)
-        _, (entries,) = swap_refine(e_load, (entries,), slots, stop=limit, held=old_has)
+        e_load = jnp.take_along_axis(st.rep_load, entries, 1)
+        _, (entries,) = swap_refine(e_load, (entries,), slots, stop=limit, held=st.old_has)
         entries = entries.reshape(cx, dims.d_n, slots)
     with jax.named_scope("relabel_devices"):
-        fs_all = _relabelled_scratch(cands.fs_rows, old_has, num_cands, dims)
+        fs_rows = jnp.take_along_axis(
+            fs_slot_mlog.reshape(num_layers, nodes, dims.p_n),
+            inverse(cands.node_perm)[:, :, None],
+            axis=1,
+        ).reshape(dims.x_rows, dims.p_n)  # moved to the node each one maps to in candidate 0
+        fs_all = _relabelled_scratch(fs_rows, st.old_has, num_cands, dims)
         variants = jnp.stack([entries, fs_all], axis=1)  # [CX, 2, D_n, S]
     with jax.named_scope("choose"):
-        phy2log = _choose(variants, rep_load, old_has, limit, cands, dims)
+        phy2log = _choose(variants, st.rep_load, st.old_has, limit, cands, dims)
     with jax.named_scope("preserve_slots"):
-        shape = (num_layers, num_devices, slots)
-        phy2log = preserve_slots(phy2log.reshape(shape), old.reshape(shape))
-    return phy2log.reshape(num_layers, num_slots)
+        shape = (num_layers, dims.num_slots // slots, slots)
+        phy2log = preserve_slots(phy2log.reshape(shape), st.old.reshape(shape))
+    return phy2log.reshape(num_layers, dims.num_slots)

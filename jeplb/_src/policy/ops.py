@@ -16,6 +16,7 @@ __all__ = [
     "first_argmin",
     "fold_sum",
     "inverse",
+    "lexicographic_first",
     "log2phy_of",
     "rows",
     "slot_ranks",
@@ -41,14 +42,57 @@ def fold_sum(x: jax.Array) -> jax.Array:
     return acc
 
 
+def lexicographic_first(
+    key: jax.Array, tiebreak: jax.Array, axis: int, *, largest: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """(tiebreak, key) at the smallest (``largest``: the largest) key along ``axis``, the smallest
+    tiebreak among equal keys; NaN-free keys, -0 and +0 equal.
+
+    On CPUs two plain reductions (the extreme key, then the smallest tiebreak holding it), which
+    XLA:CPU runs several times faster than a variadic reduction; on other platforms one reduction
+    over (key, tiebreak) pairs, one kernel instead of two dependent ones. Both give the same
+    tiebreak; the key is the same up to the sign of a zero.
+
+    Args:
+      key: float32[...]; tiebreak: int32 of the same shape.
+      axis: the axis reduced.
+    """
+    return lax.platform_dependent(
+        key,
+        tiebreak,
+        cpu=lambda k, t: _two_reductions(k, t, axis, largest),
+        default=lambda k, t: _pair_reduction(k, t, axis, largest),
+    )
+
+
+def _two_reductions(key, tiebreak, axis, largest):
+    """`lexicographic_first` as an extreme, then a min over the tiebreaks holding it."""
+    best = (jnp.max if largest else jnp.min)(key, axis=axis, keepdims=True)
+    big = jnp.iinfo(tiebreak.dtype).max
+    first = jnp.min(jnp.where(key == best, tiebreak, big), axis=axis)
+    return first, jnp.squeeze(best, axis)
+
+
+def _pair_reduction(key, tiebreak, axis, largest):
+    """`lexicographic_first` as one reduction over (key, tiebreak) pairs."""
+
+    def pick(a, b):
+        (ak, at), (bk, bt) = a, b
+        wins = (bk > ak) if largest else (bk < ak)
+        take = wins | ((bk == ak) & (bt < at))
+        return lax.select(take, bk, ak), lax.select(take, bt, at)
+
+    init_key = jnp.array(-jnp.inf if largest else jnp.inf, key.dtype)
+    init_tie = jnp.array(jnp.iinfo(tiebreak.dtype).max, tiebreak.dtype)
+    best, first = lax.reduce((key, tiebreak), (init_key, init_tie), pick, (axis % key.ndim,))
+    return first, best
+
+
 def first_argmin(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(index int32[...], value) of the minimum over the last axis, the first index among equal
-    minima: `jnp.argmin`'s result for NaN-free ``x``, as two plain reductions (a min, then the
-    lowest index holding it), which XLA:CPU runs several times faster than an arg-reduction."""
-    low = jnp.min(x, axis=-1, keepdims=True)
-    n = x.shape[-1]
-    iota = jnp.arange(n, dtype=jnp.int32)
-    return jnp.min(jnp.where(x == low, iota, n), axis=-1), low[..., 0]
+    minima: `jnp.argmin`'s result for NaN-free ``x`` (see `lexicographic_first`)."""
+    iota = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return lexicographic_first(x, iota, -1)
 
 
 def descending_order(load: jax.Array) -> jax.Array:
@@ -89,12 +133,9 @@ def sort_by_key(key: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def first_argmax(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(index int32[...], value) of the maximum over the last axis, the first index among equal
-    maxima: `jnp.argmax`'s result for NaN-free ``x``, as two plain reductions (see
-    `first_argmin`)."""
-    high = jnp.max(x, axis=-1, keepdims=True)
-    n = x.shape[-1]
-    iota = jnp.arange(n, dtype=jnp.int32)
-    return jnp.min(jnp.where(x == high, iota, n), axis=-1), high[..., 0]
+    maxima: `jnp.argmax`'s result for NaN-free ``x`` (see `lexicographic_first`)."""
+    iota = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return lexicographic_first(x, iota, -1, largest=True)
 
 
 def inverse(perm: jax.Array) -> jax.Array:

@@ -22,7 +22,7 @@ __all__ = ["swap_refine"]
 _MAX_SWAPS_PER_DEVICE = 4
 # Swap steps per trip of the loop (fewer trips, fewer host round trips of the loop condition on
 # GPUs); a row that is done stays done, so extra steps change nothing.
-_UNROLL = 2
+_UNROLL = 4
 # Once at most X // k rows are still active, they continue in a batch of X // k rows, for each k
 # here with X // k >= _COMPACT_MIN_ROWS.
 _COMPACT = (4, 16)
@@ -32,16 +32,27 @@ _COMPACT_MIN_ROWS = 8
 class _Heaviest(NamedTuple):
     """The heaviest device h of each row and the candidate swaps with it.
 
-    h: int32[X]; top: float32[X] its load; h_slots: int32[X, S] its slots;
+    h: int32[X]; top: float32[X] its load; on_h: bool[X, D_x] one-hot of h;
     pair: float32[X, S, P_x] the larger of the two new loads after swapping slot i of h with slot j;
     ok: bool[X, S, P_x] whether that swap is allowed and lowers the pair below ``top``.
     """
 
     h: jax.Array
     top: jax.Array
-    h_slots: jax.Array
+    on_h: jax.Array
     pair: jax.Array
     ok: jax.Array
+
+
+def _pick(v: jax.Array, hit: jax.Array, axis: int) -> jax.Array:
+    """The entry of ``v`` where the one-hot ``hit`` (broadcast against ``v``) is set, along
+    ``axis``: a select and a reduction, which fuse with their neighbours, where a gather is a
+    kernel of its own on GPUs. Exact: every other entry is the reduction's identity."""
+    if v.dtype == jnp.bool_:
+        return jnp.any(hit & v, axis=axis)
+    if jnp.issubdtype(v.dtype, jnp.floating):
+        return jnp.max(jnp.where(hit, v, -jnp.inf), axis=axis)
+    return jnp.max(jnp.where(hit, v, jnp.iinfo(v.dtype).min), axis=axis)
 
 
 def _heaviest(load: jax.Array, slots: int) -> _Heaviest:
@@ -49,12 +60,19 @@ def _heaviest(load: jax.Array, slots: int) -> _Heaviest:
     x_rows, p_x = load.shape
     devices = p_x // slots
     device_of_slot = jnp.arange(p_x, dtype=jnp.int32) // slots
-    device_load = fold_sum(load.reshape(x_rows, devices, slots))
+    by_device = load.reshape(x_rows, devices, slots)
+    device_load = fold_sum(by_device)
     h, top = first_argmax(device_load)
-    h_slots = h[:, None] * slots + jnp.arange(slots, dtype=jnp.int32)  # [X, S]
-    a = jnp.take_along_axis(load, h_slots, 1)  # [X, S]
+    on_h = jnp.arange(devices, dtype=jnp.int32) == h[:, None]  # [X, D_x]
+    a = _pick(by_device, on_h[:, :, None], 1)  # [X, S] the loads on h
     delta = a[:, :, None] - load[:, None, :]  # [X, S, P_x]
-    g_load = device_load[:, device_of_slot]  # [X, P_x]
+    # [X, P_x]: a gather on CPUs, where XLA fused into the [X, S, P_x] candidates below would
+    # recompute the S-term sums for every candidate; a broadcast (fusible) elsewhere.
+    g_load = lax.platform_dependent(
+        device_load,
+        cpu=lambda d: d[:, device_of_slot],
+        default=lambda d: jnp.repeat(d, slots, axis=1),
+    )
     new_h = top[:, None, None] - delta
     new_g = g_load[:, None, :] + delta
     pair = jnp.maximum(new_h, new_g)
@@ -64,32 +82,51 @@ def _heaviest(load: jax.Array, slots: int) -> _Heaviest:
         & (delta > 0)
         & (pair < top[:, None, None] - tol)
     )
-    return _Heaviest(h=h, top=top, h_slots=h_slots, pair=pair, ok=ok)
+    return _Heaviest(h=h, top=top, on_h=on_h, pair=pair, ok=ok)
 
 
-def _held_change(expert: jax.Array, hv: _Heaviest, held: jax.Array, slots: int) -> jax.Array:
+def _bit_words(flags: jax.Array) -> jax.Array:
+    """uint32[..., W] with bit g % 32 of word g // 32 set where ``flags`` bool[..., G] is set."""
+    width = flags.shape[-1]
+    words = -(-width // 32)
+    flags = jnp.pad(flags, [(0, 0)] * (flags.ndim - 1) + [(0, words * 32 - width)])
+    flags = flags.reshape(*flags.shape[:-1], words, 32).astype(jnp.uint32)
+    return jnp.sum(flags << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
+
+
+def _bit(words: jax.Array, g: jax.Array) -> jax.Array:
+    """bool: bit ``g`` of ``words`` uint32[..., W] (g int32, broadcast against ``words[..., 0]``)."""
+    if words.shape[-1] == 1:
+        word = words[..., 0]
+    else:
+        hit = jnp.arange(words.shape[-1], dtype=jnp.int32) == (g // 32)[..., None]
+        word = _pick(words, hit, -1)
+    return ((word >> (g % 32).astype(jnp.uint32)) & 1) == 1
+
+
+def _held_change(hv: _Heaviest, held_bits: jax.Array, slots: int) -> jax.Array:
     """Change in the number of replicas away from the devices that held them before, for every
     candidate swap: int32[X, S, P_x].
 
     Args:
-      expert: int32[X, P_x] expert of each slot (ids in [0, n)).
       hv: the candidate swaps.
-      held: bool[X, D_x, n] whether each device held each expert before.
+      held_bits: uint32[X, P_x, W] bit g: whether device g held the slot's expert before (a row
+        that travels with the slot's replica, so that no step looks anything up by expert id).
       slots: S.
     """
-    x_rows, p_x = expert.shape
-    n_held = held.shape[2]
-    held_t = jnp.swapaxes(held, 1, 2)  # [X, n, G]
-    held_flat = held.reshape(x_rows, (p_x // slots) * n_held)
+    x_rows, p_x, words = held_bits.shape
+    devices = p_x // slots
+    device_ids = jnp.arange(devices, dtype=jnp.int32)
     device_of_slot = jnp.arange(p_x, dtype=jnp.int32) // slots
-    e_h = jnp.take_along_axis(expert, hv.h_slots, 1)  # [X, S]
-    held_h = jnp.take_along_axis(held, hv.h[:, None, None], 1)[:, 0]  # [X, n]
     # Replica i of h moved to slot j's device; replica j moved to h; before: where they are.
-    i_to = jnp.take_along_axis(held_t, e_h[:, :, None], 1)  # [X, S, G]
+    i_bits = _pick(held_bits.reshape(x_rows, devices, slots, words), hv.on_h[:, :, None, None], 1)
+    i_to = _bit(i_bits[:, :, None, :], device_ids)  # [X, S, D_x]
+    h_had_j = _bit(held_bits, hv.h[:, None])  # [X, P_x]
+    h_had_i = _bit(i_bits, hv.h[:, None])  # [X, S]
+    here = _bit(held_bits, device_of_slot)  # [X, P_x]
     after = jnp.repeat(~i_to, slots, axis=2).astype(jnp.int32)  # [X, S, P_x]
-    after = after + (~jnp.take_along_axis(held_h, expert, 1))[:, None, :]
-    before = (~jnp.take_along_axis(held_h, e_h, 1))[:, :, None].astype(jnp.int32)
-    here = jnp.take_along_axis(held_flat, device_of_slot * n_held + expert, 1)
+    after = after + (~h_had_j)[:, None, :]
+    before = (~h_had_i)[:, :, None].astype(jnp.int32)
     before = before + (~here)[:, None, :]
     return after - before
 
@@ -98,38 +135,50 @@ class _Rows(NamedTuple):
     """The per-row state of swap refinement (any leaf may be None where unused).
 
     load: float32[X, P_x]; pay: tuple of int32[X, P_x]; active: bool[X] whether the row may still
-    swap; stop: float32[X]; held: bool[X, D_x, n].
+    swap; stop: float32[X]; held_bits: uint32[X, P_x, W] (see `_held_change`).
     """
 
     load: jax.Array
     pay: tuple[jax.Array, ...]
     active: jax.Array
     stop: jax.Array | None
-    held: jax.Array | None
+    held_bits: jax.Array | None
 
 
 def _swap_step(rows: _Rows, it: jax.Array, slots: int, max_iters: int) -> _Rows:
-    """One swap per active row (see `swap_refine`); rows are independent of each other."""
+    """One swap per active row (see `swap_refine`); rows are independent of each other.
+
+    The two slots are read and written through one-hot selects against the slot index, not
+    gathers and scatters: on GPUs the whole swap then fuses into a few kernels."""
     x_rows, p_x = rows.load.shape
-    at = jnp.arange(x_rows)
     hv = _heaviest(rows.load, slots)
     pair = hv.pair
-    if rows.held is not None:
-        change = _held_change(rows.pay[0], hv, rows.held, slots)
+    if rows.held_bits is not None:
+        change = _held_change(hv, rows.held_bits, slots)
         pair = pair + change.astype(jnp.float32) * (2.0 * hv.top[:, None, None])
     score = jnp.where(hv.ok, pair, jnp.inf).reshape(x_rows, slots * p_x)
     best, low = first_argmin(score)
     found = rows.active & jnp.isfinite(low) & (it < max_iters)
     if rows.stop is not None:
         found = found & (hv.top > rows.stop)
-    src = jnp.where(found, hv.h_slots[at, best // p_x], 0)
-    dst = jnp.where(found, (best % p_x).astype(jnp.int32), 0)
+    src = hv.h * slots + best // p_x
+    dst = best % p_x
+    iota = jnp.arange(p_x, dtype=jnp.int32)
+    # [X, 2, P_x]: the source and the destination slot; all False where the row does not swap.
+    hit = (iota == jnp.stack([src, dst], axis=1)[:, :, None]) & found[:, None, None]
 
-    def swap(v):
-        vs, vd = v[at, src], v[at, dst]
-        return v.at[at, src].set(vd).at[at, dst].set(vs)
+    def swap(v):  # both slots read by one reduction, written by one select
+        h2 = hit.reshape(hit.shape + (1,) * (v.ndim - 2))
+        vs, vd = jnp.unstack(_pick(v[:, None], h2, 2), axis=1)
+        return jnp.where(h2[:, 0], vd[:, None], jnp.where(h2[:, 1], vs[:, None], v))
 
-    return rows._replace(load=swap(rows.load), pay=tuple(swap(v) for v in rows.pay), active=found)
+    held_bits = None if rows.held_bits is None else swap(rows.held_bits)
+    return rows._replace(
+        load=swap(rows.load),
+        pay=tuple(swap(v) for v in rows.pay),
+        active=found,
+        held_bits=held_bits,
+    )
 
 
 def _swap_loop(rows: _Rows, it: jax.Array, slots: int, max_iters: int, until: int):
@@ -188,7 +237,11 @@ def swap_refine(
     active = jnp.ones((x_rows,), bool)
     if stop is not None:  # rows already at or under ``stop`` never swap: not active from the start
         active = fold_sum(slot_load.reshape(x_rows, p_x // slots, slots)).max(axis=1) > stop
-    state = _Rows(slot_load, tuple(payload), active, stop, held)
+    held_bits = None
+    if held is not None:  # [X, P_x, W]: the held row of each slot's expert, as bits
+        held_t = jnp.swapaxes(held, 1, 2)  # [X, n, D_x]
+        held_bits = jnp.take_along_axis(_bit_words(held_t), payload[0][:, :, None], 1)
+    state = _Rows(slot_load, tuple(payload), active, stop, held_bits)
     sizes = [x_rows] + [x_rows // k for k in _COMPACT if x_rows // k >= _COMPACT_MIN_ROWS]
     state, it = _swap_loop(state, jnp.int32(0), slots, max_iters, sizes[1] if sizes[1:] else 0)
     for n, until in zip(sizes[1:], [*sizes[2:], 0][: len(sizes) - 1], strict=True):
