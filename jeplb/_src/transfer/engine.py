@@ -299,8 +299,8 @@ def _block_problems(passes: int, geo: list[_Geometry]) -> list[tuple[int, str]]:
 
 
 def _fitting_passes(passes: int, widths: list[int]) -> int:
-    """The largest count up to ``passes`` that cuts each of ``widths`` the kernel moves whole
-    into blocks it moves too (1 at worst)."""
+    """The largest count up to ``passes`` that splits each of ``widths`` the kernel moves whole
+    into blocks of a multiple of 1024 elements (1 at worst)."""
     whole = [w for w in widths if rows_lib.pallas_block(w)]
     return next(p for p in range(passes, 0, -1) if all(w % (p * 1024) == 0 for w in whole))
 
@@ -320,8 +320,10 @@ def staging_problems(leaves, n: int, engine: Engine) -> list[tuple[int, str]]:
 
 def leaf_problems(leaves, engine: Engine) -> list[tuple[int, str]]:
     """The leaves `move_layers` cannot move with the requested ``row_impl`` and
-    ``staging_passes`` (the row kernel's limits), as `staging_problems` says; the public
-    functions raise them, by path, before anything is traced. Empty for every other option."""
+    ``staging_passes``, as ``(index in leaves, what is wrong and the fix)``, from shapes and
+    dtypes only (arrays or `jax.ShapeDtypeStruct`s): on one device the in-place kernel's limits
+    (`inplace.pallas_refusal`), else the staged blocks' (`staging_problems`). The public functions
+    raise them, by path, before anything is traced."""
     direct = _direct_impls(leaves, engine)
     if engine.num_devices == 1 and direct is not None:
         out = []
