@@ -938,3 +938,151 @@ def test_recover_experts_names_bad_leaf_by_path():
     expect(
         recover_experts, TypeError, r"expert_weights\['w'\] is a ndarray.*expected a jax.Array", w
     )
+
+
+# ------------------------------------------------------ rows that row_impl="pallas" cannot move
+
+# The row kernel (interpreted on CPU) moves rows in blocks of 1024 elements (on one device, rows
+# of 512 32-bit words). Each case gives 'b' and 'w13' rows it cannot move and 'w2' rows it can:
+# one ValueError names both bad leaves by path, not the good one, before anything is traced.
+BAD_WIDTH = st.integers(1, 1535).filter(lambda w: w % 512)
+KERNEL = settings(SETTINGS, max_examples=8)
+MESH1 = mesh_of(d=1)
+
+
+def names_both(name):
+    """The message names ``name['b']`` then ``name['w13']``, and never ``['w2']``."""
+    return (
+        rf"(?s)\A(?!.*\['w2'\])2 leaves cannot be moved:\n  {name}\['b'\]: .*\n  {name}\['w13'\]: "
+    )
+
+
+def kernel_leaves(data, lead, sharding=None, good=1024):
+    """{'b', 'w13'}: f32 rows of drawn widths the kernel cannot move; 'w2': rows it can."""
+    widths = {"b": data.draw(BAD_WIDTH), "w13": data.draw(BAD_WIDTH), "w2": good}
+    host = {k: np.zeros((*lead, w), np.float32) for k, w in widths.items()}
+    if sharding is None:
+        return host
+    return {k: jax.device_put(x, sharding) for k, x in host.items()}
+
+
+@pytest.fixture
+def pallas_everywhere(monkeypatch):
+    """eplb_step and sync_replica_grads take no row_impl (they resolve ``auto``, which picks the
+    kernel only for rows it moves): force ``row_impl="pallas"`` to reach their check."""
+    from jeplb._src import step, training
+    from jeplb._src.transfer.config import TransferConfig
+
+    def forced(**options):
+        return TransferConfig(**{**options, "row_impl": "pallas"})
+
+    monkeypatch.setattr(step, "TransferConfig", forced)
+    monkeypatch.setattr(training, "TransferConfig", forced)
+
+
+@KERNEL
+@given(d=st.sampled_from([1, D]), data=st.data())
+def test_rearrange_rows_the_kernel_cannot_move(d, data):
+    mesh = MESH if d == D else MESH1
+    w = kernel_leaves(data, (L, PT), NamedSharding(mesh, P(None, "ep")))
+
+    def rearrange_expert_weights():
+        return jeplb.rearrange_expert_weights(OLD, NEW, w, mesh=mesh, row_impl="pallas")
+
+    expect(rearrange_expert_weights, ValueError, names_both("expert_weights"), OLD, NEW, w)
+
+
+def test_rearrange_blocks_the_passes_cut_too_fine():
+    host = {"b": np.zeros((L, PT, 3), np.float32), "w13": np.zeros((L, PT, 2048), np.float32)}
+    host["w2"] = np.zeros((L, PT, 4096), np.float32)  # blocks of 1024: fine
+    w = {k: jax.device_put(x, SPEC) for k, x in host.items()}
+    match = (
+        names_both("expert_weights") + r"row_impl='pallas' needs blocks of a multiple of 1024 "
+        r"elements, but staging_passes=4 cuts its rows of 2048 elements into blocks of 512; "
+        r"pass staging_passes=2 or row_impl='loop'"
+    )
+
+    def rearrange_expert_weights():
+        return jeplb.rearrange_expert_weights(
+            OLD, NEW, w, mesh=MESH, row_impl="pallas", staging_passes=4
+        )
+
+    expect(rearrange_expert_weights, ValueError, match, OLD, NEW, w)
+
+
+@KERNEL
+@given(data=st.data())
+def test_transfer_layer_rows_the_kernel_cannot_move(data):
+    w = kernel_leaves(data, (PT,), NamedSharding(MESH, P("ep")))
+
+    def transfer_layer():
+        return jeplb.transfer_layer(OLD[0], NEW[0], w, mesh=MESH, row_impl="pallas")
+
+    expect(transfer_layer, ValueError, names_both("expert_weights"), w)
+
+
+@KERNEL
+@given(local=st.booleans(), data=st.data())
+def test_step_rows_the_kernel_cannot_move(state, pallas_everywhere, local, data):
+    if local:
+        w = kernel_leaves(data, (L, PT))
+        f = jax.shard_map(
+            jeplb.eplb_step_local,
+            mesh=MESH,
+            in_specs=(P(), P(None, "ep")),
+            out_specs=(P(), P(None, "ep"), P()),
+        )
+        fn = lambda: jax.jit(f).lower(state, w)  # noqa: E731
+    else:
+        w = kernel_leaves(data, (L, PT), SPEC)
+        fn = lambda: jeplb.eplb_step(state, w, mesh=MESH)  # noqa: E731
+    fn.__qualname__ = "eplb_step"
+    expect(fn, ValueError, names_both("expert_weights"), w, state.phy2log)
+
+
+@KERNEL
+@given(local=st.booleans(), data=st.data())
+def test_sync_rows_the_kernel_cannot_move(pallas_everywhere, local, data):
+    if local:
+        g = kernel_leaves(data, (L, PT))
+        f = jax.shard_map(
+            jeplb.sync_replica_grads_local,
+            mesh=MESH,
+            in_specs=(P(None, "ep"), P()),
+            out_specs=P(None, "ep"),
+        )
+        fn = lambda: jax.jit(f).lower(g, OLD)  # noqa: E731
+    else:
+        g = kernel_leaves(data, (L, PT), SPEC)
+        fn = lambda: jeplb.sync_replica_grads(g, OLD, mesh=MESH)  # noqa: E731
+    fn.__qualname__ = "sync_replica_grads"
+    expect(fn, ValueError, names_both("grads"), g, OLD)
+
+
+@KERNEL
+@given(commit=st.booleans(), data=st.data())
+def test_stages_rows_the_kernel_cannot_move(commit, data):
+    w = kernel_leaves(data, (PT,))
+
+    def body(x):
+        # Staged with the loop, the commit alone asks for the kernel.
+        buf, meta = jeplb.move_to_buffer(OLD[0], NEW[0], x, row_impl="loop" if commit else "pallas")
+        return jeplb.move_from_buffer(x, buf, meta, row_impl="pallas")
+
+    f = jax.shard_map(body, mesh=MESH, in_specs=P("ep"), out_specs=P("ep"))
+    fn = lambda: jax.jit(f).lower(w)  # noqa: E731
+    fn.__qualname__ = "move_from_buffer" if commit else "move_to_buffer"
+    expect(fn, ValueError, names_both("expert_weights"), w)
+
+
+def test_auto_takes_the_loop_where_the_kernel_cannot_move_rows():
+    # One GPU, rows of 64 KiB and more: ``auto`` picks the in-place kernel only for rows it moves
+    # (int8 rows of 1024 x 65 elements are not whole blocks of 512 32-bit words).
+    from jeplb._src.transfer import inplace
+
+    odd = jax.ShapeDtypeStruct((4, 1024 * 65), jnp.int8)
+    even = jax.ShapeDtypeStruct((4, 1024 * 66), jnp.int8)
+    assert inplace.pallas_refusal(4, odd.shape[1], odd.dtype)
+    assert inplace.resolve_impl("auto", odd, "gpu") == "loop"
+    assert inplace.resolve_impl("pallas", odd, "gpu") == "pallas"  # asked for: refused by path
+    assert inplace.resolve_impl("auto", even, "gpu") == "pallas"

@@ -18,7 +18,10 @@ __all__ = [
     "expert_spec",
     "is_concrete",
     "is_explicit",
+    "leaf_paths",
+    "local_shapes",
     "platform_of",
+    "refuse_leaves",
     "weight_leaves",
 ]
 
@@ -326,12 +329,42 @@ def weight_leaves(
         )
         if problem is not None:
             problems.append((problem[0], f"{name}{jax.tree_util.keystr(path)} {problem[1]}"))
+    _raise(problems)
+    leaves = [leaf for _, leaf in flat]
+    return leaves, treedef, [None if local else _given_spec(x) for x in leaves]
+
+
+def _raise(problems: list[tuple[type, str]]) -> None:
+    """One error listing every ``(kind, text)`` problem (TypeError when all are); none: nothing."""
     if problems:
         kind = TypeError if all(k is TypeError for k, _ in problems) else ValueError
         head = "" if len(problems) == 1 else f"{len(problems)} leaves cannot be moved:\n  "
         raise kind(head + "\n  ".join(text for _, text in problems))
-    leaves = [leaf for _, leaf in flat]
-    return leaves, treedef, [None if local else _given_spec(x) for x in leaves]
+
+
+def leaf_paths(treedef: Any) -> list[str]:
+    """The `jax.tree_util.keystr` path of each leaf of ``treedef``, in flattening order."""
+    tree = jax.tree_util.tree_unflatten(treedef, list(range(treedef.num_leaves)))
+    return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def local_shapes(leaves: list, specs: tuple, mesh: Any) -> list[jax.ShapeDtypeStruct]:
+    """Each leaf's shard on one device of ``mesh``, sharded as ``specs`` (PartitionSpec entries
+    per leaf, as `default_specs` gives them): what a `jax.shard_map` body sees."""
+    return [
+        jax.ShapeDtypeStruct(
+            NamedSharding(mesh, jax.sharding.PartitionSpec(*s)).shard_shape(tuple(x.shape)),
+            x.dtype,
+        )
+        for x, s in zip(leaves, specs, strict=True)
+    ]
+
+
+def refuse_leaves(name: str, paths: list[str], problems: list[tuple[int, str]]) -> None:
+    """Raises one ValueError naming every leaf of ``problems`` (``(index, text)``, as the transfer
+    engine's `leaf_problems` gives them) by its path, e.g. ``expert_weights['w13']``; nothing when
+    there are none."""
+    _raise([(ValueError, f"{name}{paths[i]}: {text}") for i, text in problems])
 
 
 def _given_spec(leaf: Any) -> tuple | None:

@@ -378,6 +378,8 @@ def eplb_step_local(
         axes=setup.config.axes,
         local=True,
     )
+    problems = engine_lib.leaf_problems(leaves, setup)
+    checks.refuse_leaves("expert_weights", checks.leaf_paths(treedef), problems)
     state, leaves, info = _local_step(state, leaves, load_axes=axes, setup=setup)
     _log_balancedness(state, info, only_device=lax.axis_index(axis))
     return state, treedef.unflatten(leaves), info
@@ -442,7 +444,8 @@ def eplb_step(
 
     Raises:
       ValueError, TypeError: a mesh without the axis or of another size, leaves not [L, P, ...]
-        or (when concrete) not sharded on the axis.
+        or (when concrete) not sharded on the axis, or whose rows the transfer's row kernel
+        cannot move (every bad leaf named by its path).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -476,6 +479,9 @@ def eplb_step(
         axes=setup.config.axes,
     )
     given = tuple(specs)  # None where unknown (traced leaves on an Auto mesh)
+    full = checks.default_specs(given, setup.config.slot_axis, setup.config.axes)
+    problems = engine_lib.leaf_problems(checks.local_shapes(leaves, full, mesh), setup)
+    checks.refuse_leaves("expert_weights", checks.leaf_paths(treedef), problems)
     state, leaves, info = _program(mesh, setup, given)(state, leaves)
     return state, treedef.unflatten(leaves), info
 

@@ -167,8 +167,8 @@ def _route(x: jax.Array, setup: engine.Engine) -> str:
     ``row_impl`` auto on a GPU or ``pallas`` anywhere, interpreted on the CPU, when the dtype and
     row width fit it), ``sum`` (`_sum_one_device`, dtypes that move natively) or ``engine``."""
     impl, platform = setup.config.row_impl, setup.platform
-    num_layers = x.shape[1] if setup.config.slot_major else x.shape[0]
-    rows = x.reshape(x.shape[0] * x.shape[1], -1)
+    num_layers, n, width = layout.dims(x, setup.config.slot_major)
+    rows = jax.ShapeDtypeStruct((num_layers * n, width), x.dtype)
     if (impl == "pallas" or (impl == "auto" and platform == "gpu")) and replica_sum.kernel_fits(
         rows, num_layers
     ):
@@ -389,6 +389,24 @@ def _check_grad_leaves(tree, *, lead, config: TransferConfig, mesh, local: bool)
     return leaves, treedef, specs
 
 
+def _check_movable(leaves, treedef, setup: engine.Engine) -> None:
+    """Refuses, by path and all at once, the local leaves (arrays or shapes) that the sync routes
+    through the transfer engine (all on D > 1 devices, `_route` on one) and it cannot move."""
+    checks.refuse_leaves("grads", checks.leaf_paths(treedef), _problems(leaves, setup))
+
+
+def _problems(leaves, setup: engine.Engine) -> list[tuple[int, str]]:
+    """`engine.staging_problems` of the leaves the sync moves through the engine."""
+    routed = [
+        i for i, x in enumerate(leaves) if setup.num_devices > 1 or _route(x, setup) == "engine"
+    ]
+    if not routed:
+        return []
+    n = layout.dims(leaves[routed[0]], setup.config.slot_major)[1]
+    found = engine.staging_problems([leaves[i] for i in routed], n, setup)
+    return [(routed[k], text) for k, text in found]
+
+
 def _check_map(phy2log, num_devices: int):
     m, _ = checks.check_maps(
         phy2log, phy2log, num_devices=num_devices, ndim=2, old_name="phy2log", new_name="phy2log"
@@ -508,6 +526,7 @@ def sync_replica_grads(
     )
     specs = checks.default_specs(specs, config.slot_axis, config.axes)
     setup = engine.Engine(config=config, num_devices=d, platform=checks.platform_of(mesh))
+    _check_movable(checks.local_shapes(leaves, specs, mesh), treedef, setup)
     out, _ = _program(mesh, setup, specs)(checks.place_map(m, mesh), leaves)
     return treedef.unflatten(out)
 
@@ -561,6 +580,7 @@ def sync_replica_grads_local(
         grads, lead=_lead(m, config, d, True), config=config, mesh=None, local=True
     )
     setup = engine.Engine(config=config, num_devices=d, platform=checks.platform_of())
+    _check_movable(leaves, treedef, setup)
     out, _ = _sync_local(jnp.asarray(m), leaves, setup=setup)
     return treedef.unflatten(out)
 

@@ -217,6 +217,19 @@ def _check_no_aliases(leaves: list, treedef, name: str = "expert_weights") -> No
         seen[id(x)] = path
 
 
+def _check_movable(leaves, treedef, specs, mesh, setup: engine.Engine, single_layer) -> None:
+    """Refuses, by path and all at once, every leaf the engine cannot move with the requested
+    ``row_impl`` and ``staging_passes``, before the program is traced."""
+    slot_axis = 0 if single_layer else setup.config.slot_axis
+    local = checks.local_shapes(
+        leaves, checks.default_specs(specs, slot_axis, setup.config.axes), mesh
+    )
+    if single_layer:  # the program adds a unit layer dim
+        local = [jax.ShapeDtypeStruct((1, *x.shape), x.dtype) for x in local]
+    problems = engine.leaf_problems(local, setup)
+    checks.refuse_leaves("expert_weights", checks.leaf_paths(treedef), problems)
+
+
 def run_transfer(
     old_phy2log: Any,
     new_phy2log: Any,
@@ -270,6 +283,7 @@ def run_transfer(
     if single_layer:
         config = config.replace(layer_axis=0, slot_axis=1)
     setup = engine.Engine(config=config, num_devices=num_devices, platform=checks.platform_of(mesh))
+    _check_movable(leaves, treedef, specs, mesh, setup, single_layer)
     traced = not (checks.is_concrete(old) and checks.is_concrete(new))
     program = _program(mesh, setup, specs, bool(donate), single_layer, traced)
     out, report = program(checks.place_map(old, mesh), checks.place_map(new, mesh), leaves)
@@ -346,8 +360,9 @@ def rearrange_expert_weights(
 
     Raises:
       ValueError, TypeError: bad maps (shape, dtype, ids, an expert the old map lacks), leaves
-        of the wrong shape, dtype or sharding (every bad leaf named by its path), a mesh without
-        the axis, processes that passed different arguments. Raised before anything runs. With
+        of the wrong shape, dtype or sharding, or rows ``row_impl="pallas"`` cannot move in the
+        blocks ``staging_passes`` cuts (every bad leaf named by its path), a mesh without the
+        axis, processes that passed different arguments. Raised before anything runs. With
         traced maps the value checks cannot raise: if any layer's plan is infeasible, every
         layer's weights are left as they were, ``report.ok`` says so, and a warning is logged.
 

@@ -51,6 +51,19 @@ def _impls(rows: tuple[jax.Array, ...], row_impl: str) -> tuple[stages.Impls, ..
     return tuple(stages.Impls(i, i) for i in impls)
 
 
+def _check_movable(leaves: list, treedef, row_impl: str) -> None:
+    """Refuses, by path and all at once, leaves whose rows ``row_impl`` cannot move."""
+    platform = checks.platform_of()
+    problems = []
+    for i, x in enumerate(leaves):
+        rows = jax.ShapeDtypeStruct((x.shape[0], _width(x)), x.dtype)
+        impl = rows_lib.resolve_impl(row_impl, rows, platform)
+        why = impl == "pallas" and rows_lib.pallas_refusal(_width(x))
+        if why:
+            problems.append((i, f"{why}; pass row_impl='loop'"))
+    checks.refuse_leaves("expert_weights", checks.leaf_paths(treedef), problems)
+
+
 def _check_buffer(buffer: Any, leaves: list, treedef) -> list:
     """The buffer's leaves, checked against the weights' (every mismatch named at once)."""
     try:
@@ -126,6 +139,7 @@ def move_to_buffer(
     ]
     if bad:
         raise ValueError("; ".join(bad))
+    _check_movable(leaves, treedef, row_impl)
     if buffer is None:
         buf_leaves = [jnp.zeros_like(x) for x in leaves]
     else:
@@ -198,6 +212,7 @@ def move_from_buffer(
     TransferConfig(row_impl=row_impl)
     leaves, treedef = jax.tree_util.tree_flatten(expert_weights)
     buf_leaves = _check_buffer(buffer, leaves, treedef)
+    _check_movable(leaves, treedef, row_impl)
     spaces = tuple(_one_layer(x) for x in leaves)
     bufs = tuple(_one_layer(b).dst.rows for b in buf_leaves)
     spaces = stages.commit(spaces, bufs, metadata, _impls(bufs, row_impl))

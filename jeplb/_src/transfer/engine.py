@@ -30,7 +30,16 @@ from jeplb._src.transfer import plan as plan_lib
 from jeplb._src.transfer import rows as rows_lib
 from jeplb._src.transfer.config import TransferConfig
 
-__all__ = ["Engine", "LayerStats", "check_setup", "move_layers", "stage_commit", "staging"]
+__all__ = [
+    "Engine",
+    "LayerStats",
+    "check_setup",
+    "leaf_problems",
+    "move_layers",
+    "stage_commit",
+    "staging",
+    "staging_problems",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,7 +252,7 @@ def resolve_passes(requested, rows, *, n: int, chunk_rows: int) -> int:
 
 
 def _geometry(leaves, n: int, engine: Engine) -> tuple[int, list[_Geometry]]:
-    """The pass count and each leaf's staged geometry."""
+    """The pass count and each leaf's staged geometry (arrays or `jax.ShapeDtypeStruct`s)."""
     cfg = engine.config
     widths = [_rows_of(x).shape[1] for x in leaves]
     dtypes = [layout.moving_dtype(x.dtype, engine.platform) for x in leaves]
@@ -254,10 +263,11 @@ def _geometry(leaves, n: int, engine: Engine) -> tuple[int, list[_Geometry]]:
     ]
     passes = resolve_passes(cfg.staging_passes, rows, n=n, chunk_rows=cfg.chunk_rows)
     # The default count splits a row as resolve_passes assumed (whole kernel blocks); an explicit
-    # count splits every row it divides, and a block the kernel cannot move is refused.
+    # count splits every row it divides, and a block the kernel cannot move is refused
+    # (`staging_problems`).
     unit = granule if cfg.staging_passes is None else 1
     out = []
-    for i, (x, w, dt) in enumerate(zip(leaves, widths, dtypes, strict=True)):
+    for x, w, dt in zip(leaves, widths, dtypes, strict=True):
         block = w // passes if w % (passes * unit) == 0 else w
         into_buffer = rows_lib.resolve_impl(
             cfg.row_impl, jax.ShapeDtypeStruct((n, block), dt), engine.platform
@@ -265,19 +275,73 @@ def _geometry(leaves, n: int, engine: Engine) -> tuple[int, list[_Geometry]]:
         into_leaf = rows_lib.resolve_impl(
             cfg.row_impl, jax.ShapeDtypeStruct((n, block), x.dtype), engine.platform
         )
-        if "pallas" in (into_buffer, into_leaf) and block != w and not rows_lib.pallas_block(block):
-            raise ValueError(
-                f"row_impl 'pallas' moves blocks of a multiple of 1024 elements, but "
-                f"staging_passes = {passes} cuts leaf {i}'s rows of {w} elements into blocks of "
-                f"{block}: pass staging_passes=1 or a divisor that keeps such blocks"
-            )
         out.append(_Geometry(w, block, stages.Impls(into_leaf, into_buffer), dt))
     return passes, out
+
+
+def _block_problems(passes: int, geo: list[_Geometry]) -> list[tuple[int, str]]:
+    """``(index, text)`` per leaf whose staged block the row kernel cannot move."""
+    fit = _fitting_passes(passes, [g.width for g in geo if "pallas" in g.impls])
+    out = []
+    for i, g in enumerate(geo):
+        if "pallas" not in g.impls or not rows_lib.pallas_refusal(g.block):
+            continue
+        why, fix = rows_lib.pallas_refusal(g.width), "row_impl='loop'"
+        if not why:  # whole rows would do: the pass count cuts them too fine
+            why = (
+                f"row_impl='pallas' needs blocks of a multiple of 1024 elements, but "
+                f"staging_passes={passes} cuts its rows of {g.width} elements into blocks of "
+                f"{g.block}"
+            )
+            fix = f"staging_passes={fit} or {fix}"
+        out.append((i, f"{why}; pass {fix}"))
+    return out
+
+
+def _fitting_passes(passes: int, widths: list[int]) -> int:
+    """The largest count up to ``passes`` that splits each of ``widths`` the kernel moves whole
+    into blocks of a multiple of 1024 elements (1 at worst)."""
+    whole = [w for w in widths if rows_lib.pallas_block(w)]
+    return next(p for p in range(passes, 0, -1) if all(w % (p * 1024) == 0 for w in whole))
+
+
+def staging_problems(leaves, n: int, engine: Engine) -> list[tuple[int, str]]:
+    """The leaves the staged transfer (`staging`, `stage_commit`) cannot move with the requested
+    ``row_impl`` and ``staging_passes``: ``(index in leaves, what is wrong and the fix)``.
+
+    Args:
+      leaves: the device's leaves [L, N_local, ...] (or slot-major), arrays or
+        `jax.ShapeDtypeStruct`s; only shapes and dtypes are read, nothing is traced.
+      n: N_local.
+      engine: the static setup.
+    """
+    return _block_problems(*_geometry(leaves, n, engine))
+
+
+def leaf_problems(leaves, engine: Engine) -> list[tuple[int, str]]:
+    """The leaves `move_layers` cannot move with the requested ``row_impl`` and
+    ``staging_passes``, as ``(index in leaves, what is wrong and the fix)``, from shapes and
+    dtypes only (arrays or `jax.ShapeDtypeStruct`s): on one device the in-place kernel's limits
+    (`inplace.pallas_refusal`), else the staged blocks' (`staging_problems`). The public functions
+    raise them, by path, before anything is traced."""
+    direct = _direct_impls(leaves, engine)
+    if engine.num_devices == 1 and direct is not None:
+        out = []
+        for i, (x, impl) in enumerate(zip(leaves, direct, strict=True)):
+            _, n, width = layout.dims(x, engine.config.slot_major)
+            why = impl == "pallas" and inplace.pallas_refusal(n, width, x.dtype)
+            if why:
+                out.append((i, f"{why}; pass row_impl='loop'"))
+        return out
+    return staging_problems(leaves, layout.dims(leaves[0], engine.config.slot_major)[1], engine)
 
 
 def staging(leaves, n: int, engine: Engine) -> tuple[int, list[_Geometry], list[jax.Array]]:
     """The column passes, each leaf's block geometry and its zeroed staging buffer [N, block]."""
     passes, geo = _geometry(leaves, n, engine)
+    bad = _block_problems(passes, geo)
+    if bad:  # the public functions refuse these first, by path
+        raise ValueError("; ".join(f"leaf {i}: {why}" for i, why in bad))
     # A buffer varies over the expert axes and every axis its leaf is sharded over.
     bufs = [
         rows_lib.make_varying(

@@ -17,12 +17,20 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jeplb._src.transfer import layout
 from jeplb._src.transfer import rows as rows_lib
 
-__all__ = ["apply_moves", "move_leaves", "order_moves", "order_moves_layers", "resolve_impl"]
+__all__ = [
+    "apply_moves",
+    "move_leaves",
+    "order_moves",
+    "order_moves_layers",
+    "pallas_refusal",
+    "resolve_impl",
+]
 
 
 def order_moves(old: jax.Array, new: jax.Array, ok: jax.Array) -> tuple[jax.Array, ...]:
@@ -177,6 +185,30 @@ def direct_block(width: int, num_layers: int) -> int:
     return block if block >= _MIN_BLOCK else 0
 
 
+def _packed(width: int, dtype) -> bool:
+    """Rows of ``width`` elements of ``dtype`` move through the kernel as 32-bit words."""
+    size = np.dtype(dtype).itemsize
+    return size < 4 and (width * size) % 4 == 0
+
+
+def pallas_refusal(n: int, width: int, dtype) -> str | None:
+    """Why `apply_moves` with ``impl="pallas"`` cannot move layers of ``n`` rows of ``width``
+    elements of ``dtype`` (rows of a multiple of 512 32-bit words, a layer below 2^31 of them),
+    or None."""
+    words = width * np.dtype(dtype).itemsize // 4 if _packed(width, dtype) else width
+    if not direct_block(words, 1):
+        return (
+            f"row_impl='pallas' needs rows of a multiple of {_MIN_BLOCK} 32-bit words, got "
+            f"{width} elements of {np.dtype(dtype)}"
+        )
+    if n * words >= 2**31:
+        return (
+            f"row_impl='pallas': one layer holds {n} x {words} words, over the kernel's 2^31 "
+            f"offsets"
+        )
+    return None
+
+
 def _apply_pallas(rows, src, dst, count, n, interpret, slot_major):
     """One Pallas program per (layer, block of columns); it runs the layer's moves in order on its
     block, so each byte is read once and written once. The temporary lives in the program.
@@ -187,21 +219,12 @@ def _apply_pallas(rows, src, dst, count, n, interpret, slot_major):
     from jax.experimental import pallas as pl
 
     num_layers, m = src.shape
-    dtype, shape = rows.dtype, rows.shape
-    packed = dtype.itemsize < 4 and (shape[1] * dtype.itemsize) % 4 == 0
+    why = pallas_refusal(n, rows.shape[1], rows.dtype)
+    if why:  # the public functions refuse such leaves first, by path (`engine.leaf_problems`)
+        raise ValueError(why)
+    packed = _packed(rows.shape[1], rows.dtype)
     words = rows_lib.words(rows) if packed else rows
-    width = words.shape[1]
-    block = direct_block(width, num_layers)
-    if not block:
-        raise ValueError(
-            f"row_impl 'pallas' needs rows of a multiple of {_MIN_BLOCK} 32-bit words, got "
-            f"{shape[1]} elements of {dtype}"
-        )
-    if n * width >= 2**31:
-        raise ValueError(
-            f"row_impl 'pallas': one layer holds {n} x {width} words, over the kernel's 2^31 "
-            f"offsets; use row_impl='loop'"
-        )
+    block = direct_block(words.shape[1], num_layers)
 
     def kernel(src_ref, dst_ref, cnt_ref, _in_ref, out_ref):
         li = pl.program_id(0)
@@ -291,9 +314,12 @@ def layer_kernel_call(
 
 def resolve_impl(impl: str, rows: jax.Array, platform: str) -> str | None:
     """The executor ``impl`` stands for (``auto``: the Pallas kernel on GPUs for rows of at least
-    64 KiB, else the loop); None for ``scatter``, which has no ordered form and stages instead."""
-    impl = rows_lib.resolve_impl(impl, rows, platform)
-    return None if impl == "scatter" else impl
+    64 KiB whose width it moves, see `pallas_refusal`, else the loop); None for ``scatter``, which
+    has no ordered form and stages instead."""
+    chosen = rows_lib.resolve_impl(impl, rows, platform)
+    if impl == "auto" and chosen == "pallas" and pallas_refusal(1, rows.shape[1], rows.dtype):
+        return "loop"  # e.g. fp8 rows of 1024 x an odd number of elements: not whole words
+    return None if chosen == "scatter" else chosen
 
 
 def move_leaves(leaves, src, dst, count, impls, *, slot_major: bool) -> list[jax.Array]:

@@ -18,7 +18,14 @@ from jax import lax
 from jeplb._src.transfer import layout
 from jeplb._src.transfer.config import ROW_IMPLS
 
-__all__ = ["copy_rows", "make_varying", "pallas_block", "resolve_impl", "varying_axes"]
+__all__ = [
+    "copy_rows",
+    "make_varying",
+    "pallas_block",
+    "pallas_refusal",
+    "resolve_impl",
+    "varying_axes",
+]
 
 _PALLAS_MIN_ROW_BYTES = 1 << 16
 _PALLAS_MAX_BLOCK = 1 << 14
@@ -31,6 +38,13 @@ def pallas_block(width: int) -> int:
     while block < _PALLAS_MAX_BLOCK and width % (block * 2) == 0:
         block *= 2
     return block if block >= 1024 else 0
+
+
+def pallas_refusal(width: int) -> str | None:
+    """Why the row kernel cannot move rows (or column blocks) of ``width`` elements, or None."""
+    if pallas_block(width):
+        return None
+    return f"row_impl='pallas' needs rows of a multiple of 1024 elements, got {width} elements"
 
 
 def resolve_impl(impl: str, dst: jax.Array, platform: str) -> str:
@@ -101,10 +115,8 @@ def _copy_rows_pallas(
 
     num_rows = dst_idx.shape[0]
     block = pallas_block(width)
-    if not block:
-        raise ValueError(
-            f"row_impl 'pallas' needs rows of a multiple of 1024 elements, got {width}"
-        )
+    if not block:  # the public functions refuse such leaves first, by path (`engine.leaf_problems`)
+        raise ValueError(pallas_refusal(width))
 
     def kernel(didx_ref, sidx_ref, scalars_ref, src_ref, _dst_in_ref, dst_ref):
         k = pl.program_id(0)
