@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 from jeplb._src import checks
 from jeplb._src.maps import check_placement, maps_from_phy2log
 from jeplb._src.transfer import agree as _agree
+from jeplb._src.transfer import layout
 
 __all__ = ["Recovery", "recover_experts"]
 
@@ -137,35 +138,25 @@ def _as_bits(x: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=64)
-def _patch_program(num_rows: int):
-    """A jitted single-device update: shard[l_i, r_i] = rows[i] for i < num_rows (donated)."""
+def _patch_program(num_rows: int, platform: str):
+    """A jitted single-device update: shard[l_i, r_i] = rows[i] for i < num_rows (donated).
+
+    Rows move in the transfer's moving dtype for ``platform`` (`layout.moving_dtype`): their bits
+    where the type does not move natively, since XLA:CPU updates bf16 through float32, which
+    quiets a signalling NaN's payload.
+    """
 
     def patch(shard, layer_idx, row_idx, rows):
         def body(i, s):
             start = (layer_idx[i], row_idx[i]) + (0,) * (s.ndim - 2)
             return jax.lax.dynamic_update_slice(s, rows[i][None, None], start)
 
-        # Floats are written as their bits: XLA:CPU computes some bf16 ops in float32, which
-        # would quiet a signalling NaN's payload; bits stay bits.
-        bits = _bits_dtype(shard.dtype)
-        if bits is None:
-            return jax.lax.fori_loop(0, num_rows, body, shard)
-        as_bits = functools.partial(jax.lax.bitcast_convert_type, new_dtype=bits)
-        rows = as_bits(rows)
-        out = jax.lax.fori_loop(0, num_rows, body, as_bits(shard))
-        return jax.lax.bitcast_convert_type(out, shard.dtype)
+        moving = layout.moving_dtype(shard.dtype, platform)
+        rows = layout.convert_rows(rows, moving)
+        out = jax.lax.fori_loop(0, num_rows, body, layout.convert_rows(shard, moving))
+        return layout.convert_rows(out, shard.dtype)
 
     return jax.jit(patch, donate_argnums=(0,))
-
-
-def _bits_dtype(dtype) -> np.dtype | None:
-    """The unsigned integer type of a floating dtype's width (None: not a float, or complex)."""
-    dtype = np.dtype(dtype)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        return None
-    return {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32)}.get(
-        dtype.itemsize, np.dtype(np.uint64) if jax.config.jax_enable_x64 else None
-    )
 
 
 def _load_row(loader, layer: int, expert: int, treedef, leaf_shapes, leaf_dtypes):
@@ -522,7 +513,7 @@ def _write_loaded(out_leaves, leaves, treedef, plan: _RecoveryPlan, loader, mesh
                 cache[key] = _load_row(loader, *key, treedef, leaf_shapes, leaf_dtypes)
         layer_idx = jax.device_put(np.array([w[0] for w in want], np.int32), dev)
         row_idx = jax.device_put(np.array([w[1] for w in want], np.int32), dev)
-        patch = _patch_program(len(want))
+        patch = _patch_program(len(want), dev.platform)
         for k in range(len(out_leaves)):
             rows = np.stack([cache[(lay, e)][k] for lay, _, e in want])
             new_shards[k][dev] = patch(
