@@ -54,6 +54,7 @@ from jeplb._src.state import (
     slide_window_fast,
     window_sum,
 )
+from jeplb._src.transfer import api as transfer_api
 from jeplb._src.transfer import engine as engine_lib
 from jeplb._src.transfer.config import TransferConfig
 from jeplb._src.transfer.rows import varying_axes
@@ -479,9 +480,7 @@ def eplb_step(
         axes=setup.config.axes,
     )
     given = tuple(specs)  # None where unknown (traced leaves on an Auto mesh)
-    full = checks.default_specs(given, setup.config.slot_axis, setup.config.axes)
-    problems = engine_lib.leaf_problems(checks.local_shapes(leaves, full, mesh), setup)
-    checks.refuse_leaves("expert_weights", checks.leaf_paths(treedef), problems)
+    transfer_api.check_movable(leaves, treedef, given, mesh, setup)
     state, leaves, info = _program(mesh, setup, given)(state, leaves)
     return state, treedef.unflatten(leaves), info
 

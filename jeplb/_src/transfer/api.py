@@ -217,9 +217,12 @@ def _check_no_aliases(leaves: list, treedef, name: str = "expert_weights") -> No
         seen[id(x)] = path
 
 
-def _check_movable(leaves, treedef, specs, mesh, setup: engine.Engine, single_layer) -> None:
+def check_movable(
+    leaves, treedef, specs, mesh, setup: engine.Engine, *, single_layer: bool = False
+) -> None:
     """Refuses, by path and all at once, every leaf the engine cannot move with the requested
-    ``row_impl`` and ``staging_passes``, before the program is traced."""
+    ``row_impl`` and ``staging_passes``, before the program is traced (``specs``: each leaf's
+    given spec, None where unknown; also `jeplb.eplb_step`'s check)."""
     slot_axis = 0 if single_layer else setup.config.slot_axis
     local = checks.local_shapes(
         leaves, checks.default_specs(specs, slot_axis, setup.config.axes), mesh
@@ -283,7 +286,7 @@ def run_transfer(
     if single_layer:
         config = config.replace(layer_axis=0, slot_axis=1)
     setup = engine.Engine(config=config, num_devices=num_devices, platform=checks.platform_of(mesh))
-    _check_movable(leaves, treedef, specs, mesh, setup, single_layer)
+    check_movable(leaves, treedef, specs, mesh, setup, single_layer=single_layer)
     traced = not (checks.is_concrete(old) and checks.is_concrete(new))
     program = _program(mesh, setup, specs, bool(donate), single_layer, traced)
     out, report = program(checks.place_map(old, mesh), checks.place_map(new, mesh), leaves)
