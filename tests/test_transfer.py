@@ -338,9 +338,9 @@ def test_bad_weights_and_mesh(mesh8, good):
         jeplb.rearrange_expert_weights(*good, _w(mesh8), mesh=mesh8, axis_name="experts")
     with pytest.raises(TypeError, match=r"mesh: expected a jax.sharding.Mesh"):
         jeplb.rearrange_expert_weights(*good, _w(mesh8), mesh="ep")
-    with pytest.raises(ValueError, match=r"chunk_rows: expected a positive int, got 0"):
+    with pytest.raises(ValueError, match=r"chunk_rows: expected an int >= 1, got 0"):
         jeplb.rearrange_expert_weights(*good, _w(mesh8), mesh=mesh8, chunk_rows=0)
-    with pytest.raises(ValueError, match=r"staging_passes: expected a positive int or None, got 0"):
+    with pytest.raises(ValueError, match=r"staging_passes: expected an int >= 1, got 0"):
         jeplb.rearrange_expert_weights(*good, _w(mesh8), mesh=mesh8, staging_passes=0)
     odd = np.zeros((L, 20), np.int32)
     with pytest.raises(ValueError, match=r"P = 20 slots is not divisible by the 8 devices"):
@@ -508,7 +508,7 @@ def test_topology_and_collective_options_are_checked(mesh8):
     w = put({"w": np.zeros((L, 8 * N, 2), np.float32)}, mesh8, P(None, "ep"))
     with pytest.raises(ValueError, match=r"devices_per_node: expected a divisor of the 8 devices"):
         jeplb.rearrange_expert_weights(old, new, w, mesh=mesh8, devices_per_node=3)
-    with pytest.raises(ValueError, match=r"devices_per_node: expected a positive int or None"):
+    with pytest.raises(ValueError, match=r"devices_per_node: expected an int >= 1, got 0"):
         jeplb.rearrange_expert_weights(old, new, w, mesh=mesh8, devices_per_node=0)
     with pytest.raises(ValueError, match=r"collective: expected one of"):
         jeplb.rearrange_expert_weights(old, new, w, mesh=mesh8, collective="all_gather")

@@ -36,6 +36,7 @@ from jax import lax
 
 from jeplb._src import checks
 from jeplb._src.maps import check_placement, maps_from_phy2log
+from jeplb._src.validate import check_axis_name, check_bool, check_int
 
 __all__ = [
     "EplbState",
@@ -67,27 +68,6 @@ def _readable(x: Any) -> bool:
 
 
 # ---------------------------------------------------------------------------------- checks
-
-
-def check_int(name: str, value: Any, *, minimum: int | None = None, allow_none=False) -> None:
-    """Raises unless ``value`` is an int (not a bool, not a float) >= ``minimum``."""
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
-
-
-def check_axis_name(name: str, value: Any) -> None:
-    """Raises unless ``value`` is a mesh axis name (str) or a non-empty tuple of distinct ones."""
-    names = value if isinstance(value, tuple) else (value,)
-    ok = len(names) >= 1 and all(isinstance(a, str) and a for a in names)
-    if not ok or len(set(names)) != len(names):
-        raise TypeError(
-            f"{name}: expected a mesh axis name (str) or a tuple of distinct ones, got "
-            f"{type(value).__name__} {value!r}"
-        )
 
 
 def check_config(
@@ -126,8 +106,7 @@ def check_config(
     ):
         check_int(name, value, minimum=minimum)
     check_int("layers_per_step", layers_per_step, minimum=1, allow_none=True)
-    if not isinstance(refine, bool | np.bool_):
-        raise TypeError(f"refine: expected a bool, got {type(refine).__name__} {refine!r}")
+    check_bool("refine", refine)
     check_axis_name("axis_name", axis_name)
     p_total = num_experts + num_redundant_experts
     if p_total % num_devices:

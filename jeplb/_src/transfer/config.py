@@ -9,7 +9,8 @@ kernels; nothing below reads an option from anywhere else.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+
+from jeplb._src.validate import check_axis_name, check_int
 
 __all__ = ["COLLECTIVES", "ROW_IMPLS", "TransferConfig", "axis_tuple"]
 
@@ -28,14 +29,6 @@ def axis_tuple(axis_name: str | tuple[str, ...]) -> tuple[str, ...]:
             f"axis_name: expected a mesh axis name or a tuple of them, got {axis_name!r}"
         )
     return tuple(axis_name)
-
-
-def _positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        want = "a positive int or None" if allow_none else "a positive int"
-        raise ValueError(f"{name}: expected {want}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,18 +68,10 @@ class TransferConfig:
     collective: str = "ppermute"
 
     def __post_init__(self):
-        axes = axis_tuple(self.axis_name)
-        if not axes or not all(isinstance(a, str) for a in axes):
-            raise TypeError(
-                f"axis_name: expected a mesh axis name or a tuple of them, got {self.axis_name!r}"
-            )
-        if len(set(axes)) != len(axes):
-            raise ValueError(f"axis_name: names an axis twice: {self.axis_name!r}")
-        if not isinstance(self.axis_name, str):
-            object.__setattr__(self, "axis_name", axes if len(axes) > 1 else axes[0])
-        _positive_int("chunk_rows", self.chunk_rows)
-        _positive_int("staging_passes", self.staging_passes, allow_none=True)
-        _positive_int("devices_per_node", self.devices_per_node, allow_none=True)
+        object.__setattr__(self, "axis_name", check_axis_name("axis_name", self.axis_name))
+        check_int("chunk_rows", self.chunk_rows, minimum=1)
+        check_int("staging_passes", self.staging_passes, minimum=1, allow_none=True)
+        check_int("devices_per_node", self.devices_per_node, minimum=1, allow_none=True)
         if self.collective not in COLLECTIVES:
             raise ValueError(f"collective: expected one of {COLLECTIVES}, got {self.collective!r}")
         if self.row_impl not in ROW_IMPLS:
