@@ -5,6 +5,8 @@ The public surface, by job:
 * placement policy: `rebalance_experts`, `balancedness`, `device_loads`, `remote_copies`;
 * weight transfer: `rearrange_expert_weights`, `transfer_layer`, and its two stages
   `move_to_buffer` / `move_from_buffer` joined by `TransferMetadata`;
+* configuration: `EplbConfig` (one static object: a policy such as `DeepSeekPolicy` or
+  `SnakePolicy`, a `TransferConfig`, a `ScheduleConfig`);
 * model integration: `EplbState`, `dispatch`, `dispatch_layer`, `eplb_step`, `eplb_step_local`,
   `place_experts` (logical expert weights onto the slots of a placement), `combine_topk` (a
   combine whose bits a rebalance cannot change);
@@ -15,6 +17,8 @@ The public surface, by job:
 """
 
 from jeplb._src.combine import combine_topk as combine_topk
+from jeplb._src.config import EplbConfig as EplbConfig
+from jeplb._src.config import ScheduleConfig as ScheduleConfig
 from jeplb._src.dispatch import dispatch as dispatch
 from jeplb._src.dispatch import dispatch_layer as dispatch_layer
 from jeplb._src.elastic import Recovery as Recovery
@@ -23,7 +27,10 @@ from jeplb._src.metrics import Balance as Balance
 from jeplb._src.metrics import balancedness as balancedness
 from jeplb._src.metrics import device_loads as device_loads
 from jeplb._src.metrics import remote_copies as remote_copies
+from jeplb._src.policy.api import DeepSeekPolicy as DeepSeekPolicy
 from jeplb._src.policy.api import rebalance_experts as rebalance_experts
+from jeplb._src.policy.base import Policy as Policy
+from jeplb._src.policy.snake import SnakePolicy as SnakePolicy
 from jeplb._src.state import EplbState as EplbState
 from jeplb._src.step import StepInfo as StepInfo
 from jeplb._src.step import eplb_step as eplb_step
@@ -38,6 +45,7 @@ from jeplb._src.transfer.api import rearrange_expert_weights as rearrange_expert
 from jeplb._src.transfer.api import transfer_layer as transfer_layer
 from jeplb._src.transfer.buffer import move_from_buffer as move_from_buffer
 from jeplb._src.transfer.buffer import move_to_buffer as move_to_buffer
+from jeplb._src.transfer.config import TransferConfig as TransferConfig
 from jeplb._src.transfer.plan import TransferMetadata as TransferMetadata
 from jeplb._src.weights import place_experts as place_experts
 
@@ -45,9 +53,15 @@ __version__ = "0.2.0"
 
 __all__ = [
     "Balance",
+    "DeepSeekPolicy",
+    "EplbConfig",
     "EplbState",
+    "Policy",
     "Recovery",
+    "ScheduleConfig",
+    "SnakePolicy",
     "StepInfo",
+    "TransferConfig",
     "TransferMetadata",
     "TransferReport",
     "balancedness",

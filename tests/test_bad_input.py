@@ -790,7 +790,7 @@ def test_state_load_files_that_do_not_match(saved, state, case, seed):
         match = r"No such file"
 
     def load():
-        return jeplb.EplbState.load(path, **kwargs)
+        return jeplb.EplbState.restore(path, **kwargs)
 
     expect(load, error, match)
 

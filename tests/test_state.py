@@ -69,14 +69,14 @@ def test_create_initial_placement(state):
     assert int(state.cursor) == L and not bool(state.in_progress)
     np.testing.assert_array_equal(state.pending_phy2log, state.phy2log)
     assert (state.num_slots, state.slots_per_device, state.max_replicas) == (16, 2, 9)
-    assert not hasattr(state, "num_gpus") and state.effective_layers_per_step == L
+    assert not hasattr(state, "num_gpus") and state.config.schedule.layers_moved(L) == L
 
 
 def test_state_is_a_pytree_with_static_config(state):
     leaves, treedef = jax.tree_util.tree_flatten(state)
     assert len(leaves) == 13
     out = jax.jit(lambda s: s.replace(step=s.step + 1))(state)
-    assert int(out.step) == 1 and out.config() == state.config()
+    assert int(out.step) == 1 and out.config == state.config
     other = EplbState.create(
         num_layers=L,
         num_experts=E,
@@ -99,7 +99,9 @@ def test_state_is_a_pytree_with_static_config(state):
         (dict(layers_per_step=1, step_interval=2), ValueError, r"takes 3 steps, so step_interval must be >= 3; got 2"),
         (dict(num_layers=2.0), TypeError, r"num_layers: expected an int, got float 2.0"),
         (dict(num_experts=0), ValueError, r"num_experts: expected an int >= 1, got 0"),
-        (dict(num_groups=3), ValueError, r"num_groups: expected a divisor of num_experts = 8"),
+        (dict(num_groups=3), ValueError, r"num_groups: expected a divisor of the E = 8 logical experts"),
+        (dict(policy="greedy"), ValueError, r"policy: expected one of \('deepseek', 'snake'\), got 'greedy'"),
+        (dict(config=3), TypeError, r"config: expected an EplbConfig, got int"),
         (dict(num_gpus=8), TypeError, r"unexpected keyword argument 'num_gpus'"),
         (dict(axis_name=1), TypeError, r"axis_name: expected a mesh axis name \(str\) or a tuple"),
         (dict(axis_name=["ep", 2]), TypeError, r"axis_name: expected a mesh axis name \(str\) or a tuple .* list \['ep', 2\]"),
@@ -343,15 +345,15 @@ def busy(placed):
 def test_save_load_round_trip(busy, tmp_path, suffix):
     path = tmp_path / f"eplb{suffix}"
     busy.save(path)
-    back = EplbState.load(path)
-    assert back.config() == busy.config()
+    back = EplbState.restore(path)
+    assert back.config == busy.config
     for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(busy), strict=True):
         np.testing.assert_array_equal(a, b)
     # With like=, the caller's configuration wins (here a new step interval).
     like = EplbState.from_placement(
         np.asarray(busy.phy2log), num_experts=E, num_devices=D, window_size=2, step_interval=9
     )
-    assert EplbState.load(path, like=like).step_interval == 9
+    assert EplbState.restore(path, like=like).config.schedule.step_interval == 9
 
 
 def test_load_says_what_does_not_match(busy, tmp_path):
@@ -363,11 +365,11 @@ def test_load_says_what_does_not_match(busy, tmp_path):
     with pytest.raises(
         ValueError, match=r"num_experts: expected 16, found 8 in .*eplb.npz.* \(from like=\)"
     ):
-        EplbState.load(path, like=other)
+        EplbState.restore(path, like=other)
     with pytest.raises(ValueError, match=r"num_devices: expected 4, found 8"):
-        EplbState.load(path, num_devices=4)
+        EplbState.restore(path, num_devices=4)
     with pytest.raises(ValueError, match=r"window_size: expected 3, found 2"):
-        EplbState.load(path, window_size=3)
+        EplbState.restore(path, window_size=3)
     with pytest.raises(ValueError, match=r"path: expected a file name ending in .json or .npz"):
         busy.save(tmp_path / "eplb.txt")
     # A hand-edited JSON whose maps contradict each other.
@@ -382,22 +384,24 @@ def test_load_says_what_does_not_match(busy, tmp_path):
         ValueError,
         match=r"logcnt\[0, 0\]: expected \d+ \(replicas of expert 0 in phy2log\), found \d+",
     ):
-        EplbState.load(jpath)
+        EplbState.restore(jpath)
     doc["arrays"]["logcnt"][0][0] -= 1
     doc["arrays"]["window"] = doc["arrays"]["window"][:1]
     jpath.write_text(json.dumps(doc))
     with pytest.raises(
         ValueError, match=r"window: expected shape \[W, L, E\] = \(2, 3, 8\) .*found \(1, 3, 8\)"
     ):
-        EplbState.load(jpath)
+        EplbState.restore(jpath)
 
 
 def test_maps_and_checkpoint_fields_agree_with_the_state():
     from jeplb._src import checkpoint
-    from jeplb._src.state import array_fields, static_fields
+    import dataclasses
 
-    assert tuple(checkpoint.SHAPES) == array_fields()
-    assert "num_gpus" not in static_fields()
+    fields = dataclasses.fields(EplbState)
+    arrays = tuple(f.name for f in fields if not f.metadata.get("static"))
+    assert tuple(checkpoint.SHAPES) == arrays
+    assert [f.name for f in fields if f.metadata.get("static")] == ["num_devices", "config"]
     with pytest.raises(ValueError, match=r"phy2log: expected a map \[L, P\] with L >= 1"):
         maps_from_phy2log(jnp.zeros((0, 4), jnp.int32), 2, 3)
     with pytest.raises(ValueError, match=r"num_experts: expected an int >= 1, got 0"):
@@ -555,17 +559,17 @@ def test_a_state_without_layers_and_load_axes_outside_shard_map(placed):
 
 
 def _set(doc, key, value):
-    """Sets ``doc[key]``; ``key`` is "config.name", "arrays.name[i, j]" or a header field."""
-    part, _, rest = key.partition(".")
-    if not rest:
-        doc[part] = value
-        return doc
-    name, _, index = rest.partition("[")
+    """Sets ``doc[key]``; ``key`` is "config.part.name", "arrays.name[i, j]" or a header field."""
+    path, _, index = key.partition("[")
+    *parents, name = path.split(".")
+    node = doc
+    for p in parents:
+        node = node[p]
     if not index:
-        doc[part][name] = value
+        node[name] = value
         return doc
     *outer, last = (int(i) for i in index.rstrip("]").split(","))
-    target = doc[part][name]
+    target = node[name]
     for i in outer:
         target = target[i]
     target[last] = value
@@ -586,24 +590,23 @@ DAMAGE = [
     ("arrays.log2phy[2, 1, 0]", 2**32 + 3, r"log2phy\[2, 1, 0\] = 4294967299: expected a value that fits"),
     ("arrays.step", 2**31, r"step\[\] = 2147483648: expected a value that fits int32"),
     ("arrays.pending_log2phy[0, 0, 8]", -4, r"pending_log2phy\[0, 0, 8\] = -4: expected a slot in \[0, P = 16\) or -1"),
-    ("config.step_interval", 0, r"step_interval: expected an int >= 1, got 0"),
-    ("config.num_devices", 3, r"num_devices: P = 16 slots per layer .* not divisible by num_devices = 3"),
-    ("config.num_devices", 0, r"num_devices: expected an int >= 1, got 0"),
-    ("config.chunk_rows", 0, r"chunk_rows: expected an int >= 1, got 0"),
-    ("config.num_gpus", 0, r"num_gpus: expected null or an int >= 1, got 0"),
-    ("config.num_gpus", 4, r"num_gpus: found 4, but num_devices = 8"),
-    ("config.layers_per_step", L + 1, r"layers_per_step: expected at most num_layers = 3, got 4"),
-    ("config.window_size", 2.5, r"window_size: expected an int, got float 2.5"),
-    ("config.window_size", 2.0, r"window_size: expected an int, got float 2.0"),
-    ("config.window_size", True, r"window_size: expected an int, got bool"),
-    ("config.axis_name", ["ep"], r"axis_name: expected a mesh axis name \(str\) or a tuple .*list \['ep'\]"),
-    ("config.axis_name", {"tuple": ["ep", 3]}, r"axis_name: expected a mesh axis name"),
-    ("config.axis_name", "", r"axis_name: expected a mesh axis name"),
-    ("config.refine", "yes", r"refine: expected a bool, got str 'yes'"),
-    ("config.log_interval", -1, r"log_interval: expected an int >= 0, got -1"),
-    ("config.num_groups", 3, r"num_groups: expected a divisor of num_experts = 8"),
-    ("config.extra", 1, r"extra: not a field of jeplb.EplbState"),
-    ("config.num_redundant_experts", 0, r"num_slots: expected num_experts \+ num_redundant_experts = 8 \+ 0, found 16"),
+    ("config.schedule.step_interval", 0, r"step_interval: expected an int >= 1, got 0"),
+    ("num_devices", 3, r"num_devices: P = 16 slots per layer .* not divisible by num_devices = 3"),
+    ("num_devices", 0, r"num_devices: expected an int >= 1, got 0"),
+    ("config.transfer.chunk_rows", 0, r"chunk_rows: expected an int >= 1, got 0"),
+    ("config.schedule.layers_per_step", L + 1, r"layers_per_step: expected at most num_layers = 3, got 4"),
+    ("config.schedule.window_size", 2.5, r"window_size: expected an int, got float 2.5"),
+    ("config.schedule.window_size", 2.0, r"window_size: expected an int, got float 2.0"),
+    ("config.schedule.window_size", True, r"window_size: expected an int, got bool"),
+    ("config.transfer.axis_name", ["ep", 1], r"axis_name: expected a mesh axis name \(str\) or a tuple .*list \['ep', 1\]"),
+    ("config.transfer.axis_name", "", r"axis_name: expected a mesh axis name"),
+    ("config.policy.refine", "yes", r"refine: expected a bool, got str 'yes'"),
+    ("config.policy.name", "nope", r"policy: expected one of \('deepseek', 'snake'\), got 'nope'"),
+    ("config.policy.extra", 1, r"policy.extra: not an option of policy 'deepseek'"),
+    ("config.schedule.log_interval", -1, r"log_interval: expected an int >= 0, got -1"),
+    ("config.policy.num_groups", 3, r"num_groups: expected a divisor of the E = 8 logical experts"),
+    ("config.extra", 1, r"config.extra: not a part of the configuration"),
+    ("config.schedule.extra", 1, r"config.schedule.extra: not an option of ScheduleConfig"),
     ("num_layers", 0, r"num_layers: expected an int >= 1, got 0"),
     ("num_experts", "8", r"num_experts: expected an int, got str '8'"),
 ]  # fmt: skip
@@ -618,6 +621,76 @@ def saved_doc(busy, tmp_path_factory):
     return json.loads(path.read_text())
 
 
+def _as_version(doc, version):
+    """A version 3 document rewritten as version 1 or 2 files held it: one flat config object
+    of the state's former static fields (version 1 also lacks the window's running sums)."""
+    import copy
+
+    doc = copy.deepcopy(doc)
+    config = doc.pop("config")
+    axis = config["transfer"]["axis_name"]
+    policy = {k: v for k, v in config["policy"].items() if k != "name"}
+    doc["config"] = dict(
+        num_devices=doc.pop("num_devices"),
+        num_redundant_experts=doc["num_slots"] - doc["num_experts"],
+        **config["schedule"],
+        **policy,
+        axis_name={"tuple": axis} if isinstance(axis, list) else axis,
+        chunk_rows=config["transfer"]["chunk_rows"],
+    )
+    doc["version"] = version
+    if version == 1 and "arrays" in doc:
+        del doc["arrays"]["window_total"], doc["arrays"]["window_leaving"]
+    return doc
+
+
+# Damage that only a version 1 or 2 file (the flat configuration) can carry.
+DAMAGE_FLAT = [
+    ("config.num_gpus", 0, r"num_gpus: expected null or an int >= 1, got 0"),
+    ("config.num_gpus", 4, r"num_gpus: found 4, but num_devices = 8"),
+    ("config.axis_name", ["ep"], r"axis_name: expected a str or \{'tuple': \[names\]\}, got \['ep'\]"),
+    ("config.axis_name", {"tuple": ["ep", 3]}, r"axis_name: expected a mesh axis name"),
+    ("config.extra", 1, r"extra: not a field of jeplb.EplbState"),
+    ("config.num_redundant_experts", 0, r"num_slots: expected num_experts \+ num_redundant_experts"),
+    ("config.num_devices", 3, r"num_devices: P = 16 slots per layer .* not divisible by num_devices = 3"),
+    ("config.step_interval", 0, r"step_interval: expected an int >= 1, got 0"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "key, value, match", DAMAGE_FLAT, ids=[f"{k}={v!r}" for k, v, _ in DAMAGE_FLAT]
+)
+def test_load_refuses_damaged_version_2_fields(saved_doc, tmp_path, key, value, match):
+    import json
+
+    doc = _set(_as_version(saved_doc, 2), key, value)
+    path = tmp_path / "damaged.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"path: .*damaged.json.* is a damaged saved") as err:
+        EplbState.restore(path)
+    assert err.match(match)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_versions_load_into_the_same_state(busy, saved_doc, tmp_path, version):
+    import json
+
+    path = tmp_path / f"v{version}.json"
+    path.write_text(json.dumps(_as_version(saved_doc, version)))
+    back = EplbState.restore(path)
+    assert back.config == busy.config and back.num_devices == busy.num_devices
+    for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(busy), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_load_is_the_deprecated_name_of_restore(busy, tmp_path):
+    path = tmp_path / "eplb.json"
+    busy.save(path)
+    with pytest.warns(DeprecationWarning, match=r"EplbState.load is renamed EplbState.restore"):
+        back = EplbState.load(path)
+    np.testing.assert_array_equal(back.phy2log, busy.phy2log)
+
+
 @pytest.mark.parametrize("key, value, match", DAMAGE, ids=[f"{k}={v!r}" for k, v, _ in DAMAGE])
 def test_load_refuses_damaged_fields(saved_doc, tmp_path, key, value, match):
     import copy
@@ -627,7 +700,7 @@ def test_load_refuses_damaged_fields(saved_doc, tmp_path, key, value, match):
     path = tmp_path / "damaged.json"
     path.write_text(json.dumps(doc))
     with pytest.raises(ValueError, match=r"path: .*damaged.json.* is a damaged saved") as err:
-        EplbState.load(path)
+        EplbState.restore(path)
     assert err.match(match)
 
 
@@ -642,7 +715,7 @@ def test_load_refuses_wide_npz_arrays(busy, tmp_path):
     with pytest.raises(
         ValueError, match=r"phy2log\[1, 2\] = 4294967299: expected a value that fits"
     ):
-        EplbState.load(path)
+        EplbState.restore(path)
 
 
 @pytest.mark.parametrize("gpus", [None, D])
@@ -650,12 +723,12 @@ def test_load_accepts_old_files_with_num_gpus(busy, saved_doc, tmp_path, gpus):
     import copy
     import json
 
-    doc = copy.deepcopy(saved_doc)
+    doc = _as_version(saved_doc, 2)
     doc["config"]["num_gpus"] = gpus
     path = tmp_path / "old.json"
     path.write_text(json.dumps(doc))
-    back = EplbState.load(path)
-    assert back.config() == busy.config()
+    back = EplbState.restore(path)
+    assert back.config == busy.config
 
 
 @pytest.mark.parametrize("suffix", [".json", ".npz"])
@@ -666,16 +739,13 @@ def test_version_1_files_load_with_the_window_total_derived(busy, tmp_path, suff
     path = tmp_path / f"v1{suffix}"
     busy.save(path)
     if suffix == ".json":
-        doc = json.loads(path.read_text())
-        doc["version"] = 1
-        del doc["arrays"]["window_total"], doc["arrays"]["window_leaving"]
-        path.write_text(json.dumps(doc))
+        path.write_text(json.dumps(_as_version(json.loads(path.read_text()), 1)))
     else:
         with np.load(path) as z:
             arrays = {k: z[k] for k in z.files if k not in ("window_total", "window_leaving")}
         header = json.loads(str(arrays.pop("__header__")))
-        np.savez(path, __header__=np.array(json.dumps(dict(header, version=1))), **arrays)
-    back = EplbState.load(path)
+        np.savez(path, __header__=np.array(json.dumps(_as_version(header, 1))), **arrays)
+    back = EplbState.restore(path)
     back.check_window()
     for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(busy), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -685,7 +755,7 @@ def test_slide_window_keeps_the_total_exact_or_saturated():
     # Many passes through a window of 3 (wrap-around), with counts near 2^31 - 1 so that totals
     # saturate and come back down as the big passes leave; after every pass the running total is
     # the window's saturated sum, and the window and the leaving row are what numpy says.
-    from jeplb._src.state import slide_window, window_sum
+    from jeplb._src.window import slide_window, window_sum
 
     w, shape = 3, (2, 4)
     slide = jax.jit(slide_window, donate_argnums=(0, 1, 2))
@@ -716,8 +786,8 @@ def test_tuple_axis_name_round_trip(tmp_path, suffix):
     )  # fmt: skip
     path = tmp_path / f"eplb{suffix}"
     s.save(path)
-    back = EplbState.load(path)
-    assert back.axis_name == ("data", "ep") and back.config() == s.config()
+    back = EplbState.restore(path)
+    assert back.config.transfer.axis_name == ("data", "ep") and back.config == s.config
 
 
 # ----------------------------------------------------------------------------- atomic saving
@@ -741,14 +811,14 @@ def test_a_failed_save_leaves_the_old_file(busy, placed, tmp_path, monkeypatch, 
     with pytest.raises(OSError, match="disk full"):
         busy.save(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary file left
-    back = EplbState.load(path)
+    back = EplbState.restore(path)
     for a, b in zip(
         jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(placed), strict=True
     ):
         np.testing.assert_array_equal(a, b)
     monkeypatch.setattr(checkpoint, name, real)
     busy.save(path)
-    np.testing.assert_array_equal(EplbState.load(path).pending_phy2log, busy.pending_phy2log)
+    np.testing.assert_array_equal(EplbState.restore(path).pending_phy2log, busy.pending_phy2log)
 
 
 @pytest.mark.parametrize("suffix", [".json", ".npz"])
@@ -775,7 +845,7 @@ def test_readers_racing_saves_never_fail(busy, placed, tmp_path, suffix):
     reads = 0
     try:
         while not done.is_set() or reads < 5:
-            assert int(EplbState.load(path).step) in steps
+            assert int(EplbState.restore(path).step) in steps
             reads += 1
     finally:
         done.wait()

@@ -197,7 +197,7 @@ def test_window_total_is_the_window_sum_after_every_step(whole_run, tmp_path):
     state.check_window()
     path = tmp_path / "eplb.npz"
     state.save(path)
-    back = EplbState.load(path)
+    back = EplbState.restore(path)
     back.check_window()
     np.testing.assert_array_equal(back.window_total, log[-1]["window_total"])
 

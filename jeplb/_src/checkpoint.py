@@ -1,30 +1,34 @@
-"""The saved-state file: `EplbState.save` and `EplbState.load` (which call `save` and `load` here).
+"""The saved-state file: `EplbState.save` and `EplbState.restore` (which call `save` and `load`).
 
-Format (version 2), the same fields in both encodings:
+Format (version 3), the same fields in both encodings:
 
-* ``.json``: one object ``{"format": "jeplb.EplbState", "version": 2, "num_layers": L,
-  "num_experts": E, "num_slots": P, "config": {...}, "arrays": {name: nested lists}}``.
+* ``.json``: one object ``{"format": "jeplb.EplbState", "version": 3, "num_layers": L,
+  "num_experts": E, "num_slots": P, "num_devices": D, "config": {...}, "arrays": {name: nested
+  lists}}``.
 * ``.npz``: the arrays by name, and the same header (without ``arrays``) as a JSON string in
   ``__header__``.
 
-``config`` holds the static fields of `EplbState` by name; a tuple ``axis_name`` is written as
-``{"tuple": [names]}`` (a bare JSON list is refused, so a damaged value is not mistaken for one).
-Files from before ``num_gpus`` was removed carry it: null or equal to ``num_devices`` loads, any
-other value is refused.
+``config`` is `EplbConfig.to_json`: ``{"policy": {"name": ..., options}, "transfer": {...},
+"schedule": {...}}``.
 
-Version 2 added the arrays ``window_total`` (the window's running sum) and ``window_leaving``
-(its row ``window_pos``); a version 1 file, which lacks them, loads with them derived from its
-window. A version 2 file's must agree with its window (`state.check_window`).
+Earlier versions load: version 2 and 1 files keep the configuration as one flat object of the
+state's former static fields (``num_devices``, ``num_redundant_experts``, ``window_size``, ...,
+with a tuple ``axis_name`` written as ``{"tuple": [names]}``); version 1 lacks the arrays
+``window_total`` and ``window_leaving``, which are then derived from its window (a later file's
+must agree with its window). Files from before ``num_gpus`` was removed carry it: null or equal
+to ``num_devices`` loads, any other value is refused.
 
 Saving is atomic: the file is written to a temporary file in the same folder, flushed to disk and
 renamed over the target (``os.replace``), so readers see the old file or the new one, never a part.
-Loading checks every field as `EplbState.create` checks its arguments (`state.check_config`) and
-every array (shape, int32 range, counts >= 0, positions in range, maps that agree).
+Loading checks every field as `EplbState.create` checks its arguments (the configuration's own
+checks) and every array (shape, int32 range, counts >= 0, positions in range, maps that agree).
+This module does not import the state: the state calls it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -32,25 +36,20 @@ import zipfile
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from jeplb._src.config import EplbConfig
+from jeplb._src.counts import INT32_MAX
 from jeplb._src.maps import check_derived_maps, check_placement
-from jeplb._src.state import (
-    INT32_MAX,
-    EplbState,
-    array_fields,
-    check_config,
-    check_window,
-    static_fields,
-)
+from jeplb._src.validate import check_int
+from jeplb._src.window import check_window
 
-__all__ = ["FORMAT", "VERSION", "load", "save"]
+__all__ = ["FORMAT", "VERSION", "Saved", "load", "save"]
 
 FORMAT = "jeplb.EplbState"
-VERSION = 2
+VERSION = 3
 # Versions this reader loads, and the array fields each one lacks (derived at load).
-_LACKS = {1: ("window_total", "window_leaving"), 2: ()}
+_LACKS = {1: ("window_total", "window_leaving"), 2: (), 3: ()}
 
 # The letters of each array field's shape.
 SHAPES = {
@@ -69,25 +68,40 @@ SHAPES = {
     "cursor": (),
 }
 _SIZES = ("num_layers", "num_experts", "num_slots")
+# The configuration fields of version 1 and 2 files (the state's former static fields).
+_FLAT = (
+    "num_devices", "window_size", "step_interval", "num_redundant_experts", "layers_per_step",
+    "num_groups", "num_nodes", "refine", "axis_name", "chunk_rows", "log_interval",
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Saved:
+    """What a file holds, checked: sizes, configuration and int32 arrays (by field name)."""
+
+    num_layers: int
+    num_experts: int
+    num_slots: int
+    num_devices: int
+    config: EplbConfig
+    arrays: dict[str, np.ndarray]
 
 
 # ------------------------------------------------------------------------------------- save
 
 
-def save(state: EplbState, path: Any) -> None:
-    """Writes ``state`` to ``path`` (``.json`` or ``.npz``), atomically; see `EplbState.save`."""
+def save(state: Any, path: Any) -> None:
+    """Writes an `EplbState` to ``path`` (``.json`` or ``.npz``), atomically; see `EplbState.save`."""
     kind = _kind(path, "path")
-    arrays = {name: np.asarray(jax.device_get(getattr(state, name))) for name in array_fields()}
-    config = state.config()
-    if isinstance(config["axis_name"], tuple):
-        config["axis_name"] = {"tuple": list(config["axis_name"])}
+    arrays = {name: np.asarray(jax.device_get(getattr(state, name))) for name in SHAPES}
     header = {
         "format": FORMAT,
         "version": VERSION,
         "num_layers": state.num_layers,
         "num_experts": state.num_experts,
         "num_slots": state.num_slots,
-        "config": config,
+        "num_devices": state.num_devices,
+        "config": state.config.to_json(),
     }
     writer = _write_json if kind == "json" else _write_npz
     _write_atomic(os.fspath(path), lambda f: writer(f, header, arrays))
@@ -134,21 +148,16 @@ def _write_atomic(path: str, write) -> None:
 # ------------------------------------------------------------------------------------- load
 
 
-def load(
-    cls: type[EplbState],
-    path: Any,
-    *,
-    like: EplbState | None,
-    num_layers: int | None,
-    num_experts: int | None,
-    num_devices: int | None,
-    num_redundant_experts: int | None,
-    window_size: int | None,
-) -> EplbState:
-    """Reads and checks a saved state; see `EplbState.load`."""
+def load(path: Any, *, sizes: dict[str, int | None], from_like: bool) -> Saved:
+    """Reads and checks a saved state; see `EplbState.restore`.
+
+    Args:
+      path: the file.
+      sizes: sizes the file must have, by name (``num_layers``, ``num_experts``, ``num_devices``,
+        ``num_redundant_experts``, ``window_size``); None where any is accepted.
+      from_like: the sizes come from ``like=`` (said in the error).
+    """
     kind = _kind(path, "path")
-    if like is not None and not isinstance(like, EplbState):
-        raise TypeError(f"like: expected an EplbState, got {type(like).__name__}")
     where = os.fspath(path)
     header, raw = _read_saved(path, kind)
     version = header.get("version")
@@ -158,68 +167,53 @@ def load(
             f"{version!r} in {where!r}"
         )
     try:
-        config, arrays = _parse(header, raw, lacks=_LACKS[version])
+        saved = _parse(header, raw, version=version)
     except (TypeError, ValueError, OverflowError) as err:
         raise ValueError(f"path: {where!r} is a damaged saved {FORMAT}: {err}") from err
-    num_slots = int(header["num_slots"])
     found = {
-        "num_layers": int(header["num_layers"]),
-        "num_experts": int(header["num_experts"]),
-        "num_devices": config["num_devices"],
-        "num_redundant_experts": num_slots - int(header["num_experts"]),
-        "window_size": config["window_size"],
+        "num_layers": saved.num_layers,
+        "num_experts": saved.num_experts,
+        "num_devices": saved.num_devices,
+        "num_redundant_experts": saved.num_slots - saved.num_experts,
+        "window_size": saved.config.schedule.window_size,
     }
-    wanted = {
-        "num_layers": num_layers,
-        "num_experts": num_experts,
-        "num_devices": num_devices,
-        "num_redundant_experts": num_redundant_experts,
-        "window_size": window_size,
-    }
-    if like is not None:
-        wanted = {name: getattr(like, name) for name in wanted}
-    for name, want in wanted.items():
+    for name, want in sizes.items():
         if want is not None and want != found[name]:
             raise ValueError(
                 f"{name}: expected {want}, found {found[name]} in {where!r}"
-                + (" (from like=)" if like is not None else "")
+                + (" (from like=)" if from_like else "")
             )
-    if like is not None:
-        config = like.config()
-    return cls(**{k: jnp.asarray(v) for k, v in arrays.items()}, **config)
+    return saved
 
 
-def _parse(
-    header: dict, raw: dict, *, lacks: tuple[str, ...] = ()
-) -> tuple[dict, dict[str, np.ndarray]]:
-    """The checked configuration and int32 arrays of a file; raises naming the bad field.
-
-    ``lacks``: array fields the file's version does not have; they are derived from the others.
-    """
+def _parse(header: dict, raw: dict, *, version: int) -> Saved:
+    """The checked sizes, configuration and int32 arrays of a file; raises naming the bad field."""
+    lacks = _LACKS[version]
     for key in (*_SIZES, "config"):
         if key not in header:
             raise ValueError(f"{key}: missing from the header")
-    missing = [k for k in array_fields() if k not in raw and k not in lacks]
+    missing = [k for k in SHAPES if k not in raw and k not in lacks]
     if missing:
         raise ValueError(f"{missing[0]}: missing from the file")
-    config = _decode_config(header["config"])
     sizes = {name: header[name] for name in _SIZES}
     for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int | np.integer):
-            raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+        check_int(name, value, minimum=1)
     num_layers, num_experts, num_slots = (int(v) for v in sizes.values())
-    check_config(num_layers=num_layers, num_experts=num_experts, **config)
-    if num_slots != num_experts + config["num_redundant_experts"]:
-        raise ValueError(
-            f"num_slots: expected num_experts + num_redundant_experts = {num_experts} + "
-            f"{config['num_redundant_experts']}, found {num_slots}"
-        )
+    if version >= 3:
+        check_int("num_devices", header.get("num_devices"), minimum=1)
+        num_devices, config = int(header["num_devices"]), EplbConfig.from_json(header["config"])
+    else:
+        num_devices, config = _decode_flat(header["config"], num_slots - num_experts)
+    config.check_sizes(
+        num_layers=num_layers, num_experts=num_experts, num_slots=num_slots, num_devices=num_devices
+    )
+    window_size = config.schedule.window_size
     letters = {
         "L": num_layers,
         "E": num_experts,
         "P": num_slots,
         "R_max": num_slots - num_experts + 1,
-        "W": config["window_size"],
+        "W": window_size,
     }
     arrays = {}
     for name, shape in SHAPES.items():
@@ -232,7 +226,7 @@ def _parse(
                 f"{name}: expected shape [{', '.join(shape)}] = {want} (from the file's header), "
                 f"found {arrays[name].shape}"
             )
-    _check_values(arrays, num_layers, config["window_size"])
+    _check_values(arrays, num_layers, window_size)
     if lacks:
         window = arrays["window"]
         arrays["window_total"] = np.minimum(window.sum(axis=0, dtype=np.int64), INT32_MAX)
@@ -240,36 +234,46 @@ def _parse(
     check_window(
         arrays["window"], arrays["window_total"], arrays["window_leaving"], arrays["window_pos"]
     )
-    arrays = {name: arrays[name].astype(np.int32) for name in array_fields()}  # field order
-    return config, arrays
+    arrays = {name: arrays[name].astype(np.int32) for name in SHAPES}  # field order
+    return Saved(num_layers, num_experts, num_slots, num_devices, config, arrays)
 
 
-def _decode_config(config: Any) -> dict[str, Any]:
-    """The header's ``config`` as `EplbState`'s static fields (types checked by check_config)."""
+def _decode_flat(config: Any, num_redundant: int) -> tuple[int, EplbConfig]:
+    """A version 1 or 2 ``config`` (the state's former static fields): (D, the configuration)."""
     if not isinstance(config, dict):
         raise TypeError(f"config: expected an object of fields, got {type(config).__name__}")
     config = dict(config)
     gpus = config.pop("num_gpus", None)  # files from before num_gpus was removed
-    names = static_fields()
-    missing = [k for k in names if k not in config]
+    missing = [k for k in _FLAT if k not in config]
     if missing:
         raise ValueError(f"{missing[0]}: missing from the config")
-    unknown = sorted(set(config) - set(names))
+    unknown = sorted(set(config) - set(_FLAT))
     if unknown:
         raise ValueError(f"{unknown[0]}: not a field of {FORMAT} (unexpected in the config)")
     axis = config["axis_name"]
     if isinstance(axis, dict) and list(axis) == ["tuple"] and isinstance(axis["tuple"], list):
         config["axis_name"] = tuple(axis["tuple"])
+    elif not isinstance(axis, str):  # a bare list is refused: a damaged value, not a tuple
+        raise TypeError(f"axis_name: expected a str or {{'tuple': [names]}}, got {axis!r}")
+    num_devices = config.pop("num_devices")
+    check_int("num_devices", num_devices, minimum=1)
+    redundant = config.pop("num_redundant_experts")
+    check_int("num_redundant_experts", redundant, minimum=0)
+    if redundant != num_redundant:
+        raise ValueError(
+            f"num_slots: expected num_experts + num_redundant_experts, found "
+            f"{num_redundant} redundant slots, but num_redundant_experts = {redundant}"
+        )
     if gpus is not None:
         if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
             raise TypeError(f"num_gpus: expected null or an int >= 1, got {gpus!r}")
-        if gpus != config["num_devices"]:
+        if gpus != num_devices:
             raise ValueError(
-                f"num_gpus: found {gpus}, but num_devices = {config['num_devices']!r}; the policy "
+                f"num_gpus: found {gpus}, but num_devices = {num_devices!r}; the policy "
                 f"spreads the slots over the mesh's num_devices, so a state planned over another "
                 f"device count cannot be loaded"
             )
-    return config
+    return int(num_devices), EplbConfig.create(where="config", **config)
 
 
 def _int32_array(name: str, x: Any) -> np.ndarray:

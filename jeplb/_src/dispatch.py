@@ -302,7 +302,7 @@ def dispatch(
       token_index: optional int[...]: the index the replica hash uses (default: flat position).
       prefer_local: take a replica on the token's own device when there is one.
       device_index: with ``prefer_local``: the token's device (int or int[...]); by default
-        ``lax.axis_index(state.axis_name)``, which needs the call to run inside `jax.shard_map`.
+        ``lax.axis_index(state.config.transfer.axis_name)``, which needs the call to run inside `jax.shard_map`.
 
     Returns:
       ``(physical_ids int32[..., K], state)`` with ``state.pass_load[layer]`` increased by the counts
@@ -330,11 +330,11 @@ def dispatch(
     traced = check_layer(layer, state.num_layers)
     if prefer_local and device_index is None:
         try:
-            device_index = lax.axis_index(state.axis_name)
+            device_index = lax.axis_index(state.config.transfer.axis_name)
         except NameError as err:
             raise ValueError(
                 f"device_index: prefer_local needs the token's device; pass device_index= or "
-                f"call inside jax.shard_map over the {state.axis_name!r} axis"
+                f"call inside jax.shard_map over the {state.config.transfer.axis_name!r} axis"
             ) from err
     read = jnp.clip(layer, 0, state.num_layers - 1) if traced else layer
     phys, counts = dispatch_layer(

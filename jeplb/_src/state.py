@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -34,112 +35,28 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jeplb._src import checks
+from jeplb._src import checkpoint, checks
+from jeplb._src.config import EplbConfig
+from jeplb._src.counts import as_counts, check_sum, readable, saturating_add, saturating_psum
 from jeplb._src.maps import check_placement, maps_from_phy2log
-from jeplb._src.validate import check_axis_name, check_bool, check_int
+from jeplb._src.validate import check_int
+from jeplb._src.window import check_window
 
-__all__ = [
-    "EplbState",
-    "array_fields",
-    "as_counts",
-    "check_axis_name",
-    "check_config",
-    "check_int",
-    "check_layer",
-    "check_window",
-    "saturating_add",
-    "saturating_psum",
-    "slide_window",
-    "slide_window_fast",
-    "static_fields",
-    "window_sum",
-]
-
-INT32_MAX = 2**31 - 1
+__all__ = ["EplbState", "check_layer"]
 
 
-def _static(default=dataclasses.MISSING):
-    return dataclasses.field(default=default, metadata={"static": True})
-
-
-def _readable(x: Any) -> bool:
-    """Whether this process can read ``x``'s values (not traced, every shard addressable)."""
-    return checks.is_concrete(x) and getattr(x, "is_fully_addressable", True)
-
-
-# ---------------------------------------------------------------------------------- checks
-
-
-def check_config(
-    *,
-    num_layers: Any,
-    num_experts: Any,
-    num_devices: Any,
-    num_redundant_experts: Any,
-    window_size: Any,
-    step_interval: Any,
-    layers_per_step: Any,
-    num_groups: Any,
-    num_nodes: Any,
-    refine: Any,
-    axis_name: Any,
-    chunk_rows: Any,
-    log_interval: Any,
-) -> None:
-    """The one check of a state's sizes and configuration (`EplbState.create`, `from_placement`
-    and `EplbState.load` all go through it).
-
-    Raises:
-      TypeError, ValueError: naming the field, what was expected and what arrived.
-    """
-    for name, value, minimum in (
-        ("num_layers", num_layers, 1),
-        ("num_experts", num_experts, 1),
-        ("num_devices", num_devices, 1),
-        ("num_redundant_experts", num_redundant_experts, 0),
-        ("window_size", window_size, 1),
-        ("step_interval", step_interval, 1),
-        ("num_groups", num_groups, 1),
-        ("num_nodes", num_nodes, 1),
-        ("chunk_rows", chunk_rows, 1),
-        ("log_interval", log_interval, 0),
-    ):
-        check_int(name, value, minimum=minimum)
-    check_int("layers_per_step", layers_per_step, minimum=1, allow_none=True)
-    check_bool("refine", refine)
-    check_axis_name("axis_name", axis_name)
-    p_total = num_experts + num_redundant_experts
-    if p_total % num_devices:
-        raise ValueError(
-            f"num_devices: P = {p_total} slots per layer (num_experts {num_experts} + "
-            f"num_redundant_experts {num_redundant_experts}) is not divisible by num_devices = "
-            f"{num_devices}; every device must hold P // D slots"
-        )
-    if layers_per_step is not None:
-        if layers_per_step > num_layers:
-            raise ValueError(
-                f"layers_per_step: expected at most num_layers = {num_layers}, got "
-                f"{layers_per_step}"
-            )
-        steps = -(-num_layers // layers_per_step)
-        if step_interval < steps:
-            raise ValueError(
-                f"step_interval: a progressive rebalance of {num_layers} layers at "
-                f"layers_per_step = {layers_per_step} takes {steps} steps, so step_interval must "
-                f"be >= {steps}; got {step_interval}"
-            )
-    # The policy's rules: hierarchical when num_groups % num_nodes == 0, else global.
-    if num_groups % num_nodes == 0:
-        if num_experts % num_groups:
-            raise ValueError(
-                f"num_groups: expected a divisor of num_experts = {num_experts} (hierarchical "
-                f"policy, used because num_groups % num_nodes == 0), got {num_groups}"
-            )
-        if num_devices % num_nodes:
-            raise ValueError(
-                f"num_nodes: num_devices = {num_devices} is not divisible by num_nodes = "
-                f"{num_nodes} (hierarchical policy, used because num_groups % num_nodes == 0)"
-            )
+_STATIC = {"static": True}
+# The state's former static fields and the part of the configuration each moved to.
+_FORMER_FIELDS = {
+    "step_interval": "schedule",
+    "layers_per_step": "schedule",
+    "log_interval": "schedule",
+    "num_groups": "policy",
+    "num_nodes": "policy",
+    "refine": "policy",
+    "axis_name": "transfer",
+    "chunk_rows": "transfer",
+}
 
 
 def check_layer(layer: Any, num_layers: int) -> bool:
@@ -216,165 +133,6 @@ def _fresh_arrays(phy2log: jax.Array, num_experts: int, window_size: int) -> dic
     )
 
 
-def _plain(value: Any) -> Any:
-    """A checked configuration value as a plain Python value (numpy ints and bools unwrapped)."""
-    if isinstance(value, bool | np.bool_):
-        return bool(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
-def _first_bad(name: str, a: np.ndarray, bad: np.ndarray) -> str:
-    where = tuple(int(i) for i in np.argwhere(bad)[0])
-    return f"{name}{list(where)} = {int(a[where])}"
-
-
-def as_counts(load: Any, shape: tuple[int, ...], letters: str, name: str = "load"):
-    """Token counts as int32 that never wrap: concrete ones are checked (>= 0 and < 2^31), traced
-    ones are clipped into [0, 2^31 - 1].
-
-    Raises:
-      TypeError: not an integer array. ValueError: the wrong shape, a negative count or one that
-        does not fit int32, naming ``name`` and the first bad entry.
-    """
-    if isinstance(load, list | tuple | int | np.integer):
-        load = np.asarray(load)
-    if not hasattr(load, "shape") or not hasattr(load, "dtype"):
-        raise TypeError(f"{name}: expected an integer array {letters}, got {type(load).__name__}")
-    if not jnp.issubdtype(load.dtype, jnp.integer):
-        raise TypeError(f"{name}: expected integer token counts, got dtype {load.dtype}")
-    if tuple(load.shape) != shape:
-        hint = " (pass layer= to record one layer's [E] counts)" if letters == "[L, E]" else ""
-        raise ValueError(
-            f"{name}: expected shape {letters} = {shape}, got {tuple(load.shape)}{hint}"
-        )
-    info = jnp.iinfo(load.dtype)
-    if not _readable(load):
-        if info.min < 0:
-            load = jnp.maximum(load, 0)
-        if info.max > INT32_MAX:
-            load = jnp.minimum(load, INT32_MAX)
-        return load.astype(jnp.int32)
-    a = np.asarray(load)
-    if info.min < 0 and (a < 0).any():
-        raise ValueError(f"{_first_bad(name, a, a < 0)}: expected token counts >= 0")
-    if info.max > INT32_MAX and (a > INT32_MAX).any():
-        raise ValueError(
-            f"{_first_bad(name, a, a > INT32_MAX)}: expected token counts below 2^31 (they are "
-            f"kept as int32); record them in smaller parts or step more often"
-        )
-    return jnp.asarray(a.astype(np.int32))
-
-
-def saturating_add(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a + b`` for int32 counts ``b >= 0``, saturating at 2^31 - 1 instead of wrapping."""
-    return jnp.where(a > INT32_MAX - b, INT32_MAX, a + b)
-
-
-def saturating_psum(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
-    """``lax.psum`` of int32 counts ``x >= 0`` that saturates at 2^31 - 1 instead of wrapping.
-
-    The counts are summed as two 16-bit halves (one psum of [2, ...]), exact for up to 2^15
-    devices over ``axes``.
-    """
-    both = jax.lax.psum(jnp.stack([x & 0xFFFF, x >> 16]), axes)
-    high = both[1] + (both[0] >> 16)
-    return jnp.where(high > 0x7FFF, INT32_MAX, (high << 16) | (both[0] & 0xFFFF))
-
-
-def window_sum(window: Any) -> jax.Array:
-    """The sum of a window's W rows, int32[L, E], saturating at 2^31 - 1 (exact below it).
-
-    What ``EplbState.window_total`` must equal. Costs O(W x L x E): one pass over the rows, one row
-    at a time (no [W, L, E] temporary); the step calls it only while some total is saturated.
-
-    Args:
-      window: int32[W, L, E] counts >= 0.
-
-    Returns:
-      int32[L, E].
-    """
-    window = jnp.asarray(window, jnp.int32)
-    return lax.fori_loop(
-        0,
-        window.shape[0],
-        lambda i, acc: saturating_add(acc, lax.dynamic_index_in_dim(window, i, 0, False)),
-        jnp.zeros(window.shape[1:], jnp.int32),
-    )
-
-
-def check_window(window: Any, total: Any, leaving: Any, pos: Any) -> None:
-    """Checks a window's derived fields: ``total`` its sum (`window_sum`, saturating at
-    2^31 - 1) and ``leaving`` its row ``pos``. Concrete arrays only; numpy, O(W x L x E).
-
-    Raises:
-      ValueError: naming ``window_total`` or ``window_leaving`` and the first entry that differs.
-    """
-    window = np.asarray(window)
-    want = np.minimum(window.sum(axis=0, dtype=np.int64), INT32_MAX)  # int64: no overflow
-    for name, got, expected, what in (
-        ("window_total", np.asarray(total), want, "the sum of the window's rows (saturating)"),
-        ("window_leaving", np.asarray(leaving), window[int(np.asarray(pos))], "window[window_pos]"),
-    ):
-        if got.shape != expected.shape:
-            raise ValueError(f"{name}: expected shape {expected.shape}, got {got.shape}")
-        bad = got != expected
-        if bad.any():
-            at = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise ValueError(
-                f"{name}{list(at)} = {int(got[at])}: expected {what}, {int(expected[at])}"
-            )
-
-
-def slide_window(
-    window: jax.Array, total: jax.Array, leaving: jax.Array, pos: jax.Array, row: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Writes ``row`` into ``window`` at ``pos`` and keeps the running total: O(L x E).
-
-    The row it overwrites (``leaving``, a copy of ``window[pos]``) is subtracted from ``total`` and
-    the new one added, so the total stays the window's sum (`window_sum`): exact below 2^31 - 1,
-    saturated at it, never wrapped. A saturated entry's true sum is not known, so while any entry
-    of ``total`` is saturated the total is summed again from the window (O(W x L x E), only then).
-    The window is only read after it is written (the next ``leaving`` row): a read of the donated
-    window before the write would make XLA copy all of it.
-
-    Args:
-      window: int32[W, L, E] (updated in place when donated).
-      total: int32[L, E], the window's sum.
-      leaving: int32[L, E], ``window[pos]``.
-      pos: int32[], the row to overwrite.
-      row: int32[L, E] counts >= 0.
-
-    Returns:
-      ``(window, total, leaving, pos)`` after the write: the next ``leaving`` row and position.
-    """
-    saturated = jnp.any(total == INT32_MAX)
-    window, slid, leaving, pos = slide_window_fast(window, total, leaving, pos, row)
-    total = lax.cond(saturated, lambda: window_sum(window), lambda: slid)
-    return window, total, leaving, pos
-
-
-def slide_window_fast(
-    window: jax.Array, total: jax.Array, leaving: jax.Array, pos: jax.Array, row: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """`slide_window` without its re-sum: branch-free, a handful of fused kernels.
-
-    The total it returns is the window's sum only while no entry of the ``total`` it was given is
-    saturated (``jnp.any(total == INT32_MAX)`` false); otherwise the caller must replace it with
-    `window_sum` of the returned window (what `slide_window` does), e.g. inside a branch that runs
-    only then.
-
-    Returns:
-      ``(window, total, leaving, pos)`` as `slide_window`.
-    """
-    window = lax.dynamic_update_index_in_dim(window, row, pos, 0)
-    # Below the limit the total is exact, so it holds the row it loses (max: a hand-made state).
-    slid = saturating_add(jnp.maximum(total - leaving, 0), row)
-    pos = (pos + 1) % window.shape[0]
-    return window, slid, lax.dynamic_index_in_dim(window, pos, 0, keepdims=False), pos
-
-
 def _load_axes(load_axes: Any) -> tuple[str, ...]:
     axes = (load_axes,) if isinstance(load_axes, str) else load_axes
     if not isinstance(axes, tuple | list) or not all(isinstance(a, str) and a for a in axes):
@@ -390,7 +148,8 @@ class EplbState:
     """Expert placement, recorded load and rebalance schedule of a MoE model (a pytree).
 
     Build it with `EplbState.create` (vLLM's initial placement) or `EplbState.from_placement`.
-    Every array is replicated: the same value on every device (``PartitionSpec()``).
+    Every array is replicated: the same value on every device (``PartitionSpec()``). The
+    configuration (`jeplb.EplbConfig`: policy, transfer, schedule) is one static field.
 
     Attributes:
       phy2log: int32[L, P]. Logical expert held by each physical slot (-1: empty). Slot p lives on
@@ -398,20 +157,19 @@ class EplbState:
       log2phy: int32[L, E, R_max]. The slots holding each logical expert, padded with -1.
       logcnt: int32[L, E]. Number of replicas of each logical expert (the non -1 entries of
         log2phy).
-      pass_load: int32[L, E]. Tokens routed to each logical expert in the current pass (since the last
-        `jeplb.eplb_step`); added to by `jeplb.dispatch` / `EplbState.record` (saturating at
-        2^31 - 1 under jit, an error eagerly). Inside
-        `jax.shard_map` it may hold this device's partial counts until the step sums them.
+      pass_load: int32[L, E]. Tokens routed to each logical expert in the current pass (since the
+        last `jeplb.eplb_step`); added to by `jeplb.dispatch` / `EplbState.record` (saturating at
+        2^31 - 1 under jit, an error eagerly). Inside `jax.shard_map` it may hold this device's
+        partial counts until the step sums them.
       window: int32[W, L, E]. Global logical load of the last W passes (a ring buffer).
-      window_total: int32[L, E]. The sum of ``window``'s rows (`window_sum`), kept as a running
-        total as passes enter and leave, so that a step costs O(L x E), not O(W x L x E);
-        saturates at 2^31 - 1.
+      window_total: int32[L, E]. The sum of ``window``'s rows, kept as a running total as passes
+        enter and leave, so that a step costs O(L x E), not O(W x L x E); saturates at 2^31 - 1.
       window_leaving: int32[L, E]. ``window[window_pos]``, the pass the next step drops from the
-        total (kept apart so the step reads the window only after writing it). Replace
-        ``window`` or ``window_pos`` only together with these two (`EplbState.check_window`).
+        total. Replace ``window`` or ``window_pos`` only together with these two
+        (`EplbState.check_window`).
       window_pos: int32[]. Row of ``window`` the next pass is written to.
       step: int32[]. Steps taken (`jeplb.eplb_step` calls). A rebalance is planned when it reaches a
-        multiple of ``step_interval``.
+        multiple of ``config.schedule.step_interval``.
       pending_phy2log: int32[L, P]. Target placement of the rebalance in progress (equal to
         ``phy2log`` for the layers already moved, and for all layers when none is in progress).
       pending_log2phy: int32[L, E, R_max]. Its logical-to-physical map.
@@ -419,17 +177,7 @@ class EplbState:
       cursor: int32[]. Next layer whose weights move; L when no rebalance is in progress.
       num_devices: D, devices on the expert-parallel mesh axis (static); the policy spreads the
         slots over these D devices.
-      window_size: W, passes the window keeps (static).
-      step_interval: steps between rebalances (static).
-      num_redundant_experts: P - E (static).
-      layers_per_step: layers moved per step; None moves all layers in the step that plans the
-        rebalance (static).
-      num_groups: expert groups of the policy (DeepSeek's ``num_groups``; static).
-      num_nodes: nodes of the policy (static).
-      refine: the policy's refinement option (static).
-      axis_name: the expert-parallel mesh axis name, or a tuple of them (static).
-      chunk_rows: rows per collective chunk of the transfer (static).
-      log_interval: log balancedness every this many steps; 0 never (static).
+      config: the `jeplb.EplbConfig` (static).
 
     Example:
       >>> s = EplbState.create(num_layers=2, num_experts=4, num_devices=2,
@@ -438,6 +186,8 @@ class EplbState:
       [[0, 1, 2, 3, 0, 1], [0, 1, 2, 3, 0, 1]]
       >>> s.log2phy[0].tolist()
       [[0, 4, -1], [1, 5, -1], [2, -1, -1], [3, -1, -1]]
+      >>> s.config.schedule.window_size, s.config.policy.name
+      (3, 'deepseek')
     """
 
     phy2log: jax.Array
@@ -453,17 +203,8 @@ class EplbState:
     pending_log2phy: jax.Array
     pending_logcnt: jax.Array
     cursor: jax.Array
-    num_devices: int = _static()
-    window_size: int = _static()
-    step_interval: int = _static()
-    num_redundant_experts: int = _static()
-    layers_per_step: int | None = _static(None)
-    num_groups: int = _static(1)
-    num_nodes: int = _static(1)
-    refine: bool = _static(False)
-    axis_name: str | tuple[str, ...] = _static("ep")
-    chunk_rows: int = _static(1)
-    log_interval: int = _static(0)
+    num_devices: int = dataclasses.field(metadata=_STATIC)
+    config: EplbConfig = dataclasses.field(default_factory=EplbConfig, metadata=_STATIC)
 
     # ------------------------------------------------------------------------------ shape facts
 
@@ -483,6 +224,11 @@ class EplbState:
         return self.phy2log.shape[1]
 
     @property
+    def num_redundant_experts(self) -> int:
+        """P - E, replica slots beyond one per expert."""
+        return self.num_slots - self.num_experts
+
+    @property
     def slots_per_device(self) -> int:
         """N_local = P // D."""
         return self.num_slots // self.num_devices
@@ -493,9 +239,22 @@ class EplbState:
         return self.log2phy.shape[2]
 
     @property
-    def effective_layers_per_step(self) -> int:
-        """Layers moved per step: ``layers_per_step``, or L when it is None."""
-        return self.num_layers if self.layers_per_step is None else self.layers_per_step
+    def window_size(self) -> int:
+        """W, passes the window keeps (``config.schedule.window_size``)."""
+        return self.window.shape[0]
+
+    def __getattr__(self, name: str) -> Any:
+        """The former static fields (``step_interval``, ``axis_name``, ...), read from ``config``
+        with a DeprecationWarning; kept for one release."""
+        part = _FORMER_FIELDS.get(name)
+        if part is None or name.startswith("__"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        warnings.warn(
+            f"EplbState.{name} is now EplbState.config.{part}.{name}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(getattr(self.config, part), name)
 
     @property
     def in_progress(self) -> jax.Array:
@@ -548,7 +307,10 @@ class EplbState:
     # ------------------------------------------------------------------------------ building
 
     def replace(self, **changes) -> EplbState:
-        """Returns a copy with the given fields replaced (no checks; use for array updates)."""
+        """Returns a copy with the given fields replaced (no checks; use for array updates).
+
+        To change the configuration use ``state.replace(config=state.config.replace(...))``.
+        """
         return dataclasses.replace(self, **changes)
 
     def check_window(self) -> None:
@@ -576,15 +338,8 @@ class EplbState:
         num_experts: int,
         num_devices: int,
         num_redundant_experts: int = 0,
-        window_size: int = 1000,
-        step_interval: int = 3000,
-        layers_per_step: int | None = None,
-        num_groups: int = 1,
-        num_nodes: int = 1,
-        refine: bool = False,
-        axis_name: str | tuple[str, ...] = "ep",
-        chunk_rows: int = 1,
-        log_interval: int = 0,
+        config: EplbConfig | None = None,
+        **options,
     ) -> EplbState:
         """A state with vLLM's initial placement: slot p holds expert p % E, no load recorded.
 
@@ -596,18 +351,11 @@ class EplbState:
           num_devices: D, devices on the expert-parallel mesh axis, which the policy spreads the
             slots over; P = E + num_redundant_experts must be divisible by D.
           num_redundant_experts: P - E, extra replica slots per layer (>= 0).
-          window_size: W, passes of load the window keeps (>= 1; vLLM's default 1000).
-          step_interval: steps between rebalances (>= 1; vLLM's default 3000). With
-            ``layers_per_step`` it must be at least ceil(L / layers_per_step), so a rebalance
-            ends before the next one is planned.
-          layers_per_step: progressive mode: move this many layers per step (1..L), spreading the
-            transfer over ceil(L / layers_per_step) steps; None moves every layer in one step.
-          num_groups: expert groups (DeepSeek's ``num_groups``; E must be divisible by it).
-          num_nodes: nodes for the hierarchical policy.
-          refine: passed to the policy (a bool).
-          axis_name: the expert-parallel mesh axis name, or a tuple of them.
-          chunk_rows: rows per collective chunk of the weight transfer (>= 1).
-          log_interval: log balancedness every this many steps (0: never).
+          config: the `jeplb.EplbConfig` (default: every option at its default).
+          **options: single options of ``config`` by name, as `jeplb.EplbConfig.create` takes
+            them: ``window_size``, ``step_interval``, ``layers_per_step``, ``log_interval``
+            (schedule); ``axis_name``, ``chunk_rows``, ``row_impl``, ... (transfer); ``policy``
+            or its options (``num_groups``, ``num_nodes``, ``refine``).
 
         Returns:
           The new state (arrays on the default device, uncommitted: jit places them).
@@ -625,21 +373,11 @@ class EplbState:
         check_int("num_experts", num_experts, minimum=1)
         check_int("num_devices", num_devices, minimum=1)
         check_int("num_redundant_experts", num_redundant_experts, minimum=0)
+        config = EplbConfig.create(config, where="EplbState.create", **options)
         p_total = num_experts + num_redundant_experts
         phy2log = np.tile(np.arange(p_total, dtype=np.int32) % num_experts, (num_layers, 1))
         return cls.from_placement(
-            phy2log,
-            num_experts=num_experts,
-            num_devices=num_devices,
-            window_size=window_size,
-            step_interval=step_interval,
-            layers_per_step=layers_per_step,
-            num_groups=num_groups,
-            num_nodes=num_nodes,
-            refine=refine,
-            axis_name=axis_name,
-            chunk_rows=chunk_rows,
-            log_interval=log_interval,
+            phy2log, num_experts=num_experts, num_devices=num_devices, config=config
         )
 
     @classmethod
@@ -649,15 +387,8 @@ class EplbState:
         *,
         num_experts: int,
         num_devices: int,
-        window_size: int = 1000,
-        step_interval: int = 3000,
-        layers_per_step: int | None = None,
-        num_groups: int = 1,
-        num_nodes: int = 1,
-        refine: bool = False,
-        axis_name: str | tuple[str, ...] = "ep",
-        chunk_rows: int = 1,
-        log_interval: int = 0,
+        config: EplbConfig | None = None,
+        **options,
     ) -> EplbState:
         """A state for an existing placement (e.g. the one the weights were loaded in).
 
@@ -666,8 +397,7 @@ class EplbState:
             expert must have at least one slot in every layer (checked when concrete).
           num_experts: E.
           num_devices: D; P must be divisible by it.
-          window_size, step_interval, layers_per_step, num_groups, num_nodes, refine, axis_name,
-            chunk_rows, log_interval: as in `EplbState.create`.
+          config, **options: as in `EplbState.create`.
 
         Returns:
           The state: log2phy and logcnt derived from ``phy2log``, no load recorded.
@@ -683,30 +413,24 @@ class EplbState:
         """
         check_int("num_experts", num_experts, minimum=1)
         check_int("num_devices", num_devices, minimum=1)
+        config = EplbConfig.create(config, where="EplbState.from_placement", **options)
         phy2log, num_layers, p_total = _check_phy2log(phy2log, num_experts)
-        config = dict(
+        config.check_sizes(
+            num_layers=num_layers,
+            num_experts=num_experts,
+            num_slots=p_total,
             num_devices=num_devices,
-            num_redundant_experts=p_total - num_experts,
-            window_size=window_size,
-            step_interval=step_interval,
-            layers_per_step=layers_per_step,
-            num_groups=num_groups,
-            num_nodes=num_nodes,
-            refine=refine,
-            axis_name=axis_name,
-            chunk_rows=chunk_rows,
-            log_interval=log_interval,
         )
-        check_config(num_layers=num_layers, num_experts=num_experts, **config)
         if checks.is_concrete(phy2log):
             check_placement(np.asarray(phy2log), num_experts, "phy2log")
+        window_size = config.schedule.window_size
         arrays = _fresh_arrays(jnp.asarray(phy2log, jnp.int32), num_experts, window_size)
         # Distinct buffers: a state may be donated, and XLA refuses one buffer donated twice.
         pending = {
             f"pending_{k}": jnp.array(arrays[k], copy=True)
             for k in ("phy2log", "log2phy", "logcnt")
         }
-        return cls(**arrays, **pending, **{k: _plain(v) for k, v in config.items()})
+        return cls(**arrays, **pending, num_devices=int(num_devices), config=config)
 
     def replicated(self, mesh: jax.sharding.Mesh) -> EplbState:
         """The state with every array placed on ``mesh``, replicated (``PartitionSpec()``).
@@ -790,8 +514,8 @@ class EplbState:
                         f"partial counts inside jax.shard_map over those axes: call record there, "
                         f"or leave load_axes empty at global view"
                     ) from err
-            elif _readable(load) and _readable(self.pass_load) and checks.is_concrete(layer):
-                _check_sum(self.pass_load, load, layer)
+            elif readable(load) and readable(self.pass_load) and checks.is_concrete(layer):
+                check_sum(self.pass_load, load, layer)
             if not one:
                 return self.replace(pass_load=saturating_add(self.pass_load, load))
             ok = (layer >= 0) & (layer < num_layers)
@@ -800,17 +524,13 @@ class EplbState:
             added = self.pass_load.at[index].set(saturating_add(row, load), mode="drop")
             return self.replace(pass_load=added)
 
-    # ------------------------------------------------------------------------------ save / load
-
-    def config(self) -> dict[str, Any]:
-        """The static configuration as a plain dict (what `EplbState.save` stores)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if _is_static(f)}
+    # ------------------------------------------------------------------------------ files
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes placement, load statistics and configuration to ``path``, atomically.
 
         ``.json``: human-readable (arrays as nested lists); ``.npz``: compact binary. Both hold the
-        same fields and load back into an identical state with `EplbState.load`. The file is
+        same fields and restore into an identical state with `EplbState.restore`. The file is
         written to a temporary file in the same folder, flushed to disk and renamed over
         ``path``: a reader sees the old file or the new one, never a part, and a failed save
         leaves the old file as it was.
@@ -826,15 +546,13 @@ class EplbState:
           >>> s = EplbState.create(num_layers=1, num_experts=2, num_devices=1,
           ...                      window_size=1, step_interval=1)
           >>> p = os.path.join(tempfile.mkdtemp(), "eplb.json")
-          >>> s.save(p); EplbState.load(p).phy2log.tolist()
+          >>> s.save(p); EplbState.restore(p).phy2log.tolist()
           [[0, 1]]
         """
-        from jeplb._src import checkpoint
-
         checkpoint.save(self, path)
 
     @classmethod
-    def load(
+    def restore(
         cls,
         path: str | os.PathLike,
         *,
@@ -848,16 +566,15 @@ class EplbState:
         """Reads a state written by `EplbState.save`, checking it against what the model expects.
 
         Every field of the file is checked as `EplbState.create` checks its arguments (the same
-        checker), and so are the arrays: maps that agree with each other, ids and slots in range,
+        checks), and so are the arrays: maps that agree with each other, ids and slots in range,
         counts >= 0, ``window_pos`` in [0, W), ``cursor`` in [0, L], ``step`` >= 0, every value
-        an int32. A file from before ``num_gpus`` was removed loads when its ``num_gpus`` is null
-        or equal to ``num_devices``.
+        an int32. Files of every earlier format version load (see docs/concepts.md).
 
         Args:
           path: a ``.json`` or ``.npz`` file from `EplbState.save`.
           like: a state of the model being resumed (e.g. from `EplbState.create`): the file's
-            arrays must have its shapes, and the result takes its static configuration (so a
-            resumed run may change e.g. ``step_interval`` while keeping placement and loads).
+            arrays must have its shapes, and the result takes its configuration (so a resumed
+            run may change e.g. ``step_interval`` while keeping placement and loads).
           num_layers, num_experts, num_devices, num_redundant_experts, window_size: sizes the
             file must have (each checked when given).
 
@@ -873,50 +590,32 @@ class EplbState:
           >>> s = EplbState.create(num_layers=1, num_experts=2, num_devices=1,
           ...                      window_size=1, step_interval=1)
           >>> p = os.path.join(tempfile.mkdtemp(), "eplb.npz")
-          >>> s.save(p); EplbState.load(p, like=s).num_experts
+          >>> s.save(p); EplbState.restore(p, like=s).num_experts
           2
         """
-        from jeplb._src import checkpoint
-
-        return checkpoint.load(
-            cls,
-            path,
-            like=like,
+        sizes = dict(
             num_layers=num_layers,
             num_experts=num_experts,
             num_devices=num_devices,
             num_redundant_experts=num_redundant_experts,
             window_size=window_size,
         )
+        if like is not None:
+            if not isinstance(like, EplbState):
+                raise TypeError(f"like: expected an EplbState, got {type(like).__name__}")
+            sizes = {name: getattr(like, name) for name in sizes}
+        saved = checkpoint.load(path, sizes=sizes, from_like=like is not None)
+        arrays = {k: jnp.asarray(v) for k, v in saved.arrays.items()}
+        if like is not None:
+            return cls(**arrays, num_devices=like.num_devices, config=like.config)
+        return cls(**arrays, num_devices=saved.num_devices, config=saved.config)
 
-
-def _is_static(field: dataclasses.Field) -> bool:
-    return bool(field.metadata.get("static"))
-
-
-def static_fields() -> tuple[str, ...]:
-    """Names of the static (configuration) fields of `EplbState`, in declaration order."""
-    return tuple(f.name for f in dataclasses.fields(EplbState) if _is_static(f))
-
-
-def array_fields() -> tuple[str, ...]:
-    """Names of the array fields of `EplbState`, in declaration order."""
-    return tuple(f.name for f in dataclasses.fields(EplbState) if not _is_static(f))
-
-
-def _check_sum(pass_load: jax.Array, load: jax.Array, layer: Any) -> None:
-    """Eagerly: raises when adding ``load`` to ``pass_load`` (row ``layer``) would pass 2^31 - 1."""
-    before = np.asarray(pass_load, np.int64)
-    if layer is not None:
-        before = before[int(np.asarray(layer))]
-    total = before + np.asarray(load, np.int64)
-    over = total > INT32_MAX
-    if over.any():
-        where = tuple(int(i) for i in np.argwhere(over)[0])
-        row = () if layer is None else (int(np.asarray(layer)),)
-        raise ValueError(
-            f"load{list(where)} = {int(np.asarray(load)[where])}: adding it to "
-            f"state.pass_load{list(row + where)} = {int(before[where])} gives {int(total[where])}, "
-            f"past the int32 maximum 2^31 - 1; call jeplb.eplb_step more often (it moves the "
-            f"pass into the window and resets pass_load)"
+    @classmethod
+    def load(cls, path: str | os.PathLike, **kwargs) -> EplbState:
+        """Deprecated name of `EplbState.restore` (kept for one release)."""
+        warnings.warn(
+            "EplbState.load is renamed EplbState.restore ('load' names token counts)",
+            DeprecationWarning,
+            stacklevel=2,
         )
+        return cls.restore(path, **kwargs)

@@ -46,18 +46,13 @@ from jax.sharding import PartitionSpec as P
 
 from jeplb._src import checks
 from jeplb._src import metrics as balance
+from jeplb._src.counts import INT32_MAX, saturating_psum
 from jeplb._src.maps import maps_from_phy2log
-from jeplb._src.state import (
-    INT32_MAX,
-    EplbState,
-    saturating_psum,
-    slide_window_fast,
-    window_sum,
-)
+from jeplb._src.state import EplbState
 from jeplb._src.transfer import api as transfer_api
 from jeplb._src.transfer import engine as engine_lib
-from jeplb._src.transfer.config import TransferConfig
 from jeplb._src.transfer.rows import varying_axes
+from jeplb._src.window import slide_window_fast, window_sum
 
 __all__ = ["StepInfo", "eplb_step", "eplb_step_local"]
 
@@ -107,17 +102,13 @@ def _balancedness(load: jax.Array, phy2log: jax.Array, logcnt: jax.Array, num_de
 
 
 def _plan_placement(state: EplbState, total: jax.Array):
-    """Runs the policy on the window's load: the target maps (phy2log, log2phy, logcnt)."""
-    from jeplb._src.policy.api import rebalance_experts
-
-    phy2log, _, _ = rebalance_experts(
+    """Runs the configured policy on the window's load: the target maps (phy2log, log2phy,
+    logcnt)."""
+    phy2log = state.config.policy.place(
         total,
-        state.num_slots,
-        state.num_groups,
-        state.num_nodes,
-        state.num_devices,
+        num_slots=state.num_slots,
+        num_devices=state.num_devices,
         old_phy2log=state.phy2log,
-        refine=state.refine,
     )
     phy2log = jnp.asarray(phy2log, jnp.int32)
     # The replica lists are derived here rather than taken from the policy, so that they are
@@ -150,7 +141,7 @@ def _transfer(state: EplbState, leaves, pending, cursor, setup: engine_lib.Engin
     """Moves the due layers [cursor, cursor + k) to the pending maps; switches exactly the maps
     of the layers that moved. Returns (leaves, maps, cursor, stats, layer_ok)."""
     num_layers = state.num_layers
-    k = state.effective_layers_per_step
+    k = state.config.schedule.layers_moved(num_layers)
     count = jnp.clip(num_layers - cursor, 0, k)
     leaves, stats = engine_lib.move_layers(
         state.phy2log,
@@ -218,7 +209,7 @@ def _local_step(state: EplbState, leaves: list[jax.Array], *, load_axes: tuple[s
         window, slid, leaving, window_pos, step = _window(state, load_axes)
 
     idle = state.cursor >= num_layers
-    scheduled = (step % state.step_interval == 0) & idle
+    scheduled = (step % state.config.schedule.step_interval == 0) & idle
     busy = scheduled | ~idle | jnp.any(state.window_total == INT32_MAX)
     total, fire, pending, maps, cursor, leaves, moved, layer_ok, remote_rows = lax.cond(
         busy,
@@ -259,14 +250,11 @@ def _local_step(state: EplbState, leaves: list[jax.Array], *, load_axes: tuple[s
     return new_state, leaves, info
 
 
-def _setup(state: EplbState, platform: str, layer_axis: int, slot_axis: int):
-    """The engine setup of a state's transfer."""
-    config = TransferConfig(
-        axis_name=state.axis_name,
-        chunk_rows=state.chunk_rows,
-        layer_axis=layer_axis,
-        slot_axis=slot_axis,
-    )
+def _setup(state: EplbState, platform: str, layer_axis: int | None, slot_axis: int | None):
+    """The engine setup of a state's transfer: ``state.config.transfer``, its layout replaced by
+    the step's ``layer_axis`` / ``slot_axis`` where given."""
+    layout = {"layer_axis": layer_axis, "slot_axis": slot_axis}
+    config = state.config.transfer.replace(**{k: v for k, v in layout.items() if v is not None})
     return engine_lib.Engine(config=config, num_devices=state.num_devices, platform=platform)
 
 
@@ -277,8 +265,9 @@ def _check_state(state: Any) -> EplbState:
 
 
 def _log_balancedness(state: EplbState, info: StepInfo, *, only_device: jax.Array | None = None):
-    """Logs balancedness every ``state.log_interval`` steps through a debug callback."""
-    if not state.log_interval:
+    """Logs balancedness every ``config.schedule.log_interval`` steps through a debug callback."""
+    interval = state.config.schedule.log_interval
+    if not interval:
         return
 
     def emit(step, total, per_layer, moved, device):
@@ -294,7 +283,7 @@ def _log_balancedness(state: EplbState, info: StepInfo, *, only_device: jax.Arra
 
     device = jnp.int32(0) if only_device is None else only_device
     lax.cond(
-        info.step % state.log_interval == 0,
+        info.step % interval == 0,
         lambda: jax.debug.callback(
             emit, info.step, info.balancedness_total, info.balancedness, info.moved, device
         ),
@@ -307,12 +296,12 @@ def eplb_step_local(
     expert_weights: Any,
     *,
     load_axes: tuple[str, ...] | str = (),
-    layer_axis: int = 0,
-    slot_axis: int = 1,
+    layer_axis: int | None = None,
+    slot_axis: int | None = None,
 ) -> tuple[EplbState, Any, StepInfo]:
     """`eplb_step` for a model whose step already runs inside `jax.shard_map`.
 
-    The expert-parallel axis ``state.axis_name`` must be bound by the enclosing shard_map, the
+    The expert-parallel axis ``state.config.transfer.axis_name`` must be bound by the enclosing shard_map, the
     state must come in replicated (``PartitionSpec()``) and the weights as this device's shard.
 
     Args:
@@ -320,9 +309,9 @@ def eplb_step_local(
         `jeplb.dispatch` records inside shard_map): name the axes they are partial over in
         ``load_axes``.
       expert_weights: pytree of this device's slots, leaves [L, N_local, ...] (the global [L, P,
-        ...] sharded ``PartitionSpec(None, state.axis_name)``).
-      layer_axis: the leaves' layer dim (0 or 1).
-      slot_axis: the leaves' slot dim (1 or 0).
+        ...] sharded ``PartitionSpec(None, state.config.transfer.axis_name)``).
+      layer_axis: the leaves' layer dim (0 or 1; default ``state.config.transfer.layer_axis``).
+      slot_axis: the leaves' slot dim (1 or 0; default ``state.config.transfer.slot_axis``).
       load_axes: mesh axes over which ``pass_load`` is a partial count (e.g. ``("data", "ep")``);
         summed with one psum before entering the window. Leave empty when ``pass_load`` is
         already global (a psum of a replicated value would multiply it by the axis size, so this
@@ -354,12 +343,12 @@ def eplb_step_local(
       ([[1, 2]], 1)
     """
     state = _check_state(state)
-    axis = state.axis_name
+    axis = state.config.transfer.axis_name
     try:
         d = lax.axis_size(axis)
     except NameError as err:
         raise ValueError(
-            f"state.axis_name: no mesh axis {axis!r} is bound here; eplb_step_local runs inside "
+            f"state.config.transfer.axis_name: no mesh axis {axis!r} is bound here; eplb_step_local runs inside "
             f"jax.shard_map over it (use eplb_step(..., mesh=...) at global view)"
         ) from err
     if d != state.num_devices:
@@ -373,8 +362,8 @@ def eplb_step_local(
     leaves, treedef, _ = checks.weight_leaves(
         expert_weights,
         lead_shape=lead,
-        slot_axis=slot_axis,
-        layer_axis=layer_axis,
+        slot_axis=setup.config.slot_axis,
+        layer_axis=setup.config.layer_axis,
         mesh=None,
         axes=setup.config.axes,
         local=True,
@@ -419,8 +408,8 @@ def eplb_step(
     expert_weights: Any,
     *,
     mesh: jax.sharding.Mesh,
-    layer_axis: int = 0,
-    slot_axis: int = 1,
+    layer_axis: int | None = None,
+    slot_axis: int | None = None,
 ) -> tuple[EplbState, Any, StepInfo]:
     """One rebalance step at global view: window, maybe plan, move due layers, switch their maps.
 
@@ -432,12 +421,13 @@ def eplb_step(
       state: the `EplbState`, replicated. ``pass_load`` must hold global counts (what
         `jeplb.dispatch` records at global view).
       expert_weights: pytree of arrays with leaves [L, P, ...] (or [P, L, ...] with
-        ``slot_axis=0, layer_axis=1``) whose slot dim is sharded over ``state.axis_name`` on
+        ``slot_axis=0, layer_axis=1``) whose slot dim is sharded over ``state.config.transfer.axis_name`` on
         ``mesh``; other dims may be sharded over other mesh axes (any trailing shape, any dtype
         `jeplb.rearrange_expert_weights` moves). They come back with the same shardings.
-      mesh: the device mesh; its ``state.axis_name`` axis must have ``state.num_devices`` devices.
-      layer_axis: the leaves' layer dim (0 or 1).
-      slot_axis: the leaves' slot dim (1 or 0).
+      mesh: the device mesh; its ``state.config.transfer.axis_name`` axis must have
+        ``state.num_devices`` devices.
+      layer_axis: the leaves' layer dim (0 or 1; default ``state.config.transfer.layer_axis``).
+      slot_axis: the leaves' slot dim (1 or 0; default ``state.config.transfer.slot_axis``).
 
     Returns:
       ``(state, expert_weights, info)``: the new state, the weights (same structure, shapes,
@@ -464,18 +454,18 @@ def eplb_step(
       True
     """
     state = _check_state(state)
-    d = checks.axis_size(mesh, state.axis_name)
+    d = checks.axis_size(mesh, state.config.transfer.axis_name)
     if d != state.num_devices:
         raise ValueError(
-            f"mesh: axis {state.axis_name!r} has {d} devices, but the state was built for "
+            f"mesh: axis {state.config.transfer.axis_name!r} has {d} devices, but the state was built for "
             f"num_devices = {state.num_devices}"
         )
     setup = _setup(state, checks.platform_of(mesh), layer_axis, slot_axis)
     leaves, treedef, specs = checks.weight_leaves(
         expert_weights,
         lead_shape=_lead_shape(state, setup, local=False),
-        slot_axis=slot_axis,
-        layer_axis=layer_axis,
+        slot_axis=setup.config.slot_axis,
+        layer_axis=setup.config.layer_axis,
         mesh=mesh,
         axes=setup.config.axes,
     )

@@ -12,20 +12,22 @@ maps the node-local result back to global expert ids.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from jeplb._src.policy.checks import check_args
+from jeplb._src.policy.checks import check_args, check_groups
 from jeplb._src.policy.deepseek import NodeLayout, node_items, node_layout, node_slots
 from jeplb._src.policy.loads import clean, host_load
 from jeplb._src.policy.migration import migrate, pack_both, sticky_items
 from jeplb._src.policy.ops import fold_sum, log2phy_of, rows, slot_ranks
 from jeplb._src.policy.refine import swap_refine
+from jeplb._src.validate import check_bool, check_int
 
-__all__ = ["rebalance_experts"]
+__all__ = ["DeepSeekPolicy", "rebalance_experts"]
 
 
 def _effective(num_groups: int, num_nodes: int) -> tuple[int, int]:
@@ -176,3 +178,54 @@ def rebalance_experts(
         num_devices=num_devices,
         refine=bool(refine),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class DeepSeekPolicy:
+    """DeepSeek's EPLB placement (`rebalance_experts`) as a policy of `jeplb.EplbConfig`.
+
+    Migration-aware when the step passes the current placement (it always does): experts that
+    stay keep their slot, within 1% of the from-scratch balance (see docs/policy.md).
+
+    Attributes:
+      num_groups: expert groups (DeepSeek's ``num_groups``; E must be divisible by it when the
+        hierarchical policy is used).
+      num_nodes: nodes; hierarchical policy when ``num_groups % num_nodes == 0`` (then D must be
+        a multiple of it), else global.
+      refine: swap replicas between devices after packing while that lowers a device's maximum.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> policy = DeepSeekPolicy(num_groups=4, num_nodes=2)
+      >>> load = jnp.array([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86]], jnp.float32)
+      >>> policy.place(load, num_slots=16, num_devices=8, old_phy2log=None).tolist()
+      [[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1]]
+    """
+
+    name: ClassVar[str] = "deepseek"
+    num_groups: int = 1
+    num_nodes: int = 1
+    refine: bool = False
+
+    def __post_init__(self):
+        check_int("num_groups", self.num_groups, minimum=1)
+        check_int("num_nodes", self.num_nodes, minimum=1)
+        check_bool("refine", self.refine)
+
+    def check(self, *, num_experts: int, num_slots: int, num_devices: int) -> None:
+        """Raises when E, P and D do not fit the groups and nodes (hierarchical policy)."""
+        check_groups(num_experts, self.num_groups, self.num_nodes, num_devices)
+
+    def place(self, load, *, num_slots, num_devices, old_phy2log):
+        """The placement: int32[L, P] (see `jeplb._src.policy.base.Policy.place`)."""
+        groups, nodes = _effective(self.num_groups, self.num_nodes)
+        phy2log, _, _ = _rebalance_jit(
+            load,
+            old_phy2log,
+            num_slots=num_slots,
+            num_groups=groups,
+            num_nodes=nodes,
+            num_devices=num_devices,
+            refine=bool(self.refine),
+        )
+        return phy2log

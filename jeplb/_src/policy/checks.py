@@ -10,7 +10,7 @@ import numpy as np
 
 from jeplb._src.checks import is_concrete
 
-__all__ = ["check_args"]
+__all__ = ["check_args", "check_groups"]
 
 
 def _as_count(value: Any, name: str, minimum: int = 1) -> int:
@@ -73,19 +73,26 @@ def _check_counts(
             f"num_slots: expected a multiple of num_devices = {num_devices} (every device holds "
             f"the same number of slots), got {num_slots}"
         )
-    if num_groups % num_nodes == 0:  # hierarchical policy
-        if num_log % num_groups:
-            raise ValueError(
-                f"num_groups: expected a divisor of the E = {num_log} logical experts (groups "
-                f"of E / num_groups consecutive experts), got {num_groups}"
-            )
-        if num_devices % num_nodes:
-            raise ValueError(
-                f"num_devices: expected a multiple of num_nodes = {num_nodes} (the hierarchical "
-                f"policy, used because num_groups % num_nodes == 0, puts the same number of "
-                f"devices on every node), got {num_devices}"
-            )
+    check_groups(num_log, num_groups, num_nodes, num_devices)
     return num_slots, num_groups, num_nodes, num_devices
+
+
+def check_groups(num_log: int, num_groups: int, num_nodes: int, num_devices: int) -> None:
+    """The hierarchical policy's rules (used when ``num_groups % num_nodes == 0``): groups divide
+    E and nodes divide D."""
+    if num_groups % num_nodes:  # global policy: no constraint
+        return
+    if num_log % num_groups:
+        raise ValueError(
+            f"num_groups: expected a divisor of the E = {num_log} logical experts (groups "
+            f"of E / num_groups consecutive experts), got {num_groups}"
+        )
+    if num_devices % num_nodes:
+        raise ValueError(
+            f"num_devices: expected a multiple of num_nodes = {num_nodes} (the hierarchical "
+            f"policy, used because num_groups % num_nodes == 0, puts the same number of "
+            f"devices on every node), got {num_devices}"
+        )
 
 
 def _check_old(old: Any, num_layers: int, num_log: int, num_slots: int) -> None:
