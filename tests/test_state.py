@@ -395,8 +395,9 @@ def test_load_says_what_does_not_match(busy, tmp_path):
 
 
 def test_maps_and_checkpoint_fields_agree_with_the_state():
-    from jeplb._src import checkpoint
     import dataclasses
+
+    from jeplb._src import checkpoint
 
     fields = dataclasses.fields(EplbState)
     arrays = tuple(f.name for f in fields if not f.metadata.get("static"))
@@ -720,7 +721,6 @@ def test_load_refuses_wide_npz_arrays(busy, tmp_path):
 
 @pytest.mark.parametrize("gpus", [None, D])
 def test_load_accepts_old_files_with_num_gpus(busy, saved_doc, tmp_path, gpus):
-    import copy
     import json
 
     doc = _as_version(saved_doc, 2)
