@@ -65,7 +65,7 @@ def _variants(state: jeplb.EplbState, e: int):
 
     def recorded(i, ids, carry):
         sink, s = carry
-        phys, s = jeplb.dispatch(s, i % s.num_layers, ids)
+        s, phys = jeplb.dispatch(s, i % s.num_layers, ids)
         return sink + phys[0, 0] + phys[-1, -1], s
 
     return {"loop": loop, "map": mapped, "map + count": counted, "dispatch": recorded}

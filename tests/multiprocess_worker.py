@@ -249,7 +249,7 @@ def run_scenarios(results: dict) -> None:
         state, w, info = step_fn(state, w, counts_g)
         jax.block_until_ready((state, w, info))
         fired |= bool(np.asarray(info.fired))
-        balance.append(float(np.asarray(info.balancedness_total)))
+        balance.append(float(np.asarray(info.balancedness)))
         progress(f"step: step {i} run")
     assert fired, "the rebalance did not fire"
     initial = p2l

@@ -141,7 +141,7 @@ def test_balancedness_rises_under_a_skewed_router(case):
     infos = _run(*case)["infos"]
     # Each batch's load under the initial maps (steps 0, 1), then under its own rebalance.
     for before, after in ((0, 2), (1, 5)):
-        b0, b1 = float(infos[before].balancedness_total), float(infos[after].balancedness_total)
+        b0, b1 = float(infos[before].balancedness), float(infos[after].balancedness)
         assert b1 > b0 + 0.05, (before, b0, after, b1)
     assert min(int(np.sum(infos[i].remote_rows)) for i in (2, 5)) > 0
 

@@ -168,14 +168,14 @@ def routed(seed, t=64, k=2):
 
 def test_dispatch_counts_exactly_what_was_routed(placed):
     ids, valid = routed(2)
-    phys, s = dispatch(placed, 1, jnp.asarray(ids), valid=jnp.asarray(valid))
+    s, phys = dispatch(placed, 1, jnp.asarray(ids), valid=jnp.asarray(valid))
     want = np.bincount(ids[valid].ravel(), minlength=E)
     np.testing.assert_array_equal(s.pass_load[1], want)
     assert int(s.pass_load[0].sum()) == 0 and int(s.pass_load[2].sum()) == 0
     # Every token, masked or not, goes to a slot holding its logical expert.
     np.testing.assert_array_equal(np.asarray(placed.phy2log[1])[np.asarray(phys)], ids)
     # Recording accumulates.
-    _, s2 = dispatch(s, 1, jnp.asarray(ids), valid=jnp.asarray(valid))
+    s2, _ = dispatch(s, 1, jnp.asarray(ids), valid=jnp.asarray(valid))
     np.testing.assert_array_equal(s2.pass_load[1], 2 * want)
 
 
@@ -198,21 +198,21 @@ def test_dispatch_spreads_over_replicas_deterministically(placed):
     assert cnt[e] >= 2
     ids = np.full((3000, 2), e, np.int32)
     ids[:, 1] = (e + 1) % E  # expert e always first: a plain modulo of t*K+k would pin a replica
-    phys, _ = dispatch(placed, 0, jnp.asarray(ids))
+    _, phys = dispatch(placed, 0, jnp.asarray(ids))
     used = np.bincount(np.asarray(phys)[:, 0], minlength=E + R)
     slots = np.flatnonzero(np.asarray(placed.phy2log[0]) == e)
     share = used[slots] / used.sum()
     assert used.sum() == 3000 and np.all(np.abs(share - 1 / cnt[e]) < 0.05), share
-    again, _ = dispatch(placed, 0, jnp.asarray(ids))
+    _, again = dispatch(placed, 0, jnp.asarray(ids))
     np.testing.assert_array_equal(phys, again)
-    shifted, _ = dispatch(placed, 0, jnp.asarray(ids), token_index=jnp.arange(3000) + 7)
+    _, shifted = dispatch(placed, 0, jnp.asarray(ids), token_index=jnp.arange(3000) + 7)
     assert not np.array_equal(shifted, phys)
 
 
 def test_dispatch_prefers_a_local_replica(placed):
     ids, _ = routed(3, t=200)
     dev = np.arange(200) % D
-    phys, _ = dispatch(
+    _, phys = dispatch(
         placed, 2, jnp.asarray(ids), prefer_local=True, device_index=jnp.asarray(dev)
     )
     phys = np.asarray(phys)
@@ -225,7 +225,7 @@ def test_dispatch_prefers_a_local_replica(placed):
             if local:
                 assert phys[t, k] in local
     # A scalar device index works too.
-    phys0, _ = dispatch(placed, 2, jnp.asarray(ids), prefer_local=True, device_index=0)
+    _, phys0 = dispatch(placed, 2, jnp.asarray(ids), prefer_local=True, device_index=0)
     local0 = np.isin(np.asarray(phys0), np.arange(n))
     holds0 = np.isin(ids, p2l[:n])
     np.testing.assert_array_equal(local0, holds0)
@@ -237,13 +237,13 @@ def test_dispatch_prefer_local_inside_shard_map_uses_the_axis_index(placed):
     ids, _ = routed(4, t=8 * 4)
 
     def body(s, ids):
-        phys, after = dispatch(s, 0, ids, prefer_local=True)
+        after, phys = dispatch(s, 0, ids, prefer_local=True)
         mine = after.pass_load - s.pass_load  # this device's counts
         return phys, s.record(mine, load_axes="ep")  # summed over the devices: replicated
 
     f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P("ep")), out_specs=(P("ep"), P())))
     phys, s = f(placed, jnp.asarray(ids))
-    want, _ = dispatch(
+    _, want = dispatch(
         placed,
         0,
         jnp.asarray(ids),
@@ -263,11 +263,11 @@ def test_dispatch_out_of_range_ids(placed):
     ):
         dispatch(placed, 0, jnp.asarray(ids))
     # Masked tokens may carry anything: mapped to -1 where out of range, never counted.
-    phys, s = dispatch(placed, 0, jnp.asarray(ids), valid=jnp.array([True, False, False]))
+    s, phys = dispatch(placed, 0, jnp.asarray(ids), valid=jnp.array([True, False, False]))
     assert np.asarray(phys)[1, 0] == -1 and np.asarray(phys)[2, 1] == -1
     np.testing.assert_array_equal(s.pass_load[0], np.bincount([0, 1], minlength=E))
     # Under jit the values cannot be checked: -1, not counted.
-    phys, s = jax.jit(lambda s, i: dispatch(s, 0, i))(placed, jnp.asarray(ids))
+    s, phys = jax.jit(lambda s, i: dispatch(s, 0, i))(placed, jnp.asarray(ids))
     np.testing.assert_array_equal(
         np.asarray(phys) == -1, [[False, False], [True, False], [False, True]]
     )
@@ -308,7 +308,7 @@ def test_dispatch_layer_in_a_scan_then_record(placed):
     phys, s = scanned(placed, jnp.asarray(ids))
     looped = placed
     for lay in range(L):
-        want, looped = dispatch(looped, lay, jnp.asarray(ids[lay]))
+        looped, want = dispatch(looped, lay, jnp.asarray(ids[lay]))
         np.testing.assert_array_equal(phys[lay], want)
     np.testing.assert_array_equal(s.pass_load, looped.pass_load)
     with pytest.raises(ValueError, match=r"load: expected shape \[L, E\] = \(3, 8\), got \(8,\)"):
@@ -468,7 +468,7 @@ def test_dispatch_refuses_or_saturates_an_overflowing_sum(placed):
     ids = jnp.full((3, 1), 4, jnp.int32)
     with pytest.raises(ValueError, match=r"state.pass_load\[1, 4\] = 2147483647 gives 2147483650"):
         dispatch(full, 1, ids)
-    _, s = jax.jit(lambda s, i: dispatch(s, 1, i))(full, ids)
+    s, _ = jax.jit(lambda s, i: dispatch(s, 1, i))(full, ids)
     assert int(s.pass_load[1, 4]) == BIG
 
 
@@ -518,14 +518,14 @@ def test_traced_layer_outside_the_range_counts_nothing(placed):
 
     @jax.jit
     def both(s, lay):
-        phys, s = dispatch(s, lay, ids)
+        s, phys = dispatch(s, lay, ids)
         return phys, s.record(jnp.ones(E, jnp.int32), layer=lay)
 
     for lay in (-1, L, 50):  # not wrapped, not clamped: dropped
         phys, s = both(placed, jnp.int32(lay))
         assert (np.asarray(phys) == -1).all() and int(s.pass_load.sum()) == 0
     phys, s = both(placed, jnp.int32(1))
-    want, _ = dispatch(placed, 1, ids)
+    _, want = dispatch(placed, 1, ids)
     np.testing.assert_array_equal(phys, want)
     assert int(s.pass_load[1].sum()) == ids.size + E and int(s.pass_load.sum()) == ids.size + E
 

@@ -3,7 +3,7 @@
 Call it once per MoE layer, between the router's top-k and the expert computation. Two forms:
 
 * `dispatch(state, layer, topk_ids)`: slices the layer's maps from an `EplbState` and returns the
-  state with the counts added to ``state.pass_load[layer]`` (Python loops over layers, Flax NNX modules).
+  state (first) with the counts added to ``state.pass_load[layer]`` (Python loops over layers, Flax NNX modules).
 * `dispatch_layer(log2phy, logcnt, topk_ids)`: takes one layer's map slices and returns the counts
   ([E]); inside a `jax.lax.scan` over layers, scan the slices and stack the counts into [L, E], then
   add them with `EplbState.record`.
@@ -289,7 +289,7 @@ def dispatch(
     token_index: jax.Array | None = None,
     prefer_local: bool = False,
     device_index: Any = None,
-) -> tuple[jax.Array, EplbState]:
+) -> tuple[EplbState, jax.Array]:
     """Maps a layer's top-k logical ids to physical slots and records the load in the state.
 
     Args:
@@ -302,11 +302,12 @@ def dispatch(
       token_index: optional int[...]: the index the replica hash uses (default: flat position).
       prefer_local: take a replica on the token's own device when there is one.
       device_index: with ``prefer_local``: the token's device (int or int[...]); by default
-        ``lax.axis_index(state.config.transfer.axis_name)``, which needs the call to run inside `jax.shard_map`.
+        ``lax.axis_index(state.config.transfer.axis_name)``, which needs the call to run inside
+        `jax.shard_map`.
 
     Returns:
-      ``(physical_ids int32[..., K], state)`` with ``state.pass_load[layer]`` increased by the counts
-      (through `EplbState.record`: an int32 sum that would pass 2^31 - 1 raises eagerly and
+      ``(state, physical_ids int32[..., K])``: the state first, as every function that takes
+      and returns a state, with ``state.pass_load[layer]`` increased by the counts (through `EplbState.record`: an int32 sum that would pass 2^31 - 1 raises eagerly and
       saturates under jit). Inside `jax.shard_map` the counts are this device's; see
       `jeplb.eplb_step_local`.
 
@@ -318,7 +319,7 @@ def dispatch(
       >>> import jax.numpy as jnp
       >>> s = EplbState.create(num_layers=1, num_experts=2, num_devices=1,
       ...                      num_redundant_experts=2, window_size=1, step_interval=1)
-      >>> phys, s = dispatch(s, 0, jnp.array([[0], [0], [0], [1]]))
+      >>> s, phys = dispatch(s, 0, jnp.array([[0], [0], [0], [1]]))
       >>> sorted(set(phys[:3, 0].tolist())) == [0, 2], s.pass_load.tolist()
       (True, [[3, 1]])
     """
@@ -350,4 +351,4 @@ def dispatch(
     )
     if traced:  # an index outside [0, L): no slot, nothing counted (record drops it)
         phys = jnp.where((layer >= 0) & (layer < state.num_layers), phys, -1)
-    return phys, state.record(counts, layer=layer)
+    return state.record(counts, layer=layer), phys

@@ -7,8 +7,10 @@ as a router that spreads an expert's tokens over its replicas does (vLLM hashes 
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
-from typing import Any, NamedTuple
+import warnings
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,21 +23,33 @@ __all__ = ["Balance", "balancedness", "device_loads", "remote_copies"]
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-class Balance(NamedTuple):
-    """Balance of a placement.
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Balance:
+    """Balance of a placement (a pytree of arrays).
 
     Attributes:
       mean: float32[L] mean device load per layer.
       max: float32[L] heaviest device's load per layer.
-      per_layer: float32[L] mean / max per layer (1.0 where a layer has no load).
+      layer_balancedness: float32[L] mean / max per layer (1.0 where a layer has no load).
       balancedness: float32[] sum over layers of mean / sum over layers of max (vLLM's figure;
         1.0 is perfect, 1 / D is everything on one device). 1.0 when there is no load at all.
     """
 
     mean: jax.Array
     max: jax.Array
-    per_layer: jax.Array
+    layer_balancedness: jax.Array
     balancedness: jax.Array
+
+    @property
+    def per_layer(self) -> jax.Array:
+        """Deprecated name of ``layer_balancedness`` (kept for one release)."""
+        warnings.warn(
+            "Balance.per_layer is renamed Balance.layer_balancedness",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.layer_balancedness
 
 
 def _as_array(x: Any) -> Any:
@@ -174,7 +188,7 @@ def balancedness(phy2log: jax.Array, load: jax.Array, num_devices: int) -> Balan
       num_devices: D, a divisor of P.
 
     Returns:
-      A `Balance` (mean float32[L], max float32[L], per_layer float32[L], balancedness
+      A `Balance` (mean float32[L], max float32[L], layer_balancedness float32[L], balancedness
       float32[]).
 
     Example:
@@ -200,7 +214,7 @@ def _balance(loads: jax.Array) -> Balance:
     total_max = top.sum()
     ratio = jnp.where(total_max > 0, mean.sum() / jnp.where(total_max > 0, total_max, 1.0), 1.0)
     per_layer = jnp.where(top > 0, mean / jnp.where(top > 0, top, 1.0), 1.0)
-    return Balance(mean=mean, max=top, per_layer=per_layer, balancedness=ratio)
+    return Balance(mean=mean, max=top, layer_balancedness=per_layer, balancedness=ratio)
 
 
 def remote_copies(old_phy2log: jax.Array, new_phy2log: jax.Array, num_devices: int) -> jax.Array:

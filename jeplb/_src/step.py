@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import warnings
 from typing import Any
 
 import jax
@@ -73,9 +74,10 @@ class StepInfo:
       in_progress: bool[]. Layers of the rebalance are left for later steps.
       remote_rows: int32[L]. Expert rows received from other devices in this step, per layer
         (all devices together: one per device and expert it gains; 0 for layers not moved).
-      balancedness: float32[L]. Per layer, mean device load / max device load of the window's
+      layer_balancedness: float32[L]. Per layer, mean device load / max device load of the window's
         load under the maps after this step (1.0 = perfect; 1.0 where no load was recorded).
-      balancedness_total: float32[]. Over all layers: sum of means / sum of maxima (vLLM's).
+      balancedness: float32[]. Over all layers: sum of means / sum of maxima (vLLM's figure;
+        `jeplb.Balance` names the same two figures the same way).
     """
 
     step: jax.Array
@@ -84,8 +86,19 @@ class StepInfo:
     layer_ok: jax.Array
     in_progress: jax.Array
     remote_rows: jax.Array
+    layer_balancedness: jax.Array
     balancedness: jax.Array
-    balancedness_total: jax.Array
+
+    @property
+    def balancedness_total(self) -> jax.Array:
+        """Deprecated name of ``balancedness`` (the scalar; kept for one release)."""
+        warnings.warn(
+            "StepInfo.balancedness_total is renamed StepInfo.balancedness (the per-layer figure "
+            "is StepInfo.layer_balancedness)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.balancedness
 
 
 # ----------------------------------------------------------------------------------- metrics
@@ -95,7 +108,7 @@ def _balancedness(load: jax.Array, phy2log: jax.Array, logcnt: jax.Array, num_de
     """(per_layer float32[L], total float32[]) of `jeplb.balancedness` for the window's load,
     from the state's replica counts (gathers only: no scatter in the idle step)."""
     b = balance.balance_counted(phy2log, logcnt, load, num_devices)
-    return b.per_layer, b.balancedness
+    return b.layer_balancedness, b.balancedness
 
 
 # ------------------------------------------------------------------------------------- policy
@@ -165,10 +178,35 @@ def _transfer(state: EplbState, leaves, pending, cursor, setup: engine_lib.Engin
     return leaves, maps, cursor, stats, layer_ok
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _Moved:
+    """What a branch of the step did besides updating the state (replicated).
+
+    Attributes:
+      fired: bool[]. A rebalance was planned.
+      moved: bool[L]. Layers whose weights moved and whose maps switched.
+      layer_ok: bool[L]. False for a due layer whose plan was infeasible.
+      remote_rows: int32[L]. Rows received from other devices, per layer.
+    """
+
+    fired: jax.Array
+    moved: jax.Array
+    layer_ok: jax.Array
+    remote_rows: jax.Array
+
+
+# The state fields the step's branches may change (both return them all, nothing else).
+_BRANCH_FIELDS = (
+    "window_total", "phy2log", "log2phy", "logcnt", "pending_phy2log", "pending_log2phy",
+    "pending_logcnt", "cursor",
+)  # fmt: skip
+
+
 def _busy(state: EplbState, leaves, window, slid, scheduled, setup):
     """The step's branch when a rebalance is scheduled or under way, or the total saturated:
-    the exact total, maybe the policy, the transfer of the due layers. Returns (total, fired,
-    pending, maps, cursor, leaves, moved, layer_ok, remote_rows)."""
+    the exact total, maybe the policy, the transfer of the due layers. Returns (the state fields
+    it changes, by name; leaves; `_Moved`): only those pass through the branch, not the window."""
     saturated = jnp.any(state.window_total == INT32_MAX)
     total = lax.cond(saturated, lambda: window_sum(window), lambda: slid)
     with jax.named_scope("eplb_policy"):
@@ -179,21 +217,25 @@ def _busy(state: EplbState, leaves, window, slid, scheduled, setup):
         cursor = jnp.where(fire, 0, state.cursor)
     with jax.named_scope("eplb_transfer"):
         leaves, maps, cursor, stats, layer_ok = _transfer(state, leaves, pending, cursor, setup)
-    return (
-        total, fire, pending, maps, cursor, leaves, stats.moved, layer_ok, stats.remote_rows
-    )  # fmt: skip
+    changes = dict(
+        window_total=total,
+        phy2log=maps[0],
+        log2phy=maps[1],
+        logcnt=maps[2],
+        pending_phy2log=pending[0],
+        pending_log2phy=pending[1],
+        pending_logcnt=pending[2],
+        cursor=cursor,
+    )
+    return changes, leaves, _Moved(fire, stats.moved, layer_ok, stats.remote_rows)
 
 
 def _quiet(state: EplbState, leaves, slid):
     """The step's branch otherwise: nothing but the slid total; maps and weights pass through."""
-    num_layers = state.num_layers
-    pending = (state.pending_phy2log, state.pending_log2phy, state.pending_logcnt)
-    maps = (state.phy2log, state.log2phy, state.logcnt)
-    no = jnp.zeros((num_layers,), bool)
-    return (
-        slid, jnp.bool_(False), pending, maps, state.cursor, leaves, no, ~no,
-        jnp.zeros((num_layers,), jnp.int32),
-    )  # fmt: skip
+    no = jnp.zeros((state.num_layers,), bool)
+    moved = _Moved(jnp.bool_(False), no, ~no, jnp.zeros((state.num_layers,), jnp.int32))
+    changes = {name: getattr(state, name) for name in _BRANCH_FIELDS}
+    return dict(changes, window_total=slid), leaves, moved
 
 
 def _local_step(state: EplbState, leaves: list[jax.Array], *, load_axes: tuple[str, ...], setup):
@@ -211,41 +253,33 @@ def _local_step(state: EplbState, leaves: list[jax.Array], *, load_axes: tuple[s
     idle = state.cursor >= num_layers
     scheduled = (step % state.config.schedule.step_interval == 0) & idle
     busy = scheduled | ~idle | jnp.any(state.window_total == INT32_MAX)
-    total, fire, pending, maps, cursor, leaves, moved, layer_ok, remote_rows = lax.cond(
+    changes, leaves, moved = lax.cond(
         busy,
         lambda: _busy(state, leaves, window, slid, scheduled, setup),
         lambda: _quiet(state, leaves, slid),
     )
+    state = state.replace(**changes)
 
     with jax.named_scope("eplb_metrics"):
         per_layer, overall = _balancedness(
-            total.astype(jnp.float32), maps[0], maps[2], state.num_devices
+            state.window_total.astype(jnp.float32), state.phy2log, state.logcnt, state.num_devices
         )
-
     new_state = state.replace(
-        phy2log=maps[0],
-        log2phy=maps[1],
-        logcnt=maps[2],
         pass_load=jnp.zeros(state.pass_load.shape, jnp.int32),  # not zeros_like: may vary
         window=window,
-        window_total=total,
         window_leaving=leaving,
         window_pos=window_pos,
         step=step,
-        pending_phy2log=pending[0],
-        pending_log2phy=pending[1],
-        pending_logcnt=pending[2],
-        cursor=cursor,
     )
     info = StepInfo(
         step=step,
-        fired=fire,
-        moved=moved,
-        layer_ok=layer_ok,
-        in_progress=cursor < num_layers,
-        remote_rows=remote_rows,
-        balancedness=per_layer,
-        balancedness_total=overall,
+        fired=moved.fired,
+        moved=moved.moved,
+        layer_ok=moved.layer_ok,
+        in_progress=new_state.in_progress,
+        remote_rows=moved.remote_rows,
+        layer_balancedness=per_layer,
+        balancedness=overall,
     )
     return new_state, leaves, info
 
@@ -285,7 +319,7 @@ def _log_balancedness(state: EplbState, info: StepInfo, *, only_device: jax.Arra
     lax.cond(
         info.step % interval == 0,
         lambda: jax.debug.callback(
-            emit, info.step, info.balancedness_total, info.balancedness, info.moved, device
+            emit, info.step, info.balancedness, info.layer_balancedness, info.moved, device
         ),
         lambda: None,
     )
@@ -334,7 +368,7 @@ def eplb_step_local(
       ...                      window_size=2, step_interval=5)
       >>> from jeplb import dispatch
       >>> def body(s, w, ids):
-      ...     _, s = dispatch(s, 0, ids)  # this device's counts
+      ...     s, _ = dispatch(s, 0, ids)  # this device's counts
       ...     return eplb_step_local(s, w, load_axes="ep")
       >>> f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(None, "ep"), P("ep")),
       ...                           out_specs=(P(), P(None, "ep"), P())))

@@ -264,7 +264,7 @@ class MoETransformer(nnx.Module):
             gates = jax.nn.softmax(top, axis=-1).astype(x.dtype)
         with jax.named_scope("eplb_dispatch"):
             if record:
-                phys, state = dispatch(state, layer, ids)
+                state, phys = dispatch(state, layer, ids)
             else:
                 phys = state.log2phy[layer, ids, 0]  # first replica, nothing recorded
         capacity = t if cfg.capacity is None else cfg.capacity
