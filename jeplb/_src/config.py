@@ -22,7 +22,7 @@ from jeplb._src.policy import registry
 from jeplb._src.policy.api import DeepSeekPolicy
 from jeplb._src.policy.base import Policy
 from jeplb._src.transfer.config import TransferConfig
-from jeplb._src.validate import check_int
+from jeplb._src.validate import check_fraction, check_int
 
 __all__ = ["EplbConfig", "ScheduleConfig"]
 
@@ -39,6 +39,12 @@ class ScheduleConfig:
       layers_per_step: progressive mode: move this many layers per step (1..L); None moves every
         layer in the step that plans the rebalance.
       log_interval: log balancedness every this many steps (0: never).
+      skip_above: skip a due rebalance when the current placement's balancedness under the
+        window's load is at least this (in [0, 1]; None: never skip on it). The policy does not
+        run; nothing moves. SGLang's utilisation threshold.
+      min_gain: skip a due rebalance when the planned placement's balancedness is not at least
+        this much above the current one (in [0, 1]; None: never skip on it). The policy runs,
+        nothing moves. Progressive mode skips the whole rebalance, never a part of one.
 
     Example:
       >>> ScheduleConfig(window_size=10, step_interval=100).layers_per_step is None
@@ -49,12 +55,16 @@ class ScheduleConfig:
     step_interval: int = 3000
     layers_per_step: int | None = None
     log_interval: int = 0
+    skip_above: float | None = None
+    min_gain: float | None = None
 
     def __post_init__(self):
         check_int("window_size", self.window_size, minimum=1)
         check_int("step_interval", self.step_interval, minimum=1)
         check_int("layers_per_step", self.layers_per_step, minimum=1, allow_none=True)
         check_int("log_interval", self.log_interval, minimum=0)
+        check_fraction("skip_above", self.skip_above, allow_none=True)
+        check_fraction("min_gain", self.min_gain, allow_none=True)
 
     def layers_moved(self, num_layers: int) -> int:
         """Layers moved per step: ``layers_per_step``, or L when it is None."""

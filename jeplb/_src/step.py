@@ -67,7 +67,12 @@ class StepInfo:
 
     Attributes:
       step: int32[]. The step counter after this step.
-      fired: bool[]. A rebalance was planned in this step.
+      fired: bool[]. A rebalance was planned in this step (and moves, now or progressively).
+      skipped: bool[]. A rebalance was due in this step but did not pay (`jeplb.ScheduleConfig`'s
+        ``skip_above`` / ``min_gain``): no row moves, the maps stay.
+      planned_balancedness: float32[]. The balancedness the policy's placement would have under
+        the window's load (NaN when the policy did not run in this step); with
+        ``balancedness`` (the current placement's, when skipped) it says why a rebalance skipped.
       moved: bool[L]. Layers whose weights moved and whose maps switched in this step.
       layer_ok: bool[L]. False for a layer due to move in this step whose transfer plan was
         infeasible (a target naming an expert the current map lacks): it keeps its placement.
@@ -82,6 +87,8 @@ class StepInfo:
 
     step: jax.Array
     fired: jax.Array
+    skipped: jax.Array
+    planned_balancedness: jax.Array
     moved: jax.Array
     layer_ok: jax.Array
     in_progress: jax.Array
@@ -184,16 +191,53 @@ class _Moved:
     """What a branch of the step did besides updating the state (replicated).
 
     Attributes:
-      fired: bool[]. A rebalance was planned.
+      fired: bool[]. A rebalance was planned (and will move).
+      skipped: bool[]. A rebalance was due but skipped (`jeplb.ScheduleConfig` thresholds).
+      planned_balancedness: float32[]. The planned placement's balancedness (NaN: no plan).
       moved: bool[L]. Layers whose weights moved and whose maps switched.
       layer_ok: bool[L]. False for a due layer whose plan was infeasible.
       remote_rows: int32[L]. Rows received from other devices, per layer.
     """
 
     fired: jax.Array
+    skipped: jax.Array
+    planned_balancedness: jax.Array
     moved: jax.Array
     layer_ok: jax.Array
     remote_rows: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _Decision:
+    """The policy phase's outcome: whether a due rebalance runs, and its target maps."""
+
+    fired: jax.Array
+    skipped: jax.Array
+    planned_balancedness: jax.Array
+    pending: tuple[jax.Array, jax.Array, jax.Array]
+
+
+def _decide(state: EplbState, total: jax.Array, scheduled: jax.Array) -> _Decision:
+    """Plans when a rebalance is due (scheduled, some load recorded) and pays: the current
+    balancedness below ``skip_above`` (else the policy does not run), the planned one at least
+    ``min_gain`` above it (else the plan is dropped). A dropped plan moves nothing at all."""
+    schedule, d = state.config.schedule, state.num_devices
+    load = total.astype(jnp.float32)
+    due = scheduled & jnp.any(total > 0)
+    kept = (state.pending_phy2log, state.pending_log2phy, state.pending_logcnt)
+    run = due
+    if schedule.skip_above is not None or schedule.min_gain is not None:
+        _, now = _balancedness(load, state.phy2log, state.logcnt, d)
+    if schedule.skip_above is not None:
+        run = run & (now < schedule.skip_above)
+    planned = lax.cond(run, lambda: _plan_placement(state, load), lambda: kept)
+    would = jnp.where(run, _balancedness(load, planned[0], planned[2], d)[1], jnp.nan)
+    fired = run
+    if schedule.min_gain is not None:
+        fired = run & (would - now >= schedule.min_gain)
+    pending = tuple(jnp.where(fired, p, k) for p, k in zip(planned, kept, strict=True))
+    return _Decision(fired, due & ~fired, would.astype(jnp.float32), pending)
 
 
 # The state fields the step's branches may change (both return them all, nothing else).
@@ -210,11 +254,9 @@ def _busy(state: EplbState, leaves, window, slid, scheduled, setup):
     saturated = jnp.any(state.window_total == INT32_MAX)
     total = lax.cond(saturated, lambda: window_sum(window), lambda: slid)
     with jax.named_scope("eplb_policy"):
-        fire = scheduled & jnp.any(total > 0)
-        pending = (state.pending_phy2log, state.pending_log2phy, state.pending_logcnt)
-        target = total.astype(jnp.float32)
-        pending = lax.cond(fire, lambda: _plan_placement(state, target), lambda: pending)
-        cursor = jnp.where(fire, 0, state.cursor)
+        decision = _decide(state, total, scheduled)
+        cursor = jnp.where(decision.fired, 0, state.cursor)
+        pending = decision.pending
     with jax.named_scope("eplb_transfer"):
         leaves, maps, cursor, stats, layer_ok = _transfer(state, leaves, pending, cursor, setup)
     changes = dict(
@@ -227,13 +269,18 @@ def _busy(state: EplbState, leaves, window, slid, scheduled, setup):
         pending_logcnt=pending[2],
         cursor=cursor,
     )
-    return changes, leaves, _Moved(fire, stats.moved, layer_ok, stats.remote_rows)
+    moved = _Moved(decision.fired, decision.skipped, decision.planned_balancedness, stats.moved,
+                   layer_ok, stats.remote_rows)  # fmt: skip
+    return changes, leaves, moved
 
 
 def _quiet(state: EplbState, leaves, slid):
     """The step's branch otherwise: nothing but the slid total; maps and weights pass through."""
     no = jnp.zeros((state.num_layers,), bool)
-    moved = _Moved(jnp.bool_(False), no, ~no, jnp.zeros((state.num_layers,), jnp.int32))
+    moved = _Moved(
+        jnp.bool_(False), jnp.bool_(False), jnp.float32(jnp.nan), no, ~no,
+        jnp.zeros((state.num_layers,), jnp.int32),
+    )  # fmt: skip
     changes = {name: getattr(state, name) for name in _BRANCH_FIELDS}
     return dict(changes, window_total=slid), leaves, moved
 
@@ -274,6 +321,8 @@ def _local_step(state: EplbState, leaves: list[jax.Array], *, load_axes: tuple[s
     info = StepInfo(
         step=step,
         fired=moved.fired,
+        skipped=moved.skipped,
+        planned_balancedness=moved.planned_balancedness,
         moved=moved.moved,
         layer_ok=moved.layer_ok,
         in_progress=new_state.in_progress,

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["check_axis_name", "check_bool", "check_choice", "check_int"]
+__all__ = ["check_axis_name", "check_bool", "check_choice", "check_fraction", "check_int"]
 
 
 def check_int(name: str, value: Any, *, minimum: int | None = None, allow_none=False) -> None:
@@ -28,6 +28,22 @@ def check_int(name: str, value: Any, *, minimum: int | None = None, allow_none=F
         raise TypeError(f"{name}: expected {want}, got {type(value).__name__} {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+
+
+def check_fraction(name: str, value: Any, *, allow_none=False) -> None:
+    """Raises unless ``value`` is a real number (int or float, not a bool) in [0, 1].
+
+    Raises:
+      TypeError: not a real number (``None`` too, unless ``allow_none``).
+      ValueError: outside [0, 1] (NaN included).
+    """
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.number):
+        want = "a number in [0, 1] or None" if allow_none else "a number in [0, 1]"
+        raise TypeError(f"{name}: expected {want}, got {type(value).__name__} {value!r}")
+    if not 0 <= value <= 1:
+        raise ValueError(f"{name}: expected a number in [0, 1], got {value!r}")
 
 
 def check_bool(name: str, value: Any) -> None:
