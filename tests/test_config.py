@@ -147,3 +147,11 @@ def test_every_transfer_option_reaches_eplb_step(mesh, monkeypatch):
     state, experts, w, info = _step_with(mesh, config)
     assert seen == [config.transfer] and bool(info.fired)
     np.testing.assert_array_equal(experts, w[jnp.arange(L)[:, None], state.phy2log])
+
+
+@pytest.mark.parametrize("experts, devices, slots", [(6, 4, 8), (8, 4, 8), (16, 8, 16), (5, 8, 8)])
+def test_auto_redundant_experts_is_the_smallest_valid_count(experts, devices, slots):
+    s = jeplb.EplbState.create(
+        num_layers=1, num_experts=experts, num_devices=devices, num_redundant_experts="auto"
+    )
+    assert s.num_slots == slots and s.num_slots % devices == 0

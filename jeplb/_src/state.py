@@ -337,7 +337,7 @@ class EplbState:
         num_layers: int,
         num_experts: int,
         num_devices: int,
-        num_redundant_experts: int = 0,
+        num_redundant_experts: int | str = 0,
         config: EplbConfig | None = None,
         **options,
     ) -> EplbState:
@@ -350,7 +350,9 @@ class EplbState:
           num_experts: E, logical experts per layer (>= 1).
           num_devices: D, devices on the expert-parallel mesh axis, which the policy spreads the
             slots over; P = E + num_redundant_experts must be divisible by D.
-          num_redundant_experts: P - E, extra replica slots per layer (>= 0).
+          num_redundant_experts: P - E, extra replica slots per layer (>= 0), or ``"auto"``:
+            the smallest R with (E + R) % D == 0 (0 when D divides E), vLLM's default. More
+            replicas buy balance for memory: docs/policy.md has the figures.
           config: the `jeplb.EplbConfig` (default: every option at its default).
           **options: single options of ``config`` by name, as `jeplb.EplbConfig.create` takes
             them: ``window_size``, ``step_interval``, ``layers_per_step``, ``log_interval``
@@ -368,10 +370,15 @@ class EplbState:
           ...                      num_redundant_experts=4, window_size=10, step_interval=100)
           >>> s.phy2log.shape, s.log2phy.shape, s.window.shape
           ((3, 12), (3, 8, 5), (10, 3, 8))
+          >>> EplbState.create(num_layers=1, num_experts=6, num_devices=4,
+          ...                  num_redundant_experts="auto").num_slots
+          8
         """
         check_int("num_layers", num_layers, minimum=1)
         check_int("num_experts", num_experts, minimum=1)
         check_int("num_devices", num_devices, minimum=1)
+        if num_redundant_experts == "auto":
+            num_redundant_experts = -num_experts % num_devices
         check_int("num_redundant_experts", num_redundant_experts, minimum=0)
         config = EplbConfig.create(config, where="EplbState.create", **options)
         p_total = num_experts + num_redundant_experts
