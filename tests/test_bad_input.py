@@ -138,7 +138,12 @@ def bad_maps(case, data):
     if case == "one_dim":
         return old[0], new[0], ValueError, r"old_phy2log: expected a 2-D map \[L, P\]"
     if case == "shape":
-        return old, new[:1], ValueError, r"new_phy2log: expected the shape of old_phy2log"
+        return (
+            old,
+            new[:1],
+            ValueError,
+            r"new_phy2log: expected shape \[L, P\] = \(2, 16\) \(old_phy2log's\), got \(1, 16\)",
+        )
     if case == "below_minus_one":
         new[lay, p] = data.draw(st.integers(-(2**31), -2))
         return old, new, ValueError, rf"new_phy2log\[{lay}, {p}\] = -\d+: expected an expert id"
@@ -148,20 +153,30 @@ def bad_maps(case, data):
         return old, new, ValueError, rf"new_phy2log\[{lay}, {p}\] = \d+, but no slot of old_phy2log"
     if case == "int32_max":  # reserved: ids must stay below it
         new[lay, p] = 2**31 - 1
-        return old, new, ValueError, rf"new_phy2log\[{lay}, {p}\] = 2147483647: .* int32 range"
+        return (
+            old,
+            new,
+            ValueError,
+            rf"new_phy2log\[{lay}, {p}\] = 2147483647: expected an expert id in \[0, 2\^31 - 1\)",
+        )
     if case == "above_num_experts":
         old[lay, p] = E + 5
-        return old, new, ValueError, r"old_phy2log\[\d, \d+\] = 13: expected an expert id below"
+        return (
+            old,
+            new,
+            ValueError,
+            r"old_phy2log\[\d, \d+\] = 13: expected an expert id in \[0, num_experts = 8\)",
+        )
     if case == "p_not_divisible":
         cut = data.draw(st.sampled_from([PT - 1, PT - 3, PT + 1]))
         o = np.resize(old, (L, cut)).astype(np.int32)
-        return o, o, ValueError, r"P = \d+ slots is not divisible by the 8 devices"
+        return o, o, ValueError, r"P = \d+ slots is not divisible by D = 8 devices"
     if case in ("no_layers", "no_slots"):
         o = old[:0] if case == "no_layers" else old[:, :0]
         shape = r"\(0, 16\)" if case == "no_layers" else r"\(2, 0\)"
         want = rf"old_phy2log: expected at least one layer and one slot, got shape {shape}"
         return o, o.copy(), ValueError, want
-    return "maps", new, TypeError, r"old_phy2log: expected an integer array, got str"
+    return "maps", new, TypeError, r"old_phy2log: expected an integer array \[L, P\], got str"
 
 
 @SETTINGS
@@ -488,8 +503,12 @@ def test_rebalance_experts_bad_input(case, data):
         args[i] = data.draw(st.sampled_from([2.0, "2", None, True]))
         error, match = TypeError, r"num_\w+: expected a Python int"
     elif case == "old_shape":
-        kwargs["old_phy2log"] = OLD[:, :N]
-        error, match = ValueError, r"old_phy2log: expected shape \[L, P\]"
+        kwargs["old_phy2log"] = OLD[:1]
+        error, match = (
+            ValueError,
+            r"old_phy2log: expected shape \[L, P\] = \(2, 16\) \(load's layers x num_slots\), "
+            r"got \(1, 16\)",
+        )
     elif case == "old_ids":
         old = OLD.copy()
         old[lay, 2 * e] = E + data.draw(st.integers(0, 100))
@@ -499,7 +518,7 @@ def test_rebalance_experts_bad_input(case, data):
         old = OLD.copy()
         old[lay] = np.where(old[lay] == e, (e + 1) % E, old[lay])
         kwargs["old_phy2log"] = old
-        error, match = ValueError, rf"old_phy2log\[{lay}\]: .*expert {e} has none"
+        error, match = ValueError, rf"old_phy2log\[{lay}\]: expert {e} has no slot"
 
     def rebalance_experts():
         return jeplb.rebalance_experts(*args, **kwargs)
@@ -519,19 +538,19 @@ def test_metrics_bad_shapes(case):
         error, match = ValueError, r"load: expected \[L, E\] with L = 2"
     elif case == "gpus":
         fn = lambda: jeplb.device_loads(OLD, load, 5)  # noqa: E731
-        error, match = ValueError, r"num_devices: expected a divisor of P = 16"
+        error, match = ValueError, r"phy2log: P = 16 slots is not divisible by D = 5 devices"
     elif case == "map_dim":
         fn = lambda: jeplb.balancedness(OLD[0], load, D)  # noqa: E731
         error, match = ValueError, r"phy2log: expected a 2-D map \[L, P\]"
     elif case == "rc_shape":
-        fn = lambda: jeplb.remote_copies(OLD, OLD[:, :N], D)  # noqa: E731
-        error, match = ValueError, r"new_phy2log: expected the shape of old_phy2log"
-    else:
-        fn = lambda: jeplb.remote_copies(OLD, OLD, 3)  # noqa: E731
+        fn = lambda: jeplb.remote_copies(OLD, OLD[:1], D)  # noqa: E731
         error, match = (
             ValueError,
-            r"num_devices: expected a divisor of P = 16 \(old_phy2log's slots\), got 3",
+            r"new_phy2log: expected shape \[L, P\] = \(2, 16\) \(old_phy2log's\), got \(1, 16\)",
         )
+    else:
+        fn = lambda: jeplb.remote_copies(OLD, OLD, 3)  # noqa: E731
+        error, match = ValueError, r"old_phy2log: P = 16 slots is not divisible by D = 3 devices"
     fn.__qualname__ = "metrics"
     expect(fn, error, match, load)
 
@@ -636,7 +655,7 @@ def test_state_from_placement_bad_map(case, data):
         error, match = ValueError, rf"phy2log\[{lay}, 3\] = -?\d+: expected an expert id"
     else:
         m = m[:, :-1]
-        error, match = ValueError, r"num_devices: P = 15 slots per layer"
+        error, match = ValueError, r"phy2log: P = 15 slots is not divisible by D = 8 devices"
 
     def from_placement():
         return jeplb.EplbState.from_placement(
@@ -906,8 +925,12 @@ def test_recover_experts_bad_input(case, data):
         kwargs["mesh"] = mesh_of(d=3)
         error, match = ValueError, r"mesh: 3 devices x N_local = 2 slots = 6 slots per layer, fewer"
     elif case == "target_shape":
-        kwargs["new_phy2log"] = OLD
-        error, match = ValueError, r"new_phy2log: expected shape \[L, P'\] = \(2, 12\)"
+        kwargs["new_phy2log"] = np.zeros((L, 18), np.int32)
+        error, match = (
+            ValueError,
+            r"new_phy2log: expected shape \[L, P\] = \(2, 12\) \(N_local = 2 slots on each of "
+            r"the 6 new devices\), got \(2, 18\)",
+        )
     elif case == "target_missing":
         kwargs["new_phy2log"] = np.zeros((L, 12), np.int32)
         error, match = ValueError, r"new_phy2log\[0\]: expert 1 has no slot"

@@ -472,18 +472,18 @@ GOOD = np.ones((2, 8), np.float32)
         ((GOOD * np.nan, 8, 2, 2, 4), {}, r"load\[0, 0\] = nan: expected finite loads"),
         (
             (GOOD, 8, 2, 2, 4),
-            {"old_phy2log": np.zeros((2, 9), np.int32)},
+            {"old_phy2log": np.zeros((1, 8), np.int32)},
             r"old_phy2log: expected shape \[L, P\] = \(2, 8\)",
         ),
         (
             (GOOD, 8, 2, 2, 4),
             {"old_phy2log": np.zeros((2, 8), np.int32)},
-            r"old_phy2log\[0\]: expected every expert .* expert 1 has none",
+            r"old_phy2log\[0\]: expert 1 has no slot",
         ),
         (
             (GOOD, 8, 2, 2, 4),
             {"old_phy2log": np.full((2, 8), 8, np.int32)},
-            r"old_phy2log\[0, 0\] = 8: expected an expert id in \[0, E = 8\)",
+            r"old_phy2log\[0, 0\] = 8: expected an expert id in \[0, num_experts = 8\)",
         ),
         ((np.ones(8), 8, 2, 2, 4), {}, r"load: expected a 2-D array \[L, E\]"),
     ],

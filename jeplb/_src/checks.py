@@ -13,7 +13,6 @@ from jeplb._src.transfer.layout import SUB_BYTE
 
 __all__ = [
     "axis_size",
-    "check_maps",
     "default_specs",
     "expert_spec",
     "is_concrete",
@@ -115,91 +114,6 @@ def place_map(x: Any, mesh) -> Any:
     if not isinstance(x, jax.Array):
         x = np.asarray(x)
     return jax.device_put(x.astype(np.int32), NamedSharding(mesh, jax.sharding.PartitionSpec()))
-
-
-def _int_map(x: Any, name: str) -> Any:
-    if isinstance(x, list | tuple):
-        x = np.asarray(x)
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"{name}: expected an integer array, got {type(x).__name__}")
-    if not np.issubdtype(np.dtype(x.dtype), np.integer):
-        raise TypeError(f"{name}: expected an integer dtype (int32), got {x.dtype}")
-    return x
-
-
-def check_maps(
-    old: Any,
-    new: Any,
-    *,
-    num_devices: int,
-    ndim: int,
-    num_experts: int | None = None,
-    old_name: str = "old_phy2log",
-    new_name: str = "new_phy2log",
-) -> tuple[Any, Any]:
-    """Checks a pair of physical-to-logical maps and returns them (lists as numpy arrays).
-
-    Shapes must be ``[L, P]`` (``ndim == 2``) or ``[P]`` (``ndim == 1``), equal, integer, with P
-    divisible by ``num_devices``. When the values are concrete: ids >= -1, ids < num_experts (if
-    given), and every expert the new map names is held by some slot of the old map in that layer.
-    """
-    old = _int_map(old, old_name)
-    new = _int_map(new, new_name)
-    want = "[L, P]" if ndim == 2 else "[P]"
-    for name, m in ((old_name, old), (new_name, new)):
-        if m.ndim != ndim:
-            raise ValueError(f"{name}: expected a {ndim}-D map {want}, got shape {tuple(m.shape)}")
-    if tuple(old.shape) != tuple(new.shape):
-        raise ValueError(
-            f"{new_name}: expected the shape of {old_name} {tuple(old.shape)}, "
-            f"got {tuple(new.shape)}"
-        )
-    p_total = old.shape[-1]
-    if 0 in old.shape:
-        raise ValueError(
-            f"{old_name}: expected at least one layer and one slot, got shape {tuple(old.shape)}"
-        )
-    if p_total % num_devices:
-        raise ValueError(
-            f"{old_name}: P = {p_total} slots is not divisible by the {num_devices} devices of "
-            f"the mesh axis; every device must hold P // D slots"
-        )
-    if not (is_concrete(old) and is_concrete(new)):
-        return old, new
-    o = np.asarray(old).reshape(-1, p_total)
-    n = np.asarray(new).reshape(-1, p_total)
-    for name, m in ((old_name, o), (new_name, n)):
-        bad = np.argwhere(m < -1)
-        if bad.size:
-            idx = _where(bad[0], ndim)
-            raise ValueError(
-                f"{name}{idx} = {m[tuple(bad[0])]}: expected an expert id >= 0 or -1 (empty slot)"
-            )
-        high = np.iinfo(np.int32).max if num_experts is None else num_experts
-        bad = np.argwhere(m >= high)
-        if bad.size:
-            idx = _where(bad[0], ndim)
-            limit = "the int32 range" if num_experts is None else f"num_experts = {num_experts}"
-            raise ValueError(
-                f"{name}{idx} = {m[tuple(bad[0])]}: expected an expert id below {limit}"
-            )
-    for layer in range(o.shape[0]):
-        present = np.isin(n[layer], o[layer]) | (n[layer] == -1)
-        if not present.all():
-            p = int(np.argmin(present))
-            e = int(n[layer, p])
-            lay = f"[{layer}]" if ndim == 2 else ""
-            raise ValueError(
-                f"{new_name}{_where(np.array([layer, p]), ndim)} = {e}, but no slot of "
-                f"{old_name}{lay} holds expert {e}: every expert of the new placement must have a "
-                f"copy in the old one (restore lost experts from their source first)"
-            )
-    return old, new
-
-
-def _where(idx: np.ndarray, ndim: int) -> str:
-    idx = [int(i) for i in idx]
-    return "[" + ", ".join(map(str, idx[-ndim:])) + "]"
 
 
 def expert_spec(axes: tuple[str, ...]) -> Any:

@@ -35,7 +35,7 @@ import numpy as np
 from jax import lax
 
 from jeplb._src import checks
-from jeplb._src.maps import check_placement, maps_from_phy2log
+from jeplb._src.maps import check_phy2log, maps_from_phy2log
 from jeplb._src.validate import check_axis_name, check_bool, check_int
 
 __all__ = [
@@ -108,13 +108,7 @@ def check_config(
     check_int("layers_per_step", layers_per_step, minimum=1, allow_none=True)
     check_bool("refine", refine)
     check_axis_name("axis_name", axis_name)
-    p_total = num_experts + num_redundant_experts
-    if p_total % num_devices:
-        raise ValueError(
-            f"num_devices: P = {p_total} slots per layer (num_experts {num_experts} + "
-            f"num_redundant_experts {num_redundant_experts}) is not divisible by num_devices = "
-            f"{num_devices}; every device must hold P // D slots"
-        )
+    check_slots(num_experts, num_redundant_experts, num_devices)
     if layers_per_step is not None:
         if layers_per_step > num_layers:
             raise ValueError(
@@ -140,6 +134,18 @@ def check_config(
                 f"num_nodes: num_devices = {num_devices} is not divisible by num_nodes = "
                 f"{num_nodes} (hierarchical policy, used because num_groups % num_nodes == 0)"
             )
+
+
+def check_slots(num_experts: int, num_redundant_experts: int, num_devices: int) -> None:
+    """P = E + redundant slots divisible by D (checked ints), in the configuration's words: for
+    `EplbState.create` before it builds its placement (whose check would name ``phy2log``)."""
+    p_total = num_experts + num_redundant_experts
+    if p_total % num_devices:
+        raise ValueError(
+            f"num_devices: P = {p_total} slots per layer (num_experts {num_experts} + "
+            f"num_redundant_experts {num_redundant_experts}) is not divisible by num_devices = "
+            f"{num_devices}; every device must hold P // D slots"
+        )
 
 
 def check_layer(layer: Any, num_layers: int) -> bool:
@@ -174,24 +180,12 @@ def check_layer(layer: Any, num_layers: int) -> bool:
     return False
 
 
-def _check_phy2log(phy2log: Any, num_experts: int) -> tuple[Any, int, int]:
-    """A placement argument's type and shape: returns ``(phy2log, L, P)``."""
-    if isinstance(phy2log, list | tuple):
-        phy2log = np.asarray(phy2log)
-    if not hasattr(phy2log, "shape") or not hasattr(phy2log, "dtype"):
-        raise TypeError(f"phy2log: expected an int array [L, P], got {type(phy2log).__name__}")
-    if not np.issubdtype(np.dtype(phy2log.dtype), np.integer):
-        raise TypeError(f"phy2log: expected an integer dtype (int32), got {phy2log.dtype}")
-    if phy2log.ndim != 2:
-        raise ValueError(f"phy2log: expected a 2-D map [L, P], got shape {tuple(phy2log.shape)}")
-    num_layers, p_total = (int(s) for s in phy2log.shape)
-    if num_layers < 1:
-        raise ValueError("phy2log: expected at least one layer (L >= 1), got L = 0")
-    if p_total < num_experts:
-        raise ValueError(
-            f"phy2log: expected P >= num_experts = {num_experts} slots per layer, got P = {p_total}"
-        )
-    return phy2log, num_layers, p_total
+def _check_phy2log(phy2log: Any, num_experts: int, num_devices: int) -> tuple[Any, int, int]:
+    """A placement argument (`maps.check_phy2log`): returns ``(phy2log, L, P)``."""
+    phy2log = check_phy2log(
+        phy2log, name="phy2log", num_experts=num_experts, num_devices=num_devices, require_all=True
+    )
+    return phy2log, *(int(s) for s in phy2log.shape)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -625,6 +619,7 @@ class EplbState:
         check_int("num_experts", num_experts, minimum=1)
         check_int("num_devices", num_devices, minimum=1)
         check_int("num_redundant_experts", num_redundant_experts, minimum=0)
+        check_slots(num_experts, num_redundant_experts, num_devices)
         p_total = num_experts + num_redundant_experts
         phy2log = np.tile(np.arange(p_total, dtype=np.int32) % num_experts, (num_layers, 1))
         return cls.from_placement(
@@ -683,7 +678,7 @@ class EplbState:
         """
         check_int("num_experts", num_experts, minimum=1)
         check_int("num_devices", num_devices, minimum=1)
-        phy2log, num_layers, p_total = _check_phy2log(phy2log, num_experts)
+        phy2log, num_layers, p_total = _check_phy2log(phy2log, num_experts, num_devices)
         config = dict(
             num_devices=num_devices,
             num_redundant_experts=p_total - num_experts,
@@ -698,8 +693,6 @@ class EplbState:
             log_interval=log_interval,
         )
         check_config(num_layers=num_layers, num_experts=num_experts, **config)
-        if checks.is_concrete(phy2log):
-            check_placement(np.asarray(phy2log), num_experts, "phy2log")
         arrays = _fresh_arrays(jnp.asarray(phy2log, jnp.int32), num_experts, window_size)
         # Distinct buffers: a state may be donated, and XLA refuses one buffer donated twice.
         pending = {

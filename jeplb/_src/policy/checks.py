@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from jeplb._src.checks import is_concrete
+from jeplb._src.maps import check_phy2log
 
 __all__ = ["check_args"]
 
@@ -88,38 +89,6 @@ def _check_counts(
     return num_slots, num_groups, num_nodes, num_devices
 
 
-def _check_old(old: Any, num_layers: int, num_log: int, num_slots: int) -> None:
-    name = "old_phy2log"
-    if not hasattr(old, "shape") or not hasattr(old, "dtype"):
-        raise TypeError(f"{name}: expected an int32 array [L, P], got {type(old).__name__}")
-    if tuple(old.shape) != (num_layers, num_slots):
-        raise ValueError(
-            f"{name}: expected shape [L, P] = {(num_layers, num_slots)} (load's layers x "
-            f"num_slots), got {tuple(old.shape)}"
-        )
-    if not np.issubdtype(np.dtype(old.dtype), np.integer):
-        raise TypeError(f"{name}: expected an integer dtype (int32), got {old.dtype}")
-    if not is_concrete(old):
-        return
-    o = np.asarray(old)
-    bad = np.argwhere((o < -1) | (o >= num_log))
-    if bad.size:
-        at = tuple(int(i) for i in bad[0])
-        raise ValueError(
-            f"{name}{list(at)} = {o[at]}: expected an expert id in [0, E = {num_log}) or -1 "
-            f"(empty slot)"
-        )
-    for layer in range(num_layers):
-        held = np.zeros(num_log, bool)
-        held[o[layer][o[layer] >= 0]] = True
-        if not held.all():
-            e = int(np.argmin(held))
-            raise ValueError(
-                f"{name}[{layer}]: expected every expert of [0, E = {num_log}) in some slot, but "
-                f"expert {e} has none (the old placement must be complete)"
-            )
-
-
 def check_args(
     load: Any,
     num_slots: Any,
@@ -133,5 +102,13 @@ def check_args(
     counts = _check_counts(num_log, num_slots, num_groups, num_nodes, num_devices)
     _check_load_values(load)
     if old_phy2log is not None:
-        _check_old(old_phy2log, num_layers, num_log, counts[0])
+        check_phy2log(
+            old_phy2log,
+            name="old_phy2log",
+            num_experts=num_log,
+            num_devices=counts[3],
+            require_all=True,
+            shape=(num_layers, counts[0]),
+            shape_from="load's layers x num_slots",
+        )
     return counts
