@@ -350,4 +350,5 @@ def dispatch(
     )
     if traced:  # an index outside [0, L): no slot, nothing counted (record drops it)
         phys = jnp.where((layer >= 0) & (layer < state.num_layers), phys, -1)
-    return phys, state.record(counts, layer=layer)
+    # layer and counts are checked: add them without checking them again in record.
+    return phys, state._add_counts(counts, layer=layer)

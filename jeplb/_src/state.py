@@ -773,6 +773,12 @@ class EplbState:
         axes = _load_axes(load_axes)
         shape = (num_experts,) if one else (num_layers, num_experts)
         load = as_counts(load, shape, "[E]" if one else "[L, E]")
+        return self._add_counts(load, layer=layer, axes=axes)
+
+    def _add_counts(self, load: jax.Array, *, layer: Any, axes: tuple[str, ...] = ()) -> EplbState:
+        """`record` of checked values (int32 counts of the right shape, a checked ``layer`` or
+        None, a tuple of axes): what `jeplb.dispatch` calls after its own checks."""
+        num_layers, one = self.num_layers, layer is not None
         with jax.named_scope("eplb_record"):
             if axes:
                 try:
