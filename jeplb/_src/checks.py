@@ -13,6 +13,7 @@ from jeplb._src.transfer.layout import SUB_BYTE
 
 __all__ = [
     "axis_size",
+    "check_load",
     "default_specs",
     "expert_spec",
     "is_concrete",
@@ -114,6 +115,75 @@ def place_map(x: Any, mesh) -> Any:
     if not isinstance(x, jax.Array):
         x = np.asarray(x)
     return jax.device_put(x.astype(np.int32), NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_load(
+    load: Any,
+    *,
+    name: str = "load",
+    shape: tuple[int, int] | None = None,
+    shape_from: str = "",
+    float32: bool = False,
+) -> Any:
+    """THE check of a load argument: a real [L, E] array of token counts (or weights) per layer
+    and logical expert, as `jeplb.rebalance_experts`, the metrics and `jeplb.recover_experts`
+    take it. (Counts that `jeplb.EplbState.record` adds are int32 and checked by
+    `state.as_counts`.)
+
+    Args:
+      load: the load; a list or tuple is converted with numpy.
+      name: the argument's name, used in every message.
+      shape: the (L, E) the other arguments imply; ``shape_from`` says which.
+      float32: concrete floating loads must also fit float32 (the metrics compute in it).
+
+    Returns:
+      ``load`` (a list or tuple as a numpy array), otherwise unchanged.
+
+    Raises:
+      TypeError: not an array, or not of a real (integer or floating) dtype.
+      ValueError: not [L, E] with L, E >= 1, not ``shape``; when concrete, an entry that is not
+        finite, negative or (``float32``) past float32's range, naming the first one.
+    """
+    if isinstance(load, list | tuple):
+        load = np.asarray(load)
+    if not hasattr(load, "shape") or not hasattr(load, "dtype"):
+        raise TypeError(f"{name}: expected an array [L, E], got {type(load).__name__}")
+    dtype = np.dtype(load.dtype)
+    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+        raise TypeError(f"{name}: expected a real (integer or floating) dtype, got {dtype}")
+    if len(load.shape) != 2:
+        raise ValueError(
+            f"{name}: expected a 2-D array [L, E] (layers x logical experts), got shape "
+            f"{tuple(load.shape)}"
+        )
+    if 0 in load.shape:
+        raise ValueError(
+            f"{name}: expected at least one layer and one expert, got shape {tuple(load.shape)}"
+        )
+    if shape is not None and tuple(load.shape) != tuple(shape):
+        raise ValueError(
+            f"{name}: expected shape [L, E] = {tuple(shape)} ({shape_from}), got "
+            f"{tuple(load.shape)}"
+        )
+    if is_concrete(load):
+        _check_load_values(np.asarray(load), name, float32)
+    return load
+
+
+def _check_load_values(v: np.ndarray, name: str, float32: bool) -> None:
+    bad = ~np.isfinite(v) | (v < 0) if np.issubdtype(v.dtype, np.floating) else v < 0
+    if bad.any():
+        at = [int(i) for i in np.argwhere(bad)[0]]
+        raise ValueError(f"{name}{at} = {v[tuple(at)]}: expected finite loads >= 0 (token counts)")
+    if float32 and np.issubdtype(v.dtype, np.floating) and (v > _FLOAT32_MAX).any():
+        at = [int(i) for i in np.argwhere(v > _FLOAT32_MAX)[0]]
+        raise ValueError(
+            f"{name}{at} = {v[tuple(at)]}: expected loads within float32's range (<= "
+            f"{_FLOAT32_MAX:.8g}; the device loads are float32)"
+        )
 
 
 def expert_spec(axes: tuple[str, ...]) -> Any:

@@ -428,15 +428,19 @@ def _target(new_phy2log, load, shape, num_experts, d_new, policy) -> np.ndarray:
         return np.asarray(target).astype(np.int32)
     if load is None:
         load = np.ones((num_layers, num_experts), np.float32)
-    elif not hasattr(load, "shape") or not hasattr(load, "dtype"):
-        raise TypeError(f"load: expected an array [L, E], got {type(load).__name__}")
-    elif tuple(load.shape) != (num_layers, num_experts):
-        raise ValueError(
-            f"load: expected shape [L, E] = {(num_layers, num_experts)}, got {tuple(load.shape)}"
-        )
-    from jeplb._src.policy.api import rebalance_experts
+    from jeplb._src.policy.api import rebalance_checked
+    from jeplb._src.policy.checks import check_args
 
-    placement = rebalance_experts(np.asarray(load), p_new, *policy, d_new)[0]
+    load, _, counts = check_args(
+        load,
+        p_new,
+        *policy,
+        d_new,
+        None,
+        load_shape=(num_layers, num_experts),
+        load_shape_from="old_phy2log's layers x num_experts",
+    )
+    placement = rebalance_checked(np.asarray(load), *counts)[0]
     return np.asarray(placement, np.int32)
 
 

@@ -18,8 +18,6 @@ from jeplb._src.maps import check_phy2log
 
 __all__ = ["Balance", "balancedness", "device_loads", "remote_copies"]
 
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
-
 
 class Balance(NamedTuple):
     """Balance of a placement.
@@ -38,47 +36,19 @@ class Balance(NamedTuple):
     balancedness: jax.Array
 
 
-def _check_load_values(load: Any) -> None:
-    """Concrete loads: finite, >= 0 and (floating ones) within float32's range."""
-    if not checks.is_concrete(load):
-        return
-    v = np.asarray(load)
-    if np.issubdtype(v.dtype, np.floating):
-        bad = np.argwhere(~np.isfinite(v) | (v < 0))
-        big = np.argwhere(np.isfinite(v) & (v > _FLOAT32_MAX))
-    else:
-        bad, big = np.argwhere(v < 0), np.zeros((0, 2), int)
-    if bad.size:
-        at = [int(i) for i in bad[0]]
-        raise ValueError(f"load{at} = {v[tuple(at)]}: expected finite loads >= 0 (token counts)")
-    if big.size:
-        at = [int(i) for i in big[0]]
-        raise ValueError(
-            f"load{at} = {v[tuple(at)]}: expected loads within float32's range (<= "
-            f"{_FLOAT32_MAX:.8g}; the device loads are float32)"
-        )
-
-
 def _checked(phy2log: Any, load: Any, num_devices: Any) -> tuple[jax.Array, jax.Array]:
     """Checks a map and its load; returns phy2log as jnp and the load as float32[L, E], converted
     without wrapping (a concrete 64-bit load is rounded to float32 on the host)."""
-    if isinstance(load, list | tuple):
-        load = np.asarray(load)
-    if not hasattr(load, "shape") or not hasattr(load, "dtype"):
-        raise TypeError(f"load: expected an array [L, E], got {type(load).__name__}")
-    dtype = np.dtype(load.dtype)
-    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
-        raise TypeError(f"load: expected a real dtype, got {load.dtype}")
-    num_experts = int(load.shape[1]) if load.ndim == 2 and load.shape[1] else None
+    load = checks.check_load(load, float32=True)
     phy2log = check_phy2log(
-        phy2log, name="phy2log", num_experts=num_experts, num_devices=num_devices
+        phy2log, name="phy2log", num_experts=int(load.shape[1]), num_devices=num_devices
     )
-    if load.ndim != 2 or load.shape[0] != phy2log.shape[0]:
+    if load.shape[0] != phy2log.shape[0]:
         raise ValueError(
             f"load: expected [L, E] with L = {phy2log.shape[0]} (phy2log's layers), got "
             f"shape {tuple(load.shape)}"
         )
-    _check_load_values(load)
+    dtype = np.dtype(load.dtype)
     if checks.is_concrete(load) and dtype.itemsize > 4:
         load = np.asarray(load).astype(np.float32)  # before jnp would narrow it to 32 bits
     return jnp.asarray(phy2log), jnp.asarray(load).astype(jnp.float32)
