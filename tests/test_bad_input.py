@@ -679,7 +679,7 @@ def test_state_record_and_replicated(state, case, data):
     kwargs = {}
     if case == "float":
         counts = counts.astype(np.float32)
-        error, match = TypeError, r"load: expected integer token counts"
+        error, match = TypeError, r"load: expected an integer dtype \(int32\), got float32"
     elif case == "shape":
         counts = counts[:, :3]
         error, match = ValueError, r"load: expected shape \[L, E\] = \(2, 8\), got \(2, 3\)"

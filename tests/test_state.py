@@ -311,7 +311,7 @@ def test_dispatch_layer_in_a_scan_then_record(placed):
     np.testing.assert_array_equal(s.pass_load, looped.pass_load)
     with pytest.raises(ValueError, match=r"load: expected shape \[L, E\] = \(3, 8\), got \(8,\)"):
         placed.record(jnp.zeros((E,), jnp.int32))
-    with pytest.raises(TypeError, match=r"load: expected integer token counts"):
+    with pytest.raises(TypeError, match=r"load: expected an integer dtype \(int32\), got float32"):
         placed.record(jnp.zeros((L, E)))
 
 

@@ -16,6 +16,7 @@ __all__ = [
     "check_load",
     "default_specs",
     "expert_spec",
+    "int_array",
     "is_concrete",
     "is_explicit",
     "leaf_paths",
@@ -118,6 +119,28 @@ def place_map(x: Any, mesh) -> Any:
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def int_array(x: Any, name: str, letters: str = "") -> Any:
+    """THE check of an integer index or count array that is not a map (`jeplb.dispatch_layer`'s
+    log2phy, logcnt, topk_ids and token_index, `jeplb.EplbState.record`'s counts): its type and
+    dtype. Shapes and values are the caller's (they depend on the other arguments).
+
+    Returns:
+      ``x`` (a list, tuple or Python int as a numpy array), otherwise unchanged.
+
+    Raises:
+      TypeError: not an array, or not of an integer dtype, naming ``name`` (``letters``: the
+        expected shape, e.g. ``"[L, E]"``).
+    """
+    if isinstance(x, list | tuple | int | np.integer):
+        x = np.asarray(x)
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        want = f" {letters}" if letters else ""
+        raise TypeError(f"{name}: expected an integer array{want}, got {type(x).__name__}")
+    if not np.issubdtype(np.dtype(x.dtype), np.integer):
+        raise TypeError(f"{name}: expected an integer dtype (int32), got {x.dtype}")
+    return x
 
 
 def check_load(

@@ -53,16 +53,6 @@ def _mix32(x: jax.Array) -> jax.Array:
     return x ^ (x >> 16)
 
 
-def _as_int_array(x: Any, name: str) -> jax.Array:
-    if isinstance(x, list | tuple | int | np.integer):
-        x = np.asarray(x)
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"{name}: expected an integer array, got {type(x).__name__}")
-    if not jnp.issubdtype(x.dtype, jnp.integer):
-        raise TypeError(f"{name}: expected an integer dtype (int32), got {x.dtype}")
-    return x
-
-
 def _check_ids(topk_ids: Any, valid: Any, num_experts: int) -> None:
     """Raises for the first out-of-range id of a valid token (concrete values only)."""
     if not (checks.is_concrete(topk_ids) and (valid is None or checks.is_concrete(valid))):
@@ -128,7 +118,7 @@ def _check_layer_args(
             f"K axis), got {getattr(valid, 'shape', type(valid).__name__)}"
         )
     if token_index is not None:
-        token_index = _as_int_array(token_index, "token_index")
+        token_index = checks.int_array(token_index, "token_index")
         if tuple(token_index.shape) != batch:
             raise ValueError(
                 f"token_index: expected shape {batch} (topk_ids without its K axis), got "
@@ -210,9 +200,9 @@ def dispatch_layer(
       >>> phy2log[phys].tolist()
       [[0, 1], [0, 1], [1, 0]]
     """
-    log2phy = _as_int_array(log2phy, "log2phy")
-    logcnt = _as_int_array(logcnt, "logcnt")
-    topk_ids = _as_int_array(topk_ids, "topk_ids")
+    log2phy = checks.int_array(log2phy, "log2phy", "[E, R_max]")
+    logcnt = checks.int_array(logcnt, "logcnt", "[E]")
+    topk_ids = checks.int_array(topk_ids, "topk_ids", "[..., K]")
     token_index = _check_layer_args(
         log2phy, logcnt, topk_ids, valid, token_index, prefer_local, device_index,
         slots_per_device, num_devices,
