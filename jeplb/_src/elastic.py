@@ -354,6 +354,11 @@ def _plan_recovery(
         traced=False,
     )
     old = np.asarray(old).astype(np.int32)
+    if num_experts is None and old.max() < 0:
+        raise ValueError(
+            "old_phy2log: holds no expert (every slot -1), so num_experts cannot be inferred from "
+            "it; pass num_experts="
+        )
     num_experts = int(old.max()) + 1 if num_experts is None else int(num_experts)
     d_new = _check_new_mesh(mesh, axis_name)
     num_layers, p_old = old.shape
