@@ -181,20 +181,20 @@ def check_phy2log(
     if not concrete:
         return x
     rows = np.asarray(x).reshape(-1, p_total)
-    _check_ids(rows, name, x.ndim, num_experts)
+    _check_ids(rows, name, len(x.shape), num_experts)
     if require_all:
-        _check_complete(rows, name, x.ndim, num_experts)
+        _check_complete(rows, name, len(x.shape), num_experts)
     if old is not None and not isinstance(old, jax.core.Tracer):
-        _check_in_old(rows, np.asarray(old).reshape(-1, p_total), name, old_name, x.ndim)
+        _check_in_old(rows, np.asarray(old).reshape(-1, p_total), name, old_name, len(x.shape))
     return x
 
 
 def _check_dims(x: Any, name: str, ndim: int | None, letters: str) -> None:
-    if x.ndim not in ((1, 2) if ndim is None else (ndim,)):
+    if len(x.shape) not in ((1, 2) if ndim is None else (ndim,)):
         dims = "1-D or 2-D" if ndim is None else f"{ndim}-D"
         raise ValueError(f"{name}: expected a {dims} map {letters}, got shape {tuple(x.shape)}")
     if 0 in x.shape:
-        what = "one layer and one slot" if x.ndim == 2 else "one slot"
+        what = "one layer and one slot" if len(x.shape) == 2 else "one slot"
         raise ValueError(f"{name}: expected at least {what}, got shape {tuple(x.shape)}")
 
 
