@@ -408,10 +408,6 @@ def _problems(leaves, setup: engine.Engine) -> list[tuple[int, str]]:
     return [(routed[k], text) for k, text in found]
 
 
-def _check_map(phy2log, num_devices: int):
-    return check_phy2log(phy2log, name="phy2log", num_devices=num_devices)
-
-
 def _lead(m, config: TransferConfig, num_devices: int, local: bool) -> tuple[int, int]:
     num_layers, p_total = m.shape
     lead = (num_layers, p_total // num_devices if local else p_total)
@@ -518,7 +514,7 @@ def sync_replica_grads(
         {"phy2log": phy2log, "options": agree.static_signature(config, dict(mesh.shape))},
         where="sync_replica_grads",
     )
-    m = _check_map(phy2log, d)
+    m = check_phy2log(phy2log, name="phy2log", num_devices=d)
     leaves, treedef, specs = _check_grad_leaves(
         grads, lead=_lead(m, config, d, False), config=config, mesh=mesh, local=False
     )
@@ -573,7 +569,7 @@ def sync_replica_grads_local(
             f"sync_replica_grads_local runs inside jax.shard_map over it (use "
             f"sync_replica_grads(..., mesh=...) at global view)"
         ) from err
-    m = _check_map(phy2log, d)
+    m = check_phy2log(phy2log, name="phy2log", num_devices=d)
     leaves, treedef, _ = _check_grad_leaves(
         grads, lead=_lead(m, config, d, True), config=config, mesh=None, local=True
     )
