@@ -1,8 +1,9 @@
 """Check once, at the boundary: the same bad map gets the same exception type and the same words
 (but for the argument's name) from every public function that takes a map.
 
-One table: the bad maps (rows) x the public entry points and their map arguments (columns). Every
-error is raised before anything is traced or compiled, so the whole table is cheap.
+One table: the bad maps (rows) x the public entry points and their map arguments (columns); a
+second one for the [L, E] load. Every error is raised before anything is traced or compiled, so
+the tables are cheap.
 """
 
 from __future__ import annotations
@@ -230,3 +231,52 @@ def test_table_covers_every_entry_and_case():
         assert sum(1 for _, e in TABLE if e == entry) >= (4 if entry in NO_D else 5), entry
     for case in CASES:
         assert sum(1 for c, _ in TABLE if c == case) >= 3, case
+
+
+# ------------------------------------------------------------------------------------ loads
+
+LOAD_CASES = {
+    "nan": (ValueError, "load[0, 1] = nan: expected finite loads >= 0 (token counts)"),
+    "negative": (ValueError, "load[0, 1] = -3.0: expected finite loads >= 0 (token counts)"),
+    "one_dim": (
+        ValueError,
+        "load: expected a 2-D array [L, E] (layers x logical experts), got shape (4,)",
+    ),
+    "empty": (ValueError, "load: expected at least one layer and one expert, got shape (0, 4)"),
+    "strings": (TypeError, "load: expected a real (integer or floating) dtype, got <U1"),
+    "complex": (TypeError, "load: expected a real (integer or floating) dtype, got complex64"),
+    "not_array": (TypeError, "load: expected an array [L, E], got str"),
+}
+
+
+def _bad_load(case: str):
+    w = LOAD.copy()
+    if case in ("nan", "negative"):
+        w[0, 1] = np.nan if case == "nan" else -3.0
+        return w
+    return {
+        "one_dim": w[0],
+        "empty": w[:0],
+        "strings": [["a"] * E] * L,
+        "complex": w.astype(np.complex64),
+        "not_array": "load",
+    }[case]
+
+
+LOAD_ENTRIES = {
+    "rebalance_experts": lambda w: jeplb.rebalance_experts(w, 8, 1, 1, D),
+    "balancedness": lambda w: jeplb.balancedness(GOOD, w, D),
+    "device_loads": lambda w: jeplb.device_loads(GOOD, w, D),
+    "recover_experts": lambda w: jeplb.recover_experts(
+        GOOD, W, lambda layer, e: None, mesh=MESH, num_experts=E, load=w
+    ),
+}
+
+
+@pytest.mark.parametrize("entry", LOAD_ENTRIES)
+@pytest.mark.parametrize("case", LOAD_CASES)
+def test_same_load_error_on_every_path(case, entry):
+    kind, words = LOAD_CASES[case]
+    with pytest.raises(kind) as err:
+        LOAD_ENTRIES[entry](_bad_load(case))
+    assert str(err.value) == words
