@@ -151,7 +151,9 @@ def test_place_experts_any_layout_keeps_other_axes(slot_major):
 
 def test_place_experts_refuses_ids_past_e():
     mesh = _mesh((1,), ("ep",))
-    with pytest.raises(ValueError, match=r"phy2log: names expert 3, but logical_weights has only"):
+    with pytest.raises(
+        ValueError, match=r"phy2log\[0, 1\] = 3: expected an expert id in \[0, num_experts = 3\)"
+    ):
         jeplb.place_experts(jnp.zeros((1, 3, 2)), np.array([[0, 3]]), mesh=mesh)
     with pytest.raises(ValueError, match=r"logical_weights\['w'\] has shape \(2, 3\), expected"):
         jeplb.place_experts({"w": jnp.zeros((2, 3))}, np.array([[0, 1]]), mesh=mesh)

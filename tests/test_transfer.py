@@ -285,7 +285,7 @@ def _w(mesh, shape=(L, 8 * N, 2), spec=None):
         (
             lambda o, n: (o, n[:, :16]),
             ValueError,
-            r"new_phy2log: expected the shape of old_phy2log \(2, 24\), got \(2, 16\)",
+            r"new_phy2log: expected shape \[L, P\] = \(2, 24\) \(old_phy2log's\), got \(2, 16\)",
         ),
         (
             lambda o, n: (o.astype(np.float32), n),
@@ -295,7 +295,7 @@ def _w(mesh, shape=(L, 8 * N, 2), spec=None):
         (
             lambda o, n: (o, np.where(np.arange(24) == 5, -3, n)),
             ValueError,
-            r"new_phy2log\[0, 5\] = -3: expected an expert id >= 0 or -1",
+            r"new_phy2log\[0, 5\] = -3: expected an expert id in \[0, 2\^31 - 1\) or -1",
         ),
         (
             lambda o, n: (o, np.where(np.arange(24) == 2, 40, n)),
@@ -313,7 +313,7 @@ def test_bad_maps(mesh8, good, mutate, exc, match):
 
 
 def test_bad_ids_against_num_experts(mesh8, good):
-    with pytest.raises(ValueError, match=r"expected an expert id below num_experts = 8"):
+    with pytest.raises(ValueError, match=r"expected an expert id in \[0, num_experts = 8\) or -1"):
         jeplb.rearrange_expert_weights(*good, _w(mesh8), mesh=mesh8, num_experts=8)
 
 
@@ -343,7 +343,9 @@ def test_bad_weights_and_mesh(mesh8, good):
     with pytest.raises(ValueError, match=r"staging_passes: expected an int >= 1, got 0"):
         jeplb.rearrange_expert_weights(*good, _w(mesh8), mesh=mesh8, staging_passes=0)
     odd = np.zeros((L, 20), np.int32)
-    with pytest.raises(ValueError, match=r"P = 20 slots is not divisible by the 8 devices"):
+    with pytest.raises(
+        ValueError, match=r"old_phy2log: P = 20 slots is not divisible by D = 8 devices"
+    ):
         jeplb.rearrange_expert_weights(odd, odd, _w(mesh8, (L, 24, 2)), mesh=mesh8)
 
 

@@ -13,9 +13,10 @@ from jeplb._src.transfer.layout import SUB_BYTE
 
 __all__ = [
     "axis_size",
-    "check_maps",
+    "check_load",
     "default_specs",
     "expert_spec",
+    "int_array",
     "is_concrete",
     "is_explicit",
     "leaf_paths",
@@ -117,89 +118,95 @@ def place_map(x: Any, mesh) -> Any:
     return jax.device_put(x.astype(np.int32), NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
-def _int_map(x: Any, name: str) -> Any:
-    if isinstance(x, list | tuple):
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def int_array(x: Any, name: str, letters: str = "") -> Any:
+    """THE check of an integer index or count array that is not a map (`jeplb.dispatch_layer`'s
+    log2phy, logcnt, topk_ids and token_index, `jeplb.EplbState.record`'s counts): its type and
+    dtype. Shapes and values are the caller's (they depend on the other arguments).
+
+    Returns:
+      ``x`` (a list, tuple or Python int as a numpy array), otherwise unchanged.
+
+    Raises:
+      TypeError: not an array, or not of an integer dtype, naming ``name`` (``letters``: the
+        expected shape, e.g. ``"[L, E]"``).
+    """
+    if isinstance(x, list | tuple | int | np.integer):
         x = np.asarray(x)
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"{name}: expected an integer array, got {type(x).__name__}")
+        want = f" {letters}" if letters else ""
+        raise TypeError(f"{name}: expected an integer array{want}, got {type(x).__name__}")
     if not np.issubdtype(np.dtype(x.dtype), np.integer):
         raise TypeError(f"{name}: expected an integer dtype (int32), got {x.dtype}")
     return x
 
 
-def check_maps(
-    old: Any,
-    new: Any,
+def check_load(
+    load: Any,
     *,
-    num_devices: int,
-    ndim: int,
-    num_experts: int | None = None,
-    old_name: str = "old_phy2log",
-    new_name: str = "new_phy2log",
-) -> tuple[Any, Any]:
-    """Checks a pair of physical-to-logical maps and returns them (lists as numpy arrays).
+    name: str = "load",
+    shape: tuple[int, int] | None = None,
+    shape_from: str = "",
+    float32: bool = False,
+) -> Any:
+    """THE check of a load argument: a real [L, E] array of token counts (or weights) per layer
+    and logical expert, as `jeplb.rebalance_experts`, the metrics and `jeplb.recover_experts`
+    take it. (Counts that `jeplb.EplbState.record` adds are int32 and checked by
+    `state.as_counts`.)
 
-    Shapes must be ``[L, P]`` (``ndim == 2``) or ``[P]`` (``ndim == 1``), equal, integer, with P
-    divisible by ``num_devices``. When the values are concrete: ids >= -1, ids < num_experts (if
-    given), and every expert the new map names is held by some slot of the old map in that layer.
+    Args:
+      load: the load; a list or tuple is converted with numpy.
+      name: the argument's name, used in every message.
+      shape: the (L, E) the other arguments imply; ``shape_from`` says which.
+      float32: concrete floating loads must also fit float32 (the metrics compute in it).
+
+    Returns:
+      ``load`` (a list or tuple as a numpy array), otherwise unchanged.
+
+    Raises:
+      TypeError: not an array, or not of a real (integer or floating) dtype.
+      ValueError: not [L, E] with L, E >= 1, not ``shape``; when concrete, an entry that is not
+        finite, negative or (``float32``) past float32's range, naming the first one.
     """
-    old = _int_map(old, old_name)
-    new = _int_map(new, new_name)
-    want = "[L, P]" if ndim == 2 else "[P]"
-    for name, m in ((old_name, old), (new_name, new)):
-        if m.ndim != ndim:
-            raise ValueError(f"{name}: expected a {ndim}-D map {want}, got shape {tuple(m.shape)}")
-    if tuple(old.shape) != tuple(new.shape):
+    if isinstance(load, list | tuple):
+        load = np.asarray(load)
+    if not hasattr(load, "shape") or not hasattr(load, "dtype"):
+        raise TypeError(f"{name}: expected an array [L, E], got {type(load).__name__}")
+    dtype = np.dtype(load.dtype)
+    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+        raise TypeError(f"{name}: expected a real (integer or floating) dtype, got {dtype}")
+    if len(load.shape) != 2:
         raise ValueError(
-            f"{new_name}: expected the shape of {old_name} {tuple(old.shape)}, "
-            f"got {tuple(new.shape)}"
+            f"{name}: expected a 2-D array [L, E] (layers x logical experts), got shape "
+            f"{tuple(load.shape)}"
         )
-    p_total = old.shape[-1]
-    if 0 in old.shape:
+    if 0 in load.shape:
         raise ValueError(
-            f"{old_name}: expected at least one layer and one slot, got shape {tuple(old.shape)}"
+            f"{name}: expected at least one layer and one expert, got shape {tuple(load.shape)}"
         )
-    if p_total % num_devices:
+    if shape is not None and tuple(load.shape) != tuple(shape):
         raise ValueError(
-            f"{old_name}: P = {p_total} slots is not divisible by the {num_devices} devices of "
-            f"the mesh axis; every device must hold P // D slots"
+            f"{name}: expected shape [L, E] = {tuple(shape)} ({shape_from}), got "
+            f"{tuple(load.shape)}"
         )
-    if not (is_concrete(old) and is_concrete(new)):
-        return old, new
-    o = np.asarray(old).reshape(-1, p_total)
-    n = np.asarray(new).reshape(-1, p_total)
-    for name, m in ((old_name, o), (new_name, n)):
-        bad = np.argwhere(m < -1)
-        if bad.size:
-            idx = _where(bad[0], ndim)
-            raise ValueError(
-                f"{name}{idx} = {m[tuple(bad[0])]}: expected an expert id >= 0 or -1 (empty slot)"
-            )
-        high = np.iinfo(np.int32).max if num_experts is None else num_experts
-        bad = np.argwhere(m >= high)
-        if bad.size:
-            idx = _where(bad[0], ndim)
-            limit = "the int32 range" if num_experts is None else f"num_experts = {num_experts}"
-            raise ValueError(
-                f"{name}{idx} = {m[tuple(bad[0])]}: expected an expert id below {limit}"
-            )
-    for layer in range(o.shape[0]):
-        present = np.isin(n[layer], o[layer]) | (n[layer] == -1)
-        if not present.all():
-            p = int(np.argmin(present))
-            e = int(n[layer, p])
-            lay = f"[{layer}]" if ndim == 2 else ""
-            raise ValueError(
-                f"{new_name}{_where(np.array([layer, p]), ndim)} = {e}, but no slot of "
-                f"{old_name}{lay} holds expert {e}: every expert of the new placement must have a "
-                f"copy in the old one (restore lost experts from their source first)"
-            )
-    return old, new
+    if is_concrete(load):
+        _check_load_values(np.asarray(load), name, float32)
+    return load
 
 
-def _where(idx: np.ndarray, ndim: int) -> str:
-    idx = [int(i) for i in idx]
-    return "[" + ", ".join(map(str, idx[-ndim:])) + "]"
+def _check_load_values(v: np.ndarray, name: str, float32: bool) -> None:
+    bad = ~np.isfinite(v) | (v < 0) if np.issubdtype(v.dtype, np.floating) else v < 0
+    if bad.any():
+        at = [int(i) for i in np.argwhere(bad)[0]]
+        raise ValueError(f"{name}{at} = {v[tuple(at)]}: expected finite loads >= 0 (token counts)")
+    if float32 and np.issubdtype(v.dtype, np.floating) and (v > _FLOAT32_MAX).any():
+        at = [int(i) for i in np.argwhere(v > _FLOAT32_MAX)[0]]
+        raise ValueError(
+            f"{name}{at} = {v[tuple(at)]}: expected loads within float32's range (<= "
+            f"{_FLOAT32_MAX:.8g}; the device loads are float32)"
+        )
 
 
 def expert_spec(axes: tuple[str, ...]) -> Any:

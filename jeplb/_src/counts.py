@@ -45,12 +45,7 @@ def as_counts(load: Any, shape: tuple[int, ...], letters: str, name: str = "load
       TypeError: not an integer array. ValueError: the wrong shape, a negative count or one that
         does not fit int32, naming ``name`` and the first bad entry.
     """
-    if isinstance(load, list | tuple | int | np.integer):
-        load = np.asarray(load)
-    if not hasattr(load, "shape") or not hasattr(load, "dtype"):
-        raise TypeError(f"{name}: expected an integer array {letters}, got {type(load).__name__}")
-    if not jnp.issubdtype(load.dtype, jnp.integer):
-        raise TypeError(f"{name}: expected integer token counts, got dtype {load.dtype}")
+    load = checks.int_array(load, name, letters)
     if tuple(load.shape) != shape:
         hint = " (pass layer= to record one layer's [E] counts)" if letters == "[L, E]" else ""
         raise ValueError(

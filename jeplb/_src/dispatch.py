@@ -53,16 +53,6 @@ def _mix32(x: jax.Array) -> jax.Array:
     return x ^ (x >> 16)
 
 
-def _as_int_array(x: Any, name: str) -> jax.Array:
-    if isinstance(x, list | tuple | int | np.integer):
-        x = np.asarray(x)
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"{name}: expected an integer array, got {type(x).__name__}")
-    if not jnp.issubdtype(x.dtype, jnp.integer):
-        raise TypeError(f"{name}: expected an integer dtype (int32), got {x.dtype}")
-    return x
-
-
 def _check_ids(topk_ids: Any, valid: Any, num_experts: int) -> None:
     """Raises for the first out-of-range id of a valid token (concrete values only)."""
     if not (checks.is_concrete(topk_ids) and (valid is None or checks.is_concrete(valid))):
@@ -101,8 +91,10 @@ def _check_layer_args(
     log2phy, logcnt, topk_ids, valid, token_index, prefer_local, device_index,
     slots_per_device, num_devices,
 ):  # fmt: skip
-    """`dispatch_layer`'s argument checks (shapes, sizes, the prefer_local set); returns
-    ``token_index`` as an integer array (or None)."""
+    """`dispatch_layer`'s argument checks (types, shapes, sizes, the prefer_local set, the ids);
+    returns ``(log2phy, logcnt, topk_ids, token_index)`` as integer arrays."""
+    log2phy = checks.int_array(log2phy, "log2phy", "[E, R_max]")
+    logcnt = checks.int_array(logcnt, "logcnt", "[E]")
     if log2phy.ndim != 2:
         raise ValueError(
             f"log2phy: expected one layer's map [E, R_max], got shape {tuple(log2phy.shape)} "
@@ -119,21 +111,7 @@ def _check_layer_args(
             f"logcnt: expected shape [E] = ({num_experts},) to match log2phy, got "
             f"{tuple(logcnt.shape)}"
         )
-    if topk_ids.ndim < 1:
-        raise ValueError("topk_ids: expected shape [..., K] (e.g. [T, K]), got a scalar")
-    batch = tuple(topk_ids.shape[:-1])
-    if valid is not None and (not hasattr(valid, "shape") or tuple(valid.shape) != batch):
-        raise ValueError(
-            f"valid: expected a bool mask of the tokens' shape {batch} (topk_ids without its "
-            f"K axis), got {getattr(valid, 'shape', type(valid).__name__)}"
-        )
-    if token_index is not None:
-        token_index = _as_int_array(token_index, "token_index")
-        if tuple(token_index.shape) != batch:
-            raise ValueError(
-                f"token_index: expected shape {batch} (topk_ids without its K axis), got "
-                f"{tuple(token_index.shape)}"
-            )
+    topk_ids, token_index = _check_tokens(topk_ids, valid, token_index, num_experts)
     if prefer_local:
         if device_index is None or slots_per_device is None or num_devices is None:
             raise ValueError(
@@ -144,7 +122,30 @@ def _check_layer_args(
         for name, v in (("slots_per_device", slots_per_device), ("num_devices", num_devices)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
-    return token_index
+    return log2phy, logcnt, topk_ids, token_index
+
+
+def _check_tokens(topk_ids, valid, token_index, num_experts: int):
+    """The token arguments (``topk_ids``, ``valid``, ``token_index``) of `dispatch_layer` and
+    `dispatch`; returns ``(topk_ids, token_index)`` as integer arrays (``token_index`` or None)."""
+    topk_ids = checks.int_array(topk_ids, "topk_ids", "[..., K]")
+    if topk_ids.ndim < 1:
+        raise ValueError("topk_ids: expected shape [..., K] (e.g. [T, K]), got a scalar")
+    batch = tuple(topk_ids.shape[:-1])
+    if valid is not None and (not hasattr(valid, "shape") or tuple(valid.shape) != batch):
+        raise ValueError(
+            f"valid: expected a bool mask of the tokens' shape {batch} (topk_ids without its "
+            f"K axis), got {getattr(valid, 'shape', type(valid).__name__)}"
+        )
+    if token_index is not None:
+        token_index = checks.int_array(token_index, "token_index")
+        if tuple(token_index.shape) != batch:
+            raise ValueError(
+                f"token_index: expected shape {batch} (topk_ids without its K axis), got "
+                f"{tuple(token_index.shape)}"
+            )
+    _check_ids(topk_ids, valid, num_experts)
+    return topk_ids, token_index
 
 
 def _local_choice(log2phy, logcnt, safe, h, device_index, num_devices, slots_per_device):
@@ -210,17 +211,23 @@ def dispatch_layer(
       >>> phy2log[phys].tolist()
       [[0, 1], [0, 1], [1, 0]]
     """
-    log2phy = _as_int_array(log2phy, "log2phy")
-    logcnt = _as_int_array(logcnt, "logcnt")
-    topk_ids = _as_int_array(topk_ids, "topk_ids")
-    token_index = _check_layer_args(
+    log2phy, logcnt, topk_ids, token_index = _check_layer_args(
         log2phy, logcnt, topk_ids, valid, token_index, prefer_local, device_index,
         slots_per_device, num_devices,
     )  # fmt: skip
+    return _dispatch_checked(
+        log2phy, logcnt, topk_ids, valid, token_index, prefer_local, device_index,
+        slots_per_device, num_devices,
+    )  # fmt: skip
+
+
+def _dispatch_checked(
+    log2phy, logcnt, topk_ids, valid, token_index, prefer_local, device_index,
+    slots_per_device, num_devices,
+):  # fmt: skip
+    """`dispatch_layer` on checked arguments (integer arrays of fitting shapes)."""
     num_experts, r_max = (int(n) for n in log2phy.shape)
     batch, k = tuple(topk_ids.shape[:-1]), int(topk_ids.shape[-1])
-    _check_ids(topk_ids, valid, num_experts)
-
     with jax.named_scope("eplb_dispatch"):
         ids = jnp.asarray(topk_ids, jnp.int32)
         log2phy = jnp.asarray(log2phy, jnp.int32)
@@ -337,18 +344,14 @@ def dispatch(
                 f"device_index: prefer_local needs the token's device; pass device_index= or "
                 f"call inside jax.shard_map over the {state.config.transfer.axis_name!r} axis"
             ) from err
+    topk_ids, token_index = _check_tokens(topk_ids, valid, token_index, state.num_experts)
     read = jnp.clip(layer, 0, state.num_layers - 1) if traced else layer
-    phys, counts = dispatch_layer(
-        state.log2phy[read],
-        state.logcnt[read],
-        topk_ids,
-        valid=valid,
-        token_index=token_index,
-        prefer_local=prefer_local,
-        device_index=device_index,
-        slots_per_device=state.slots_per_device,
-        num_devices=state.num_devices,
-    )
+    # The state's maps are checked values: the layer's slices go to the checked core.
+    phys, counts = _dispatch_checked(
+        state.log2phy[read], state.logcnt[read], topk_ids, valid, token_index, prefer_local,
+        device_index, state.slots_per_device, state.num_devices,
+    )  # fmt: skip
     if traced:  # an index outside [0, L): no slot, nothing counted (record drops it)
         phys = jnp.where((layer >= 0) & (layer < state.num_layers), phys, -1)
-    return state.record(counts, layer=layer), phys
+    # layer and counts are checked: add them without checking them again in record.
+    return state._add_counts(counts, layer=layer), phys

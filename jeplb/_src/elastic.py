@@ -31,9 +31,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jeplb._src import checks
-from jeplb._src.maps import check_placement, maps_from_phy2log
+from jeplb._src.maps import check_phy2log, maps_from_phy2log
 from jeplb._src.transfer import agree as _agree
 from jeplb._src.transfer import layout
+from jeplb._src.validate import check_int
 
 __all__ = ["Recovery", "recover_experts"]
 
@@ -107,18 +108,13 @@ def _check_new_mesh(mesh: Any, axis_name: str) -> int:
     return d_new
 
 
-def _as_placement(x: Any, name: str) -> np.ndarray:
-    if isinstance(x, list | tuple):
-        x = np.asarray(x)
-    if not checks.is_concrete(x):
-        raise TypeError(f"{name}: expected a concrete int array [L, P], got a traced value")
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"{name}: expected an int array [L, P], got {type(x).__name__}")
-    if not np.issubdtype(np.dtype(x.dtype), np.integer):
-        raise TypeError(f"{name}: expected an integer dtype (int32), got {x.dtype}")
-    if len(x.shape) != 2:
-        raise ValueError(f"{name}: expected a 2-D map [L, P], got shape {tuple(x.shape)}")
-    return np.asarray(x).astype(np.int32)
+def _mesh_signature(mesh: Any) -> Any:
+    """A mesh's axes and device ids (what every process must agree on), or its repr."""
+    devices = getattr(mesh, "devices", None)
+    if devices is None:
+        return repr(mesh)
+    ids = tuple(int(d.id) for d in np.asarray(devices).reshape(-1))
+    return (tuple(mesh.axis_names), tuple(np.asarray(devices).shape), ids)
 
 
 def _device_positions(mesh) -> list[Any]:
@@ -252,13 +248,20 @@ def recover_experts(
       >>> bool((w2 == rec.phy2log).all())  # every slot holds its expert
       True
     """
-    # First, before any check that could fail on one process only: every process has the same maps.
+    # First, before any check that could fail on one process only: every process has the same maps
+    # and options. The one gather of the call: the transfer below plans from values derived from
+    # these, so it gathers nothing again.
+    from jeplb._src.transfer.api import _leaf_signature, rearrange_expert_weights
+
+    options = (axis_name, num_experts, num_groups, num_nodes, chunk_rows, _mesh_signature(mesh))
     _agree.check_processes_agree(
         {
             "old_phy2log": old_phy2log,
             "new_phy2log": new_phy2log,
             "load": _as_bits(load),
             "lost_devices": None if lost_devices is None else np.asarray(lost_devices),
+            "options": _agree.static_signature(*options),
+            "expert_weights": _agree.static_signature(_leaf_signature(expert_weights)),
         },
         where="recover_experts",
     )
@@ -277,19 +280,18 @@ def recover_experts(
         policy=(num_groups, num_nodes),
     )
     staged = _survivors_on_new_mesh(leaves, plan, mesh, axis_name)
-    from jeplb._src.transfer.api import rearrange_expert_weights
-
-    out, report = rearrange_expert_weights(
-        plan.staged,
-        plan.moves,
-        treedef.unflatten(staged),
-        mesh=mesh,
-        axis_name=axis_name,
-        chunk_rows=chunk_rows,
-        num_experts=plan.num_experts,
-        donate=True,
-        return_report=True,
-    )
+    with _agree.already_agreed():
+        out, report = rearrange_expert_weights(
+            plan.staged,
+            plan.moves,
+            treedef.unflatten(staged),
+            mesh=mesh,
+            axis_name=axis_name,
+            chunk_rows=chunk_rows,
+            num_experts=plan.num_experts,
+            donate=True,
+            return_report=True,
+        )
     out_leaves = treedef.flatten_up_to(out)
     if plan.lost_pairs:
         out_leaves = _write_loaded(out_leaves, leaves, treedef, plan, loader, mesh, axis_name)
@@ -340,15 +342,26 @@ def _plan_recovery(
     old_phy2log, tree, *, mesh, axis_name, num_experts, lost_devices, load, new_phy2log, policy
 ) -> _RecoveryPlan:
     """Checks the arguments and decides the placement and the moves."""
-    old = _as_placement(old_phy2log, "old_phy2log")
     old_mesh = _old_mesh(tree, axis_name)
     d_old = int(old_mesh.shape[axis_name])
+    check_int("num_experts", num_experts, minimum=1, allow_none=True)
+    old = check_phy2log(
+        old_phy2log,
+        name="old_phy2log",
+        num_experts=num_experts,
+        num_devices=d_old,
+        require_all=True,
+        traced=False,
+    )
+    old = np.asarray(old).astype(np.int32)
+    if num_experts is None and old.max() < 0:
+        raise ValueError(
+            "old_phy2log: holds no expert (every slot -1), so num_experts cannot be inferred from "
+            "it; pass num_experts="
+        )
+    num_experts = int(old.max()) + 1 if num_experts is None else int(num_experts)
     d_new = _check_new_mesh(mesh, axis_name)
     num_layers, p_old = old.shape
-    if p_old % d_old:
-        raise ValueError(
-            f"old_phy2log: P = {p_old} slots is not divisible by the old mesh's {d_old} devices"
-        )
     checks.weight_leaves(
         tree,
         lead_shape=(num_layers, p_old),
@@ -357,7 +370,6 @@ def _plan_recovery(
         mesh=old_mesh,
         axes=(axis_name,),
     )
-    num_experts = _check_num_experts(num_experts, old)
     n_local = p_old // d_old
     p_new = n_local * d_new
     if p_new < num_experts:
@@ -389,17 +401,6 @@ def _plan_recovery(
     )
 
 
-def _check_num_experts(num_experts, old: np.ndarray) -> int:
-    if num_experts is None:
-        num_experts = int(old.max()) + 1
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int | np.integer):
-        raise TypeError(f"num_experts: expected an int, got {type(num_experts).__name__}")
-    if num_experts < 1:
-        raise ValueError(f"num_experts: expected an int >= 1, got {num_experts}")
-    check_placement(old, num_experts, "old_phy2log")
-    return int(num_experts)
-
-
 def _lost_devices(lost_devices, old_devices, new_devices, axis_name) -> tuple[int, ...]:
     """The old-mesh indices whose rows are gone: the ones named, and those not on the new mesh."""
     gone = {i for i, dev in enumerate(old_devices) if dev not in new_devices}
@@ -419,25 +420,32 @@ def _target(new_phy2log, load, shape, num_experts, d_new, policy) -> np.ndarray:
     """The placement on the new mesh: the caller's, or the policy's for the load."""
     num_layers, p_new = shape
     if new_phy2log is not None:
-        target = _as_placement(new_phy2log, "new_phy2log")
-        if target.shape != shape:
-            raise ValueError(
-                f"new_phy2log: expected shape [L, P'] = {shape} (N_local = {p_new // d_new} "
-                f"slots on each of the {d_new} new devices), got {tuple(target.shape)}"
-            )
-        check_placement(target, num_experts, "new_phy2log")
-        return target
+        target = check_phy2log(
+            new_phy2log,
+            name="new_phy2log",
+            num_experts=num_experts,
+            num_devices=d_new,
+            require_all=True,
+            shape=shape,
+            shape_from=f"N_local = {p_new // d_new} slots on each of the {d_new} new devices",
+            traced=False,
+        )
+        return np.asarray(target).astype(np.int32)
     if load is None:
         load = np.ones((num_layers, num_experts), np.float32)
-    elif not hasattr(load, "shape") or not hasattr(load, "dtype"):
-        raise TypeError(f"load: expected an array [L, E], got {type(load).__name__}")
-    elif tuple(load.shape) != (num_layers, num_experts):
-        raise ValueError(
-            f"load: expected shape [L, E] = {(num_layers, num_experts)}, got {tuple(load.shape)}"
-        )
-    from jeplb._src.policy.api import rebalance_experts
+    from jeplb._src.policy.api import rebalance_checked
+    from jeplb._src.policy.checks import check_args
 
-    placement = rebalance_experts(np.asarray(load), p_new, *policy, d_new)[0]
+    load, _, counts = check_args(
+        load,
+        p_new,
+        *policy,
+        d_new,
+        None,
+        load_shape=(num_layers, num_experts),
+        load_shape_from="old_phy2log's layers x num_experts",
+    )
+    placement = rebalance_checked(np.asarray(load), *counts)[0]
     return np.asarray(placement, np.int32)
 
 

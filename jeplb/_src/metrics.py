@@ -8,7 +8,6 @@ as a router that spreads an expert's tokens over its replicas does (vLLM hashes 
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import warnings
 from typing import Any
 
@@ -16,11 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jeplb._src import checks as _validate
+from jeplb._src import checks
+from jeplb._src.maps import check_phy2log
 
 __all__ = ["Balance", "balancedness", "device_loads", "remote_copies"]
-
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @jax.tree_util.register_dataclass
@@ -52,79 +50,20 @@ class Balance:
         return self.layer_balancedness
 
 
-def _as_array(x: Any) -> Any:
-    """``x`` itself when it is an array (numpy, jax, tracer), else ``np.asarray(x)``."""
-    return x if hasattr(x, "shape") and hasattr(x, "dtype") else np.asarray(x)
-
-
-def _check_map(m: Any, name: str, num_experts: int | None = None) -> None:
-    """Integer dtype; on concrete values, ids in [-1, E) (checked before any conversion, so no id
-    wraps into range)."""
-    if not np.issubdtype(np.dtype(m.dtype), np.integer):
-        raise TypeError(f"{name}: expected an integer map (int32), got dtype {m.dtype}")
-    if not _validate.is_concrete(m):
-        return
-    v = np.asarray(m)
-    high = num_experts if num_experts is not None else np.iinfo(np.int32).max
-    bad = np.argwhere((v < -1) | (v >= high))
-    if bad.size:
-        at = [int(i) for i in bad[0]]
-        want = f"[0, E = {num_experts})" if num_experts is not None else "[0, 2**31 - 1)"
-        raise ValueError(f"{name}{at} = {v[tuple(at)]}: expected an expert id in {want} or -1")
-
-
-def _check_num_devices(num_devices: Any, num_slots: int, map_name: str) -> None:
-    if isinstance(num_devices, bool) or not isinstance(num_devices, numbers.Integral):
-        raise TypeError(
-            f"num_devices: expected a Python int, got {type(num_devices).__name__} {num_devices!r}"
-        )
-    if num_devices < 1 or num_slots % num_devices:
-        raise ValueError(
-            f"num_devices: expected a divisor of P = {num_slots} ({map_name}'s slots), got "
-            f"{num_devices}"
-        )
-
-
-def _check_load_values(load: Any) -> None:
-    """Concrete loads: finite, >= 0 and (floating ones) within float32's range."""
-    if not _validate.is_concrete(load):
-        return
-    v = np.asarray(load)
-    if np.issubdtype(v.dtype, np.floating):
-        bad = np.argwhere(~np.isfinite(v) | (v < 0))
-        big = np.argwhere(np.isfinite(v) & (v > _FLOAT32_MAX))
-    else:
-        bad, big = np.argwhere(v < 0), np.zeros((0, 2), int)
-    if bad.size:
-        at = [int(i) for i in bad[0]]
-        raise ValueError(f"load{at} = {v[tuple(at)]}: expected finite loads >= 0 (token counts)")
-    if big.size:
-        at = [int(i) for i in big[0]]
-        raise ValueError(
-            f"load{at} = {v[tuple(at)]}: expected loads within float32's range (<= "
-            f"{_FLOAT32_MAX:.8g}; the device loads are float32)"
-        )
-
-
 def _checked(phy2log: Any, load: Any, num_devices: Any) -> tuple[jax.Array, jax.Array]:
     """Checks a map and its load; returns phy2log as jnp and the load as float32[L, E], converted
     without wrapping (a concrete 64-bit load is rounded to float32 on the host)."""
-    phy2log, load = _as_array(phy2log), _as_array(load)
-    if phy2log.ndim != 2:
-        raise ValueError(f"phy2log: expected a 2-D map [L, P], got shape {tuple(phy2log.shape)}")
-    dtype = np.dtype(load.dtype)
-    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
-        raise TypeError(f"load: expected a real dtype, got {load.dtype}")
-    if load.ndim == 2:
-        _check_map(phy2log, "phy2log", load.shape[1])
-        _check_load_values(load)
-    if load.ndim != 2 or load.shape[0] != phy2log.shape[0]:
+    load = checks.check_load(load, float32=True)
+    phy2log = check_phy2log(
+        phy2log, name="phy2log", num_experts=int(load.shape[1]), num_devices=num_devices
+    )
+    if load.shape[0] != phy2log.shape[0]:
         raise ValueError(
             f"load: expected [L, E] with L = {phy2log.shape[0]} (phy2log's layers), got "
             f"shape {tuple(load.shape)}"
         )
-    _check_num_devices(num_devices, phy2log.shape[1], "phy2log")
-    if _validate.is_concrete(load) and dtype.itemsize > 4:
+    dtype = np.dtype(load.dtype)
+    if checks.is_concrete(load) and dtype.itemsize > 4:
         load = np.asarray(load).astype(np.float32)  # before jnp would narrow it to 32 bits
     return jnp.asarray(phy2log), jnp.asarray(load).astype(jnp.float32)
 
@@ -235,16 +174,15 @@ def remote_copies(old_phy2log: jax.Array, new_phy2log: jax.Array, num_devices: i
       >>> remote_copies(jnp.array([[0, 1, 2, 3]]), jnp.array([[1, 0, 3, 0]]), 2).tolist()
       [1]
     """
-    old, new = _as_array(old_phy2log), _as_array(new_phy2log)
-    if old.ndim != 2 or tuple(old.shape) != tuple(new.shape):
-        raise ValueError(
-            f"new_phy2log: expected the shape of old_phy2log {tuple(old.shape)} ([L, P]), got "
-            f"{tuple(new.shape)}"
-        )
-    _check_map(old, "old_phy2log")
-    _check_map(new, "new_phy2log")
+    old = check_phy2log(old_phy2log, name="old_phy2log", num_devices=num_devices)
+    new = check_phy2log(
+        new_phy2log,
+        name="new_phy2log",
+        num_devices=num_devices,
+        shape=old.shape,
+        shape_from="old_phy2log's",
+    )
     num_layers, num_slots = old.shape
-    _check_num_devices(num_devices, num_slots, "old_phy2log")
     slots = num_slots // num_devices
     o = jnp.asarray(old).reshape(num_layers, num_devices, slots)
     n = jnp.asarray(new).reshape(num_layers, num_devices, slots)

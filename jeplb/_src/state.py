@@ -38,7 +38,7 @@ from jax import lax
 from jeplb._src import checkpoint, checks
 from jeplb._src.config import EplbConfig
 from jeplb._src.counts import as_counts, check_sum, readable, saturating_add, saturating_psum
-from jeplb._src.maps import check_placement, maps_from_phy2log
+from jeplb._src.maps import check_phy2log, maps_from_phy2log
 from jeplb._src.validate import check_int
 from jeplb._src.window import check_window
 
@@ -91,24 +91,12 @@ def check_layer(layer: Any, num_layers: int) -> bool:
     return False
 
 
-def _check_phy2log(phy2log: Any, num_experts: int) -> tuple[Any, int, int]:
-    """A placement argument's type and shape: returns ``(phy2log, L, P)``."""
-    if isinstance(phy2log, list | tuple):
-        phy2log = np.asarray(phy2log)
-    if not hasattr(phy2log, "shape") or not hasattr(phy2log, "dtype"):
-        raise TypeError(f"phy2log: expected an int array [L, P], got {type(phy2log).__name__}")
-    if not np.issubdtype(np.dtype(phy2log.dtype), np.integer):
-        raise TypeError(f"phy2log: expected an integer dtype (int32), got {phy2log.dtype}")
-    if phy2log.ndim != 2:
-        raise ValueError(f"phy2log: expected a 2-D map [L, P], got shape {tuple(phy2log.shape)}")
-    num_layers, p_total = (int(s) for s in phy2log.shape)
-    if num_layers < 1:
-        raise ValueError("phy2log: expected at least one layer (L >= 1), got L = 0")
-    if p_total < num_experts:
-        raise ValueError(
-            f"phy2log: expected P >= num_experts = {num_experts} slots per layer, got P = {p_total}"
-        )
-    return phy2log, num_layers, p_total
+def _check_phy2log(phy2log: Any, num_experts: int, num_devices: int) -> tuple[Any, int, int]:
+    """A placement argument (`maps.check_phy2log`): returns ``(phy2log, L, P)``."""
+    phy2log = check_phy2log(
+        phy2log, name="phy2log", num_experts=num_experts, num_devices=num_devices, require_all=True
+    )
+    return phy2log, *(int(s) for s in phy2log.shape)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -382,6 +370,14 @@ class EplbState:
         check_int("num_redundant_experts", num_redundant_experts, minimum=0)
         config = EplbConfig.create(config, where="EplbState.create", **options)
         p_total = num_experts + num_redundant_experts
+        # In the configuration's words, before the placement built here is checked (whose
+        # check would name phy2log, which the caller never passed).
+        config.check_sizes(
+            num_layers=num_layers,
+            num_experts=num_experts,
+            num_slots=p_total,
+            num_devices=num_devices,
+        )
         phy2log = np.tile(np.arange(p_total, dtype=np.int32) % num_experts, (num_layers, 1))
         return cls.from_placement(
             phy2log, num_experts=num_experts, num_devices=num_devices, config=config
@@ -421,15 +417,13 @@ class EplbState:
         check_int("num_experts", num_experts, minimum=1)
         check_int("num_devices", num_devices, minimum=1)
         config = EplbConfig.create(config, where="EplbState.from_placement", **options)
-        phy2log, num_layers, p_total = _check_phy2log(phy2log, num_experts)
+        phy2log, num_layers, p_total = _check_phy2log(phy2log, num_experts, num_devices)
         config.check_sizes(
             num_layers=num_layers,
             num_experts=num_experts,
             num_slots=p_total,
             num_devices=num_devices,
         )
-        if checks.is_concrete(phy2log):
-            check_placement(np.asarray(phy2log), num_experts, "phy2log")
         window_size = config.schedule.window_size
         arrays = _fresh_arrays(jnp.asarray(phy2log, jnp.int32), num_experts, window_size)
         # Distinct buffers: a state may be donated, and XLA refuses one buffer donated twice.
@@ -511,6 +505,12 @@ class EplbState:
         axes = _load_axes(load_axes)
         shape = (num_experts,) if one else (num_layers, num_experts)
         load = as_counts(load, shape, "[E]" if one else "[L, E]")
+        return self._add_counts(load, layer=layer, axes=axes)
+
+    def _add_counts(self, load: jax.Array, *, layer: Any, axes: tuple[str, ...] = ()) -> EplbState:
+        """`record` of checked values (int32 counts of the right shape, a checked ``layer`` or
+        None, a tuple of axes): what `jeplb.dispatch` calls after its own checks."""
+        num_layers, one = self.num_layers, layer is not None
         with jax.named_scope("eplb_record"):
             if axes:
                 try:

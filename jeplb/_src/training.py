@@ -44,6 +44,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jeplb._src import checks
+from jeplb._src.maps import check_phy2log
 from jeplb._src.transfer import agree, engine, layout, replica_sum, stages
 from jeplb._src.transfer import plan as plan_lib
 from jeplb._src.transfer.config import TransferConfig
@@ -407,13 +408,6 @@ def _problems(leaves, setup: engine.Engine) -> list[tuple[int, str]]:
     return [(routed[k], text) for k, text in found]
 
 
-def _check_map(phy2log, num_devices: int):
-    m, _ = checks.check_maps(
-        phy2log, phy2log, num_devices=num_devices, ndim=2, old_name="phy2log", new_name="phy2log"
-    )
-    return m
-
-
 def _lead(m, config: TransferConfig, num_devices: int, local: bool) -> tuple[int, int]:
     num_layers, p_total = m.shape
     lead = (num_layers, p_total // num_devices if local else p_total)
@@ -520,7 +514,7 @@ def sync_replica_grads(
         {"phy2log": phy2log, "options": agree.static_signature(config, dict(mesh.shape))},
         where="sync_replica_grads",
     )
-    m = _check_map(phy2log, d)
+    m = check_phy2log(phy2log, name="phy2log", num_devices=d)
     leaves, treedef, specs = _check_grad_leaves(
         grads, lead=_lead(m, config, d, False), config=config, mesh=mesh, local=False
     )
@@ -575,7 +569,7 @@ def sync_replica_grads_local(
             f"sync_replica_grads_local runs inside jax.shard_map over it (use "
             f"sync_replica_grads(..., mesh=...) at global view)"
         ) from err
-    m = _check_map(phy2log, d)
+    m = check_phy2log(phy2log, name="phy2log", num_devices=d)
     leaves, treedef, _ = _check_grad_leaves(
         grads, lead=_lead(m, config, d, True), config=config, mesh=None, local=True
     )
@@ -785,8 +779,13 @@ def replica_scale(phy2log: Any) -> jax.Array:
       >>> replica_scale(jnp.array([[0, 1, 0, -1]])).tolist()
       [[0.5, 1.0, 0.5, 0.0]]
     """
-    m = checks._int_map(phy2log, "phy2log")
-    _, count = replica_ranks(jnp.asarray(m))
+    m = check_phy2log(phy2log, name="phy2log", ndim=None)
+    return _replica_scale(jnp.asarray(m))
+
+
+def _replica_scale(m: jax.Array) -> jax.Array:
+    """`replica_scale` of a checked map."""
+    _, count = replica_ranks(m)
     return jnp.where(count > 0, 1.0 / jnp.maximum(count, 1), 0.0).astype(jnp.float32)
 
 
@@ -835,10 +834,8 @@ def global_norm(
       5.0
     """
     config = TransferConfig(layer_axis=layer_axis, slot_axis=slot_axis)
-    m = checks._int_map(phy2log, "phy2log")
-    if m.ndim != 2:
-        raise ValueError(f"phy2log: expected a 2-D map [L, P], got shape {tuple(m.shape)}")
-    scale = replica_scale(m)
+    m = check_phy2log(phy2log, name="phy2log")
+    scale = _replica_scale(jnp.asarray(m))
     if config.slot_major:
         scale = scale.T
     flat = jax.tree_util.tree_flatten_with_path(grads)[0]

@@ -13,6 +13,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jeplb._src import checks
+from jeplb._src.maps import check_phy2log
 from jeplb._src.transfer.config import TransferConfig
 
 __all__ = ["place_experts"]
@@ -88,11 +89,12 @@ def place_experts(
     """
     config = TransferConfig(axis_name=axis_name, layer_axis=layer_axis, slot_axis=slot_axis)
     num_devices = checks.axis_size(mesh, config.axis_name)
-    if isinstance(phy2log, list | tuple):
-        phy2log = np.asarray(phy2log)
-    checks.check_maps(phy2log, phy2log, num_devices=num_devices, ndim=2)
     flat, treedef = jax.tree_util.tree_flatten_with_path(logical_weights)
     leaves = [jnp.asarray(x) if isinstance(x, np.ndarray) else x for _, x in flat]
+    rows = [x.shape[slot_axis] for x in leaves if getattr(x, "ndim", 0) > slot_axis]
+    phy2log = check_phy2log(
+        phy2log, name="phy2log", num_devices=num_devices, num_experts=min(rows, default=0) or None
+    )
     num_layers = phy2log.shape[0]
     bad = [
         f"logical_weights{jax.tree_util.keystr(p)} has shape {tuple(x.shape)}, expected "
@@ -103,13 +105,6 @@ def place_experts(
     if not leaves or bad:
         raise ValueError("; ".join(bad) or "logical_weights: expected at least one array leaf")
     if checks.is_concrete(phy2log):
-        num_experts = min(x.shape[slot_axis] for x in leaves)
-        high = int(np.max(np.asarray(phy2log)))
-        if high >= num_experts:
-            raise ValueError(
-                f"phy2log: names expert {high}, but logical_weights has only E = {num_experts} "
-                f"experts along dim {slot_axis}"
-            )
         phy2log = jnp.asarray(np.asarray(phy2log), jnp.int32)
     expert = checks.expert_spec(config.axes)
     specs = tuple(_spec(x, slot_axis, expert) for x in leaves)

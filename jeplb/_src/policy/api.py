@@ -162,9 +162,21 @@ def rebalance_experts(
       >>> (moved == phy2log).all().item()  # the same proportions: nothing moves
       True
     """
-    num_slots, num_groups, num_nodes, num_devices = check_args(
-        load, num_slots, num_groups, num_nodes, num_devices, old_phy2log
-    )
+    load, old, counts = check_args(load, num_slots, num_groups, num_nodes, num_devices, old_phy2log)
+    return rebalance_checked(load, *counts, old_phy2log=old, refine=refine)
+
+
+def rebalance_checked(
+    load: Any,
+    num_slots: int,
+    num_groups: int,
+    num_nodes: int,
+    num_devices: int,
+    *,
+    old_phy2log: Any = None,
+    refine: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`rebalance_experts` on arguments already through `check_args` (checks nothing)."""
     groups, nodes = _effective(num_groups, num_nodes)
     old = old_phy2log
     if old is not None:

@@ -18,7 +18,10 @@ fingerprints compared:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -29,7 +32,13 @@ from jax import lax
 from jeplb._src.transfer.config import axis_tuple
 from jeplb._src.transfer.rows import make_varying
 
-__all__ = ["check_processes_agree", "fingerprint", "maps_agree", "static_signature"]
+__all__ = [
+    "already_agreed",
+    "check_processes_agree",
+    "fingerprint",
+    "maps_agree",
+    "static_signature",
+]
 
 # Odd 32-bit constants, one per lane (the lanes must hash independently).
 _LANE_SEEDS = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F)
@@ -139,6 +148,22 @@ def static_signature(*values: Any) -> np.ndarray:
     return np.frombuffer(digest, np.int32).copy()
 
 
+_AGREED = contextvars.ContextVar("jeplb_processes_agreed", default=False)
+
+
+@contextlib.contextmanager
+def already_agreed() -> Iterator[None]:
+    """Within it `check_processes_agree` gathers nothing: for a public function that gathered
+    every input of a public function it calls (``recover_experts`` around its transfer), so one
+    call makes one cross-process gather. Values derived deterministically from agreed inputs
+    agree."""
+    token = _AGREED.set(True)
+    try:
+        yield
+    finally:
+        _AGREED.reset(token)
+
+
 def check_processes_agree(maps: dict[str, Any], *, where: str) -> None:
     """Raises the same ValueError on every process if the processes passed different values.
 
@@ -149,7 +174,7 @@ def check_processes_agree(maps: dict[str, Any], *, where: str) -> None:
       maps: argument name -> its value (an integer array, or None).
       where: the function being called, for the message.
     """
-    if jax.process_count() == 1:
+    if jax.process_count() == 1 or _AGREED.get():
         return
     if any(isinstance(x, jax.core.Tracer) for x in maps.values()):
         return

@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jeplb._src import checks
+from jeplb._src.maps import check_phy2log
 from jeplb._src.transfer import agree, engine
 from jeplb._src.transfer.config import TransferConfig
 
@@ -264,9 +265,9 @@ def run_transfer(
         engine.Engine(config=config, num_devices=num_devices, platform=checks.platform_of(mesh))
     )
     ndim = 1 if single_layer else 2
-    old, new = checks.check_maps(
-        old_phy2log, new_phy2log, num_devices=num_devices, ndim=ndim, num_experts=num_experts
-    )
+    sizes = dict(ndim=ndim, num_experts=num_experts, num_devices=num_devices)
+    old = check_phy2log(old_phy2log, name="old_phy2log", **sizes)
+    new = check_phy2log(new_phy2log, name="new_phy2log", old=old, **sizes)
     if single_layer:
         lead, slot_axis, layer_axis = (old.shape[0],), 0, None
     else:

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jeplb._src import checks
+from jeplb._src.maps import check_phy2log
 from jeplb._src.transfer import agree, layout, stages
 from jeplb._src.transfer import plan as plan_lib
 from jeplb._src.transfer import rows as rows_lib
@@ -127,7 +128,8 @@ def move_to_buffer(
     """
     config = TransferConfig(axis_name=axis_name, chunk_rows=chunk_rows, row_impl=row_impl)
     d = _bound_size(config, "move_to_buffer")
-    old, new = checks.check_maps(old_phy2log, new_phy2log, num_devices=d, ndim=1)
+    old = check_phy2log(old_phy2log, name="old_phy2log", ndim=1, num_devices=d)
+    new = check_phy2log(new_phy2log, name="new_phy2log", ndim=1, num_devices=d, old=old)
     n = old.shape[0] // d
     flat, treedef = jax.tree_util.tree_flatten_with_path(expert_weights)
     leaves = [x for _, x in flat]
