@@ -4,7 +4,8 @@ The public surface, by job:
 
 * placement policy: `rebalance_experts`, `balancedness`, `device_loads`, `remote_copies`;
 * weight transfer: `rearrange_expert_weights`, `transfer_layer`, and its two stages
-  `move_to_buffer` / `move_from_buffer` joined by `TransferMetadata`;
+  `move_to_buffer` / `move_from_buffer` joined by `TransferMetadata`, all taking their static
+  options as one `TransferConfig` (or its fields as keywords);
 * model integration: `EplbState`, `dispatch`, `dispatch_layer`, `eplb_step`, `eplb_step_local`,
   `place_experts` (logical expert weights onto the slots of a placement), `combine_topk` (a
   combine whose bits a rebalance cannot change);
@@ -38,6 +39,7 @@ from jeplb._src.transfer.api import rearrange_expert_weights as rearrange_expert
 from jeplb._src.transfer.api import transfer_layer as transfer_layer
 from jeplb._src.transfer.buffer import move_from_buffer as move_from_buffer
 from jeplb._src.transfer.buffer import move_to_buffer as move_to_buffer
+from jeplb._src.transfer.config import TransferConfig as TransferConfig
 from jeplb._src.transfer.plan import TransferMetadata as TransferMetadata
 from jeplb._src.weights import place_experts as place_experts
 
@@ -48,6 +50,7 @@ __all__ = [
     "EplbState",
     "Recovery",
     "StepInfo",
+    "TransferConfig",
     "TransferMetadata",
     "TransferReport",
     "balancedness",

@@ -288,7 +288,6 @@ def recover_experts(
         chunk_rows=chunk_rows,
         num_experts=plan.num_experts,
         donate=True,
-        return_report=True,
     )
     out_leaves = treedef.flatten_up_to(out)
     if plan.lost_pairs:
