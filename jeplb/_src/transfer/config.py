@@ -11,12 +11,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from jeplb._src.transfer.rows import ROW_IMPLS
 from jeplb._src.validate import check_axis_name, check_choice, check_int
 
 __all__ = ["ROW_IMPLS", "TransferConfig", "axis_tuple"]
-
-# The row movers a user may ask for; which one runs where is `rows.Movers`'s rule.
-ROW_IMPLS = ("auto", "loop", "pallas", "scatter")
 
 
 def axis_tuple(axis_name: str | tuple[str, ...]) -> tuple[str, ...]:

@@ -23,10 +23,10 @@ import numpy as np
 from jax import lax
 
 from jeplb._src.transfer import layout
-from jeplb._src.transfer.config import ROW_IMPLS
 from jeplb._src.validate import check_choice
 
 __all__ = [
+    "ROW_IMPLS",
     "Mover",
     "Movers",
     "copy_rows",
@@ -38,6 +38,9 @@ __all__ = [
     "resolve_impl",
     "varying_axes",
 ]
+
+# What a user may ask for as ``row_impl`` (`TransferConfig`); `Movers` resolves it to a `Mover`.
+ROW_IMPLS = ("auto", "loop", "pallas", "scatter")
 
 _PALLAS_MIN_ROW_BYTES = 1 << 16
 _PALLAS_MAX_BLOCK = 1 << 14
