@@ -535,6 +535,13 @@ def test_keywords_override_the_config():
         jeplb.TransferConfig.merged(base, row_impl="dma")
     with pytest.raises(TypeError, match=r"f\(\) got unexpected keyword argument\(s\) 'chunk'"):
         jeplb.TransferConfig.merged(base, where="f", chunk=2)
+    # The one-layer stages take the same config and keywords, checked before anything is traced.
+    with pytest.raises(TypeError, match=r"move_to_buffer\(\) got unexpected keyword argument"):
+        jeplb.move_to_buffer(np.zeros(2), np.zeros(2), {}, config=base, chunk=2)
+    with pytest.raises(
+        TypeError, match=r"config: expected a jeplb.TransferConfig or None, got str"
+    ):
+        jeplb.move_to_buffer(np.zeros(2), np.zeros(2), {}, config="loop")
 
 
 @functools.cache
@@ -585,3 +592,39 @@ def test_ragged_tables_deliver_every_primary(d, n, capacity):
             assert sorted(staged[staged >= 0].tolist()) == np.nonzero(primary[b])[0].tolist()
             for q in np.nonzero(staged >= 0)[0]:
                 assert old[0, out[b, q]] == new[0, b * n + staged[q]]
+
+
+def test_a_registered_collective_is_picked_once_and_moves_the_rows(mesh8, monkeypatch):
+    # A second collective is one class plus one registry line: the engine picks the first that
+    # supports the platform when its setup is built, and every stage of the program uses it.
+    import dataclasses
+
+    from jeplb._src.transfer import collective, engine, rotation
+
+    @dataclasses.dataclass(frozen=True)
+    class Counting:
+        name: str = "counting"
+
+        def supports(self, platform):
+            return platform == jax.default_backend()
+
+        def exchange(self, *args, **kwargs):
+            calls.append(kwargs["num_devices"])
+            return rotation.ROTATION.exchange(*args, **kwargs)
+
+    calls = []
+    monkeypatch.setattr(collective, "REGISTRY", (Counting(), *collective.REGISTRY))
+    setup = engine.Engine(
+        config=jeplb.TransferConfig(chunk_rows=3), num_devices=8, platform=jax.default_backend()
+    )
+    assert setup.collective == Counting() and "counting" in repr(setup)
+    old, new = make_plan("random", 9, L, 8 * N, 16, 8)
+    host = make_leaves(np.random.default_rng(9), L, 8 * N)
+    out, report = jeplb.rearrange_expert_weights(
+        old, new, put(host, mesh8, P(None, "ep")), mesh=mesh8, chunk_rows=3
+    )
+    assert calls and set(calls) == {8} and bool(report.ok.all())
+    for name, before in host.items():
+        check_rows(as_bytes(before), as_bytes(out[name]), old, new, 8)
+    unregistered = engine.Engine(config=setup.config, num_devices=8, platform="tpu")
+    assert unregistered.collective is rotation.ROTATION and unregistered != setup

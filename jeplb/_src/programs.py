@@ -9,6 +9,7 @@ specs, donation) and jit caches it per shapes, so a second eager call compiles n
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +36,7 @@ def build(
     donate: bool = False,
     check_vma: bool = True,
     after: Callable | None = None,
+    name: str | None = None,
 ) -> Callable:
     """The program ``program(*replicated, leaves) -> (leaves, extra)``.
 
@@ -53,6 +55,7 @@ def build(
       donate: donate the leaves (the update happens in place).
       check_vma: shard_map's type check (off where a Pallas interpreter runs inside).
       after: ``after(extra)`` run at global view after the body (e.g. a host warning), or None.
+      name: a `jax.named_scope` around the body and the output ties (profiles), or None.
 
     Returns:
       The jitted program; every leaf comes back with the sharding it came in with (explicit
@@ -72,8 +75,9 @@ def build(
         *maps, leaves = args
         if checks.is_explicit(mesh):
             maps = jax.tree_util.tree_map(lambda x: jax.sharding.reshard(x, replicated), maps)
-        out, extra = mapped(*maps, leaves)
-        out = checks.like_inputs(leaves, out, given)
+        with jax.named_scope(name) if name else contextlib.nullcontext():
+            out, extra = mapped(*maps, leaves)
+            out = checks.like_inputs(leaves, out, given)
         if after is not None:
             after(extra)
         return out, extra

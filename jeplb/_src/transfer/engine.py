@@ -8,7 +8,8 @@ leaves:
 * D = 1: every move stays on the device; rows move in place in an order that reads every row
   before overwriting it (`inplace`), with no staging buffer.
 * D > 1: per layer (a `fori_loop`, so compile time does not grow with L), the plan (`plan`), then
-  in ``passes`` blocks of columns: stage (local copies + rotation rounds) and commit (`stages`).
+  in ``passes`` blocks of columns: stage (local copies, then the setup's `collective`: the
+  rotation rounds today) and commit (`stages`).
   The staging buffer holds N_local + 2C rows of one block: below one layer of local weights.
 
 Rows travel in a moving dtype and are written back as `layout` says, so no leaf is ever copied
@@ -59,7 +60,7 @@ class Engine:
     config: TransferConfig
     num_devices: int
     platform: str
-    collective: collective_lib.Collective = dataclasses.field(init=False, repr=False, compare=False)
+    collective: collective_lib.Collective = dataclasses.field(init=False)
     movers: rows_lib.Movers = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
