@@ -534,7 +534,9 @@ def test_keywords_override_the_config():
     with pytest.raises(ValueError, match=r"row_impl: expected one of .*got 'dma'"):
         jeplb.TransferConfig.merged(base, row_impl="dma")
     with pytest.raises(TypeError, match=r"f\(\) got unexpected keyword argument\(s\) 'chunk'"):
-        jeplb.TransferConfig.merged(base, where="f", chunk=2)
+        jeplb.TransferConfig.merged(base, "f", chunk=2)
+    with pytest.raises(TypeError, match=r"merged\(\) got unexpected keyword argument\(s\) 'where'"):
+        jeplb.TransferConfig.merged(base, where="f")
     # The one-layer stages take the same config and keywords, checked before anything is traced.
     with pytest.raises(TypeError, match=r"move_to_buffer\(\) got unexpected keyword argument"):
         jeplb.move_to_buffer(np.zeros(2), np.zeros(2), {}, config=base, chunk=2)

@@ -282,7 +282,7 @@ def _config(where: str, config: TransferConfig | None, options: dict) -> Transfe
             f"{where}() got an unexpected keyword argument 'return_report': {where} now always "
             f"returns (weights, report)"
         )
-    return TransferConfig.merged(config, where=where, **options)
+    return TransferConfig.merged(config, where, **options)
 
 
 def rearrange_expert_weights(

@@ -110,7 +110,7 @@ def move_to_buffer(
       >>> f(jnp.array([0, 1]), jnp.array([1, 0]), jnp.array([10.0, 11.0])).tolist()
       [11.0, 10.0]
     """
-    config = TransferConfig.merged(config, where="move_to_buffer", **options)
+    config = TransferConfig.merged(config, "move_to_buffer", **options)
     d = checks.bound_axis_size(
         config.axis_name,
         arg="axis_name",
@@ -214,7 +214,7 @@ def move_from_buffer(
             f"metadata: expected the TransferMetadata returned by move_to_buffer, "
             f"got {type(metadata).__name__}"
         )
-    config = TransferConfig.merged(config, where="move_from_buffer", **options)
+    config = TransferConfig.merged(config, "move_from_buffer", **options)
     movers = rows_lib.Movers(config.row_impl, checks.platform_of())
     leaves, treedef = jax.tree_util.tree_flatten(expert_weights)
     buf_leaves = _check_buffer(buffer, leaves, treedef)

@@ -106,7 +106,11 @@ class TransferConfig:
 
     @classmethod
     def merged(
-        cls, config: TransferConfig | None = None, *, where: str = "TransferConfig", **options: Any
+        cls,
+        config: TransferConfig | None = None,
+        where: str = "TransferConfig.merged",
+        /,
+        **options: Any,
     ) -> TransferConfig:
         """``config`` (default: the defaults) with ``options`` (field names) replacing its values.
 
@@ -114,7 +118,7 @@ class TransferConfig:
 
         Raises:
           TypeError: ``config`` is not a TransferConfig, or an option is not a field (named,
-            with the valid ones listed; ``where`` names the function called).
+            with the valid ones listed; ``where``, positional, names the function called).
         """
         if config is None:
             config = cls()
