@@ -12,7 +12,7 @@ callers.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,9 @@ import jax.numpy as jnp
 from jeplb._src.transfer import plan as plan_lib
 from jeplb._src.transfer import rows as rows_lib
 from jeplb._src.transfer.layout import RowSpace
+
+if TYPE_CHECKING:  # collective.py imports this module
+    from jeplb._src.transfer.collective import Collective
 
 __all__ = ["Impls", "Rounds", "commit", "stage"]
 
@@ -79,7 +82,7 @@ def stage(
     num_devices: int,
     chunk_rows: int,
     impls: tuple[Impls, ...],
-    collective: Any,
+    collective: Collective,
 ) -> tuple[jax.Array, ...]:
     """Fills the staging buffers ([N, w] each) from the weights' rows: local copies, then the
     rows of other devices through ``collective`` (a `collective.Collective`).
