@@ -177,12 +177,12 @@ def _run(num_rebalances: int, seed: int, *, fused_policy: bool, verbose: bool) -
 
     def move(old, new, w):
         traces["move"] += 1
-        return jeplb.rearrange_expert_weights(old, new, w, mesh=mesh, return_report=True)
+        return jeplb.rearrange_expert_weights(old, new, w, mesh=mesh)
 
     def policy_move(load, old, w):
         traces["policy"] += 1
         new, _, _ = jeplb.rebalance_experts(load, PT, 4, 2, D, old_phy2log=old)
-        w, report = jeplb.rearrange_expert_weights(old, new, w, mesh=mesh, return_report=True)
+        w, report = jeplb.rearrange_expert_weights(old, new, w, mesh=mesh)
         return new, w, report
 
     move_jit = jax.jit(move, donate_argnums=(2,))

@@ -7,6 +7,8 @@ The public surface, by job:
   `move_to_buffer` / `move_from_buffer` joined by `TransferMetadata`;
 * configuration: `EplbConfig` (one static object: a policy such as `DeepSeekPolicy` or
   `SnakePolicy`, a `TransferConfig`, a `ScheduleConfig`);
+  `move_to_buffer` / `move_from_buffer` joined by `TransferMetadata`, all taking their static
+  options as one `TransferConfig` (or its fields as keywords);
 * model integration: `EplbState`, `dispatch`, `dispatch_layer`, `eplb_step`, `eplb_step_local`,
   `place_experts` (logical expert weights onto the slots of a placement), `combine_topk` (a
   combine whose bits a rebalance cannot change);

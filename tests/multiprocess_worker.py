@@ -179,7 +179,7 @@ def run_scenarios(results: dict) -> None:
         old, new = make_plan(kind, seed, num_layers, p_total, num_experts, d)
         host = leaves_for(np.random.default_rng(100 + seed), num_layers, p_total)
         w = {k: _global(v, mesh, P(None, "ep")) for k, v in host.items()}
-        out, report = jeplb.rearrange_expert_weights(old, new, w, mesh=mesh, return_report=True)
+        out, report = jeplb.rearrange_expert_weights(old, new, w, mesh=mesh)
         jax.block_until_ready((out, report))
         assert bool(np.asarray(report.ok).all()), kind
         for k, v in host.items():
@@ -188,9 +188,7 @@ def run_scenarios(results: dict) -> None:
         plans += 1
         progress(f"rearrange: concrete {kind} plan checked")
     # 1b. The same under an outer jit with traced maps (global replicated arrays).
-    step = jax.jit(
-        lambda o, n, w: jeplb.rearrange_expert_weights(o, n, w, mesh=mesh, return_report=True)
-    )
+    step = jax.jit(lambda o, n, w: jeplb.rearrange_expert_weights(o, n, w, mesh=mesh))
     for seed, kind in enumerate(("random", "hotspot")):
         old, new = make_plan(kind, 50 + seed, num_layers, p_total, num_experts, d)
         host = leaves_for(np.random.default_rng(200 + seed), num_layers, p_total)

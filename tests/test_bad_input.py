@@ -326,7 +326,7 @@ def test_rearrange_axis_name_not_a_name(axis_name):
 def test_rearrange_maps_as_lists():
     """Python lists are maps like any other (no longer refused); the result is the new placement."""
     sharded = {"w": jax.device_put(jnp.asarray(by_expert(OLD)), SPEC)}
-    out = jeplb.rearrange_expert_weights(OLD.tolist(), NEW.tolist(), sharded, mesh=MESH)
+    out, _ = jeplb.rearrange_expert_weights(OLD.tolist(), NEW.tolist(), sharded, mesh=MESH)
     np.testing.assert_array_equal(np.asarray(out["w"]), by_expert(NEW))
     assert out["w"].sharding.spec == SPEC.spec
 
@@ -344,7 +344,7 @@ def test_rearrange_other_axes_on_other_dims(spec, cols):
     host = by_expert(OLD4, int(np.prod(cols))).reshape(L, E, *cols)
     want = by_expert(NEW4, int(np.prod(cols))).reshape(L, E, *cols)
     w = {"x": jax.device_put(jnp.asarray(host), NamedSharding(TENSOR, spec))}
-    out = jeplb.rearrange_expert_weights(OLD4, NEW4, w, mesh=TENSOR)
+    out, _ = jeplb.rearrange_expert_weights(OLD4, NEW4, w, mesh=TENSOR)
     np.testing.assert_array_equal(np.asarray(out["x"]), want)
     assert out["x"].sharding.spec == spec
 

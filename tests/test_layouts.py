@@ -46,7 +46,7 @@ def test_slot_major_leaves_move_in_place():
     old, new = make_plan("random", 3, L, 8 * N, 16, 8)
     bits = _bits(np.random.default_rng(0), (8 * N, L, 6), jnp.bfloat16)  # [P, L, ...]
     w = _put(bits, jnp.bfloat16, NamedSharding(mesh, P("ep")))
-    out = jeplb.rearrange_expert_weights(old, new, w, mesh=mesh, layer_axis=1, slot_axis=0)
+    out, _ = jeplb.rearrange_expert_weights(old, new, w, mesh=mesh, layer_axis=1, slot_axis=0)
     assert out.sharding.spec == P("ep") and out.dtype == jnp.bfloat16
     check_rows(
         bits.transpose(1, 0, 2).view(np.uint8),
@@ -66,7 +66,7 @@ def test_tuple_expert_axis():
     spec = P(None, ("context", "expert"))
     w = _put(bits, jnp.float32, NamedSharding(mesh, spec))
     out, report = jeplb.rearrange_expert_weights(
-        old, new, {"w": w}, mesh=mesh, axis_name=("context", "expert"), return_report=True
+        old, new, {"w": w}, mesh=mesh, axis_name=("context", "expert")
     )
     assert bool(report.ok.all()) and out["w"].sharding.spec == spec
     check_rows(bits.view(np.uint8), _back(out["w"]).view(np.uint8), old, new, 8)
@@ -86,7 +86,7 @@ def test_sub_byte_and_fp8_leaves_with_their_scales(dtype):
     }
     dtypes = {"w": dtype, "scale": jnp.float32}
     w = {k: _put(v, dtypes[k], sharding) for k, v in bits.items()}
-    out = jeplb.rearrange_expert_weights(old, new, w, mesh=mesh)
+    out, _ = jeplb.rearrange_expert_weights(old, new, w, mesh=mesh)
     for k, before in bits.items():
         assert out[k].dtype == dtypes[k]
         check_rows(before.view(np.uint8), _back(out[k]).view(np.uint8), old, new, 8)
@@ -100,7 +100,7 @@ def test_x64_maps_and_weights():
         old, new = make_plan("random", 6, L, 8 * N, 16, 8)
         bits = _bits(np.random.default_rng(3), (L, 8 * N, 3), jnp.float64)
         w = _put(bits, jnp.float64, NamedSharding(mesh, P(None, "ep")))
-        out = jeplb.rearrange_expert_weights(
+        out, _ = jeplb.rearrange_expert_weights(
             old.astype(np.int64), new.astype(np.int64), w, mesh=mesh
         )
         check_rows(bits.view(np.uint8), _back(out).view(np.uint8), old, new, 8)
@@ -112,9 +112,9 @@ def test_one_device_output_keeps_its_sharding():
     w = jax.device_put(jnp.arange(8.0).reshape(2, 4), NamedSharding(mesh, P(None, "ep")))
     old = np.tile(np.arange(4), (2, 1))
     new = old[:, ::-1].copy()
-    once = jeplb.rearrange_expert_weights(old, new, w, mesh=mesh)
+    once, _ = jeplb.rearrange_expert_weights(old, new, w, mesh=mesh)
     assert once.sharding.spec == P(None, "ep")
-    twice = jeplb.rearrange_expert_weights(new, old, once, mesh=mesh)
+    twice, _ = jeplb.rearrange_expert_weights(new, old, once, mesh=mesh)
     np.testing.assert_array_equal(np.asarray(twice), np.arange(8.0).reshape(2, 4))
 
 
@@ -143,7 +143,7 @@ def test_place_experts_any_layout_keeps_other_axes(slot_major):
             np.testing.assert_array_equal(got[layer, p], want)
     new = phy2log.copy()
     new[0] = np.roll(new[0], 3)
-    moved = jeplb.rearrange_expert_weights(
+    moved, _ = jeplb.rearrange_expert_weights(
         phy2log, new, out, mesh=mesh, layer_axis=axes[0], slot_axis=axes[1]
     )
     assert moved.sharding.spec == want_spec
@@ -168,7 +168,7 @@ def test_jitted_auto_mesh_leaves_keep_their_sharding():
     spec = P(None, "ep", None, "tensor")
     bits = _bits(np.random.default_rng(5), (L, 4 * N, 3, 4), jnp.float32)
     step = jax.jit(
-        lambda o, n, w: jeplb.rearrange_expert_weights(o, n, w, mesh=mesh), donate_argnums=2
+        lambda o, n, w: jeplb.rearrange_expert_weights(o, n, w, mesh=mesh)[0], donate_argnums=2
     )
     w = _put(bits, jnp.float32, NamedSharding(mesh, spec))
     plans = [make_plan("random", seed, L, 4 * N, 8, 4) for seed in (6, 7)]

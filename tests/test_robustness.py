@@ -104,7 +104,7 @@ def warnings_of_jeplb(caplog):
 @pytest.fixture(scope="module")
 def rearrange_jit(mesh):
     return jax.jit(
-        lambda o, n, w: jeplb.rearrange_expert_weights(o, n, w, mesh=mesh, return_report=True),
+        lambda o, n, w: jeplb.rearrange_expert_weights(o, n, w, mesh=mesh),
         donate_argnums=(2,),
     )
 
@@ -112,7 +112,7 @@ def rearrange_jit(mesh):
 @pytest.fixture(scope="module")
 def layer_jit(mesh):
     return jax.jit(
-        lambda o, n, w: jeplb.transfer_layer(o, n, w, mesh=mesh, return_report=True),
+        lambda o, n, w: jeplb.transfer_layer(o, n, w, mesh=mesh),
         donate_argnums=(2,),
     )
 
@@ -283,11 +283,11 @@ RSS_BOUND_MIB = 20
 
 
 def eager_rearrange(mesh, i, w):
-    return jeplb.rearrange_expert_weights(placements(i), placements(i + 1), w, mesh=mesh)
+    return jeplb.rearrange_expert_weights(placements(i), placements(i + 1), w, mesh=mesh)[0]
 
 
 def eager_layer(mesh, i, w):
-    return jeplb.transfer_layer(placements(i)[0], placements(i + 1)[0], w, mesh=mesh)
+    return jeplb.transfer_layer(placements(i)[0], placements(i + 1)[0], w, mesh=mesh)[0]
 
 
 @pytest.mark.parametrize(

@@ -120,9 +120,36 @@ def test_compiled_pallas_rearrange_on_gpu(dtype):
     w = jax.device_put(host, NamedSharding(mesh, P(None, "ep")))
     rows = jax.ShapeDtypeStruct((2 * n, width), dtype)
     assert _rows.resolve_impl("auto", rows, "gpu") == "pallas"
-    out = np.asarray(jeplb.rearrange_expert_weights(old, new, w, mesh=mesh))
+    out = np.asarray(jeplb.rearrange_expert_weights(old, new, w, mesh=mesh)[0])
     for layer in range(2):
         for p in range(n):
             np.testing.assert_array_equal(
                 out[layer, p].view(np.uint8), host[layer, new[layer, p]].view(np.uint8)
             )
+
+
+def test_movers_own_the_rules():
+    # Every rule about which mover runs where lives in rows.Movers / rows.Mover.
+    big = jax.ShapeDtypeStruct((4, 1 << 16), jnp.float32)
+    odd = jax.ShapeDtypeStruct((4, 100), jnp.float32)
+    gpu_auto, cpu_pallas = _rows.Movers("auto", "gpu"), _rows.Movers("pallas", "cpu")
+    assert gpu_auto.for_rows(big) is _rows.Mover.PALLAS and gpu_auto.for_rows(big).kernel
+    assert gpu_auto.for_rows(odd) is _rows.Mover.LOOP and not gpu_auto.for_rows(odd).kernel
+    assert gpu_auto.kernel_preferred and not gpu_auto.interpreted and gpu_auto.granule == 1
+    assert cpu_pallas.interpreted and cpu_pallas.kernel_preferred and cpu_pallas.granule == 1024
+    assert not _rows.Movers("loop", "gpu").kernel_preferred
+    assert _rows.Movers("scatter", "gpu").direct(big) is None  # no ordered form: it stages
+    assert cpu_pallas.rows_problems(odd) == (
+        "row_impl='pallas' needs rows of a multiple of 1024 elements, got 100 elements; "
+        "pass row_impl='loop'"
+    )
+    assert cpu_pallas.rows_problems(big) is None and gpu_auto.rows_problems(odd) is None
+    assert "512 32-bit words" in cpu_pallas.direct_problems(4, 100, np.float32)
+    assert _rows.Mover.PALLAS.block_problems(2048, 512, passes=4, fit=2) == (
+        "row_impl='pallas' needs blocks of a multiple of 1024 elements, but staging_passes=4 "
+        "cuts its rows of 2048 elements into blocks of 512; pass staging_passes=2 or "
+        "row_impl='loop'"
+    )
+    assert _rows.Mover.LOOP.block_problems(2048, 512, passes=4, fit=2) is None
+    with pytest.raises(TypeError, match=r"row_impl: expected one of .*got int 3"):
+        _rows.Movers(3, "gpu")

@@ -357,7 +357,7 @@ def test_expert_state_moves_moments_with_the_weights(mesh8):
     parts["[1][0].mu['moe']"] = jax.tree.map(lambda x: x + 1.0, parts["[0]['moe']"])
     old = np.tile(np.arange(8 * N, dtype=np.int32), (L, 1))
     new = np.roll(old, 5, axis=1)
-    moved = jeplb.rearrange_expert_weights(old, new, parts, mesh=mesh8, donate=False)
+    moved, _ = jeplb.rearrange_expert_weights(old, new, parts, mesh=mesh8, donate=False)
     params2, opt2 = put_back(moved)
     w = np.asarray(params2["moe"]["w13"])
     np.testing.assert_array_equal(w, np.asarray(params["moe"]["w13"])[:, new[0]])
@@ -408,7 +408,7 @@ def test_expert_state_moves_adafactor_factored_stats(mesh8):
     layers = np.arange(L)[:, None]
     src = np.argsort(old, axis=1)[layers, new]  # the old slot of each new slot's expert
     parts = jax.device_put(parts, NamedSharding(mesh8, P(None, "ep")))
-    moved = jeplb.rearrange_expert_weights(old, new, parts, mesh=mesh8, donate=False)
+    moved, _ = jeplb.rearrange_expert_weights(old, new, parts, mesh=mesh8, donate=False)
     params2, opt2 = put_back(moved)
 
     def model(x):  # the numpy model: slot p of layer l takes old slot src[l, p]'s values

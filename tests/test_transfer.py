@@ -45,7 +45,7 @@ def run_and_check(d, old, new, *, chunk_rows=1, seed=0):
     host = make_leaves(np.random.default_rng(seed), *old.shape)
     weights = put(host, mesh, P(None, "ep"))
     out, report = jeplb.rearrange_expert_weights(
-        old, new, weights, mesh=mesh, chunk_rows=chunk_rows, return_report=True
+        old, new, weights, mesh=mesh, chunk_rows=chunk_rows
     )
     for name, before in host.items():
         after = out[name]
@@ -106,7 +106,7 @@ def test_one_compilation_under_outer_jit(mesh8):
     @jax.jit
     def step(old, new, w):
         traces.append(1)
-        return jeplb.rearrange_expert_weights(old, new, w, mesh=mesh8, donate=False)
+        return jeplb.rearrange_expert_weights(old, new, w, mesh=mesh8, donate=False)[0]
 
     host = make_leaves(np.random.default_rng(1), L, 8 * N)
     for seed, kind in enumerate(("random", "reversal", "drift", "hotspot")):
@@ -134,7 +134,7 @@ def test_donated_weights_are_updated_in_place(mesh8):
         {"w": np.random.default_rng(0).random((L, 8 * N, 64), np.float32)}, mesh8, P(None, "ep")
     )
     ptrs = [s.data.unsafe_buffer_pointer() for s in w["w"].addressable_shards]
-    out = jeplb.rearrange_expert_weights(old, new, w, mesh=mesh8)
+    out, _ = jeplb.rearrange_expert_weights(old, new, w, mesh=mesh8)
     assert w["w"].is_deleted()
     assert [s.data.unsafe_buffer_pointer() for s in out["w"].addressable_shards] == ptrs
 
@@ -191,9 +191,7 @@ def test_traced_infeasible_plan_leaves_weights_untouched(mesh8, caplog):
 
     @jax.jit
     def step(old, new, w):
-        return jeplb.rearrange_expert_weights(
-            old, new, w, mesh=mesh8, donate=False, return_report=True
-        )
+        return jeplb.rearrange_expert_weights(old, new, w, mesh=mesh8, donate=False)
 
     with caplog.at_level(logging.WARNING, logger="jeplb"):
         out, report = step(jnp.asarray(old), jnp.asarray(new), put(host, mesh8, P(None, "ep")))
@@ -211,7 +209,7 @@ def test_transfer_layer_and_stages(mesh8):
     old, new = make_plan("random", 7, 1, 8 * N, 16, 8)
     host = make_leaves(np.random.default_rng(3), 1, 8 * N)
     layer = {k: v[0] for k, v in host.items()}
-    out = jeplb.transfer_layer(old[0], new[0], put(layer, mesh8, P("ep")), mesh=mesh8)
+    out, _ = jeplb.transfer_layer(old[0], new[0], put(layer, mesh8, P("ep")), mesh=mesh8)
     for name, before in host.items():
         check_rows(as_bytes(before), as_bytes(out[name])[None], old, new, 8)
 
@@ -256,7 +254,7 @@ def test_explicit_axis_mesh():
     mesh = jax.make_mesh((8,), ("ep",), axis_types=(jax.sharding.AxisType.Explicit,))
     old, new = make_plan("reversal", 0, L, 8 * N, 16, 8)
     host = {"w": np.random.default_rng(0).random((L, 8 * N, 3), np.float32)}
-    out = jeplb.rearrange_expert_weights(old, new, put(host, mesh, P(None, "ep")), mesh=mesh)
+    out, _ = jeplb.rearrange_expert_weights(old, new, put(host, mesh, P(None, "ep")), mesh=mesh)
     check_rows(as_bytes(host["w"]), as_bytes(out["w"]), old, new, 8)
 
 
@@ -353,7 +351,7 @@ def test_scatter_row_impl_bit_exact():
     old, new = make_plan("random", 11, L, 8 * N, 16, 8)
     mesh = mesh_of(8)
     host = make_leaves(np.random.default_rng(4), L, 8 * N)
-    out = jeplb.rearrange_expert_weights(
+    out, _ = jeplb.rearrange_expert_weights(
         old, new, put(host, mesh, P(None, "ep")), mesh=mesh, row_impl="scatter"
     )
     for name, before in host.items():
@@ -371,14 +369,14 @@ def test_pallas_row_impl_bit_exact_in_interpret_mode():
         "w_bf16": rng.integers(0, 1 << 16, (L, 4 * N, 2, 1024), dtype=np.uint16).view(jnp.bfloat16),
         "w_f32": rng.standard_normal((L, 4 * N, 2048)).astype(np.float32),
     }
-    out = jeplb.rearrange_expert_weights(
+    out, _ = jeplb.rearrange_expert_weights(
         old, new, put(host, mesh, P(None, "ep")), mesh=mesh, row_impl="pallas"
     )
     for name, before in host.items():
         check_rows(as_bytes(before), as_bytes(out[name]), old, new, 4)
     # The default passes never cut a row below the kernel's block: a 1024-element row goes whole.
     short = {"w": rng.standard_normal((L, 4 * N, 1024)).astype(np.float32)}
-    got = jeplb.rearrange_expert_weights(
+    got, _ = jeplb.rearrange_expert_weights(
         old, new, put(short, mesh, P(None, "ep")), mesh=mesh, row_impl="pallas"
     )
     check_rows(as_bytes(short["w"]), as_bytes(got["w"]), old, new, 4)
@@ -396,7 +394,7 @@ def test_column_passes_bit_exact(passes, chunk_rows):
         old, new = make_plan(kind, seed, L, 8 * N, 16, 8)
         mesh = mesh_of(8)
         host = make_leaves(np.random.default_rng(seed), L, 8 * N)
-        out = jeplb.rearrange_expert_weights(
+        out, _ = jeplb.rearrange_expert_weights(
             old,
             new,
             put(host, mesh, P(None, "ep")),
@@ -420,7 +418,7 @@ def test_column_passes_bit_exact(passes, chunk_rows):
     ],
 )
 def test_pack_bytes_round_trip_bit_exact(dtypes):
-    from jeplb._src.transfer import stages
+    from jeplb._src.transfer import rotation
 
     rng = np.random.default_rng(0)
     parts = tuple(
@@ -429,9 +427,9 @@ def test_pack_bytes_round_trip_bit_exact(dtypes):
         )
         for d in dtypes
     )
-    packed = stages.pack_bytes(parts)
+    packed = rotation.pack_bytes(parts)
     assert packed.dtype == jnp.uint8 and packed.shape == (3, sum(5 * x.itemsize for x in parts))
-    back = stages.unpack_bytes(packed, parts)
+    back = rotation.unpack_bytes(packed, parts)
     for a, b in zip(parts, back, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape
         assert np.array_equal(as_bytes(a), as_bytes(b))
@@ -459,7 +457,7 @@ def test_leaves_of_every_dtype_packed_bit_exact(mesh8):
     for seed, kind in enumerate(("random", "reversal")):
         old, new = make_plan(kind, seed, L, 8 * N, 16, 8)
         host = make_leaves(np.random.default_rng(seed), L, 8 * N)
-        out = jeplb.rearrange_expert_weights(
+        out, _ = jeplb.rearrange_expert_weights(
             old, new, put(host, mesh8, P(None, "ep")), mesh=mesh8, staging_passes=2
         )
         for name, before in host.items():
@@ -483,7 +481,6 @@ def test_devices_per_node_prefers_senders_on_the_receivers_node(mesh8):
             put(host, mesh8, P(None, "ep")),
             mesh=mesh8,
             devices_per_node=per_node,
-            return_report=True,
         )
         check_rows(as_bytes(host["w"]), as_bytes(out["w"]), old, new, d)
         assert int(report.remote_rows[0]) == d
@@ -505,18 +502,50 @@ def test_plan_counts_inter_node_rows():
     assert int(flat.inter_node_rows) == 0
 
 
-def test_topology_and_collective_options_are_checked(mesh8):
+def test_options_are_checked_before_anything_runs(mesh8):
     old, new = make_plan("random", 0, L, 8 * N, 16, 8)
     w = put({"w": np.zeros((L, 8 * N, 2), np.float32)}, mesh8, P(None, "ep"))
     with pytest.raises(ValueError, match=r"devices_per_node: expected a divisor of the 8 devices"):
         jeplb.rearrange_expert_weights(old, new, w, mesh=mesh8, devices_per_node=3)
     with pytest.raises(ValueError, match=r"devices_per_node: expected an int >= 1, got 0"):
         jeplb.rearrange_expert_weights(old, new, w, mesh=mesh8, devices_per_node=0)
-    with pytest.raises(ValueError, match=r"collective: expected one of"):
-        jeplb.rearrange_expert_weights(old, new, w, mesh=mesh8, collective="all_gather")
-    with pytest.raises(NotImplementedError, match=r"XLA:CPU cannot compile ragged-all-to-all"):
-        jeplb.rearrange_expert_weights(old, new, w, mesh=mesh8, collective="ragged_all_to_all")
+    # The removed option is an unknown keyword, named, with the valid ones listed.
+    unknown = (
+        r"unexpected keyword argument\(s\) 'collective'; the transfer's options are axis_name, "
+    )
+    with pytest.raises(TypeError, match=unknown):
+        jeplb.rearrange_expert_weights(old, new, w, mesh=mesh8, collective="ppermute")
+    with pytest.raises(TypeError, match=r"transfer_layer now always returns \(weights, report\)"):
+        jeplb.transfer_layer(old[0], new[0], w["w"][0], mesh=mesh8, return_report=True)
+    with pytest.raises(
+        TypeError, match=r"config: expected a jeplb.TransferConfig or None, got dict"
+    ):
+        jeplb.rearrange_expert_weights(old, new, w, mesh=mesh8, config={"chunk_rows": 2})
+    with pytest.raises(ValueError, match=r"devices_per_node: expected a divisor of the 8 devices"):
+        config = jeplb.TransferConfig(chunk_rows=2, devices_per_node=3)
+        jeplb.rearrange_expert_weights(old, new, w, mesh=mesh8, config=config)
     assert not w["w"].is_deleted()  # refused before anything ran
+
+
+def test_keywords_override_the_config():
+    base = jeplb.TransferConfig(chunk_rows=4, row_impl="loop", axis_name=("a", "b"))
+    merged = jeplb.TransferConfig.merged(base, chunk_rows=2)
+    assert merged == base.replace(chunk_rows=2) and merged.row_impl == "loop"
+    assert jeplb.TransferConfig.merged(None) == jeplb.TransferConfig()
+    assert jeplb.TransferConfig.merged(base) is base
+    with pytest.raises(ValueError, match=r"row_impl: expected one of .*got 'dma'"):
+        jeplb.TransferConfig.merged(base, row_impl="dma")
+    with pytest.raises(TypeError, match=r"f\(\) got unexpected keyword argument\(s\) 'chunk'"):
+        jeplb.TransferConfig.merged(base, "f", chunk=2)
+    with pytest.raises(TypeError, match=r"merged\(\) got unexpected keyword argument\(s\) 'where'"):
+        jeplb.TransferConfig.merged(base, where="f")
+    # The one-layer stages take the same config and keywords, checked before anything is traced.
+    with pytest.raises(TypeError, match=r"move_to_buffer\(\) got unexpected keyword argument"):
+        jeplb.move_to_buffer(np.zeros(2), np.zeros(2), {}, config=base, chunk=2)
+    with pytest.raises(
+        TypeError, match=r"config: expected a jeplb.TransferConfig or None, got str"
+    ):
+        jeplb.move_to_buffer(np.zeros(2), np.zeros(2), {}, config="loop")
 
 
 @functools.cache
@@ -567,3 +596,39 @@ def test_ragged_tables_deliver_every_primary(d, n, capacity):
             assert sorted(staged[staged >= 0].tolist()) == np.nonzero(primary[b])[0].tolist()
             for q in np.nonzero(staged >= 0)[0]:
                 assert old[0, out[b, q]] == new[0, b * n + staged[q]]
+
+
+def test_a_registered_collective_is_picked_once_and_moves_the_rows(mesh8, monkeypatch):
+    # A second collective is one class plus one registry line: the engine picks the first that
+    # supports the platform when its setup is built, and every stage of the program uses it.
+    import dataclasses
+
+    from jeplb._src.transfer import collective, engine, rotation
+
+    @dataclasses.dataclass(frozen=True)
+    class Counting:
+        name: str = "counting"
+
+        def supports(self, platform):
+            return platform == jax.default_backend()
+
+        def exchange(self, *args, **kwargs):
+            calls.append(kwargs["num_devices"])
+            return rotation.ROTATION.exchange(*args, **kwargs)
+
+    calls = []
+    monkeypatch.setattr(collective, "REGISTRY", (Counting(), *collective.REGISTRY))
+    setup = engine.Engine(
+        config=jeplb.TransferConfig(chunk_rows=3), num_devices=8, platform=jax.default_backend()
+    )
+    assert setup.collective == Counting() and "counting" in repr(setup)
+    old, new = make_plan("random", 9, L, 8 * N, 16, 8)
+    host = make_leaves(np.random.default_rng(9), L, 8 * N)
+    out, report = jeplb.rearrange_expert_weights(
+        old, new, put(host, mesh8, P(None, "ep")), mesh=mesh8, chunk_rows=3
+    )
+    assert calls and set(calls) == {8} and bool(report.ok.all())
+    for name, before in host.items():
+        check_rows(as_bytes(before), as_bytes(out[name]), old, new, 8)
+    unregistered = engine.Engine(config=setup.config, num_devices=8, platform="tpu")
+    assert unregistered.collective is rotation.ROTATION and unregistered != setup

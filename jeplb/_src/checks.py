@@ -7,12 +7,14 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax import lax
 from jax.sharding import Mesh, NamedSharding
 
 from jeplb._src.transfer.layout import SUB_BYTE
 
 __all__ = [
     "axis_size",
+    "bound_axis_size",
     "check_load",
     "default_specs",
     "expert_spec",
@@ -50,6 +52,25 @@ def axis_size(mesh: Any, axis_name: str | tuple[str, ...]) -> int:
             f"{tuple(mesh.axis_names)}. Pass axis_name= one of them or build the mesh with it."
         )
     return int(mesh.shape[axis_name])
+
+
+def bound_axis_size(axis: str | tuple[str, ...], *, arg: str, hint: str) -> int:
+    """D for ``axis`` (a mesh axis or a tuple of them) bound by the enclosing `jax.shard_map`.
+
+    Args:
+      axis: the axis name(s).
+      arg: the argument that named the axis, for the message (e.g. ``axis_name``).
+      hint: what the caller should do instead, e.g. ``"sync_replica_grads_local runs inside
+        jax.shard_map over it (use sync_replica_grads(..., mesh=...) at global view)"``.
+
+    Raises:
+      ValueError: the axis is not bound here: ``"{arg}: no mesh axis {axis!r} is bound here;
+        {hint}"``.
+    """
+    try:
+        return lax.axis_size(axis)
+    except NameError as err:
+        raise ValueError(f"{arg}: no mesh axis {axis!r} is bound here; {hint}") from err
 
 
 def platform_of(mesh: Any = None) -> str:

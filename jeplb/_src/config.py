@@ -190,11 +190,7 @@ class EplbConfig:
                     f"layers_per_step = {schedule.layers_per_step} takes {steps} steps, so "
                     f"step_interval must be >= {steps}; got {schedule.step_interval}"
                 )
-        if transfer.devices_per_node is not None and num_devices % transfer.devices_per_node:
-            raise ValueError(
-                f"devices_per_node: expected a divisor of the {num_devices} devices on the "
-                f"expert axis {transfer.axis_name!r}, got {transfer.devices_per_node}"
-            )
+        transfer.check_devices(num_devices)
         self.policy.check(num_experts=num_experts, num_slots=num_slots, num_devices=num_devices)
 
     def to_json(self) -> dict[str, Any]:

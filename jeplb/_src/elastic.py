@@ -280,6 +280,7 @@ def recover_experts(
         policy=(num_groups, num_nodes),
     )
     staged = _survivors_on_new_mesh(leaves, plan, mesh, axis_name)
+
     with _agree.already_agreed():
         out, report = rearrange_expert_weights(
             plan.staged,
@@ -290,7 +291,6 @@ def recover_experts(
             chunk_rows=chunk_rows,
             num_experts=plan.num_experts,
             donate=True,
-            return_report=True,
         )
     out_leaves = treedef.flatten_up_to(out)
     if plan.lost_pairs:

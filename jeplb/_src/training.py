@@ -32,7 +32,6 @@ of replica rows, so a few loop trips in all instead of a planned transfer per (l
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -40,10 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from jeplb._src import checks
+from jeplb._src import checks, programs
 from jeplb._src.maps import check_phy2log
 from jeplb._src.transfer import agree, engine, layout, replica_sum, stages
 from jeplb._src.transfer import plan as plan_lib
@@ -167,14 +164,11 @@ def _route(x: jax.Array, setup: engine.Engine) -> str:
     """How the one-device sync sums a local leaf: ``kernel`` (`replica_sum`'s Pallas kernel, for
     ``row_impl`` auto on a GPU or ``pallas`` anywhere, interpreted on the CPU, when the dtype and
     row width fit it), ``sum`` (`_sum_one_device`, dtypes that move natively) or ``engine``."""
-    impl, platform = setup.config.row_impl, setup.platform
     num_layers, n, width = layout.dims(x, setup.config.slot_major)
     rows = jax.ShapeDtypeStruct((num_layers * n, width), x.dtype)
-    if (impl == "pallas" or (impl == "auto" and platform == "gpu")) and replica_sum.kernel_fits(
-        rows, num_layers
-    ):
+    if setup.movers.kernel_preferred and replica_sum.kernel_fits(rows, num_layers):
         return "kernel"
-    return "sum" if layout.leaf_mode(x.dtype, platform) == "native" else "engine"
+    return "sum" if layout.leaf_mode(x.dtype, setup.platform) == "native" else "engine"
 
 
 def _sync_engine(phy2log, leaves, valid, setup: engine.Engine):
@@ -417,27 +411,24 @@ def _lead(m, config: TransferConfig, num_devices: int, local: bool) -> tuple[int
 # ------------------------------------------------------------------------------ public
 
 
-@functools.lru_cache(maxsize=64)
+def _local(phy2log, leaves, *, setup: engine.Engine):
+    """shard_map body of `sync_replica_grads`."""
+    return _sync_local(phy2log.astype(jnp.int32), leaves, setup=setup)
+
+
 def _program(mesh, setup: engine.Engine, specs: tuple):
-    """One jitted program per (mesh, setup, leaf specs); jit caches it per shapes."""
-    inner = [P(*s) for s in specs]
-    # The Pallas interpreter (the kernel on CPU) does not type its grid indices for shard_map.
-    interpreted = setup.config.row_impl == "pallas" and setup.platform == "cpu"
-    body = jax.shard_map(
-        lambda m, leaves: _sync_local(m, leaves, setup=setup),
+    """The cached program (`programs.build`) ``program(phy2log, leaves) -> (leaves, stats)``
+    for leaves of the given full specs."""
+    return programs.build(
+        _local,
         mesh=mesh,
-        in_specs=(P(), inner),
-        out_specs=(inner, P()),
-        check_vma=not interpreted,
+        given=specs,
+        slot_axis=setup.config.slot_axis,
+        axes=setup.config.axes,
+        num_replicated=1,
+        options=(("setup", setup),),
+        check_vma=not setup.movers.interpreted,
     )
-
-    def run(phy2log, leaves):
-        if checks.is_explicit(mesh):
-            phy2log = jax.sharding.reshard(phy2log, NamedSharding(mesh, P()))
-        return body(phy2log.astype(jnp.int32), leaves)
-
-    out_shardings = ([NamedSharding(mesh, P(*s)) for s in specs], NamedSharding(mesh, P()))
-    return jax.jit(run, out_shardings=out_shardings)
 
 
 def sync_program(mesh, specs: tuple, **options):
@@ -561,14 +552,12 @@ def sync_replica_grads_local(
       [[6.0, 6.0, 6.0]]
     """
     config = TransferConfig(axis_name=axis_name, layer_axis=layer_axis, slot_axis=slot_axis)
-    try:
-        d = lax.axis_size(config.axis_name)
-    except NameError as err:
-        raise ValueError(
-            f"axis_name: no mesh axis {config.axis_name!r} is bound here; "
-            f"sync_replica_grads_local runs inside jax.shard_map over it (use "
-            f"sync_replica_grads(..., mesh=...) at global view)"
-        ) from err
+    d = checks.bound_axis_size(
+        config.axis_name,
+        arg="axis_name",
+        hint="sync_replica_grads_local runs inside jax.shard_map over it (use "
+        "sync_replica_grads(..., mesh=...) at global view)",
+    )
     m = check_phy2log(phy2log, name="phy2log", num_devices=d)
     leaves, treedef, _ = _check_grad_leaves(
         grads, lead=_lead(m, config, d, True), config=config, mesh=None, local=True

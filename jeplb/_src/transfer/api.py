@@ -1,11 +1,12 @@
 """The public whole-model transfer: `rearrange_expert_weights` and its one-layer form
 `transfer_layer`, at global view (outside `jax.shard_map`).
 
-Each call checks everything once (processes agree, options, maps, every leaf), then runs one cached
-jitted program: a `jax.shard_map` around the engine (`engine.move_layers`) over every layer. The
-program is cached per (mesh, engine setup, leaf shardings, donation), and jit caches it per shapes,
-so a second call with new maps of the same shapes compiles nothing; under an outer `jax.jit` the
-maps may be traced and one compilation serves every plan.
+Each call merges its options into one `TransferConfig`, checks everything once (processes agree,
+options, maps, every leaf), then runs one cached jitted program (`programs.build`): a
+`jax.shard_map` around the engine (`engine.move_layers`) over every layer. The program is cached
+per (mesh, engine setup, leaf shardings, donation), and jit caches it per shapes, so a second
+call with new maps of the same shapes compiles nothing; under an outer `jax.jit` the maps may be
+traced and one compilation serves every plan.
 """
 
 from __future__ import annotations
@@ -19,10 +20,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from jeplb._src import checks
+from jeplb._src import checks, programs
 from jeplb._src.maps import check_phy2log
 from jeplb._src.transfer import agree, engine
 from jeplb._src.transfer.config import TransferConfig
@@ -68,16 +67,8 @@ class TransferReport:
 
     @classmethod
     def from_stats(cls, stats: engine.LayerStats) -> TransferReport:
-        """The report of the engine's per-layer figures."""
-        return cls(
-            ok=stats.ok,
-            wire_rows=stats.wire_rows,
-            min_rows=stats.min_rows,
-            chunks=stats.chunks,
-            remote_rows=stats.remote_rows,
-            local_rows=stats.local_rows,
-            inter_node_rows=stats.inter_node_rows,
-        )
+        """The report of the engine's per-layer figures (its fields are a subset of theirs)."""
+        return cls(**{f.name: getattr(stats, f.name) for f in dataclasses.fields(cls)})
 
 
 _log = logging.getLogger("jeplb")
@@ -100,60 +91,62 @@ def _warn_if_infeasible(ok: Any, *, where: str) -> None:
         pass
 
 
-@functools.lru_cache(maxsize=128)
-def _program(
-    mesh, setup: engine.Engine, specs: tuple, donate: bool, single_layer: bool, warn: bool = False
-):
-    """One jitted program per (mesh, setup, leaf specs, donation, layout); jit caches per shapes.
-
-    With ``single_layer`` the maps are [P] and leaves [P, ...]: a unit layer axis is added and
-    removed inside the program, where it costs nothing and donation still aliases. With ``warn``
-    (traced maps, whose values were not checked) an infeasible plan is also logged from the
-    program; concrete maps were checked before it ran, and a host call on every call would cost
-    a device-to-host round trip (milliseconds on a GPU).
-    """
-    where = "transfer_layer" if single_layer else "rearrange_expert_weights"
-    full = checks.default_specs(
-        specs, 0 if single_layer else setup.config.slot_axis, setup.config.axes
+def _warn_from_program(report: TransferReport, *, where: str) -> None:
+    """Logs, from inside the program, the infeasible layers of traced maps (whose values were not
+    checked before it ran); a host call on every call would cost a device-to-host round trip
+    (milliseconds on a GPU), so it runs only when a layer is infeasible."""
+    log = functools.partial(_warn_if_infeasible, where=where)
+    jax.lax.cond(
+        jnp.all(report.ok), lambda ok: None, lambda ok: jax.debug.callback(log, ok), report.ok
     )
-    inner = [P(None, *s) if single_layer else P(*s) for s in full]
-    # The Pallas interpreter (the kernel on CPU) does not type its grid indices for shard_map.
-    interpreted = setup.config.row_impl == "pallas" and setup.platform == "cpu"
-    body = jax.shard_map(
-        functools.partial(_body, setup=setup),
+
+
+_WARN = {
+    single: functools.partial(_warn_from_program, where=where)
+    for single, where in ((False, "rearrange_expert_weights"), (True, "transfer_layer"))
+}
+
+
+def _local(old, new, leaves, *, setup: engine.Engine, single_layer: bool):
+    """shard_map body: maps int32[L, P] (one layer: [P]) replicated, leaves local. One-layer
+    calls get a unit layer dim here, on the local shards, where it costs nothing and donation
+    still aliases."""
+    if single_layer:
+        old, new, leaves = old[None], new[None], [x[None] for x in leaves]
+    out, stats = engine.move_layers(
+        old.astype(jnp.int32),
+        new.astype(jnp.int32),
+        leaves,
+        first=0,
+        count=old.shape[0],
+        all_or_nothing=True,
+        engine=setup,
+    )
+    report = TransferReport.from_stats(stats)
+    if single_layer:
+        out = [x[0] for x in out]
+        report = jax.tree_util.tree_map(lambda a: a[0], report)
+    return out, report
+
+
+def _program(mesh, setup: engine.Engine, specs: tuple, donate: bool, single_layer: bool, warn):
+    """The cached program (`programs.build`) ``program(old, new, leaves) -> (leaves, report)``.
+
+    ``specs``: each leaf's given spec, None where unknown. With ``single_layer`` the maps are
+    [P] and leaves [P, ...]. With ``warn`` (traced maps, whose values were not checked) an
+    infeasible plan is also logged from the program."""
+    return programs.build(
+        _local,
         mesh=mesh,
-        in_specs=(P(), P(), inner),
-        out_specs=(inner, P()),
-        check_vma=not interpreted,
+        given=specs,
+        slot_axis=0 if single_layer else setup.config.slot_axis,
+        axes=setup.config.axes,
+        num_replicated=2,
+        options=(("setup", setup), ("single_layer", single_layer)),
+        donate=bool(donate),
+        check_vma=not setup.movers.interpreted,
+        after=_WARN[single_layer] if warn else None,
     )
-
-    def run(old, new, leaves):
-        if single_layer:
-            old, new, leaves = old[None], new[None], [x[None] for x in leaves]
-        if checks.is_explicit(mesh):
-            old = jax.sharding.reshard(old, NamedSharding(mesh, P()))
-            new = jax.sharding.reshard(new, NamedSharding(mesh, P()))
-        out, stats = body(old.astype(jnp.int32), new.astype(jnp.int32), leaves)
-        out = checks.like_inputs(leaves, out, specs)
-        report = TransferReport.from_stats(stats)
-        if single_layer:
-            out = [x[0] for x in out]
-            report = jax.tree_util.tree_map(lambda a: a[0], report)
-        if warn:
-            log = functools.partial(_warn_if_infeasible, where=where)
-            jax.lax.cond(
-                jnp.all(report.ok),
-                lambda ok: None,
-                lambda ok: jax.debug.callback(log, ok),
-                report.ok,
-            )
-        return out, report
-
-    # Explicit output shardings: every leaf comes back exactly as it came in (also on a
-    # one-device mesh, where jit would otherwise simplify the sharding away).
-    # Leaves of unknown sharding (traced, Auto mesh) come back as they came in (`like_inputs`).
-    out_shardings = (checks.out_shardings(mesh, specs), NamedSharding(mesh, P()))
-    return jax.jit(run, donate_argnums=(2,) if donate else (), out_shardings=out_shardings)
 
 
 def program_for(
@@ -164,24 +157,16 @@ def program_for(
     options: ``program(old, new, leaves) -> (leaves, report)``. For benchmarks and tests that
     time or inspect the compiled program itself."""
     config = TransferConfig(**options)
+    if single_layer:
+        config = config.replace(layer_axis=0, slot_axis=1)
     setup = engine.Engine(
         config=config,
         num_devices=checks.axis_size(mesh, config.axis_name),
         platform=checks.platform_of(mesh),
     )
-    spec = (None,) * (0 if single_layer else config.slot_axis) + (checks.expert_spec(config.axes),)
-    if single_layer:
-        config = config.replace(layer_axis=0, slot_axis=1)
-        setup = dataclasses.replace(setup, config=config)
+    slot_axis = 0 if single_layer else config.slot_axis
+    spec = (None,) * slot_axis + (checks.expert_spec(config.axes),)
     return _program(mesh, setup, (spec,) * num_leaves, bool(donate), single_layer, False)
-
-
-def _body(old, new, leaves, *, setup: engine.Engine):
-    """shard_map body: maps int32[L, P] replicated, leaves local."""
-    num_layers = old.shape[0]
-    return engine.move_layers(
-        old, new, leaves, first=0, count=num_layers, all_or_nothing=True, engine=setup
-    )
 
 
 def _fingerprint(value: Any) -> np.ndarray:
@@ -261,9 +246,9 @@ def run_transfer(
         where=where,
     )
     num_devices = checks.axis_size(mesh, config.axis_name)
-    engine.check_setup(
-        engine.Engine(config=config, num_devices=num_devices, platform=checks.platform_of(mesh))
-    )
+    if single_layer:  # the program adds a unit layer dim: [1, P, ...]
+        config = config.replace(layer_axis=0, slot_axis=1)
+    setup = engine.Engine(config=config, num_devices=num_devices, platform=checks.platform_of(mesh))
     ndim = 1 if single_layer else 2
     sizes = dict(ndim=ndim, num_experts=num_experts, num_devices=num_devices)
     old = check_phy2log(old_phy2log, name="old_phy2log", **sizes)
@@ -284,14 +269,21 @@ def run_transfer(
     if donate:
         _check_no_aliases(leaves, treedef)
     specs = tuple(specs)  # None where unknown (traced leaves on an Auto mesh)
-    if single_layer:
-        config = config.replace(layer_axis=0, slot_axis=1)
-    setup = engine.Engine(config=config, num_devices=num_devices, platform=checks.platform_of(mesh))
     check_movable(leaves, treedef, specs, mesh, setup, single_layer=single_layer)
     traced = not (checks.is_concrete(old) and checks.is_concrete(new))
     program = _program(mesh, setup, specs, bool(donate), single_layer, traced)
     out, report = program(checks.place_map(old, mesh), checks.place_map(new, mesh), leaves)
     return treedef.unflatten(out), report
+
+
+def _config(where: str, config: TransferConfig | None, options: dict) -> TransferConfig:
+    """The entry point's one `TransferConfig`: ``config`` with ``options`` merged in."""
+    if "return_report" in options:
+        raise TypeError(
+            f"{where}() got an unexpected keyword argument 'return_report': {where} now always "
+            f"returns (weights, report)"
+        )
+    return TransferConfig.merged(config, where, **options)
 
 
 def rearrange_expert_weights(
@@ -300,18 +292,11 @@ def rearrange_expert_weights(
     expert_weights: Any,
     *,
     mesh: jax.sharding.Mesh,
-    axis_name: str | tuple[str, ...] = "ep",
-    layer_axis: int = 0,
-    slot_axis: int = 1,
-    chunk_rows: int = 1,
+    config: TransferConfig | None = None,
     num_experts: int | None = None,
     donate: bool = True,
-    return_report: bool = False,
-    row_impl: str = "auto",
-    staging_passes: int | None = None,
-    devices_per_node: int | None = None,
-    collective: str = "ppermute",
-) -> Any:
+    **options: Any,
+) -> tuple[Any, TransferReport]:
     """Moves expert weights from the old placement to the new one, on the mesh, in one program.
 
     After the call every slot p of every layer l with ``new_phy2log[l, p] != -1`` holds, bit for
@@ -337,38 +322,29 @@ def rearrange_expert_weights(
         exactly ``axis_name``; the layer dim is not sharded; the other dims may be sharded over
         other mesh axes. Every leaf comes back with the sharding it came in with.
       mesh: the device mesh; must have ``axis_name``.
-      axis_name: the expert-parallel mesh axis, or a tuple of axes (D = the product of sizes).
-      layer_axis: the leaves' layer dim (0 or 1).
-      slot_axis: the leaves' slot dim (1 or 0).
-      chunk_rows: C, rows per ppermute chunk (static). 1 wastes no bandwidth on padding; larger
-        chunks amortise per-collective latency for small rows.
+      config: the transfer's static options (`jeplb.TransferConfig`; None: the defaults).
       num_experts: E, if given, ids >= E are rejected (concrete maps only).
       donate: donate ``expert_weights`` so the update happens in place (the inputs become invalid).
-      return_report: also return a `TransferReport`.
-      row_impl: how rows move inside a device: ``auto`` (a Pallas kernel on GPUs for rows of at
-        least 64 KiB, else a loop of dynamic_update_slice), ``loop``, ``pallas`` or ``scatter``.
-      staging_passes: on D > 1 devices, rows are staged and committed in this many blocks of
-        columns, one after the other in the same program (static; every column block is an
-        independent transfer of the same plan). None: the fewest that keep the buffer, the chunks
-        and any converted slab below one layer's local weights. Leaves whose row length the count
-        does not divide are staged whole in the first pass.
-      devices_per_node: devices per node (host) on the expert axis, in axis order (must divide
-        D): senders are chosen on the receiver's node where a replica is there, and the report
-        counts the rows that cross nodes (``inter_node_rows``). None: one flat network.
-      collective: ``ppermute`` (rotation rounds; every backend) or ``ragged_all_to_all`` (one
-        exact-bytes collective on GPUs and TPUs: a seam, raises NotImplementedError for now).
+      **options: any `jeplb.TransferConfig` field as a shorthand, overriding ``config``'s:
+        ``axis_name`` (the expert-parallel mesh axis, or a tuple of axes; D = the product of
+        sizes), ``layer_axis`` / ``slot_axis`` (the leaves' layer and slot dims, 0 or 1),
+        ``chunk_rows`` (C, rows per ppermute chunk), ``row_impl`` (``auto``, ``loop``,
+        ``pallas`` or ``scatter``), ``staging_passes`` (column blocks staged one after the
+        other; None: the fewest that keep the staging below one layer's local weights),
+        ``devices_per_node`` (senders chosen on the receiver's node; must divide D).
 
     Returns:
-      The rearranged weights (same structure, shapes, dtypes and shardings), and the
-      `TransferReport` when ``return_report`` is set.
+      ``(weights, report)``: the rearranged weights (same structure, shapes, dtypes and
+      shardings) and a `TransferReport`.
 
     Raises:
       ValueError, TypeError: bad maps (shape, dtype, ids, an expert the old map lacks), leaves
         of the wrong shape, dtype or sharding, or rows ``row_impl="pallas"`` cannot move in the
         blocks ``staging_passes`` cuts (every bad leaf named by its path), a mesh without the
-        axis, processes that passed different arguments. Raised before anything runs. With
-        traced maps the value checks cannot raise: if any layer's plan is infeasible, every
-        layer's weights are left as they were, ``report.ok`` says so, and a warning is logged.
+        axis, bad options (an unknown keyword is a TypeError listing the valid ones), processes
+        that passed different arguments. Raised before anything runs. With traced maps the
+        value checks cannot raise: if any layer's plan is infeasible, every layer's weights are
+        left as they were, ``report.ok`` says so, and a warning is logged.
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np
@@ -376,30 +352,20 @@ def rearrange_expert_weights(
       >>> mesh = jax.make_mesh((1,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
       >>> w = jax.device_put(jnp.arange(4.0).reshape(1, 4, 1), NamedSharding(mesh, P(None, "ep")))
       >>> old = np.array([[0, 1, 2, 3]]); new = np.array([[3, 3, 0, 1]])
-      >>> rearrange_expert_weights(old, new, w, mesh=mesh)[0, :, 0].tolist()
-      [3.0, 3.0, 0.0, 1.0]
+      >>> w, report = rearrange_expert_weights(old, new, w, mesh=mesh, chunk_rows=2)
+      >>> w[0, :, 0].tolist(), bool(report.ok.all())
+      ([3.0, 3.0, 0.0, 1.0], True)
     """
-    config = TransferConfig(
-        axis_name=axis_name,
-        chunk_rows=chunk_rows,
-        row_impl=row_impl,
-        staging_passes=staging_passes,
-        layer_axis=layer_axis,
-        slot_axis=slot_axis,
-        devices_per_node=devices_per_node,
-        collective=collective,
-    )
-    weights, report = run_transfer(
+    return run_transfer(
         old_phy2log,
         new_phy2log,
         expert_weights,
         mesh=mesh,
-        config=config,
+        config=_config("rearrange_expert_weights", config, options),
         num_experts=num_experts,
         donate=donate,
         single_layer=False,
     )
-    return (weights, report) if return_report else weights
 
 
 def transfer_layer(
@@ -408,43 +374,31 @@ def transfer_layer(
     expert_weights: Any,
     *,
     mesh: jax.sharding.Mesh,
-    axis_name: str | tuple[str, ...] = "ep",
-    chunk_rows: int = 1,
+    config: TransferConfig | None = None,
     num_experts: int | None = None,
     donate: bool = True,
-    return_report: bool = False,
-    row_impl: str = "auto",
-    staging_passes: int | None = None,
-    devices_per_node: int | None = None,
-    collective: str = "ppermute",
-) -> Any:
+    **options: Any,
+) -> tuple[Any, TransferReport]:
     """`rearrange_expert_weights` for one layer: maps int[P], leaves [P, ...] with the slot dim
-    sharded over ``axis_name``. Same guarantees, arguments and errors.
+    sharded over ``axis_name``. Same guarantees, arguments and errors (``layer_axis`` and
+    ``slot_axis`` are ignored); the report's fields are scalars.
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np
       >>> from jax.sharding import NamedSharding, PartitionSpec as P
       >>> mesh = jax.make_mesh((1,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
       >>> w = jax.device_put(jnp.arange(3.0), NamedSharding(mesh, P("ep")))
-      >>> transfer_layer(np.array([0, 1, 2]), np.array([2, 1, 1]), w, mesh=mesh).tolist()
-      [2.0, 1.0, 1.0]
+      >>> w, report = transfer_layer(np.array([0, 1, 2]), np.array([2, 1, 1]), w, mesh=mesh)
+      >>> w.tolist(), int(report.local_rows)
+      ([2.0, 1.0, 1.0], 2)
     """
-    config = TransferConfig(
-        axis_name=axis_name,
-        chunk_rows=chunk_rows,
-        row_impl=row_impl,
-        staging_passes=staging_passes,
-        devices_per_node=devices_per_node,
-        collective=collective,
-    )
-    weights, report = run_transfer(
+    return run_transfer(
         old_phy2log,
         new_phy2log,
         expert_weights,
         mesh=mesh,
-        config=config,
+        config=_config("transfer_layer", config, options),
         num_experts=num_experts,
         donate=donate,
         single_layer=True,
     )
-    return (weights, report) if return_report else weights

@@ -1,6 +1,7 @@
 """The transfer's two stages for one layer, public, for models that run inside `jax.shard_map`
 and overlap the collectives with their own compute: `move_to_buffer` and `move_from_buffer`,
-joined by a `TransferMetadata`. They run the engine's own stages (`stages`) on one layer."""
+joined by a `TransferMetadata`. They run the engine's own stages (`stages`) on one layer, with
+the engine's collective and row movers (`engine.Engine`)."""
 
 from __future__ import annotations
 
@@ -13,23 +14,13 @@ from jax import lax
 
 from jeplb._src import checks
 from jeplb._src.maps import check_phy2log
-from jeplb._src.transfer import agree, layout, stages
+from jeplb._src.transfer import agree, engine, layout, stages
 from jeplb._src.transfer import plan as plan_lib
 from jeplb._src.transfer import rows as rows_lib
 from jeplb._src.transfer.config import TransferConfig
 from jeplb._src.transfer.plan import TransferMetadata
 
 __all__ = ["move_from_buffer", "move_to_buffer"]
-
-
-def _bound_size(config: TransferConfig, where: str) -> int:
-    try:
-        return lax.axis_size(config.axis_name)
-    except NameError as err:
-        raise ValueError(
-            f"axis_name: no mesh axis {config.axis_name!r} is bound here; {where} runs inside "
-            f"jax.shard_map over it (use rearrange_expert_weights or transfer_layer at global view)"
-        ) from err
 
 
 def _one_layer(x: jax.Array) -> layout.RowSpace:
@@ -46,22 +37,17 @@ def _width(x: jax.Array) -> int:
     return w
 
 
-def _impls(rows: tuple[jax.Array, ...], row_impl: str) -> tuple[stages.Impls, ...]:
-    platform = checks.platform_of()
-    impls = [rows_lib.resolve_impl(row_impl, r, platform) for r in rows]
-    return tuple(stages.Impls(i, i) for i in impls)
+def _impls(rows: tuple[jax.Array, ...], movers: rows_lib.Movers) -> tuple[stages.Impls, ...]:
+    return tuple(stages.Impls(movers.for_rows(r), movers.for_rows(r)) for r in rows)
 
 
-def _check_movable(leaves: list, treedef, row_impl: str) -> None:
-    """Refuses, by path and all at once, leaves whose rows ``row_impl`` cannot move."""
-    platform = checks.platform_of()
+def _check_movable(leaves: list, treedef, movers: rows_lib.Movers) -> None:
+    """Refuses, by path and all at once, leaves whose rows the movers cannot move."""
     problems = []
     for i, x in enumerate(leaves):
-        rows = jax.ShapeDtypeStruct((x.shape[0], _width(x)), x.dtype)
-        impl = rows_lib.resolve_impl(row_impl, rows, platform)
-        why = impl == "pallas" and rows_lib.pallas_refusal(_width(x))
+        why = movers.rows_problems(jax.ShapeDtypeStruct((x.shape[0], _width(x)), x.dtype))
         if why:
-            problems.append((i, f"{why}; pass row_impl='loop'"))
+            problems.append((i, why))
     checks.refuse_leaves("expert_weights", checks.leaf_paths(treedef), problems)
 
 
@@ -88,10 +74,9 @@ def move_to_buffer(
     new_phy2log: jax.Array,
     expert_weights: Any,
     *,
-    axis_name: str | tuple[str, ...] = "ep",
     buffer: Any = None,
-    chunk_rows: int = 1,
-    row_impl: str = "auto",
+    config: TransferConfig | None = None,
+    **options: Any,
 ) -> tuple[Any, TransferMetadata]:
     """Stage one layer: local copies into the buffer, then the collectives. Call inside shard_map.
 
@@ -102,13 +87,13 @@ def move_to_buffer(
       old_phy2log: int32[P] the layer's map before (replicated: the same on every device).
       new_phy2log: int32[P] the layer's map after (replicated).
       expert_weights: pytree of this device's slots of the layer, leaves [N_local, ...].
-      axis_name: the expert-parallel mesh axis, or a tuple of axes (bound by the enclosing
-        shard_map).
       buffer: optional pytree shaped like ``expert_weights`` to stage into (donate it to reuse
         memory); a new one is made when None.
-      chunk_rows: C, rows per collective chunk (static).
-      row_impl: how rows move inside the device: ``auto`` (a Pallas kernel on GPUs for rows of at
-        least 64 KiB, else a loop of dynamic_update_slice), ``loop``, ``pallas`` or ``scatter``.
+      config: the transfer's static options (`jeplb.TransferConfig`; None: the defaults). Read
+        here: ``axis_name`` (bound by the enclosing shard_map), ``chunk_rows``, ``row_impl``,
+        ``devices_per_node``; the leaves' layout options do not apply to one layer's shards.
+      **options: any `jeplb.TransferConfig` field as a shorthand, overriding ``config``'s (e.g.
+        ``axis_name="expert"``, ``chunk_rows=4``, ``row_impl="loop"``).
 
     Returns:
       ``(buffer, metadata)``: the staged rows ([N_local, ...] per leaf, row i holds what local
@@ -126,8 +111,14 @@ def move_to_buffer(
       >>> f(jnp.array([0, 1]), jnp.array([1, 0]), jnp.array([10.0, 11.0])).tolist()
       [11.0, 10.0]
     """
-    config = TransferConfig(axis_name=axis_name, chunk_rows=chunk_rows, row_impl=row_impl)
-    d = _bound_size(config, "move_to_buffer")
+    config = TransferConfig.merged(config, "move_to_buffer", **options)
+    d = checks.bound_axis_size(
+        config.axis_name,
+        arg="axis_name",
+        hint="move_to_buffer runs inside jax.shard_map over it (use rearrange_expert_weights "
+        "or transfer_layer at global view)",
+    )
+    setup = engine.Engine(config=config, num_devices=d, platform=checks.platform_of())
     old = check_phy2log(old_phy2log, name="old_phy2log", ndim=1, num_devices=d)
     new = check_phy2log(new_phy2log, name="new_phy2log", ndim=1, num_devices=d, old=old)
     n = old.shape[0] // d
@@ -141,7 +132,7 @@ def move_to_buffer(
     ]
     if bad:
         raise ValueError("; ".join(bad))
-    _check_movable(leaves, treedef, row_impl)
+    _check_movable(leaves, treedef, setup.movers)
     if buffer is None:
         buf_leaves = [jnp.zeros_like(x) for x in leaves]
     else:
@@ -152,7 +143,13 @@ def move_to_buffer(
     # no-op instead, and the layer counts as infeasible.
     agreed = agree.maps_agree((old, new), config.axes)
     target = jnp.where(agreed, new, old)
-    plan = plan_lib.plan_layer(old, target, num_devices=d, chunk_rows=chunk_rows)
+    plan = plan_lib.plan_layer(
+        old,
+        target,
+        num_devices=d,
+        chunk_rows=config.chunk_rows,
+        devices_per_node=config.devices_per_node,
+    )
     plan = dataclasses.replace(plan, ok=plan.ok & agreed)
     meta, send, recv = plan_lib.local_metadata(
         plan, old, target, lax.axis_index(config.axes), num_devices=d
@@ -166,15 +163,21 @@ def move_to_buffer(
         stages.Rounds(send, recv, plan.num_chunks),
         axes=config.axes,
         num_devices=d,
-        chunk_rows=chunk_rows,
-        impls=_impls(bufs, row_impl),
+        chunk_rows=config.chunk_rows,
+        impls=_impls(bufs, setup.movers),
+        collective=setup.collective,
     )
     out = [r.reshape(b.shape) for b, r in zip(buf_leaves, bufs, strict=True)]
     return treedef.unflatten(out), meta
 
 
 def move_from_buffer(
-    expert_weights: Any, buffer: Any, metadata: TransferMetadata, *, row_impl: str = "auto"
+    expert_weights: Any,
+    buffer: Any,
+    metadata: TransferMetadata,
+    *,
+    config: TransferConfig | None = None,
+    **options: Any,
 ) -> Any:
     """Commit one staged layer into the weights, then its duplicates. Call inside shard_map.
 
@@ -185,7 +188,9 @@ def move_from_buffer(
       expert_weights: pytree of this device's slots of the layer, leaves [N_local, ...].
       buffer: the staged rows from `move_to_buffer`, same structure, shapes and dtypes.
       metadata: the `TransferMetadata` from `move_to_buffer`.
-      row_impl: how rows move (see `move_to_buffer`).
+      config: the transfer's static options (`jeplb.TransferConfig`); only ``row_impl`` is
+        read here (no collective runs).
+      **options: any `jeplb.TransferConfig` field as a shorthand (e.g. ``row_impl="loop"``).
 
     Returns:
       The layer's weights, rearranged (same structure, shapes and dtypes).
@@ -211,12 +216,13 @@ def move_from_buffer(
             f"metadata: expected the TransferMetadata returned by move_to_buffer, "
             f"got {type(metadata).__name__}"
         )
-    TransferConfig(row_impl=row_impl)
+    config = TransferConfig.merged(config, "move_from_buffer", **options)
+    movers = rows_lib.Movers(config.row_impl, checks.platform_of())
     leaves, treedef = jax.tree_util.tree_flatten(expert_weights)
     buf_leaves = _check_buffer(buffer, leaves, treedef)
-    _check_movable(leaves, treedef, row_impl)
+    _check_movable(leaves, treedef, movers)
     spaces = tuple(_one_layer(x) for x in leaves)
     bufs = tuple(_one_layer(b).dst.rows for b in buf_leaves)
-    spaces = stages.commit(spaces, bufs, metadata, _impls(bufs, row_impl))
+    spaces = stages.commit(spaces, bufs, metadata, _impls(bufs, movers))
     out = [layout.close_rows(x[None], s)[0] for x, s in zip(leaves, spaces, strict=True)]
     return treedef.unflatten(out)

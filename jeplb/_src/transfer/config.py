@@ -9,15 +9,12 @@ kernels; nothing below reads an option from anywhere else.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
-from jeplb._src.validate import check_axis_name, check_int
+from jeplb._src.transfer.rows import ROW_IMPLS
+from jeplb._src.validate import check_axis_name, check_choice, check_int
 
-__all__ = ["COLLECTIVES", "ROW_IMPLS", "TransferConfig", "axis_tuple"]
-
-ROW_IMPLS = ("auto", "loop", "pallas", "scatter")
-# How rows cross devices: rotation rounds of `lax.ppermute` (every backend), or one
-# `lax.ragged_all_to_all` per chunk of layers (exact bytes; GPUs and TPUs, a seam not yet built).
-COLLECTIVES = ("ppermute", "ragged_all_to_all")
+__all__ = ["ROW_IMPLS", "TransferConfig", "axis_tuple"]
 
 
 def axis_tuple(axis_name: str | tuple[str, ...]) -> tuple[str, ...]:
@@ -33,7 +30,11 @@ def axis_tuple(axis_name: str | tuple[str, ...]) -> tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class TransferConfig:
-    """Static options of the transfer.
+    """Static options of the weight transfer, checked when built.
+
+    Pass one as ``config=`` to `jeplb.rearrange_expert_weights`, `jeplb.transfer_layer`,
+    `jeplb.move_to_buffer` or `jeplb.move_from_buffer`; those functions also take any field as a
+    keyword, which overrides the config's value (`merged`).
 
     Attributes:
       axis_name: the expert-parallel mesh axis the slot dim is sharded over, or a tuple of axes
@@ -53,9 +54,14 @@ class TransferConfig:
         ``[k * devices_per_node, (k + 1) * devices_per_node)`` share node k (fast links). Senders
         are then chosen on the receiver's node where a replica is there (as SGLang does), and
         the report counts the rows that cross nodes. None: one flat network. Must divide D.
-      collective: how rows cross devices: ``ppermute`` (rotation rounds, every backend) or
-        ``ragged_all_to_all`` (one exact-bytes collective; a seam for GPUs and TPUs that raises
-        NotImplementedError until it is built and measured there).
+
+    Example:
+      >>> import jeplb
+      >>> config = jeplb.TransferConfig(chunk_rows=4, row_impl="loop")
+      >>> config.replace(chunk_rows=2).chunk_rows
+      2
+      >>> jeplb.TransferConfig.merged(config, axis_name="expert").axis_name
+      'expert'
     """
 
     axis_name: str | tuple[str, ...] = "ep"
@@ -65,17 +71,13 @@ class TransferConfig:
     layer_axis: int = 0
     slot_axis: int = 1
     devices_per_node: int | None = None
-    collective: str = "ppermute"
 
     def __post_init__(self):
         object.__setattr__(self, "axis_name", check_axis_name("axis_name", self.axis_name))
         check_int("chunk_rows", self.chunk_rows, minimum=1)
         check_int("staging_passes", self.staging_passes, minimum=1, allow_none=True)
         check_int("devices_per_node", self.devices_per_node, minimum=1, allow_none=True)
-        if self.collective not in COLLECTIVES:
-            raise ValueError(f"collective: expected one of {COLLECTIVES}, got {self.collective!r}")
-        if self.row_impl not in ROW_IMPLS:
-            raise ValueError(f"row_impl: expected one of {ROW_IMPLS}, got {self.row_impl!r}")
+        check_choice("row_impl", self.row_impl, ROW_IMPLS)
         for name in ("layer_axis", "slot_axis"):
             value = getattr(self, name)
             if isinstance(value, bool) or value not in (0, 1):
@@ -101,3 +103,46 @@ class TransferConfig:
     def replace(self, **changes) -> TransferConfig:
         """A copy with the given options replaced (checked again)."""
         return dataclasses.replace(self, **changes)
+
+    def check_devices(self, num_devices: int) -> None:
+        """Checks the options against D, the devices on the expert axis.
+
+        Raises:
+          ValueError: ``devices_per_node`` does not divide D.
+        """
+        if self.devices_per_node is not None and num_devices % self.devices_per_node:
+            raise ValueError(
+                f"devices_per_node: expected a divisor of the {num_devices} devices on the expert "
+                f"axis {self.axis_name!r}, got {self.devices_per_node}"
+            )
+
+    @classmethod
+    def merged(
+        cls,
+        config: TransferConfig | None = None,
+        where: str = "TransferConfig.merged",
+        /,
+        **options: Any,
+    ) -> TransferConfig:
+        """``config`` (default: the defaults) with ``options`` (field names) replacing its values.
+
+        The entry points' one way of taking options: ``f(..., config=c, chunk_rows=4)``.
+
+        Raises:
+          TypeError: ``config`` is not a TransferConfig, or an option is not a field (named,
+            with the valid ones listed; ``where``, positional, names the function called).
+        """
+        if config is None:
+            config = cls()
+        elif not isinstance(config, cls):
+            raise TypeError(
+                f"config: expected a jeplb.TransferConfig or None, got {type(config).__name__}"
+            )
+        fields = [f.name for f in dataclasses.fields(cls)]
+        unknown = [name for name in options if name not in fields]
+        if unknown:
+            raise TypeError(
+                f"{where}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
+                f"the transfer's options are {', '.join(fields)}"
+            )
+        return dataclasses.replace(config, **options) if options else config

@@ -8,7 +8,8 @@ leaves:
 * D = 1: every move stays on the device; rows move in place in an order that reads every row
   before overwriting it (`inplace`), with no staging buffer.
 * D > 1: per layer (a `fori_loop`, so compile time does not grow with L), the plan (`plan`), then
-  in ``passes`` blocks of columns: stage (local copies + rotation rounds) and commit (`stages`).
+  in ``passes`` blocks of columns: stage (local copies, then the setup's `collective`: the
+  rotation rounds today) and commit (`stages`).
   The staging buffer holds N_local + 2C rows of one block: below one layer of local weights.
 
 Rows travel in a moving dtype and are written back as `layout` says, so no leaf is ever copied
@@ -18,7 +19,6 @@ or converted whole. Memory depends on the shapes only, never on the plan.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,7 @@ import numpy as np
 from jax import lax
 
 from jeplb._src.transfer import agree, inplace, layout, stages
+from jeplb._src.transfer import collective as collective_lib
 from jeplb._src.transfer import plan as plan_lib
 from jeplb._src.transfer import rows as rows_lib
 from jeplb._src.transfer.config import TransferConfig
@@ -33,7 +34,6 @@ from jeplb._src.transfer.config import TransferConfig
 __all__ = [
     "Engine",
     "LayerStats",
-    "check_setup",
     "leaf_problems",
     "move_layers",
     "stage_commit",
@@ -44,17 +44,30 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class Engine:
-    """What the engine needs besides the arrays (static, hashable).
+    """What the engine needs besides the arrays (static, hashable), checked when built.
 
     Attributes:
       config: the transfer's options.
       num_devices: D, devices on the expert axis.
       platform: the platform of the mesh's devices (``cpu``, ``gpu``, ``tpu``).
+      collective: the cross-device stage (`collective.pick` for the platform), chosen here once.
+      movers: the row movers ``config.row_impl`` stands for on the platform (`rows.Movers`).
+
+    Raises:
+      ValueError: ``config.devices_per_node`` does not divide D.
     """
 
     config: TransferConfig
     num_devices: int
     platform: str
+    collective: collective_lib.Collective = dataclasses.field(init=False)
+    movers: rows_lib.Movers = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        cfg = self.config
+        cfg.check_devices(self.num_devices)
+        object.__setattr__(self, "collective", collective_lib.pick(self.platform))
+        object.__setattr__(self, "movers", rows_lib.Movers(cfg.row_impl, self.platform))
 
 
 @jax.tree_util.register_dataclass
@@ -87,24 +100,6 @@ class LayerStats:
     inter_node_rows: jax.Array
 
 
-def check_setup(engine: Engine) -> None:
-    """Raises where the static setup cannot run: ``devices_per_node`` must divide D, and the
-    ``ragged_all_to_all`` collective is a seam not built yet (XLA:CPU cannot compile it at all).
-
-    Raises:
-      ValueError: ``devices_per_node`` does not divide D.
-      NotImplementedError: ``collective="ragged_all_to_all"``.
-    """
-    cfg, d = engine.config, engine.num_devices
-    if cfg.devices_per_node is not None and d % cfg.devices_per_node:
-        raise ValueError(
-            f"devices_per_node: expected a divisor of the {d} devices on the expert axis "
-            f"{cfg.axis_name!r}, got {cfg.devices_per_node}"
-        )
-    if cfg.collective == "ragged_all_to_all":
-        raise NotImplementedError(stages.ragged_unavailable(engine.platform))
-
-
 def move_layers(
     old: jax.Array,
     new: jax.Array,
@@ -132,7 +127,6 @@ def move_layers(
     Returns:
       ``(leaves, stats)``: the leaves moved, and per layer a `LayerStats`.
     """
-    check_setup(engine)
     old = old.astype(jnp.int32)
     new = new.astype(jnp.int32)
     num_layers = old.shape[0]
@@ -156,21 +150,27 @@ def move_layers(
     direct = _direct_impls(leaves, engine)
     if engine.num_devices == 1 and direct is not None:
         leaves, local_rows = _move_direct(old, new, leaves, go, direct, engine)
-        zeros = jnp.zeros((num_layers,), jnp.int32)
-        stats = LayerStats(ok, go, zeros, zeros, zeros, zeros, local_rows, agreed, zeros)
-        return leaves, stats
+        return leaves, _stats(ok, go, agreed, local_rows=local_rows)
     return _move_staged(old, new, leaves, ok, go, agreed, first, count, engine)
+
+
+def _stats(ok, go, agreed, **figures) -> LayerStats:
+    """Stats of layers that moved nothing yet, with the given [L] figures."""
+    zeros = jnp.zeros(ok.shape, jnp.int32)
+    counts = dict.fromkeys(_COUNTS, zeros) | figures
+    return LayerStats(ok=ok, moved=go, agreed=agreed, **counts)
+
+
+_COUNTS = ("wire_rows", "min_rows", "chunks", "remote_rows", "local_rows", "inter_node_rows")
 
 
 # ------------------------------------------------------------------------------ one device
 
 
-def _direct_impls(leaves, engine: Engine) -> tuple[str, ...] | None:
+def _direct_impls(leaves, engine: Engine) -> tuple[rows_lib.Mover, ...] | None:
     """The in-place executor of each leaf, or None when one has none (``scatter``: the engine
     stages instead)."""
-    impls = tuple(
-        inplace.resolve_impl(engine.config.row_impl, _rows_of(x), engine.platform) for x in leaves
-    )
+    impls = tuple(engine.movers.direct(_rows_of(x)) for x in leaves)
     return None if None in impls else impls
 
 
@@ -256,7 +256,7 @@ def _geometry(leaves, n: int, engine: Engine) -> tuple[int, list[_Geometry]]:
     cfg = engine.config
     widths = [_rows_of(x).shape[1] for x in leaves]
     dtypes = [layout.moving_dtype(x.dtype, engine.platform) for x in leaves]
-    granule = 1024 if cfg.row_impl == "pallas" else 1
+    granule = engine.movers.granule
     rows = [
         (w, w * dt.itemsize, granule, layout.leaf_mode(x.dtype, engine.platform) != "native")
         for x, w, dt in zip(leaves, widths, dtypes, strict=True)
@@ -269,32 +269,22 @@ def _geometry(leaves, n: int, engine: Engine) -> tuple[int, list[_Geometry]]:
     out = []
     for x, w, dt in zip(leaves, widths, dtypes, strict=True):
         block = w // passes if w % (passes * unit) == 0 else w
-        into_buffer = rows_lib.resolve_impl(
-            cfg.row_impl, jax.ShapeDtypeStruct((n, block), dt), engine.platform
-        )
-        into_leaf = rows_lib.resolve_impl(
-            cfg.row_impl, jax.ShapeDtypeStruct((n, block), x.dtype), engine.platform
-        )
+        into_buffer = engine.movers.for_rows(jax.ShapeDtypeStruct((n, block), dt))
+        into_leaf = engine.movers.for_rows(jax.ShapeDtypeStruct((n, block), x.dtype))
         out.append(_Geometry(w, block, stages.Impls(into_leaf, into_buffer), dt))
     return passes, out
 
 
 def _block_problems(passes: int, geo: list[_Geometry]) -> list[tuple[int, str]]:
-    """``(index, text)`` per leaf whose staged block the row kernel cannot move."""
-    fit = _fitting_passes(passes, [g.width for g in geo if "pallas" in g.impls])
+    """``(index, text)`` per leaf whose staged block one of its row movers cannot move."""
+    fit = _fitting_passes(passes, [g.width for g in geo if any(m.kernel for m in g.impls)])
     out = []
     for i, g in enumerate(geo):
-        if "pallas" not in g.impls or not rows_lib.pallas_refusal(g.block):
-            continue
-        why, fix = rows_lib.pallas_refusal(g.width), "row_impl='loop'"
-        if not why:  # whole rows would do: the pass count cuts them too fine
-            why = (
-                f"row_impl='pallas' needs blocks of a multiple of 1024 elements, but "
-                f"staging_passes={passes} cuts its rows of {g.width} elements into blocks of "
-                f"{g.block}"
-            )
-            fix = f"staging_passes={fit} or {fix}"
-        out.append((i, f"{why}; pass {fix}"))
+        for mover in dict.fromkeys(g.impls):
+            why = mover.block_problems(g.width, g.block, passes=passes, fit=fit)
+            if why:
+                out.append((i, why))
+                break
     return out
 
 
@@ -322,26 +312,26 @@ def leaf_problems(leaves, engine: Engine) -> list[tuple[int, str]]:
     """The leaves `move_layers` cannot move with the requested ``row_impl`` and
     ``staging_passes``, as ``(index in leaves, what is wrong and the fix)``, from shapes and
     dtypes only (arrays or `jax.ShapeDtypeStruct`s): on one device the in-place kernel's limits
-    (`inplace.pallas_refusal`), else the staged blocks' (`staging_problems`). The public functions
+    (`rows.Movers.direct_problems`), else the staged blocks' (`staging_problems`). The public functions
     raise them, by path, before anything is traced."""
     direct = _direct_impls(leaves, engine)
     if engine.num_devices == 1 and direct is not None:
         out = []
-        for i, (x, impl) in enumerate(zip(leaves, direct, strict=True)):
+        for i, x in enumerate(leaves):
             _, n, width = layout.dims(x, engine.config.slot_major)
-            why = impl == "pallas" and inplace.pallas_refusal(n, width, x.dtype)
+            why = engine.movers.direct_problems(n, width, x.dtype)
             if why:
-                out.append((i, f"{why}; pass row_impl='loop'"))
+                out.append((i, why))
         return out
     return staging_problems(leaves, layout.dims(leaves[0], engine.config.slot_major)[1], engine)
 
 
 def staging(leaves, n: int, engine: Engine) -> tuple[int, list[_Geometry], list[jax.Array]]:
-    """The column passes, each leaf's block geometry and its zeroed staging buffer [N, block]."""
+    """The column passes, each leaf's block geometry and its zeroed staging buffer [N, block].
+
+    The leaves are not checked again: every public function refuses what `leaf_problems` (or
+    `staging_problems`) finds, by path, before it traces the engine."""
     passes, geo = _geometry(leaves, n, engine)
-    bad = _block_problems(passes, geo)
-    if bad:  # the public functions refuse these first, by path
-        raise ValueError("; ".join(f"leaf {i}: {why}" for i, why in bad))
     # A buffer varies over the expert axes and every axis its leaf is sharded over.
     bufs = [
         rows_lib.make_varying(
@@ -355,12 +345,10 @@ def staging(leaves, n: int, engine: Engine) -> tuple[int, list[_Geometry], list[
 def _move_staged(old, new, leaves, ok, go, agreed, first, count, engine: Engine):
     """D > 1 (or ``scatter``): per layer, plan, then stage + commit in column passes."""
     cfg, d = engine.config, engine.num_devices
-    num_layers, p_total = old.shape
-    n = p_total // d
+    n = old.shape[1] // d
     passes, geo, bufs = staging(leaves, n, engine)
     me = lax.axis_index(cfg.axes)
-    zeros = jnp.zeros((num_layers,), jnp.int32)
-    stats = LayerStats(ok, go, zeros, zeros, zeros, zeros, zeros, agreed, zeros)
+    stats = _stats(ok, go, agreed)
 
     def layer(j, carry):
         leaves, bufs, stats = carry
@@ -422,10 +410,7 @@ def _pass(leaves, bufs, li, p, meta, rounds, geo, engine: Engine, edit):
         for i, c in zip(part, cols, strict=True)
     )
     impls = tuple(geo[i].impls for i in part)
-    stage = stages.stage
-    if cfg.collective == "ragged_all_to_all":  # the seam; check_setup refuses it for now
-        stage = functools.partial(stages.stage_ragged_all_to_all, platform=engine.platform)
-    staged = stage(
+    staged = stages.stage(
         spaces,
         tuple(bufs[i] for i in part),
         meta,
@@ -434,6 +419,7 @@ def _pass(leaves, bufs, li, p, meta, rounds, geo, engine: Engine, edit):
         num_devices=engine.num_devices,
         chunk_rows=cfg.chunk_rows,
         impls=impls,
+        collective=engine.collective,
     )
     if edit is not None:
         staged = edit(spaces, staged)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from jeplb._src.transfer import layout
@@ -168,45 +167,10 @@ def _apply_loop(rows, src, dst, count, n, slot_major, select):
     return rows
 
 
-_MAX_BLOCK = 1 << 13
-_MIN_BLOCK = 1 << 9
-_TARGET_PROGRAMS = 1 << 12
-
-
-def direct_block(width: int, num_layers: int) -> int:
-    """Elements of a row each Pallas program moves: a power of two dividing the row, at most 8192,
-    small enough that the grid has about 4096 programs (each runs its layer's moves in order), and
-    at least 512; 0 when the row has no such divisor."""
-    block = 1
-    while block < _MAX_BLOCK and width % (block * 2) == 0:
-        block *= 2
-    while block > _MIN_BLOCK and num_layers * (width // block) < _TARGET_PROGRAMS:
-        block //= 2
-    return block if block >= _MIN_BLOCK else 0
-
-
-def _packed(width: int, dtype) -> bool:
-    """Rows of ``width`` elements of ``dtype`` move through the kernel as 32-bit words."""
-    size = np.dtype(dtype).itemsize
-    return size < 4 and (width * size) % 4 == 0
-
-
-def pallas_refusal(n: int, width: int, dtype) -> str | None:
-    """Why `apply_moves` with ``impl="pallas"`` cannot move layers of ``n`` rows of ``width``
-    elements of ``dtype`` (rows of a multiple of 512 32-bit words, a layer below 2^31 of them),
-    or None."""
-    words = width * np.dtype(dtype).itemsize // 4 if _packed(width, dtype) else width
-    if not direct_block(words, 1):
-        return (
-            f"row_impl='pallas' needs rows of a multiple of {_MIN_BLOCK} 32-bit words, got "
-            f"{width} elements of {np.dtype(dtype)}"
-        )
-    if n * words >= 2**31:
-        return (
-            f"row_impl='pallas': one layer holds {n} x {words} words, over the kernel's 2^31 "
-            f"offsets"
-        )
-    return None
+direct_block = rows_lib.direct_block
+_packed = rows_lib.packed_words
+# The kernel's limits live with the other movers' rules (`rows`).
+pallas_refusal = rows_lib.direct_refusal
 
 
 def _apply_pallas(rows, src, dst, count, n, interpret, slot_major):
@@ -312,14 +276,10 @@ def layer_kernel_call(
     return out.reshape(rows.shape)
 
 
-def resolve_impl(impl: str, rows: jax.Array, platform: str) -> str | None:
-    """The executor ``impl`` stands for (``auto``: the Pallas kernel on GPUs for rows of at least
-    64 KiB whose width it moves, see `pallas_refusal`, else the loop); None for ``scatter``, which
-    has no ordered form and stages instead."""
-    chosen = rows_lib.resolve_impl(impl, rows, platform)
-    if impl == "auto" and chosen == "pallas" and pallas_refusal(1, rows.shape[1], rows.dtype):
-        return "loop"  # e.g. fp8 rows of 1024 x an odd number of elements: not whole words
-    return None if chosen == "scatter" else chosen
+def resolve_impl(impl: str, rows: jax.Array, platform: str) -> rows_lib.Mover | None:
+    """The executor ``impl`` stands for on ``platform`` for rows [L * N, R]
+    (`rows.Movers.direct`): None for ``scatter``, which has no ordered form and stages instead."""
+    return rows_lib.Movers(impl, platform).direct(rows)
 
 
 def move_leaves(leaves, src, dst, count, impls, *, slot_major: bool) -> list[jax.Array]:
@@ -340,7 +300,7 @@ def apply_moves(
     dst: jax.Array,
     count: jax.Array,
     *,
-    impl: str = "loop",
+    impl: rows_lib.Mover | str = rows_lib.Mover.LOOP,
     interpret: bool | None = None,
     slot_major: bool = False,
 ) -> jax.Array:
@@ -361,10 +321,13 @@ def apply_moves(
       ``rows`` with the moves applied.
     """
     n = rows.shape[0] // src.shape[0]
-    if impl == "pallas":
-        return _apply_pallas(rows, src, dst, count, n, interpret, slot_major)
-    if impl == "loop":
-        return _apply_loop(rows, src, dst, count, n, slot_major, False)
-    if impl == "select":
-        return _apply_loop(rows, src, dst, count, n, slot_major, True)
+    executors = {
+        rows_lib.Mover.PALLAS: lambda: _apply_pallas(
+            rows, src, dst, count, n, interpret, slot_major
+        ),
+        rows_lib.Mover.LOOP: lambda: _apply_loop(rows, src, dst, count, n, slot_major, False),
+        rows_lib.Mover.SELECT: lambda: _apply_loop(rows, src, dst, count, n, slot_major, True),
+    }
+    if impl in executors:
+        return executors[rows_lib.Mover(impl)]()
     raise ValueError(f"impl: expected 'pallas', 'loop' or 'select', got {impl!r}")

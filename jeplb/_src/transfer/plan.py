@@ -383,8 +383,8 @@ def local_metadata(
 
 
 class RaggedTables(NamedTuple):
-    """One device's tables for `lax.ragged_all_to_all` waves of one layer (the seam
-    `stages.stage_ragged_all_to_all` is to use; see docs/transfer.md). S = ``capacity``.
+    """One device's tables for `lax.ragged_all_to_all` waves of one layer (what a future
+    exact-bytes `collective.Collective` would consume; see docs/transfer.md). S = ``capacity``.
 
     Attributes:
       num_waves: int32[]. Waves of at most S sent rows per device (the same on every device).
@@ -412,6 +412,10 @@ def ragged_tables(
     plan: GlobalPlan, device: jax.Array, *, num_devices: int, capacity: int
 ) -> RaggedTables:
     """The exact-bytes exchange of a one-layer plan as waves of one `lax.ragged_all_to_all`.
+
+    No stage runs it yet: it is the plan a future exact-bytes collective (one new module behind
+    `collective.Collective`, for GPUs and TPUs; XLA:CPU cannot compile the collective) would
+    consume, kept with its tests so that stage only has to move the rows.
 
     Device a's sends, grouped by destination b ascending (in each pair, the order of the plan's
     round of shift b - a), are cut into waves of ``capacity`` rows. Every table comes from the

@@ -4,10 +4,17 @@ Rows are those of a `layout.RowSpace` (a leaf viewed as ``[L * N, R]``, or a con
 `copy_rows` moves a list of rows between two buffers: a loop of `lax.dynamic_slice` /
 `lax.dynamic_update_slice` with a data-dependent trip count, which XLA keeps in place on a
 loop-carried buffer, or a Pallas kernel on GPUs, or an XLA gather + scatter.
+
+This module owns every rule about the movers: which one the user's ``row_impl`` stands for on a
+platform and for which rows (`Movers`, resolving to a `Mover`), and what each can move (its
+``problems``). Nothing else compares ``row_impl`` strings; a new mover is one `Mover` member,
+its rules here and its executor (`copy_rows`, and `inplace.apply_moves` for one device).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import inspect
 
 import jax
@@ -16,16 +23,24 @@ import numpy as np
 from jax import lax
 
 from jeplb._src.transfer import layout
-from jeplb._src.transfer.config import ROW_IMPLS
+from jeplb._src.validate import check_choice
 
 __all__ = [
+    "ROW_IMPLS",
+    "Mover",
+    "Movers",
     "copy_rows",
+    "direct_block",
+    "direct_refusal",
     "make_varying",
     "pallas_block",
     "pallas_refusal",
     "resolve_impl",
     "varying_axes",
 ]
+
+# What a user may ask for as ``row_impl`` (`TransferConfig`); `Movers` resolves it to a `Mover`.
+ROW_IMPLS = ("auto", "loop", "pallas", "scatter")
 
 _PALLAS_MIN_ROW_BYTES = 1 << 16
 _PALLAS_MAX_BLOCK = 1 << 14
@@ -47,22 +62,167 @@ def pallas_refusal(width: int) -> str | None:
     return f"row_impl='pallas' needs rows of a multiple of 1024 elements, got {width} elements"
 
 
-def resolve_impl(impl: str, dst: jax.Array, platform: str) -> str:
+class Mover(enum.StrEnum):
+    """A resolved row mover: what `copy_rows` (and `inplace.apply_moves` on one device) runs.
+
+    Members compare equal to their names (``Mover.LOOP == "loop"``).
+    """
+
+    LOOP = "loop"  # a loop of dynamic_update_slice, any backend
+    SELECT = "select"  # the loop, writing each row with a one-row select (non-native dtypes)
+    PALLAS = "pallas"  # the Pallas row kernel (GPUs; interpreted on CPU)
+    SCATTER = "scatter"  # an XLA gather + scatter (no ordered in-place form)
+
+    @property
+    def kernel(self) -> bool:
+        """The Pallas row kernel."""
+        return self is Mover.PALLAS
+
+    def problems(self, width: int) -> str | None:
+        """Why this mover cannot move rows (or column blocks) of ``width`` elements, or None."""
+        return pallas_refusal(width) if self.kernel else None
+
+    def block_problems(self, width: int, block: int, *, passes: int, fit: int) -> str | None:
+        """Why this mover cannot move a leaf of rows of ``width`` elements staged in column
+        blocks of ``block`` (``passes`` blocks; ``fit``: the largest count that would do), with
+        the fix; None when it can."""
+        if not self.problems(block):
+            return None
+        why, fix = self.problems(width), "row_impl='loop'"
+        if not why:  # whole rows would do: the pass count cuts them too fine
+            why = (
+                f"row_impl='pallas' needs blocks of a multiple of 1024 elements, but "
+                f"staging_passes={passes} cuts its rows of {width} elements into blocks of "
+                f"{block}"
+            )
+            fix = f"staging_passes={fit} or {fix}"
+        return f"{why}; pass {fix}"
+
+
+def resolve_impl(impl: str, dst: jax.Array, platform: str) -> Mover:
     """The row mover ``impl`` stands for on ``platform`` for rows written into ``dst``.
 
     ``auto``: a Pallas kernel on GPUs for rows of at least 64 KiB, else the loop. Whatever was
     asked, rows of a dtype that does not move natively there (see `layout`) are written with the
     one-row ``select``.
     """
-    if impl not in ROW_IMPLS:
-        raise ValueError(f"row_impl: expected one of {ROW_IMPLS}, got {impl!r}")
+    check_choice("row_impl", impl, ROW_IMPLS)
     if layout.leaf_mode(dst.dtype, platform) != "native":
-        return "select"
+        return Mover.SELECT
     if impl != "auto":
-        return impl
+        return Mover(impl)
     width = dst.shape[1]
     big = width * np.dtype(dst.dtype).itemsize >= _PALLAS_MIN_ROW_BYTES
-    return "pallas" if platform == "gpu" and big and pallas_block(width) else "loop"
+    return Mover.PALLAS if platform == "gpu" and big and pallas_block(width) else Mover.LOOP
+
+
+# The in-place (one-device) kernel's limits: rows of whole blocks of 512 32-bit words.
+_DIRECT_MAX_BLOCK = 1 << 13
+_DIRECT_MIN_BLOCK = 1 << 9
+_DIRECT_TARGET_PROGRAMS = 1 << 12
+
+
+def direct_block(width: int, num_layers: int) -> int:
+    """Elements of a row each program of the in-place kernel moves: a power of two dividing the
+    row, at most 8192, small enough that the grid has about 4096 programs (each runs its layer's
+    moves in order), and at least 512; 0 when the row has no such divisor."""
+    block = 1
+    while block < _DIRECT_MAX_BLOCK and width % (block * 2) == 0:
+        block *= 2
+    while block > _DIRECT_MIN_BLOCK and num_layers * (width // block) < _DIRECT_TARGET_PROGRAMS:
+        block //= 2
+    return block if block >= _DIRECT_MIN_BLOCK else 0
+
+
+def packed_words(width: int, dtype) -> bool:
+    """Rows of ``width`` elements of ``dtype`` move through the kernels as 32-bit words."""
+    size = np.dtype(dtype).itemsize
+    return size < 4 and (width * size) % 4 == 0
+
+
+def direct_refusal(n: int, width: int, dtype) -> str | None:
+    """Why the in-place kernel (`inplace.apply_moves` with the kernel) cannot move layers of
+    ``n`` rows of ``width`` elements of ``dtype`` (rows of a multiple of 512 32-bit words, a
+    layer below 2^31 of them), or None."""
+    words = width * np.dtype(dtype).itemsize // 4 if packed_words(width, dtype) else width
+    if not direct_block(words, 1):
+        return (
+            f"row_impl='pallas' needs rows of a multiple of {_DIRECT_MIN_BLOCK} 32-bit words, "
+            f"got {width} elements of {np.dtype(dtype)}"
+        )
+    if n * words >= 2**31:
+        return (
+            f"row_impl='pallas': one layer holds {n} x {words} words, over the kernel's 2^31 "
+            f"offsets"
+        )
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Movers:
+    """The user's ``row_impl`` on a platform: which `Mover` moves which rows, and what it can't.
+
+    Attributes:
+      row_impl: the option (one of ``ROW_IMPLS``; checked).
+      platform: the platform of the mesh's devices (``cpu``, ``gpu``, ``tpu``).
+    """
+
+    row_impl: str
+    platform: str
+
+    def __post_init__(self):
+        check_choice("row_impl", self.row_impl, ROW_IMPLS)
+
+    def for_rows(self, dst) -> Mover:
+        """The mover writing rows into ``dst`` ([M, R], an array or a shape); `resolve_impl`."""
+        return resolve_impl(self.row_impl, dst, self.platform)
+
+    def direct(self, rows) -> Mover | None:
+        """The in-place executor of a one-device leaf's rows [L * N, R]: `for_rows`, except that
+        ``auto`` takes the loop where the in-place kernel cannot move the rows; None for
+        ``scatter``, which has no ordered form (the engine stages instead)."""
+        chosen = self.for_rows(rows)
+        if (
+            self.row_impl == "auto"
+            and chosen.kernel
+            and direct_refusal(1, rows.shape[1], rows.dtype)
+        ):
+            return Mover.LOOP  # e.g. fp8 rows of 1024 x an odd number of elements: not whole words
+        return None if chosen is Mover.SCATTER else chosen
+
+    def direct_problems(self, n: int, width: int, dtype) -> str | None:
+        """Why the in-place executor cannot move layers of ``n`` rows of ``width`` elements of
+        ``dtype``, with the fix; None when it can (or when the engine stages them instead)."""
+        mover = self.direct(jax.ShapeDtypeStruct((n, width), dtype))
+        why = mover is not None and mover.kernel and direct_refusal(n, width, dtype)
+        return f"{why}; pass row_impl='loop'" if why else None
+
+    def rows_problems(self, rows) -> str | None:
+        """Why the mover for ``rows`` ([M, R]) cannot move them whole, with the fix; or None."""
+        why = self.for_rows(rows).problems(rows.shape[1])
+        return f"{why}; pass row_impl='loop'" if why else None
+
+    @property
+    def kernel_requested(self) -> bool:
+        """The user asked for the Pallas kernel by name."""
+        return self.row_impl == "pallas"
+
+    @property
+    def kernel_preferred(self) -> bool:
+        """A kernel of the platform is wanted where it fits (asked for, or ``auto`` on GPUs);
+        for the one-device replica sum (`replica_sum`)."""
+        return self.kernel_requested or (self.row_impl == "auto" and self.platform == "gpu")
+
+    @property
+    def interpreted(self) -> bool:
+        """The kernel runs in the Pallas interpreter (asked for on CPU), which does not type its
+        grid indices for `jax.shard_map`: programs turn ``check_vma`` off."""
+        return self.kernel_requested and self.platform == "cpu"
+
+    @property
+    def granule(self) -> int:
+        """Columns a default column pass must split rows into multiples of (the kernel's 1024)."""
+        return 1024 if self.kernel_requested else 1
 
 
 def varying_axes(x: jax.Array) -> frozenset:
@@ -166,7 +326,7 @@ def copy_rows(
     src_offset: jax.Array | int = 0,
     dst_col: jax.Array | int = 0,
     src_col: jax.Array | int = 0,
-    impl: str = "loop",
+    impl: Mover | str = Mover.LOOP,
     interpret: bool | None = None,
 ) -> jax.Array:
     """``dst[dst_offset + dst_idx[k], dst_col:][:w] = src[src_offset + src_idx[k], src_col:][:w]``
@@ -199,7 +359,12 @@ def copy_rows(
       ``dst`` with the rows written.
     """
     width = min(dst.shape[1], src.shape[1])
-    if impl == "pallas" and dst.dtype == src.dtype:
+    if impl == "auto":
+        impl = Mover.LOOP
+    if impl not in Mover.__members__.values():
+        raise ValueError(f"impl: expected one of {ROW_IMPLS}, got {impl!r}")
+    impl = Mover(impl)
+    if impl.kernel and dst.dtype == src.dtype:
         out = _copy_rows_pallas_words(
             dst,
             src,
@@ -215,14 +380,13 @@ def copy_rows(
         )
         if out is not None:
             return out
-        impl = "loop"
-    if impl == "scatter" and dst.dtype == src.dtype:
+        impl = Mover.LOOP
+    if impl is Mover.SCATTER and dst.dtype == src.dtype:
         return _copy_rows_scatter(
             dst, src, dst_idx, src_idx, count, dst_offset, src_offset, dst_col, src_col, width
         )
-    if impl not in ("loop", "auto", "select", "pallas", "scatter"):
-        raise ValueError(f"impl: expected one of {ROW_IMPLS}, got {impl!r}")
-    if src.dtype != dst.dtype and impl != "select":
+    select = impl is Mover.SELECT
+    if src.dtype != dst.dtype and not select:
         # Reading a leaf that does not move natively into its moving dtype: one gather of the
         # rows, not a loop over the leaf (a loop reading the leaf before a loop of selects writes
         # it makes XLA:CPU copy the whole leaf).
@@ -230,11 +394,11 @@ def copy_rows(
         src_offset, src_idx, src_col = 0, jnp.arange(src.shape[0], dtype=jnp.int32), 0
 
     # Through the bits view where a dtype may not move natively (see `layout.bits_view`).
-    read_from = layout.bits_view(src) if impl == "select" else src
+    read_from = layout.bits_view(src) if select else src
 
     def body(k, out):
         r = lax.dynamic_slice(read_from, _i32(src_offset + src_idx[k], src_col), (1, width))
-        if impl == "select":
+        if select:
             return write_row_select(out, r, dst_offset + dst_idx[k], dst_col)
         r = layout.convert_rows(r, dst.dtype)
         return lax.dynamic_update_slice(out, r, _i32(dst_offset + dst_idx[k], dst_col))
