@@ -7,6 +7,8 @@ The public surface, by job:
   `move_to_buffer` / `move_from_buffer` joined by `TransferMetadata`;
 * configuration: `EplbConfig` (one static object: a policy such as `DeepSeekPolicy` or
   `SnakePolicy`, a `TransferConfig`, a `ScheduleConfig`);
+* placement files: `write_placement`, `read_placement` and `Placement` (just the placement,
+  apart from the load statistics; ``jeplb plan`` writes one from a recorded load);
 * model integration: `EplbState`, `dispatch`, `dispatch_layer`, `eplb_step`, `eplb_step_local`,
   `place_experts` (logical expert weights onto the slots of a placement), `combine_topk` (a
   combine whose bits a rebalance cannot change);
@@ -27,6 +29,9 @@ from jeplb._src.metrics import Balance as Balance
 from jeplb._src.metrics import balancedness as balancedness
 from jeplb._src.metrics import device_loads as device_loads
 from jeplb._src.metrics import remote_copies as remote_copies
+from jeplb._src.placement_file import Placement as Placement
+from jeplb._src.placement_file import read_placement as read_placement
+from jeplb._src.placement_file import write_placement as write_placement
 from jeplb._src.policy.api import DeepSeekPolicy as DeepSeekPolicy
 from jeplb._src.policy.api import rebalance_experts as rebalance_experts
 from jeplb._src.policy.base import Policy as Policy
@@ -56,6 +61,7 @@ __all__ = [
     "DeepSeekPolicy",
     "EplbConfig",
     "EplbState",
+    "Placement",
     "Policy",
     "Recovery",
     "ScheduleConfig",
@@ -76,6 +82,7 @@ __all__ = [
     "move_from_buffer",
     "move_to_buffer",
     "place_experts",
+    "read_placement",
     "rearrange_expert_weights",
     "rebalance_experts",
     "recover_experts",
@@ -84,4 +91,5 @@ __all__ = [
     "sync_replica_grads",
     "sync_replica_grads_local",
     "transfer_layer",
+    "write_placement",
 ]
