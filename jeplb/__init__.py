@@ -11,7 +11,8 @@ The public surface, by job:
   apart from the load statistics; ``jeplb plan`` writes one from a recorded load);
 * model integration: `EplbState`, `dispatch`, `dispatch_layer`, `eplb_step`, `eplb_step_local`,
   `place_experts` (logical expert weights onto the slots of a placement), `combine_topk` (a
-  combine whose bits a rebalance cannot change);
+  combine whose bits a rebalance cannot change), `expand_gating` (router scores over the slots,
+  for kernels that do their own top-k);
 * elastic expert parallelism: `recover_experts`;
 * training: `sync_replica_grads`, `sync_replica_grads_local` (replica gradients summed so that
   replicas stay identical), `expert_state` (the optimizer state that moves with the experts),
@@ -25,6 +26,7 @@ from jeplb._src.dispatch import dispatch as dispatch
 from jeplb._src.dispatch import dispatch_layer as dispatch_layer
 from jeplb._src.elastic import Recovery as Recovery
 from jeplb._src.elastic import recover_experts as recover_experts
+from jeplb._src.gating import expand_gating as expand_gating
 from jeplb._src.metrics import Balance as Balance
 from jeplb._src.metrics import balancedness as balancedness
 from jeplb._src.metrics import device_loads as device_loads
@@ -77,6 +79,7 @@ __all__ = [
     "dispatch_layer",
     "eplb_step",
     "eplb_step_local",
+    "expand_gating",
     "expert_state",
     "global_norm",
     "move_from_buffer",
