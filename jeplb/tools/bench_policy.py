@@ -124,9 +124,7 @@ def run_case(case: Case, *, repeats: int, drifts: tuple[float, ...], seed: int =
     refine_ms = _median_ms(lambda: rebalance_experts(w, *args, refine=True), repeats)
     b_ref = balancedness(ref, w, case.devices)
     b_fin = balancedness(refined, w, case.devices)
-    worst = float(
-        np.min(np.asarray(b_fin.layer_balancedness) - np.asarray(b_ref.layer_balancedness))
-    )
+    worst = float(np.min(np.asarray(b_fin.layer_balancedness) - np.asarray(b_ref.layer_balancedness)))
 
     old = ref
     migrate_compile_s = _compile_s(case, w, old, False)
