@@ -3,15 +3,17 @@
 The public surface, by job:
 
 * placement policy: `rebalance_experts`, `balancedness`, `device_loads`, `remote_copies`;
-* weight transfer: `rearrange_expert_weights`, `transfer_layer`, and its two stages
-  `move_to_buffer` / `move_from_buffer` joined by `TransferMetadata`;
 * configuration: `EplbConfig` (one static object: a policy such as `DeepSeekPolicy` or
   `SnakePolicy`, a `TransferConfig`, a `ScheduleConfig`);
+* weight transfer: `rearrange_expert_weights`, `transfer_layer`, and its two stages
   `move_to_buffer` / `move_from_buffer` joined by `TransferMetadata`, all taking their static
   options as one `TransferConfig` (or its fields as keywords);
+* placement files: `write_placement`, `read_placement` and `Placement` (just the placement,
+  apart from the load statistics; ``jeplb plan`` writes one from a recorded load);
 * model integration: `EplbState`, `dispatch`, `dispatch_layer`, `eplb_step`, `eplb_step_local`,
   `place_experts` (logical expert weights onto the slots of a placement), `combine_topk` (a
-  combine whose bits a rebalance cannot change);
+  combine whose bits a rebalance cannot change), `expand_gating` (router scores over the slots,
+  for kernels that do their own top-k);
 * elastic expert parallelism: `recover_experts`;
 * training: `sync_replica_grads`, `sync_replica_grads_local` (replica gradients summed so that
   replicas stay identical), `expert_state` (the optimizer state that moves with the experts),
@@ -25,10 +27,14 @@ from jeplb._src.dispatch import dispatch as dispatch
 from jeplb._src.dispatch import dispatch_layer as dispatch_layer
 from jeplb._src.elastic import Recovery as Recovery
 from jeplb._src.elastic import recover_experts as recover_experts
+from jeplb._src.gating import expand_gating as expand_gating
 from jeplb._src.metrics import Balance as Balance
 from jeplb._src.metrics import balancedness as balancedness
 from jeplb._src.metrics import device_loads as device_loads
 from jeplb._src.metrics import remote_copies as remote_copies
+from jeplb._src.placement_file import Placement as Placement
+from jeplb._src.placement_file import read_placement as read_placement
+from jeplb._src.placement_file import write_placement as write_placement
 from jeplb._src.policy.api import DeepSeekPolicy as DeepSeekPolicy
 from jeplb._src.policy.api import rebalance_experts as rebalance_experts
 from jeplb._src.policy.base import Policy as Policy
@@ -58,6 +64,7 @@ __all__ = [
     "DeepSeekPolicy",
     "EplbConfig",
     "EplbState",
+    "Placement",
     "Policy",
     "Recovery",
     "ScheduleConfig",
@@ -73,11 +80,13 @@ __all__ = [
     "dispatch_layer",
     "eplb_step",
     "eplb_step_local",
+    "expand_gating",
     "expert_state",
     "global_norm",
     "move_from_buffer",
     "move_to_buffer",
     "place_experts",
+    "read_placement",
     "rearrange_expert_weights",
     "rebalance_experts",
     "recover_experts",
@@ -86,4 +95,5 @@ __all__ = [
     "sync_replica_grads",
     "sync_replica_grads_local",
     "transfer_layer",
+    "write_placement",
 ]

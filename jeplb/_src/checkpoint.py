@@ -324,8 +324,10 @@ def _check_values(arrays: dict[str, np.ndarray], num_layers: int, window_size: i
         )
 
 
-def _read_saved(path: Any, kind: str) -> tuple[dict, dict]:
-    """The header and the raw arrays of a saved state; a ValueError for anything else."""
+def _read_saved(path: Any, kind: str, fmt: str = FORMAT) -> tuple[dict, dict]:
+    """The header and the raw arrays of a file whose header names format ``fmt`` (a saved state
+    by default; `jeplb._src.placement_file` reads its own format with it); a ValueError for
+    anything else."""
     where = os.fspath(path)
     try:
         if kind == "json":
@@ -341,12 +343,12 @@ def _read_saved(path: Any, kind: str) -> tuple[dict, dict]:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise ValueError(
-            f"path: {where!r} is not a saved {FORMAT} ({'JSON' if kind == 'json' else 'npz'}; "
+            f"path: {where!r} is not a saved {fmt} ({'JSON' if kind == 'json' else 'npz'}; "
             f"it does not parse: {type(err).__name__}: {err})"
         ) from err
-    if not isinstance(header, dict) or header.get("format") != FORMAT or not isinstance(raw, dict):
+    if not isinstance(header, dict) or header.get("format") != fmt or not isinstance(raw, dict):
         raise ValueError(
-            f"path: {where!r} is not a saved {FORMAT} ({'JSON' if kind == 'json' else 'npz'})"
+            f"path: {where!r} is not a saved {fmt} ({'JSON' if kind == 'json' else 'npz'})"
         )
     return header, raw
 

@@ -45,7 +45,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jeplb._src import checks
+from jeplb._src import checks, step_scalars
 from jeplb._src import metrics as balance
 from jeplb._src.counts import INT32_MAX, saturating_psum
 from jeplb._src.maps import maps_from_phy2log
@@ -95,6 +95,8 @@ class StepInfo:
     remote_rows: jax.Array
     layer_balancedness: jax.Array
     balancedness: jax.Array
+
+    scalars = step_scalars.scalars  # a flat dict of named scalars for metric writers
 
     @property
     def balancedness_total(self) -> jax.Array:
