@@ -34,7 +34,6 @@ Where the counts are summed over devices:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import warnings
 from typing import Any
@@ -42,10 +41,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from jeplb._src import checks, step_scalars
+from jeplb._src import checks, programs, step_scalars
 from jeplb._src import metrics as balance
 from jeplb._src.counts import INT32_MAX, saturating_psum
 from jeplb._src.maps import maps_from_phy2log
@@ -524,7 +521,7 @@ def eplb_step(
         cannot move (every bad leaf named by its path).
 
     Example:
-      >>> import jax, jax.numpy as jnp
+      >>> import functools, jax, jax.numpy as jnp
       >>> from jax.sharding import NamedSharding, PartitionSpec as P
       >>> mesh = jax.make_mesh((1,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
       >>> s = EplbState.create(num_layers=1, num_experts=2, num_devices=1,
@@ -556,31 +553,26 @@ def eplb_step(
     )
     given = tuple(specs)  # None where unknown (traced leaves on an Auto mesh)
     transfer_api.check_movable(leaves, treedef, given, mesh, setup)
-    state, leaves, info = _program(mesh, setup, given)(state, leaves)
+    program = programs.build(
+        _global_body,
+        mesh=mesh,
+        given=given,
+        slot_axis=setup.config.slot_axis,
+        axes=setup.config.axes,
+        num_replicated=1,
+        options=(("setup", setup),),
+        after=_log_after,
+        name="eplb_step",
+    )
+    leaves, (state, info) = program(state, leaves)
     return state, treedef.unflatten(leaves), info
 
 
-@functools.lru_cache(maxsize=64)
-def _program(mesh: jax.sharding.Mesh, setup: engine_lib.Engine, given: tuple):
-    """The step at global view as one jitted program per (mesh, setup, leaf specs).
+def _global_body(state: EplbState, leaves: list[jax.Array], *, setup: engine_lib.Engine):
+    """The step at global view is its local step on each device's shard (`programs.build`)."""
+    state, leaves, info = _local_step(state, leaves, load_axes=(), setup=setup)
+    return leaves, (state, info)
 
-    Called eagerly it compiles once per shapes and reuses the program, instead of running the
-    `jax.shard_map` op by op (seconds per call); under an outer `jax.jit` it is inlined.
-    ``given``: each leaf's spec, None where unknown (traced leaves on an Auto mesh).
-    """
-    specs = [P(*s) for s in checks.default_specs(given, setup.config.slot_axis, setup.config.axes)]
-    body = functools.partial(_local_step, load_axes=(), setup=setup)
-    f = jax.shard_map(body, mesh=mesh, in_specs=(P(), specs), out_specs=(P(), specs, P()))
 
-    def run(state: EplbState, leaves: list[jax.Array]):
-        if checks.is_explicit(mesh):
-            replicated = NamedSharding(mesh, P())
-            state = jax.tree_util.tree_map(lambda x: jax.sharding.reshard(x, replicated), state)
-        with jax.named_scope("eplb_step"):
-            state, out, info = f(state, leaves)
-            out = checks.like_inputs(leaves, out, given)
-        _log_balancedness(state, info)
-        return state, out, info
-
-    replicated = NamedSharding(mesh, P())
-    return jax.jit(run, out_shardings=(replicated, checks.out_shardings(mesh, given), replicated))
+def _log_after(extra: tuple[EplbState, StepInfo]) -> None:
+    _log_balancedness(*extra)
