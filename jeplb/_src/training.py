@@ -773,7 +773,10 @@ def replica_scale(phy2log: Any) -> jax.Array:
 
     Weighting a per-slot quantity by this scale counts each logical expert once: after
     `sync_replica_grads` every replica holds its expert's whole gradient, so a sum over slots of
-    ``scale * |g|^2`` is the sum over logical experts. Jit-able; the map may be traced.
+    ``scale * |g|^2`` is the sum over logical experts. -1 slots keep whatever they hold (inf or
+    NaN included), and ``0 * inf`` is NaN: drop them with a select,
+    ``jnp.where(scale > 0, scale * x, 0)``, not by the product alone (`global_norm` does).
+    Jit-able; the map may be traced.
 
     Args:
       phy2log: int[L, P] (or int[P]) the placement, -1 for empty slots.
@@ -802,7 +805,8 @@ def global_norm(
 
     ``sqrt(sum over leaves, layers and slots of replica_scale * sum(g ** 2) + |rest| ** 2)``,
     in float32: after `sync_replica_grads` the replicas of an expert hold the same gradient, and
-    the norm is that of the model without redundant experts (-1 slots do not count). Works at
+    the norm is that of the model without redundant experts (-1 slots do not count, whatever
+    they hold: inf or NaN there leaves the norm finite). Works at
     global view, on sharded arrays, inside or outside `jax.jit`.
 
     Which optax transforms see the replicas (optax 0.2.8): ``clip_by_global_norm`` takes the
@@ -853,7 +857,8 @@ def global_norm(
     total = jnp.float32(0)
     for _, x in flat:
         sq = jnp.square(x.astype(jnp.float32)).reshape(*x.shape[:2], -1).sum(-1)
-        total = total + (sq * scale).sum()
+        # Selected, not multiplied: a -1 slot holding inf or NaN must add 0 (0 * inf is NaN).
+        total = total + jnp.where(scale > 0, sq * scale, 0.0).sum()
     for x in jax.tree_util.tree_leaves(rest):
         total = total + jnp.square(jnp.asarray(x).astype(jnp.float32)).sum()
     return jnp.sqrt(total)
