@@ -76,7 +76,7 @@ def _check_load_values(load: Any) -> None:
     if not _validate.is_concrete(load):
         return
     v = np.asarray(load)
-    if np.issubdtype(v.dtype, np.floating):
+    if jnp.issubdtype(v.dtype, jnp.floating):
         bad = np.argwhere(~np.isfinite(v) | (v < 0))
         big = np.argwhere(np.isfinite(v) & (v > _FLOAT32_MAX))
     else:
@@ -99,7 +99,7 @@ def _checked(phy2log: Any, load: Any, num_devices: Any) -> tuple[jax.Array, jax.
     if phy2log.ndim != 2:
         raise ValueError(f"phy2log: expected a 2-D map [L, P], got shape {tuple(phy2log.shape)}")
     dtype = np.dtype(load.dtype)
-    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+    if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
         raise TypeError(f"load: expected a real dtype, got {load.dtype}")
     if load.ndim == 2:
         _check_map(phy2log, "phy2log", load.shape[1])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from jeplb._src.checks import is_concrete
@@ -37,7 +38,7 @@ def _check_load(load: Any) -> tuple[int, int]:
             f"load: expected at least one layer and one expert, got shape {(num_layers, num_log)}"
         )
     dtype = np.dtype(load.dtype)
-    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+    if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
         raise TypeError(f"load: expected a real (integer or floating) dtype, got {dtype}")
     return num_layers, num_log
 
@@ -47,7 +48,7 @@ def _check_load_values(load: Any) -> None:
     if not is_concrete(load):
         return
     w = np.asarray(load)
-    if np.issubdtype(w.dtype, np.floating) and not np.isfinite(w).all():
+    if jnp.issubdtype(w.dtype, jnp.floating) and not np.isfinite(w).all():
         bad = tuple(int(i) for i in np.argwhere(~np.isfinite(w))[0])
         raise ValueError(f"load{list(bad)} = {w[bad]}: expected finite loads (token counts >= 0)")
     if (w < 0).any():
