@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
@@ -236,10 +237,12 @@ def _leaf_problem(
         return TypeError, f"is a {type(leaf).__name__}, expected a jax.Array"
     dt = np.dtype(leaf.dtype)
     sub_byte = dt.name in SUB_BYTE
-    if not sub_byte and (dt.itemsize not in SUPPORTED_ITEMSIZES or dt.kind in "bcOUS"):
+    if not sub_byte and (
+        dt.itemsize not in SUPPORTED_ITEMSIZES or dt.kind in "bcOUS" or _bits(dt) < 8
+    ):
         return TypeError, (
             f"has dtype {dt}, which is not moved; expected a real or integer dtype of 1, 2, 4 or "
-            f"8 bytes or int4 / uint4 / float4_e2m1fn (bool and complex: view them as integers)"
+            f"8 bytes or one of {' / '.join(SUB_BYTE)} (bool and complex: view them as integers)"
         )
     dims = sorted((slot_axis, layer_axis) if layer_axis is not None else (slot_axis,))
     got = tuple(leaf.shape[d] for d in dims) if len(leaf.shape) > dims[-1] else None
@@ -279,6 +282,16 @@ def _leaf_problem(
             f"argument's {dict(mesh.shape)}; pass the mesh the weights are sharded over"
         )
     return None
+
+
+def _bits(dt: np.dtype) -> int:
+    """Bits per element (numpy says 1 byte for sub-byte types such as float6_e2m3fn or int1)."""
+    for info in (jnp.finfo, jnp.iinfo):
+        try:
+            return int(info(dt).bits)
+        except (TypeError, ValueError):
+            pass
+    return 8 * dt.itemsize
 
 
 def _lead_letters(slot_axis: int, layer_axis: int | None) -> tuple[str, ...]:
