@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jeplb
+from jeplb._src import checks
 from jeplb._src.transfer import layout
 from tests.transfer_model import check_rows, make_plan
 
@@ -67,3 +68,139 @@ def test_x64_dispatch_range_checks_the_device_index_before_the_int32_cast():
     assert set(on_one.ravel().tolist()) == {2}
     np.testing.assert_array_equal(far, plain)
     assert set(plain.ravel().tolist()) == {0, 2}
+
+
+# ---------------------------------------------------- 4. a -1 slot holding inf or NaN in norms
+
+
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+def test_global_norm_ignores_what_a_minus_one_slot_holds(bad):
+    g = jnp.array([[[3.0], [4.0], [3.0], [bad]]])  # expert 0 in slots 0 and 2, slot 3 empty
+    m = jnp.array([[0, 1, 0, -1]])
+    assert float(global_norm(g, m)) == 5.0
+    assert float(jax.jit(global_norm)(g, m)) == 5.0
+
+
+def global_norm(g, m):
+    return jeplb.global_norm(g, m)
+
+
+# -------------------------------------------------------- 5, 11. combine_topk's result dtype
+
+DTYPES = ["bfloat16", "float16", "float32", "int8", "int32", "uint8", "float8_e4m3fn"]
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("w_dtype", ["bfloat16", "float32", "int32"])
+def test_combine_topk_promotes_outputs_and_weights(out_dtype, w_dtype):
+    y = jnp.array([[[1, 2], [8, 4]]]).astype(out_dtype)  # [T = 1, K = 2, H = 2]
+    w = jnp.array([[1.0, 0.5]] if w_dtype != "int32" else [[1, 2]]).astype(w_dtype)
+    if out_dtype == "float8_e4m3fn" and w_dtype != "int32":  # JAX promotes fp8 with no float
+        with pytest.raises(TypeError, match=r"expert_out, weights: JAX has no promotion"):
+            jeplb.combine_topk(y, w)
+        return
+    got = jeplb.combine_topk(y, w)
+    dtype = jnp.result_type(y, w)
+    assert got.dtype == dtype
+    want = np.asarray(w, np.float64)[0] @ np.asarray(y, np.float64)[0]
+    np.testing.assert_array_equal(np.asarray(got, np.float64)[0], want.astype(dtype))
+
+
+def test_combine_topk_int_outputs_with_fractional_weights():
+    got = jeplb.combine_topk(jnp.array([[[1, 2], [10, 20]]], jnp.int32), jnp.array([[0.75, 0.25]]))
+    assert got.dtype == jnp.float32 and got.tolist() == [[3.25, 6.5]]
+
+
+def test_combine_topk_with_k_zero_gives_zeros():
+    got = jeplb.combine_topk(jnp.zeros((3, 0, 4), jnp.bfloat16), jnp.zeros((3, 0), jnp.float32))
+    assert got.shape == (3, 4) and got.dtype == jnp.float32 and not got.any()
+
+
+# ------------------------------------------------------------- 17, 18. loads and the policy
+
+
+def test_bfloat16_loads_are_real_loads():
+    load = jnp.array([[3.0, 1.0, 2.0, 5.0]], jnp.bfloat16)
+    m, _, _ = jeplb.rebalance_experts(load, 6, 1, 1, 2)
+    want, _, _ = jeplb.rebalance_experts(load.astype(jnp.float32), 6, 1, 1, 2)
+    np.testing.assert_array_equal(m, want)
+    np.testing.assert_allclose(
+        jeplb.device_loads(m, load, 2), jeplb.device_loads(m, load.astype(jnp.float32), 2)
+    )
+    got = jeplb.balancedness(m, load, 2).balancedness
+    assert float(got) == float(jeplb.balancedness(m, load.astype(jnp.float32), 2).balancedness)
+
+
+@pytest.mark.parametrize("groups, nodes", [(1, 1), (4, 2)])
+def test_x64_migration_policy_warns_nothing(groups, nodes):
+    load = np.random.default_rng(0).integers(0, 100, (2, 8))
+    with jax.enable_x64(True), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        old, _, _ = jeplb.rebalance_experts(load, 12, groups, nodes, 4)
+        new, _, _ = jeplb.rebalance_experts(load[:, ::-1].copy(), 12, groups, nodes, 4,
+                                            old_phy2log=old)  # fmt: skip
+    assert new.dtype == jnp.int32 and new.shape == (2, 12)
+
+
+# ------------------------------------------------------------------------ 10, 16. state files
+
+
+def _small_state():
+    return jeplb.EplbState.create(
+        num_layers=2, num_experts=4, num_devices=2, num_redundant_experts=2, window_size=3,
+        step_interval=5,
+    )  # fmt: skip
+
+
+def test_byte_flipped_npz_is_a_value_error_naming_the_file(tmp_path):
+    path = tmp_path / "s.npz"
+    _small_state().save(path)
+    data = path.read_bytes()
+    q = tmp_path / "flipped.npz"
+    kinds = set()
+    for i in range(0, len(data), 3):
+        b = bytearray(data)
+        b[i] ^= 0xFF
+        q.write_bytes(bytes(b))
+        try:
+            jeplb.EplbState.load(q)
+        except ValueError as err:
+            assert str(q) in str(err)
+            kinds.add(type(err.__cause__).__name__)
+    assert "error" in kinds  # zlib.error among the causes: a damaged deflate stream
+
+
+def test_longest_legal_file_name_saves(tmp_path):
+    path = tmp_path / ("s" * 246 + ".npz")  # 250 bytes, the limit is 255
+    s = _small_state()
+    s.save(path)
+    np.testing.assert_array_equal(jeplb.EplbState.load(path).phy2log, s.phy2log)
+    assert os.listdir(tmp_path) == [path.name]
+
+
+# ------------------------------------------------------------------- 8. 2-bit integer leaves
+
+
+@pytest.mark.parametrize("dtype", [jnp.int2, jnp.uint2])
+def test_two_bit_leaves_move_bit_for_bit(mesh, dtype):
+    old, new = make_plan("random", 7, L, PT, 8, D)
+    rng = np.random.default_rng(3)
+    bits = rng.integers(0, 4, (L, PT, 4, 3), dtype=np.uint8)
+    w = jax.device_put(
+        layout.convert_rows(jnp.asarray(bits), dtype), NamedSharding(mesh, P(None, "ep"))
+    )
+    out = jeplb.rearrange_expert_weights(old, new, {"w": w}, mesh=mesh)["w"]
+    assert out.dtype == dtype and out.sharding.spec == P(None, "ep")
+    check_rows(bits, np.asarray(layout.bits_view(out)), old, new, D)
+
+
+def test_other_sub_byte_leaves_are_refused_by_path(mesh):
+    old, new = make_plan("random", 7, L, PT, 8, D)
+    w = jax.device_put(jnp.zeros((L, PT, 2), jnp.int1), NamedSharding(mesh, P(None, "ep")))
+    with pytest.raises(TypeError, match=r"expert_weights\['w'\] has dtype int1, which is not"):
+        jeplb.rearrange_expert_weights(old, new, {"w": w}, mesh=mesh)
+    # XLA:CPU holds no float6 array: the leaf check sees its shape and dtype.
+    leaf = jax.ShapeDtypeStruct((L, N, 2), jnp.float6_e2m3fn)
+    with pytest.raises(TypeError, match=r"grads\['w'\] has dtype float6_e2m3fn, which is not"):
+        checks.weight_leaves({"w": leaf}, lead_shape=(L, N), slot_axis=1, layer_axis=0,
+                             mesh=None, axes=("ep",), name="grads", local=True)  # fmt: skip
