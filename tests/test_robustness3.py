@@ -204,3 +204,76 @@ def test_other_sub_byte_leaves_are_refused_by_path(mesh):
     with pytest.raises(TypeError, match=r"grads\['w'\] has dtype float6_e2m3fn, which is not"):
         checks.weight_leaves({"w": leaf}, lead_shape=(L, N), slot_axis=1, layer_axis=0,
                              mesh=None, axes=("ep",), name="grads", local=True)  # fmt: skip
+
+
+# --------------------------------------- 2, 3. optimizer moments under masks, splits, factoring
+
+
+def _optimizers():
+    import optax
+
+    labels = {"moe": {"w13": "a", "w2": "s"}, "dense": "a"}
+    mask = {"moe": {"w13": True, "w2": False}, "dense": True}
+    return {
+        "multi_transform": optax.multi_transform(
+            {"a": optax.adam(1e-3), "s": optax.sgd(1e-3, momentum=0.9)}, labels
+        ),
+        "masked": optax.masked(optax.adam(1e-3), mask),
+        "inject_hyperparams": optax.inject_hyperparams(optax.adam)(learning_rate=1e-3),
+        "lion": optax.lion(1e-3),
+        "adafactor": optax.adafactor(1e-3, min_dim_size_to_factor=5),
+        "chain": optax.chain(
+            optax.clip(1.0),
+            optax.masked(optax.lion(1e-3), {"moe": {"w13": False, "w2": True}, "dense": False}),
+            optax.inject_hyperparams(optax.adafactor)(learning_rate=1e-3, min_dim_size_to_factor=5),
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", list(_optimizers()))
+def test_expert_state_moves_every_moment_with_its_param(name):
+    pytest.importorskip("optax")
+    opt = _optimizers()[name]
+    rng = np.random.default_rng(0)
+    params = {
+        "moe": {"w13": jnp.asarray(rng.random((2, 4, 8, 6)), jnp.float32),
+                "w2": jnp.asarray(rng.random((2, 4, 6, 8)), jnp.float32)},
+        "dense": jnp.asarray(rng.random((3, 3)), jnp.float32),
+    }  # fmt: skip
+    grads = jax.tree_util.tree_map(lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), params)
+    _, opt_state = opt.update(grads, opt.init(params), params)  # moments that differ per slot
+    state = (params, opt_state)
+    parts, put_back = jeplb.expert_state(state, params["moe"])
+    moved = jax.tree_util.tree_map(lambda x: jnp.roll(x, 1, axis=1), parts)  # a slot rotation
+    after = put_back(moved)
+    flat_before = jax.tree_util.tree_flatten_with_path(state)[0]
+    flat_after = jax.tree_util.tree_leaves(after)
+    for (path, x), y in zip(flat_before, flat_after, strict=True):
+        per_slot = x.ndim >= 3 and x.shape[:2] == (2, 4)  # every leaf [L, P, ...] of the experts
+        want = np.roll(np.asarray(x), 1, axis=1) if per_slot else np.asarray(x)
+        np.testing.assert_array_equal(np.asarray(y), want, err_msg=jax.tree_util.keystr(path))
+        if per_slot:
+            assert not np.array_equal(np.asarray(y), np.asarray(x)), jax.tree_util.keystr(path)
+
+
+def test_adafactor_slot_factored_statistic_is_refused_by_structure():
+    optax = pytest.importorskip("optax")
+    # P = 16 equals the first trailing dim: optax factors dims 1 and 2 (argsort ties by index),
+    # v_col averages over the slots although its shape [2, 16, 8] has the [L, P] lead.
+    params = {"w": jnp.ones((2, 16, 16, 8))}
+    st = optax.adafactor(1e-3, min_dim_size_to_factor=5).init(params)
+    with pytest.raises(ValueError, match=r"state\[0\]\.v_col\['w'\] has shape \(2, 16, 8\)"):
+        jeplb.expert_state(st, params)
+    # Three trailing-equal dims: optax factors dims 2 and 3, both statistics are per slot.
+    params = {"w": jnp.ones((2, 16, 16, 16))}
+    st = optax.adafactor(1e-3, min_dim_size_to_factor=5).init(params)
+    parts, _ = jeplb.expert_state(st, params)
+    assert list(parts) == ["[0].v_row", "[0].v_col"]
+
+
+def test_ambiguous_statistic_outside_adafactor_is_refused_by_path():
+    # A [2, 16, 8] leaf mirroring [2, 16, 16, 8]: over the slots or over a trailing dim?
+    experts = {"w": jnp.ones((2, 16, 16, 8))}
+    state = {"params": experts, "stat": {"w": jnp.ones((2, 16, 8))}}
+    with pytest.raises(ValueError, match=r"state\['stat'\]\['w'\] has shape \(2, 16, 8\).*cannot be told"):
+        jeplb.expert_state(state, experts)
