@@ -277,3 +277,67 @@ def test_ambiguous_statistic_outside_adafactor_is_refused_by_path():
     state = {"params": experts, "stat": {"w": jnp.ones((2, 16, 8))}}
     with pytest.raises(ValueError, match=r"state\['stat'\]\['w'\] has shape \(2, 16, 8\).*cannot be told"):
         jeplb.expert_state(state, experts)
+
+
+# ------------------------------------------------------------- 6, 7, 19. the gradient sync
+
+SYNC_MAP = np.array([[0, 1, 2, 3, 0, 1, 4, 5], [5, 4, 3, 2, 1, 0, 5, -1]], np.int32)
+
+
+def np_sync(g: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """The sync's semantics: each slot the sum of its expert's slots, in ascending slot order."""
+    out = g.copy()
+    for layer, row in enumerate(m):
+        for e in set(row.tolist()) - {-1}:
+            slots = np.flatnonzero(row == e)
+            total = g[layer, slots[0]]
+            for p in slots[1:]:
+                total = total + g[layer, p]
+            out[layer, slots] = total
+    return out
+
+
+def test_sync_under_jit_keeps_a_tensor_parallel_sharding():
+    mesh = mesh_of(8, ("ep", "tp"), (4, 2))
+    spec = P(None, "ep", None, "tp")
+    host = np.random.default_rng(0).standard_normal((2, 8, 3, 4)).astype(np.float32)
+    g = jax.device_put(host, NamedSharding(mesh, spec))
+    out = jax.jit(lambda g, m: jeplb.sync_replica_grads(g, m, mesh=mesh))(g, SYNC_MAP)
+    assert out.sharding.spec == spec  # was P(None, "ep"): the "tp" dim gathered
+    np.testing.assert_array_equal(np.asarray(out), np_sync(host, SYNC_MAP))
+
+
+def test_sync_local_with_a_map_typed_varying():
+    mesh = mesh_of(4)
+    host = np.random.default_rng(1).standard_normal((2, 8, 3)).astype(np.float32)
+    g = jax.device_put(host, NamedSharding(mesh, P(None, "ep")))
+
+    def body(g, m):  # the same values everywhere, typed as varying over "ep"
+        return jeplb.sync_replica_grads_local(g, m + 0 * jax.lax.axis_index("ep"))
+
+    f = jax.shard_map(body, mesh=mesh, in_specs=(P(None, "ep"), P()), out_specs=P(None, "ep"))
+    np.testing.assert_array_equal(np.asarray(jax.jit(f)(g, SYNC_MAP)), np_sync(host, SYNC_MAP))
+
+
+def test_grad_through_the_sync_is_the_sync_of_the_cotangent():
+    # The sync is linear and symmetric: d/dg sum(sync(g) * w) = sync(w).
+    mesh = mesh_of(4)
+    rng = np.random.default_rng(2)
+    host, w = (rng.standard_normal((2, 8, 3)).astype(np.float32) for _ in range(2))
+    g = jax.device_put(host, NamedSharding(mesh, P(None, "ep")))
+
+    def loss(g, m):
+        return jnp.sum(jeplb.sync_replica_grads(g, m, mesh=mesh) * w)
+
+    got = jax.jit(jax.grad(loss))(g, SYNC_MAP)
+    np.testing.assert_allclose(np.asarray(got), np_sync(w, SYNC_MAP), rtol=1e-6)
+
+    def local_loss(g, m):
+        return jnp.sum(jeplb.sync_replica_grads_local(g, m) * 2.0)
+
+    f = jax.shard_map(
+        jax.grad(local_loss), mesh=mesh, in_specs=(P(None, "ep"), P()), out_specs=P(None, "ep")
+    )
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(f)(g, SYNC_MAP)), np_sync(np.full_like(host, 2.0), SYNC_MAP)
+    )

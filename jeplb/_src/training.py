@@ -45,6 +45,7 @@ from jax.sharding import PartitionSpec as P
 
 from jeplb._src import checks
 from jeplb._src.transfer import agree, engine, layout, replica_sum, stages
+from jeplb._src.transfer import rows as rows_lib
 from jeplb._src.transfer import plan as plan_lib
 from jeplb._src.transfer.config import TransferConfig
 
@@ -124,6 +125,10 @@ def _sync_local(
     d = setup.num_devices
     phy2log = phy2log.astype(jnp.int32)
     valid = jnp.all(phy2log >= -1)
+    # A map that differs per device (typed varying, e.g. built from lax.axis_index) makes every
+    # loop's results vary too: the carries start varying over its axes.
+    vary = rows_lib.varying_axes(phy2log)
+    leaves = [rows_lib.make_varying(x, vary) for x in leaves]
     if d == 1:
         return _sync_one_device(phy2log, leaves, valid, setup)
     return _sync_engine(phy2log, leaves, valid, setup)
@@ -294,7 +299,9 @@ def _gather_broadcast(phy2log, leaves, valid, setup: engine.Engine):
     top = count.max(-1)
     steps = jnp.where(valid & (top > 1), top, 0).astype(jnp.int32)
     ends = jnp.cumsum(steps).astype(jnp.int32)
-    zeros = jnp.zeros((num_layers,), jnp.int32)
+    zeros = rows_lib.make_varying(
+        jnp.zeros((num_layers,), jnp.int32), rows_lib.varying_axes(phy2log)
+    )
 
     def step(k, carry):
         leaves, bufs, stats = carry
@@ -420,13 +427,37 @@ def _lead(m, config: TransferConfig, num_devices: int, local: bool) -> tuple[int
     return lead[::-1] if config.slot_major else lead
 
 
+def _self_adjoint(sync: Callable, phy2log: Any, leaves: list) -> list:
+    """``sync(phy2log, leaves)`` with its reverse-mode rule: the sync is linear and symmetric
+    (slot p gets the sum over the slots holding p's expert; -1 slots are the identity), so its
+    transpose is itself and the cotangent of the gradients is the sync of the output's. jax
+    cannot reverse the sync's loops (their trip counts come from the map); forward mode
+    (`jax.jvp`) is not defined for it."""
+
+    @jax.custom_vjp
+    def run(m, x):
+        return sync(m, x)
+
+    def fwd(m, x):
+        return sync(m, x), m
+
+    def bwd(m, ct):
+        return None, sync(m, ct)
+
+    run.defvjp(fwd, bwd)
+    return run(phy2log, leaves)
+
+
 # ------------------------------------------------------------------------------ public
 
 
 @functools.lru_cache(maxsize=64)
 def _program(mesh, setup: engine.Engine, specs: tuple):
-    """One jitted program per (mesh, setup, leaf specs); jit caches it per shapes."""
-    inner = [P(*s) for s in specs]
+    """One jitted program per (mesh, setup, leaf specs); jit caches it per shapes. A spec of
+    None (a traced leaf on Auto axes) is moved with its slot dim over the expert axes and comes
+    back sharded as it came in (`checks.like_inputs`), as in the transfer."""
+    full = checks.default_specs(specs, setup.config.slot_axis, setup.config.axes)
+    inner = [P(*s) for s in full]
     # The Pallas interpreter (the kernel on CPU) does not type its grid indices for shard_map.
     interpreted = setup.config.row_impl == "pallas" and setup.platform == "cpu"
     body = jax.shard_map(
@@ -440,9 +471,10 @@ def _program(mesh, setup: engine.Engine, specs: tuple):
     def run(phy2log, leaves):
         if checks.is_explicit(mesh):
             phy2log = jax.sharding.reshard(phy2log, NamedSharding(mesh, P()))
-        return body(phy2log.astype(jnp.int32), leaves)
+        out, stats = body(phy2log.astype(jnp.int32), leaves)
+        return checks.like_inputs(leaves, out, specs), stats
 
-    out_shardings = ([NamedSharding(mesh, P(*s)) for s in specs], NamedSharding(mesh, P()))
+    out_shardings = (checks.out_shardings(mesh, specs), NamedSharding(mesh, P()))
     return jax.jit(run, out_shardings=out_shardings)
 
 
@@ -524,10 +556,11 @@ def sync_replica_grads(
     leaves, treedef, specs = _check_grad_leaves(
         grads, lead=_lead(m, config, d, False), config=config, mesh=mesh, local=False
     )
-    specs = checks.default_specs(specs, config.slot_axis, config.axes)
+    full = checks.default_specs(specs, config.slot_axis, config.axes)
     setup = engine.Engine(config=config, num_devices=d, platform=checks.platform_of(mesh))
-    _check_movable(checks.local_shapes(leaves, specs, mesh), treedef, setup)
-    out, _ = _program(mesh, setup, specs)(checks.place_map(m, mesh), leaves)
+    _check_movable(checks.local_shapes(leaves, full, mesh), treedef, setup)
+    program = _program(mesh, setup, tuple(specs))
+    out = _self_adjoint(lambda m, x: program(m, x)[0], checks.place_map(m, mesh), leaves)
     return treedef.unflatten(out)
 
 
@@ -581,7 +614,9 @@ def sync_replica_grads_local(
     )
     setup = engine.Engine(config=config, num_devices=d, platform=checks.platform_of())
     _check_movable(leaves, treedef, setup)
-    out, _ = _sync_local(jnp.asarray(m), leaves, setup=setup)
+    out = _self_adjoint(
+        lambda m, x: _sync_local(m, x, setup=setup)[0], jnp.asarray(m), leaves
+    )
     return treedef.unflatten(out)
 
 
