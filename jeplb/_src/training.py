@@ -515,6 +515,8 @@ def sync_replica_grads(
     chunks); no all-reduce or all-gather. Temporary memory: one staging buffer shared by both
     phases, below one layer of the device's local gradients. On one device every move is local. The input is not
     donated: under `jax.jit` XLA reuses its buffer when the caller does not read it afterwards.
+    `jax.grad` through it gives the sync of the cotangent (the sync is its own transpose);
+    forward mode (`jax.jvp`) is not defined.
 
     Args:
       grads: pytree of gradient arrays laid out as the expert weights `rearrange_expert_weights`
@@ -574,7 +576,9 @@ def sync_replica_grads_local(
 ) -> Any:
     """`sync_replica_grads` for code already inside `jax.shard_map` over ``axis_name``.
 
-    Same sums, order and guarantees; the leaves are this device's shards.
+    Same sums, order and guarantees (reverse mode included); the leaves are this device's
+    shards. The map may be typed as varying over the mesh axes (built from `lax.axis_index`);
+    its values must still be the same on every device.
 
     Args:
       grads: pytree of this device's gradient shards, leaves [L, N_local, ...] (or
