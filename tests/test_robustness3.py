@@ -341,3 +341,39 @@ def test_grad_through_the_sync_is_the_sync_of_the_cotangent():
     np.testing.assert_array_equal(
         np.asarray(jax.jit(f)(g, SYNC_MAP)), np_sync(np.full_like(host, 2.0), SYNC_MAP)
     )
+
+
+# --------------------------------------------------------------- 9, 12. recover_experts
+
+
+def _two_device_weights():
+    devs = jax.devices()[:2]
+    old_mesh = Mesh(np.array(devs), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+    old = np.array([[0, 0, 1, 1], [1, 1, 0, 0]], np.int32)  # N_local = 2
+    w = jax.device_put(
+        jnp.asarray(old[:, :, None] * 10 + np.arange(3), jnp.float32),
+        NamedSharding(old_mesh, P(None, "ep")),
+    )
+    return devs, old, w
+
+
+def _row(layer, expert):
+    return (expert * 10 + np.arange(3)).astype(np.float32)
+
+
+def test_x64_recover_experts_loads_experts():
+    devs, old, w = _two_device_weights()
+    new_mesh = Mesh(np.array(devs[:1]), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.enable_x64(True):
+        out, rec = jeplb.recover_experts(old, w, _row, mesh=new_mesh, num_experts=2)
+        want = np.asarray(rec.phy2log)[:, :, None] * 10 + np.arange(3)
+        np.testing.assert_array_equal(np.asarray(out), want)
+    assert rec.loaded == ((0, 1), (1, 0))  # the experts device 1 alone held
+
+
+def test_recover_experts_refuses_a_mesh_listing_a_device_twice():
+    devs, old, w = _two_device_weights()
+    new_mesh = Mesh(np.array([devs[0], devs[0]]), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+    with pytest.raises(ValueError, match=r"mesh: lists device .* more than once"):
+        jeplb.recover_experts(old, w, _row, mesh=new_mesh, num_experts=2)
+    np.testing.assert_array_equal(np.asarray(w)[:, :, 0], old * 10)
