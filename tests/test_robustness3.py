@@ -377,3 +377,29 @@ def test_recover_experts_refuses_a_mesh_listing_a_device_twice():
     with pytest.raises(ValueError, match=r"mesh: lists device .* more than once"):
         jeplb.recover_experts(old, w, _row, mesh=new_mesh, num_experts=2)
     np.testing.assert_array_equal(np.asarray(w)[:, :, 0], old * 10)
+
+
+# ------------------------------------------------- 13. NaN payloads through the two stages
+
+
+def test_stages_keep_bf16_signalling_nan_payloads():
+    mesh = mesh_of(4)
+    old, new = (m[0] for m in make_plan("random", 11, 1, 8, 6, 4))  # P = 8 over 4 devices
+    rng = np.random.default_rng(4)
+    payload = rng.integers(1, 1 << 6, (8, 5)).astype(np.uint16)  # quiet bit clear, payload != 0
+    bits = np.uint16(0x7F80) | payload | (rng.integers(0, 2, (8, 5)).astype(np.uint16) << 15)
+    w = jax.device_put(
+        jnp.asarray(bits).view(jnp.bfloat16), NamedSharding(mesh, P("ep"))
+    )
+
+    def step(old, new, w):
+        buf, meta = jeplb.move_to_buffer(old, new, w, axis_name="ep")
+        return jeplb.move_from_buffer(w, buf, meta), buf
+
+    f = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P("ep")),
+                              out_specs=(P("ep"), P("ep"))))  # fmt: skip
+    out, buf = f(old, new, w)
+    assert buf.dtype == jnp.bfloat16
+    after = np.asarray(out).view(np.uint16)
+    check_rows(bits[None].view(np.uint8), after[None].view(np.uint8), old[None], new[None], 4)
+    assert (after & 0x7FC0 == 0x7F80).all()  # every row still a signalling NaN

@@ -45,10 +45,26 @@ def _width(x: jax.Array) -> int:
     return w
 
 
-def _impls(rows: tuple[jax.Array, ...], row_impl: str) -> tuple[stages.Impls, ...]:
+def _moving_rows(buf_leaves: list) -> tuple[jax.Array, ...]:
+    """The buffer's rows [N, R] in the engine's moving dtype (`layout.moving_dtype`): bf16 rows
+    staged as bf16 on XLA:CPU would be written through float32, which quiets signalling NaNs."""
     platform = checks.platform_of()
-    impls = [rows_lib.resolve_impl(row_impl, r, platform) for r in rows]
-    return tuple(stages.Impls(i, i) for i in impls)
+    return tuple(
+        layout.convert_rows(_one_layer(b).dst.rows, layout.moving_dtype(b.dtype, platform))
+        for b in buf_leaves
+    )
+
+
+def _impls(spaces: tuple, bufs: tuple[jax.Array, ...], row_impl: str) -> tuple[stages.Impls, ...]:
+    """Row movers for writes into each leaf and into its buffer (of the moving dtype)."""
+    platform = checks.platform_of()
+    return tuple(
+        stages.Impls(
+            rows_lib.resolve_impl(row_impl, s.dst.rows, platform),
+            rows_lib.resolve_impl(row_impl, b, platform),
+        )
+        for s, b in zip(spaces, bufs, strict=True)
+    )
 
 
 def _check_movable(leaves: list, treedef, row_impl: str) -> None:
@@ -156,7 +172,7 @@ def move_to_buffer(
         plan, old, target, lax.axis_index(config.axes), num_devices=d
     )
     spaces = tuple(_one_layer(x) for x in leaves)
-    bufs = tuple(_one_layer(b).dst.rows for b in buf_leaves)
+    bufs = _moving_rows(buf_leaves)
     bufs = stages.stage(
         spaces,
         bufs,
@@ -165,9 +181,12 @@ def move_to_buffer(
         axes=config.axes,
         num_devices=d,
         chunk_rows=chunk_rows,
-        impls=_impls(bufs, row_impl),
+        impls=_impls(spaces, bufs, row_impl),
     )
-    out = [r.reshape(b.shape) for b, r in zip(buf_leaves, bufs, strict=True)]
+    out = [
+        layout.convert_rows(r, b.dtype).reshape(b.shape)
+        for b, r in zip(buf_leaves, bufs, strict=True)
+    ]
     return treedef.unflatten(out), meta
 
 
@@ -214,7 +233,7 @@ def move_from_buffer(
     buf_leaves = _check_buffer(buffer, leaves, treedef)
     _check_movable(leaves, treedef, row_impl)
     spaces = tuple(_one_layer(x) for x in leaves)
-    bufs = tuple(_one_layer(b).dst.rows for b in buf_leaves)
-    spaces = stages.commit(spaces, bufs, metadata, _impls(bufs, row_impl))
+    bufs = _moving_rows(buf_leaves)
+    spaces = stages.commit(spaces, bufs, metadata, _impls(spaces, bufs, row_impl))
     out = [layout.close_rows(x[None], s)[0] for x, s in zip(leaves, spaces, strict=True)]
     return treedef.unflatten(out)
