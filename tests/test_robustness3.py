@@ -403,3 +403,40 @@ def test_stages_keep_bf16_signalling_nan_payloads():
     after = np.asarray(out).view(np.uint16)
     check_rows(bits[None].view(np.uint8), after[None].view(np.uint8), old[None], new[None], 4)
     assert (after & 0x7FC0 == 0x7F80).all()  # every row still a signalling NaN
+
+
+# ------------------------------------------------------- 15. a state on another mesh's devices
+
+
+@pytest.mark.parametrize("other", ["other_devices", "other_order"])
+def test_step_refuses_a_state_on_another_mesh(other):
+    devs = jax.devices()[:4]
+    auto = (jax.sharding.AxisType.Auto,)
+    mesh_a = Mesh(np.array(devs[:2]), ("ep",), axis_types=auto)
+    mesh_b = Mesh(np.array(devs[2:4] if other == "other_devices" else devs[1::-1]), ("ep",),
+                  axis_types=auto)  # fmt: skip
+    s = jeplb.EplbState.create(num_layers=1, num_experts=2, num_devices=2,
+                               num_redundant_experts=2, window_size=1, step_interval=1)  # fmt: skip
+    s = jax.device_put(s, NamedSharding(mesh_a, P()))
+    w = jax.device_put(jnp.zeros((1, 4, 3)), NamedSharding(mesh_b, P(None, "ep")))
+    with pytest.raises(ValueError, match=r"state, mesh: state\.phy2log is on devices \[0, 1\]"):
+        jeplb.eplb_step(s, w, mesh=mesh_b)
+
+
+def test_x64_traced_maps_past_int32_are_refused_not_wrapped():
+    # Same class as the dispatch ids: a traced int64 map entry 2**32 + 1 cast first reads as
+    # expert 1. The transfer must refuse the plan and the sync must sum nothing.
+    mesh = mesh_of(4)
+    with jax.enable_x64(True):
+        old = np.array([[0, 1, 2, 3, 0, 1, 2, 3]], np.int64)
+        new = old.copy()
+        new[0, 0] = 2**32 + 1
+        host = old[:, :, None] * np.ones(3)
+        w = jax.device_put(jnp.asarray(host), NamedSharding(mesh, P(None, "ep")))
+        move = jax.jit(lambda o, n, w: jeplb.rearrange_expert_weights(
+            o, n, w, mesh=mesh, return_report=True, donate=False))  # fmt: skip
+        out, report = move(old, new, w)
+        assert not bool(report.ok[0])
+        np.testing.assert_array_equal(np.asarray(out), host)
+        sync = jax.jit(lambda g, m: jeplb.sync_replica_grads(g, m, mesh=mesh))
+        np.testing.assert_array_equal(np.asarray(sync(w, new)), host)

@@ -23,6 +23,7 @@ __all__ = [
     "local_shapes",
     "platform_of",
     "refuse_leaves",
+    "state_on_mesh",
     "weight_leaves",
 ]
 
@@ -106,6 +107,18 @@ def _shard_alike():
     except ImportError:  # removed in jax 0.11
         return None
     return shard_alike
+
+
+def int32_ids(x: Any) -> Any:
+    """Integer ids (maps, traced or not) as int32, a value outside int32's range becoming -2 (an
+    id below -1, which every plan refuses) instead of wrapping into range (an int64 2**32 + 1
+    would read as 1)."""
+    x = jnp.asarray(x)
+    info = jnp.iinfo(x.dtype)
+    low, high = np.iinfo(np.int32).min, np.iinfo(np.int32).max
+    if info.min < low or info.max > high:
+        x = jnp.where((x >= low) & (x <= high), x, -2)
+    return x.astype(np.int32)
 
 
 def place_map(x: Any, mesh) -> Any:
@@ -345,6 +358,30 @@ def weight_leaves(
     _raise(problems)
     leaves = [leaf for _, leaf in flat]
     return leaves, treedef, [None if local else _given_spec(x) for x in leaves]
+
+
+def state_on_mesh(state: Any, mesh: Any, name: str = "state") -> None:
+    """Refuses a state whose concrete arrays are committed to other devices than ``mesh``'s (in
+    the mesh's order), before jit fails with "incompatible devices" from inside the program.
+    Uncommitted arrays (``EplbState.create``'s) and traced ones go anywhere."""
+    if not isinstance(mesh, Mesh):
+        return
+    want = list(np.asarray(mesh.devices).flat)
+    for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
+        if not isinstance(x, jax.Array) or not is_concrete(x) or not x.committed:
+            continue
+        sharding = x.sharding
+        if isinstance(sharding, NamedSharding):
+            got = list(np.asarray(sharding.mesh.devices).flat)
+        else:
+            got = sorted(sharding.device_set, key=lambda d: d.id)
+        if got != want:
+            raise ValueError(
+                f"{name}, mesh: {name}{jax.tree_util.keystr(path)} is on devices "
+                f"{[d.id for d in got]}, but mesh has devices {[d.id for d in want]}; put the "
+                f"{name} on the mesh (jax.device_put({name}, NamedSharding(mesh, "
+                f"PartitionSpec()))) or pass the mesh it is on"
+            )
 
 
 def _raise(problems: list[tuple[type, str]]) -> None:

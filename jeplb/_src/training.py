@@ -123,7 +123,7 @@ def _sync_local(
 ) -> tuple[list[jax.Array], SyncStats]:
     """The sync on a device's local leaves, inside `jax.shard_map` over the expert axes."""
     d = setup.num_devices
-    phy2log = phy2log.astype(jnp.int32)
+    phy2log = checks.int32_ids(phy2log)  # an id past int32 is -2: invalid, nothing summed
     valid = jnp.all(phy2log >= -1)
     # A map that differs per device (typed varying, e.g. built from lax.axis_index) makes every
     # loop's results vary too: the carries start varying over its axes.
@@ -471,7 +471,7 @@ def _program(mesh, setup: engine.Engine, specs: tuple):
     def run(phy2log, leaves):
         if checks.is_explicit(mesh):
             phy2log = jax.sharding.reshard(phy2log, NamedSharding(mesh, P()))
-        out, stats = body(phy2log.astype(jnp.int32), leaves)
+        out, stats = body(checks.int32_ids(phy2log), leaves)
         return checks.like_inputs(leaves, out, specs), stats
 
     out_shardings = (checks.out_shardings(mesh, specs), NamedSharding(mesh, P()))

@@ -132,7 +132,7 @@ def _program(
         if checks.is_explicit(mesh):
             old = jax.sharding.reshard(old, NamedSharding(mesh, P()))
             new = jax.sharding.reshard(new, NamedSharding(mesh, P()))
-        out, stats = body(old.astype(jnp.int32), new.astype(jnp.int32), leaves)
+        out, stats = body(checks.int32_ids(old), checks.int32_ids(new), leaves)
         out = checks.like_inputs(leaves, out, specs)
         report = TransferReport.from_stats(stats)
         if single_layer:

@@ -160,8 +160,7 @@ def move_to_buffer(
         buf_leaves = [jnp.zeros_like(x) for x in leaves]
     else:
         buf_leaves = _check_buffer(buffer, leaves, treedef)
-    old = jnp.asarray(old, jnp.int32)
-    new = jnp.asarray(new, jnp.int32)
+    old, new = checks.int32_ids(old), checks.int32_ids(new)  # never wrapped into range
     # Devices holding different maps would plan different collective loops (a hang): they plan a
     # no-op instead, and the layer counts as infeasible.
     agreed = agree.maps_agree((old, new), config.axes)
