@@ -240,7 +240,9 @@ def test_expert_state_moves_every_moment_with_its_param(name):
                 "w2": jnp.asarray(rng.random((2, 4, 6, 8)), jnp.float32)},
         "dense": jnp.asarray(rng.random((3, 3)), jnp.float32),
     }  # fmt: skip
-    grads = jax.tree_util.tree_map(lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), params)
+    grads = jax.tree_util.tree_map(
+        lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), params
+    )
     _, opt_state = opt.update(grads, opt.init(params), params)  # moments that differ per slot
     state = (params, opt_state)
     parts, put_back = jeplb.expert_state(state, params["moe"])
@@ -275,7 +277,9 @@ def test_ambiguous_statistic_outside_adafactor_is_refused_by_path():
     # A [2, 16, 8] leaf mirroring [2, 16, 16, 8]: over the slots or over a trailing dim?
     experts = {"w": jnp.ones((2, 16, 16, 8))}
     state = {"params": experts, "stat": {"w": jnp.ones((2, 16, 8))}}
-    with pytest.raises(ValueError, match=r"state\['stat'\]\['w'\] has shape \(2, 16, 8\).*cannot be told"):
+    with pytest.raises(
+        ValueError, match=r"state\['stat'\]\['w'\] has shape \(2, 16, 8\).*cannot be told"
+    ):
         jeplb.expert_state(state, experts)
 
 
@@ -388,9 +392,7 @@ def test_stages_keep_bf16_signalling_nan_payloads():
     rng = np.random.default_rng(4)
     payload = rng.integers(1, 1 << 6, (8, 5)).astype(np.uint16)  # quiet bit clear, payload != 0
     bits = np.uint16(0x7F80) | payload | (rng.integers(0, 2, (8, 5)).astype(np.uint16) << 15)
-    w = jax.device_put(
-        jnp.asarray(bits).view(jnp.bfloat16), NamedSharding(mesh, P("ep"))
-    )
+    w = jax.device_put(jnp.asarray(bits).view(jnp.bfloat16), NamedSharding(mesh, P("ep")))
 
     def step(old, new, w):
         buf, meta = jeplb.move_to_buffer(old, new, w, axis_name="ep")

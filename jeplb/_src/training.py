@@ -45,8 +45,8 @@ from jax.sharding import PartitionSpec as P
 
 from jeplb._src import checks
 from jeplb._src.transfer import agree, engine, layout, replica_sum, stages
-from jeplb._src.transfer import rows as rows_lib
 from jeplb._src.transfer import plan as plan_lib
+from jeplb._src.transfer import rows as rows_lib
 from jeplb._src.transfer.config import TransferConfig
 
 __all__ = [
@@ -618,9 +618,7 @@ def sync_replica_grads_local(
     )
     setup = engine.Engine(config=config, num_devices=d, platform=checks.platform_of())
     _check_movable(leaves, treedef, setup)
-    out = _self_adjoint(
-        lambda m, x: _sync_local(m, x, setup=setup)[0], jnp.asarray(m), leaves
-    )
+    out = _self_adjoint(lambda m, x: _sync_local(m, x, setup=setup)[0], jnp.asarray(m), leaves)
     return treedef.unflatten(out)
 
 
@@ -755,8 +753,8 @@ def expert_state(state: Any, experts: Any) -> tuple[dict[str, Any], Callable[[An
     Raises:
       ValueError: when no subtree of ``state`` mirrors ``experts``; when a mirroring subtree
         holds a statistic reduced over an expert leaf's layer or slot dim, or one whose shape
-        cannot tell (every such leaf named by path); or (from ``put_back``) when the parts given back do not have the keys and
-        structures of those taken out.
+        cannot tell (every such leaf named by path); or (from ``put_back``) when the parts
+        given back do not have the keys and structures of those taken out.
 
     Example:
       >>> import jax.numpy as jnp, optax

@@ -16,8 +16,9 @@ the leaf in one of two ways:
   run on the integer view of the leaf's bits, which fuses in place and keeps every bit pattern
   (NaN payloads, subnormals); a layer's block is read once, gathered into the moving dtype (a
   slab).
-* ``widen``: sub-byte types (int4, uint4, float4_e2m1fn, int2, uint2) cannot be bit-cast to a byte type; their
-  rows travel as uint8, one element a byte, and are written with the one-row select.
+* ``widen``: sub-byte types (int4, uint4, float4_e2m1fn, int2, uint2) cannot be bit-cast to a
+  byte type; their rows travel as uint8, one element a byte, and are written with the one-row
+  select.
 
 No leaf is ever converted whole: that would be a full copy of the device's weights.
 """
