@@ -442,3 +442,12 @@ def test_x64_traced_maps_past_int32_are_refused_not_wrapped():
         np.testing.assert_array_equal(np.asarray(out), host)
         sync = jax.jit(lambda g, m: jeplb.sync_replica_grads(g, m, mesh=mesh))
         np.testing.assert_array_equal(np.asarray(sync(w, new)), host)
+
+
+def test_x64_place_experts_does_not_wrap_a_traced_id_onto_an_expert():
+    mesh = mesh_of(2)
+    with jax.enable_x64(True):
+        logical = jnp.array([[10.0, 11.0]])  # [L = 1, E = 2]
+        m = jnp.array([[0, 1, 2**32 + 1, 1]], jnp.int64)
+        out = jax.jit(lambda w, m: jeplb.place_experts(w, m, mesh=mesh))(logical, m)
+        assert out.tolist() == [[10.0, 11.0, 0.0, 11.0]]  # not 11.0: expert 1
