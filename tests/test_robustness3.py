@@ -131,14 +131,12 @@ def test_bfloat16_loads_are_real_loads():
     assert float(got) == float(jeplb.balancedness(m, load.astype(jnp.float32), 2).balancedness)
 
 
-@pytest.mark.parametrize("groups, nodes", [(1, 1), (4, 2)])
-def test_x64_migration_policy_warns_nothing(groups, nodes):
-    load = np.random.default_rng(0).integers(0, 100, (2, 8))
+def test_x64_migration_policy_warns_nothing():
+    load = np.random.default_rng(0).integers(0, 100, (2, 8))  # 4 groups on 2 nodes: hierarchical
     with jax.enable_x64(True), warnings.catch_warnings():
         warnings.simplefilter("error")
-        old, _, _ = jeplb.rebalance_experts(load, 12, groups, nodes, 4)
-        new, _, _ = jeplb.rebalance_experts(load[:, ::-1].copy(), 12, groups, nodes, 4,
-                                            old_phy2log=old)  # fmt: skip
+        old, _, _ = jeplb.rebalance_experts(load, 12, 4, 2, 4)
+        new, _, _ = jeplb.rebalance_experts(load[:, ::-1].copy(), 12, 4, 2, 4, old_phy2log=old)
     assert new.dtype == jnp.int32 and new.shape == (2, 12)
 
 
@@ -158,7 +156,7 @@ def test_byte_flipped_npz_is_a_value_error_naming_the_file(tmp_path):
     data = path.read_bytes()
     q = tmp_path / "flipped.npz"
     kinds = set()
-    for i in range(0, len(data), 3):
+    for i in range(0, len(data), 5):
         b = bytearray(data)
         b[i] ^= 0xFF
         q.write_bytes(bytes(b))
