@@ -155,9 +155,9 @@ def _local_choice(log2phy, logcnt, safe, h, device_index, num_devices, slots_per
     batch = safe.shape[:-1]
     table, nloc = _local_tables(log2phy, logcnt, d, slots_per_device)
     width = table.shape[-1]
-    dev = jnp.broadcast_to(jnp.asarray(device_index, jnp.int32), batch)[..., None]
-    dev_ok = (dev >= 0) & (dev < d)
-    dev = jnp.clip(dev, 0, d - 1)
+    dev = jnp.broadcast_to(jnp.asarray(device_index), batch)[..., None]
+    dev_ok = (dev >= 0) & (dev < d)  # in the index's own dtype, before the int32 cast
+    dev = jnp.where(dev_ok, dev, 0).astype(jnp.int32)
     here = nloc.reshape(-1)[safe * d + dev]
     pick = (h % jnp.maximum(here, 1).astype(jnp.uint32)).astype(jnp.int32)
     local = table.reshape(-1)[(safe * d + dev) * width + pick]
@@ -229,10 +229,12 @@ def _dispatch_checked(
     num_experts, r_max = (int(n) for n in log2phy.shape)
     batch, k = tuple(topk_ids.shape[:-1]), int(topk_ids.shape[-1])
     with jax.named_scope("eplb_dispatch"):
-        ids = jnp.asarray(topk_ids, jnp.int32)
+        # The range check runs in the ids' own dtype: an int64 id of 2**32 + 1 cast first would
+        # read as expert 1.
+        in_range = (topk_ids >= 0) & (topk_ids < num_experts)
+        ids = jnp.where(in_range, topk_ids, num_experts).astype(jnp.int32)
         log2phy = jnp.asarray(log2phy, jnp.int32)
         logcnt = jnp.asarray(logcnt, jnp.int32)
-        in_range = (ids >= 0) & (ids < num_experts)
         safe = jnp.where(in_range, ids, 0)
         if token_index is None:
             tok = jnp.arange(int(np.prod(batch)), dtype=jnp.uint32).reshape(batch)

@@ -537,6 +537,7 @@ def eplb_step(
     """
     state = _check_state(state)
     d = checks.axis_size(mesh, state.config.transfer.axis_name)
+    checks.state_on_mesh(state, mesh)
     if d != state.num_devices:
         raise ValueError(
             f"mesh: axis {state.config.transfer.axis_name!r} has {d} devices, but the state was built for "
