@@ -11,12 +11,15 @@ dispatch's share by L.
 
 ``--impl`` picks how the counts are made on the GPU: ``scatter`` (the default: a scatter into 256
 rows of counters, summed), ``compare`` (a compare-sum) or ``fused`` (the Pallas kernel that maps
-and counts, its programs' rows summed by XLA); ``--hlo DIR`` writes what one layer's dispatch launches (the compiled entry
-computation). ``--tiny`` runs small shapes (a quick check on a CPU).
+and counts, its programs' rows summed by XLA). ``--diagnose`` adds the idle step traced without
+its conditional (not a usable step: what the conditional costs). ``--hlo DIR`` writes what one
+layer's dispatch launches (the compiled entry computation) and the idle step's compiled HLO.
+``--tiny`` runs small shapes (a quick check on a CPU).
 
 Usage (from the repository root):
-    python benchmarks/bench_dispatch.py [--tiny] [--repeats N] [--impl {fused,xla}]
-        [--layouts unrolled,scanned] [--out PATH] [--json PATH] [--hlo DIR]
+    python benchmarks/bench_dispatch.py [--tiny] [--repeats N] [--impl {scatter,compare,fused}]
+        [--layouts unrolled,scanned] [--variants V,...] [--diagnose] [--out PATH] [--json PATH]
+        [--hlo DIR]
 """
 
 from __future__ import annotations
