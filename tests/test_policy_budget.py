@@ -197,3 +197,30 @@ def test_bad_budget(value, error, match):
 def test_budget_needs_an_old_placement():
     with pytest.raises(ValueError, match=r"move_budget: .* without old_phy2log"):
         rebalance_experts(np.ones((1, 12)), 16, 4, 2, 8, move_budget=2)
+
+
+def test_budget_with_an_empty_old_slot():
+    """Filling an empty old slot is a remote copy like any other: under the budget the slot may
+    stay empty (-1), every expert present, the maps consistent."""
+    num_log, num_slots, groups, nodes, devices = config = CONFIGS[0]
+    old, w1, _ = case(config, seed=5)
+    old = old.copy()
+    dup = [p for p in range(num_slots) if (old[0] == old[0, p]).sum() > 1]
+    old[0, dup[0]] = -1
+    new = np.asarray(rebalance_experts(w1, num_slots, groups, nodes, devices, old_phy2log=old)[0])
+    assert new[0, dup[0]] >= 0
+    for budget in (0, 1, int(moved_rows(old, new, devices).max())):
+        out = rebalance_experts(
+            w1, num_slots, groups, nodes, devices, old_phy2log=old, move_budget=budget
+        )
+        phy2log, log2phy, logcnt = (np.asarray(x) for x in out)
+        assert (moved_rows(old, phy2log, devices) <= budget).all()
+        assert ((phy2log >= 0) | (old == -1)).all()
+        for layer in range(L):
+            kept = phy2log[layer][phy2log[layer] >= 0]
+            assert (np.bincount(kept, minlength=num_log) == logcnt[layer]).all()
+            assert (logcnt[layer] >= 1).all()
+            for e in range(num_log):
+                slots = log2phy[layer, e, : logcnt[layer, e]]
+                assert (phy2log[layer, slots] == e).all()
+                assert (log2phy[layer, e, logcnt[layer, e] :] == -1).all()

@@ -4,10 +4,10 @@ Letters: L layers, E logical experts, P physical slots (``num_slots``), D device
 (``num_devices``), S = P // D slots per device; slot p lives on device p // S.
 
 The work is split by what it does: `deepseek` (the from-scratch policy: packing, replication,
-node layout), `refine` (swap refinement), `migration` (the migration-aware mode), `loads` (the
-float32 loads, scaled where they would overflow), `checks` (the argument checks), `ops` (row-wise
-helpers). This module checks the arguments, runs one jitted program per shape and configuration and
-maps the node-local result back to global expert ids.
+node layout), `refine` (swap refinement), `migration` (the migration-aware mode), `budget` (its
+move budget), `loads` (the float32 loads, scaled where they would overflow), `checks` (the
+argument checks), `ops` (row-wise helpers). This module checks the arguments, runs one jitted
+program per shape and configuration and maps the node-local result back to global expert ids.
 """
 
 from __future__ import annotations
@@ -55,12 +55,14 @@ def _scratch_maps(
 
 
 def _placement_maps(phy2log: jax.Array, num_log: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(phy2log, log2phy, logcnt) of a complete phy2log int32[L, P], replica ranks in slot order."""
+    """(phy2log, log2phy, logcnt) of a phy2log int32[L, P] with every expert present (-1 slots:
+    empty ones a move budget kept), replica ranks in slot order."""
     num_layers, num_slots = phy2log.shape
     rank = slot_ranks(phy2log)
-    logcnt = jnp.zeros((num_layers, num_log), jnp.int32).at[rows(phy2log), phy2log].add(1)
-    log2phy = log2phy_of(phy2log, rank, num_log, num_slots - num_log + 1)
-    return phy2log, log2phy, logcnt
+    ids = jnp.where(phy2log >= 0, phy2log, num_log)  # past the end: dropped, not wrapped
+    logcnt = jnp.zeros((num_layers, num_log + 1), jnp.int32).at[rows(phy2log), ids].add(1)
+    log2phy = log2phy_of(ids, rank, num_log, num_slots - num_log + 1)
+    return phy2log, log2phy, logcnt[:, :num_log]
 
 
 @partial(
@@ -175,7 +177,7 @@ def rebalance_experts(
         best-balanced point of a fixed sequence of moves from the old placement towards the
         migration-aware one (see ``docs/policy.md``). None (the default): no bound, the
         migration-aware placement itself. Balance never falls as the budget grows; the value is
-        traced, so every budget shares one compilation.
+        traced, so every budget shares one compilation. An empty old slot may stay empty (-1).
 
     Returns:
       (phy2log int32[L, P], log2phy int32[L, E, P - E + 1], logcnt int32[L, E]): the expert of each
