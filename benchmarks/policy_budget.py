@@ -9,6 +9,7 @@ the heaviest device against the from-scratch one (worst layer), ms per call (med
 
 Usage:
     python benchmarks/policy_budget.py [--quick] [--out PATH]
+    python benchmarks/policy_budget.py --times   # the jitted program alone (for GPUs); prints
 
 Results (markdown) go to benchmarks/results/policy_budget_<platform>.md unless --out says
 otherwise.
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jeplb._src.metrics import balancedness, remote_copies
-from jeplb._src.policy.api import rebalance_experts
+from jeplb._src.policy.api import _rebalance_jit, rebalance_experts
 from jeplb.tools.bench_policy import CASES, Case, _drift, _loads
 from jeplb.tools.benchio import median_seconds, results_path, write_results
 
@@ -76,11 +77,48 @@ def run(case: Case, drift: float, repeats: int) -> list[str]:
     return lines
 
 
+def times(repeats: int = 51) -> str:
+    """Markdown: ms per call of the jitted program alone (loads and maps on the device, no
+    argument checks), migration-aware without a budget and with each budget, at ±20%."""
+    out = [
+        "| case | " + " | ".join(label for label, _ in _budgets(CASES[0])) + " |",
+        "|---|" + "---:|" * len(_budgets(CASES[0])),
+    ]
+    for case in CASES[:2]:
+        w_np = _loads(case, 0)
+        w1 = jnp.asarray(_drift(w_np, 0.2, 1))
+        hier = case.groups % case.nodes == 0
+        kw = dict(
+            num_slots=case.slots,
+            num_groups=case.groups if hier else 1,
+            num_nodes=case.nodes if hier else 1,
+            num_devices=case.devices,
+            refine=False,
+        )
+        old = _rebalance_jit(jnp.asarray(w_np), None, **kw)[0]
+        cells = []
+        for _, budget in _budgets(case):
+            b = None if budget is None else jnp.asarray(budget, jnp.int32)
+
+            def call(b=b, w1=w1, old=old, kw=kw):
+                return _rebalance_jit(w1, old, b, **kw)
+
+            ms = median_seconds(call, repeats=repeats)
+            cells.append(f"{1e3 * ms:.2f}")
+        out.append(f"| {case.name} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Move budget: balance against rows moved.")
     ap.add_argument("--quick", action="store_true", help="DeepSeek-V3 hierarchical, ±20% only")
     ap.add_argument("--out", metavar="PATH", help="markdown results file")
+    ap.add_argument("--times", action="store_true", help="ms of the jitted program; prints only")
     args = ap.parse_args(argv)
+    if args.times:
+        print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, medians of 51 calls\n")
+        print(times())
+        return 0
     cases = CASES[:1] if args.quick else CASES[:2]
     drifts = (0.2,) if args.quick else (0.2, 0.35, 0.5)
     repeats = 3 if args.quick else 5
