@@ -418,7 +418,7 @@ def _local(phy2log, leaves, *, setup: engine.Engine):
 
 def _program(mesh, setup: engine.Engine, specs: tuple):
     """The cached program (`programs.build`) ``program(phy2log, leaves) -> (leaves, stats)``
-    for leaves of the given full specs."""
+    for leaves of the given specs (None where unknown)."""
     return programs.build(
         _local,
         mesh=mesh,
@@ -452,6 +452,7 @@ def sync_replica_grads(
     axis_name: str | tuple[str, ...] = "ep",
     layer_axis: int = 0,
     slot_axis: int = 1,
+    expert_specs: Any = None,
 ) -> Any:
     """Sums each expert's gradients over its replica slots, so that replicas stay identical.
 
@@ -480,6 +481,10 @@ def sync_replica_grads(
       axis_name: the expert-parallel mesh axis, or a tuple of axes.
       layer_axis: the leaves' layer dim (0 or 1).
       slot_axis: the leaves' slot dim (1 or 0).
+      expert_specs: the leaves' PartitionSpecs (one for all, or a pytree of them mirroring
+        ``grads``), for leaves traced on a mesh of Auto axes, whose sharding is unknown: as
+        `jeplb.rearrange_expert_weights`'s (e.g. ``PartitionSpec(None, "ep", None, "tp")``
+        for tensor-parallel experts, so nothing is gathered).
 
     Returns:
       The summed gradients: same structure, shapes, dtypes and shardings.
@@ -502,16 +507,30 @@ def sync_replica_grads(
     config = TransferConfig(axis_name=axis_name, layer_axis=layer_axis, slot_axis=slot_axis)
     d = checks.axis_size(mesh, config.axis_name)
     agree.check_processes_agree(
-        {"phy2log": phy2log, "options": agree.static_signature(config, dict(mesh.shape))},
+        {
+            "phy2log": phy2log,
+            "options": agree.static_signature(config, dict(mesh.shape), repr(expert_specs)),
+        },
         where="sync_replica_grads",
     )
     m = check_phy2log(phy2log, name="phy2log", num_devices=d)
     leaves, treedef, specs = _check_grad_leaves(
         grads, lead=_lead(m, config, d, False), config=config, mesh=mesh, local=False
     )
-    specs = checks.default_specs(specs, config.slot_axis, config.axes)
+    specs = checks.resolve_specs(
+        expert_specs,
+        leaves,
+        treedef,
+        specs,
+        mesh=mesh,
+        slot_axis=config.slot_axis,
+        layer_axis=config.layer_axis,
+        axes=config.axes,
+        name="grads",
+    )
+    full = checks.default_specs(specs, config.slot_axis, config.axes)
     setup = engine.Engine(config=config, num_devices=d, platform=checks.platform_of(mesh))
-    _check_movable(checks.local_shapes(leaves, specs, mesh), treedef, setup)
+    _check_movable(checks.local_shapes(leaves, full, mesh), treedef, setup)
     out, _ = _program(mesh, setup, specs)(checks.place_map(m, mesh), leaves)
     return treedef.unflatten(out)
 
