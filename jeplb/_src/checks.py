@@ -3,6 +3,8 @@ what arrived, and runs before anything is computed or changed."""
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from typing import Any
 
@@ -571,8 +573,18 @@ def _warn_guessed(paths: list[str], mesh: Any, axes: tuple[str, ...], name: str)
         f"expert_specs= (a PartitionSpec per leaf, e.g. PartitionSpec(None, "
         f"{expert_spec(axes)!r}, None, {others[0]!r})) or use a mesh of Explicit axes",
         UnshardedGuessWarning,
-        stacklevel=4,
+        stacklevel=_outside_level(),
     )
+
+
+def _outside_level() -> int:
+    """The ``stacklevel`` of `_warn_guessed`'s warning that names the first frame outside this
+    package (the caller's line, whichever entry point it called)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(root):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class UnshardedGuessWarning(UserWarning):
