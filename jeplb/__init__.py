@@ -4,7 +4,8 @@ The public surface, by job:
 
 * placement policy: `rebalance_experts`, `balancedness`, `device_loads`, `remote_copies`;
 * weight transfer: `rearrange_expert_weights`, `transfer_layer`, and its two stages
-  `move_to_buffer` / `move_from_buffer` joined by `TransferMetadata`;
+  `move_to_buffer` / `move_from_buffer` joined by `TransferMetadata`; `UnshardedGuessWarning`
+  (a traced leaf's sharding was guessed: pass ``expert_specs=``);
 * configuration: `EplbConfig` (one static object: a policy such as `DeepSeekPolicy` or
   `SnakePolicy`, a `TransferConfig`, a `ScheduleConfig`);
   `move_to_buffer` / `move_from_buffer` joined by `TransferMetadata`, all taking their static
@@ -18,6 +19,7 @@ The public surface, by job:
   `replica_scale` and `global_norm` (norms that count each logical expert once).
 """
 
+from jeplb._src.checks import UnshardedGuessWarning as UnshardedGuessWarning
 from jeplb._src.combine import combine_topk as combine_topk
 from jeplb._src.config import EplbConfig as EplbConfig
 from jeplb._src.config import ScheduleConfig as ScheduleConfig
@@ -66,6 +68,7 @@ __all__ = [
     "TransferConfig",
     "TransferMetadata",
     "TransferReport",
+    "UnshardedGuessWarning",
     "balancedness",
     "combine_topk",
     "device_loads",

@@ -16,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding
 from jeplb._src.transfer.layout import SUB_BYTE
 
 __all__ = [
+    "UnshardedGuessWarning",
     "axis_size",
     "bound_axis_size",
     "check_load",
@@ -588,5 +589,18 @@ def _outside_level() -> int:
 
 
 class UnshardedGuessWarning(UserWarning):
-    """A leaf's sharding was unknown (traced on a mesh of Auto axes) and assumed whole outside
-    the expert axis: pass ``expert_specs=`` to say how it is sharded."""
+    """A weight leaf's sharding was unknown and guessed: pass ``expert_specs=``.
+
+    Under an outer `jax.jit` on a mesh of Auto axes a traced leaf does not say how its dims are
+    sharded. `jeplb.rearrange_expert_weights`, `jeplb.transfer_layer`, `jeplb.eplb_step` and
+    `jeplb.sync_replica_grads` then assume the slot dim on the expert axis and every other dim
+    whole; when the mesh has other axes of size > 1 they warn with this category, because a leaf
+    whose other dims are sharded over them (tensor-parallel experts) is all-gathered first. The
+    guess is right for leaves replicated over the other axes (a data-parallel axis), so it is a
+    warning, not an error: declare the specs to silence it, or make it an error.
+
+    Example:
+      >>> import warnings, jeplb
+      >>> warnings.filterwarnings("error", category=jeplb.UnshardedGuessWarning)
+      >>> warnings.resetwarnings()
+    """
