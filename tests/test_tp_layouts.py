@@ -342,3 +342,29 @@ def test_layout_hints_name_the_keywords():
     o8, n8 = make_plan("random", 2, 8, 8, 4, EP)  # L = P = 8: the sharding says which is which
     with pytest.raises(ValueError, match=r"the expert axis is on dim 0; for slot-major stacks"):
         jeplb.rearrange_expert_weights(o8, n8, square, mesh=mesh)
+
+
+def test_recover_experts_with_tensor_axis(monkeypatch):
+    # Rank 3 of ("ep", "tp") = (4, 2) is lost (both of its devices): the survivors' shards stay
+    # where they are, experts 4 and 5 of layer 0 (held only by rank 3) come from the loader, each
+    # device writing its "tp" half of the row, and the transfer moves rows inside each shard.
+    old_mesh, new_mesh = _mesh(), _mesh((3, TP))
+    logical = _logical(12)
+    old = np.array([[0, 1, 2, 3, 0, 2, 4, 5], [5, 4, 3, 2, 1, 0, 0, 1]], np.int32)
+    w = jax.device_put(
+        np.take_along_axis(logical, old[..., None, None], 1), NamedSharding(old_mesh, TP_SPEC)
+    )
+    seen = _recorded(monkeypatch)
+    out, rec = jeplb.recover_experts(old, {"w": w}, lambda layer, e: {"w": logical[layer, e]},
+                                     mesh=new_mesh)  # fmt: skip
+    assert rec.lost_devices == (3,) and rec.loaded == ((0, 4), (0, 5))
+    assert out["w"].sharding == NamedSharding(new_mesh, TP_SPEC)
+    phy2log = np.asarray(rec.phy2log)
+    np.testing.assert_array_equal(
+        np.asarray(out["w"]), np.take_along_axis(logical, phy2log[..., None, None], 1)
+    )
+    staged = jax.device_put(np.zeros((L, 3 * NL, H, F), np.float32), out["w"].sharding)
+    _assert_lean(seen[-1].lower(phy2log, phy2log, [staged]).compile())
+    with pytest.raises(ValueError, match=r"mesh: axes other than 'ep' \{\} differ from the old"):
+        jeplb.recover_experts(old, {"w": w}, lambda layer, e: None,
+                              mesh=_mesh((3,), ("ep",)))  # fmt: skip
