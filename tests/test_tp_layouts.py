@@ -200,16 +200,32 @@ def test_jitted_transfer_layer():
     check_rows(_u8(bits[None]), _u8(np.asarray(out)[None]), old, new, EP)
 
 
-def test_jitted_sync_replica_grads():
+SLOT_MAJOR = pytest.mark.parametrize("slot_major", [False, True], ids=["layer", "slot-major"])
+
+
+def _layout(slot_major: bool):
+    """(spec, layout keywords, to [P, L, ...] and back) of a stack laid out either way."""
+    if slot_major:
+        return P("ep", None, None, "tp"), dict(layer_axis=1, slot_axis=0)
+    return TP_SPEC, {}
+
+
+def _t(x, slot_major: bool):
+    return np.swapaxes(x, 0, 1) if slot_major else x
+
+
+@SLOT_MAJOR
+def test_jitted_sync_replica_grads(slot_major):
     mesh = _mesh()
+    spec, axes = _layout(slot_major)
     g = np.random.default_rng(8).standard_normal((L, PT, H, F)).astype(np.float32)
-    x = jax.device_put(g, NamedSharding(mesh, TP_SPEC))
+    x = jax.device_put(np.ascontiguousarray(_t(g, slot_major)), NamedSharding(mesh, spec))
     m = make_plan("random", 9, L, PT, 5, EP)[0]
-    f = jax.jit(lambda g, m: jeplb.sync_replica_grads(g, m, mesh=mesh, expert_specs=TP_SPEC))
+    f = jax.jit(lambda g, m: jeplb.sync_replica_grads(g, m, mesh=mesh, expert_specs=spec, **axes))
     compiled = f.lower(x, m).compile()
     _assert_lean(compiled)
     out = compiled(x, m)
-    assert out.sharding.spec == TP_SPEC
+    assert out.sharding.spec == spec
     want = g.copy()
     for layer in range(L):
         for e in set(m[layer].tolist()) - {-1}:
@@ -218,7 +234,7 @@ def test_jitted_sync_replica_grads():
             for p in slots[1:]:
                 total = total + g[layer, p]
             want[layer, slots] = total
-    np.testing.assert_array_equal(_u8(out), _u8(want))
+    np.testing.assert_array_equal(_u8(_t(np.asarray(out), slot_major)), _u8(want))
 
 
 def _state(mesh, num_experts=6):
@@ -236,28 +252,33 @@ def _logical(seed, num_experts=6):
     return np.random.default_rng(seed).standard_normal((L, num_experts, H, F)).astype(np.float32)
 
 
-def test_jitted_eplb_step():
+@SLOT_MAJOR
+def test_jitted_eplb_step(slot_major):
     mesh = _mesh()
+    spec, axes = _layout(slot_major)
     state = _state(mesh)
     logical = _logical(10)
     w = jeplb.place_experts(
-        jax.device_put(logical, NamedSharding(mesh, P(None, None, None, "tp"))),
+        jax.device_put(np.ascontiguousarray(_t(logical, slot_major)),
+                       NamedSharding(mesh, P(None, None, None, "tp"))),
         state.phy2log,
         mesh=mesh,
-    )
+        **axes,
+    )  # fmt: skip
     load = jnp.asarray(np.tile(np.arange(1, 7) ** 3, (L, 1)), jnp.int32)
 
     @jax.jit
     def step(state, w):
-        return jeplb.eplb_step(state.record(load), w, mesh=mesh, expert_specs={"w": TP_SPEC})
+        return jeplb.eplb_step(state.record(load), w, mesh=mesh, expert_specs={"w": spec}, **axes)
 
     compiled = step.lower(state, {"w": w}).compile()
     _assert_lean(compiled)
     state, out, info = compiled(state, {"w": w})
-    assert bool(info.fired) and out["w"].sharding.spec == TP_SPEC
+    assert bool(info.fired) and out["w"].sharding.spec == spec
     phy2log = np.asarray(state.phy2log)
     np.testing.assert_array_equal(
-        np.asarray(out["w"]), np.take_along_axis(logical, phy2log[..., None, None], 1)
+        _t(np.asarray(out["w"]), slot_major),
+        np.take_along_axis(logical, phy2log[..., None, None], 1),
     )
 
 
