@@ -99,7 +99,7 @@ def test_policy_devices_and_slots_override_the_saved_state(tmp_path, capsys):
         (["LOAD", "-o", "p.json", "--devices", "5", "--slots", "12"], "not divisible by"),
         (["LOAD", "-o", "p.json", "--devices", "2", "--slots", "6"], "--slots: expected at least E = 8, got 6"),
         (["LOAD", "-o", "p.json", "--devices", "1", "--slots", "12", "--redundant", "1"], "not allowed with"),
-        (["LOAD", "-o", "p.json", "--devices", "4", "--option", "groups=2"], "'groups' is not an option of policy 'deepseek'; its options are num_groups, num_nodes, refine"),
+        (["LOAD", "-o", "p.json", "--devices", "4", "--option", "groups=2"], "'groups' is not an option of policy 'deepseek'; its options are move_budget, num_groups, num_nodes, refine"),
         (["LOAD", "-o", "p.json", "--devices", "4", "--option", "refine=1"], "refine: expected a bool, got int 1"),
         (["LOAD", "-o", "p.json", "--devices", "4", "--option", "refine"], "--option: expected NAME=VALUE"),
         (["LOAD", "-o", "p.json", "--devices", "4", "--policy", "best"], "policy: expected one of ('deepseek', 'snake'), got 'best'"),
