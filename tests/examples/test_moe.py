@@ -176,7 +176,7 @@ def test_workload_is_deterministic_skewed_and_drifts():
 
 # ------------------------------------------------------------- the examples in README and docs
 
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
+_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _python_blocks(name: str) -> list[str]:
