@@ -11,20 +11,15 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jeplb
 from jeplb._src.transfer.engine import resolve_passes
+from tests.helpers import mesh_of
 from tests.transfer_model import KINDS, check_rows, compilations, make_leaves, make_plan, program
 
 L, N, E_PER_DEV = 2, 3, 2  # small shapes: one compilation per device count
-
-
-def mesh_of(d: int) -> Mesh:
-    if len(jax.devices()) < d:
-        pytest.skip(f"needs {d} devices, the backend has {len(jax.devices())}")
-    return Mesh(np.array(jax.devices()[:d]), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def sharded(mesh) -> NamedSharding:
@@ -93,11 +88,6 @@ def test_sender_choice_packs_rounds():
 
 
 # ------------------------------------------------------------------------------ compilation
-
-
-@pytest.fixture(scope="module")
-def mesh8():
-    return mesh_of(8)
 
 
 def test_one_compilation_under_outer_jit(mesh8):
