@@ -96,3 +96,15 @@ def mesh1():
 def mesh_ep_tp():
     """8 devices as 4 x 2 on Auto axes ``("ep", "tp")`` (skips with fewer devices)."""
     return mesh_of(8, ("ep", "tp"), shape=(4, 2))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _bad_input_counts():
+    """With JEPLB_BAD_INPUT_COUNTS=path, writes how many bad inputs each public function was
+    given by the bad-input tests of this process (tests/bad_input.py)."""
+    yield
+    path = os.environ.get("JEPLB_BAD_INPUT_COUNTS")
+    if path:
+        from tests import bad_input
+
+        bad_input.write_counts(path)
