@@ -22,17 +22,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jeplb
-from tests.helpers import mesh_of
+from tests.helpers import mesh_of, put
 from tests.transfer_model import compilations, make_leaves
 
 L, N, D, E = 2, 2, 8, 8  # layers, slots per device, devices, experts
 PT = N * D  # physical slots
 ODD = 3  # the device whose copy of a "replicated" map differs
 LEAVES = ("w13", "w2", "q")  # bf16, f32, int8
-
-
-def put(tree, mesh, spec):
-    return jax.tree_util.tree_map(lambda x: jax.device_put(x, NamedSharding(mesh, spec)), tree)
 
 
 def split_replicated(value: np.ndarray, odd: np.ndarray, mesh) -> jax.Array:

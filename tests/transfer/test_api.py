@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 import jeplb
 from jeplb._src.transfer.engine import resolve_passes
-from tests.helpers import mesh_of
+from tests.helpers import mesh_of, put
 from tests.transfer_model import KINDS, check_rows, compilations, make_leaves, make_plan, program
 
 L, N, E_PER_DEV = 2, 3, 2  # small shapes: one compilation per device count
@@ -24,10 +24,6 @@ L, N, E_PER_DEV = 2, 3, 2  # small shapes: one compilation per device count
 
 def sharded(mesh) -> NamedSharding:
     return NamedSharding(mesh, P(None, "ep"))
-
-
-def put(tree, mesh, spec):
-    return jax.tree_util.tree_map(lambda x: jax.device_put(x, NamedSharding(mesh, spec)), tree)
 
 
 def as_bytes(x) -> np.ndarray:
