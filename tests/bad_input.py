@@ -35,7 +35,7 @@ SETTINGS = settings(
 )
 
 
-def _int_error(name, bad, *, allow_none=False):
+def int_error(name, bad, *, allow_none=False):
     """The one int option check's error for ``bad`` (`jeplb._src.validate.check_int`)."""
     if isinstance(bad, bool) or not isinstance(bad, int):
         want = "an int or None" if allow_none else "an int"

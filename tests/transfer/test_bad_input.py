@@ -35,9 +35,9 @@ from tests.bad_input import (
     E,
     L,
     N,
-    _int_error,
     by_expert,
     expect,
+    int_error,
     kernel_leaves,
     names_both,
     needs_devices,
@@ -191,7 +191,7 @@ def test_rearrange_bad_weights_and_options(case, data):
         error, match = ValueError, r"mesh: has no axis named 'ep' \(axis_name\); its axes are"
     elif case == "chunk":
         kwargs["chunk_rows"] = bad = data.draw(st.sampled_from([0, -1, 1.5, True, "2"]))
-        error, match = _int_error("chunk_rows", bad)
+        error, match = int_error("chunk_rows", bad)
     elif case == "row_impl":
         valid = ("auto", "loop", "pallas", "scatter")
         kwargs["row_impl"] = bad = data.draw(st.text(max_size=7).filter(lambda s: s not in valid))
@@ -199,7 +199,7 @@ def test_rearrange_bad_weights_and_options(case, data):
         match = rf"row_impl: expected one of \('auto', .*\), got {re.escape(repr(bad))}"
     elif case == "staging":
         kwargs["staging_passes"] = bad = data.draw(st.sampled_from([0, -2, 1.5, "1"]))
-        error, match = _int_error("staging_passes", bad, allow_none=True)
+        error, match = int_error("staging_passes", bad, allow_none=True)
     elif case == "layer_axis":
         kwargs["layer_axis"] = bad = data.draw(st.sampled_from([2, -1, True, "0"]))
         error, match = ValueError, rf"layer_axis: expected 0 or 1 .*, got {re.escape(repr(bad))}"
