@@ -287,8 +287,8 @@ def np_sync(g: np.ndarray, m: np.ndarray) -> np.ndarray:
     return out
 
 
-def test_sync_under_jit_keeps_a_tensor_parallel_sharding():
-    mesh = mesh_of(8, ("ep", "tp"), shape=(4, 2))
+def test_sync_under_jit_keeps_a_tensor_parallel_sharding(mesh_ep_tp):
+    mesh = mesh_ep_tp
     spec = P(None, "ep", None, "tp")
     host = np.random.default_rng(0).standard_normal((2, 8, 3, 4)).astype(np.float32)
     g = jax.device_put(host, NamedSharding(mesh, spec))

@@ -104,8 +104,8 @@ def test_tensor_sharded_trailing_dim_on_2d_mesh():
 
 
 @pytest.mark.devices(8)
-def test_tuple_expert_axis():
-    mesh = mesh_of(8, ("ep", "tp"), shape=(4, 2))
+def test_tuple_expert_axis(mesh_ep_tp):
+    mesh = mesh_ep_tp
     rng = np.random.default_rng(4)
     m = _plan(rng)
     host = {"w": rng.standard_normal((L, 8 * N, 5)).astype(np.float32)}
