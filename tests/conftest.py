@@ -31,6 +31,8 @@ if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
 import jax  # noqa: E402 (after XLA_FLAGS)
 import pytest  # noqa: E402
 
+from tests.helpers import mesh_of  # noqa: E402
+
 jax.config.update("jax_num_cpu_devices", 8)
 
 
@@ -66,3 +68,43 @@ def cpu_devices():
     devs = jax.devices("cpu")
     assert len(devs) >= 8, "conftest must provide 8 simulated CPU devices"
     return devs[:8]
+
+
+# The meshes most tests share (session-wide: a mesh is cheap, and programs compiled for it are
+# cached by its devices and axes). Another mesh: `tests.helpers.mesh_of`.
+
+
+@pytest.fixture(scope="session")
+def mesh8():
+    """8 devices on one Auto axis ``"ep"`` (skips with fewer devices)."""
+    return mesh_of(8)
+
+
+@pytest.fixture(scope="session")
+def mesh(mesh8):
+    """The default mesh of a test: `mesh8`."""
+    return mesh8
+
+
+@pytest.fixture(scope="session")
+def mesh1():
+    """1 device on one Auto axis ``"ep"``."""
+    return mesh_of(1)
+
+
+@pytest.fixture(scope="session")
+def mesh_ep_tp():
+    """8 devices as 4 x 2 on Auto axes ``("ep", "tp")`` (skips with fewer devices)."""
+    return mesh_of(8, ("ep", "tp"), shape=(4, 2))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _bad_input_counts():
+    """With JEPLB_BAD_INPUT_COUNTS=path, writes how many bad inputs each public function was
+    given by the bad-input tests of this process (tests/bad_input.py)."""
+    yield
+    path = os.environ.get("JEPLB_BAD_INPUT_COUNTS")
+    if path:
+        from tests import bad_input
+
+        bad_input.write_counts(path)

@@ -11,10 +11,11 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jeplb
+from tests.helpers import mesh_of
 
 L, E, D = 2, 4, 2  # P = 8, N_local = 4
 GOOD = np.array([[0, 1, 2, 3, 0, 1, 2, 3], [3, 2, 1, 0, 3, 2, 1, 0]], np.int32)
@@ -96,7 +97,7 @@ def expected(case: str, name: str, *, ndim: int, num_experts: int | None):
     }[case]
 
 
-MESH = Mesh(np.array(jax.devices()[:D]), ("ep",))
+MESH = mesh_of(D)
 SHARDED = NamedSharding(MESH, P(None, "ep"))
 W = jax.device_put(np.zeros((L, 8, 3), np.float32), SHARDED)
 W1 = jax.device_put(np.zeros((8, 3), np.float32), NamedSharding(MESH, P("ep")))

@@ -89,11 +89,6 @@ def test_snake_policy_places_every_expert_and_balances():
     assert float(after.balancedness) > float(before.balancedness)
 
 
-@pytest.fixture(scope="module")
-def mesh():
-    return jax.make_mesh((D,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
-
-
 def _step_with(mesh, config):
     """Two steps of a skewed load through eplb_step under ``config``: (state, weights, info)."""
     state = jeplb.EplbState.create(

@@ -10,17 +10,14 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jeplb
+from tests.helpers import mesh_of
 from tests.transfer_model import make_leaves, placement
 
 L, E, N_LOCAL = 2, 12, 3
-
-
-def mesh_of(devices) -> Mesh:
-    return Mesh(np.array(devices), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def logical_weights(seed: int):
@@ -125,12 +122,12 @@ def signalling_nans(x: np.ndarray, rng) -> np.ndarray:
 @pytest.mark.parametrize("lost", [(3,), (2, 5), (0, 1)])
 def test_lose_devices(devices, lost):
     rng = np.random.default_rng(sum(lost))
-    old_mesh = mesh_of(devices)
+    old_mesh = mesh_of(devices=devices)
     old = old_placement(rng, lost)
     logical = logical_weights(10 + len(lost))
     weights = physical(logical, old, old_mesh, lost=lost)
     before = {k: as_bytes(v) for k, v in weights.items()}
-    new_mesh = mesh_of([d for i, d in enumerate(devices) if i not in lost])
+    new_mesh = mesh_of(devices=[d for i, d in enumerate(devices) if i not in lost])
     load = rng.integers(1, 100, (L, E)).astype(np.int32)
     loader = Loader(logical)
     out, rec = jeplb.recover_experts(old, weights, loader, mesh=new_mesh, num_experts=E, load=load)
@@ -157,8 +154,8 @@ def test_loaded_rows_keep_signalling_nan_payloads(devices):
     old = old_placement(rng, lost)
     logical = {k: signalling_nans(v, rng) for k, v in logical_weights(3).items()}
     assert any(v.dtype.kind == "f" or v.dtype.name == "bfloat16" for v in logical.values())
-    weights = physical(logical, old, mesh_of(devices), lost=lost)
-    new_mesh = mesh_of(devices[2:])
+    weights = physical(logical, old, mesh_of(devices=devices), lost=lost)
+    new_mesh = mesh_of(devices=devices[2:])
     out, rec = jeplb.recover_experts(old, weights, Loader(logical), mesh=new_mesh, num_experts=E)
     assert rec.loaded, "the scenario should load some expert"
     check_recovered(logical, out, rec, new_mesh)
@@ -166,12 +163,12 @@ def test_loaded_rows_keep_signalling_nan_payloads(devices):
 
 def test_scale_up_4_to_8(devices):
     rng = np.random.default_rng(4)
-    old_mesh = mesh_of(devices[:4])
+    old_mesh = mesh_of(devices=devices[:4])
     old = np.stack([placement(rng, E, N_LOCAL * 4) for _ in range(L)])
     logical = logical_weights(20)
     weights = physical(logical, old, old_mesh)
     loader = Loader(logical)
-    new_mesh = mesh_of(devices)
+    new_mesh = mesh_of(devices=devices)
     out, rec = jeplb.recover_experts(old, weights, loader, mesh=new_mesh, num_experts=E)
     check_recovered(logical, out, rec, new_mesh)
     assert loader.calls == [] and rec.loaded == ()
@@ -182,8 +179,8 @@ def test_given_target_and_state_round_trip(devices):
     rng = np.random.default_rng(5)
     old = np.stack([placement(rng, E, N_LOCAL * 8) for _ in range(L)])
     logical = logical_weights(30)
-    weights = physical(logical, old, mesh_of(devices), lost=(3,))
-    new_mesh = mesh_of(devices[:3] + devices[4:])
+    weights = physical(logical, old, mesh_of(devices=devices), lost=(3,))
+    new_mesh = mesh_of(devices=devices[:3] + devices[4:])
     target = np.stack([placement(rng, E, N_LOCAL * 7) for _ in range(L)])
     loader = Loader(logical)
     out, rec = jeplb.recover_experts(
@@ -205,12 +202,12 @@ def test_loader_of_wrong_shape_is_refused(devices):
     rest = np.stack([3 + placement(rng, E - 3, N_LOCAL * 7) for _ in range(L)])
     old = np.insert(rest, [3 * N_LOCAL] * 3, [0, 1, 2], axis=1)
     logical = logical_weights(40)
-    weights = physical(logical, old, mesh_of(devices), lost=(3,))
+    weights = physical(logical, old, mesh_of(devices=devices), lost=(3,))
 
     def bad_loader(layer, expert):
         return {k: np.zeros((*v.shape[2:], 1), v.dtype) for k, v in logical.items()}
 
     with pytest.raises(ValueError, match=r"loader\(0, \d+\): leaf \d is .* expected one expert's"):
         jeplb.recover_experts(
-            old, weights, bad_loader, mesh=mesh_of(devices[:3] + devices[4:]), num_experts=E
+            old, weights, bad_loader, mesh=mesh_of(devices=devices[:3] + devices[4:]), num_experts=E
         )

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jeplb
 from jeplb._src import placement_file
+from tests.helpers import mesh_of
 
 MAP = np.array([[0, 1, 2, 3, 0, 1], [3, 3, 2, 1, 0, -1]], np.int32)  # L = 2, E = 4, P = 6
 
@@ -58,7 +58,7 @@ def test_state_export_and_start_from_a_file(tmp_path, cpu_devices):
         np.testing.assert_array_equal(getattr(started, name), getattr(state, name))
     np.testing.assert_array_equal(jeplb.Placement.of_state(state).logcnt(), state.logcnt)
     # The model's logical weights laid out for it: slot p holds expert phy2log[l, p]'s row.
-    mesh = jax.make_mesh((1,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = mesh_of(1)
     logical = jnp.arange(2 * 4, dtype=jnp.float32).reshape(2, 4) * 10
     placed = np.asarray(jeplb.place_experts(logical, p.phy2log, mesh=mesh))
     want = np.where(MAP >= 0, np.take_along_axis(np.asarray(logical), np.maximum(MAP, 0), 1), 0)

@@ -18,31 +18,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jeplb
+from tests.helpers import mesh_of, put
 from tests.transfer_model import compilations, make_leaves
 
 L, N, D, E = 2, 2, 8, 8  # layers, slots per device, devices, experts
 PT = N * D  # physical slots
 ODD = 3  # the device whose copy of a "replicated" map differs
 LEAVES = ("w13", "w2", "q")  # bf16, f32, int8
-
-
-def mesh_of(d: int) -> Mesh:
-    if len(jax.devices()) < d:
-        pytest.skip(f"needs {d} devices, the backend has {len(jax.devices())}")
-    return Mesh(np.array(jax.devices()[:d]), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
-
-
-@pytest.fixture(scope="module")
-def mesh():
-    return mesh_of(D)
-
-
-def put(tree, mesh, spec):
-    return jax.tree_util.tree_map(lambda x: jax.device_put(x, NamedSharding(mesh, spec)), tree)
 
 
 def split_replicated(value: np.ndarray, odd: np.ndarray, mesh) -> jax.Array:
@@ -320,9 +306,7 @@ def test_eager_transfer_compiles_once_and_does_not_leak(mesh, call, spec, layere
 def test_eager_recover_experts_compiles_once_and_does_not_leak(mesh):
     """Device 7 lost; every expert has a survivor (no loader call). Each call a new target."""
     old = np.stack([np.arange(PT) % E] * L).astype(np.int32)  # expert e at slots e and e + 8
-    new_mesh = Mesh(
-        np.array(list(mesh.devices.flat)[:7]), ("ep",), axis_types=(jax.sharding.AxisType.Auto,)
-    )
+    new_mesh = mesh_of(devices=list(mesh.devices.flat)[:7])
     logical = make_leaves(np.random.default_rng(12), L, E, names=LEAVES)  # [L, E, ...]
     lay = np.arange(L)[:, None]
     host = {k: v[lay, old] for k, v in logical.items()}  # both replicas of an expert alike

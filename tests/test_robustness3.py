@@ -13,29 +13,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jeplb
 from jeplb._src import checks
 from jeplb._src.transfer import layout
+from tests.helpers import mesh_of
 from tests.transfer_model import check_rows, make_plan
 
 L, N, D = 2, 2, 8  # layers, slots per device, devices
 PT = N * D
-
-
-def mesh_of(d: int, names=("ep",), shape=None) -> Mesh:
-    shape = shape or (d,)
-    if len(jax.devices()) < d:
-        pytest.skip(f"needs {d} devices, the backend has {len(jax.devices())}")
-    devices = np.array(jax.devices()[:d]).reshape(shape)
-    return Mesh(devices, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
-
-
-@pytest.fixture(scope="module")
-def mesh():
-    return mesh_of(D)
 
 
 # ------------------------------------------------------------------ 1. x64 ids in dispatch
@@ -299,8 +287,8 @@ def np_sync(g: np.ndarray, m: np.ndarray) -> np.ndarray:
     return out
 
 
-def test_sync_under_jit_keeps_a_tensor_parallel_sharding():
-    mesh = mesh_of(8, ("ep", "tp"), (4, 2))
+def test_sync_under_jit_keeps_a_tensor_parallel_sharding(mesh_ep_tp):
+    mesh = mesh_ep_tp
     spec = P(None, "ep", None, "tp")
     host = np.random.default_rng(0).standard_normal((2, 8, 3, 4)).astype(np.float32)
     g = jax.device_put(host, NamedSharding(mesh, spec))
@@ -352,7 +340,7 @@ def test_grad_through_the_sync_is_the_sync_of_the_cotangent():
 
 def _two_device_weights():
     devs = jax.devices()[:2]
-    old_mesh = Mesh(np.array(devs), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+    old_mesh = mesh_of(devices=devs)
     old = np.array([[0, 0, 1, 1], [1, 1, 0, 0]], np.int32)  # N_local = 2
     w = jax.device_put(
         jnp.asarray(old[:, :, None] * 10 + np.arange(3), jnp.float32),
@@ -367,7 +355,7 @@ def _row(layer, expert):
 
 def test_x64_recover_experts_loads_experts():
     devs, old, w = _two_device_weights()
-    new_mesh = Mesh(np.array(devs[:1]), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+    new_mesh = mesh_of(devices=devs[:1])
     with jax.enable_x64(True):
         out, rec = jeplb.recover_experts(old, w, _row, mesh=new_mesh, num_experts=2)
         want = np.asarray(rec.phy2log)[:, :, None] * 10 + np.arange(3)
@@ -377,7 +365,7 @@ def test_x64_recover_experts_loads_experts():
 
 def test_recover_experts_refuses_a_mesh_listing_a_device_twice():
     devs, old, w = _two_device_weights()
-    new_mesh = Mesh(np.array([devs[0], devs[0]]), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+    new_mesh = mesh_of(devices=[devs[0], devs[0]])
     with pytest.raises(ValueError, match=r"mesh: lists device .* more than once"):
         jeplb.recover_experts(old, w, _row, mesh=new_mesh, num_experts=2)
     np.testing.assert_array_equal(np.asarray(w)[:, :, 0], old * 10)
@@ -413,10 +401,8 @@ def test_stages_keep_bf16_signalling_nan_payloads():
 @pytest.mark.parametrize("other", ["other_devices", "other_order"])
 def test_step_refuses_a_state_on_another_mesh(other):
     devs = jax.devices()[:4]
-    auto = (jax.sharding.AxisType.Auto,)
-    mesh_a = Mesh(np.array(devs[:2]), ("ep",), axis_types=auto)
-    mesh_b = Mesh(np.array(devs[2:4] if other == "other_devices" else devs[1::-1]), ("ep",),
-                  axis_types=auto)  # fmt: skip
+    mesh_a = mesh_of(devices=devs[:2])
+    mesh_b = mesh_of(devices=devs[2:4] if other == "other_devices" else devs[1::-1])
     s = jeplb.EplbState.create(num_layers=1, num_experts=2, num_devices=2,
                                num_redundant_experts=2, window_size=1, step_interval=1)  # fmt: skip
     s = jax.device_put(s, NamedSharding(mesh_a, P()))

@@ -15,11 +15,6 @@ L, E, R, D = 2, 8, 8, 8
 SKEWED = np.tile((2.0 ** -np.arange(E) * 1000).astype(np.int32) + 1, (L, 1))
 
 
-@pytest.fixture(scope="module")
-def mesh():
-    return jax.make_mesh((D,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
-
-
 def _start(mesh, **schedule):
     config = jeplb.EplbConfig.create(window_size=2, step_interval=2, **schedule)
     state = jeplb.EplbState.create(

@@ -20,14 +20,11 @@ from jeplb._src.dispatch import dispatch
 from jeplb._src.metrics import balancedness
 from jeplb._src.state import EplbState
 from jeplb._src.step import eplb_step, eplb_step_local
+from tests.helpers import mesh_of
 
 pytestmark = pytest.mark.devices(8)  # 8-device meshes on the default backend
 
 D, E, R, H, T, K = 8, 8, 8, 4, 48, 2  # P = 16 slots, N_local = 2
-
-
-def mesh8():
-    return jax.make_mesh((D,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 class Model:
@@ -137,11 +134,6 @@ def run(model, state, steps, mesh, *, masked_steps=(), seed=1):
             )
         )
     return state, weights, log, counter[0], program
-
-
-@pytest.fixture(scope="module")
-def mesh():
-    return mesh8()
 
 
 # --------------------------------------------------------------------------- all layers at once
@@ -362,7 +354,7 @@ def test_step_rejects_bad_arguments(mesh):
         step_interval=2,
     )  # fmt: skip
     good = jax.device_put(jnp.zeros((2, E + R, 3)), NamedSharding(mesh, P(None, "ep")))
-    small = jax.make_mesh((4,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+    small = mesh_of(4)
     with pytest.raises(
         ValueError,
         match=r"mesh: axis 'ep' has 4 devices, but the state was built for num_devices = 8",
@@ -390,7 +382,7 @@ def big_step_memory(d: int, window_size: int):
     """The memory analysis of `eplb_step` compiled for d devices, N = 16 slots each, 4 layers of
     64 KiB bf16 rows and a small f32 leaf, with a window of ``window_size`` rows; and the bytes of
     the window. Cached: the two tests that read it share the compilations."""
-    mesh = jax.make_mesh((d,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = mesh_of(d)
     n, num_layers = 16, 4
     state = EplbState.create(
         num_layers=num_layers,

@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 import jeplb
 from jeplb._src import step_scalars
+from tests.helpers import mesh_of
 
 L, E, D = 2, 4, 2
 
@@ -22,9 +23,7 @@ L, E, D = 2, 4, 2
 def steps(cpu_devices):
     """Two steps on a skewed load: the first plans and moves (step_interval 1), the second
     too; returns the StepInfos (device arrays)."""
-    mesh = jax.make_mesh(
-        (D,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,), devices=cpu_devices[:D]
-    )
+    mesh = mesh_of(devices=cpu_devices[:D])
     state = jeplb.EplbState.create(
         num_layers=L, num_experts=E, num_devices=D, num_redundant_experts=2, window_size=2,
         step_interval=1,

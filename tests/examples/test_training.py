@@ -9,15 +9,14 @@ without them the module is skipped. `jeplb demo --train` runs the same at 200 st
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 import pytest
-from jax.sharding import Mesh
 
 pytest.importorskip("flax")
 pytest.importorskip("optax")
 
 from jeplb.examples import DriftingZipf, MoEConfig, training
+from tests.helpers import mesh_of
 
 L, E, R, H, F, B, S = 2, 8, 8, 16, 32, 2, 16  # P = 16 slots, 2 per device
 STEPS, INTERVAL, WINDOW, CLIP = 24, 6, 5, 1.0  # rebalances planned at steps 5, 11, 17, 23
@@ -26,7 +25,7 @@ MODES = {"progressive": 1, "whole": None}
 
 @pytest.fixture(scope="module")
 def runs(cpu_devices):
-    mesh = Mesh(np.array(cpu_devices), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = mesh_of(devices=cpu_devices)
     cfg = MoEConfig(
         num_layers=L, num_experts=E, num_redundant_experts=R, top_k=2, d_model=H, d_ff=F
     )

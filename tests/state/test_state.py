@@ -6,18 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jeplb._src.dispatch import dispatch, dispatch_layer
 from jeplb._src.maps import maps_from_phy2log
 from jeplb._src.state import EplbState
+from tests.helpers import mesh_of
 
 L, E, R, D = 3, 8, 8, 8  # P = 16 slots, N_local = 2
-
-
-def mesh8() -> Mesh:
-    return jax.make_mesh((D,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def random_placement(rng, num_layers=L, num_experts=E, p_total=E + R) -> np.ndarray:
@@ -233,7 +229,7 @@ def test_dispatch_prefers_a_local_replica(placed):
 
 @pytest.mark.devices(8)
 def test_dispatch_prefer_local_inside_shard_map_uses_the_axis_index(placed):
-    mesh = mesh8()
+    mesh = mesh_of(D)
     ids, _ = routed(4, t=8 * 4)
 
     def body(s, ids):
@@ -474,7 +470,7 @@ def test_dispatch_refuses_or_saturates_an_overflowing_sum(placed):
 
 @pytest.mark.devices(8)
 def test_record_load_axes_sums_without_wrapping(placed):
-    mesh = mesh8()
+    mesh = mesh_of(D)
     rng = np.random.default_rng(7)
     part = rng.integers(0, 2**27, (D, E)).astype(np.int32)  # per device; sum < 2^30: exact
     part[:, 6] = 2**28 + 5  # sum 2^31 + 40: saturates

@@ -14,6 +14,7 @@ import pytest
 
 from jeplb._src import dispatch as dispatch_lib
 from jeplb._src.dispatch import dispatch_layer
+from tests.helpers import mesh_of
 
 
 def _mix32(x: np.ndarray) -> np.ndarray:
@@ -110,10 +111,9 @@ def test_dispatch_layer_at_decode_shape_matches_numpy():
 def test_fused_dispatch_inside_shard_map():
     """Ids split over an axis (varying), maps replicated: the compiled kernel takes both. (Pallas's
     interpreter refuses a kernel whose operands vary inside shard_map, so this runs on a GPU.)"""
-    from jax.sharding import Mesh
     from jax.sharding import PartitionSpec as P
 
-    mesh = Mesh(np.array(jax.devices("gpu")[:1]), ("ep",))
+    mesh = mesh_of(devices=jax.devices("gpu")[:1])
     rng = np.random.default_rng(3)
     log2phy, logcnt = _maps(rng, 16, 2)
     ids = rng.integers(0, 16, (128, 4)).astype(np.int32)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jeplb
@@ -119,11 +119,6 @@ def test_apply_moves_errors():
 
 
 # ------------------------------------------------------------------ through the public path
-
-
-@pytest.fixture(scope="module")
-def mesh1():
-    return Mesh(np.array(jax.devices()[:1]), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def test_one_device_rearrange_is_direct_and_needs_no_staging(mesh1):

@@ -14,9 +14,9 @@ import re
 import jax
 import numpy as np
 import pytest
-from jax.sharding import Mesh
 
 import jeplb
+from tests.helpers import mesh_of
 
 try:
     from flax import nnx
@@ -30,10 +30,6 @@ except ImportError as err:  # flax is in the demo extra; jeplb itself does not n
 needs_flax = pytest.mark.skipif(nnx is None, reason="needs flax (pip install 'jeplb[demo]')")
 
 L, E, R, H, F, B, S = 2, 8, 8, 16, 32, 2, 16  # P = 16 slots, N_local = 2 on 8 devices
-
-
-def _mesh(devices):
-    return Mesh(np.array(devices), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def _config(**kw):
@@ -56,7 +52,7 @@ def _forward(model):
 @pytest.fixture(scope="module")
 def rebalanced(cpu_devices):
     """Runs the model with a whole rebalance at step 3; the probe output after every step."""
-    mesh = _mesh(cpu_devices)
+    mesh = mesh_of(devices=cpu_devices)
     model = MoETransformer(_config(), mesh=mesh, rngs=nnx.Rngs(0))
     state = jeplb.EplbState.create(
         num_layers=L,
@@ -108,7 +104,7 @@ def test_per_device_work_follows_the_placement(rebalanced):
 @needs_flax
 def test_sharded_forward_matches_one_device(rebalanced, cpu_devices):
     """The same logical model on one device (no dispatch across devices) gives the same output."""
-    one = MoETransformer(_config(), mesh=_mesh(cpu_devices[:1]), rngs=nnx.Rngs(0))
+    one = MoETransformer(_config(), mesh=mesh_of(devices=cpu_devices[:1]), rngs=nnx.Rngs(0))
     state = jeplb.EplbState.create(
         num_layers=L, num_experts=E, num_devices=1, num_redundant_experts=R
     )
@@ -118,7 +114,7 @@ def test_sharded_forward_matches_one_device(rebalanced, cpu_devices):
 
 @needs_flax
 def test_capacity_drops_are_counted(cpu_devices):
-    mesh = _mesh(cpu_devices)
+    mesh = mesh_of(devices=cpu_devices)
     model = MoETransformer(_config(capacity=1), mesh=mesh, rngs=nnx.Rngs(0))
     state = jeplb.EplbState.create(
         num_layers=L, num_experts=E, num_devices=8, num_redundant_experts=R
@@ -137,7 +133,7 @@ def test_capacity_drops_are_counted(cpu_devices):
 
 @needs_flax
 def test_model_rejects_bad_input(cpu_devices):
-    mesh = _mesh(cpu_devices)
+    mesh = mesh_of(devices=cpu_devices)
     with pytest.raises(ValueError, match=r"top_k: expected at most num_experts = 8, got 9"):
         MoEConfig(num_experts=8, top_k=9)
     with pytest.raises(TypeError, match=r"d_model: expected an int, got float"):
@@ -176,7 +172,7 @@ def test_workload_is_deterministic_skewed_and_drifts():
 
 # ------------------------------------------------------------- the examples in README and docs
 
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
+_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _python_blocks(name: str) -> list[str]:

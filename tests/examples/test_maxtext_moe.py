@@ -19,10 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jeplb
+from tests.helpers import mesh_of
 from tests.transfer_model import compilations
 
 pytest.importorskip("flax")
@@ -48,8 +49,8 @@ def _batches(mesh):
 def _run(scan: int, path: str) -> dict:
     """Runs one case (compiled once per case, shared by every test of it)."""
     shape = MESHES[scan]
-    devices = np.array(jax.devices("cpu")[:8]).reshape(shape)
-    mesh = Mesh(devices, ("data", "expert", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    names = ("data", "expert", "tensor")
+    mesh = mesh_of(names=names, shape=shape, devices=jax.devices("cpu")[:8])
     cfg = mt.MaxTextConfig(
         num_layers=L, num_experts=E, num_slots=SLOTS, top_k=K, d_model=H, d_ff=F, path=path,
         param_scan_axis=scan,

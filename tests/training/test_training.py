@@ -12,18 +12,14 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jeplb
 from jeplb._src import training
+from tests.helpers import mesh_of
 
 L, N, E = 2, 3, 9  # P = 8 * N = 24 slots over 8 devices: 15 replicas or empty slots per layer
-
-
-def _mesh(shape, names):
-    devices = np.array(jax.devices()[: int(np.prod(shape))]).reshape(shape)
-    return Mesh(devices, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
 
 
 def _plan(rng, num_layers=L, num_slots=8 * N, num_experts=E) -> np.ndarray:
@@ -76,11 +72,6 @@ def _check(out, host, m, specs, slot_axis=1):
         np.testing.assert_array_equal(_bits(out[k]), _bits(reference(x, m, slot_axis)), k)
 
 
-@pytest.fixture(scope="module")
-def mesh8():
-    return _mesh((8,), ("ep",))
-
-
 @pytest.mark.devices(8)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_layer_major_f32_bf16_bitwise(mesh8, seed):
@@ -102,7 +93,7 @@ def test_slot_major(mesh8):
 
 @pytest.mark.devices(8)
 def test_tensor_sharded_trailing_dim_on_2d_mesh():
-    mesh = _mesh((4, 2), ("ep", "tensor"))
+    mesh = mesh_of(8, ("ep", "tensor"), shape=(4, 2))
     rng = np.random.default_rng(3)
     m = _plan(rng, num_slots=4 * N, num_experts=5)
     host = {"w": rng.standard_normal((L, 4 * N, 3, 4)).astype(ml_dtypes.bfloat16)}
@@ -113,8 +104,8 @@ def test_tensor_sharded_trailing_dim_on_2d_mesh():
 
 
 @pytest.mark.devices(8)
-def test_tuple_expert_axis():
-    mesh = _mesh((4, 2), ("ep", "tp"))
+def test_tuple_expert_axis(mesh_ep_tp):
+    mesh = mesh_ep_tp
     rng = np.random.default_rng(4)
     m = _plan(rng)
     host = {"w": rng.standard_normal((L, 8 * N, 5)).astype(np.float32)}
@@ -125,7 +116,7 @@ def test_tuple_expert_axis():
 
 
 def test_one_device_is_a_local_sum():
-    mesh = _mesh((1,), ("ep",))
+    mesh = mesh_of(1)
     rng = np.random.default_rng(5)
     m = _plan(rng)
     host, g = _grads(rng, (L, 8 * N), mesh, P(None, "ep"))
@@ -139,7 +130,7 @@ def test_one_device_slot_major_local_many_replicas_and_bad_maps():
     """The one-device path: slot-major leaves, the local variant, experts with more replicas than
     a chunk holds (several chunks per rank and for the copies), a traced map with an id below -1
     (nothing summed)."""
-    mesh = _mesh((1,), ("ep",))
+    mesh = mesh_of(1)
     rng = np.random.default_rng(9)
     m = _plan(rng, num_slots=8 * N, num_experts=3)
     m[1, : 8 * N - 2] = 1  # 22 slots of expert 1: ranks 1..21, 21 copies
@@ -186,7 +177,7 @@ def test_one_device_kernel_bitwise(slot_axis):
     """The one-device Pallas kernel (GPUs; interpreted here, forced with row_impl='pallas'):
     f32, bf16 and f16 rows, every group summed in slot order, other rows untouched; a traced map
     with an id below -1 sums nothing."""
-    mesh = _mesh((1,), ("ep",))
+    mesh = mesh_of(1)
     rng = np.random.default_rng(11 + slot_axis)
     m = _plan(rng, num_slots=8 * N, num_experts=5)
     m[1, :9] = 2  # a group of 9 or more slots
@@ -286,7 +277,7 @@ def test_replica_ranks_match_a_pairwise_count(shape):
 
 
 def test_errors_name_the_leaf_before_anything_runs():
-    mesh = _mesh((2,), ("ep",)) if jax.device_count() >= 2 else _mesh((1,), ("ep",))
+    mesh = mesh_of(2) if jax.device_count() >= 2 else mesh_of(1)
     d = mesh.shape["ep"]
     good = jax.device_put(jnp.zeros((L, 4 * d, 2)), NamedSharding(mesh, P(None, "ep")))
     m = np.zeros((L, 4 * d), np.int32)
@@ -518,7 +509,7 @@ def test_one_device_kernel_compiled_on_gpu(dtype):
     """The compiled (not interpreted) kernel under the default row_impl on one GPU, bit for bit,
     layer-major with a group of many slots."""
     gpu = jax.devices("gpu")[:1]
-    mesh = jax.make_mesh((1,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,), devices=gpu)
+    mesh = mesh_of(devices=gpu)
     rng = np.random.default_rng(12)
     m = _plan(rng, num_slots=8 * N, num_experts=5)
     m[1, :9] = 2

@@ -10,20 +10,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jeplb
 from jeplb._src import checks
 from jeplb._src.transfer import layout
+from tests.helpers import mesh_of
 from tests.transfer_model import check_rows, make_plan
 
 L, N = 2, 3
-
-
-def _mesh(shape, names):
-    devices = np.array(jax.devices()[: int(np.prod(shape))]).reshape(shape)
-    return Mesh(devices, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
 
 
 def _bits(rng, shape, dtype) -> np.ndarray:
@@ -44,7 +40,7 @@ def _back(x) -> np.ndarray:
 
 @pytest.mark.devices(8)
 def test_slot_major_leaves_move_in_place():
-    mesh = _mesh((8,), ("ep",))
+    mesh = mesh_of(8)
     old, new = make_plan("random", 3, L, 8 * N, 16, 8)
     bits = _bits(np.random.default_rng(0), (8 * N, L, 6), jnp.bfloat16)  # [P, L, ...]
     w = _put(bits, jnp.bfloat16, NamedSharding(mesh, P("ep")))
@@ -62,7 +58,7 @@ def test_slot_major_leaves_move_in_place():
 @pytest.mark.devices(8)
 def test_tuple_expert_axis():
     # Experts sharded over ("context", "expert"): D is the product, slots in the tuple's order.
-    mesh = _mesh((2, 4), ("context", "expert"))
+    mesh = mesh_of(8, ("context", "expert"), shape=(2, 4))
     old, new = make_plan("hotspot", 4, L, 8 * N, 16, 8)
     bits = _bits(np.random.default_rng(1), (L, 8 * N, 4), jnp.float32)
     spec = P(None, ("context", "expert"))
@@ -78,7 +74,7 @@ def test_tuple_expert_axis():
 @pytest.mark.parametrize("dtype", [jnp.int4, jnp.uint4, jnp.float4_e2m1fn, jnp.float8_e5m2])
 def test_sub_byte_and_fp8_leaves_with_their_scales(dtype):
     # 4-bit weights and their f32 block scales move together, bit for bit.
-    mesh = _mesh((8,), ("ep",))
+    mesh = mesh_of(8)
     old, new = make_plan("drift", 5, L, 8 * N, 16, 8)
     rng = np.random.default_rng(2)
     sharding = NamedSharding(mesh, P(None, "ep"))
@@ -98,7 +94,7 @@ def test_sub_byte_and_fp8_leaves_with_their_scales(dtype):
 def test_x64_maps_and_weights():
     # With jax_enable_x64, int64 maps and f64 weights move as int32 maps and f32 weights do.
     with jax.enable_x64(True):
-        mesh = _mesh((8,), ("ep",))
+        mesh = mesh_of(8)
         old, new = make_plan("random", 6, L, 8 * N, 16, 8)
         bits = _bits(np.random.default_rng(3), (L, 8 * N, 3), jnp.float64)
         w = _put(bits, jnp.float64, NamedSharding(mesh, P(None, "ep")))
@@ -110,7 +106,7 @@ def test_x64_maps_and_weights():
 
 def test_one_device_output_keeps_its_sharding():
     # On a one-device mesh the leaves come back P(None, "ep"), so calls chain back to back.
-    mesh = _mesh((1,), ("ep",))
+    mesh = mesh_of(1)
     w = jax.device_put(jnp.arange(8.0).reshape(2, 4), NamedSharding(mesh, P(None, "ep")))
     old = np.tile(np.arange(4), (2, 1))
     new = old[:, ::-1].copy()
@@ -125,7 +121,7 @@ def test_one_device_output_keeps_its_sharding():
 def test_place_experts_any_layout_keeps_other_axes(slot_major):
     # Logical experts [L, E, H, F] with F on "tensor" -> slots [L, P, H, F] with P on "ep" and F
     # still on "tensor"; empty slots hold zeros. Then the transfer takes them as they are.
-    mesh = _mesh((4, 2), ("ep", "tensor"))
+    mesh = mesh_of(8, ("ep", "tensor"), shape=(4, 2))
     e, p_total = 6, 4 * N
     rng = np.random.default_rng(7)
     logical = rng.standard_normal((L, e, 3, 4)).astype(np.float32)
@@ -152,7 +148,7 @@ def test_place_experts_any_layout_keeps_other_axes(slot_major):
 
 
 def test_place_experts_refuses_ids_past_e():
-    mesh = _mesh((1,), ("ep",))
+    mesh = mesh_of(1)
     with pytest.raises(
         ValueError, match=r"phy2log\[0, 1\] = 3: expected an expert id in \[0, num_experts = 3\)"
     ):
@@ -166,7 +162,7 @@ def test_place_experts_refuses_ids_past_e():
 def test_jitted_auto_mesh_leaves_keep_their_sharding():
     # Under an outer jit on an Auto mesh the tracer does not say that F is on "tensor"; the leaf
     # must still come back on "tensor" (no resharded state, no recompile on the second call).
-    mesh = _mesh((4, 2), ("ep", "tensor"))
+    mesh = mesh_of(8, ("ep", "tensor"), shape=(4, 2))
     spec = P(None, "ep", None, "tensor")
     bits = _bits(np.random.default_rng(5), (L, 4 * N, 3, 4), jnp.float32)
     step = jax.jit(
@@ -190,7 +186,7 @@ def test_jitted_auto_mesh_leaves_keep_their_sharding():
 def test_jitted_eplb_step_on_auto_mesh_keeps_tensor_sharding():
     # The step under jit on an Auto mesh: the weights come back on "tensor" as they came in, and
     # every slot holds its new expert's logical row.
-    mesh = _mesh((4, 2), ("ep", "tensor"))
+    mesh = mesh_of(8, ("ep", "tensor"), shape=(4, 2))
     num_experts, num_slots = 8, 12
     state = jeplb.EplbState.create(
         num_layers=L,

@@ -9,6 +9,7 @@ import pytest
 
 from jeplb._src.transfer import layout
 from jeplb._src.transfer import rows as _rows
+from tests.helpers import mesh_of
 
 DTYPES = [jnp.bfloat16, jnp.float32, jnp.int8, jnp.float8_e4m3fn, jnp.int4, jnp.float4_e2m1fn]
 
@@ -111,7 +112,7 @@ def test_compiled_pallas_rearrange_on_gpu(dtype):
     import jeplb
 
     gpu = jax.devices("gpu")[:1]
-    mesh = jax.make_mesh((1,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,), devices=gpu)
+    mesh = mesh_of(devices=gpu)
     rng = np.random.default_rng(1)
     n, width = 6, 1 << 16  # rows of 64 K elements (>= 64 KiB): Pallas under row_impl="auto"
     host = rng.integers(0, 256, (2, n, width * np.dtype(dtype).itemsize), np.uint8).view(dtype)

@@ -12,12 +12,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jeplb
+from tests.helpers import mesh_of
 
 L, E, W = 2, 4, 3
 
 
 def test_last_and_window_load_follow_the_steps():
-    mesh = jax.make_mesh((1,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = mesh_of(1)
     s = jeplb.EplbState.create(
         num_layers=L,
         num_experts=E,
