@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_policy import check_valid, drifted
+from tests.policy.test_api import check_valid, drifted
 from transfer_model import allowed_sources
 
 import jeplb
