@@ -302,7 +302,7 @@ def dispatch_layer(
     *,
     valid: jax.Array | None = None,
     token_index: jax.Array | None = None,
-    replica_choice: str = "hash",
+    replica_choice: str | None = None,
     prefer_local: bool = False,
     device_index: Any = None,
     slots_per_device: int | None = None,
@@ -319,7 +319,8 @@ def dispatch_layer(
       token_index: optional int[...]: the index the replica hash uses for each token (default: its
         flat position in the batch). Pass global token indices inside `jax.shard_map` so that
         devices do not repeat one another's choices.
-      replica_choice: ``"hash"``, ``"local"`` or ``"balanced"`` (see the module docstring).
+      replica_choice: ``"hash"``, ``"local"`` or ``"balanced"`` (see the module docstring);
+        None: ``"hash"``.
       prefer_local: deprecated spelling of ``replica_choice="local"`` (a DeprecationWarning).
       device_index: with ``"local"``: the token's device on the expert-parallel axis (int, or
         int[...] per token).
