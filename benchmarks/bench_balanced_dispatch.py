@@ -3,12 +3,15 @@
 
 Quality (global view, D = 32 devices): batches of 4096 tokens x top-8 of E = 256 experts on
 P = 288 slots, each token's 8 distinct experts drawn with Zipf(``--zipf``) popularity (skewed)
-or uniformly; the placement is DeepSeek's (`jeplb.rebalance_experts`, 8 groups on 4 nodes)
+or uniformly (and a row of small batches, ``--small-tokens``, of the first skew: there the hash's
+spread is least even); the placement is DeepSeek's (`jeplb.rebalance_experts`, 8 groups on 4 nodes)
 planned from the mean counts of 8 earlier batches of the same distribution. Per batch, the
 busiest device's (token, k) pairs under ``hash``, ``balanced`` and the placement's ideal (each
 expert's pairs split exactly evenly over its replicas, fractional), and the ratios to the ideal.
 The ideal is an even split, not the min-max optimum: a choice that moves an expert's pairs off a
-busy device unevenly can beat it, which is why ``hash`` sometimes does on a single batch.
+busy device unevenly can beat it, which is why ``hash`` sometimes does on a single batch. The
+min-max itself (``lp_busiest``: the fractional optimum over the placement, by scipy's LP solver
+when scipy is installed) shows how much lower any replica choice could go.
 
 Cost (as a model calls it): the decode-like step of `jeplb.tools.bench_decode` (one jitted call
 per step, state and weights donated) at ``--layers`` layers, variants ``plain``, ``dispatch``
@@ -16,7 +19,8 @@ per step, state and weights donated) at ``--layers`` layers, variants ``plain``,
 layer's `jeplb.dispatch_layer` jitted alone (median of back-to-back calls).
 
 Usage (from the repository root):
-    python benchmarks/bench_balanced_dispatch.py [--batches N] [--zipf S] [--layers L]
+    python benchmarks/bench_balanced_dispatch.py [--batches N] [--zipf S] [--small-tokens T]
+        [--layers L]
         [--repeats N] [--layouts scanned,unrolled] [--skip-cost] [--out PATH] [--json PATH]
 """
 
@@ -41,6 +45,7 @@ class Quality:
     hash_busiest: float
     balanced_busiest: float
     ideal_busiest: float
+    lp_busiest: float
     mean_load: float
     hash_over_ideal_mean: float
     hash_over_ideal_max: float
@@ -54,13 +59,35 @@ class Alone:
     layer_us: float
 
 
-def draw(rng, probs, batches: int) -> np.ndarray:
-    """[batches, T, K] distinct experts per token (Gumbel top-k: sampling without replacement)."""
-    g = rng.gumbel(size=(batches, T, E)) + np.log(probs)
+def draw(rng, probs, batches: int, tokens: int = T) -> np.ndarray:
+    """[batches, tokens, K] distinct experts per token (Gumbel top-k: sampling without
+    replacement)."""
+    g = rng.gumbel(size=(batches, tokens, E)) + np.log(probs)
     return np.argsort(-g, axis=-1)[..., :K].astype(np.int32)
 
 
-def quality(name: str, probs, *, batches: int, seed: int) -> Quality:
+def lp_busiest(n, phy2log, n_local) -> float:
+    """The min-max the placement allows (fractional): min z s.t. each expert's slots take its
+    n_e pairs, each device at most z (scipy's HiGHS; NaN without scipy)."""
+    try:
+        from scipy.optimize import linprog
+        from scipy.sparse import coo_matrix
+    except ImportError:
+        return float("nan")
+    p = phy2log.shape[0]
+    cost = np.zeros(p + 1)
+    cost[-1] = 1.0
+    slots = np.arange(p)
+    eq = coo_matrix((np.ones(p), (phy2log, slots)), shape=(E, p + 1))
+    rows = np.concatenate([slots // n_local, np.arange(D)])
+    cols = np.concatenate([slots, np.full(D, p)])
+    vals = np.concatenate([np.ones(p), -np.ones(D)])
+    ub = coo_matrix((vals, (rows, cols)), shape=(D, p + 1))
+    res = linprog(cost, A_ub=ub, b_ub=np.zeros(D), A_eq=eq, b_eq=n, method="highs")
+    return float(res.fun) if res.success else float("nan")
+
+
+def quality(name: str, probs, *, batches: int, seed: int, tokens: int = T) -> Quality:
     import jax
     import jax.numpy as jnp
 
@@ -80,12 +107,13 @@ def quality(name: str, probs, *, batches: int, seed: int) -> Quality:
         )
         for c in ("hash", "balanced")
     }
-    rows = {c: [] for c in ("hash", "balanced", "ideal")}
+    rows = {c: [] for c in ("hash", "balanced", "ideal", "lp")}
     share = 1.0 / np.bincount(phy2log, minlength=E)[phy2log]  # [P]: each slot's part of e
-    for ids in draw(rng, probs, batches):
+    for ids in draw(rng, probs, batches, tokens):
         n = np.bincount(ids.ravel(), minlength=E)
         ideal = np.bincount(np.arange(P) // n_local, weights=n[phy2log] * share, minlength=D)
         rows["ideal"].append(ideal.max())
+        rows["lp"].append(lp_busiest(n, phy2log, n_local))
         for c, f in fns.items():
             phys = np.asarray(f(jnp.asarray(ids)))
             assert (phy2log[phys] == ids).all()
@@ -96,7 +124,8 @@ def quality(name: str, probs, *, batches: int, seed: int) -> Quality:
         float(h.mean()),
         float(b.mean()),
         float(i.mean()),
-        T * K / D,
+        float(np.mean(rows["lp"])),
+        tokens * K / D,
         float((h / i).mean()),
         float((h / i).max()),
         float((b / i).mean()),
@@ -143,6 +172,7 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=8, help="layers of the decode step")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--layouts", default="scanned,unrolled")
+    parser.add_argument("--small-tokens", type=int, default=256, help="a small-batch row (0: none)")
     parser.add_argument("--skip-cost", action="store_true")
     parser.add_argument("--out", default=None)
     parser.add_argument("--json", default=None)
@@ -159,6 +189,11 @@ def main(argv=None) -> int:
     qual = []
     for i, (name, probs) in enumerate(dists):
         qual.append(quality(name, probs, batches=args.batches, seed=10 + i))
+        print(qual[-1], flush=True)
+    if args.small_tokens:  # a small decode batch, the skew's placement planned at 4096 tokens
+        name, probs = dists[0]
+        row = quality(name, probs, batches=args.batches, seed=10, tokens=args.small_tokens)
+        qual.append(dataclasses.replace(row, batches=f"{name}, {args.small_tokens} tokens"))
         print(qual[-1], flush=True)
     case = dataclasses.replace(bd.DEFAULT, layers=args.layers)
     timings, lone = [], []

@@ -84,8 +84,8 @@ class DispatchConfig:
         even in expectation), ``"local"`` (a replica on the token's own device when the expert
         has one there, else the hash) or ``"balanced"`` (each batch's pairs of an expert split
         floor / ceil over its replicas, the remainders to the replicas on the least-loaded
-        devices: the busiest device's load in a batch as low as the placement allows, up to
-        the remainders). See docs/concepts.md.
+        devices: every device gets the placement's even split of the batch, to within the
+        remainders). See docs/concepts.md.
 
     Example:
       >>> DispatchConfig(replica_choice="balanced").replica_choice
