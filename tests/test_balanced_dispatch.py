@@ -207,6 +207,8 @@ def test_prefer_local_is_the_deprecated_spelling_of_local(state):
         dispatch(state, 0, ids, prefer_local=True, replica_choice="balanced")
     with pytest.raises(ValueError, match="replica_choice: expected one of"):
         dispatch(state, 0, ids, replica_choice="lp")
+    with pytest.raises(TypeError, match="replica_choice: expected one of"):
+        dispatch_layer(state.log2phy[0], state.logcnt[0], ids, replica_choice=1)
     with pytest.raises(ValueError, match="'balanced' needs slots_per_device"):
         dispatch_layer(state.log2phy[0], state.logcnt[0], ids, replica_choice="balanced")
     with pytest.raises(TypeError, match="token_axes: expected a mesh axis name"):

@@ -19,8 +19,8 @@ Replica choice (``replica_choice``, default the state's ``config.dispatch.replic
   spread by the hash), else the hash choice over all replicas. ``prefer_local=True`` is its
   former spelling (deprecated).
 * ``"balanced"``: each batch's pairs of an expert are split floor / ceil over its replicas: the
-  pair's rank among the batch's pairs of its expert (positions in flat order; a stable sort by
-  expert id, no [T K, E] one-hot) picks ``order[e][rank % logcnt[e]]``, where ``order[e]`` lists
+  pair's rank among the batch's pairs of its expert (positions in flat order; one sort of the
+  ids packed with their positions, no [T K, E] one-hot) picks ``order[e][rank % logcnt[e]]``, where ``order[e]`` lists
   e's replicas by the load their devices get from the floor shares (lightest first), so the
   remainders land on the least-loaded devices. Pairs that are not counted (``valid`` False) are
   ranked among themselves. Inside `jax.shard_map` with the tokens split over devices pass
@@ -190,9 +190,12 @@ def _local_choice(log2phy, logcnt, safe, h, device_index, num_devices, slots_per
 def _resolve_choice(replica_choice: Any, prefer_local: Any, default: str) -> str:
     """The replica choice from ``replica_choice`` (None: ``default``) and the deprecated
     ``prefer_local`` (True means ``"local"``; it must not contradict ``replica_choice``)."""
-    if replica_choice is not None and (
-        not isinstance(replica_choice, str) or replica_choice not in REPLICA_CHOICES
-    ):
+    if replica_choice is not None and not isinstance(replica_choice, str):
+        raise TypeError(
+            f"replica_choice: expected one of {REPLICA_CHOICES} or None, got "
+            f"{type(replica_choice).__name__} {replica_choice!r}"
+        )
+    if replica_choice is not None and replica_choice not in REPLICA_CHOICES:
         raise ValueError(
             f"replica_choice: expected one of {REPLICA_CHOICES} or None, got {replica_choice!r}"
         )
@@ -328,7 +331,8 @@ def dispatch_layer(
       valid: optional bool[...] (the batch shape): tokens to count; others are mapped, not counted.
       token_index: optional int[...]: the index the replica hash uses for each token (default: its
         flat position in the batch). Pass global token indices inside `jax.shard_map` so that
-        devices do not repeat one another's choices.
+        devices do not repeat one another's choices. The balanced choice does not use it (it
+        ranks pairs by position; see ``token_axes``).
       replica_choice: ``"hash"``, ``"local"`` or ``"balanced"`` (see the module docstring);
         None: ``"hash"``.
       prefer_local: deprecated spelling of ``replica_choice="local"`` (a DeprecationWarning).
@@ -590,7 +594,8 @@ def dispatch(
         outside [0, L) gives physical ids -1 and counts nothing.
       topk_ids: int[..., K] the router's logical expert ids (usually [T, K]).
       valid: optional bool[...]: tokens to count (padding excluded).
-      token_index: optional int[...]: the index the replica hash uses (default: flat position).
+      token_index: optional int[...]: the index the replica hash uses (default: flat position;
+        the balanced choice does not use it).
       replica_choice: ``"hash"``, ``"local"`` or ``"balanced"`` (see `dispatch_layer`);
         None: the state's ``config.dispatch.replica_choice`` (``"hash"`` by default).
       prefer_local: deprecated spelling of ``replica_choice="local"`` (a DeprecationWarning).
