@@ -14,12 +14,14 @@ rows of counters, summed), ``compare`` (a compare-sum) or ``fused`` (the Pallas 
 and counts, its programs' rows summed by XLA). ``--diagnose`` adds the idle step traced without
 its conditional (not a usable step: what the conditional costs). ``--hlo DIR`` writes what one
 layer's dispatch launches (the compiled entry computation) and the idle step's compiled HLO.
-``--tiny`` runs small shapes (a quick check on a CPU).
+``--tiny`` runs small shapes (a quick check on a CPU). ``--balanced`` adds the variant
+``dispatch balanced`` (`jeplb.dispatch` with ``replica_choice="balanced"``; its cost over
+``dispatch`` is ``over_dispatch_us``) and lists its launches too.
 
 Usage (from the repository root):
     python benchmarks/bench_dispatch.py [--tiny] [--repeats N] [--impl {scatter,compare,fused}]
-        [--layouts unrolled,scanned] [--variants V,...] [--diagnose] [--out PATH] [--json PATH]
-        [--hlo DIR]
+        [--layouts unrolled,scanned] [--variants V,...] [--balanced] [--diagnose] [--out PATH]
+        [--json PATH] [--hlo DIR]
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None)
     parser.add_argument("--hlo", default=None, metavar="DIR")
     parser.add_argument(
+        "--balanced",
+        action="store_true",
+        help="add dispatch with replica_choice='balanced' (variant 'dispatch balanced')",
+    )
+    parser.add_argument(
         "--diagnose",
         action="store_true",
         help="add the idle step with its conditional replaced by its idle branch (not a usable "
@@ -70,7 +77,11 @@ def main(argv=None) -> int:
             f.write("\n".join(ops) + "\n")
         with open(os.path.join(args.hlo, "idle_step.txt"), "w") as f:
             f.write(bd.idle_step_text(case))
+    balanced_ops = bd.first_layer_ops(case, replica_choice="balanced") if args.balanced else []
+    if balanced_ops:
+        print(f"balanced: {len(balanced_ops)} operations:", *balanced_ops, sep="\n  ")
     variants = tuple(args.variants.split(",")) + ((bd.IDLE_NO_COND,) if args.diagnose else ())
+    variants += (bd.BALANCED,) if args.balanced and bd.BALANCED not in variants else ()
     rows = bd.measure(
         case,
         variants=variants,
@@ -82,7 +93,11 @@ def main(argv=None) -> int:
     )
     for r in rows:
         print(r, flush=True)
-    per_layer = {r.layout: r.over_plain_us / case.layers for r in rows if r.variant == bd.DISPATCH}
+    per_layer = {
+        f"{r.layout} {r.variant}": r.over_plain_us / case.layers
+        for r in rows
+        if r.variant in (bd.DISPATCH, bd.BALANCED)
+    }
     platform = jax.devices()[0].platform
     text = (
         f"# Dispatch and the idle step in a decode step ({device})\n\n"
@@ -96,6 +111,12 @@ def main(argv=None) -> int:
         + ", ".join(f"{k} {v:.2f} us" for k, v in per_layer.items())
         + f"\n\nOne layer's `dispatch_layer` alone launches {len(ops)} operations:\n\n"
         + "".join(f"    {o}\n" for o in ops)
+        + (
+            f"\nWith `replica_choice='balanced'` it launches {len(balanced_ops)}:\n\n"
+            + "".join(f"    {o}\n" for o in balanced_ops)
+            if balanced_ops
+            else ""
+        )
     )
     write_results(
         text,
@@ -107,6 +128,7 @@ def main(argv=None) -> int:
             "impl": args.impl,
             "rows": [dataclasses.asdict(r) for r in rows],
             "dispatch_ops": ops,
+            "balanced_ops": balanced_ops,
         },
     )
     return 0

@@ -4,7 +4,7 @@ The public surface, by job:
 
 * placement policy: `rebalance_experts`, `balancedness`, `device_loads`, `remote_copies`;
 * configuration: `EplbConfig` (one static object: a policy such as `DeepSeekPolicy` or
-  `SnakePolicy`, a `TransferConfig`, a `ScheduleConfig`);
+  `SnakePolicy`, a `TransferConfig`, a `ScheduleConfig`, a `DispatchConfig`);
 * weight transfer: `rearrange_expert_weights`, `transfer_layer`, and its two stages
   `move_to_buffer` / `move_from_buffer` joined by `TransferMetadata`, all taking their static
   options as one `TransferConfig` (or its fields as keywords); `UnshardedGuessWarning` (a traced
@@ -23,6 +23,7 @@ The public surface, by job:
 
 from jeplb._src.checks import UnshardedGuessWarning as UnshardedGuessWarning
 from jeplb._src.combine import combine_topk as combine_topk
+from jeplb._src.config import DispatchConfig as DispatchConfig
 from jeplb._src.config import EplbConfig as EplbConfig
 from jeplb._src.config import ScheduleConfig as ScheduleConfig
 from jeplb._src.dispatch import dispatch as dispatch
@@ -64,6 +65,7 @@ __version__ = "0.2.0"
 __all__ = [
     "Balance",
     "DeepSeekPolicy",
+    "DispatchConfig",
     "EplbConfig",
     "EplbState",
     "Placement",

@@ -9,7 +9,8 @@ Format (version 3), the same fields in both encodings:
   ``__header__``.
 
 ``config`` is `EplbConfig.to_json`: ``{"policy": {"name": ..., options}, "transfer": {...},
-"schedule": {...}}``.
+"schedule": {...}, "dispatch": {...}}``; a version 3 file written before the ``dispatch`` part
+existed lacks it and loads with its defaults.
 
 Earlier versions load: version 2 and 1 files keep the configuration as one flat object of the
 state's former static fields (``num_devices``, ``num_redundant_experts``, ``window_size``, ...,

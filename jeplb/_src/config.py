@@ -1,11 +1,12 @@
-"""`EplbConfig`: every static option of EPLB in one frozen object, made of three parts.
+"""`EplbConfig`: every static option of EPLB in one frozen object, made of four parts.
 
 * ``policy``: the placement policy and its options (`jeplb.DeepSeekPolicy` by default; any
   policy of `jeplb._src.policy.registry.POLICIES`);
 * ``transfer``: how weights move (`jeplb.TransferConfig`: the expert axis, chunk rows, row mover,
   staging passes, layout, devices per node);
 * ``schedule``: when (`ScheduleConfig`: the load window, the rebalance interval, progressive
-  layers per step, logging).
+  layers per step, logging);
+* ``dispatch``: how `jeplb.dispatch` picks a replica for each token (`DispatchConfig`).
 
 Each part checks its own values when built; `EplbConfig.check_sizes` checks what needs the
 model's sizes (L, E, P, D) once, when a state is built. The configuration is static: it sits in
@@ -22,9 +23,12 @@ from jeplb._src.policy import registry
 from jeplb._src.policy.api import DeepSeekPolicy
 from jeplb._src.policy.base import Policy
 from jeplb._src.transfer.config import TransferConfig
-from jeplb._src.validate import check_fraction, check_int
+from jeplb._src.validate import check_choice, check_fraction, check_int
 
-__all__ = ["EplbConfig", "ScheduleConfig"]
+__all__ = ["REPLICA_CHOICES", "DispatchConfig", "EplbConfig", "ScheduleConfig"]
+
+# How `jeplb.dispatch` picks one of an expert's replicas for a (token, k) pair.
+REPLICA_CHOICES = ("hash", "local", "balanced")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +75,37 @@ class ScheduleConfig:
         return num_layers if self.layers_per_step is None else self.layers_per_step
 
 
-_PARTS = {"policy": Policy, "transfer": TransferConfig, "schedule": ScheduleConfig}
+@dataclasses.dataclass(frozen=True)
+class DispatchConfig:
+    """How `jeplb.dispatch` spreads an expert's tokens over its replicas.
+
+    Attributes:
+      replica_choice: ``"hash"`` (vLLM's: a hash of the token's index modulo the replica count,
+        even in expectation), ``"local"`` (a replica on the token's own device when the expert
+        has one there, else the hash) or ``"balanced"`` (each batch's pairs of an expert split
+        floor / ceil over its replicas, the remainders to the replicas on the least-loaded
+        devices: every device gets the placement's even split of the batch, to within the
+        remainders). See docs/concepts.md.
+
+    Example:
+      >>> DispatchConfig(replica_choice="balanced").replica_choice
+      'balanced'
+    """
+
+    replica_choice: str = "hash"
+
+    def __post_init__(self):
+        check_choice("replica_choice", self.replica_choice, REPLICA_CHOICES)
+
+
+_PARTS = {
+    "policy": Policy,
+    "transfer": TransferConfig,
+    "schedule": ScheduleConfig,
+    "dispatch": DispatchConfig,
+}
+# Parts a saved configuration may lack (files written before the part existed): their defaults.
+_OPTIONAL_PARTS = ("dispatch",)
 
 
 def _option_names(part: Any) -> tuple[str, ...]:
@@ -80,7 +114,7 @@ def _option_names(part: Any) -> tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class EplbConfig:
-    """The static configuration of EPLB: policy, transfer and schedule (frozen, hashable).
+    """The static configuration of EPLB: policy, transfer, schedule and dispatch (frozen, hashable).
 
     Build it from its parts, or with `EplbConfig.create` from option names alone; change it with
     `EplbConfig.replace`. `jeplb.EplbState` carries it (``state.config``) and every entry point
@@ -90,6 +124,7 @@ class EplbConfig:
       policy: the placement policy (`jeplb.DeepSeekPolicy`, `jeplb.SnakePolicy`, ...).
       transfer: the transfer options (`jeplb.TransferConfig`).
       schedule: the schedule (`jeplb.ScheduleConfig`).
+      dispatch: the replica choice of `jeplb.dispatch` (`jeplb.DispatchConfig`).
 
     Example:
       >>> cfg = EplbConfig.create(window_size=10, step_interval=50, num_groups=4, chunk_rows=2)
@@ -102,10 +137,11 @@ class EplbConfig:
     policy: Policy = dataclasses.field(default_factory=DeepSeekPolicy)
     transfer: TransferConfig = dataclasses.field(default_factory=TransferConfig)
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    dispatch: DispatchConfig = dataclasses.field(default_factory=DispatchConfig)
 
     def __post_init__(self):
         object.__setattr__(self, "policy", registry.as_policy(self.policy))
-        for name in ("transfer", "schedule"):
+        for name in ("transfer", "schedule", "dispatch"):
             value = getattr(self, name)
             if not isinstance(value, _PARTS[name]):
                 raise TypeError(
@@ -121,10 +157,11 @@ class EplbConfig:
           config: the configuration to start from (default: all defaults).
           where: the caller's name, for the unknown-option error.
           **options: ``policy`` (a policy object or a registry name), ``transfer`` /
-            ``schedule`` (whole parts), or any option of a part by its own name: the policy's
-            (``num_groups``, ``num_nodes``, ``refine`` for DeepSeek's), `TransferConfig`'s
-            (``axis_name``, ``chunk_rows``, ``row_impl``, ...) or `ScheduleConfig`'s
-            (``window_size``, ``step_interval``, ``layers_per_step``, ``log_interval``).
+            ``schedule`` / ``dispatch`` (whole parts), or any option of a part by its own name:
+            the policy's (``num_groups``, ``num_nodes``, ``refine`` for DeepSeek's),
+            `TransferConfig`'s (``axis_name``, ``chunk_rows``, ``row_impl``, ...),
+            `ScheduleConfig`'s (``window_size``, ``step_interval``, ``layers_per_step``,
+            ``log_interval``) or `DispatchConfig`'s (``replica_choice``).
 
         Raises:
           TypeError: an option no part has (named, with the valid names); a bad value (from the
@@ -144,7 +181,7 @@ class EplbConfig:
                 valid = sorted(n for p in _PARTS for n in _option_names(getattr(config, p)))
                 raise TypeError(
                     f"{where}() got an unexpected keyword argument {key!r}; the options are "
-                    f"{', '.join(valid)}, or whole parts policy=, transfer=, schedule="
+                    f"{', '.join(valid)}, or whole parts policy=, transfer=, schedule=, dispatch="
                 )
             changes[part][key] = value
         parts = {
@@ -202,11 +239,13 @@ class EplbConfig:
             "policy": registry.encode(self.policy),
             "transfer": transfer,
             "schedule": dataclasses.asdict(self.schedule),
+            "dispatch": dataclasses.asdict(self.dispatch),
         }
 
     @classmethod
     def from_json(cls, data: Any) -> EplbConfig:
-        """The configuration `EplbConfig.to_json` wrote; every value checked by its part.
+        """The configuration `EplbConfig.to_json` wrote; every value checked by its part. A
+        missing ``dispatch`` part (files written before it existed) takes its defaults.
 
         Raises:
           TypeError, ValueError: a missing part, an unknown option, a bad value (named).
@@ -216,11 +255,17 @@ class EplbConfig:
         unknown = sorted(set(data) - set(_PARTS))
         if unknown:
             raise ValueError(f"config.{unknown[0]}: not a part of the configuration")
-        missing = [p for p in _PARTS if p not in data]
+        missing = [p for p in _PARTS if p not in data and p not in _OPTIONAL_PARTS]
         if missing:
             raise ValueError(f"config.{missing[0]}: missing")
         parts = {}
-        for name, kind in (("transfer", TransferConfig), ("schedule", ScheduleConfig)):
+        for name, kind in (
+            ("transfer", TransferConfig),
+            ("schedule", ScheduleConfig),
+            ("dispatch", DispatchConfig),
+        ):
+            if name not in data:  # an optional part (checked above)
+                continue
             values = data[name]
             if not isinstance(values, dict):
                 raise TypeError(f"config.{name}: expected an object, got {values!r}")

@@ -8,13 +8,26 @@ Call it once per MoE layer, between the router's top-k and the expert computatio
   ([E]); inside a `jax.lax.scan` over layers, scan the slices and stack the counts into [L, E], then
   add them with `EplbState.record`.
 
-Replica choice (vLLM's semantics, made hash-based): token t's k-th choice of expert e goes to
-replica ``h(t * K + k) % logcnt[e]`` of e, where h is a 32-bit integer mix of the token's index
-(``token_index``, default its position). It is deterministic, spreads the tokens of an expert over its
-replicas evenly in expectation, and unlike a plain modulo does not tie a top-k rank to one replica
-when K and the replica count share a factor. With ``prefer_local`` a replica on the token's own
-device is taken when the expert has one there (several: spread the same way), else the hash
-choice over all replicas.
+Replica choice (``replica_choice``, default the state's ``config.dispatch.replica_choice``):
+
+* ``"hash"`` (vLLM's semantics, made hash-based): token t's k-th choice of expert e goes to
+  replica ``h(t * K + k) % logcnt[e]`` of e, where h is a 32-bit integer mix of the token's index
+  (``token_index``, default its position). Deterministic, even over the replicas in expectation,
+  and unlike a plain modulo it does not tie a top-k rank to one replica when K and the replica
+  count share a factor.
+* ``"local"``: a replica on the token's own device when the expert has one there (several:
+  spread by the hash), else the hash choice over all replicas. ``prefer_local=True`` is its
+  former spelling (deprecated).
+* ``"balanced"``: each batch's pairs of an expert are split floor / ceil over its replicas: the
+  pair's rank among the batch's pairs of its expert (positions in flat order; one sort of the
+  ids packed with their positions, no [T K, E] one-hot) picks ``order[e][rank % logcnt[e]]``, where ``order[e]`` lists
+  e's replicas by the load their devices get from the floor shares (lightest first), so the
+  remainders land on the least-loaded devices. Pairs that are not counted (``valid`` False) are
+  ranked among themselves. Inside `jax.shard_map` with the tokens split over devices pass
+  ``token_axes`` (the mesh axes the tokens are split over, devices holding consecutive blocks in
+  axis order): ranks and shares are then global (one all_gather of [2 E + 1] counts), and every
+  pair gets the slot it gets at global view, whatever the device count. Without it each device
+  balances its own tokens.
 
 Counting: ``counts[e]`` is the number of (token, k) pairs with ``topk_ids == e`` among tokens with
 ``valid`` set. Ids outside [0, E): when the ids are concrete a ValueError names the first one;
@@ -30,6 +43,7 @@ nothing. The counts are added through `EplbState.record`, so they never wrap: an
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any
 
 import jax
@@ -38,6 +52,7 @@ import numpy as np
 from jax import lax
 
 from jeplb._src import checks
+from jeplb._src.config import REPLICA_CHOICES
 from jeplb._src.state import EplbState, check_layer
 from jeplb._src.transfer import rows as rows_lib
 
@@ -89,11 +104,11 @@ def _local_tables(log2phy: jax.Array, logcnt: jax.Array, num_devices: int, n_loc
 
 
 def _check_layer_args(
-    log2phy, logcnt, topk_ids, valid, token_index, prefer_local, device_index,
+    log2phy, logcnt, topk_ids, valid, token_index, choice, device_index,
     slots_per_device, num_devices,
 ):  # fmt: skip
-    """`dispatch_layer`'s argument checks (types, shapes, sizes, the prefer_local set, the ids);
-    returns ``(log2phy, logcnt, topk_ids, token_index)`` as integer arrays."""
+    """`dispatch_layer`'s argument checks (types, shapes, sizes, the sizes the replica choice
+    needs, the ids); returns ``(log2phy, logcnt, topk_ids, token_index)`` as integer arrays."""
     log2phy = checks.int_array(log2phy, "log2phy", "[E, R_max]")
     logcnt = checks.int_array(logcnt, "logcnt", "[E]")
     if log2phy.ndim != 2:
@@ -113,13 +128,20 @@ def _check_layer_args(
             f"{tuple(logcnt.shape)}"
         )
     topk_ids, token_index = _check_tokens(topk_ids, valid, token_index, num_experts)
-    if prefer_local:
-        if device_index is None or slots_per_device is None or num_devices is None:
-            raise ValueError(
-                "prefer_local: needs device_index (the token's device on the expert-parallel "
-                "axis), slots_per_device (N_local) and num_devices (D); `jeplb.dispatch` fills "
-                "them from the state"
-            )
+    if choice == "local" and (
+        device_index is None or slots_per_device is None or num_devices is None
+    ):
+        raise ValueError(
+            "prefer_local: needs device_index (the token's device on the expert-parallel "
+            "axis), slots_per_device (N_local) and num_devices (D); `jeplb.dispatch` fills "
+            "them from the state"
+        )
+    if choice == "balanced" and (slots_per_device is None or num_devices is None):
+        raise ValueError(
+            "replica_choice: 'balanced' needs slots_per_device (N_local) and num_devices (D) "
+            "to weigh devices; `jeplb.dispatch` fills them from the state"
+        )
+    if choice != "hash":
         for name, v in (("slots_per_device", slots_per_device), ("num_devices", num_devices)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
@@ -165,6 +187,127 @@ def _local_choice(log2phy, logcnt, safe, h, device_index, num_devices, slots_per
     return local, (here > 0) & dev_ok
 
 
+def _resolve_choice(replica_choice: Any, prefer_local: Any, default: str) -> str:
+    """The replica choice from ``replica_choice`` (None: ``default``) and the deprecated
+    ``prefer_local`` (True means ``"local"``; it must not contradict ``replica_choice``)."""
+    if replica_choice is not None and not isinstance(replica_choice, str):
+        raise TypeError(
+            f"replica_choice: expected one of {REPLICA_CHOICES} or None, got "
+            f"{type(replica_choice).__name__} {replica_choice!r}"
+        )
+    if replica_choice is not None and replica_choice not in REPLICA_CHOICES:
+        raise ValueError(
+            f"replica_choice: expected one of {REPLICA_CHOICES} or None, got {replica_choice!r}"
+        )
+    if not isinstance(prefer_local, bool | np.bool_):
+        raise TypeError(
+            f"prefer_local: expected a bool, got {type(prefer_local).__name__} {prefer_local!r}"
+        )
+    if not prefer_local:
+        return default if replica_choice is None else replica_choice
+    warnings.warn(
+        "prefer_local=True is deprecated: pass replica_choice='local' (or set "
+        "DispatchConfig(replica_choice='local') in the state's configuration)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    if replica_choice not in (None, "local"):
+        raise ValueError(
+            f"prefer_local: True asks for replica_choice 'local', but replica_choice = "
+            f"{replica_choice!r}; pass one of them"
+        )
+    return "local"
+
+
+def _check_token_axes(token_axes: Any) -> tuple[str, ...] | None:
+    """``token_axes`` as a tuple of mesh axis names (None stays None)."""
+    if token_axes is None:
+        return None
+    names = (token_axes,) if isinstance(token_axes, str) else token_axes
+    if (
+        not isinstance(names, tuple | list)
+        or not names
+        or not all(isinstance(a, str) for a in names)
+    ):
+        raise TypeError(
+            f"token_axes: expected a mesh axis name or a tuple of them, got {token_axes!r}"
+        )
+    return tuple(names)
+
+
+def _ranks(key: jax.Array, groups: int, token_axes):
+    """Each entry's rank among the entries of its group (flat order), and the groups' sizes.
+
+    ``key`` int32[n] in [0, groups). A sort by (key, position) gives each entry's position among
+    its group (position in the sorted order minus the group's start); the pair is packed into one
+    int32 when it fits (a one-operand sort costs a fraction of a two-operand one on the CPU, and
+    is a radix sort on GPUs). With ``token_axes`` (inside
+    `jax.shard_map`, tokens split over those axes in blocks) the ranks and sizes are global: the
+    per-device sizes are gathered, and the devices before this one add their sizes.
+
+    Returns: ``(rank int32[n], sizes int32[groups])``.
+    """
+    n = key.shape[0]
+    pos = lax.iota(jnp.int32, n)
+    if groups * n < 2**31:  # one int32 key (group, position): a plain sort, radix on GPUs
+        packed = lax.sort(key * n + pos)
+        sorted_key, order = packed // n, packed % n
+    else:
+        sorted_key, order = lax.sort((key, pos), num_keys=1, is_stable=True)
+    sizes = jnp.zeros((groups,), jnp.int32).at[key].add(1)
+    start = jnp.cumsum(sizes) - sizes
+    rank = jnp.zeros((n,), jnp.int32).at[order].set(pos - start[sorted_key], unique_indices=True)
+    if token_axes is not None:
+        every = lax.all_gather(sizes, token_axes)  # [devices on token_axes, groups]
+        me = lax.axis_index(token_axes)
+        before = jnp.sum(
+            jnp.where(jnp.arange(every.shape[0])[:, None] < me, every, 0), 0, dtype=jnp.int32
+        )
+        rank = rank + before[key]
+        sizes = jnp.sum(every, 0, dtype=jnp.int32)
+    return rank, sizes
+
+
+def _replica_order(log2phy, logcnt, share, num_devices, n_local):
+    """Each expert's live replicas, those on the least-loaded devices first ([E, R_max]).
+
+    A device's load is the sum of the floor shares ``share[e]`` of the replicas it holds; ties go
+    by replica index rotated by the expert's id, so equal devices share the remainders."""
+    num_experts, r_max = log2phy.shape
+    j = jnp.arange(r_max, dtype=jnp.int32)[None, :]
+    e = jnp.arange(num_experts, dtype=jnp.int32)[:, None]
+    live = j < logcnt[:, None]
+    dev = jnp.where(live & (log2phy >= 0), log2phy // n_local, num_devices)  # dead: dropped
+    load = (
+        jnp.zeros((num_devices,), jnp.int32)
+        .at[dev]
+        .add(jnp.broadcast_to(share[:, None], dev.shape), mode="drop")
+    )
+    weight = jnp.where(live, load[jnp.clip(dev, 0, num_devices - 1)], jnp.iinfo(jnp.int32).max)
+    tie = jnp.where(live, (j - e) % jnp.maximum(logcnt[:, None], 1), j)  # distinct per expert
+    # Each replica's place: the replicas before it by (weight, tie) ([E, R, R] compares: R_max
+    # is small; cheaper than a sort of E short rows).
+    w1, w2, t1, t2 = weight[:, :, None], weight[:, None, :], tie[:, :, None], tie[:, None, :]
+    place = jnp.sum((w2 < w1) | ((w2 == w1) & (t2 < t1)), -1, dtype=jnp.int32)
+    rows = jnp.broadcast_to(e, dev.shape)
+    return jnp.zeros_like(dev).at[rows, place].set(jnp.broadcast_to(j, dev.shape))
+
+
+def _balanced_choice(log2phy, logcnt, ids, counted, in_range, num_devices, n_local, token_axes):
+    """``"balanced"``: each pair's slot ([..., K]; in-range ids only): its rank among its expert's pairs
+    (counted and uncounted pairs ranked apart) modulo the replica count, through the expert's
+    replica order (`_replica_order`)."""
+    num_experts = log2phy.shape[0]
+    key = jnp.where(counted, ids, jnp.where(in_range, ids + num_experts, 2 * num_experts))
+    rank, sizes = _ranks(key.reshape(-1), 2 * num_experts + 1, token_axes)
+    cnt = jnp.maximum(logcnt, 1)
+    order = _replica_order(log2phy, logcnt, sizes[:num_experts] // cnt, num_devices, n_local)
+    r_max = log2phy.shape[1]
+    safe = jnp.where(in_range, ids, 0).reshape(-1)
+    replica = order.reshape(-1)[safe * r_max + rank % cnt[safe]]
+    return log2phy.reshape(-1)[safe * r_max + replica].reshape(ids.shape)
+
+
 def dispatch_layer(
     log2phy: jax.Array,
     logcnt: jax.Array,
@@ -172,10 +315,12 @@ def dispatch_layer(
     *,
     valid: jax.Array | None = None,
     token_index: jax.Array | None = None,
+    replica_choice: str | None = None,
     prefer_local: bool = False,
     device_index: Any = None,
     slots_per_device: int | None = None,
     num_devices: int | None = None,
+    token_axes: str | tuple[str, ...] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Maps one layer's top-k logical ids to physical slots and counts them per logical expert.
 
@@ -186,12 +331,19 @@ def dispatch_layer(
       valid: optional bool[...] (the batch shape): tokens to count; others are mapped, not counted.
       token_index: optional int[...]: the index the replica hash uses for each token (default: its
         flat position in the batch). Pass global token indices inside `jax.shard_map` so that
-        devices do not repeat one another's choices.
-      prefer_local: take a replica on the token's device when the expert has one there.
-      device_index: with ``prefer_local``: the token's device on the expert-parallel axis (int, or
+        devices do not repeat one another's choices. The balanced choice does not use it (it
+        ranks pairs by position; see ``token_axes``).
+      replica_choice: ``"hash"``, ``"local"`` or ``"balanced"`` (see the module docstring);
+        None: ``"hash"``.
+      prefer_local: deprecated spelling of ``replica_choice="local"`` (a DeprecationWarning).
+      device_index: with ``"local"``: the token's device on the expert-parallel axis (int, or
         int[...] per token).
-      slots_per_device: with ``prefer_local``: N_local (slot p lives on device p // N_local).
-      num_devices: with ``prefer_local``: D, devices on the expert-parallel axis.
+      slots_per_device: with ``"local"`` or ``"balanced"``: N_local (slot p lives on device
+        p // N_local).
+      num_devices: with ``"local"`` or ``"balanced"``: D, devices on the expert-parallel axis.
+      token_axes: with ``"balanced"`` inside `jax.shard_map`: the mesh axes the tokens are split
+        over (in blocks, axis order); ranks are then global and the choice that of the global
+        view. None: the call sees every token (global view), or each device balances its own.
 
     Returns:
       ``(physical_ids int32[..., K], counts int32[E])``; out-of-range ids give -1 (see the module
@@ -211,20 +363,26 @@ def dispatch_layer(
       >>> phy2log = jnp.array([0, 1, 0])  # the map log2phy inverts
       >>> phy2log[phys].tolist()
       [[0, 1], [0, 1], [1, 0]]
+      >>> phys, _ = dispatch_layer(log2phy, logcnt, jnp.zeros((5, 1), int),
+      ...                          replica_choice="balanced", slots_per_device=1, num_devices=3)
+      >>> phys[:, 0].tolist()  # expert 0's five pairs: 3 on one replica, 2 on the other
+      [0, 2, 0, 2, 0]
     """
+    choice = _resolve_choice(replica_choice, prefer_local, "hash")
+    token_axes = _check_token_axes(token_axes)
     log2phy, logcnt, topk_ids, token_index = _check_layer_args(
-        log2phy, logcnt, topk_ids, valid, token_index, prefer_local, device_index,
+        log2phy, logcnt, topk_ids, valid, token_index, choice, device_index,
         slots_per_device, num_devices,
     )  # fmt: skip
     return _dispatch_checked(
-        log2phy, logcnt, topk_ids, valid, token_index, prefer_local, device_index,
-        slots_per_device, num_devices,
+        log2phy, logcnt, topk_ids, valid, token_index, choice, device_index,
+        slots_per_device, num_devices, token_axes,
     )  # fmt: skip
 
 
 def _dispatch_checked(
-    log2phy, logcnt, topk_ids, valid, token_index, prefer_local, device_index,
-    slots_per_device, num_devices,
+    log2phy, logcnt, topk_ids, valid, token_index, choice, device_index,
+    slots_per_device, num_devices, token_axes=None,
 ):  # fmt: skip
     """`dispatch_layer` on checked arguments (integer arrays of fitting shapes)."""
     num_experts, r_max = (int(n) for n in log2phy.shape)
@@ -236,7 +394,16 @@ def _dispatch_checked(
         ids = jnp.where(in_range, topk_ids, num_experts).astype(jnp.int32)
         log2phy = jnp.asarray(log2phy, jnp.int32)
         logcnt = jnp.asarray(logcnt, jnp.int32)
-        if not prefer_local and _takes_fused(ids.size, num_experts):
+        counted = in_range if valid is None else in_range & jnp.asarray(valid, bool)[..., None]
+        if choice == "balanced":
+            phys = _balanced_choice(
+                log2phy, logcnt, ids, counted, in_range, num_devices, slots_per_device,
+                token_axes,
+            )  # fmt: skip
+            phys = jnp.where(in_range, phys, -1)
+            counts = _count(jnp.where(counted, ids, num_experts).reshape(-1), num_experts)
+            return phys, counts
+        if choice == "hash" and _takes_fused(ids.size, num_experts):
             return _map_and_count_fused(
                 log2phy, logcnt, ids,
                 None if valid is None else jnp.asarray(valid, bool),
@@ -252,13 +419,12 @@ def _dispatch_checked(
         cnt = jnp.maximum(logcnt[safe], 1).astype(jnp.uint32)
         replica = (h % cnt).astype(jnp.int32)
         phys = log2phy.reshape(-1)[safe * r_max + replica]
-        if prefer_local:
+        if choice == "local":
             local, has_local = _local_choice(
                 log2phy, logcnt, safe, h, device_index, num_devices, slots_per_device
             )
             phys = jnp.where(has_local, local, phys)
         phys = jnp.where(in_range, phys, -1)
-        counted = in_range if valid is None else in_range & jnp.asarray(valid, bool)[..., None]
         counts = _count(jnp.where(counted, ids, num_experts).reshape(-1), num_experts)
     return phys, counts
 
@@ -414,8 +580,10 @@ def dispatch(
     *,
     valid: jax.Array | None = None,
     token_index: jax.Array | None = None,
+    replica_choice: str | None = None,
     prefer_local: bool = False,
     device_index: Any = None,
+    token_axes: str | tuple[str, ...] | None = None,
 ) -> tuple[EplbState, jax.Array]:
     """Maps a layer's top-k logical ids to physical slots and records the load in the state.
 
@@ -426,11 +594,17 @@ def dispatch(
         outside [0, L) gives physical ids -1 and counts nothing.
       topk_ids: int[..., K] the router's logical expert ids (usually [T, K]).
       valid: optional bool[...]: tokens to count (padding excluded).
-      token_index: optional int[...]: the index the replica hash uses (default: flat position).
-      prefer_local: take a replica on the token's own device when there is one.
-      device_index: with ``prefer_local``: the token's device (int or int[...]); by default
+      token_index: optional int[...]: the index the replica hash uses (default: flat position;
+        the balanced choice does not use it).
+      replica_choice: ``"hash"``, ``"local"`` or ``"balanced"`` (see `dispatch_layer`);
+        None: the state's ``config.dispatch.replica_choice`` (``"hash"`` by default).
+      prefer_local: deprecated spelling of ``replica_choice="local"`` (a DeprecationWarning).
+      device_index: with ``"local"``: the token's device (int or int[...]); by default
         ``lax.axis_index(state.config.transfer.axis_name)``, which needs the call to run inside
         `jax.shard_map`.
+      token_axes: with ``"balanced"`` inside `jax.shard_map` (tokens split over devices): the
+        mesh axes the tokens are split over, so that the choice is the global view's (see
+        `dispatch_layer`).
 
     Returns:
       ``(state, physical_ids int32[..., K])``: the state first, as every function that takes
@@ -456,7 +630,9 @@ def dispatch(
             f"{type(state).__name__}"
         )
     traced = check_layer(layer, state.num_layers)
-    if prefer_local and device_index is None:
+    choice = _resolve_choice(replica_choice, prefer_local, state.config.dispatch.replica_choice)
+    token_axes = _check_token_axes(token_axes)
+    if choice == "local" and device_index is None:
         try:
             device_index = lax.axis_index(state.config.transfer.axis_name)
         except NameError as err:
@@ -468,8 +644,8 @@ def dispatch(
     read = jnp.clip(layer, 0, state.num_layers - 1) if traced else layer
     # The state's maps are checked values: the layer's slices go to the checked core.
     phys, counts = _dispatch_checked(
-        state.log2phy[read], state.logcnt[read], topk_ids, valid, token_index, prefer_local,
-        device_index, state.slots_per_device, state.num_devices,
+        state.log2phy[read], state.logcnt[read], topk_ids, valid, token_index, choice,
+        device_index, state.slots_per_device, state.num_devices, token_axes,
     )  # fmt: skip
     if traced:  # an index outside [0, L): no slot, nothing counted (record drops it)
         phys = jnp.where((layer >= 0) & (layer < state.num_layers), phys, -1)

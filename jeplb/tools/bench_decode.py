@@ -9,7 +9,10 @@ weights donated, in four variants that share everything else:
 * ``dispatch``: `jeplb.dispatch` on every layer (ids mapped to slots, counts recorded);
 * ``dispatch + idle step W=1000`` / ``W=1``: and `jeplb.eplb_step` at the end of the step, no
   rebalance due, with vLLM's window of 1000 passes and with a window of 1 (its `StepInfo` is
-  returned, as a model that logs the balancedness keeps it).
+  returned, as a model that logs the balancedness keeps it);
+* ``dispatch balanced`` (not in the default set): `jeplb.dispatch` with the state's
+  ``replica_choice="balanced"`` (each batch's pairs of an expert split floor / ceil over its
+  replicas).
 
 Each variant is built with its layers unrolled (a Python loop, `jeplb.dispatch`) and scanned
 (`lax.scan`, `jeplb.dispatch_layer` with the counts stacked into [L, E] and recorded once).
@@ -60,6 +63,7 @@ DEFAULT = DecodeCase(layers=58, tokens=4096, top_k=8, experts=256, slots=288)
 TINY = DecodeCase(layers=4, tokens=256, top_k=4, experts=16, slots=24, hidden=8)
 
 PLAIN, DISPATCH = "plain", "dispatch"
+BALANCED = "dispatch balanced"
 IDLE_BIG, IDLE_ONE = "dispatch + idle step W=1000", "dispatch + idle step W=1"
 # A diagnosis, not a usable step: the idle step traced with its conditional replaced by the idle
 # branch alone (what the conditional itself costs: on a GPU a device-to-host sync).
@@ -154,9 +158,18 @@ def _scanned(case: DecodeCase, variant: str, mesh):
             acc, _ = lax.scan(layer, acc, (ids0, w))
             return state, w, acc, None
 
+        choice = {}
+        if variant == BALANCED:
+            choice = dict(
+                replica_choice="balanced",
+                slots_per_device=state.slots_per_device,
+                num_devices=state.num_devices,
+            )
+
         def layer(acc, xs):
             ids0_l, w_l, log2phy, logcnt = xs
-            slots, counts = jeplb.dispatch_layer(log2phy, logcnt, _route(acc, ids0_l, case.experts))
+            ids = _route(acc, ids0_l, case.experts)
+            slots, counts = jeplb.dispatch_layer(log2phy, logcnt, ids, **choice)
             return _experts(acc, w_l, slots), counts
 
         acc, counts = lax.scan(layer, acc, (ids0, w, state.log2phy, state.logcnt))
@@ -185,6 +198,7 @@ def build(case: DecodeCase, variant: str, layout: str, *, seed: int = 0):
         num_redundant_experts=case.slots - case.experts,
         window_size=window,
         step_interval=10**9,
+        replica_choice="balanced" if variant == BALANCED else "hash",
     ).replicated(mesh)
     rng = np.random.default_rng(seed)
     draw = np.argsort(rng.random((case.layers, case.tokens, case.experts)), axis=-1)
@@ -307,7 +321,7 @@ def cpu_quiet() -> str:
     return ", ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def first_layer_ops(case: DecodeCase) -> list[str]:
+def first_layer_ops(case: DecodeCase, *, replica_choice: str = "hash") -> list[str]:
     """What one layer's `jeplb.dispatch_layer` launches, compiled alone at the case's shapes."""
     import jax
     import jax.numpy as jnp
@@ -323,7 +337,10 @@ def first_layer_ops(case: DecodeCase) -> list[str]:
         step_interval=1,
     )
     ids = jnp.zeros((case.tokens, case.top_k), jnp.int32)
-    f = jax.jit(functools.partial(jeplb.dispatch_layer))
+    choice = {}
+    if replica_choice != "hash":
+        choice = dict(replica_choice=replica_choice, slots_per_device=case.slots, num_devices=1)
+    f = jax.jit(functools.partial(jeplb.dispatch_layer, **choice))
     text = f.lower(state.log2phy[0], state.logcnt[0], ids).compile().as_text()
     return entry_ops(text)
 

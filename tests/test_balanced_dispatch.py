@@ -1,0 +1,215 @@
+"""The balanced replica choice of `jeplb.dispatch` / `jeplb.dispatch_layer` and its place in the
+configuration (`jeplb.DispatchConfig`): floor / ceil shares per expert, the maps inverted, counts
+as the hash choice's, jit = eager, global ranks inside `jax.shard_map`, bad ids as today."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+import jeplb
+from jeplb import dispatch, dispatch_layer
+
+E, D, N = 8, 4, 3  # experts, devices, slots per device: P = 12, 4 redundant slots
+PT = D * N
+T, K = 48, 2
+
+
+def placement() -> np.ndarray:
+    """phy2log [P]: expert 0 on 3 devices, experts 1 and 2 on 2, the rest once (hot ones first)."""
+    p2l = np.array([0, 3, 4, 0, 1, 5, 0, 2, 6, 1, 2, 7], np.int32)
+    assert sorted(np.bincount(p2l, minlength=E).tolist()) == [1] * 5 + [2, 2, 3]
+    return p2l
+
+
+@pytest.fixture(scope="module")
+def state():
+    return jeplb.EplbState.from_placement(
+        placement()[None], num_experts=E, num_devices=D, window_size=1, step_interval=1
+    )
+
+
+def skewed(seed: int, t: int = T, k: int = K) -> np.ndarray:
+    """[t, k] distinct ids per token, Zipf-like: expert 0 hottest."""
+    rng = np.random.default_rng(seed)
+    w = 1.0 / np.arange(1, E + 1) ** 1.2
+    return np.stack([rng.choice(E, k, replace=False, p=w / w.sum()) for _ in range(t)]).astype(
+        np.int32
+    )
+
+
+def balanced(state, ids, **kw):
+    return dispatch_layer(
+        state.log2phy[0], state.logcnt[0], ids, replica_choice="balanced",
+        slots_per_device=N, num_devices=D, **kw,
+    )  # fmt: skip
+
+
+def test_each_expert_split_floor_ceil_and_ids_map_back(state):
+    ids = skewed(0)
+    phys, counts = balanced(state, jnp.asarray(ids))
+    phys = np.asarray(phys)
+    p2l = placement()
+    np.testing.assert_array_equal(p2l[phys], ids)
+    per_slot = np.bincount(phys.ravel(), minlength=PT)
+    for e in range(E):
+        n, slots = int((ids == e).sum()), np.flatnonzero(p2l == e)
+        got = per_slot[slots]
+        assert got.sum() == n
+        assert set(got.tolist()) <= {n // len(slots), -(-n // len(slots))}, (e, got)
+    _, hashed = dispatch_layer(state.log2phy[0], state.logcnt[0], jnp.asarray(ids))
+    np.testing.assert_array_equal(counts, hashed)
+    np.testing.assert_array_equal(counts, np.bincount(ids.ravel(), minlength=E))
+
+
+def test_remainders_go_to_the_least_loaded_devices():
+    # Expert 0 on devices 0 and 1; device 0 also holds expert 1 (4 pairs): expert 0's odd pair
+    # goes to device 1, whatever the replicas' order.
+    for p2l in ([0, 1, 0, 2], [0, 2, 0, 1]):
+        s = jeplb.EplbState.from_placement(
+            np.array([p2l], np.int32), num_experts=3, num_devices=2, window_size=1,
+            step_interval=1,
+        )  # fmt: skip
+        ids = jnp.array([[0]] * 3 + [[1]] * 4 + [[2]])
+        _, phys = dispatch(s, 0, ids, replica_choice="balanced")
+        dev = np.asarray(phys)[:3, 0] // 2
+        assert np.bincount(dev, minlength=2).tolist() == ([1, 2] if p2l[1] == 1 else [2, 1])
+
+
+def test_busiest_device_within_a_pair_per_slot_of_the_even_split(state):
+    # The placement's even split (each expert's pairs spread exactly evenly, fractional) bounds
+    # every device from above to within one pair per slot; the hash choice does not.
+    ids = skewed(1, t=400)
+    n = np.bincount(ids.ravel(), minlength=E)
+    p2l = placement()
+    even = np.bincount(np.arange(PT) // N, weights=n[p2l] / np.bincount(p2l)[p2l], minlength=D)
+    b, _ = balanced(state, jnp.asarray(ids))
+    dev = np.bincount(np.asarray(b).ravel() // N, minlength=D)
+    assert np.all(np.abs(dev - even) < N), (dev, even)
+    assert np.all(np.abs(dev - even) <= 1 + 1e-9), (dev, even)
+
+
+def test_jit_equals_eager_and_the_state_default(state):
+    ids = jnp.asarray(skewed(2))
+    valid = jnp.asarray(np.arange(T) % 5 != 0)
+    eager = balanced(state, ids, valid=valid)
+    f = jax.jit(lambda s, i, v: dispatch(s, 0, i, valid=v))
+    configured = state.replace(config=state.config.replace(replica_choice="balanced"))
+    s2, phys = f(configured, ids, valid)
+    np.testing.assert_array_equal(phys, eager[0])
+    np.testing.assert_array_equal(s2.pass_load[0], eager[1])
+    # the default is still the hash choice, bit for bit
+    _, plain = dispatch(state, 0, ids, valid=valid)
+    np.testing.assert_array_equal(plain, dispatch_layer(state.log2phy[0], state.logcnt[0], ids)[0])
+    assert not np.array_equal(plain, phys)
+
+
+def test_masked_pairs_ranked_apart_and_not_counted(state):
+    ids = np.zeros((7, 1), np.int32)  # expert 0: 3 replicas
+    valid = np.array([True, False, True, False, True, False, True])
+    phys, counts = balanced(state, jnp.asarray(ids), valid=jnp.asarray(valid))
+    phys = np.asarray(phys)[:, 0]
+    assert counts.tolist() == [4] + [0] * (E - 1)
+    assert sorted(np.bincount(phys[valid], minlength=PT)[[0, 3, 6]].tolist()) == [1, 1, 2]
+    assert sorted(np.bincount(phys[~valid], minlength=PT)[[0, 3, 6]].tolist()) == [1, 1, 1]
+
+
+def test_out_of_range_ids_as_today(state):
+    ids = np.array([[0, 1], [E, 2], [3, -1]], np.int32)
+    with pytest.raises(ValueError, match=r"topk_ids\[1, 0\] = 8: expected logical expert ids"):
+        balanced(state, jnp.asarray(ids))
+    f = jax.jit(lambda i: balanced(state, i))
+    phys, counts = f(jnp.asarray(ids))
+    assert phys[1, 0] == -1 and phys[2, 1] == -1
+    assert counts.tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+    np.testing.assert_array_equal(
+        placement()[np.asarray(phys)[[0, 0, 1, 2], [0, 1, 1, 0]]], [0, 1, 2, 3]
+    )
+
+
+def test_x64_ids(state):
+    ids = skewed(3)
+    want = balanced(state, jnp.asarray(ids))
+    with jax.enable_x64(True):
+        big = jnp.asarray(ids, jnp.int64).at[0, 0].set(2**32)  # expert 0 when cast first
+        phys, counts = jax.jit(lambda i: balanced(state, i))(big)
+        same = jax.jit(lambda i: balanced(state, i))(jnp.asarray(ids, jnp.int64))
+    assert phys[0, 0] == -1 and int(counts.sum()) == ids.size - 1
+    np.testing.assert_array_equal(same[0], want[0])
+    np.testing.assert_array_equal(same[1], want[1])
+
+
+@pytest.mark.devices(8)
+@pytest.mark.parametrize("axes", ["ep", ("a", "b")])
+def test_global_ranks_inside_shard_map(state, axes):
+    shape, names = ((8,), ("ep",)) if axes == "ep" else ((2, 4), ("a", "b"))
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(shape), names)
+    ids = jnp.asarray(skewed(4, t=64))
+
+    def body(s, ids):
+        after, phys = dispatch(s, 0, ids, replica_choice="balanced", token_axes=axes)
+        return phys, s.record(after.pass_load - s.pass_load, load_axes=axes)
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(axes)), out_specs=(P(axes), P())))
+    phys, s = f(state, ids)
+    want, counts = balanced(state, ids)
+    np.testing.assert_array_equal(phys, want)
+    np.testing.assert_array_equal(s.pass_load[0], counts)
+
+
+def test_configuration_part():
+    cfg = jeplb.EplbConfig.create(replica_choice="balanced", window_size=3)
+    assert cfg.dispatch == jeplb.DispatchConfig(replica_choice="balanced")
+    assert jeplb.EplbConfig.from_json(cfg.to_json()) == cfg
+    old = cfg.to_json()
+    del old["dispatch"]
+    assert jeplb.EplbConfig.from_json(old).dispatch.replica_choice == "hash"
+    with pytest.raises(ValueError, match="replica_choice: expected one of"):
+        jeplb.DispatchConfig(replica_choice="lp")
+    with pytest.raises(TypeError, match="dispatch: expected a DispatchConfig"):
+        jeplb.EplbConfig(dispatch="balanced")
+    with pytest.raises(
+        ValueError, match=r"config\.dispatch\.mode: not an option of DispatchConfig"
+    ):
+        jeplb.EplbConfig.from_json({**cfg.to_json(), "dispatch": {"mode": "x"}})
+
+
+def test_a_version_3_file_without_the_dispatch_part_loads(state, tmp_path):
+    s = state.replace(config=state.config.replace(replica_choice="balanced"))
+    path = tmp_path / "s.json"
+    s.save(path)
+    assert jeplb.EplbState.restore(path).config == s.config
+    data = json.loads(path.read_text())
+    assert data["version"] == 3
+    del data["config"]["dispatch"]
+    path.write_text(json.dumps(data))
+    loaded = jeplb.EplbState.restore(path)
+    assert loaded.config == state.config and loaded.config.dispatch.replica_choice == "hash"
+
+
+def test_prefer_local_is_the_deprecated_spelling_of_local(state):
+    ids = jnp.asarray(skewed(5))
+    kw = dict(device_index=jnp.arange(T) % D)
+    with pytest.warns(DeprecationWarning, match="replica_choice='local'"):
+        _, old = dispatch(state, 0, ids, prefer_local=True, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, new = dispatch(state, 0, ids, replica_choice="local", **kw)
+    np.testing.assert_array_equal(old, new)
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="prefer_local: True"):
+        dispatch(state, 0, ids, prefer_local=True, replica_choice="balanced")
+    with pytest.raises(ValueError, match="replica_choice: expected one of"):
+        dispatch(state, 0, ids, replica_choice="lp")
+    with pytest.raises(TypeError, match="replica_choice: expected one of"):
+        dispatch_layer(state.log2phy[0], state.logcnt[0], ids, replica_choice=1)
+    with pytest.raises(ValueError, match="'balanced' needs slots_per_device"):
+        dispatch_layer(state.log2phy[0], state.logcnt[0], ids, replica_choice="balanced")
+    with pytest.raises(TypeError, match="token_axes: expected a mesh axis name"):
+        dispatch(state, 0, ids, replica_choice="balanced", token_axes=3)
