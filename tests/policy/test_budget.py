@@ -10,13 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tests.policy.test_api import check_valid, drifted
 from transfer_model import allowed_sources
 
 import jeplb
 from jeplb._src.metrics import remote_copies
 from jeplb._src.policy import registry
 from jeplb._src.policy.api import DeepSeekPolicy, _rebalance_jit, rebalance_experts
+from tests.policy.test_api import check_valid, drifted
 
 # (E, P, groups, nodes, D): hierarchical, global (3 % 2 != 0) and a larger hierarchical drift case.
 CONFIGS = [(12, 16, 4, 2, 8), (12, 16, 3, 2, 4), (32, 40, 4, 2, 8)]
