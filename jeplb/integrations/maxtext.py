@@ -141,7 +141,9 @@ class EplbRoutedMoE(_moe.RoutedMoE):
                 f"num_redundant_experts: P = num_experts + num_redundant_experts = {num_slots} "
                 f"must be divisible by the expert axis size {ep}"
             )
-        self.num_experts = num_experts
+        # MaxText's sparse path sorts and counts tokens by self.num_experts: there it stays P.
+        self.num_experts = num_slots if config.sparse_matmul else num_experts
+        self.num_logical_experts = num_experts
         self.num_slots = num_slots
         self.gate = _gate_with_width(self.gate, num_experts, rngs)
         phy2log = jnp.arange(num_slots, dtype=jnp.int32) % num_experts
@@ -164,13 +166,19 @@ class EplbRoutedMoE(_moe.RoutedMoE):
         )  # fmt: skip
         return jnp.where(ids >= 0, slots, ids), counts
 
-    def get_topk(self, gate_logits, pre_bias_logits, rngs=None, input_ids=None, **kwargs):
-        """MaxText's top-k on logical ids, then their slots (the sparse path calls this)."""
-        weights, ids = super().get_topk(gate_logits, pre_bias_logits, rngs, input_ids, **kwargs)
-        # Inside MaxText's shard_map, ring of experts: every expert shard holds the same tokens
-        # (all-gathered over the expert axis), so a row's global token index is its batch
-        # shard's offset plus its position, and only expert shard 0 counts; the partial counts
-        # are summed once over the batch axes.
+    def get_topk(
+        self, gate_logits, pre_bias_logits, rngs=None, input_ids=None, forced_routed_experts=None
+    ):
+        """MaxText's top-k on logical ids, then their slots (the sparse path calls this).
+
+        Inside MaxText's shard_map, ring of experts: every expert shard holds the tokens of its
+        batch group, all-gathered over the expert axis (the minor-most batch axis), so a row's
+        global token index is its group's offset plus its position: the same index, and so the
+        same replica, as at global view.
+        """
+        weights, ids = super().get_topk(
+            gate_logits, pre_bias_logits, rngs, input_ids, forced_routed_experts
+        )
         ep_axis = _names(self._expert_parallelism_name)
         batch_axes = tuple(
             a for a in self.mesh.axis_names if self.mesh.shape[a] > 1 and a not in ep_axis
@@ -178,20 +186,39 @@ class EplbRoutedMoE(_moe.RoutedMoE):
         tokens = ids.shape[0] * ids.shape[1]
         offset = _axis_index(batch_axes, self.mesh) if batch_axes else 0
         index = offset * tokens + jnp.arange(tokens, dtype=jnp.int32).reshape(ids.shape[:2])
-        slots, counts = self._dispatch(ids, token_index=index)
-        if self.get_expert_parallelism_size() > 1:
-            counts = jnp.where(_axis_index(ep_axis, self.mesh) == 0, counts, 0)
-            batch_axes = batch_axes + ep_axis
-        if batch_axes:
-            counts = jax.lax.psum(counts, batch_axes)
-        self.eplb_counts[...] = self.eplb_counts[...] + counts
+        slots, _ = self._dispatch(ids, token_index=index)
         return weights, slots
 
+    def sparse_matmul(self, inputs, gate_logits, pre_bias_logits, *args, **kwargs):
+        """MaxText's sparse path on P slots; the counts are taken once, at global view.
+
+        The counts per logical expert depend only on the router's top-k, not on the replicas
+        chosen, so they are counted here from the same logits MaxText routes inside its
+        shard_map (a [T, E] top-k more; NNX variables cannot be written inside the shard_map).
+        """
+        _, ids = _moe.RoutedMoE.get_topk(
+            self, gate_logits, pre_bias_logits, self.rngs, kwargs.get("input_ids"),
+            kwargs.get("forced_routed_experts"),
+        )  # fmt: skip
+        _, counts = self._dispatch(ids)
+        self.eplb_counts[...] = self.eplb_counts[...] + counts
+        return super().sparse_matmul(inputs, gate_logits, pre_bias_logits, *args, **kwargs)
+
     def load_balance_loss(self, top_k_indices, logits, density_prob=None):
-        """MaxText's loss on logical ids (slot ids from the sparse path are mapped back)."""
-        if self.config.sparse_matmul:
+        """MaxText's loss, always over the E logical experts.
+
+        MaxText's sparse path hands it the slot ids its top-k returned: they are mapped back to
+        logical ids. Its Megatron-style loss (and the dense path) hand it logical ids.
+        """
+        if self.config.sparse_matmul and not _moe.uses_megatron_seq_aux_loss(self.config):
             top_k_indices = self.eplb_phy2log[...][top_k_indices]
-        return super().load_balance_loss(top_k_indices, logits, density_prob)
+        # A static int swapped for the call (NNX refuses attribute writes inside shard_map).
+        width = self.num_experts
+        object.__setattr__(self, "num_experts", self.num_logical_experts)
+        try:
+            return super().load_balance_loss(top_k_indices, logits, density_prob)
+        finally:
+            object.__setattr__(self, "num_experts", width)
 
     # -- the dense path ------------------------------------------------------------------------
 
@@ -203,7 +230,9 @@ class EplbRoutedMoE(_moe.RoutedMoE):
         batch_axes = ("activation_batch_moe", "activation_length_moe", None)
         gate_logits = self._maybe_shard_with_logical(gate_logits, batch_axes)
         if forced_routed_experts is not None:
-            forced_routed_experts = self._maybe_shard_with_logical(forced_routed_experts, batch_axes)
+            forced_routed_experts = self._maybe_shard_with_logical(
+                forced_routed_experts, batch_axes
+            )
         weights, ids = _moe.RoutedMoE.get_topk(
             self, gate_logits, pre_bias_logits, self.rngs, input_ids=input_ids,
             forced_routed_experts=forced_routed_experts,
@@ -251,15 +280,17 @@ class EplbRoutedMoE(_moe.RoutedMoE):
                 pre_bias_logits if pre_bias_logits is not None else gate_logits
             )
         probs = jax.nn.softmax(gate_logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-        return _moe.RoutedMoE.load_balance_loss(self, ids, probs)
+        return self.load_balance_loss(ids, probs)
 
     def _bias_updates(self, ids):
         if not self.should_update_load_balance():
             return None
         if getattr(self.config, "gradient_accumulation_steps", 1) > 1:
-            return _moe.calculate_expert_counts(ids, self.num_experts, axis_names=None)
+            return _moe.calculate_expert_counts(ids, self.num_logical_experts, axis_names=None)
         rate = self.config.routed_bias_update_rate
-        return _moe.calculate_load_balance_updates(ids, self.num_experts, rate, axis_names=None)
+        return _moe.calculate_load_balance_updates(
+            ids, self.num_logical_experts, rate, axis_names=None
+        )
 
 
 def _names(axis) -> tuple:
@@ -304,6 +335,10 @@ def _check_config(config, kwargs) -> None:
         refused.append(f"attention={config.attention!r} (the fused vLLM MoE path)")
     if config.decoder_block == _moe.ctypes.DecoderBlockType.GEMMA4:
         refused.append("decoder_block=gemma4 (a per-expert scale on logical ids)")
+    if config.sparse_matmul and config.routed_bias and config.routed_bias_update_rate > 0.0:
+        refused.append(
+            "routed_bias_update_rate > 0 with sparse_matmul=True (MaxText counts the slots there)"
+        )
     if config.sparse_matmul and getattr(config, "moe_topk_before_ep_all_gather", False):
         refused.append("moe_topk_before_ep_all_gather=True")
     if refused:
@@ -473,9 +508,7 @@ def place_experts(
         logical, state.phy2log, mesh=mesh, axis_name=state.config.transfer.axis_name,
         **layout(config).kwargs(),
     )  # fmt: skip
-    set_expert_params(
-        model, {k: jax.device_put(v, current[k].sharding) for k, v in placed.items()}
-    )
+    set_expert_params(model, {k: jax.device_put(v, current[k].sharding) for k, v in placed.items()})
 
 
 def eplb_step(

@@ -24,18 +24,18 @@ import pytest
 
 pytest.importorskip("maxtext.layers.moe", reason="MaxText 0.2.x (Python >= 3.12) not installed")
 
-import maxtext  # noqa: E402
-import optax  # noqa: E402
-from flax import linen as nn  # noqa: E402
-from flax import nnx  # noqa: E402
-from maxtext.configs import pyconfig  # noqa: E402
-from maxtext.layers import initializers, moe, nnx_scan  # noqa: E402
-from maxtext.utils import maxtext_utils  # noqa: E402
-from maxtext.utils import sharding as mt_sharding  # noqa: E402
+import maxtext
+import optax
+from flax import linen as nn
+from flax import nnx
+from maxtext.configs import pyconfig
+from maxtext.layers import initializers, moe, nnx_scan
+from maxtext.utils import maxtext_utils
+from maxtext.utils import sharding as mt_sharding
 
-import jeplb  # noqa: E402
-from jeplb.integrations import maxtext as jm  # noqa: E402
-from tests.transfer_model import compilations  # noqa: E402
+import jeplb
+from jeplb.integrations import maxtext as jm
+from tests.transfer_model import compilations
 
 pytestmark = pytest.mark.devices(8)
 
@@ -64,7 +64,9 @@ class Stack(nnx.Module):
         def factory(r):
             args = (cfg, E, K, mesh, initializers.nd_dense_init(1.0, "fan_in", "truncated_normal"),
                     ("embed", None), r)  # fmt: skip
-            kw = dict(intermediate_dim=cfg.moe_mlp_dim, dtype=cfg.dtype, weight_dtype=cfg.weight_dtype)
+            kw = dict(
+                intermediate_dim=cfg.moe_mlp_dim, dtype=cfg.dtype, weight_dtype=cfg.weight_dtype
+            )
             if redundant is None:
                 return moe.RoutedMoE(*args, **kw)
             return jm.EplbRoutedMoE(*args, num_redundant_experts=redundant, **kw)
@@ -100,9 +102,12 @@ def _build(cfg, mesh, redundant):
     return nnx.merge(graphdef, variables), shardings
 
 
+PATHS = {"dense": {}, "sparse": dict(sparse_matmul=True, use_ring_of_experts=True, megablox=False)}
+
+
 @functools.cache
-def _setup():
-    cfg = _config()
+def _setup(path: str = "dense"):
+    cfg = _config(**PATHS[path])
     mesh = maxtext_utils.get_mesh_from_config(cfg)
     model, shardings = _build(cfg, mesh, R)
     state = jeplb.EplbState.create(
@@ -113,8 +118,10 @@ def _setup():
     logical = {k: np.asarray(v[:E]) for k, v in jm.expert_params(model).items()}
     jm.place_experts(model, logical, state, mesh=mesh, config=cfg)
     batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp", "expert")))
-    x = [jax.device_put(jax.random.normal(jax.random.key(i), (8, 8, H)) + s, batch)
-         for i, s in ((1, 1.0), (2, -1.0))]  # fmt: skip  two opposite skews of the router
+    x = [
+        jax.device_put(jax.random.normal(jax.random.key(i), (8, 8, H)) + s, batch)
+        for i, s in ((1, 1.0), (2, -1.0))
+    ]  # fmt: skip  two opposite skews of the router
     return cfg, mesh, model, shardings, state, logical, x
 
 
@@ -128,8 +135,8 @@ def _slots_hold_their_experts(experts, logical, phy2log):
 
 
 @functools.cache
-def _serve():
-    cfg, mesh, model, shardings, state, logical, xs = _setup()
+def _serve(path: str):
+    cfg, mesh, model, shardings, state, logical, xs = _setup(path)
     graphdef, variables = nnx.split(model)
     specs_in = jax.tree.map(lambda a: a.sharding, variables)
 
@@ -139,6 +146,7 @@ def _serve():
         jm.set_maps(model, state)
         y, _ = model(x)
         state, info = jm.eplb_step(model, state, mesh=mesh, config=cfg)
+        nnx.pop(model, nnx.Intermediate)  # what MaxText's sparse path sows
         return nnx.state(model), state, y, info
 
     runs = []
@@ -156,8 +164,9 @@ def _serve():
     return runs, len(compiled), specs_in, specs_out, slot_spec, logical
 
 
-def test_serving_every_slot_exact_after_each_rebalance():
-    runs, *_, logical = _serve()
+@pytest.mark.parametrize("path", PATHS)
+def test_serving_every_slot_exact_after_each_rebalance(path):
+    runs, *_, logical = _serve(path)
     assert sum(r["fired"] for r in runs) >= 3
     for r in runs:
         _slots_hold_their_experts(r["experts"], logical, r["after"])
@@ -165,25 +174,51 @@ def test_serving_every_slot_exact_after_each_rebalance():
 
 
 def test_serving_outputs_bitwise_identical_across_rebalances():
-    runs, *_ = _serve()
+    runs, *_ = _serve("dense")
     # Steps 0-1 and 4-5 see batch a, 2-3 and 6 batch b; rebalances in between move experts.
     for i, j in ((0, 1), (0, 4), (0, 5), (2, 3), (2, 6)):
         np.testing.assert_array_equal(runs[i]["y"], runs[j]["y"])
     assert not np.array_equal(runs[0]["phy2log"], runs[4]["phy2log"])
 
 
-def test_serving_balancedness_rises():
-    runs, *_ = _serve()
+@pytest.mark.parametrize("path", PATHS)
+def test_serving_balancedness_rises(path):
+    runs, *_ = _serve(path)
     balance = [r["balance"] for r in runs]  # 0.34 on the initial placement, 0.58 to 0.94 after
     assert min(balance[1:]) > balance[0] + 0.15, balance
     assert max(balance) > 0.9, balance
 
 
-def test_serving_one_compilation_and_shardings_kept():
-    _, compiled, specs_in, specs_out, spec, _ = _serve()
+@pytest.mark.parametrize("path", PATHS)
+def test_serving_one_compilation_and_shardings_kept(path):
+    _, compiled, specs_in, specs_out, spec, _ = _serve(path)
     assert compiled == 1
     assert jax.tree.leaves(specs_in) == jax.tree.leaves(specs_out)
     assert spec[0] == "expert", spec  # the slot dim on MaxText's expert axis, [P, L, ...]
+
+
+def test_sparse_path_counts_what_the_dense_path_counts():
+    """The sparse path counts once at global view: the same loads, so the same placements.
+
+    Layer 0 only: the layers after it see layer 0's outputs, and MaxText's sparse path on XLA:CPU
+    computes other outputs than its dense path (docs/integration.md).
+    """
+    dense, sparse = _serve("dense")[0], _serve("sparse")[0]
+    assert any((d["after"][0] != d["phy2log"][0]).any() for d in dense)
+    for d, s in zip(dense, sparse):
+        np.testing.assert_array_equal(d["after"][0], s["after"][0])
+
+
+def test_sparse_path_is_maxtext_sparse_path_without_replicas():
+    """R = 0, same weights: the adapter's sparse path gives MaxText's own sparse layer's bits."""
+    cfg, mesh, *_ = _setup("sparse")
+    ours, _ = _build(cfg, mesh, 0)
+    theirs, _ = _build(cfg, mesh, None)
+    nnx.update(theirs, nnx.state(ours, nnx.Param))
+    x = jax.random.normal(jax.random.key(3), (8, 8, H)) + 1.0
+    (y1, a1), (y2, a2) = ours(x), theirs(x)
+    np.testing.assert_array_equal(np.asarray(y1), np.asarray(y2))
+    assert float(a1) == float(a2)  # the load-balance loss, on logical ids
 
 
 def test_dense_combine_matches_maxtext_routed_moe():
@@ -224,7 +259,7 @@ def _train_step(graphdef, mesh, tx, eplb: bool):
         if eplb:
             state = state.record(counts)
             parts, put_back = jeplb.expert_state((params, opt_state), params[0])
-            state, parts, info = jeplb.eplb_step(state, parts, mesh=mesh, layer_axis=1, slot_axis=0)
+            state, parts, _ = jeplb.eplb_step(state, parts, mesh=mesh, layer_axis=1, slot_axis=0)
             params, opt_state = put_back(parts)
         return params, opt_state, state, loss
 
