@@ -21,8 +21,9 @@ from flax import nnx
 from maxtext.layers import initializers
 from maxtext.utils import maxtext_utils
 
+import jeplb
 from jeplb.integrations import maxtext as jm
-from tests.maxtext.model import PATHS, STEPS, E, H, K, L, R, build, maxtext_config, setup
+from tests.maxtext.maxtext_model import PATHS, STEPS, E, H, K, L, R, build, maxtext_config, setup
 from tests.transfer_model import compilations
 
 pytestmark = pytest.mark.devices(8)
@@ -164,3 +165,17 @@ def test_slots_not_divisible_by_expert_axis():
             cfg, E, K, mesh, initializers.nd_dense_init(1.0, "fan_in", "truncated_normal"),
             ("embed", None), nnx.Rngs(0), num_redundant_experts=3,
         )  # fmt: skip
+
+
+def test_set_maps_refuses_a_state_of_other_sizes():
+    cfg, mesh, *_ = setup()
+    model, _ = build(cfg, mesh, R)
+    before = jm.take_counts(model)
+    for other, words in (
+        (dict(num_layers=L + 1, num_experts=E, num_redundant_experts=R), "state: 3 layers"),
+        (dict(num_layers=L, num_experts=E, num_redundant_experts=R + 8), "phy2log"),
+    ):
+        state = jeplb.EplbState.create(num_devices=8, axis_name="expert", **other)
+        with pytest.raises(ValueError, match=words):
+            jm.set_maps(model, state)
+    np.testing.assert_array_equal(jm.take_counts(model), before)  # nothing written

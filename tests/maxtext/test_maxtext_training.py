@@ -21,7 +21,7 @@ from flax import nnx
 
 import jeplb
 from jeplb.integrations import maxtext as jm
-from tests.maxtext.model import STEPS, E, L, R, build, setup
+from tests.maxtext.maxtext_model import STEPS, E, L, R, build, setup
 
 pytestmark = pytest.mark.devices(8)
 
