@@ -37,11 +37,15 @@ Expert paths (``config.sparse_matmul``):
   are MaxText's (an unsort and a weighted sum over k): exact only to rounding across a rebalance
   unless the backend's grouped matmul is slot-independent.
 
+``with use_in_maxtext(num_redundant_experts=R):`` around a model's construction makes MaxText's
+own models build `EplbRoutedMoE` where they build `RoutedMoE`.
+
 Requires ``maxtext==0.2.5`` (Python >= 3.12; ``pip install "jeplb[maxtext]"``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -59,6 +63,9 @@ except ImportError as err:  # pragma: no cover - depends on the environment
         'pip install "jeplb[maxtext]"'
     ) from err
 
+# MaxText's class as imported, whatever `use_in_maxtext` puts in its module while it is open.
+_RoutedMoE = _moe.RoutedMoE
+
 __all__ = [
     "SLOT_PARAMS",
     "EplbCounts",
@@ -72,6 +79,7 @@ __all__ = [
     "set_expert_params",
     "set_maps",
     "take_counts",
+    "use_in_maxtext",
 ]
 
 # The parameters of RoutedMoE with one row per expert (slot) in dim 0 of a layer.
@@ -89,7 +97,7 @@ class EplbCounts(nnx.Variable):
     """A layer's routed-token counts per logical expert (int32[E]) of the last forward."""
 
 
-class EplbRoutedMoE(_moe.RoutedMoE):
+class EplbRoutedMoE(_RoutedMoE):
     """MaxText's `RoutedMoE` with P physical slots behind an E-wide router.
 
     Built with MaxText's own arguments plus ``num_redundant_experts``: the kernels get
@@ -196,7 +204,7 @@ class EplbRoutedMoE(_moe.RoutedMoE):
         chosen, so they are counted here from the same logits MaxText routes inside its
         shard_map (a [T, E] top-k more; NNX variables cannot be written inside the shard_map).
         """
-        _, ids = _moe.RoutedMoE.get_topk(
+        _, ids = _RoutedMoE.get_topk(
             self, gate_logits, pre_bias_logits, self.rngs, kwargs.get("input_ids"),
             kwargs.get("forced_routed_experts"),
         )  # fmt: skip
@@ -233,7 +241,7 @@ class EplbRoutedMoE(_moe.RoutedMoE):
             forced_routed_experts = self._maybe_shard_with_logical(
                 forced_routed_experts, batch_axes
             )
-        weights, ids = _moe.RoutedMoE.get_topk(
+        weights, ids = _RoutedMoE.get_topk(
             self, gate_logits, pre_bias_logits, self.rngs, input_ids=input_ids,
             forced_routed_experts=forced_routed_experts,
         )  # fmt: skip
@@ -291,6 +299,38 @@ class EplbRoutedMoE(_moe.RoutedMoE):
         return _moe.calculate_load_balance_updates(
             ids, self.num_logical_experts, rate, axis_names=None
         )
+
+
+@contextlib.contextmanager
+def use_in_maxtext(*, num_redundant_experts: int):
+    """Inside the block, MaxText's models build `EplbRoutedMoE` where they build `RoutedMoE`.
+
+    MaxText's decoder layers (Mixtral, Qwen3's routed experts, GPT-OSS, and through
+    `RoutedAndSharedMoE` DeepSeek and Llama4) look ``maxtext.layers.moe.RoutedMoE`` up when they
+    are built; inside the block that name is a subclass of `EplbRoutedMoE` with
+    ``num_redundant_experts`` bound. Build (or ``nnx.eval_shape``) the model inside it; the model
+    keeps its layers after the block closes. A model that imported the class by name before is
+    not affected: build `EplbRoutedMoE` there yourself.
+
+    Args:
+      num_redundant_experts: R, replica slots per MoE layer (P = E + R).
+    """
+    if not isinstance(num_redundant_experts, int) or num_redundant_experts < 0:
+        raise ValueError(
+            f"num_redundant_experts: expected an int >= 0, got {num_redundant_experts!r}"
+        )
+
+    class Bound(EplbRoutedMoE):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("num_redundant_experts", num_redundant_experts)
+            super().__init__(*args, **kwargs)
+
+    Bound.__name__ = Bound.__qualname__ = "EplbRoutedMoE"
+    previous, _moe.RoutedMoE = _moe.RoutedMoE, Bound
+    try:
+        yield
+    finally:
+        _moe.RoutedMoE = previous
 
 
 def _names(axis) -> tuple:

@@ -9,14 +9,17 @@ shardings kept; and the adapter against MaxText's own RoutedMoE. MaxText needs P
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 pytest.importorskip("maxtext.layers.moe", reason="MaxText 0.2.x (Python >= 3.12) not installed")
 
+from flax import linen as nn
 from flax import nnx
 from maxtext.layers import initializers
 from maxtext.utils import maxtext_utils
@@ -179,3 +182,44 @@ def test_set_maps_refuses_a_state_of_other_sizes():
         with pytest.raises(ValueError, match=words):
             jm.set_maps(model, state)
     np.testing.assert_array_equal(jm.take_counts(model), before)  # nothing written
+
+
+def test_use_in_maxtext_puts_slots_into_maxtext_decoder_layers():
+    """One call: MaxText's own Mixtral decoder layer (attention + MoE) built on slots."""
+    from maxtext.layers import moe
+    from maxtext.models import mixtral
+
+    cfg = maxtext_config(
+        decoder_block="mixtral", base_num_query_heads=4, base_num_kv_heads=4, head_dim=8,
+        attention="dot_product",
+    )  # fmt: skip
+    mesh = maxtext_utils.get_mesh_from_config(cfg)
+    layers = {}
+    for redundant in (None, 0, R):
+        with nn.logical_axis_rules(cfg.logical_axis_rules), contextlib.ExitStack() as stack:
+            if redundant is not None:
+                stack.enter_context(jm.use_in_maxtext(num_redundant_experts=redundant))
+            layers[redundant] = mixtral.MixtralDecoderLayer(cfg, mesh, "train", rngs=nnx.Rngs(0))
+    assert moe.RoutedMoE is jm._RoutedMoE  # restored
+    block = layers[R].MoeBlock_0
+    assert isinstance(block, jm.EplbRoutedMoE)
+    assert block.wi_0[...].shape == (E + R, H, cfg.mlp_dim)
+    assert block.gate.kernel[...].shape == (H, E)
+    assert type(layers[None].MoeBlock_0) is moe.RoutedMoE
+
+    # With R = 0 and the same parameters, MaxText's layer up to the combine's rounding.
+    nnx.update(layers[0], nnx.state(layers[None], nnx.Param))
+    x = jax.random.normal(jax.random.key(0), (8, 8, H))
+    args = (jnp.ones((8, 8), jnp.int32), jnp.broadcast_to(jnp.arange(8), (8, 8)), True, "train")
+    with jax.set_mesh(mesh), nn.logical_axis_rules(cfg.logical_axis_rules):
+        for redundant in (0, R):
+            jm.set_maps(
+                layers[redundant],
+                jeplb.EplbState.create(num_layers=1, num_experts=E, num_devices=8,
+                                       num_redundant_experts=redundant, axis_name="expert"),
+            )  # fmt: skip
+        ours, theirs = layers[0](x, *args)[0], layers[None](x, *args)[0]
+        layers[R](x, *args)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=1e-6)
+    counts = np.asarray(jm.take_counts(layers[R]))
+    assert counts.shape == (1, E) and counts.sum() == 8 * 8 * K
