@@ -27,7 +27,8 @@ from maxtext.utils import sharding as mt_sharding
 import jeplb
 from jeplb.integrations import maxtext as jm
 
-L, E, R, K, H = 2, 16, 8, 2, 32  # P = 24 slots, 3 per device on the expert axis of 8
+L, E, R, K, H = 2, 16, 8, 4, 32  # P = 24 slots, 3 per device on the expert axis of 8; top-4
+# (K >= 3: with two terms any combine order gives the same bits, so K = 2 would test nothing)
 STEPS = 7  # rebalances at the end of steps 1, 3, 5 (step_interval 2)
 
 

@@ -91,7 +91,7 @@ def test_serving_outputs_bitwise_identical_across_rebalances():
 @pytest.mark.parametrize("path", PATHS)
 def test_serving_balancedness_rises(path):
     runs, *_ = _serve(path)
-    balance = [r["balance"] for r in runs]  # 0.34 on the initial placement, 0.58 to 0.94 after
+    balance = [r["balance"] for r in runs]  # 0.43 on the initial placement, 0.70 to 0.93 after
     assert min(balance[1:]) > balance[0] + 0.15, balance
     assert max(balance) > 0.9, balance
 
