@@ -515,7 +515,13 @@ class Layout:
 
 
 def layout(config: Any) -> Layout:
-    """The stacked experts' dims for MaxText's ``param_scan_axis`` (1: ``[P, L, ...]``)."""
+    """The stacked experts' dims for MaxText's ``param_scan_axis`` (1: ``[P, L, ...]``).
+
+    Example:
+      >>> import types
+      >>> layout(types.SimpleNamespace(param_scan_axis=1)).kwargs()
+      {'layer_axis': 1, 'slot_axis': 0}
+    """
     axis = int(config.param_scan_axis)
     if axis not in (0, 1):
         raise ValueError(f"config: param_scan_axis must be 0 or 1, got {axis}")

@@ -148,6 +148,15 @@ def test_dense_combine_matches_maxtext_routed_moe():
     [
         (dict(capacity_factor=1.0), "capacity_factor"),
         (dict(sparse_matmul=True, use_ring_of_experts=False), "use_ring_of_experts"),
+        (
+            dict(
+                PATHS["sparse"],
+                decoder_block="deepseek",
+                routed_bias=True,
+                routed_bias_update_rate=0.01,
+            ),
+            "routed_bias",
+        ),
     ],
 )
 def test_refused_configurations_name_the_key(overrides, words):
@@ -223,3 +232,10 @@ def test_use_in_maxtext_puts_slots_into_maxtext_decoder_layers():
     np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=1e-6)
     counts = np.asarray(jm.take_counts(layers[R]))
     assert counts.shape == (1, E) and counts.sum() == 8 * 8 * K
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    failed, tried = doctest.testmod(jm, optionflags=doctest.ELLIPSIS)
+    assert tried > 0 and failed == 0
