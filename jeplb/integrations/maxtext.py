@@ -29,13 +29,14 @@ Expert paths (``config.sparse_matmul``):
   order and drifts by rounding across a rebalance; this layer does not use it. Token dropping
   (``capacity_factor > 0``) is refused: its capacity is per slot.
 * sparse (``sparse_matmul=True``): the layer runs MaxText's own `sparse_matmul` with P as the
-  number of expert groups (inside MaxText's ``shard_map``), dispatching inside it. Only the ring of
-  experts (``use_ring_of_experts=True``) is supported: every expert shard sees the same all-gathered
-  tokens, so counts are taken once (on expert shard 0 of each data shard, summed over the batch
-  axes once) and the replica hash uses the global token index. MaxText's default sparse route is a
-  ``ragged_all_to_all``, which XLA:CPU cannot compile; the ring route runs on CPU. Combines there
-  are MaxText's (an unsort and a weighted sum over k): exact only to rounding across a rebalance
-  unless the backend's grouped matmul is slot-independent.
+  number of expert groups, dispatching inside MaxText's ``shard_map`` with global token indices
+  (the same replicas as at global view). Only the ring of experts (``use_ring_of_experts=True``)
+  is supported. NNX variables cannot be written inside that ``shard_map``, so the counts (which
+  depend on the router's top-k only) are taken once at global view from the same logits.
+  MaxText's default sparse route is a ``ragged_all_to_all``, which XLA:CPU cannot compile; the
+  ring route runs on CPU. Outputs there are MaxText's sparse computation's (its unsort and
+  weighted sum over k); on XLA:CPU that computation differs from its dense path and depends on
+  the placement (docs/integration.md), so outputs are not stable across a rebalance there.
 
 ``with use_in_maxtext(num_redundant_experts=R):`` around a model's construction makes MaxText's
 own models build `EplbRoutedMoE` where they build `RoutedMoE`.
@@ -102,8 +103,10 @@ class EplbRoutedMoE(_RoutedMoE):
 
     Built with MaxText's own arguments plus ``num_redundant_experts``: the kernels get
     P = ``num_experts`` + ``num_redundant_experts`` rows, sharded on MaxText's ``"exp"`` logical
-    axis as before; ``num_experts`` (E) stays the router's width and the id space of the top-k,
-    the load-balance loss and the routed bias. The maps start as `jeplb.EplbState.create`'s
+    axis as before; the ``num_experts`` passed in (E, ``self.num_logical_experts``) stays the
+    router's width and the id space of the top-k, the load-balance loss and the routed bias.
+    ``self.num_experts`` is E on the dense path and P on the sparse path, where MaxText's sort
+    groups tokens by it. A token with a -1 id (forced-routing padding) is mapped, not counted. The maps start as `jeplb.EplbState.create`'s
     (slot p holds expert p % E); `set_maps` writes a state's maps in before a forward.
 
     Args:
