@@ -45,7 +45,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jeplb._src import checks
+from jeplb._src import checks, perlayer
 from jeplb._src import metrics as balance
 from jeplb._src.counts import INT32_MAX, saturating_psum
 from jeplb._src.maps import maps_from_phy2log
@@ -157,13 +157,17 @@ def _window(state: EplbState, load_axes: tuple[str, ...]):
     return window, total, leaving, pos, state.step + 1
 
 
-def _transfer(state: EplbState, leaves, pending, cursor, setup: engine_lib.Engine):
+def _transfer(state: EplbState, leaves, pending, cursor, setup: engine_lib.Engine, per_layer=0):
     """Moves the due layers [cursor, cursor + k) to the pending maps; switches exactly the maps
-    of the layers that moved. Returns (leaves, maps, cursor, stats, layer_ok)."""
+    of the layers that moved. Returns (leaves, maps, cursor, stats, layer_ok). ``per_layer``: K
+    leaves per layer of a per-layer sequence (`perlayer.move_groups`), 0 for stacked leaves."""
     num_layers = state.num_layers
     k = state.config.schedule.layers_moved(num_layers)
     count = jnp.clip(num_layers - cursor, 0, k)
-    leaves, stats = engine_lib.move_layers(
+    mover = engine_lib.move_layers
+    if per_layer:
+        mover = functools.partial(perlayer.move_groups, per_layer=per_layer)
+    leaves, stats = mover(
         state.phy2log,
         pending[0],
         leaves,
@@ -247,7 +251,7 @@ _BRANCH_FIELDS = (
 )  # fmt: skip
 
 
-def _busy(state: EplbState, leaves, window, slid, scheduled, setup):
+def _busy(state: EplbState, leaves, window, slid, scheduled, setup, per_layer=0):
     """The step's branch when a rebalance is scheduled or under way, or the total saturated:
     the exact total, maybe the policy, the transfer of the due layers. Returns (the state fields
     it changes, by name; leaves; `_Moved`): only those pass through the branch, not the window."""
@@ -258,7 +262,9 @@ def _busy(state: EplbState, leaves, window, slid, scheduled, setup):
         cursor = jnp.where(decision.fired, 0, state.cursor)
         pending = decision.pending
     with jax.named_scope("eplb_transfer"):
-        leaves, maps, cursor, stats, layer_ok = _transfer(state, leaves, pending, cursor, setup)
+        leaves, maps, cursor, stats, layer_ok = _transfer(
+            state, leaves, pending, cursor, setup, per_layer
+        )
     changes = dict(
         window_total=total,
         phy2log=maps[0],
@@ -285,8 +291,11 @@ def _quiet(state: EplbState, leaves, slid):
     return dict(changes, window_total=slid), leaves, moved
 
 
-def _local_step(state: EplbState, leaves: list[jax.Array], *, load_axes: tuple[str, ...], setup):
-    """The step on this device's shard: leaves [L, N_local, ...]. Runs inside shard_map.
+def _local_step(
+    state: EplbState, leaves: list[jax.Array], *, load_axes: tuple[str, ...], setup, per_layer=0
+):
+    """The step on this device's shard: leaves [L, N_local, ...] (or, with ``per_layer`` = K,
+    L groups of K leaves [N_local, ...]). Runs inside shard_map.
 
     One `lax.cond` decides the step (on a GPU each costs a device-to-host sync): an idle step
     (no rebalance scheduled or under way, no saturated total) writes the window row, slides the
@@ -302,7 +311,7 @@ def _local_step(state: EplbState, leaves: list[jax.Array], *, load_axes: tuple[s
     busy = scheduled | ~idle | jnp.any(state.window_total == INT32_MAX)
     changes, leaves, moved = lax.cond(
         busy,
-        lambda: _busy(state, leaves, window, slid, scheduled, setup),
+        lambda: _busy(state, leaves, window, slid, scheduled, setup, per_layer),
         lambda: _quiet(state, leaves, slid),
     )
     state = state.replace(**changes)
@@ -442,18 +451,34 @@ def eplb_step_local(
     axes = _check_load_axes(state, load_axes)
     setup = _setup(state, checks.platform_of(), layer_axis, slot_axis)
     lead = _lead_shape(state, setup, local=True)
-    leaves, treedef, _ = checks.weight_leaves(
-        expert_weights,
-        lead_shape=lead,
-        slot_axis=setup.config.slot_axis,
-        layer_axis=setup.config.layer_axis,
-        mesh=None,
-        axes=setup.config.axes,
-        local=True,
-    )
-    problems = engine_lib.leaf_problems(leaves, setup)
+    per_layer = 0
+    if perlayer.is_per_layer(expert_weights, lead):
+        layers = perlayer.check_layers(
+            expert_weights,
+            num_layers=state.num_layers,
+            slots=state.slots_per_device,
+            mesh=None,
+            axes=setup.config.axes,
+            local=True,
+        )
+        leaves, treedef, per_layer = layers.leaves, layers.treedef, layers.per_layer
+        unit = [jax.ShapeDtypeStruct((1, *x.shape), x.dtype) for x in layers.layer(0)]
+        problems = engine_lib.leaf_problems(unit, perlayer.unit_engine(setup))
+    else:
+        leaves, treedef, _ = checks.weight_leaves(
+            expert_weights,
+            lead_shape=lead,
+            slot_axis=setup.config.slot_axis,
+            layer_axis=setup.config.layer_axis,
+            mesh=None,
+            axes=setup.config.axes,
+            local=True,
+        )
+        problems = engine_lib.leaf_problems(leaves, setup)
     checks.refuse_leaves("expert_weights", checks.leaf_paths(treedef), problems)
-    state, leaves, info = _local_step(state, leaves, load_axes=axes, setup=setup)
+    state, leaves, info = _local_step(
+        state, leaves, load_axes=axes, setup=setup, per_layer=per_layer
+    )
     _log_balancedness(state, info, only_device=lax.axis_index(axis))
     return state, treedef.unflatten(leaves), info
 
@@ -544,30 +569,52 @@ def eplb_step(
             f"num_devices = {state.num_devices}"
         )
     setup = _setup(state, checks.platform_of(mesh), layer_axis, slot_axis)
-    leaves, treedef, specs = checks.weight_leaves(
-        expert_weights,
-        lead_shape=_lead_shape(state, setup, local=False),
-        slot_axis=setup.config.slot_axis,
-        layer_axis=setup.config.layer_axis,
-        mesh=mesh,
-        axes=setup.config.axes,
-    )
-    given = tuple(specs)  # None where unknown (traced leaves on an Auto mesh)
-    transfer_api.check_movable(leaves, treedef, given, mesh, setup)
-    state, leaves, info = _program(mesh, setup, given)(state, leaves)
+    lead = _lead_shape(state, setup, local=False)
+    if perlayer.is_per_layer(expert_weights, lead):
+        layers = perlayer.check_layers(
+            expert_weights,
+            num_layers=state.num_layers,
+            slots=state.num_slots,
+            mesh=mesh,
+            axes=setup.config.axes,
+        )
+        leaves, treedef, k = layers.leaves, layers.treedef, layers.per_layer
+        given = tuple(layers.specs)
+        transfer_api.check_movable(
+            layers.layer(0),
+            jax.tree_util.tree_structure(expert_weights[0]),
+            given[:k],
+            mesh,
+            perlayer.unit_engine(setup),
+            single_layer=True,
+        )
+    else:
+        leaves, treedef, specs = checks.weight_leaves(
+            expert_weights,
+            lead_shape=lead,
+            slot_axis=setup.config.slot_axis,
+            layer_axis=setup.config.layer_axis,
+            mesh=mesh,
+            axes=setup.config.axes,
+        )
+        given, k = tuple(specs), 0  # None where unknown (traced leaves on an Auto mesh)
+        transfer_api.check_movable(leaves, treedef, given, mesh, setup)
+    state, leaves, info = _program(mesh, setup, given, k)(state, leaves)
     return state, treedef.unflatten(leaves), info
 
 
 @functools.lru_cache(maxsize=64)
-def _program(mesh: jax.sharding.Mesh, setup: engine_lib.Engine, given: tuple):
-    """The step at global view as one jitted program per (mesh, setup, leaf specs).
+def _program(mesh: jax.sharding.Mesh, setup: engine_lib.Engine, given: tuple, per_layer: int = 0):
+    """The step at global view as one jitted program per (mesh, setup, leaf specs, K leaves per
+    layer of a per-layer sequence or 0).
 
     Called eagerly it compiles once per shapes and reuses the program, instead of running the
     `jax.shard_map` op by op (seconds per call); under an outer `jax.jit` it is inlined.
     ``given``: each leaf's spec, None where unknown (traced leaves on an Auto mesh).
     """
-    specs = [P(*s) for s in checks.default_specs(given, setup.config.slot_axis, setup.config.axes)]
-    body = functools.partial(_local_step, load_axes=(), setup=setup)
+    slot_axis = 0 if per_layer else setup.config.slot_axis
+    specs = [P(*s) for s in checks.default_specs(given, slot_axis, setup.config.axes)]
+    body = functools.partial(_local_step, load_axes=(), setup=setup, per_layer=per_layer)
     f = jax.shard_map(body, mesh=mesh, in_specs=(P(), specs), out_specs=(P(), specs, P()))
 
     def run(state: EplbState, leaves: list[jax.Array]):
