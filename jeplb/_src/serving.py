@@ -218,6 +218,10 @@ def move_layer(
     given = tuple(specs)
     transfer_api.check_movable(leaves, treedef, given, mesh, setup, single_layer=True)
     program = _move_program(mesh, setup, given)
+    if all(checks.is_concrete(x) for x in jax.tree_util.tree_leaves(state)):
+        # Wherever the state comes from (the forward, `plan_rebalance`), the program sees it
+        # replicated on the mesh, so one compilation serves every call.
+        state = state.replicated(mesh)
     out, (state, report) = program(state, checks.place_map(layer, mesh), leaves)
     return state, treedef.unflatten(out), report
 
