@@ -214,3 +214,22 @@ def test_host_schedule_mirrors_the_device():
     assert due == [
         (False, []), (False, []), (True, [0, 1]), (False, [2]), (False, []), (True, [0, 1]),
     ]  # fmt: skip
+
+
+def test_sync_replica_grads_per_layer_matches_stacked():
+    mesh, rng = _mesh(), np.random.default_rng(9)
+    phy2log = np.asarray(_state().phy2log)
+    sharding = NamedSharding(mesh, P("model"))
+    host = [{"w2": rng.standard_normal((SLOTS, FF, HIDDEN)).astype(np.float32)} for _ in range(L)]
+    grads = [{"w2": jax.device_put(layer["w2"], sharding)} for layer in host]
+    out = jeplb.sync_replica_grads(grads, phy2log, mesh=mesh, axis_name="model")
+    stacked = jax.device_put(
+        np.stack([layer["w2"] for layer in host]), NamedSharding(mesh, P(None, "model"))
+    )
+    want = np.asarray(jeplb.sync_replica_grads(stacked, phy2log, mesh=mesh, axis_name="model"))
+    assert len(out) == L and out[0]["w2"].sharding.spec == P("model")
+    for layer in range(L):
+        np.testing.assert_array_equal(np.asarray(out[layer]["w2"]), want[layer])
+    assert not np.array_equal(want[0], host[0]["w2"])  # replicas were summed
+    with pytest.raises(ValueError, match=r"grads: .*one entry per layer, L = 3; got 2"):
+        jeplb.sync_replica_grads(grads[:2], phy2log, mesh=mesh, axis_name="model")

@@ -47,18 +47,25 @@ class Layers:
         return self.leaves[i * self.per_layer : (i + 1) * self.per_layer]
 
 
-def is_per_layer(tree: Any, stacked_lead: tuple[int, int]) -> bool:
+def is_per_layer(tree: Any, stacked_lead: tuple[int, int], *, layer_axis: int = 0) -> bool:
     """Whether ``tree`` is a sequence of per-layer pytrees rather than layer-stacked leaves.
 
-    A list or tuple is read as per-layer unless every one of its leaves has the stacked leading
-    dims ``stacked_lead`` ((L, P) or (P, L); N_local for P on local shards): when both readings
-    fit, the stacked one wins (what callers passed before per-layer sequences existed).
+    A list or tuple is read as per-layer when it has L entries or a leaf whose first dim is P
+    (``stacked_lead`` is (L, P), or (P, L) with ``layer_axis=1``; N_local for P on local shards),
+    unless every leaf has the stacked leading dims: when both readings fit, the stacked one wins
+    (what callers passed before per-layer sequences existed), and a list that fits neither gets
+    the stacked reading's errors.
     """
     if not isinstance(tree, list | tuple) or not tree:
         return False
     leaves = jax.tree_util.tree_leaves(tree)
     lead = tuple(stacked_lead)
-    return not all(tuple(getattr(x, "shape", ()))[:2] == lead for x in leaves)
+    num_layers, slots = lead[layer_axis], lead[1 - layer_axis]
+    if all(tuple(getattr(x, "shape", ()))[:2] == lead for x in leaves):
+        return False
+    return len(tree) == num_layers or any(
+        tuple(getattr(x, "shape", ()))[:1] == (slots,) for x in leaves
+    )
 
 
 def _signature(leaf: Any, spec: tuple | None) -> tuple:

@@ -452,7 +452,7 @@ def eplb_step_local(
     setup = _setup(state, checks.platform_of(), layer_axis, slot_axis)
     lead = _lead_shape(state, setup, local=True)
     per_layer = 0
-    if perlayer.is_per_layer(expert_weights, lead):
+    if perlayer.is_per_layer(expert_weights, lead, layer_axis=setup.config.layer_axis):
         layers = perlayer.check_layers(
             expert_weights,
             num_layers=state.num_layers,
@@ -570,7 +570,7 @@ def eplb_step(
         )
     setup = _setup(state, checks.platform_of(mesh), layer_axis, slot_axis)
     lead = _lead_shape(state, setup, local=False)
-    if perlayer.is_per_layer(expert_weights, lead):
+    if perlayer.is_per_layer(expert_weights, lead, layer_axis=setup.config.layer_axis):
         layers = perlayer.check_layers(
             expert_weights,
             num_layers=state.num_layers,
