@@ -401,7 +401,8 @@ def eplb_step_local(
         `jeplb.dispatch` records inside shard_map): name the axes they are partial over in
         ``load_axes``.
       expert_weights: pytree of this device's slots, leaves [L, N_local, ...] (the global [L, P,
-        ...] sharded ``PartitionSpec(None, state.config.transfer.axis_name)``).
+        ...] sharded ``PartitionSpec(None, state.config.transfer.axis_name)``); or a sequence of
+        L per-layer pytrees with leaves [N_local, ...] (see `eplb_step`).
       layer_axis: the leaves' layer dim (0 or 1; default ``state.config.transfer.layer_axis``).
       slot_axis: the leaves' slot dim (1 or 0; default ``state.config.transfer.slot_axis``).
       load_axes: mesh axes over which ``pass_load`` is a partial count (e.g. ``("data", "ep")``);
@@ -531,7 +532,13 @@ def eplb_step(
       expert_weights: pytree of arrays with leaves [L, P, ...] (or [P, L, ...] with
         ``slot_axis=0, layer_axis=1``) whose slot dim is sharded over ``state.config.transfer.axis_name`` on
         ``mesh``; other dims may be sharded over other mesh axes (any trailing shape, any dtype
-        `jeplb.rearrange_expert_weights` moves). They come back with the same shardings.
+        `jeplb.rearrange_expert_weights` moves). They come back with the same shardings. Or a
+        sequence of L per-layer pytrees with leaves [P, ...] (serving engines' per-layer
+        modules, e.g. tpu-inference's ``w13`` (P, D, 2F) and ``w2`` (P, F, D)), every layer of
+        layer 0's structure, shapes, dtypes and shardings: the due layers move in place, each
+        under its own `lax.cond` (compile time grows with L; a serving loop uses
+        `jeplb.plan_rebalance` and `jeplb.move_layer` instead), nothing is stacked. A list or
+        tuple whose leaves all have the stacked leading dims is read as stacked.
       mesh: the device mesh; its ``state.config.transfer.axis_name`` axis must have
         ``state.num_devices`` devices.
       layer_axis: the leaves' layer dim (0 or 1; default ``state.config.transfer.layer_axis``).
@@ -544,7 +551,8 @@ def eplb_step(
     Raises:
       ValueError, TypeError: a mesh without the axis or of another size, leaves not [L, P, ...]
         or (when concrete) not sharded on the axis, or whose rows the transfer's row kernel
-        cannot move (every bad leaf named by its path).
+        cannot move (every bad leaf named by its path); a per-layer sequence of the wrong length
+        or whose layers differ from layer 0 (named by path, e.g. ``expert_weights[2]['w2']``).
 
     Example:
       >>> import jax, jax.numpy as jnp
