@@ -23,7 +23,15 @@ from jax import lax
 from jeplb._src import checks
 from jeplb._src.transfer import engine as engine_lib
 
-__all__ = ["Layers", "check_layers", "is_per_layer", "move_groups", "move_one", "unit_engine"]
+__all__ = [
+    "Layers",
+    "check_layers",
+    "is_per_layer",
+    "move_groups",
+    "move_one",
+    "step_leaves",
+    "unit_engine",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +142,28 @@ def check_layers(
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     specs = [s for _, _, layer_specs in checked for s in layer_specs]
     return Layers(leaves, treedef, len(first), specs)
+
+
+def step_leaves(tree, num_layers: int, slots: int, mesh, engine: engine_lib.Engine):
+    """The step's checks of a per-layer sequence (`check_layers`, then what the engine cannot
+    move, by path); ``mesh`` None for local shards inside `jax.shard_map` (``slots``: N_local).
+    Returns ``(leaves, treedef, specs, K)``."""
+    from jeplb._src.transfer import api as transfer_api
+
+    layers = check_layers(
+        tree, num_layers=num_layers, slots=slots, mesh=mesh, axes=engine.config.axes,
+        local=mesh is None,
+    )  # fmt: skip
+    k, unit = layers.per_layer, unit_engine(engine)
+    first = jax.tree_util.tree_structure(tree[0])
+    if mesh is None:
+        shapes = [jax.ShapeDtypeStruct((1, *x.shape), x.dtype) for x in layers.layer(0)]
+        problems = engine_lib.leaf_problems(shapes, unit)
+        checks.refuse_leaves("expert_weights[0]", checks.leaf_paths(first), problems)
+    else:
+        given = tuple(layers.specs[:k])
+        transfer_api.check_movable(layers.layer(0), first, given, mesh, unit, single_layer=True)
+    return layers.leaves, layers.treedef, tuple(layers.specs), k
 
 
 def unit_engine(engine: engine_lib.Engine) -> engine_lib.Engine:

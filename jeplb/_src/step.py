@@ -454,17 +454,10 @@ def eplb_step_local(
     lead = _lead_shape(state, setup, local=True)
     per_layer = 0
     if perlayer.is_per_layer(expert_weights, lead, layer_axis=setup.config.layer_axis):
-        layers = perlayer.check_layers(
-            expert_weights,
-            num_layers=state.num_layers,
-            slots=state.slots_per_device,
-            mesh=None,
-            axes=setup.config.axes,
-            local=True,
+        leaves, treedef, _, per_layer = perlayer.step_leaves(
+            expert_weights, state.num_layers, state.slots_per_device, None, setup
         )
-        leaves, treedef, per_layer = layers.leaves, layers.treedef, layers.per_layer
-        unit = [jax.ShapeDtypeStruct((1, *x.shape), x.dtype) for x in layers.layer(0)]
-        problems = engine_lib.leaf_problems(unit, perlayer.unit_engine(setup))
+        problems = []  # refused by step_leaves
     else:
         leaves, treedef, _ = checks.weight_leaves(
             expert_weights,
@@ -579,22 +572,8 @@ def eplb_step(
     setup = _setup(state, checks.platform_of(mesh), layer_axis, slot_axis)
     lead = _lead_shape(state, setup, local=False)
     if perlayer.is_per_layer(expert_weights, lead, layer_axis=setup.config.layer_axis):
-        layers = perlayer.check_layers(
-            expert_weights,
-            num_layers=state.num_layers,
-            slots=state.num_slots,
-            mesh=mesh,
-            axes=setup.config.axes,
-        )
-        leaves, treedef, k = layers.leaves, layers.treedef, layers.per_layer
-        given = tuple(layers.specs)
-        transfer_api.check_movable(
-            layers.layer(0),
-            jax.tree_util.tree_structure(expert_weights[0]),
-            given[:k],
-            mesh,
-            perlayer.unit_engine(setup),
-            single_layer=True,
+        leaves, treedef, given, k = perlayer.step_leaves(
+            expert_weights, state.num_layers, state.num_slots, mesh, setup
         )
     else:
         leaves, treedef, specs = checks.weight_leaves(
