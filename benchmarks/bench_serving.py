@@ -7,7 +7,7 @@ Cases, all on the serving example (jeplb/examples/serving.py: per-layer weights,
 * serving loop, idle step: the forward with `jeplb.dispatch` + `jeplb.end_pass`, then the host
   schedule's check (`HostSchedule.tick` / `take_layers`): no EPLB program runs;
 * separate idle eplb_step: the forward with recording, then `jeplb.eplb_step` on the per-layer
-  weights as its own jitted call (the issue's workaround, which paid for a program doing nothing).
+  weights as its own jitted call (a program that runs every step, doing nothing when nothing is due).
 
 Each step pads the batch to its bucket, runs the forward and reads the outputs back (what
 sampling does), so every case syncs once per step. Medians over interleaved steps. Compile
