@@ -233,3 +233,22 @@ def test_sync_replica_grads_per_layer_matches_stacked():
     assert not np.array_equal(want[0], host[0]["w2"])  # replicas were summed
     with pytest.raises(ValueError, match=r"grads: .*one entry per layer, L = 3; got 2"):
         jeplb.sync_replica_grads(grads[:2], phy2log, mesh=mesh, axis_name="model")
+
+
+def test_sync_replica_grads_local_per_layer_matches_stacked():
+    mesh, rng = _mesh(), np.random.default_rng(10)
+    phy2log = np.asarray(_state().phy2log)
+    host = [{"w2": rng.standard_normal((SLOTS, FF, HIDDEN)).astype(np.float32)} for _ in range(L)]
+    specs = [{"w2": P("model")}] * L
+
+    def body(g, m):
+        return jeplb.sync_replica_grads_local(g, m, axis_name="model")
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(specs, P()), out_specs=specs))
+    out = f([{"w2": jnp.asarray(layer["w2"])} for layer in host], jnp.asarray(phy2log))
+    stacked = jax.device_put(
+        np.stack([layer["w2"] for layer in host]), NamedSharding(mesh, P(None, "model"))
+    )
+    want = np.asarray(jeplb.sync_replica_grads(stacked, phy2log, mesh=mesh, axis_name="model"))
+    for layer in range(L):
+        np.testing.assert_array_equal(np.asarray(out[layer]["w2"]), want[layer])

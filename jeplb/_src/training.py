@@ -439,6 +439,43 @@ def _local_layer(phy2log, layer, leaves, *, setup: engine.Engine):
     return [x[0] for x in out], stats
 
 
+def _check_layer_dtypes(grads, layers: perlayer.Layers):
+    """Refuses a per-layer sequence of non-floating gradients (layer 0 stands for every layer:
+    `perlayer.check_layers` checked they agree); returns layer 0's tree structure."""
+    first = jax.tree_util.tree_structure(grads[0])
+    bad = [
+        f"grads[0]{p} has dtype {x.dtype}; expected a floating dtype of 1 to 8 bytes "
+        f"(gradients are summed)"
+        for p, x in zip(checks.leaf_paths(first), layers.layer(0), strict=True)
+        if not jnp.issubdtype(x.dtype, jnp.floating) or np.dtype(x.dtype).name in layout.SUB_BYTE
+    ]
+    if bad:
+        raise TypeError("; ".join(bad))
+    return first
+
+
+def _sync_layers_local(grads, m, *, config: TransferConfig, d: int):
+    """`sync_replica_grads_local` for a sequence of L per-layer pytrees (local leaves
+    [N_local, ...]): each layer summed on its own (compile time grows with L)."""
+    num_layers, p_total = m.shape
+    layers = perlayer.check_layers(
+        grads, num_layers=num_layers, slots=p_total // d, mesh=None, axes=config.axes,
+        local=True, name="grads",
+    )  # fmt: skip
+    first = _check_layer_dtypes(grads, layers)
+    setup = engine.Engine(
+        config=config.replace(layer_axis=0, slot_axis=1), num_devices=d,
+        platform=checks.platform_of(),
+    )  # fmt: skip
+    unit = [jax.ShapeDtypeStruct((1, *x.shape), x.dtype) for x in layers.layer(0)]
+    _check_movable(unit, first, setup)
+    m = jnp.asarray(m)
+    out = []
+    for i in range(num_layers):
+        out.extend(_local_layer(m, jnp.int32(i), layers.layer(i), setup=setup)[0])
+    return layers.treedef.unflatten(out)
+
+
 def _sync_layers(grads, m, *, config: TransferConfig, mesh, d: int):
     """`sync_replica_grads` for a sequence of L per-layer pytrees (leaves [P, ...]): one compiled
     program for every layer (the layer index traced), one call per layer."""
@@ -447,16 +484,7 @@ def _sync_layers(grads, m, *, config: TransferConfig, mesh, d: int):
         grads, num_layers=num_layers, slots=p_total, mesh=mesh, axes=config.axes, name="grads"
     )
     k = layers.per_layer
-    first = jax.tree_util.tree_structure(grads[0])
-    paths = checks.leaf_paths(first)
-    bad = [  # every layer has layer 0's dtypes (check_layers)
-        f"grads[0]{p} has dtype {x.dtype}; expected a floating dtype of 1 to 8 bytes "
-        f"(gradients are summed)"
-        for p, x in zip(paths, layers.layer(0), strict=True)
-        if not jnp.issubdtype(x.dtype, jnp.floating) or np.dtype(x.dtype).name in layout.SUB_BYTE
-    ]
-    if bad:
-        raise TypeError("; ".join(bad))
+    first = _check_layer_dtypes(grads, layers)
     specs = checks.default_specs(layers.specs[:k], 0, config.axes)
     setup = engine.Engine(
         config=config.replace(layer_axis=0, slot_axis=1),
@@ -586,7 +614,8 @@ def sync_replica_grads_local(
 
     Args:
       grads: pytree of this device's gradient shards, leaves [L, N_local, ...] (or
-        [N_local, L, ...] with ``slot_axis=0, layer_axis=1``), floating dtypes.
+        [N_local, L, ...] with ``slot_axis=0, layer_axis=1``), floating dtypes; or a sequence
+        of L per-layer pytrees with leaves [N_local, ...] (each layer summed on its own).
       phy2log: int[L, P] the placement, the same on every device (replicated).
       axis_name: the bound expert-parallel mesh axis, or a tuple of axes.
       layer_axis: the leaves' layer dim (0 or 1).
@@ -615,6 +644,8 @@ def sync_replica_grads_local(
         "sync_replica_grads(..., mesh=...) at global view)",
     )
     m = check_phy2log(phy2log, name="phy2log", num_devices=d)
+    if perlayer.is_per_layer(grads, _lead(m, config, d, True), layer_axis=config.layer_axis):
+        return _sync_layers_local(grads, m, config=config, d=d)
     leaves, treedef, _ = _check_grad_leaves(
         grads, lead=_lead(m, config, d, True), config=config, mesh=None, local=True
     )
