@@ -1,143 +1,113 @@
-"""Dispatch benchmark: what recording the load adds to a layer's routing, inside a model's jit.
+"""Dispatch benchmark: what `jeplb.dispatch` on every layer and an idle `jeplb.eplb_step` cost a
+decode step, measured as a model calls them.
 
-Per layer, inside one jitted `lax.fori_loop` over layers (as a scanned model runs them), with new
-router ids every layer:
+The decode-like step of `jeplb.tools.bench_decode` (58 layers, 4096 tokens x top-8 of E = 256 on
+P = 288 slots; one jitted call per step, state and weights donated), layers unrolled and scanned,
+in four variants: ``plain`` (no EPLB), ``dispatch`` on every layer, and ``dispatch`` + an idle
+``eplb_step`` with a window of 1000 and of 1. Per step, medians of ``--repeats`` synchronised calls
+(``call_us``) and of back-to-back bursts (``pipelined_us``); ``over_plain_us`` and
+``over_dispatch_us`` are differences of the call medians in the same run. ``per layer`` divides
+dispatch's share by L.
 
-* ``loop``: the loop and the ids alone (the floor of the measure);
-* ``map``: `jeplb.dispatch_layer`'s physical ids only (its counts unused, so XLA drops them);
-* ``map + count``: `jeplb.dispatch_layer` with its counts used;
-* ``dispatch``: `jeplb.dispatch` on an `EplbState`: ids mapped and counts added into
-  ``pass_load[layer]`` (what a model calls).
-
-Each variant is compiled with 2 and with 130 layers' worth of trips; the per-layer time is the
-difference of the two programs' medians over 128, so the call's dispatch cancels out. The cost of
-recording is ``map + count`` (or ``dispatch``) minus ``map``.
+``--impl`` picks how the counts are made on the GPU: ``scatter`` (the default: a scatter into 256
+rows of counters, summed), ``compare`` (a compare-sum) or ``fused`` (the Pallas kernel that maps
+and counts, its programs' rows summed by XLA). ``--diagnose`` adds the idle step traced without
+its conditional (not a usable step: what the conditional costs). ``--hlo DIR`` writes what one
+layer's dispatch launches (the compiled entry computation) and the idle step's compiled HLO.
+``--tiny`` runs small shapes (a quick check on a CPU).
 
 Usage (from the repository root):
-    python benchmarks/bench_dispatch.py [--repeats N] [--out PATH] [--json PATH]
+    python benchmarks/bench_dispatch.py [--tiny] [--repeats N] [--impl {scatter,compare,fused}]
+        [--layouts unrolled,scanned] [--variants V,...] [--diagnose] [--out PATH] [--json PATH]
+        [--hlo DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
-import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from jax import lax
 
-import jeplb
+from jeplb.tools import bench_decode as bd
 from jeplb.tools.benchio import results_path, table, write_results
-
-_TRIPS = (2, 130)
-# (tokens T, top-k K, experts E, slots P): DeepSeek-V3's routing at two batch sizes.
-_CASES = ((4096, 8, 256, 288), (16384, 8, 256, 288))
-
-
-@dataclasses.dataclass
-class Row:
-    case: str
-    variant: str
-    us_per_layer: float
-    over_map_us: float
-
-
-def _variants(state: jeplb.EplbState, e: int):
-    """name -> body(layer, ids, carry) -> carry; the carry is (int32[E] sink, state)."""
-    log2phy, logcnt = state.log2phy[0], state.logcnt[0]
-
-    def loop(i, ids, carry):
-        sink, s = carry
-        return sink + ids[0, 0], s
-
-    def mapped(i, ids, carry):
-        sink, s = carry
-        phys, _ = jeplb.dispatch_layer(log2phy, logcnt, ids)
-        return sink + phys[0, 0] + phys[-1, -1], s
-
-    def counted(i, ids, carry):
-        sink, s = carry
-        phys, counts = jeplb.dispatch_layer(log2phy, logcnt, ids)
-        return sink + counts + phys[0, 0] + phys[-1, -1], s
-
-    def recorded(i, ids, carry):
-        sink, s = carry
-        s, phys = jeplb.dispatch(s, i % s.num_layers, ids)
-        return sink + phys[0, 0] + phys[-1, -1], s
-
-    return {"loop": loop, "map": mapped, "map + count": counted, "dispatch": recorded}
-
-
-def _program(body, trips: int, e: int):
-    def run(ids, state):
-        def step(i, carry):
-            return body(i, (ids + i) % e, carry)
-
-        return lax.fori_loop(0, trips, step, (jnp.zeros((e,), jnp.int32), state))
-
-    return jax.jit(run)
-
-
-def run_case(case, *, repeats: int) -> list[Row]:
-    t, k, e, p = case
-    state = jeplb.EplbState.create(
-        num_layers=8, num_experts=e, num_devices=1, num_redundant_experts=p - e,
-        window_size=1, step_interval=1,
-    )  # fmt: skip
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, e, (t, k)), jnp.int32)
-    progs = {
-        (name, n): _program(body, n, e)
-        for name, body in _variants(state, e).items()
-        for n in _TRIPS
-    }
-    times = {key: [] for key in progs}
-    for prog in progs.values():  # compile and warm up
-        jax.block_until_ready(prog(ids, state))
-    for _ in range(repeats):  # interleaved
-        for key, prog in progs.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(prog(ids, state))
-            times[key].append(time.perf_counter() - t0)
-    span = _TRIPS[1] - _TRIPS[0]
-    per = {
-        name: (np.median(times[(name, _TRIPS[1])]) - np.median(times[(name, _TRIPS[0])])) / span
-        for name in _variants(state, e)
-    }
-    label = f"T={t} K={k} E={e}"
-    return [Row(label, n, float(1e6 * v), float(1e6 * (v - per["map"]))) for n, v in per.items()]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python benchmarks/bench_dispatch.py")
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--tiny", action="store_true", help="small shapes (CPU check)")
+    parser.add_argument("--repeats", type=int, default=None, help="calls per program (100)")
+    parser.add_argument("--impl", choices=("scatter", "compare", "fused"), default="scatter")
+    parser.add_argument("--layouts", default="unrolled,scanned")
+    parser.add_argument("--variants", default=",".join(bd.VARIANTS))
     parser.add_argument("--out", default=None)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--hlo", default=None, metavar="DIR")
+    parser.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="add the idle step with its conditional replaced by its idle branch (not a usable "
+        "step: what the conditional costs)",
+    )
     args = parser.parse_args(argv)
-    command = "python benchmarks/bench_dispatch.py " + " ".join(
-        sys.argv[1:] if argv is None else argv
+    given = sys.argv[1:] if argv is None else list(argv)
+    command = "python benchmarks/bench_dispatch.py " + " ".join(given)
+    from jeplb._src import dispatch as _dispatch
+
+    if hasattr(_dispatch, "_IMPL"):
+        _dispatch._IMPL = args.impl
+    case = bd.TINY if args.tiny else bd.DEFAULT
+    repeats = args.repeats or (20 if args.tiny else 100)
+    device = bd.device_summary()
+    print(f"{case.name} on {device}", flush=True)
+    ops = bd.first_layer_ops(case)
+    print(f"one layer's dispatch_layer launches {len(ops)} operations:", *ops, sep="\n  ")
+    if args.hlo:
+        os.makedirs(args.hlo, exist_ok=True)
+        with open(os.path.join(args.hlo, f"dispatch_layer_{args.impl}.txt"), "w") as f:
+            f.write("\n".join(ops) + "\n")
+        with open(os.path.join(args.hlo, "idle_step.txt"), "w") as f:
+            f.write(bd.idle_step_text(case))
+    variants = tuple(args.variants.split(",")) + ((bd.IDLE_NO_COND,) if args.diagnose else ())
+    rows = bd.measure(
+        case,
+        variants=variants,
+        layouts=tuple(args.layouts.split(",")),
+        repeats=repeats,
+        warmup=3,
+        samples=5 if args.tiny else 20,
+        progress=lambda m: print(m, flush=True),
     )
-    rows = []
-    for case in _CASES:
-        rows += run_case(case, repeats=args.repeats)
-        for r in rows[-4:]:
-            print(r, flush=True)
-    device = jax.devices()[0]
+    for r in rows:
+        print(r, flush=True)
+    per_layer = {r.layout: r.over_plain_us / case.layers for r in rows if r.variant == bd.DISPATCH}
+    platform = jax.devices()[0].platform
     text = (
-        f"# Dispatch: the cost of recording the load ({device.platform})\n\n"
-        f"Command: `{command.strip()}`\n\njax {jax.__version__}, {device.device_kind}\n\n"
-        f"Per layer inside one jitted loop over layers ({_TRIPS[1]} against {_TRIPS[0]} trips, "
-        f"medians of {args.repeats} interleaved calls); `over_map_us`: what the variant adds to "
-        f"mapping the ids alone.\n\n"
+        f"# Dispatch and the idle step in a decode step ({device})\n\n"
+        f"Command: `{command.strip()}`\n\n"
+        f"{case.name}, rows f32[{case.hidden}]; dispatch implementation: {args.impl}. Per step: "
+        f"medians of {repeats} synchronised calls (`call_us`) and of bursts of 10 back-to-back "
+        f"calls (`pipelined_us`), the programs interleaved; `over_plain_us`, `over_dispatch_us`: "
+        f"differences of `call_us` in this run. Load average at the end: {bd.cpu_quiet()}.\n\n"
+        + table(rows, "Per step")
+        + "\nDispatch per layer (dispatch over plain / L): "
+        + ", ".join(f"{k} {v:.2f} us" for k, v in per_layer.items())
+        + f"\n\nOne layer's `dispatch_layer` alone launches {len(ops)} operations:\n\n"
+        + "".join(f"    {o}\n" for o in ops)
     )
-    text += table(rows, "Per-layer time")
     write_results(
         text,
-        args.out or results_path(f"dispatch_{device.platform}.md"),
+        args.out or results_path(f"dispatch_{platform}.md"),
         json_path=args.json,
-        payload={"rows": [dataclasses.asdict(r) for r in rows]},
+        payload={
+            "device": device,
+            "command": command,
+            "impl": args.impl,
+            "rows": [dataclasses.asdict(r) for r in rows],
+            "dispatch_ops": ops,
+        },
     )
     return 0
 

@@ -2,6 +2,10 @@
 placement policy. Every figure is a median of repeated runs after warm-up, next to the device's
 copy bandwidth measured in the same run.
 
+Every buffer is sized from the device's own memory (`memory_stats()["bytes_limit"]`): the shards
+of the in-place moves and the layers resident in the rebalance shrink on a smaller card (an 80 GB
+H100 holds fewer 88 MB rows than a 141 GB H200), and the results file names the card it ran on.
+
 Usage:
     python benchmarks/bench_gpu.py [--quick] [--json PATH] [--out PATH]
 """
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import os
 import sys
 import time
@@ -54,8 +59,31 @@ def median_s(fn, *, warmup=2, reps=10, min_sample_s=0.02):
     return float(np.median(times))
 
 
+def device_budget() -> int:
+    """Bytes of device memory the benchmark may hold at once: 85% of what the allocator may use
+    (``bytes_limit``), so that XLA's own temporaries and fragmentation fit beside them."""
+    stats = {}
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # backends without memory statistics
+        stats = {}
+    return int(0.85 * stats.get("bytes_limit", 16 << 30))
+
+
+def card_name() -> str:
+    """A short name of the card for the results file: 'h100', 'h200', or the device kind."""
+    kind = jax.devices()[0].device_kind.lower()
+    for name in ("h200", "h100", "a100", "b200", "gh200"):
+        if name in kind:
+            return name
+    return "".join(c if c.isalnum() else "_" for c in kind).strip("_") or "gpu"
+
+
 def copy_ceiling(nbytes: int) -> float:
-    """Bytes read + written per second by the device's own copy of a buffer of ``nbytes``."""
+    """Bytes read + written per second by the device's own copy of a buffer of ``nbytes``
+    (capped at a tenth of `device_budget`: the copy holds the buffer twice, beside the benchmark's
+    own buffers, in an allocator that fragments)."""
+    nbytes = max(4, min(nbytes, device_budget() // 10))
     # 32-bit words: random bytes are drawn a word each, which would take 4x the buffer.
     x = jax.random.bits(jax.random.key(0), (nbytes // 4,), jnp.uint32)
     copy = jax.jit(lambda x: x.copy())
@@ -190,8 +218,11 @@ def direct_moves(ceiling, *, n=36, quick=False):
     out = []
     rng = np.random.default_rng(2)
     shards = {"deepseek-v3 (88.1 MB)": 6, "qwen3-235b (37.7 MB)": 12, "1 MiB": 58}
-    for row_name, layers in shards.items():
+    for row_name, wanted in shards.items():
         row_bytes = ROWS[row_name]
+        # The shard takes at most a quarter of the budget (its creation holds it twice; the
+        # same-size copy ceiling takes a fifth more).
+        layers = max(1, min(wanted, device_budget() // 4 // (n * row_bytes)))
         # Slot-major stacks ([P, L, ...], MaxText's param_scan_axis=1) move in place too.
         for dtype, slot_major in (
             (jnp.bfloat16, False),
@@ -240,6 +271,7 @@ def direct_moves(ceiling, *, n=36, quick=False):
                 )
                 print(out[-1], flush=True)
             del w, state, run
+            gc.collect()
     return out
 
 
@@ -296,6 +328,8 @@ def one_gpu_rebalance(ceiling, *, layers=58, n=36, quick=False):
     if not quick:
         cases.append((jnp.float8_e4m3fn, ROWS["deepseek-v3 (88.1 MB)"] // 2, layers))
     for dtype, row_bytes, resident in cases:
+        # The resident block takes at most 45% of the budget (a partial last block is copied).
+        resident = max(1, min(resident, int(0.45 * device_budget()) // (n * row_bytes)))
         width = row_bytes // np.dtype(dtype).itemsize
         w = _shard(resident, n, width, dtype, spec)
 
@@ -433,7 +467,8 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=58, help="layers of the one-GPU rebalance")
     args = ap.parse_args(argv)
     dev = jax.devices()[0]
-    ceiling = copy_ceiling(1 << 32)
+    copy_bytes = min(1 << 32, device_budget() // 10)
+    ceiling = copy_ceiling(copy_bytes)
     print(
         f"device {dev.device_kind}: copy ceiling {ceiling / 1e12:.2f} TB/s (read + write)",
         flush=True,
@@ -445,9 +480,12 @@ def main(argv=None):
     cmd = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     text = (
         f"# GPU benchmark: {dev.device_kind}, jax {jax.__version__}\n\n"
-        f"Command: `{cmd}`\n\nCopy ceiling (same run): {ceiling / 1e12:.2f} TB/s, bytes read + "
-        "written by the device's own copy of a 4 GiB buffer (`of_copy`). `of_same_size_copy` "
-        "compares with a plain copy of as many bytes as the move reads, timed the same way. "
+        f"Command: `{cmd}`\n\nDevice: {dev.device_kind}, {device_budget() / 2**30:.1f} GiB "
+        f"budget for the benchmark's buffers (85% of the allocator's limit).\n\n"
+        f"Copy ceiling (same run): {ceiling / 1e12:.2f} TB/s, bytes read + "
+        f"written by the device's own copy of a {copy_bytes / 2**30:.2f} GiB buffer (`of_copy`). "
+        "`of_same_size_copy` compares with a plain copy of as many bytes as the move reads (at "
+        "most a tenth of the budget), timed the same way. "
         "Times are medians of 10 samples after warm-up; a sample is enough back-to-back calls "
         "to last 20 ms, synchronised once.\n\n"
         + table(moves, "Local row moves (weights -> staging buffer), 36 rows per device")
@@ -470,7 +508,7 @@ def main(argv=None):
     print(text)
     write_results(
         text,
-        args.out or results_path("gpu_h200.md"),
+        args.out or results_path(f"gpu_{card_name()}.md"),
         json_path=args.json,
         payload={
             "ceiling_bytes_per_s": ceiling,
@@ -479,6 +517,8 @@ def main(argv=None):
             "rebalance": [dataclasses.asdict(r) for r in reb],
             "policy": [dataclasses.asdict(r) for r in pol],
             "command": cmd,
+            "device": dev.device_kind,
+            "budget_bytes": device_budget(),
         },
     )
 

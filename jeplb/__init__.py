@@ -3,15 +3,17 @@
 The public surface, by job:
 
 * placement policy: `rebalance_experts`, `balancedness`, `device_loads`, `remote_copies`;
-* weight transfer: `rearrange_expert_weights`, `transfer_layer`, and its two stages
-  `move_to_buffer` / `move_from_buffer` joined by `TransferMetadata`;
 * configuration: `EplbConfig` (one static object: a policy such as `DeepSeekPolicy` or
   `SnakePolicy`, a `TransferConfig`, a `ScheduleConfig`);
+* weight transfer: `rearrange_expert_weights`, `transfer_layer`, and its two stages
   `move_to_buffer` / `move_from_buffer` joined by `TransferMetadata`, all taking their static
   options as one `TransferConfig` (or its fields as keywords);
+* placement files: `write_placement`, `read_placement` and `Placement` (just the placement,
+  apart from the load statistics; ``jeplb plan`` writes one from a recorded load);
 * model integration: `EplbState`, `dispatch`, `dispatch_layer`, `eplb_step`, `eplb_step_local`,
   `place_experts` (logical expert weights onto the slots of a placement), `combine_topk` (a
-  combine whose bits a rebalance cannot change);
+  combine whose bits a rebalance cannot change), `expand_gating` (router scores over the slots,
+  for kernels that do their own top-k);
 * serving loops (per-layer weights, nothing run on idle steps): `end_pass` in the forward,
   `plan_rebalance` and `move_layer` in their own programs, `HostSchedule` deciding on the host;
 * elastic expert parallelism: `recover_experts`;
@@ -27,10 +29,14 @@ from jeplb._src.dispatch import dispatch as dispatch
 from jeplb._src.dispatch import dispatch_layer as dispatch_layer
 from jeplb._src.elastic import Recovery as Recovery
 from jeplb._src.elastic import recover_experts as recover_experts
+from jeplb._src.gating import expand_gating as expand_gating
 from jeplb._src.metrics import Balance as Balance
 from jeplb._src.metrics import balancedness as balancedness
 from jeplb._src.metrics import device_loads as device_loads
 from jeplb._src.metrics import remote_copies as remote_copies
+from jeplb._src.placement_file import Placement as Placement
+from jeplb._src.placement_file import read_placement as read_placement
+from jeplb._src.placement_file import write_placement as write_placement
 from jeplb._src.policy.api import DeepSeekPolicy as DeepSeekPolicy
 from jeplb._src.policy.api import rebalance_experts as rebalance_experts
 from jeplb._src.policy.base import Policy as Policy
@@ -66,6 +72,7 @@ __all__ = [
     "EplbConfig",
     "EplbState",
     "HostSchedule",
+    "Placement",
     "PlanInfo",
     "Policy",
     "Recovery",
@@ -83,6 +90,7 @@ __all__ = [
     "end_pass",
     "eplb_step",
     "eplb_step_local",
+    "expand_gating",
     "expert_state",
     "global_norm",
     "move_from_buffer",
@@ -90,6 +98,7 @@ __all__ = [
     "move_to_buffer",
     "place_experts",
     "plan_rebalance",
+    "read_placement",
     "rearrange_expert_weights",
     "rebalance_experts",
     "recover_experts",
@@ -98,4 +107,5 @@ __all__ = [
     "sync_replica_grads",
     "sync_replica_grads_local",
     "transfer_layer",
+    "write_placement",
 ]

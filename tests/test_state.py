@@ -633,7 +633,8 @@ def _as_version(doc, version):
     doc = copy.deepcopy(doc)
     config = doc.pop("config")
     axis = config["transfer"]["axis_name"]
-    policy = {k: v for k, v in config["policy"].items() if k != "name"}
+    # Version 1 and 2 files predate the move budget.
+    policy = {k: v for k, v in config["policy"].items() if k not in ("name", "move_budget")}
     doc["config"] = dict(
         num_devices=doc.pop("num_devices"),
         num_redundant_experts=doc["num_slots"] - doc["num_experts"],

@@ -33,6 +33,7 @@ import json
 import os
 import secrets
 import zipfile
+import zlib
 from typing import Any
 
 import jax
@@ -123,9 +124,9 @@ def _write_atomic(path: str, write) -> None:
     (``path`` is then untouched). The folder is fsynced after the rename where the OS allows.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(
-        folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
-    )
+    # A short name, whatever the target's: a legal 250-byte basename plus a suffix would pass
+    # the file system's 255-byte limit (ENAMETOOLONG).
+    tmp = os.path.join(folder, f".jeplb.{os.getpid()}.{secrets.token_hex(6)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode: as open() would
     try:
         with os.fdopen(fd, "wb") as f:
@@ -324,8 +325,10 @@ def _check_values(arrays: dict[str, np.ndarray], num_layers: int, window_size: i
         )
 
 
-def _read_saved(path: Any, kind: str) -> tuple[dict, dict]:
-    """The header and the raw arrays of a saved state; a ValueError for anything else."""
+def _read_saved(path: Any, kind: str, fmt: str = FORMAT) -> tuple[dict, dict]:
+    """The header and the raw arrays of a file whose header names format ``fmt`` (a saved state
+    by default; `jeplb._src.placement_file` reads its own format with it); a ValueError for
+    anything else."""
     where = os.fspath(path)
     try:
         if kind == "json":
@@ -339,14 +342,22 @@ def _read_saved(path: Any, kind: str) -> tuple[dict, dict]:
                 raw = {k: z[k] for k in z.files if k != "__header__"}
     except FileNotFoundError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+    except (
+        OSError,
+        ValueError,
+        EOFError,
+        zipfile.BadZipFile,
+        zlib.error,  # a damaged deflate stream
+        NotImplementedError,  # zipfile: a damaged compression-method field
+        RuntimeError,  # zipfile: a damaged flags field reading as "encrypted"
+    ) as err:
         raise ValueError(
-            f"path: {where!r} is not a saved {FORMAT} ({'JSON' if kind == 'json' else 'npz'}; "
+            f"path: {where!r} is not a saved {fmt} ({'JSON' if kind == 'json' else 'npz'}; "
             f"it does not parse: {type(err).__name__}: {err})"
         ) from err
-    if not isinstance(header, dict) or header.get("format") != FORMAT or not isinstance(raw, dict):
+    if not isinstance(header, dict) or header.get("format") != fmt or not isinstance(raw, dict):
         raise ValueError(
-            f"path: {where!r} is not a saved {FORMAT} ({'JSON' if kind == 'json' else 'npz'})"
+            f"path: {where!r} is not a saved {fmt} ({'JSON' if kind == 'json' else 'npz'})"
         )
     return header, raw
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding
@@ -25,6 +26,7 @@ __all__ = [
     "local_shapes",
     "platform_of",
     "refuse_leaves",
+    "state_on_mesh",
     "weight_leaves",
 ]
 
@@ -129,6 +131,18 @@ def _shard_alike():
     return shard_alike
 
 
+def int32_ids(x: Any) -> Any:
+    """Integer ids (maps, traced or not) as int32, a value outside int32's range becoming -2 (an
+    id below -1, which every plan refuses) instead of wrapping into range (an int64 2**32 + 1
+    would read as 1)."""
+    x = jnp.asarray(x)
+    info = jnp.iinfo(x.dtype)
+    low, high = np.iinfo(np.int32).min, np.iinfo(np.int32).max
+    if info.min < low or info.max > high:
+        x = jnp.where((x >= low) & (x <= high), x, -2)
+    return x.astype(np.int32)
+
+
 def place_map(x: Any, mesh) -> Any:
     """A concrete map as int32 replicated over ``mesh`` (wherever it was); traced ones as they
     are."""
@@ -196,7 +210,8 @@ def check_load(
     if not hasattr(load, "shape") or not hasattr(load, "dtype"):
         raise TypeError(f"{name}: expected an array [L, E], got {type(load).__name__}")
     dtype = np.dtype(load.dtype)
-    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+    # jnp.issubdtype: numpy does not count ml_dtypes' floats (bfloat16, fp8) as floating.
+    if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
         raise TypeError(f"{name}: expected a real (integer or floating) dtype, got {dtype}")
     if len(load.shape) != 2:
         raise ValueError(
@@ -218,11 +233,12 @@ def check_load(
 
 
 def _check_load_values(v: np.ndarray, name: str, float32: bool) -> None:
-    bad = ~np.isfinite(v) | (v < 0) if np.issubdtype(v.dtype, np.floating) else v < 0
+    floating = jnp.issubdtype(v.dtype, jnp.floating)
+    bad = ~np.isfinite(v) | (v < 0) if floating else v < 0
     if bad.any():
         at = [int(i) for i in np.argwhere(bad)[0]]
         raise ValueError(f"{name}{at} = {v[tuple(at)]}: expected finite loads >= 0 (token counts)")
-    if float32 and np.issubdtype(v.dtype, np.floating) and (v > _FLOAT32_MAX).any():
+    if float32 and floating and (v > _FLOAT32_MAX).any():
         at = [int(i) for i in np.argwhere(v > _FLOAT32_MAX)[0]]
         raise ValueError(
             f"{name}{at} = {v[tuple(at)]}: expected loads within float32's range (<= "
@@ -264,10 +280,12 @@ def _leaf_problem(
         return TypeError, f"is a {type(leaf).__name__}, expected a jax.Array"
     dt = np.dtype(leaf.dtype)
     sub_byte = dt.name in SUB_BYTE
-    if not sub_byte and (dt.itemsize not in SUPPORTED_ITEMSIZES or dt.kind in "bcOUS"):
+    if not sub_byte and (
+        dt.itemsize not in SUPPORTED_ITEMSIZES or dt.kind in "bcOUS" or _bits(dt) < 8
+    ):
         return TypeError, (
             f"has dtype {dt}, which is not moved; expected a real or integer dtype of 1, 2, 4 or "
-            f"8 bytes or int4 / uint4 / float4_e2m1fn (bool and complex: view them as integers)"
+            f"8 bytes or one of {' / '.join(SUB_BYTE)} (bool and complex: view them as integers)"
         )
     dims = sorted((slot_axis, layer_axis) if layer_axis is not None else (slot_axis,))
     got = tuple(leaf.shape[d] for d in dims) if len(leaf.shape) > dims[-1] else None
@@ -307,6 +325,16 @@ def _leaf_problem(
             f"argument's {dict(mesh.shape)}; pass the mesh the weights are sharded over"
         )
     return None
+
+
+def _bits(dt: np.dtype) -> int:
+    """Bits per element (numpy says 1 byte for sub-byte types such as float6_e2m3fn or int1)."""
+    for info in (jnp.finfo, jnp.iinfo):
+        try:
+            return int(info(dt).bits)
+        except (TypeError, ValueError):
+            pass
+    return 8 * dt.itemsize
 
 
 def _lead_letters(slot_axis: int, layer_axis: int | None) -> tuple[str, ...]:
@@ -360,6 +388,30 @@ def weight_leaves(
     _raise(problems)
     leaves = [leaf for _, leaf in flat]
     return leaves, treedef, [None if local else _given_spec(x) for x in leaves]
+
+
+def state_on_mesh(state: Any, mesh: Any, name: str = "state") -> None:
+    """Refuses a state whose concrete arrays are committed to other devices than ``mesh``'s (in
+    the mesh's order), before jit fails with "incompatible devices" from inside the program.
+    Uncommitted arrays (``EplbState.create``'s) and traced ones go anywhere."""
+    if not isinstance(mesh, Mesh):
+        return
+    want = list(np.asarray(mesh.devices).flat)
+    for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
+        if not isinstance(x, jax.Array) or not is_concrete(x) or not x.committed:
+            continue
+        sharding = x.sharding
+        if isinstance(sharding, NamedSharding):
+            got = list(np.asarray(sharding.mesh.devices).flat)
+        else:
+            got = sorted(sharding.device_set, key=lambda d: d.id)
+        if got != want:
+            raise ValueError(
+                f"{name}, mesh: {name}{jax.tree_util.keystr(path)} is on devices "
+                f"{[d.id for d in got]}, but mesh has devices {[d.id for d in want]}; put the "
+                f"{name} on the mesh (jax.device_put({name}, NamedSharding(mesh, "
+                f"PartitionSpec()))) or pass the mesh it is on"
+            )
 
 
 def _raise(problems: list[tuple[type, str]]) -> None:

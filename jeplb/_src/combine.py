@@ -23,12 +23,21 @@ def combine_topk(expert_out: jax.Array, weights: jax.Array) -> jax.Array:
       weights: [..., K] the routing weights of those pairs.
 
     Returns:
-      [..., H] the combined outputs, in ``expert_out``'s dtype.
+      [..., H] the combined outputs, in ``jnp.result_type(expert_out, weights)``: JAX's
+      promotion of the two dtypes (bf16 outputs with bf16 weights stay bf16; bf16 outputs with
+      float32 weights, or int32 outputs with float32 weights, give float32). The products and
+      the sum are taken in that dtype. With K = 0 the result is zeros.
+
+    Raises:
+      ValueError: shapes that do not fit. TypeError: dtypes JAX does not promote (fp8 outputs
+        with weights of another float dtype): cast one of them first.
 
     Example:
       >>> import jax.numpy as jnp, jeplb
       >>> y = jnp.array([[[1.0, 2.0], [10.0, 20.0]]])  # [T = 1, K = 2, H = 2]
       >>> jeplb.combine_topk(y, jnp.array([[0.75, 0.25]])).tolist()
+      [[3.25, 6.5]]
+      >>> jeplb.combine_topk(jnp.array([[[1, 2], [10, 20]]]), jnp.array([[0.75, 0.25]])).tolist()
       [[3.25, 6.5]]
     """
     expert_out, weights = jnp.asarray(expert_out), jnp.asarray(weights)
@@ -39,8 +48,20 @@ def combine_topk(expert_out: jax.Array, weights: jax.Array) -> jax.Array:
             f"weights: expected shape {expert_out.shape[:-1]} (expert_out without its last dim), "
             f"got {weights.shape}"
         )
-    w = weights.astype(expert_out.dtype)[..., None]
-    out = w[..., 0, :] * expert_out[..., 0, :]
-    for k in range(1, expert_out.shape[-2]):
-        out = out + w[..., k, :] * expert_out[..., k, :]
+    # Promoted, not cast to the outputs' dtype: int outputs with weights 0.75 / 0.25 would
+    # multiply by int(0.75) = 0.
+    try:
+        dtype = jnp.result_type(expert_out, weights)
+    except (TypeError, ValueError) as err:  # fp8 with bf16: jax.dtypes.TypePromotionError
+        raise TypeError(
+            f"expert_out, weights: JAX has no promotion of {expert_out.dtype} with "
+            f"{weights.dtype}; cast one to the dtype to combine in (e.g. "
+            f"expert_out.astype(weights.dtype))"
+        ) from err
+    y, w = expert_out.astype(dtype), weights.astype(dtype)[..., None]
+    if y.shape[-2] == 0:
+        return jnp.zeros(y.shape[:-2] + y.shape[-1:], dtype)
+    out = w[..., 0, :] * y[..., 0, :]
+    for k in range(1, y.shape[-2]):
+        out = out + w[..., k, :] * y[..., k, :]
     return out

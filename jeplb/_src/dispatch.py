@@ -39,6 +39,7 @@ from jax import lax
 
 from jeplb._src import checks
 from jeplb._src.state import EplbState, check_layer
+from jeplb._src.transfer import rows as rows_lib
 
 __all__ = ["dispatch", "dispatch_layer"]
 
@@ -155,9 +156,9 @@ def _local_choice(log2phy, logcnt, safe, h, device_index, num_devices, slots_per
     batch = safe.shape[:-1]
     table, nloc = _local_tables(log2phy, logcnt, d, slots_per_device)
     width = table.shape[-1]
-    dev = jnp.broadcast_to(jnp.asarray(device_index, jnp.int32), batch)[..., None]
-    dev_ok = (dev >= 0) & (dev < d)
-    dev = jnp.clip(dev, 0, d - 1)
+    dev = jnp.broadcast_to(jnp.asarray(device_index), batch)[..., None]
+    dev_ok = (dev >= 0) & (dev < d)  # in the index's own dtype, before the int32 cast
+    dev = jnp.where(dev_ok, dev, 0).astype(jnp.int32)
     here = nloc.reshape(-1)[safe * d + dev]
     pick = (h % jnp.maximum(here, 1).astype(jnp.uint32)).astype(jnp.int32)
     local = table.reshape(-1)[(safe * d + dev) * width + pick]
@@ -229,10 +230,19 @@ def _dispatch_checked(
     num_experts, r_max = (int(n) for n in log2phy.shape)
     batch, k = tuple(topk_ids.shape[:-1]), int(topk_ids.shape[-1])
     with jax.named_scope("eplb_dispatch"):
-        ids = jnp.asarray(topk_ids, jnp.int32)
+        # The range check runs in the ids' own dtype: an int64 id of 2**32 + 1 cast first would
+        # read as expert 1.
+        in_range = (topk_ids >= 0) & (topk_ids < num_experts)
+        ids = jnp.where(in_range, topk_ids, num_experts).astype(jnp.int32)
         log2phy = jnp.asarray(log2phy, jnp.int32)
         logcnt = jnp.asarray(logcnt, jnp.int32)
-        in_range = (ids >= 0) & (ids < num_experts)
+        if not prefer_local and _takes_fused(ids.size, num_experts):
+            return _map_and_count_fused(
+                log2phy, logcnt, ids,
+                None if valid is None else jnp.asarray(valid, bool),
+                None if token_index is None else jnp.asarray(token_index).astype(jnp.uint32),
+                k=k,
+            )  # fmt: skip
         safe = jnp.where(in_range, ids, 0)
         if token_index is None:
             tok = jnp.arange(int(np.prod(batch)), dtype=jnp.uint32).reshape(batch)
@@ -253,6 +263,109 @@ def _dispatch_checked(
     return phys, counts
 
 
+# How the counts are made on accelerators: "scatter" (`_count_blocked`, the default), "compare"
+# (`_count_compare`) or "fused" (`_map_and_count_fused`: the map and the counts by a Pallas kernel,
+# when the default backend is a GPU and the ids fit it). On an H100, inside a 58-layer decode
+# step, the scatter costs least (benchmarks/results/dispatch_h100.md); the others stay for the
+# benchmark's comparisons (benchmarks/bench_dispatch.py --impl).
+_IMPL = "scatter"
+# The kernel: ids per program (a power of two), ids per counting step at E = 256 (fewer for more
+# experts: a step's [chunk, E] hits stay in registers), and the largest E it takes.
+_FUSED_BLOCK = 512
+_FUSED_COMPARES = 4096
+_FUSED_MAX_EXPERTS = 4096
+
+
+def _fused_fits(n: int, num_experts: int) -> bool:
+    """Whether `_map_and_count_fused` takes ``n`` ids of ``num_experts`` experts."""
+    return n > 0 and n % _FUSED_BLOCK == 0 and num_experts <= _FUSED_MAX_EXPERTS
+
+
+def _takes_fused(n: int, num_experts: int) -> bool:
+    """`dispatch_layer` runs `_map_and_count_fused` (chosen by ``_IMPL``, on a GPU, ids fitting)."""
+    return _IMPL == "fused" and checks.platform_of() == "gpu" and _fused_fits(n, num_experts)
+
+
+def _map_and_count_fused(log2phy, logcnt, ids, valid, token_index, *, k, interpret=False):
+    """`dispatch_layer`'s result by a Pallas kernel (CUDA): each program maps a block of
+    ``_FUSED_BLOCK`` ids (the same hash and table reads as `dispatch_layer`) and counts them into a row of
+    its own (hits accumulated elementwise in registers, reduced once); XLA sums the rows. Integer
+    adds only: exact. Needs `_fused_fits`; ``interpret`` runs it in Pallas's interpreter (any
+    backend: the tests' CPU). (An atomic add of each program's counts into one zeroed row, which
+    would save the sum, gave zeros on an H100 with jax 0.11.2: not used.)"""
+    from jax.experimental import pallas as pl
+
+    num_experts, r_max = log2phy.shape
+    n = ids.size
+    block = _FUSED_BLOCK
+    programs = n // block
+    padded = 1 << max(0, (num_experts - 1).bit_length())  # power of two (Triton's ranges)
+    chunk = min(block, max(1, _FUSED_COMPARES // padded))
+    tables = [log2phy.reshape(-1), logcnt]
+    if valid is not None:
+        tables.append(valid.reshape(-1).astype(jnp.int32))
+    if token_index is not None:
+        tables.append(token_index.reshape(-1))
+
+    def kernel(ids_ref, table_ref, cnt_ref, *rest):
+        *extra, phys_ref, counts_ref = rest
+        valid_ref = extra.pop(0) if valid is not None else None
+        tok_ref = extra.pop(0) if token_index is not None else None
+        first = pl.program_id(0) * block
+
+        def in_range(x):
+            return (x >= 0) & (x < num_experts)
+
+        ids = ids_ref[...]
+        ok = in_range(ids)
+        safe = jnp.where(ok, ids, 0)
+        pos = first + lax.broadcasted_iota(jnp.int32, (block,), 0)
+        if tok_ref is None:
+            key = pos.astype(jnp.uint32)
+        else:
+            key = tok_ref[pos // k] * jnp.uint32(k) + (pos % k).astype(jnp.uint32)
+        cnt = jnp.maximum(cnt_ref[safe], 1).astype(jnp.uint32)
+        replica = (_mix32(key) % cnt).astype(jnp.int32)
+        phys_ref[...] = jnp.where(ok, table_ref[safe * r_max + replica], -1)
+
+        experts = lax.broadcasted_iota(jnp.int32, (chunk, padded), 1)
+
+        def count(j, acc):  # hits accumulate elementwise ([chunk, padded] in registers)
+            sub = ids_ref[pl.ds(j * chunk, chunk)]
+            counted = in_range(sub)
+            if valid_ref is not None:
+                at = first + j * chunk + lax.broadcasted_iota(jnp.int32, (chunk,), 0)
+                counted &= valid_ref[at // k] != 0
+            sub = jnp.where(counted, sub, -1)
+            return acc + (sub[:, None] == experts).astype(jnp.int32)
+
+        zero = jnp.zeros((chunk, padded), jnp.int32)
+        acc = lax.fori_loop(jnp.int32(0), jnp.int32(block // chunk), count, zero)
+        counts_ref[...] = jnp.sum(acc, axis=0)
+
+    def whole(shape):
+        return pl.BlockSpec(shape, lambda i: (0,) * len(shape))
+
+    # Inside shard_map every operand must vary over the same manual axes (the ids usually vary,
+    # the maps are replicated); the outputs vary like them.
+    args = [ids.reshape(-1), *tables]
+    axes = frozenset().union(*(rows_lib.varying_axes(a) for a in args))
+    args = [rows_lib.make_varying(a, axes) for a in args]
+    like = rows_lib._like(args[0])  # int32[n], varying over ``axes``
+    blocked = pl.BlockSpec((block,), lambda i: (i,))
+    phys, rows = pl.pallas_call(
+        kernel,
+        out_shape=(like, like.update(shape=(programs, padded))),
+        grid=(programs,),
+        in_specs=[blocked, *(whole(a.shape) for a in args[1:])],
+        out_specs=[blocked, pl.BlockSpec((None, padded), lambda i: (i, 0))],
+        interpret=interpret,
+        name="eplb_dispatch",
+    )(*args)
+    counts = jnp.sum(rows, axis=0, dtype=jnp.int32)
+    return phys.reshape(ids.shape), counts[:num_experts]
+
+
 # Rows of per-block counts on accelerators: 256 blocks spread the scatter's atomic adds over
 # 256 x E counters (one counter per expert took 35 us per layer for 16384 x 8 ids on an H200,
 # 256 blocks about 1 us above the loop's own cost).
@@ -264,11 +377,18 @@ def _count(ids: jax.Array, num_experts: int) -> jax.Array:
     the CPU `_count_flat`, elsewhere `_count_blocked`. Both exact (integer adds)."""
     if ids.shape[0] == 0:
         return jnp.zeros((num_experts,), jnp.int32)
+    other = _count_compare if _IMPL == "compare" else _count_blocked
     return lax.platform_dependent(
         ids,
         cpu=functools.partial(_count_flat, num_experts=num_experts),
-        default=functools.partial(_count_blocked, num_experts=num_experts),
+        default=functools.partial(other, num_experts=num_experts),
     )
+
+
+def _count_compare(ids: jax.Array, *, num_experts: int) -> jax.Array:
+    """One reduction over the ids of their compare with every expert (a column reduction)."""
+    hit = ids[:, None] == jnp.arange(num_experts, dtype=jnp.int32)[None, :]
+    return jnp.sum(hit, axis=0, dtype=jnp.int32)
 
 
 def _count_flat(ids: jax.Array, *, num_experts: int) -> jax.Array:

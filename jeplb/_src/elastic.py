@@ -100,6 +100,13 @@ def _old_mesh(tree: Any, axis_name: str):
 
 def _check_new_mesh(mesh: Any, axis_name: str) -> int:
     d_new = checks.axis_size(mesh, axis_name)
+    devices = list(np.asarray(mesh.devices).flat)
+    twice = [d for i, d in enumerate(devices) if d in devices[:i]]
+    if twice:
+        raise ValueError(
+            f"mesh: lists device {twice[0]} more than once ({len(devices)} entries, "
+            f"{len(set(devices))} distinct devices); each slot needs a device of its own"
+        )
     if mesh.devices.size != d_new:
         raise ValueError(
             f"mesh: {dict(mesh.shape)} has axes other than {axis_name!r} of size > 1; "
@@ -144,7 +151,8 @@ def _patch_program(num_rows: int, platform: str):
 
     def patch(shard, layer_idx, row_idx, rows):
         def body(i, s):
-            start = (layer_idx[i], row_idx[i]) + (0,) * (s.ndim - 2)
+            zero = jnp.zeros((), jnp.int32)  # every index int32, also under x64
+            start = (layer_idx[i], row_idx[i]) + (zero,) * (s.ndim - 2)
             return jax.lax.dynamic_update_slice(s, rows[i][None, None], start)
 
         moving = layout.moving_dtype(shard.dtype, platform)

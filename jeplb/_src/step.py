@@ -42,10 +42,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from jeplb._src import checks, perlayer
+from jeplb._src import checks, perlayer, programs, step_scalars
 from jeplb._src import metrics as balance
 from jeplb._src.counts import INT32_MAX, saturating_psum
 from jeplb._src.maps import maps_from_phy2log
@@ -95,6 +93,8 @@ class StepInfo:
     remote_rows: jax.Array
     layer_balancedness: jax.Array
     balancedness: jax.Array
+
+    scalars = step_scalars.scalars  # a flat dict of named scalars for metric writers
 
     @property
     def balancedness_total(self) -> jax.Array:
@@ -548,7 +548,7 @@ def eplb_step(
         or whose layers differ from layer 0 (named by path, e.g. ``expert_weights[2]['w2']``).
 
     Example:
-      >>> import jax, jax.numpy as jnp
+      >>> import functools, jax, jax.numpy as jnp
       >>> from jax.sharding import NamedSharding, PartitionSpec as P
       >>> mesh = jax.make_mesh((1,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
       >>> s = EplbState.create(num_layers=1, num_experts=2, num_devices=1,
@@ -564,6 +564,7 @@ def eplb_step(
     """
     state = _check_state(state)
     d = checks.axis_size(mesh, state.config.transfer.axis_name)
+    checks.state_on_mesh(state, mesh)
     if d != state.num_devices:
         raise ValueError(
             f"mesh: axis {state.config.transfer.axis_name!r} has {d} devices, but the state was built for "
@@ -586,33 +587,29 @@ def eplb_step(
         )
         given, k = tuple(specs), 0  # None where unknown (traced leaves on an Auto mesh)
         transfer_api.check_movable(leaves, treedef, given, mesh, setup)
-    state, leaves, info = _program(mesh, setup, given, k)(state, leaves)
+    program = programs.build(
+        _global_body,
+        mesh=mesh,
+        given=given,
+        slot_axis=0 if k else setup.config.slot_axis,
+        axes=setup.config.axes,
+        num_replicated=1,
+        options=(("setup", setup), ("per_layer", k)),
+        after=_log_after,
+        name="eplb_step",
+    )
+    leaves, (state, info) = program(state, leaves)
     return state, treedef.unflatten(leaves), info
 
 
-@functools.lru_cache(maxsize=64)
-def _program(mesh: jax.sharding.Mesh, setup: engine_lib.Engine, given: tuple, per_layer: int = 0):
-    """The step at global view as one jitted program per (mesh, setup, leaf specs, K leaves per
-    layer of a per-layer sequence or 0).
+def _global_body(
+    state: EplbState, leaves: list[jax.Array], *, setup: engine_lib.Engine, per_layer: int = 0
+):
+    """The step at global view is its local step on each device's shard (`programs.build`);
+    ``per_layer``: K leaves per layer of a per-layer sequence, 0 for stacked leaves."""
+    state, leaves, info = _local_step(state, leaves, load_axes=(), setup=setup, per_layer=per_layer)
+    return leaves, (state, info)
 
-    Called eagerly it compiles once per shapes and reuses the program, instead of running the
-    `jax.shard_map` op by op (seconds per call); under an outer `jax.jit` it is inlined.
-    ``given``: each leaf's spec, None where unknown (traced leaves on an Auto mesh).
-    """
-    slot_axis = 0 if per_layer else setup.config.slot_axis
-    specs = [P(*s) for s in checks.default_specs(given, slot_axis, setup.config.axes)]
-    body = functools.partial(_local_step, load_axes=(), setup=setup, per_layer=per_layer)
-    f = jax.shard_map(body, mesh=mesh, in_specs=(P(), specs), out_specs=(P(), specs, P()))
 
-    def run(state: EplbState, leaves: list[jax.Array]):
-        if checks.is_explicit(mesh):
-            replicated = NamedSharding(mesh, P())
-            state = jax.tree_util.tree_map(lambda x: jax.sharding.reshard(x, replicated), state)
-        with jax.named_scope("eplb_step"):
-            state, out, info = f(state, leaves)
-            out = checks.like_inputs(leaves, out, given)
-        _log_balancedness(state, info)
-        return state, out, info
-
-    replicated = NamedSharding(mesh, P())
-    return jax.jit(run, out_shardings=(replicated, checks.out_shardings(mesh, given), replicated))
+def _log_after(extra: tuple[EplbState, StepInfo]) -> None:
+    _log_balancedness(*extra)

@@ -44,6 +44,7 @@ from jeplb._src import checks, perlayer, programs
 from jeplb._src.maps import check_phy2log
 from jeplb._src.transfer import agree, engine, layout, replica_sum, stages
 from jeplb._src.transfer import plan as plan_lib
+from jeplb._src.transfer import rows as rows_lib
 from jeplb._src.transfer.config import TransferConfig
 
 __all__ = [
@@ -120,8 +121,12 @@ def _sync_local(
 ) -> tuple[list[jax.Array], SyncStats]:
     """The sync on a device's local leaves, inside `jax.shard_map` over the expert axes."""
     d = setup.num_devices
-    phy2log = phy2log.astype(jnp.int32)
+    phy2log = checks.int32_ids(phy2log)  # an id past int32 is -2: invalid, nothing summed
     valid = jnp.all(phy2log >= -1)
+    # A map that differs per device (typed varying, e.g. built from lax.axis_index) makes every
+    # loop's results vary too: the carries start varying over its axes.
+    vary = rows_lib.varying_axes(phy2log)
+    leaves = [rows_lib.make_varying(x, vary) for x in leaves]
     if d == 1:
         return _sync_one_device(phy2log, leaves, valid, setup)
     return _sync_engine(phy2log, leaves, valid, setup)
@@ -289,7 +294,9 @@ def _gather_broadcast(phy2log, leaves, valid, setup: engine.Engine):
     top = count.max(-1)
     steps = jnp.where(valid & (top > 1), top, 0).astype(jnp.int32)
     ends = jnp.cumsum(steps).astype(jnp.int32)
-    zeros = jnp.zeros((num_layers,), jnp.int32)
+    zeros = rows_lib.make_varying(
+        jnp.zeros((num_layers,), jnp.int32), rows_lib.varying_axes(phy2log)
+    )
 
     def step(k, carry):
         leaves, bufs, stats = carry
@@ -408,12 +415,33 @@ def _lead(m, config: TransferConfig, num_devices: int, local: bool) -> tuple[int
     return lead[::-1] if config.slot_major else lead
 
 
+def _self_adjoint(sync: Callable, phy2log: Any, leaves: list) -> list:
+    """``sync(phy2log, leaves)`` with its reverse-mode rule: the sync is linear and symmetric
+    (slot p gets the sum over the slots holding p's expert; -1 slots are the identity), so its
+    transpose is itself and the cotangent of the gradients is the sync of the output's. jax
+    cannot reverse the sync's loops (their trip counts come from the map); forward mode
+    (`jax.jvp`) is not defined for it."""
+
+    @jax.custom_vjp
+    def run(m, x):
+        return sync(m, x)
+
+    def fwd(m, x):
+        return sync(m, x), m
+
+    def bwd(m, ct):
+        return None, sync(m, ct)
+
+    run.defvjp(fwd, bwd)
+    return run(phy2log, leaves)
+
+
 # ------------------------------------------------------------------------------ public
 
 
 def _local(phy2log, leaves, *, setup: engine.Engine):
     """shard_map body of `sync_replica_grads`."""
-    return _sync_local(phy2log.astype(jnp.int32), leaves, setup=setup)
+    return _sync_local(checks.int32_ids(phy2log), leaves, setup=setup)
 
 
 def _program(mesh, setup: engine.Engine, specs: tuple):
@@ -549,6 +577,8 @@ def sync_replica_grads(
     chunks); no all-reduce or all-gather. Temporary memory: one staging buffer shared by both
     phases, below one layer of the device's local gradients. On one device every move is local. The input is not
     donated: under `jax.jit` XLA reuses its buffer when the caller does not read it afterwards.
+    `jax.grad` through it gives the sync of the cotangent (the sync is its own transpose);
+    forward mode (`jax.jvp`) is not defined.
 
     Args:
       grads: pytree of gradient arrays laid out as the expert weights `rearrange_expert_weights`
@@ -593,10 +623,11 @@ def sync_replica_grads(
     leaves, treedef, specs = _check_grad_leaves(
         grads, lead=_lead(m, config, d, False), config=config, mesh=mesh, local=False
     )
-    specs = checks.default_specs(specs, config.slot_axis, config.axes)
+    full = checks.default_specs(specs, config.slot_axis, config.axes)
     setup = engine.Engine(config=config, num_devices=d, platform=checks.platform_of(mesh))
-    _check_movable(checks.local_shapes(leaves, specs, mesh), treedef, setup)
-    out, _ = _program(mesh, setup, specs)(checks.place_map(m, mesh), leaves)
+    _check_movable(checks.local_shapes(leaves, full, mesh), treedef, setup)
+    program = _program(mesh, setup, tuple(specs))
+    out = _self_adjoint(lambda m, x: program(m, x)[0], checks.place_map(m, mesh), leaves)
     return treedef.unflatten(out)
 
 
@@ -610,7 +641,9 @@ def sync_replica_grads_local(
 ) -> Any:
     """`sync_replica_grads` for code already inside `jax.shard_map` over ``axis_name``.
 
-    Same sums, order and guarantees; the leaves are this device's shards.
+    Same sums, order and guarantees (reverse mode included); the leaves are this device's
+    shards. The map may be typed as varying over the mesh axes (built from `lax.axis_index`);
+    its values must still be the same on every device.
 
     Args:
       grads: pytree of this device's gradient shards, leaves [L, N_local, ...] (or
@@ -651,45 +684,87 @@ def sync_replica_grads_local(
     )
     setup = engine.Engine(config=config, num_devices=d, platform=checks.platform_of())
     _check_movable(leaves, treedef, setup)
-    out, _ = _sync_local(jnp.asarray(m), leaves, setup=setup)
+    out = _self_adjoint(lambda m, x: _sync_local(m, x, setup=setup)[0], jnp.asarray(m), leaves)
     return treedef.unflatten(out)
 
 
 # ------------------------------------------------------------- optimizer state and norms
 
 
-def _leaf_kind(x: Any, lead_of: tuple) -> str | None:
+def _is_masked(x: Any) -> bool:
+    """optax's ``MaskedNode`` (an empty NamedTuple standing where ``optax.masked`` or
+    ``optax.multi_transform`` keeps no state for a leaf), recognised without importing optax."""
+    return isinstance(x, tuple) and not x and type(x).__name__ == "MaskedNode"
+
+
+def _factored_fields(state: Any) -> dict[str, str]:
+    """Paths (`jax.tree_util.keystr`) of the ``v_row`` / ``v_col`` fields of every Adafactor
+    ``FactoredState`` in ``state``, to the field's name."""
+
+    def is_factored(x):
+        return type(x).__name__ == "FactoredState" and all(
+            hasattr(x, f) for f in ("v_row", "v_col", "v")
+        )
+
+    out = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_factored)[0]:
+        if is_factored(x):
+            out.update({jax.tree_util.keystr(path) + f".{f}": f for f in ("v_row", "v_col")})
+    return out
+
+
+def _field_of(key: str, fields: dict[str, str]) -> str | None:
+    """The ``FactoredState`` field (``v_row`` / ``v_col``) a subtree at path ``key`` sits in."""
+    for prefix, name in fields.items():
+        if key == prefix or key.startswith((prefix + "[", prefix + ".")):
+            return name
+    return None
+
+
+def _leaf_kind(x: Any, lead_of: tuple, field: str | None = None) -> str | None:
     """How a state leaf relates to the expert leaf of shape ``lead_of`` at its position.
 
     ``moves``: it carries the expert leaf's lead dims (the leaf's first two dims: [L, P] or
     [P, L]), whatever its trailing dims (a moment of the same shape, or a factored statistic
     that reduced a trailing dim). ``reduced``: it is the expert shape without one of its two
     lead dims (a statistic over the layers or the slots, e.g. Adafactor factoring the slot dim):
-    it cannot follow the slots. ``fixed``: at most one element (a counter, an unused
-    placeholder), no per-slot data: it stays. None: unrelated.
+    it cannot follow the slots. ``ambiguous``: both (a lead dim and the dim next to it of the same
+    size, e.g. [2, 16, 8] of [2, 16, 16, 8]): the shape cannot tell whether it is per slot.
+    ``fixed``: at most one element (a counter, an unused placeholder, optax's ``MaskedNode``),
+    no per-slot data: it stays. None: unrelated.
+
+    In an Adafactor ``FactoredState`` (``field`` ``v_row`` / ``v_col``) the reduced dim is
+    known: optax factors the two largest dims ``d1, d0 = argsort(shape)[-2:]`` and ``v_row``
+    averages over d0, ``v_col`` over d1.
     """
     shape = tuple(getattr(x, "shape", ()))
+    if field is not None and len(lead_of) >= 2 and len(shape) == len(lead_of) - 1:
+        d1, d0 = (int(i) for i in np.argsort(lead_of)[-2:])
+        dim = d0 if field == "v_row" else d1
+        if shape == tuple(np.delete(lead_of, dim)):
+            return "reduced" if dim < 2 else "moves"
+    lead_reduced = len(lead_of) >= 2 and shape in (lead_of[1:], lead_of[:1] + lead_of[2:])
     if len(lead_of) >= 2 and len(shape) >= 2 and shape[:2] == lead_of[:2]:
-        return "moves"
-    if len(lead_of) >= 2 and shape in (lead_of[1:], lead_of[:1] + lead_of[2:]):
+        return "ambiguous" if lead_reduced else "moves"
+    if lead_reduced:
         return "reduced"
     if int(np.prod(shape, dtype=np.int64)) <= 1:
         return "fixed"
     return None
 
 
-def _kinds(node: Any, want_def, want_shapes: tuple) -> list[str] | None:
-    """Per leaf `_leaf_kind` of a subtree with the experts' structure, or None when it does not
-    mirror them (another structure, an unrelated leaf, or no leaf with per-slot data)."""
+def _kinds(node: Any, want_def, want_shapes: tuple, field: str | None = None) -> list[str] | None:
+    """Per leaf `_leaf_kind` of a subtree with the experts' structure (optax's ``MaskedNode``
+    standing for a leaf), or None when it does not mirror them (another structure, an unrelated
+    leaf, or no leaf with per-slot data)."""
     try:
-        if jax.tree_util.tree_structure(node) != want_def:
+        if jax.tree_util.tree_structure(node, is_leaf=_is_masked) != want_def:
             return None
     except Exception:
         return None
-    kinds = [
-        _leaf_kind(x, w) for x, w in zip(jax.tree_util.tree_leaves(node), want_shapes, strict=True)
-    ]
-    if None in kinds or not {"moves", "reduced"} & set(kinds):
+    leaves = jax.tree_util.tree_leaves(node, is_leaf=_is_masked)
+    kinds = [_leaf_kind(x, w, field) for x, w in zip(leaves, want_shapes, strict=True)]
+    if None in kinds or not {"moves", "reduced", "ambiguous"} & set(kinds):
         return None
     return kinds
 
@@ -704,6 +779,10 @@ def expert_state(state: Any, experts: Any) -> tuple[dict[str, Any], Callable[[An
     optimizer leaf of their shape (Adam's ``mu`` and ``nu``, momentum traces; dtypes may differ,
     e.g. ``mu_dtype``) and Adafactor's factored statistics ``v_row`` and ``v_col`` (the expert
     shape with one trailing dim reduced). Counters and leaves of other shapes are left out.
+    Under ``optax.masked`` and ``optax.multi_transform`` an expert leaf without state there
+    (optax's ``MaskedNode``) stands as a placeholder that stays, so a moment of one expert leaf
+    moves even when the other leaves have their moments elsewhere (w13 under Adam, w2 under SGD
+    momentum); ``inject_hyperparams``, ``chain`` and nestings of these are searched the same way.
     Pass the parts to `rearrange_expert_weights` or `eplb_step` as the expert weights, so that a
     rebalance moves the weights and their optimizer state together, then put them back::
 
@@ -720,7 +799,11 @@ def expert_state(state: Any, experts: Any) -> tuple[dict[str, Any], Callable[[An
     a leaf of at least ``min_dim_size_to_factor``, so an expert leaf whose slot (or layer) dim is
     among them gets a ``v_row`` or ``v_col`` averaged over the slots. Such a leaf raises; keep
     the factored dims trailing (``min_dim_size_to_factor`` above P, or trailing dims of at least
-    P elements) or do not factor (``factored=False``).
+    P elements) or do not factor (``factored=False``). Inside Adafactor's ``FactoredState`` the
+    averaged dim is known from optax's rule (the two largest dims, ``argsort(shape)[-2:]``), so
+    a ``v_col`` over the slots of a leaf [2, 16, 16, 8] raises although its shape [2, 16, 8]
+    starts with [L, P]; elsewhere a leaf whose shape could be either (the expert shape without
+    its slot dim, or without a trailing dim of the same size) raises too.
 
     Args:
       state: any pytree (e.g. ``(params, opt_state)``, a dataclass train state).
@@ -735,9 +818,9 @@ def expert_state(state: Any, experts: Any) -> tuple[dict[str, Any], Callable[[An
 
     Raises:
       ValueError: when no subtree of ``state`` mirrors ``experts``; when a mirroring subtree
-        holds a statistic reduced over an expert leaf's layer or slot dim (every such leaf named
-        by path); or (from ``put_back``) when the parts given back do not have the keys and
-        structures of those taken out.
+        holds a statistic reduced over an expert leaf's layer or slot dim, or one whose shape
+        cannot tell (every such leaf named by path); or (from ``put_back``) when the parts
+        given back do not have the keys and structures of those taken out.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -764,7 +847,11 @@ def expert_state(state: Any, experts: Any) -> tuple[dict[str, Any], Callable[[An
         return _kinds(node, want_def, want_shapes) is not None
 
     flat, treedef = jax.tree_util.tree_flatten_with_path(state, is_leaf=mirrors)
-    taken = {jax.tree_util.keystr(p): (x, _kinds(x, want_def, want_shapes)) for p, x in flat}
+    fields = _factored_fields(state)
+    taken = {}
+    for p, x in flat:
+        k = jax.tree_util.keystr(p)
+        taken[k] = (x, _kinds(x, want_def, want_shapes, _field_of(k, fields)))
     taken = {k: v for k, v in taken.items() if v[1] is not None}
     _check_no_reduced(taken, [p for p, _ in want_flat], want_def, want_shapes)
     if not taken:
@@ -785,16 +872,30 @@ def expert_state(state: Any, experts: Any) -> tuple[dict[str, Any], Callable[[An
 
 
 def _check_no_reduced(taken: dict, leaf_paths: list, want_def, want_shapes: tuple) -> None:
-    """Raises, naming every one, for mirroring leaves that reduced an expert leaf's lead dim."""
+    """Raises, naming every one, for mirroring leaves that reduced an expert leaf's lead dim or
+    whose shape cannot tell (`_leaf_kind`)."""
+
+    def text(k, p, x, w, kind):
+        name = f"state{k}{jax.tree_util.keystr(p)} has shape {tuple(x.shape)}"
+        if kind == "ambiguous":
+            return (
+                f"{name}: the shape {w} of experts{jax.tree_util.keystr(p)} without its slot dim "
+                f"or without a trailing dim of the same size; it cannot be told whether it is a "
+                f"per-slot statistic"
+            )
+        lead = 0 if tuple(x.shape) == w[1:] else 1
+        return (
+            f"{name}: the shape {w} of experts{jax.tree_util.keystr(p)} without its dim {lead} "
+            f"(a statistic over the layers or the slots) cannot move with the slots"
+        )
+
     bad = [
-        f"state{k}{jax.tree_util.keystr(p)} has shape {tuple(x.shape)}: the shape {w} of "
-        f"experts{jax.tree_util.keystr(p)} without its dim {0 if tuple(x.shape) == w[1:] else 1} "
-        f"(a statistic over the layers or the slots) cannot move with the slots"
+        text(k, p, x, w, kind)
         for k, (node, kinds) in taken.items()
         for p, x, w, kind in zip(
             leaf_paths, want_def.flatten_up_to(node), want_shapes, kinds, strict=True
         )
-        if kind == "reduced"
+        if kind in ("reduced", "ambiguous")
     ]
     if bad:
         raise ValueError(
@@ -843,7 +944,10 @@ def replica_scale(phy2log: Any) -> jax.Array:
 
     Weighting a per-slot quantity by this scale counts each logical expert once: after
     `sync_replica_grads` every replica holds its expert's whole gradient, so a sum over slots of
-    ``scale * |g|^2`` is the sum over logical experts. Jit-able; the map may be traced.
+    ``scale * |g|^2`` is the sum over logical experts. -1 slots keep whatever they hold (inf or
+    NaN included), and ``0 * inf`` is NaN: drop them with a select,
+    ``jnp.where(scale > 0, scale * x, 0)``, not by the product alone (`global_norm` does).
+    Jit-able; the map may be traced.
 
     Args:
       phy2log: int[L, P] (or int[P]) the placement, -1 for empty slots.
@@ -877,7 +981,8 @@ def global_norm(
 
     ``sqrt(sum over leaves, layers and slots of replica_scale * sum(g ** 2) + |rest| ** 2)``,
     in float32: after `sync_replica_grads` the replicas of an expert hold the same gradient, and
-    the norm is that of the model without redundant experts (-1 slots do not count). Works at
+    the norm is that of the model without redundant experts (-1 slots do not count, whatever
+    they hold: inf or NaN there leaves the norm finite). Works at
     global view, on sharded arrays, inside or outside `jax.jit`.
 
     Which optax transforms see the replicas (optax 0.2.8): ``clip_by_global_norm`` takes the
@@ -926,7 +1031,8 @@ def global_norm(
     total = jnp.float32(0)
     for _, x in flat:
         sq = jnp.square(x.astype(jnp.float32)).reshape(*x.shape[:2], -1).sum(-1)
-        total = total + (sq * scale).sum()
+        # Selected, not multiplied: a -1 slot holding inf or NaN must add 0 (0 * inf is NaN).
+        total = total + jnp.where(scale > 0, sq * scale, 0.0).sum()
     for x in jax.tree_util.tree_leaves(rest):
         total = total + jnp.square(jnp.asarray(x).astype(jnp.float32)).sum()
     return jnp.sqrt(total)

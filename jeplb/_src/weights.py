@@ -195,5 +195,6 @@ def place_experts(
         phy2log = jnp.asarray(np.asarray(phy2log), jnp.int32)
     expert = checks.expert_spec(config.axes)
     specs = tuple(_spec(x, slot_axis, expert) for x in leaves)
-    out = _program(mesh, specs, layer_axis, slot_axis)(phy2log.astype(jnp.int32), leaves)
+    # A traced id past int32 becomes -2 (an empty slot) rather than wrapping onto an expert.
+    out = _program(mesh, specs, layer_axis, slot_axis)(checks.int32_ids(phy2log), leaves)
     return treedef.unflatten(out)

@@ -180,7 +180,7 @@ class MoELayer(nn.Module):
             experts = _dense_experts if cfg.path == "dense" else _ragged_experts
             y = experts(tokens, phys, wi_0, wi_1, wo)  # [T, K, H]
         with jax.named_scope("combine"):
-            return x + combine_topk(y, weights), counts
+            return x + combine_topk(y, weights.astype(y.dtype)), counts  # in y's dtype
 
 
 class MoEStack(nn.Module):

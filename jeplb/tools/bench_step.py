@@ -9,11 +9,11 @@ Per case (named by its shapes and dtype), four jitted programs on the same devic
   step, so every plan moves experts);
 * ``progressive``: one layer moved per step (``layers_per_step=1``, a plan every L steps).
 
-``--idle-scale`` runs instead the idle `jeplb.eplb_step` alone (no model, no rebalance due) at
-vLLM's defaults, a window of W = 1000 passes of L = 58 layers of E = 256 experts on P = 288 slots,
-against the same step with a window of 1: the step's time and its compiled temporary memory next
-to the window's bytes. It runs on 8 simulated CPU devices by default, on one device with
-``--platform gpu`` (or ``--idle-devices``).
+``--idle-scale`` runs instead the idle `jeplb.eplb_step` (no rebalance due) as a model's step
+pays it: at the end of the decode step of `jeplb.tools.bench_decode` (58 layers, 4096 tokens x
+top-8 of E = 256 on P = 288 slots, `jeplb.dispatch` on every layer; one jitted call per step),
+with vLLM's window of W = 1000 passes and with a window of 1, against the same step without it,
+on the first device (``--tiny``: small shapes, for a CPU).
 
 Each program runs a few warm-up steps (compilation included); then the programs take ``repeats``
 timed steps in turn (interleaved, so that a change of machine load hits all alike); the figures are
@@ -174,154 +174,62 @@ def _run_case(case, devices, *, warmup: int, repeats: int, progress: bool) -> li
     return rows
 
 
-# The idle step alone at vLLM's defaults: (L, E, P, W) and the window-1 reference.
-_IDLE = (58, 256, 288, 1000)
+def _idle_scale(*, tiny: bool, repeats: int) -> tuple[list[dict[str, Any]], Any]:
+    """The idle eplb_step as a model's step pays it (`jeplb.tools.bench_decode`): the decode step
+    with dispatch on every layer, with and without an idle step at W = 1000 and W = 1, layers
+    unrolled and scanned; and the standalone idle step's compiled temporaries at both windows."""
+    import dataclasses
+
+    from jeplb.tools import bench_decode as bd
+
+    case = bd.TINY if tiny else bd.DEFAULT
+    rows = bd.measure(
+        case,
+        variants=(bd.DISPATCH, bd.IDLE_BIG, bd.IDLE_ONE),
+        repeats=repeats,
+        warmup=3,
+        samples=5 if tiny else 20,
+    )
+    temps = {v: _idle_temp(case, v) for v in (bd.IDLE_BIG, bd.IDLE_ONE)}  # one compile each
+    out = [dataclasses.asdict(r) for r in rows]
+    for r in out:
+        r["temp_bytes"] = temps.get(r["variant"], 0)
+    return out, case
 
 
-def _idle_scale(devices, *, warmup: int, repeats: int) -> list[dict[str, Any]]:
-    """The idle eplb_step alone at W = 1000 and at W = 1: median time and temporary memory."""
+def _idle_temp(case, variant: str) -> int:
+    """Temporary bytes of the standalone idle step's compiled program (memory_analysis)."""
     import functools
 
     import jax
-    import jax.numpy as jnp
-    from jax.sharding import Mesh, NamedSharding
-    from jax.sharding import PartitionSpec as P
+    from jax.sharding import Mesh
 
     import jeplb
+    from jeplb.tools import bench_decode as bd
 
-    lay, e, p, big = _IDLE
-    d = len(devices)
-    mesh = Mesh(np.array(devices), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
-    progs = {}
-    for w in (1, big):
-        state = jeplb.EplbState.create(
-            num_layers=lay, num_experts=e, num_devices=d, num_redundant_experts=p - e,
-            window_size=w, step_interval=10**9,
-        ).replicated(mesh)  # fmt: skip
-        counts = np.random.default_rng(0).integers(0, 500, (lay, e), dtype=np.int32)
-        state = state.replace(pass_load=jax.device_put(counts, NamedSharding(mesh, P())))
-        # Small rows: nothing moves in an idle step, the weights only ride through it.
-        weights = jax.device_put(
-            jnp.zeros((lay, p, 64), jnp.float32), NamedSharding(mesh, P(None, "ep"))
-        )
-        step = jax.jit(functools.partial(jeplb.eplb_step, mesh=mesh), donate_argnums=(0, 1))
-        compiled = step.lower(state, weights).compile()
-        mem = compiled.memory_analysis()
-        progs[w] = dict(
-            step=compiled,
-            carry=(state, weights),
-            temp=int(mem.temp_size_in_bytes),
-            window_bytes=int(state.window.nbytes),
-            times=[],
-        )
-
-    def run(prog):
-        t = time.perf_counter()
-        state, weights, _ = prog["step"](*prog["carry"])
-        jax.block_until_ready((state, weights))
-        prog["carry"] = (state, weights)
-        return time.perf_counter() - t
-
-    for prog in progs.values():
-        for _ in range(warmup):
-            run(prog)
-    for _ in range(repeats):  # interleaved
-        for prog in progs.values():
-            prog["times"].append(run(prog))
-    ref = float(np.median(progs[1]["times"]))
-    looped = _idle_in_a_loop(mesh, progs[big]["carry"], warmup=warmup, repeats=repeats)
-    return [
-        dict(
-            case=f"idle eplb_step L{lay} E{e} P{p} W{w}",
-            window_size=w,
-            devices=d,
-            median_us=1e6 * float(np.median(prog["times"])),
-            min_us=1e6 * float(np.min(prog["times"])),
-            vs_window_1=float(np.median(prog["times"])) / ref,
-            temp_bytes=prog["temp"],
-            window_bytes=prog["window_bytes"],
-            repeats=repeats,
-        )
-        for w, prog in progs.items()
-    ] + looped
-
-
-# Idle steps per program in the looped measure: the per-step cost is the difference of the two
-# programs' times over the difference of their steps, so the call's dispatch cancels out.
-_LOOP_STEPS = (1, 41)
-
-
-def _idle_in_a_loop(mesh, carry, *, warmup: int, repeats: int) -> list[dict[str, Any]]:
-    """The idle step as a model's jit pays it: K idle eplb_steps (each with a new pass load) in
-    one jitted `lax.fori_loop`, K = 1 and 41; per step = the median time difference / 40."""
-    import jax
-    import jax.numpy as jnp
-    from jax import lax
-
-    import jeplb
-
-    state = carry[0]
-    counts = np.random.default_rng(1).integers(0, 500, state.pass_load.shape, dtype=np.int32)
-    base = jnp.asarray(counts)
-
-    def make(k):
-        def body(i, c):
-            s, w = c
-            s = s.replace(pass_load=(base + i).astype(jnp.int32))
-            s, w, _ = jeplb.eplb_step(s, w, mesh=mesh)
-            return s, w
-
-        return jax.jit(lambda s, w: lax.fori_loop(0, k, body, (s, w)), donate_argnums=(0, 1))
-
-    progs = {k: dict(step=make(k), times=[]) for k in _LOOP_STEPS}
-    live = [carry]
-
-    def run(prog):
-        t = time.perf_counter()
-        out = prog["step"](*live[0])
-        jax.block_until_ready(out)
-        live[0] = out
-        return time.perf_counter() - t
-
-    for prog in progs.values():
-        for _ in range(warmup):
-            run(prog)
-    for _ in range(repeats):
-        for prog in progs.values():
-            prog["times"].append(run(prog))
-    short, long = (float(np.median(progs[k]["times"])) for k in _LOOP_STEPS)
-    per_step = (long - short) / (_LOOP_STEPS[1] - _LOOP_STEPS[0])
-    lay, e, p, w = _IDLE
-    return [
-        dict(
-            case=f"idle eplb_step L{lay} E{e} P{p} W{w}, per step inside a jitted loop",
-            window_size=w,
-            devices=len(mesh.devices.flat),
-            median_us=1e6 * per_step,
-            min_us=float("nan"),
-            vs_window_1=float("nan"),
-            temp_bytes=0,
-            window_bytes=int(state.window.nbytes),
-            repeats=repeats,
-        )
-    ]
+    dev = jax.devices()[0]
+    mesh = Mesh(np.array([dev]), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+    _, (state, w, _, _) = bd.build(case, variant, "unrolled")
+    step = jax.jit(functools.partial(jeplb.eplb_step, mesh=mesh), donate_argnums=(0, 1))
+    return int(step.lower(state, w).compile().memory_analysis().temp_size_in_bytes)
 
 
 def idle_markdown(rows) -> str:
-    head = ["case", "median us", "min us", "vs W = 1", "temp MB", "temp over W = 1, bytes"]
-    head += ["window MB"]
-    ref = rows[0]["temp_bytes"]
+    head = ["layout", "variant", "call us", "pipelined us", "idle step us (call)"]
+    head += ["idle step us (pipelined)", "step temp MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = {r["layout"]: r for r in rows if not r["variant"].startswith("dispatch + ")}
     for r in rows:
-        looped = np.isnan(r["min_us"])  # the per-step figure of the jitted loop
+        ref = base[r["layout"]]
+        idle = r is not ref
         vals = [
-            r["case"],
-            f"{r['median_us']:.0f}",
-            "-" if looped else f"{r['min_us']:.0f}",
-            "-" if looped else f"{r['vs_window_1']:.2f}x",
-            "-" if looped else f"{r['temp_bytes'] / 1e6:.2f}",
-            "-" if looped else f"{r['temp_bytes'] - ref:+d}",
-            f"{r['window_bytes'] / 1e6:.2f}",
+            r["layout"],
+            r["variant"],
+            f"{r['call_us']:.0f}",
+            f"{r['pipelined_us']:.0f}",
+            f"{r['call_us'] - ref['call_us']:+.0f}" if idle else "-",
+            f"{r['pipelined_us'] - ref['pipelined_us']:+.0f}" if idle else "-",
+            f"{r['temp_bytes'] / 1e6:.2f}" if idle else "-",
         ]
         lines.append("| " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
@@ -387,14 +295,13 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     ap.add_argument(
         "--idle-scale",
         action="store_true",
-        help="only the idle eplb_step alone at W = 1000, L = 58, E = 256, P = 288 against W = 1 "
-        "(results in step_idle_<platform>.md)",
+        help="only the idle eplb_step inside a 58-layer decode step (E = 256, P = 288) at "
+        "W = 1000 and W = 1 against the step without it (results in step_idle_<platform>.md)",
     )
     ap.add_argument(
-        "--idle-devices",
-        type=positive_int,
-        default=None,
-        help="devices of the --idle-scale case (default: all CPU devices, one accelerator)",
+        "--tiny",
+        action="store_true",
+        help="with --idle-scale: small shapes (a quick check on a CPU)",
     )
     args = ap.parse_args(argv)
     devices = setup_devices(args.platform, args.cpu_devices)
@@ -452,39 +359,32 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
 def _main_idle(args, devices, argv, prog) -> int:
     import jax
 
+    from jeplb.tools import bench_decode as bd
+
     platform = devices[0].platform
-    count = args.idle_devices or (len(devices) if platform == "cpu" else 1)
-    if count > len(devices) or _IDLE[2] % count:
-        raise SystemExit(f"--idle-devices: {count} devices: expected a divisor of P = {_IDLE[2]} "
-                         f"and at most {len(devices)}")  # fmt: skip
-    repeats = args.repeats or 30
-    rows = _idle_scale(devices[:count], warmup=args.warmup, repeats=repeats)
+    repeats = args.repeats or (20 if args.tiny else 100)
+    rows, case = _idle_scale(tiny=args.tiny, repeats=repeats)
     given = sys.argv[1:] if argv is None else list(argv)
     cmd = " ".join([prog or "jeplb bench step", *given])
+    del jax
     text = (
-        f"# Idle step at vLLM's defaults ({platform}, {count} devices, jax {jax.__version__})\n\n"
+        f"# Idle step inside a decode step ({bd.device_summary()})\n\n"
         f"Command: `{cmd}`\n\n"
-        f"`jeplb.eplb_step` alone (jitted, state and weights donated), no rebalance due "
-        f"(step_interval 10^9), L = {_IDLE[0]}, E = {_IDLE[1]}, P = {_IDLE[2]}, weights "
-        f"f32[L, P, 64]; the window of W = {_IDLE[3]} passes against a window of 1. Medians of "
-        f"{repeats} steps after {args.warmup} warm-up steps, the two programs' steps "
-        f"interleaved. temp: the compiled program's temporary bytes (memory_analysis), and "
-        f"how many more the W = {_IDLE[3]} program has than the W = 1 one: what grows with the "
-        f"window (the rest, the same at both sizes, is the step's other work compiled in, e.g. "
-        f"the policy and the transfer plan that run when a rebalance is due). The last row is "
-        f"the step as a model's jit pays it: {_LOOP_STEPS[1]} and {_LOOP_STEPS[0]} idle steps "
-        f"(each with a new pass load) in one jitted fori_loop, the difference of the two "
-        f"programs' median times over {_LOOP_STEPS[1] - _LOOP_STEPS[0]} steps, so the call's "
-        f"dispatch cancels out. Load average at the end: "
-        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs.\n\n"
-        + idle_markdown(rows)
+        f"`jeplb.eplb_step` with no rebalance due (step_interval 10^9) at the end of the decode "
+        f"step of `jeplb.tools.bench_decode` ({case.name}, `jeplb.dispatch` on every layer), "
+        f"one jitted call per step with the state and weights donated, against the same step "
+        f"without it; windows of W = 1000 and W = 1. Medians of {repeats} synchronised calls "
+        f"(`call`) and of bursts of 10 back-to-back calls (`pipelined`), the programs "
+        f"interleaved; the idle step's cost is the difference in this run. step temp: the "
+        f"standalone idle step's compiled temporaries (memory_analysis): nothing grows with W. "
+        f"Load average at the end: {bd.cpu_quiet()}.\n\n" + idle_markdown(rows)
     )
     print(text)
     write_results(
         text,
         args.out or results_path(f"step_idle_{platform}.md"),
         json_path=args.json,
-        payload={"platform": platform, "devices": count, "command": cmd, "rows": rows},
+        payload={"device": bd.device_summary(), "command": cmd, "rows": rows},
     )
     return 0
 

@@ -1,4 +1,5 @@
-"""The ``jeplb`` command: ``jeplb demo [--train]`` and ``jeplb bench {transfer,policy,step}``."""
+"""The ``jeplb`` command: ``jeplb demo [--train]``, ``jeplb bench {transfer,policy,step}`` and
+``jeplb plan`` (a placement file from a recorded load)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ _BENCHES = {
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``jeplb`` command."""
     from jeplb.tools import demo as _demo
+    from jeplb.tools import plan as _plan
 
     p = argparse.ArgumentParser(
         prog="jeplb",
@@ -34,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     from jeplb import __version__
 
     p.add_argument("--version", action="version", version=f"jeplb {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{demo,bench}", required=True)
+    sub = p.add_subparsers(dest="command", metavar="{demo,bench,plan}", required=True)
     demo = sub.add_parser(
         "demo",
         help="run an example MoE model on a skewed router and rebalance it",
@@ -56,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="; ".join(f"{k}: {v[1]}" for k, v in sorted(_BENCHES.items())),
     )
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags")
+    plan = sub.add_parser(
+        "plan",
+        help="write a placement file planned from a recorded load",
+        description="Reads a recorded load (a state saved by EplbState.save, or an [L, E] array "
+        "of token counts in .npy, .npz or .json), runs a placement policy and writes a "
+        "placement file (jeplb.write_placement's format) that a deployment starts from.",
+    )
+    _plan.add_arguments(plan)
     return p
 
 
@@ -103,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _demo.run(args)
         return 0
+    if args.command == "plan":
+        from jeplb.tools import plan as _plan
+
+        plan_parser = parser._subparsers._group_actions[0].choices["plan"]
+        return _plan.run(plan_parser, args)
     return _run_bench(args.name, args.rest)
 
 

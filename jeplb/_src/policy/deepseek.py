@@ -134,7 +134,7 @@ def pack(
         item_load, p = x if pref is not None else (x, None)
         k = lightest_pack(pack_load, pack_count < cap, p)
         hit = pack_ids == k
-        rank = jnp.sum(jnp.where(hit, pack_count, 0), axis=0)
+        rank = jnp.sum(jnp.where(hit, pack_count, 0), axis=0, dtype=jnp.int32)
         pack_load = jnp.where(hit, pack_load + item_load, pack_load)
         pack_count = pack_count + hit.astype(jnp.int32)
         return (pack_load, pack_count), (k, rank)

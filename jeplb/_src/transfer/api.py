@@ -114,8 +114,8 @@ def _local(old, new, leaves, *, setup: engine.Engine, single_layer: bool):
     if single_layer:
         old, new, leaves = old[None], new[None], [x[None] for x in leaves]
     out, stats = engine.move_layers(
-        old.astype(jnp.int32),
-        new.astype(jnp.int32),
+        checks.int32_ids(old),
+        checks.int32_ids(new),
         leaves,
         first=0,
         count=old.shape[0],

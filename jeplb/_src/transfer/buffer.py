@@ -37,8 +37,22 @@ def _width(x: jax.Array) -> int:
     return w
 
 
-def _impls(rows: tuple[jax.Array, ...], movers: rows_lib.Movers) -> tuple[stages.Impls, ...]:
-    return tuple(stages.Impls(movers.for_rows(r), movers.for_rows(r)) for r in rows)
+def _moving_rows(buf_leaves: list) -> tuple[jax.Array, ...]:
+    """The buffer's rows [N, R] in the engine's moving dtype (`layout.moving_dtype`): bf16 rows
+    staged as bf16 on XLA:CPU would be written through float32, which quiets signalling NaNs."""
+    platform = checks.platform_of()
+    return tuple(
+        layout.convert_rows(_one_layer(b).dst.rows, layout.moving_dtype(b.dtype, platform))
+        for b in buf_leaves
+    )
+
+
+def _impls(spaces: tuple, bufs: tuple, movers: rows_lib.Movers) -> tuple[stages.Impls, ...]:
+    """Row movers for writes into each leaf and into its buffer (of the moving dtype)."""
+    return tuple(
+        stages.Impls(movers.for_rows(s.dst.rows), movers.for_rows(b))
+        for s, b in zip(spaces, bufs, strict=True)
+    )
 
 
 def _check_movable(leaves: list, treedef, movers: rows_lib.Movers) -> None:
@@ -137,8 +151,7 @@ def move_to_buffer(
         buf_leaves = [jnp.zeros_like(x) for x in leaves]
     else:
         buf_leaves = _check_buffer(buffer, leaves, treedef)
-    old = jnp.asarray(old, jnp.int32)
-    new = jnp.asarray(new, jnp.int32)
+    old, new = checks.int32_ids(old), checks.int32_ids(new)  # never wrapped into range
     # Devices holding different maps would plan different collective loops (a hang): they plan a
     # no-op instead, and the layer counts as infeasible.
     agreed = agree.maps_agree((old, new), config.axes)
@@ -155,7 +168,7 @@ def move_to_buffer(
         plan, old, target, lax.axis_index(config.axes), num_devices=d
     )
     spaces = tuple(_one_layer(x) for x in leaves)
-    bufs = tuple(_one_layer(b).dst.rows for b in buf_leaves)
+    bufs = _moving_rows(buf_leaves)
     bufs = stages.stage(
         spaces,
         bufs,
@@ -164,10 +177,13 @@ def move_to_buffer(
         axes=config.axes,
         num_devices=d,
         chunk_rows=config.chunk_rows,
-        impls=_impls(bufs, setup.movers),
+        impls=_impls(spaces, bufs, setup.movers),
         collective=setup.collective,
     )
-    out = [r.reshape(b.shape) for b, r in zip(buf_leaves, bufs, strict=True)]
+    out = [
+        layout.convert_rows(r, b.dtype).reshape(b.shape)
+        for b, r in zip(buf_leaves, bufs, strict=True)
+    ]
     return treedef.unflatten(out), meta
 
 
@@ -222,7 +238,7 @@ def move_from_buffer(
     buf_leaves = _check_buffer(buffer, leaves, treedef)
     _check_movable(leaves, treedef, movers)
     spaces = tuple(_one_layer(x) for x in leaves)
-    bufs = tuple(_one_layer(b).dst.rows for b in buf_leaves)
-    spaces = stages.commit(spaces, bufs, metadata, _impls(bufs, movers))
+    bufs = _moving_rows(buf_leaves)
+    spaces = stages.commit(spaces, bufs, metadata, _impls(spaces, bufs, movers))
     out = [layout.close_rows(x[None], s)[0] for x, s in zip(leaves, spaces, strict=True)]
     return treedef.unflatten(out)

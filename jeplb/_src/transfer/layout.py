@@ -16,8 +16,9 @@ the leaf in one of two ways:
   run on the integer view of the leaf's bits, which fuses in place and keeps every bit pattern
   (NaN payloads, subnormals); a layer's block is read once, gathered into the moving dtype (a
   slab).
-* ``widen``: sub-byte types (int4, uint4, float4_e2m1fn) cannot be bit-cast to a byte type; their
-  rows travel as uint8, one element a byte, and are written with the one-row select.
+* ``widen``: sub-byte types (int4, uint4, float4_e2m1fn, int2, uint2) cannot be bit-cast to a
+  byte type; their rows travel as uint8, one element a byte, and are written with the one-row
+  select.
 
 No leaf is ever converted whole: that would be a full copy of the device's weights.
 """
@@ -44,8 +45,9 @@ __all__ = [
 ]
 
 _UINT_BY_SIZE = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
-# Sub-byte types a MoE stack ships (4-bit weights with block scales as separate leaves).
-SUB_BYTE = ("int4", "uint4", "float4_e2m1fn")
+# Sub-byte types a MoE stack ships (4-bit weights with block scales as separate leaves; 2-bit
+# integer weights). Other sub-byte types (int1, uint1, float6_*) are refused by the leaf check.
+SUB_BYTE = ("int4", "uint4", "float4_e2m1fn", "int2", "uint2")
 # Types XLA:CPU moves natively with dynamic_slice / dynamic_update_slice.
 _CPU_NATIVE = ("float32", "float64", "int8", "int16", "int32", "int64")
 _CPU_NATIVE += ("uint8", "uint16", "uint32", "uint64")
@@ -62,21 +64,26 @@ def leaf_mode(dtype, platform: str) -> str:
 
 
 def _widen(x: jax.Array) -> jax.Array:
-    """Sub-byte rows as uint8, one element a byte (int4: its two's-complement nibble, 0..15)."""
-    if x.dtype == jnp.int4:
-        return lax.bitcast_convert_type(x.astype(jnp.int8), jnp.uint8) & jnp.uint8(0xF)
-    if x.dtype != jnp.uint4:
+    """Sub-byte rows as uint8, one element a byte (signed ones: their two's-complement bits, e.g.
+    int4 -1 as 15)."""
+    name = np.dtype(x.dtype).name
+    if name.startswith("float"):  # float4_e2m1fn: its bits as uint4
         x = lax.bitcast_convert_type(x, jnp.uint4)
+    if name.startswith("int"):
+        low = jnp.uint8((1 << jnp.iinfo(x.dtype).bits) - 1)
+        return lax.bitcast_convert_type(x.astype(jnp.int8), jnp.uint8) & low
     return x.astype(jnp.uint8)
 
 
 def _narrow(x: jax.Array, dtype: np.dtype) -> jax.Array:
     """Inverse of `_widen`: uint8 rows back in the sub-byte ``dtype``, bit for bit."""
-    if dtype == jnp.int4:  # a nibble 0..15 back to -8..7
-        nibble = lax.bitcast_convert_type(x, jnp.int8)
-        return ((nibble ^ jnp.int8(8)) - jnp.int8(8)).astype(jnp.int4)
-    u4 = x.astype(jnp.uint4)
-    return u4 if dtype == jnp.uint4 else lax.bitcast_convert_type(u4, dtype)
+    name = np.dtype(dtype).name
+    if name.startswith("int"):  # the low bits back to a signed value (int4: 0..15 to -8..7)
+        sign = jnp.int8(1 << (jnp.iinfo(dtype).bits - 1))
+        return ((lax.bitcast_convert_type(x, jnp.int8) ^ sign) - sign).astype(dtype)
+    if name.startswith("float"):
+        return lax.bitcast_convert_type(x.astype(jnp.uint4), dtype)
+    return x.astype(dtype)
 
 
 def bits_dtype(dtype) -> np.dtype:

@@ -1,0 +1,342 @@
+"""What EPLB costs a decode step, measured as a model calls it.
+
+A decode-like step of L MoE layers (DeepSeek-V3's routing by default: 4096 tokens, top-8 of
+E = 256 experts on P = 288 slots, 58 layers), one jitted call per step with the state and the
+weights donated, in four variants that share everything else:
+
+* ``plain``: the step without EPLB (each token's k-th expert read from slot ``id``, its first
+  replica);
+* ``dispatch``: `jeplb.dispatch` on every layer (ids mapped to slots, counts recorded);
+* ``dispatch + idle step W=1000`` / ``W=1``: and `jeplb.eplb_step` at the end of the step, no
+  rebalance due, with vLLM's window of 1000 passes and with a window of 1 (its `StepInfo` is
+  returned, as a model that logs the balancedness keeps it).
+
+Each variant is built with its layers unrolled (a Python loop, `jeplb.dispatch`) and scanned
+(`lax.scan`, `jeplb.dispatch_layer` with the counts stacked into [L, E] and recorded once).
+
+A layer: the router's ids are a fixed top-k draw of the layer shifted by one bit of the previous
+layer's output (so every layer waits for the last, as in a model), the token's K expert rows
+(f32[H], H = 16) are read from the weights [L, P, H] at the mapped slots and summed into the
+carried activations. Light on purpose: the plain step costs about what a layer's launches cost, so
+that EPLB's share stands out; the expert compute of a real model adds to both sides alike.
+
+Timing: each program is compiled and warmed up, then the programs take turns, one call each per
+round (interleaved, so a change of machine load hits all alike), each call synchronised
+(``call``: wall time of one step, the host's dispatch of its arguments included); and, per
+program, samples of ``burst`` back-to-back calls synchronised once (``pipelined``: what a serving
+loop that does not wait for each step pays). Medians.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+import time
+
+import numpy as np
+
+__all__ = ["DEFAULT", "TINY", "DecodeCase", "build", "device_summary", "entry_ops", "measure"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeCase:
+    """Shapes of the decode step: L layers, T tokens, top-K of E experts on P slots, rows of H."""
+
+    layers: int
+    tokens: int
+    top_k: int
+    experts: int
+    slots: int
+    hidden: int = 16
+
+    @property
+    def name(self) -> str:
+        return f"L={self.layers} T={self.tokens} K={self.top_k} E={self.experts} P={self.slots}"
+
+
+DEFAULT = DecodeCase(layers=58, tokens=4096, top_k=8, experts=256, slots=288)
+TINY = DecodeCase(layers=4, tokens=256, top_k=4, experts=16, slots=24, hidden=8)
+
+PLAIN, DISPATCH = "plain", "dispatch"
+IDLE_BIG, IDLE_ONE = "dispatch + idle step W=1000", "dispatch + idle step W=1"
+# A diagnosis, not a usable step: the idle step traced with its conditional replaced by the idle
+# branch alone (what the conditional itself costs: on a GPU a device-to-host sync).
+IDLE_NO_COND = "dispatch + idle step W=1000, no conditional (diagnosis)"
+VARIANTS = (PLAIN, DISPATCH, IDLE_BIG, IDLE_ONE)
+_IDLE = (IDLE_BIG, IDLE_ONE, IDLE_NO_COND)
+LAYOUTS = ("unrolled", "scanned")
+
+
+def device_summary() -> str:
+    """The device the benchmark runs on, for the results file (kind, memory, jax version)."""
+    import jax
+
+    dev = jax.devices()[0]
+    stats = {}
+    try:
+        stats = dev.memory_stats() or {}
+    except Exception:  # CPU devices have none in some versions
+        stats = {}
+    mem = stats.get("bytes_limit")
+    mem = f", {mem / 2**30:.1f} GiB for buffers" if mem else ""
+    return f"{dev.device_kind} ({dev.platform}{mem}), jax {jax.__version__}"
+
+
+def _route(acc, ids0, num_experts):
+    """The layer's ids: the fixed draw shifted by one bit of the previous layer's output."""
+    import jax.numpy as jnp
+
+    shift = (acc[:, 0] > 0).astype(jnp.int32)
+    return (ids0 + shift[:, None]) % num_experts
+
+
+def _experts(acc, w_layer, slots):
+    """The token's K rows of the layer's weights [P, H], summed into the activations."""
+    return 0.5 * acc + w_layer[slots].sum(axis=1) * 0.125
+
+
+def _unrolled(case: DecodeCase, variant: str, mesh):
+
+    import jeplb
+
+    def step(state, w, acc, ids0):
+        for layer in range(case.layers):
+            ids = _route(acc, ids0[layer], case.experts)
+            if variant == PLAIN:
+                slots = ids
+            else:
+                state, slots = jeplb.dispatch(state, layer, ids)
+            acc = _experts(acc, w[layer], slots)
+        state, w, info = _maybe_idle_step(variant, state, w, mesh)
+        return state, w, acc, info
+
+    return step
+
+
+def _maybe_idle_step(variant, state, w, mesh):
+    """The variant's idle `jeplb.eplb_step` (its StepInfo's balancedness and fired kept)."""
+    import contextlib
+    from unittest import mock
+
+    from jax import lax
+
+    import jeplb
+
+    if variant not in _IDLE:
+        return state, w, None
+    from jeplb._src import step as step_lib
+
+    patch = contextlib.nullcontext()
+    if variant == IDLE_NO_COND:  # the conditional's idle branch, inlined (diagnosis only)
+        patch = mock.patch.object(lax, "cond", lambda pred, yes, no, *a: no(*a))
+        step_lib._program.cache_clear()  # a fresh trace of the step, not the cached one
+    with patch:
+        state, w, info = jeplb.eplb_step(state, w, mesh=mesh)
+    if variant == IDLE_NO_COND:
+        step_lib._program.cache_clear()
+    return state, w, (info.balancedness, info.layer_balancedness, info.fired)
+
+
+def _scanned(case: DecodeCase, variant: str, mesh):
+    from jax import lax
+
+    import jeplb
+
+    def step(state, w, acc, ids0):
+        if variant == PLAIN:
+
+            def layer(acc, xs):
+                ids0_l, w_l = xs
+                return _experts(acc, w_l, _route(acc, ids0_l, case.experts)), None
+
+            acc, _ = lax.scan(layer, acc, (ids0, w))
+            return state, w, acc, None
+
+        def layer(acc, xs):
+            ids0_l, w_l, log2phy, logcnt = xs
+            slots, counts = jeplb.dispatch_layer(log2phy, logcnt, _route(acc, ids0_l, case.experts))
+            return _experts(acc, w_l, slots), counts
+
+        acc, counts = lax.scan(layer, acc, (ids0, w, state.log2phy, state.logcnt))
+        state, w, info = _maybe_idle_step(variant, state.record(counts), w, mesh)
+        return state, w, acc, info
+
+    return step
+
+
+def build(case: DecodeCase, variant: str, layout: str, *, seed: int = 0):
+    """(jitted step, its first arguments) for one variant and layout on the first device."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import jeplb
+
+    dev = jax.devices()[0]
+    mesh = Mesh(np.array([dev]), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+    window = 1 if variant == IDLE_ONE or variant not in _IDLE else 1000
+    state = jeplb.EplbState.create(
+        num_layers=case.layers,
+        num_experts=case.experts,
+        num_devices=1,
+        num_redundant_experts=case.slots - case.experts,
+        window_size=window,
+        step_interval=10**9,
+    ).replicated(mesh)
+    rng = np.random.default_rng(seed)
+    draw = np.argsort(rng.random((case.layers, case.tokens, case.experts)), axis=-1)
+    ids0 = jax.device_put(draw[..., : case.top_k].astype(np.int32), dev)
+    w = jax.device_put(
+        rng.uniform(-1, 1, (case.layers, case.slots, case.hidden)).astype(np.float32),
+        NamedSharding(mesh, P(None, "ep")),
+    )
+    acc = jax.device_put(rng.uniform(-1, 1, (case.tokens, case.hidden)).astype(np.float32), dev)
+    body = (_unrolled if layout == "unrolled" else _scanned)(case, variant, mesh)
+    fn = jax.jit(body, donate_argnums=(0, 1, 2))
+    del jnp
+    return fn, (state, w, acc, ids0)
+
+
+@dataclasses.dataclass
+class Timing:
+    layout: str
+    variant: str
+    call_us: float
+    pipelined_us: float
+    over_plain_us: float = float("nan")
+    over_dispatch_us: float = float("nan")
+
+
+def measure(
+    case: DecodeCase,
+    *,
+    variants=VARIANTS,
+    layouts=LAYOUTS,
+    repeats: int = 100,
+    warmup: int = 5,
+    burst: int = 10,
+    samples: int = 20,
+    progress=None,
+) -> list[Timing]:
+    """Medians per step of every (layout, variant), interleaved; see the module docstring."""
+    import jax
+
+    progs = {}
+    for layout in layouts:
+        for variant in variants:
+            t0 = time.perf_counter()
+            fn, args = build(case, variant, layout)
+            carry = list(args)
+            for _ in range(warmup):
+                carry[:3] = fn(*carry)[:3]
+            jax.block_until_ready(carry)
+            progs[(layout, variant)] = dict(fn=fn, carry=carry, call=[], burst=[])
+            if progress:
+                progress(
+                    f"{layout} {variant}: compiled and warm in {time.perf_counter() - t0:.1f} s"
+                )
+
+    def once(p):
+        out = p["fn"](*p["carry"])
+        p["carry"][:3] = out[:3]
+        return out
+
+    for _ in range(repeats):
+        for p in progs.values():
+            t = time.perf_counter()
+            jax.block_until_ready(once(p))
+            p["call"].append(time.perf_counter() - t)
+    for _ in range(samples):
+        for p in progs.values():
+            t = time.perf_counter()
+            for _ in range(burst - 1):
+                once(p)
+            jax.block_until_ready(once(p))
+            p["burst"].append((time.perf_counter() - t) / burst)
+    rows = []
+    for layout in layouts:
+        base = {}
+        for variant in variants:
+            p = progs[(layout, variant)]
+            row = Timing(
+                layout,
+                variant,
+                1e6 * float(np.median(p["call"])),
+                1e6 * float(np.median(p["burst"])),
+            )
+            base[variant] = row
+            if PLAIN in base:
+                row.over_plain_us = row.call_us - base[PLAIN].call_us
+            if DISPATCH in base and variant != DISPATCH:
+                row.over_dispatch_us = row.call_us - base[DISPATCH].call_us
+            rows.append(row)
+    return rows
+
+
+def entry_ops(compiled_text: str) -> list[str]:
+    """The operations of a compiled HLO module's entry computation that do work (what one call
+    launches: fusions, custom calls, copies, conditionals, loops ...), one line each, shortened."""
+    lines, inside = [], False
+    skip = ("parameter(", "constant(", "get-tuple-element(", "tuple(", "bitcast(")
+    for line in compiled_text.splitlines():
+        if line.startswith("ENTRY"):
+            inside = True
+            continue
+        if inside:
+            if line.startswith("}"):
+                break
+            text = line.strip()
+            if "=" not in text or any(f" {s}" in text.split("=", 1)[1][:60] for s in skip):
+                continue
+            name, rest = text.split("=", 1)
+            found = re.search(r"\s([a-z][\w-]*)\(", rest)
+            op = found.group(1) if found else rest.strip()[:40]
+            kind = ""
+            for key in ("kind=", "custom_call_target=", "calls="):
+                if key in rest:
+                    kind += " " + rest.split(key, 1)[1].split(",")[0].split("}")[0]
+            lines.append(f"{name.strip()}: {op}{kind}"[:160])
+    return lines
+
+
+def cpu_quiet() -> str:
+    """The load average, for a results file."""
+    return ", ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def first_layer_ops(case: DecodeCase) -> list[str]:
+    """What one layer's `jeplb.dispatch_layer` launches, compiled alone at the case's shapes."""
+    import jax
+    import jax.numpy as jnp
+
+    import jeplb
+
+    state = jeplb.EplbState.create(
+        num_layers=1,
+        num_experts=case.experts,
+        num_devices=1,
+        num_redundant_experts=case.slots - case.experts,
+        window_size=1,
+        step_interval=1,
+    )
+    ids = jnp.zeros((case.tokens, case.top_k), jnp.int32)
+    f = jax.jit(functools.partial(jeplb.dispatch_layer))
+    text = f.lower(state.log2phy[0], state.logcnt[0], ids).compile().as_text()
+    return entry_ops(text)
+
+
+def idle_step_text(case: DecodeCase, *, window: int = 1000) -> str:
+    """The compiled HLO of `jeplb.eplb_step` alone at the case's shapes, no rebalance due."""
+    import jax
+    from jax.sharding import Mesh
+
+    import jeplb
+
+    dev = jax.devices()[0]
+    mesh = Mesh(np.array([dev]), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+    _, (state, w, _, _) = build(case, IDLE_BIG if window > 1 else IDLE_ONE, "unrolled")
+    step = jax.jit(functools.partial(jeplb.eplb_step, mesh=mesh), donate_argnums=(0, 1))
+    return step.lower(state, w).compile().as_text()
