@@ -47,6 +47,12 @@ def test_demo_runs_end_to_end(demo_run):
     ):
         assert label in text, label
     assert "yes, bitwise, on every step" in text
+    assert text.count("jeplb demo: 8 cpu devices") == 1  # the header, once
+    # The table's busiest device is the plot's tallest bar (each device's load over all layers).
+    for when in ("before", "after"):
+        r = figures[when]
+        assert r["busiest_device_load"] == max(r["device_load"])
+        assert r["busiest_device_load"] <= r["max_device_load"]
     assert f"plot written to {plot}" in text
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert figures["devices"] == 8 and figures["steps"] and len(figures["steps"]) == 8

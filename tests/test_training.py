@@ -377,6 +377,51 @@ def test_expert_state_errors():
         put_back({**parts, "[0]['moe']": parts["[0]['moe']"]["w13"]})
 
 
+@pytest.mark.devices(8)
+@pytest.mark.parametrize(
+    "select",
+    [["wi_0", "wi_1", "wo"], [("wi_0",), "['wi_1']", "wo"], lambda path, x: "gate" not in path],
+    ids=["keys", "paths", "filter"],
+)
+def test_expert_state_selects_experts_beside_the_router(mesh8, select):
+    # MaxText keeps the router's gate [L, E, H] in the same dict as the experts [L, P, ...]: the
+    # experts are selected where they stand; the gate and its moments stay; Adam's moments move
+    # with the weights, bit for bit.
+    rng = np.random.default_rng(21)
+    p_total = 8 * N
+    moe = {
+        "gate": jnp.asarray(rng.standard_normal((L, 6, 4)), jnp.float32),
+        "wi_0": jnp.asarray(rng.standard_normal((L, p_total, 4, 3)), jnp.float32),
+        "wi_1": jnp.asarray(rng.standard_normal((L, p_total, 4, 3)), jnp.float32),
+        "wo": jnp.asarray(rng.standard_normal((L, p_total, 3, 4)), jnp.float32),
+    }
+    tx = optax.adam(1e-3)
+    opt_state = tx.init(moe)
+    grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), moe)
+    _, opt_state = tx.update(grads, opt_state, moe)  # moments that differ from slot to slot
+    with pytest.raises(ValueError, match=r"state\[0\] holds these leaves next to others: pass "
+                       r"that subtree as experts, with select=\['wi_0', 'wi_1', 'wo'\]"):  # fmt: skip
+        jeplb.expert_state((moe, opt_state), {k: moe[k] for k in ("wi_0", "wi_1", "wo")})
+    parts, put_back = jeplb.expert_state((moe, opt_state), moe, select=select)
+    assert list(parts) == ["[0]", "[1][0].mu", "[1][0].nu"]
+    assert all(part["gate"] is None for part in parts.values())
+    parts = jax.device_put(parts, NamedSharding(mesh8, P(None, "ep")))
+    old = np.tile(np.arange(p_total, dtype=np.int32), (L, 1))
+    new = np.stack([np.roll(old[0], 5), old[0][::-1]]).astype(np.int32)
+    moved, _ = jeplb.rearrange_expert_weights(old, new, parts, mesh=mesh8, donate=False)
+    moe2, opt2 = put_back(moved)
+    before = (moe, opt_state[0].mu, opt_state[0].nu)
+    after = (moe2, opt2[0].mu, opt2[0].nu)
+    for b, a in zip(before, after, strict=True):
+        np.testing.assert_array_equal(np.asarray(a["gate"]), np.asarray(b["gate"]))
+        for name in ("wi_0", "wi_1", "wo"):
+            want = np.take_along_axis(np.asarray(b[name]), new[:, :, None, None], 1)
+            np.testing.assert_array_equal(np.asarray(a[name]), want)
+    tx.update(grads, opt2, moe2)  # the optimizer runs on the state put back
+    with pytest.raises(ValueError, match=r"select: experts has no leaf 'w13'"):
+        jeplb.expert_state((moe, opt_state), moe, select=["w13"])
+
+
 def _adafactor_state(trailing, min_dim):
     """Params with an expert leaf [L, 8, *trailing] and a real (factored) Adafactor state after
     one update with random gradients, so that every statistic differs from slot to slot."""

@@ -3,6 +3,9 @@ what arrived, and runs before anything is computed or changed."""
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from typing import Any
 
 import jax
@@ -14,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 from jeplb._src.transfer.layout import SUB_BYTE
 
 __all__ = [
+    "UnshardedGuessWarning",
     "axis_size",
     "bound_axis_size",
     "check_load",
@@ -26,6 +30,7 @@ __all__ = [
     "local_shapes",
     "platform_of",
     "refuse_leaves",
+    "resolve_specs",
     "state_on_mesh",
     "weight_leaves",
 ]
@@ -293,7 +298,8 @@ def _leaf_problem(
         want = " x ".join(
             f"{n} = {v}" for n, v in zip(_lead_letters(slot_axis, layer_axis), lead, strict=False)
         )
-        return ValueError, f"has shape {tuple(leaf.shape)}, expected leading dims {want}"
+        hint = _lead_hint(tuple(leaf.shape), lead, slot_axis, layer_axis, mesh, axes)
+        return ValueError, (f"has shape {tuple(leaf.shape)}, expected leading dims {want}{hint}")
     if local:
         return None
     expected = [None] * len(leaf.shape)
@@ -307,17 +313,11 @@ def _leaf_problem(
     spec = _spec_of(leaf, len(leaf.shape))
     if spec is None:
         return None if not is_concrete(leaf) else (ValueError, f"is not NamedSharding; use {fix}")
-    shown = f"PartitionSpec{_given_spec(leaf)}".replace(",)", ")")
-    if _names(spec[slot_axis]) != tuple(axes):
-        return ValueError, (
-            f"is sharded {shown}; its slot dim {slot_axis} must be sharded over "
-            f"exactly {expert_spec(axes)!r} (other dims may use other mesh axes), e.g. {fix}"
-        )
-    if layer_axis is not None and spec[layer_axis] is not None:
-        return ValueError, (f"is sharded {shown}; its layer dim {layer_axis} must not be sharded")
-    clash = [e for d, e in enumerate(spec) if d != slot_axis and set(_names(e)) & set(axes)]
-    if clash:
-        return ValueError, f"is sharded {shown}; only the slot dim may use {axes}"
+    problem = _spec_problem(
+        spec, _given_spec(leaf), slot_axis=slot_axis, layer_axis=layer_axis, axes=axes, fix=fix
+    )
+    if problem is not None:
+        return ValueError, f"is sharded {problem}"
     sharding = getattr(leaf, "sharding", None)
     if is_concrete(leaf) and isinstance(mesh, Mesh) and not _same_mesh(sharding.mesh, mesh):
         return ValueError, (
@@ -335,6 +335,64 @@ def _bits(dt: np.dtype) -> int:
         except (TypeError, ValueError):
             pass
     return 8 * dt.itemsize
+
+
+def _spec_problem(
+    spec: tuple, given: tuple, *, slot_axis: int, layer_axis: int | None, axes, fix: str
+) -> str | None:
+    """What is wrong with a weight leaf's PartitionSpec entries ``spec`` (padded to the leaf's
+    ndim; ``given``: as written, for the message), or None."""
+    shown = _show(given)
+    if _names(spec[slot_axis]) != tuple(axes):
+        hint = _slot_dim_hint(spec, slot_axis, layer_axis, axes)
+        return (
+            f"{shown}; its slot dim {slot_axis} must be sharded over exactly "
+            f"{expert_spec(axes)!r} (other dims may use other mesh axes), e.g. {fix}{hint}"
+        )
+    if layer_axis is not None and spec[layer_axis] is not None:
+        return f"{shown}; its layer dim {layer_axis} must not be sharded"
+    clash = [e for d, e in enumerate(spec) if d != slot_axis and set(_names(e)) & set(axes)]
+    if clash:
+        return f"{shown}; only the slot dim may use {axes}"
+    return None
+
+
+def _show(entries: tuple) -> str:
+    return f"PartitionSpec{tuple(entries)}".replace(",)", ")")
+
+
+def _slot_dim_hint(spec: tuple, slot_axis: int, layer_axis: int | None, axes) -> str:
+    """The layout keywords that would make ``spec`` right, when the expert axis sits on the
+    other lead dim (a slot-major stack given as layer-major, or the reverse)."""
+    if layer_axis is None or _names(spec[layer_axis]) != tuple(axes):
+        return ""
+    return f": the expert axis is on dim {layer_axis}; {_layout_keywords(layer_axis)}"
+
+
+def _layout_keywords(slot_axis: int) -> str:
+    """The keywords of the layout whose slot dim is ``slot_axis``."""
+    if slot_axis == 0:
+        return "for slot-major stacks [P, L, ...] pass layer_axis=1, slot_axis=0"
+    return "for layer-major stacks [L, P, ...] pass layer_axis=0, slot_axis=1 (the default)"
+
+
+def _lead_hint(shape: tuple, lead: tuple, slot_axis, layer_axis, mesh, axes) -> str:
+    """The keywords or entry point that would take a leaf whose lead dims do not match."""
+    swapped = len(lead) == 2 and lead[0] != lead[1] and shape[:2] == tuple(lead)[::-1]
+    if layer_axis is not None and swapped:
+        return f"; got them swapped: {_layout_keywords(layer_axis)}"
+    if layer_axis is not None and shape[:1] == (lead[slot_axis],):
+        return "; a leaf of one layer [P, ...] moves with transfer_layer"
+    if layer_axis is None and len(shape) >= 2 and lead[0] in shape[:2]:
+        return "; stacked leaves [L, P, ...] move with rearrange_expert_weights"
+    d = axis_size(mesh, axes) if isinstance(mesh, Mesh | jax.sharding.AbstractMesh) else 0
+    p = lead[slot_axis if layer_axis is not None else 0]
+    if d > 1 and p % d == 0 and len(shape) > slot_axis and shape[slot_axis] == p // d:
+        return (
+            f"; {p // d} = P / {d} is one device's share (N_local): at global view pass the "
+            f"global array, sharded over the mesh"
+        )
+    return ""
 
 
 def _lead_letters(slot_axis: int, layer_axis: int | None) -> tuple[str, ...]:
@@ -453,3 +511,148 @@ def _given_spec(leaf: Any) -> tuple | None:
         return None
     sharding = leaf.sharding if is_concrete(leaf) else jax.typeof(leaf).sharding
     return tuple(tuple(e) if isinstance(e, list) else e for e in sharding.spec)
+
+
+def resolve_specs(
+    expert_specs: Any,
+    leaves: list,
+    treedef: Any,
+    given: list,
+    *,
+    mesh: Any,
+    slot_axis: int,
+    layer_axis: int | None,
+    axes: tuple[str, ...],
+    name: str = "expert_weights",
+) -> tuple:
+    """Each leaf's PartitionSpec entries for the program: as the leaf says (``given``), else as
+    the caller declared (``expert_specs``), else None (the default spec is assumed).
+
+    ``expert_specs`` is None, one PartitionSpec (or NamedSharding) for every leaf, or a pytree
+    of them mirroring the leaves (None entries: not declared). Under an outer `jax.jit` on a
+    mesh of Auto axes a traced leaf does not say how its other dims are sharded; the declared
+    spec says it, so the program runs manual over every axis the leaf uses and gathers nothing.
+    Where neither says and the mesh has other axes of size > 1, a warning names the leaves.
+
+    Raises:
+      TypeError: ``expert_specs`` entries that are not PartitionSpecs or NamedShardings.
+      ValueError: a structure that does not mirror the leaves, a declared spec the layout
+        refuses (slot dim not exactly on ``axes``, layer dim sharded, an axis the mesh lacks),
+        or one that differs from a concrete leaf's own sharding; every bad leaf named.
+    """
+    declared = _declared(expert_specs, treedef, name)
+    paths = leaf_paths(treedef)
+    problems = []
+    for i, (leaf, spec) in enumerate(zip(leaves, declared, strict=True)):
+        if spec is None:
+            continue
+        where = f"expert_specs{paths[i]}"
+        why = _declared_problem(spec, leaf, mesh, slot_axis, layer_axis, axes)
+        if why is None and given[i] is not None and _padded(given[i], leaf) != _padded(spec, leaf):
+            why = (
+                f"is {_show(spec)}, but {name}{paths[i]} is sharded {_show(given[i])}; declare "
+                f"the sharding the leaf has"
+            )
+        if why is not None:
+            problems.append((ValueError, f"{where} {why}"))
+    _raise(problems)
+    out = tuple(g if g is not None else d for g, d in zip(given, declared, strict=True))
+    _warn_guessed([paths[i] for i, s in enumerate(out) if s is None], mesh, axes, name)
+    return out
+
+
+def _declared(expert_specs: Any, treedef: Any, name: str) -> list:
+    """``expert_specs`` as one entry tuple (or None) per leaf."""
+    n = treedef.num_leaves
+    if expert_specs is None:
+        return [None] * n
+    if isinstance(expert_specs, jax.sharding.PartitionSpec | NamedSharding):
+        return [_entries(expert_specs)] * n
+    try:
+        flat = treedef.flatten_up_to(expert_specs)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"expert_specs: expected a PartitionSpec or a pytree of them with {name}'s "
+            f"structure {treedef}: {err}"
+        ) from err
+    bad = [
+        f"expert_specs{p} is a {type(x).__name__}"
+        for p, x in zip(leaf_paths(treedef), flat, strict=True)
+        if x is not None and not isinstance(x, jax.sharding.PartitionSpec | NamedSharding)
+    ]
+    if bad:
+        raise TypeError("; ".join(bad) + ", expected a jax.sharding.PartitionSpec (or None)")
+    return [None if x is None else _entries(x) for x in flat]
+
+
+def _entries(spec: Any) -> tuple:
+    spec = spec.spec if isinstance(spec, NamedSharding) else spec
+    return tuple(tuple(e) if isinstance(e, list) else e for e in spec)
+
+
+def _padded(entries: tuple, leaf: Any) -> tuple:
+    return tuple(entries) + (None,) * (len(leaf.shape) - len(entries))
+
+
+def _declared_problem(spec, leaf, mesh, slot_axis, layer_axis, axes) -> str | None:
+    if len(spec) > len(leaf.shape):
+        return f"is {_show(spec)}: more entries than the leaf's {len(leaf.shape)} dims"
+    names = getattr(mesh, "axis_names", ())
+    unknown = [a for e in spec for a in _names(e) if a not in names]
+    if unknown:
+        return f"is {_show(spec)}: the mesh has no axis {unknown[0]!r} (its axes: {names})"
+    padded = _padded(spec, leaf)
+    expected = [None] * len(leaf.shape)
+    expected[slot_axis] = expert_spec(axes)
+    fix = f"PartitionSpec{tuple(expected)}"
+    problem = _spec_problem(
+        padded, spec, slot_axis=slot_axis, layer_axis=layer_axis, axes=axes, fix=fix
+    )
+    return None if problem is None else f"is {problem}"
+
+
+def _warn_guessed(paths: list[str], mesh: Any, axes: tuple[str, ...], name: str) -> None:
+    """Warns when leaves of unknown sharding are assumed whole along mesh axes of size > 1."""
+    shape = dict(getattr(mesh, "shape", {}))
+    others = sorted(a for a, n in shape.items() if a not in axes and n > 1)
+    if not paths or not others:
+        return
+    shown = ", ".join(f"{name}{p}" for p in paths[:4]) + (" ..." if len(paths) > 4 else "")
+    warnings.warn(
+        f"{shown}: traced on a mesh of Auto axes, so their sharding is unknown; assuming the "
+        f"slot dim over {expert_spec(axes)!r} and every other dim whole over {others}. If a "
+        f"leaf's other dims are sharded over {others} (tensor-parallel experts), the program "
+        f"all-gathers them first (temporary memory of the whole leaf). Pass "
+        f"expert_specs= (a PartitionSpec per leaf, e.g. PartitionSpec(None, "
+        f"{expert_spec(axes)!r}, None, {others[0]!r})) or use a mesh of Explicit axes",
+        UnshardedGuessWarning,
+        stacklevel=_outside_level(),
+    )
+
+
+def _outside_level() -> int:
+    """The ``stacklevel`` of `_warn_guessed`'s warning that names the first frame outside this
+    package (the caller's line, whichever entry point it called)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(root):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+class UnshardedGuessWarning(UserWarning):
+    """A weight leaf's sharding was unknown and guessed: pass ``expert_specs=``.
+
+    Under an outer `jax.jit` on a mesh of Auto axes a traced leaf does not say how its dims are
+    sharded. `jeplb.rearrange_expert_weights`, `jeplb.transfer_layer`, `jeplb.eplb_step` and
+    `jeplb.sync_replica_grads` then assume the slot dim on the expert axis and every other dim
+    whole; when the mesh has other axes of size > 1 they warn with this category, because a leaf
+    whose other dims are sharded over them (tensor-parallel experts) is all-gathered first. The
+    guess is right for leaves replicated over the other axes (a data-parallel axis), so it is a
+    warning, not an error: declare the specs to silence it, or make it an error.
+
+    Example:
+      >>> import warnings, jeplb
+      >>> warnings.filterwarnings("error", category=jeplb.UnshardedGuessWarning)
+      >>> warnings.resetwarnings()
+    """

@@ -89,16 +89,16 @@ def _old_mesh(tree: Any, axis_name: str):
                 f"over the same (old) mesh"
             )
     checks.axis_size(mesh, axis_name)
-    if mesh.devices.size != mesh.shape[axis_name]:
-        raise ValueError(
-            f"expert_weights: the old mesh {dict(mesh.shape)} has axes other than {axis_name!r} "
-            f"of size > 1; recover_experts supports meshes whose devices all lie along the "
-            f"expert-parallel axis"
-        )
     return mesh
 
 
-def _check_new_mesh(mesh: Any, axis_name: str) -> int:
+def _others(mesh: Any, axis_name: str) -> dict:
+    """A mesh's axes other than the expert axis, with their sizes, in order."""
+    return {a: int(n) for a, n in mesh.shape.items() if a != axis_name}
+
+
+def _check_new_mesh(mesh: Any, axis_name: str, old_mesh: Any) -> int:
+    """D' of the new mesh, whose other axes (tensor parallelism, data) must be the old mesh's."""
     d_new = checks.axis_size(mesh, axis_name)
     devices = list(np.asarray(mesh.devices).flat)
     twice = [d for i, d in enumerate(devices) if d in devices[:i]]
@@ -107,10 +107,11 @@ def _check_new_mesh(mesh: Any, axis_name: str) -> int:
             f"mesh: lists device {twice[0]} more than once ({len(devices)} entries, "
             f"{len(set(devices))} distinct devices); each slot needs a device of its own"
         )
-    if mesh.devices.size != d_new:
+    if _others(mesh, axis_name) != _others(old_mesh, axis_name):
         raise ValueError(
-            f"mesh: {dict(mesh.shape)} has axes other than {axis_name!r} of size > 1; "
-            f"recover_experts supports meshes whose devices all lie along the expert-parallel axis"
+            f"mesh: axes other than {axis_name!r} {_others(mesh, axis_name)} differ from the old "
+            f"mesh's {_others(old_mesh, axis_name)}; recover_experts changes the expert-parallel "
+            f"axis only (each expert-parallel rank keeps its group of devices on the other axes)"
         )
     return d_new
 
@@ -124,9 +125,11 @@ def _mesh_signature(mesh: Any) -> Any:
     return (tuple(mesh.axis_names), tuple(np.asarray(devices).shape), ids)
 
 
-def _device_positions(mesh) -> list[Any]:
-    """The devices of a mesh in order along its expert-parallel axis (its only axis of size > 1)."""
-    return list(np.asarray(mesh.devices).reshape(-1))
+def _device_positions(mesh, axis_name: str) -> list[tuple[Any, ...]]:
+    """The ranks of a mesh along its expert-parallel axis, in order: each the tuple of devices
+    at that position (one device, or its group over the other axes in their order)."""
+    devices = np.moveaxis(np.asarray(mesh.devices), list(mesh.axis_names).index(axis_name), 0)
+    return [tuple(rank) for rank in devices.reshape(devices.shape[0], -1)]
 
 
 # ------------------------------------------------------------------------------------ pieces
@@ -209,23 +212,26 @@ def recover_experts(
 
     Args:
       old_phy2log: int[L, P] the placement the weights are in (concrete, the same on every process).
-      expert_weights: pytree of jax.Arrays with leaves [L, P, ...] sharded
-        ``PartitionSpec(None, axis_name)`` over the old mesh (a mesh whose devices all lie along
-        ``axis_name``). Only the shards of devices that are on the new mesh and not in
-        ``lost_devices`` are read; the arrays are not changed. Or a sequence of L per-layer
-        pytrees with leaves [P, ...] sharded ``PartitionSpec(axis_name)``: recovered one layer
-        at a time with one transfer program for every layer, nothing stacked, and returned as
-        such a sequence (leaves [P', ...]); ``loader`` then returns one layer's pytree.
+      expert_weights: pytree of jax.Arrays with leaves [L, P, ...] sharded over the old mesh,
+        the slot dim on ``axis_name``, other dims replicated or on other mesh axes (tensor
+        parallelism: ``PartitionSpec(None, axis_name, None, "tp")``). An expert-parallel rank is
+        the group of devices at one position of ``axis_name``; only the shards of ranks that are
+        on the new mesh (the same devices at the same positions) and not in ``lost_devices`` are
+        read; the arrays are not changed. Or a sequence of L per-layer
+        pytrees with leaves [P, ...] (the slot dim 0 on ``axis_name``): recovered one layer at a
+        time with one transfer program for every layer, nothing stacked, and returned as such a
+        sequence (leaves [P', ...]); ``loader`` then returns one layer's pytree.
       loader: ``loader(layer, expert)`` -> one expert's weights as host arrays, a pytree shaped
         like ``expert_weights`` whose leaves are [...] (a leaf's shape without L and P) with the
         leaf's dtype; e.g. read from a checkpoint. Called once per lost (layer, expert), on the
         process(es) whose devices hold one of its new slots.
-      mesh: the new mesh: the devices that remain, or more devices, along ``axis_name``. The new
-        placement has P' = N_local * D' slots per layer (N_local = P // D as before).
+      mesh: the new mesh: the ranks that remain, or more, along ``axis_name``; its other axes
+        are the old mesh's (names and sizes). The new placement has P' = N_local * D' slots per
+        layer (N_local = P // D as before).
       axis_name: the expert-parallel axis of both meshes.
       num_experts: E (default: the largest id of ``old_phy2log`` + 1).
-      lost_devices: indices on the old mesh's axis whose rows are gone. Default: the old devices
-        that are not on the new mesh.
+      lost_devices: indices (ranks) on the old mesh's axis whose rows are gone. Default: the
+        old ranks that are not on the new mesh.
       load: [L, E] the last recorded load (e.g. ``state.window.sum(0)``) for the placement policy;
         None spreads the replicas evenly.
       new_phy2log: int[L, P'] a target placement to use instead of the policy (every expert at
@@ -234,8 +240,9 @@ def recover_experts(
       chunk_rows: rows per collective chunk of the transfer.
 
     Returns:
-      ``(weights, recovery)``: the weights on the new mesh (leaves [L, P', ...] sharded
-      ``PartitionSpec(None, axis_name)``) and a `Recovery` with the new maps and what was loaded.
+      ``(weights, recovery)``: the weights on the new mesh (leaves [L, P', ...] sharded with
+      their own PartitionSpecs: rows moved inside each shard, nothing gathered) and a
+      `Recovery` with the new maps and what was loaded.
       Build the new `jeplb.EplbState` with ``EplbState.from_placement(recovery.phy2log, ...,
       num_devices=D')``.
 
@@ -395,7 +402,7 @@ def _plan_recovery(
             "it; pass num_experts="
         )
     num_experts = int(old.max()) + 1 if num_experts is None else int(num_experts)
-    d_new = _check_new_mesh(mesh, axis_name)
+    d_new = _check_new_mesh(mesh, axis_name, old_mesh)
     num_layers, p_old = old.shape
     if per_layer:
         perlayer.check_layers(
@@ -417,8 +424,8 @@ def _plan_recovery(
             f"mesh: {d_new} devices x N_local = {n_local} slots = {p_new} slots per layer, fewer "
             f"than num_experts = {num_experts}; every expert needs a slot (use more devices)"
         )
-    old_devices = tuple(_device_positions(old_mesh))
-    new_devices = tuple(_device_positions(mesh))
+    old_devices = tuple(_device_positions(old_mesh, axis_name))
+    new_devices = tuple(_device_positions(mesh, axis_name))
     lost = _lost_devices(lost_devices, old_devices, new_devices, axis_name)
     target = _target(new_phy2log, load, (num_layers, p_new), num_experts, d_new, policy)
     staged, source_of_new = _staged_maps(old, lost, old_devices, new_devices, n_local)
@@ -514,31 +521,42 @@ def _lost_pairs(staged: np.ndarray, num_experts: int) -> tuple[tuple[int, int], 
     return tuple(pairs)
 
 
+def _new_sharding(leaf: jax.Array, mesh) -> NamedSharding:
+    """The leaf's sharding on the new mesh: its own spec (the slot dim on the expert axis, other
+    dims as they were)."""
+    return NamedSharding(mesh, leaf.sharding.spec)
+
+
 def _survivors_on_new_mesh(
     leaves, plan: _RecoveryPlan, mesh, axis_name, *, unit: bool = False
 ) -> list[jax.Array]:
-    """Weights on the new mesh: surviving shards as they are, fresh zeros for the others. With
-    ``unit`` the leaves are one layer's [P, ...] and come out [1, P', ...] (the unit layer dim
-    added on the new devices, so no program runs on a lost one)."""
-    sharding = NamedSharding(mesh, P(None, axis_name))
+    """Weights on the new mesh: surviving shards as they are, fresh zeros for the others. A
+    rank's device at position k over the other axes takes the shard of the old rank's device at
+    the same position. With ``unit`` the leaves are one layer's [P, ...] and come out
+    [1, P', ...] (the unit layer dim added on the new devices, so no program runs on a lost
+    one)."""
     out = []
     for leaf in leaves:
         shards = {s.device: s.data for s in leaf.addressable_shards}
-        num_layers = 1 if unit else leaf.shape[0]
-        trailing = leaf.shape[1:] if unit else leaf.shape[2:]
-        shape = (num_layers, plan.n_local * len(plan.new_devices), *trailing)
+        if unit:
+            shape = (1, plan.n_local * len(plan.new_devices), *leaf.shape[1:])
+            sharding = NamedSharding(mesh, P(None, *leaf.sharding.spec))
+        else:
+            shape = (leaf.shape[0], plan.n_local * len(plan.new_devices), *leaf.shape[2:])
+            sharding = _new_sharding(leaf, mesh)
         local = []
-        for j, dev in enumerate(plan.new_devices):
-            if dev.process_index != jax.process_index():
-                continue
+        for j, rank in enumerate(plan.new_devices):
             i = plan.source_of_new[j]
-            if i >= 0:
-                local.append(jax.device_put(shards[plan.old_devices[i]], dev, may_alias=False))
-                if unit:
-                    local[-1] = local[-1][None]
-            else:
-                zeros = np.zeros((num_layers, plan.n_local, *trailing), leaf.dtype)
-                local.append(jax.device_put(zeros, dev))
+            for k, dev in enumerate(rank):
+                if dev.process_index != jax.process_index():
+                    continue
+                if i >= 0:
+                    data = shards[plan.old_devices[i][k]]
+                    moved = jax.device_put(data, dev, may_alias=False)
+                    local.append(moved[None] if unit else moved)
+                else:
+                    zeros = np.zeros(sharding.shard_shape(shape), leaf.dtype)
+                    local.append(jax.device_put(zeros, dev))
         out.append(jax.make_array_from_single_device_arrays(shape, sharding, local))
     return out
 
@@ -556,7 +574,6 @@ def _recover_layers(layers, loader, *, mesh, axis_name, plan, chunk_rows):
     from jeplb._src.transfer.api import rearrange_expert_weights
 
     out, remote = [], []
-    dropped = _drop_unit(NamedSharding(mesh, P(axis_name)))
     for layer, tree in enumerate(layers):
         leaves, treedef = jax.tree_util.tree_flatten(tree)
         staged = _survivors_on_new_mesh(leaves, plan, mesh, axis_name, unit=True)
@@ -578,7 +595,11 @@ def _recover_layers(layers, loader, *, mesh, axis_name, plan, chunk_rows):
             moved = _write_loaded(
                 moved, moved, treedef, one, lambda _, e, lay=layer: loader(lay, e), mesh, axis_name
             )
-        out.append(treedef.unflatten([dropped(x) for x in moved]))
+        out.append(
+            treedef.unflatten(
+                [_drop_unit(NamedSharding(mesh, P(*x.sharding.spec[1:])))(x) for x in moved]
+            )
+        )
         remote.append(np.asarray(report.remote_rows))
     return out, np.concatenate(remote)
 
@@ -591,8 +612,12 @@ def _write_loaded(out_leaves, leaves, treedef, plan: _RecoveryPlan, loader, mesh
     cache: dict[tuple[int, int], list[np.ndarray]] = {}
     new_shards = [{s.device: s.data for s in x.addressable_shards} for x in out_leaves]
     num_layers = plan.target.shape[0]
-    for j, dev in enumerate(plan.new_devices):
-        if dev.process_index != jax.process_index():
+    shardings = [_new_sharding(x, mesh) for x in out_leaves]
+    indices = [
+        s.devices_indices_map(tuple(x.shape)) for s, x in zip(shardings, out_leaves, strict=True)
+    ]
+    for j, rank in enumerate(plan.new_devices):
+        if all(dev.process_index != jax.process_index() for dev in rank):
             continue
         block = plan.target[:, j * plan.n_local : (j + 1) * plan.n_local]
         want = [
@@ -606,16 +631,19 @@ def _write_loaded(out_leaves, leaves, treedef, plan: _RecoveryPlan, loader, mesh
         for key in sorted({(lay, e) for lay, _, e in want}):
             if key not in cache:
                 cache[key] = _load_row(loader, *key, treedef, leaf_shapes, leaf_dtypes)
-        layer_idx = jax.device_put(np.array([w[0] for w in want], np.int32), dev)
-        row_idx = jax.device_put(np.array([w[1] for w in want], np.int32), dev)
-        patch = _patch_program(len(want), dev.platform)
-        for k in range(len(out_leaves)):
-            rows = np.stack([cache[(lay, e)][k] for lay, _, e in want])
-            new_shards[k][dev] = patch(
-                new_shards[k][dev], layer_idx, row_idx, jax.device_put(rows, dev)
-            )
-    sharding = NamedSharding(mesh, P(None, axis_name))
+        for dev in rank:
+            if dev.process_index != jax.process_index():
+                continue
+            layer_idx = jax.device_put(np.array([w[0] for w in want], np.int32), dev)
+            row_idx = jax.device_put(np.array([w[1] for w in want], np.int32), dev)
+            patch = _patch_program(len(want), dev.platform)
+            for k in range(len(out_leaves)):
+                part = indices[k][dev][2:]  # this device's share of a row's trailing dims
+                rows = np.stack([cache[(lay, e)][k][part] for lay, _, e in want])
+                new_shards[k][dev] = patch(
+                    new_shards[k][dev], layer_idx, row_idx, jax.device_put(rows, dev)
+                )
     return [
         jax.make_array_from_single_device_arrays(x.shape, sharding, list(shards.values()))
-        for x, shards in zip(out_leaves, new_shards, strict=True)
+        for x, sharding, shards in zip(out_leaves, shardings, new_shards, strict=True)
     ]

@@ -44,9 +44,10 @@ def build(
       local: the shard_map body, ``local(*replicated, leaves, **options) -> (leaves, extra)``
         on each device's local leaves; a module-level function (it is part of the cache key).
       mesh: the mesh.
-      given: each leaf's PartitionSpec entries as the caller gave them, None where unknown
-        (traced leaves on an Auto mesh: the slot dim over ``axes``, the rest whole, and the
-        output tied to the input's sharding, `checks.like_inputs`).
+      given: each leaf's PartitionSpec entries (`checks.resolve_specs`: the leaf's own, else
+        the caller's ``expert_specs``), None where unknown (traced leaves on an Auto mesh, not
+        declared: the slot dim over ``axes``, the rest whole, and the output tied to the
+        input's sharding, `checks.like_inputs`).
       slot_axis: the leaves' slot dim (for the default spec).
       axes: the expert axes the slot dim is sharded over.
       num_replicated: how many replicated arguments come before the leaves (resharded to

@@ -512,6 +512,7 @@ def eplb_step(
     mesh: jax.sharding.Mesh,
     layer_axis: int | None = None,
     slot_axis: int | None = None,
+    expert_specs: Any = None,
 ) -> tuple[EplbState, Any, StepInfo]:
     """One rebalance step at global view: window, maybe plan, move due layers, switch their maps.
 
@@ -536,6 +537,10 @@ def eplb_step(
         ``state.num_devices`` devices.
       layer_axis: the leaves' layer dim (0 or 1; default ``state.config.transfer.layer_axis``).
       slot_axis: the leaves' slot dim (1 or 0; default ``state.config.transfer.slot_axis``).
+      expert_specs: the leaves' PartitionSpecs (one for all, or a pytree of them mirroring
+        ``expert_weights``), for leaves traced on a mesh of Auto axes, whose sharding is
+        unknown: as `jeplb.rearrange_expert_weights`'s. Pass it when the experts' own dims are
+        sharded (e.g. ``PartitionSpec(None, "ep", None, "tp")``), so nothing is gathered.
 
     Returns:
       ``(state, expert_weights, info)``: the new state, the weights (same structure, shapes,
@@ -585,7 +590,17 @@ def eplb_step(
             mesh=mesh,
             axes=setup.config.axes,
         )
-        given, k = tuple(specs), 0  # None where unknown (traced leaves on an Auto mesh)
+        given = checks.resolve_specs(  # None where unknown (traced, Auto mesh, not declared)
+            expert_specs,
+            leaves,
+            treedef,
+            specs,
+            mesh=mesh,
+            slot_axis=setup.config.slot_axis,
+            layer_axis=setup.config.layer_axis,
+            axes=setup.config.axes,
+        )
+        k = 0
         transfer_api.check_movable(leaves, treedef, given, mesh, setup)
     program = programs.build(
         _global_body,

@@ -446,7 +446,7 @@ def _local(phy2log, leaves, *, setup: engine.Engine):
 
 def _program(mesh, setup: engine.Engine, specs: tuple):
     """The cached program (`programs.build`) ``program(phy2log, leaves) -> (leaves, stats)``
-    for leaves of the given full specs."""
+    for leaves of the given specs (None where unknown)."""
     return programs.build(
         _local,
         mesh=mesh,
@@ -561,6 +561,7 @@ def sync_replica_grads(
     axis_name: str | tuple[str, ...] = "ep",
     layer_axis: int = 0,
     slot_axis: int = 1,
+    expert_specs: Any = None,
 ) -> Any:
     """Sums each expert's gradients over its replica slots, so that replicas stay identical.
 
@@ -592,6 +593,10 @@ def sync_replica_grads(
       axis_name: the expert-parallel mesh axis, or a tuple of axes.
       layer_axis: the leaves' layer dim (0 or 1).
       slot_axis: the leaves' slot dim (1 or 0).
+      expert_specs: the leaves' PartitionSpecs (one for all, or a pytree of them mirroring
+        ``grads``), for leaves traced on a mesh of Auto axes, whose sharding is unknown: as
+        `jeplb.rearrange_expert_weights`'s (e.g. ``PartitionSpec(None, "ep", None, "tp")``
+        for tensor-parallel experts, so nothing is gathered).
 
     Returns:
       The summed gradients: same structure, shapes, dtypes and shardings.
@@ -614,7 +619,10 @@ def sync_replica_grads(
     config = TransferConfig(axis_name=axis_name, layer_axis=layer_axis, slot_axis=slot_axis)
     d = checks.axis_size(mesh, config.axis_name)
     agree.check_processes_agree(
-        {"phy2log": phy2log, "options": agree.static_signature(config, dict(mesh.shape))},
+        {
+            "phy2log": phy2log,
+            "options": agree.static_signature(config, dict(mesh.shape), repr(expert_specs)),
+        },
         where="sync_replica_grads",
     )
     m = check_phy2log(phy2log, name="phy2log", num_devices=d)
@@ -622,6 +630,17 @@ def sync_replica_grads(
         return _sync_layers(grads, m, config=config, mesh=mesh, d=d)
     leaves, treedef, specs = _check_grad_leaves(
         grads, lead=_lead(m, config, d, False), config=config, mesh=mesh, local=False
+    )
+    specs = checks.resolve_specs(
+        expert_specs,
+        leaves,
+        treedef,
+        specs,
+        mesh=mesh,
+        slot_axis=config.slot_axis,
+        layer_axis=config.layer_axis,
+        axes=config.axes,
+        name="grads",
     )
     full = checks.default_specs(specs, config.slot_axis, config.axes)
     setup = engine.Engine(config=config, num_devices=d, platform=checks.platform_of(mesh))
@@ -731,12 +750,15 @@ def _leaf_kind(x: Any, lead_of: tuple, field: str | None = None) -> str | None:
     it cannot follow the slots. ``ambiguous``: both (a lead dim and the dim next to it of the same
     size, e.g. [2, 16, 8] of [2, 16, 16, 8]): the shape cannot tell whether it is per slot.
     ``fixed``: at most one element (a counter, an unused placeholder, optax's ``MaskedNode``),
-    no per-slot data: it stays. None: unrelated.
+    no per-slot data: it stays. ``other``: ``lead_of`` is None (a leaf next to the experts that
+    ``select`` left out): it stays. None: unrelated.
 
     In an Adafactor ``FactoredState`` (``field`` ``v_row`` / ``v_col``) the reduced dim is
     known: optax factors the two largest dims ``d1, d0 = argsort(shape)[-2:]`` and ``v_row``
     averages over d0, ``v_col`` over d1.
     """
+    if lead_of is None:  # not an expert leaf (``select``): stays, whatever it is
+        return "other"
     shape = tuple(getattr(x, "shape", ()))
     if field is not None and len(lead_of) >= 2 and len(shape) == len(lead_of) - 1:
         d1, d0 = (int(i) for i in np.argsort(lead_of)[-2:])
@@ -769,7 +791,9 @@ def _kinds(node: Any, want_def, want_shapes: tuple, field: str | None = None) ->
     return kinds
 
 
-def expert_state(state: Any, experts: Any) -> tuple[dict[str, Any], Callable[[Any], Any]]:
+def expert_state(
+    state: Any, experts: Any, *, select: Any = None
+) -> tuple[dict[str, Any], Callable[[Any], Any]]:
     """The parts of a train state that move with the expert weights, and how to put them back.
 
     Finds, by structure and not by name, every subtree of ``state`` that mirrors ``experts``:
@@ -795,6 +819,11 @@ def expert_state(state: Any, experts: Any) -> tuple[dict[str, Any], Callable[[An
     part and stay as they are. A one-leaf ``experts`` matches every array with the same lead
     dims, so give the expert subtree as a whole (e.g. the dict of w13 and w2), not one array.
 
+    Where the experts sit next to other leaves in one subtree (MaxText keeps the router's
+    ``gate`` beside ``wi_0``, ``wi_1`` and ``wo``), pass that subtree as it stands and name the
+    expert leaves with ``select``: the other leaves of every matching subtree are None in the
+    parts and stay as they are, so nothing needs regrouping.
+
     A statistic that reduced a lead dim cannot move: Adafactor factors the two largest dims of
     a leaf of at least ``min_dim_size_to_factor``, so an expert leaf whose slot (or layer) dim is
     among them gets a ``v_row`` or ``v_col`` averaged over the slots. Such a leaf raises; keep
@@ -809,6 +838,11 @@ def expert_state(state: Any, experts: Any) -> tuple[dict[str, Any], Callable[[An
       state: any pytree (e.g. ``(params, opt_state)``, a dataclass train state).
       experts: the expert weights as they stand in ``state`` (a pytree of [L, P, ...] or
         [P, L, ...] leaves; arrays or `jax.ShapeDtypeStruct`), used for its structure and shapes.
+      select: which leaves of ``experts`` are expert weights (None: all): a callable
+        ``select(path, leaf) -> bool`` (``path``: the leaf's `jax.tree_util.keystr` inside
+        ``experts``, e.g. ``"['wi_0']"``), or a collection of leaf paths, each a keystr
+        (``"['moe']['wo']"``), a tuple of keys (``("moe", "wo")``) or, for a leaf of a flat
+        dict, its key (``"wo"``).
 
     Returns:
       ``(parts, put_back)``: ``parts`` is a dict from each matching subtree's path in ``state``
@@ -817,7 +851,9 @@ def expert_state(state: Any, experts: Any) -> tuple[dict[str, Any], Callable[[An
       given ones (same keys and structures; other leaves are those of ``state``).
 
     Raises:
-      ValueError: when no subtree of ``state`` mirrors ``experts``; when a mirroring subtree
+      ValueError: when ``select`` names no leaf or a path ``experts`` lacks; when no subtree
+        of ``state`` mirrors ``experts`` (the message names a subtree that holds experts'
+        leaves next to others, and the ``select`` to pass); when a mirroring subtree
         holds a statistic reduced over an expert leaf's layer or slot dim, or one whose shape
         cannot tell (every such leaf named by path); or (from ``put_back``) when the parts
         given back do not have the keys and structures of those taken out.
@@ -837,11 +873,23 @@ def expert_state(state: Any, experts: Any) -> tuple[dict[str, Any], Callable[[An
       >>> parts, _ = expert_state(factored, params["moe"])
       >>> {k: v["w"].shape for k, v in parts.items()}
       {"[0].v_row['moe']": (2, 4, 6), "[0].v_col['moe']": (2, 4, 8)}
+
+      The router next to the experts (MaxText's layout), only the experts selected:
+
+      >>> moe = {"gate": jnp.ones((2, 8, 3)), "wi_0": jnp.ones((2, 4, 8, 6)),
+      ...        "wo": jnp.ones((2, 4, 6, 8))}
+      >>> parts, put_back = expert_state(optax.adam(1e-3).init(moe), moe, select=["wi_0", "wo"])
+      >>> {k: sorted(n for n, x in v.items() if x is not None) for k, v in parts.items()}
+      {'[0].mu': ['wi_0', 'wo'], '[0].nu': ['wi_0', 'wo']}
     """
     want_flat, want_def = jax.tree_util.tree_flatten_with_path(experts)
-    want_shapes = tuple(tuple(getattr(x, "shape", ())) for _, x in want_flat)
     if want_def.num_leaves == 0:
         raise ValueError("experts: expected a pytree with at least one array leaf, got none")
+    chosen = _selected(want_flat, select)
+    want_shapes = tuple(
+        tuple(getattr(x, "shape", ())) if keep else None
+        for (_, x), keep in zip(want_flat, chosen, strict=True)
+    )
 
     def mirrors(node) -> bool:
         return _kinds(node, want_def, want_shapes) is not None
@@ -858,6 +906,7 @@ def expert_state(state: Any, experts: Any) -> tuple[dict[str, Any], Callable[[An
         raise ValueError(
             f"state: no subtree mirrors experts (structure {want_def}, leaf shapes "
             f"{list(want_shapes)}); pass the expert weights as they stand in the state"
+            f"{_beside_hint(state, experts)}"
         )
     parts = {
         k: want_def.unflatten(
@@ -869,6 +918,59 @@ def expert_state(state: Any, experts: Any) -> tuple[dict[str, Any], Callable[[An
         for k, (node, kinds) in taken.items()
     }
     return parts, _put_back(flat, treedef, taken, parts, want_def)
+
+
+def _selected(want_flat: list, select: Any) -> list[bool]:
+    """Per leaf of ``experts``: whether ``select`` names it as an expert leaf."""
+    paths = [jax.tree_util.keystr(p) for p, _ in want_flat]
+    if select is None:
+        return [True] * len(paths)
+    if callable(select):
+        chosen = [bool(select(k, x)) for k, (_, x) in zip(paths, want_flat, strict=True)]
+    else:
+        names = [tuple(_key_name(k) for k in p) for p, _ in want_flat]
+        chosen = [False] * len(paths)
+        for entry in [select] if isinstance(select, str) else select:
+            hits = [
+                i
+                for i, (k, n) in enumerate(zip(paths, names, strict=True))
+                if entry in (k, n) or n == (entry,)
+            ]
+            if not hits:
+                raise ValueError(f"select: experts has no leaf {entry!r}; its leaves are {paths}")
+            for i in hits:
+                chosen[i] = True
+    if not any(chosen):
+        raise ValueError(f"select: names none of experts' leaves {paths}")
+    return chosen
+
+
+def _key_name(key: Any) -> Any:
+    """A path entry's key: a dict key, an attribute name or a sequence index."""
+    for field in ("key", "name", "idx"):
+        if hasattr(key, field):
+            return getattr(key, field)
+    return key
+
+
+def _beside_hint(state: Any, experts: Any) -> str:
+    """Where ``state`` holds a dict with every key of the dict ``experts`` and others beside
+    them (the router next to the experts): the call that takes it as it stands."""
+    if not isinstance(experts, dict):
+        return ""
+    want = set(experts)
+
+    def holds(node) -> bool:
+        return isinstance(node, dict) and want < set(node)
+
+    flat = jax.tree_util.tree_flatten_with_path(state, is_leaf=holds)[0]
+    found = [p for p, node in flat if holds(node)]
+    if not found:
+        return ""
+    return (
+        f". state{jax.tree_util.keystr(found[0])} holds these leaves next to others: pass that "
+        f"subtree as experts, with select={sorted(want)!r}"
+    )
 
 
 def _check_no_reduced(taken: dict, leaf_paths: list, want_def, want_shapes: tuple) -> None:

@@ -283,12 +283,17 @@ def make_step(config: MaxTextConfig, mesh: jax.sharding.Mesh):
     """
     model = MoEStack(config)
     shardings = param_shardings(config, mesh)
+    # Traced on an Auto mesh the leaves do not say that F is on "tensor": declare it, so the
+    # step moves rows inside each shard and gathers nothing.
+    expert_specs = {name: shardings["layers"][name] for name in EXPERT_LEAVES}
 
     def step(params, state, x):
         y, counts = model.apply({"params": params}, x, state.log2phy, state.logcnt)
         state = state.record(counts)  # [L, E] routed pairs of this pass
         experts = {name: params["layers"][name] for name in EXPERT_LEAVES}
-        state, experts, info = jeplb.eplb_step(state, experts, mesh=mesh, **config.axes)
+        state, experts, info = jeplb.eplb_step(
+            state, experts, mesh=mesh, expert_specs=expert_specs, **config.axes
+        )
         params = {**params, "layers": {**params["layers"], **experts}}
         return jax.lax.with_sharding_constraint(params, shardings), state, y, info
 

@@ -187,7 +187,7 @@ class TrainRun:
 
     Attributes:
       loss: float32 training loss of each step (before its update).
-      max_device_load: int the busiest device's (token, k) pairs, summed over layers.
+      max_device_load: int each layer's busiest device's (token, k) pairs, summed over layers.
       mean_device_load: float the mean device's pairs, summed over layers.
       balancedness: float mean / max device load of the step's batch (sum over layers of the
         means over the sum of the maxima; 1.0 is perfect).

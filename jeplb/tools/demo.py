@@ -3,14 +3,16 @@
 It builds `jeplb.examples.MoETransformer` over every device of the chosen platform (8 simulated
 CPU devices when there is no accelerator), runs it on a `jeplb.examples.DriftingZipf` workload
 with `jeplb.eplb_step` in the same jitted step, and reports what the rebalances did: balancedness
-and the busiest device's load before and after, experts and bytes moved, the cost of the steps
+and the device loads before and after (per layer, summed, as the table says; the plot's bars are
+each device's load over all layers), experts and bytes moved, the cost of the steps
 that moved weights, and whether the model's outputs stayed bitwise identical (a fixed probe batch
 is run after every step and compared with the first run of it).
 
 ``jeplb demo --train`` trains the same model with optax Adam instead (`jeplb.examples.training`):
 with EPLB (replica gradients summed by `jeplb.sync_replica_grads`, weights and Adam moments moved
 together) and without redundant experts, from the same initialisation and data, and reports both
-loss curves, whether the replicas stayed bitwise identical, and the busiest device's load.
+loss curves, whether the replicas stayed bitwise identical, and each layer's max device load,
+summed over layers.
 """
 
 from __future__ import annotations
@@ -340,14 +342,10 @@ def run(args: argparse.Namespace, out=None) -> dict[str, Any]:
     from jeplb.examples import MoETransformer, make_step
 
     num_devices = len(devices)
-    mesh, cfg, workload, slots = _model_and_workload(args, devices)
+    mesh, cfg, workload, _ = _model_and_workload(args, devices)
     progressive = args.layers_per_step or None
-    _say(
-        args,
-        f"jeplb demo: {num_devices} {devices[0].platform} devices, L={args.layers} "
-        f"E={args.experts} P={slots} K={args.top_k} H={args.d_model} F={args.d_ff} {args.dtype}, "
-        f"T={args.batch * args.seq_len} tokens/step",
-    )
+    # The shape is printed once, at the head of the table.
+    _say(args, f"jeplb demo: building the model on {num_devices} {devices[0].platform} devices ...")
     t0 = time.perf_counter()
     model = MoETransformer(cfg, mesh=mesh, rngs=nnx.Rngs(args.seed))
     state = jeplb.EplbState.create(
@@ -399,7 +397,8 @@ def run(args: argparse.Namespace, out=None) -> dict[str, Any]:
                 slots_changed=int(np.sum(maps_used != np.asarray(state.phy2log))),
                 device_load=load.sum(0).tolist(),
                 balancedness=float(load.mean(1).sum() / max(load.max(1).sum(), 1)),
-                max_device_load=int(load.max(1).sum()),
+                max_device_load=int(load.max(1).sum()),  # sum over layers of the maxima
+                busiest_device_load=int(load.sum(0).max()),  # the plot's tallest bar
                 mean_device_load=float(load.mean(1).sum()),
                 phase=workload.phase(i),
                 identical=same,
@@ -448,6 +447,9 @@ def _summarise(args, records, cfg, num_devices, platform, compile_s, identical) 
         def mean(rows, key):
             return float(np.mean([r[key] for r in rows]))
 
+        def busiest(side):  # the plot's tallest bar: of the mean per-device loads
+            return dict(side, busiest_device_load=float(max(side["device_load"])))
+
         before = dict(
             balancedness=mean(pre, "balancedness"),
             max_device_load=mean(pre, "max_device_load"),
@@ -462,6 +464,7 @@ def _summarise(args, records, cfg, num_devices, platform, compile_s, identical) 
             device_load=np.mean([r["device_load"] for r in post], 0).tolist(),
             steps=[r["step"] for r in post],
         )
+        before, after = busiest(before), busiest(after)
     remote = sum(r["remote_rows"] for r in records)
     return dict(
         platform=platform,
@@ -505,23 +508,16 @@ def _print_table(r: dict[str, Any], out) -> None:
     b, a = r["before"], r["after"]
     if b is not None:
         rows.append(("", "before", "after"))
-        rows.append(
-            (
-                "balancedness (mean/max device load)",
-                f"{b['balancedness']:.3f}",
-                f"{a['balancedness']:.3f}",
-            )
-        )
-        rows.append(
-            (
-                "max device load (tokens x k, sum of layers)",
-                f"{b['max_device_load']:.0f}",
-                f"{a['max_device_load']:.0f}",
-            )
-        )
-        rows.append(
-            ("mean device load", f"{b['mean_device_load']:.0f}", f"{a['mean_device_load']:.0f}")
-        )
+        # Loads in tokens x k per step. Balancedness is per layer (vLLM's): the sum over layers
+        # of the mean device load over the sum of the max device loads. The plot's bars are
+        # each device's load summed over layers: their tallest is the busiest device.
+        for name, key, spec in (
+            ("balancedness (mean / max device load)", "balancedness", ".3f"),
+            ("max device load (per layer, summed)", "max_device_load", ".0f"),
+            ("mean device load (per layer, summed)", "mean_device_load", ".0f"),
+            ("busiest device, all layers (plot)", "busiest_device_load", ".0f"),
+        ):
+            rows.append((name, format(b[key], spec), format(a[key], spec)))
     else:
         rows.append(("", "", ""))
         rows.append(("no rebalance fired: raise --steps or lower --interval", "", ""))
@@ -567,11 +563,13 @@ def _plot(r: dict[str, Any], records, path: str) -> None:
         d = np.arange(r["devices"])
         left.bar(d - 0.2, r["before"]["device_load"], 0.4, label="before")
         left.bar(d + 0.2, r["after"]["device_load"], 0.4, label="after")
-        left.axhline(r["before"]["mean_device_load"], color="gray", ls="--", lw=1, label="mean")
+        left.axhline(
+            r["before"]["mean_device_load"], color="gray", ls="--", lw=1, label="mean device load"
+        )
         left.legend()
     left.set_xlabel("device")
-    left.set_ylabel("tokens x k per step (all layers)")
-    left.set_title("per-device load around the first rebalance")
+    left.set_ylabel("tokens x k per step, summed over layers")
+    left.set_title("per-device load around the first rebalance\n(tallest bar: busiest device)")
     steps = [x["step"] for x in records]
     right.plot(steps, [x["balancedness"] for x in records], marker=".", label="balancedness")
     for x in records:
@@ -609,13 +607,9 @@ def run_train(args: argparse.Namespace, out=None) -> dict[str, Any]:
 
     from jeplb.examples import training
 
-    mesh, cfg, workload, slots = _model_and_workload(args, devices)
-    _say(
-        args,
-        f"jeplb demo --train: {len(devices)} {devices[0].platform} devices, L={args.layers} "
-        f"E={args.experts} P={slots} K={args.top_k} H={args.d_model} F={args.d_ff} "
-        f"{args.dtype}, T={args.batch * args.seq_len} tokens/step, {args.steps} Adam steps",
-    )
+    mesh, cfg, workload, _ = _model_and_workload(args, devices)
+    # The shape is printed once, at the head of the comparison.
+    _say(args, f"jeplb demo --train: {len(devices)} {devices[0].platform} devices ...")
     runs = {}
     for name, eplb in (("reference", False), ("eplb", True)):
         _say(args, f"training {'with EPLB' if eplb else 'without redundant experts'} ...")
@@ -741,7 +735,7 @@ def _print_train(r: dict[str, Any], out) -> None:
             f"{r['layers_per_step']} layer(s) per step",
         ),
         (
-            "max device load (sum of layers)",
+            "max device load (layers summed)",
             f"{fmt(b['max_device_load'], '.1f')} before the first rebalance, "
             f"{fmt(a['max_device_load'], '.1f')} after; {ref['max_device_load']:.1f} without "
             f"redundant experts (mean device {r['mean_device_load']:.1f})",
@@ -778,8 +772,8 @@ def _plot_train(r: dict[str, Any], path: str) -> None:
     for s in r["rebalance_steps"]:
         right.axvline(s, color="tab:green", lw=0.8, alpha=0.5)
     right.set_xlabel("step (green: rebalance planned)")
-    right.set_ylabel("tokens x k on the busiest device (all layers)")
-    right.set_title("max device load")
+    right.set_ylabel("tokens x k: each layer's busiest device, summed")
+    right.set_title("max device load (per layer, summed)")
     right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)

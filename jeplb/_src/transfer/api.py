@@ -229,6 +229,7 @@ def run_transfer(
     num_experts: int | None,
     donate: bool,
     single_layer: bool,
+    expert_specs: Any = None,
 ) -> tuple[Any, TransferReport]:
     """Checks everything once, then runs the cached program."""
     where = "transfer_layer" if single_layer else "rearrange_expert_weights"
@@ -236,6 +237,7 @@ def run_transfer(
     # maps, options and leaf shapes (a process that raised alone would leave the others hanging).
     options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     options |= {"num_experts": num_experts, "donate": donate, "mesh": getattr(mesh, "shape", mesh)}
+    options |= {"expert_specs": expert_specs}
     agree.check_processes_agree(
         {
             "old_phy2log": old_phy2log,
@@ -268,7 +270,16 @@ def run_transfer(
     )
     if donate:
         _check_no_aliases(leaves, treedef)
-    specs = tuple(specs)  # None where unknown (traced leaves on an Auto mesh)
+    specs = checks.resolve_specs(  # None where unknown (traced, Auto mesh, not declared)
+        expert_specs,
+        leaves,
+        treedef,
+        specs,
+        mesh=mesh,
+        slot_axis=slot_axis,
+        layer_axis=layer_axis,
+        axes=config.axes,
+    )
     check_movable(leaves, treedef, specs, mesh, setup, single_layer=single_layer)
     traced = not (checks.is_concrete(old) and checks.is_concrete(new))
     program = _program(mesh, setup, specs, bool(donate), single_layer, traced)
@@ -295,6 +306,7 @@ def rearrange_expert_weights(
     config: TransferConfig | None = None,
     num_experts: int | None = None,
     donate: bool = True,
+    expert_specs: Any = None,
     **options: Any,
 ) -> tuple[Any, TransferReport]:
     """Moves expert weights from the old placement to the new one, on the mesh, in one program.
@@ -325,6 +337,14 @@ def rearrange_expert_weights(
       config: the transfer's static options (`jeplb.TransferConfig`; None: the defaults).
       num_experts: E, if given, ids >= E are rejected (concrete maps only).
       donate: donate ``expert_weights`` so the update happens in place (the inputs become invalid).
+      expert_specs: how the leaves are sharded, where they cannot say it themselves: a
+        `jax.sharding.PartitionSpec` for every leaf, or a pytree of them mirroring
+        ``expert_weights`` (None entries: not declared). Under an outer `jax.jit` on a mesh of
+        Auto axes a traced leaf's sharding is unknown; without a declared spec its slot dim is
+        assumed on ``axis_name`` and its other dims whole, so leaves sharded over other axes
+        (tensor-parallel experts, e.g. ``PartitionSpec(None, "ep", None, "tp")``) would be
+        gathered first, and a warning says so. Concrete leaves, and traced ones on a mesh of
+        Explicit axes, carry their sharding: a declared spec must match it.
       **options: any `jeplb.TransferConfig` field as a shorthand, overriding ``config``'s:
         ``axis_name`` (the expert-parallel mesh axis, or a tuple of axes; D = the product of
         sizes), ``layer_axis`` / ``slot_axis`` (the leaves' layer and slot dims, 0 or 1),
@@ -365,6 +385,7 @@ def rearrange_expert_weights(
         num_experts=num_experts,
         donate=donate,
         single_layer=False,
+        expert_specs=expert_specs,
     )
 
 
@@ -377,11 +398,13 @@ def transfer_layer(
     config: TransferConfig | None = None,
     num_experts: int | None = None,
     donate: bool = True,
+    expert_specs: Any = None,
     **options: Any,
 ) -> tuple[Any, TransferReport]:
     """`rearrange_expert_weights` for one layer: maps int[P], leaves [P, ...] with the slot dim
     sharded over ``axis_name``. Same guarantees, arguments and errors (``layer_axis`` and
-    ``slot_axis`` are ignored); the report's fields are scalars.
+    ``slot_axis`` are ignored; ``expert_specs`` entries have the leaves' [P, ...] rank); the
+    report's fields are scalars.
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np
@@ -401,4 +424,5 @@ def transfer_layer(
         num_experts=num_experts,
         donate=donate,
         single_layer=True,
+        expert_specs=expert_specs,
     )
