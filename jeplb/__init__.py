@@ -15,6 +15,8 @@ The public surface, by job:
   `place_experts` (logical expert weights onto the slots of a placement), `combine_topk` (a
   combine whose bits a rebalance cannot change), `expand_gating` (router scores over the slots,
   for kernels that do their own top-k);
+* serving loops (per-layer weights, nothing run on idle steps): `end_pass` in the forward,
+  `plan_rebalance` and `move_layer` in their own programs, `HostSchedule` deciding on the host;
 * elastic expert parallelism: `recover_experts`;
 * training: `sync_replica_grads`, `sync_replica_grads_local` (replica gradients summed so that
   replicas stay identical), `expert_state` (the optimizer state that moves with the experts),
@@ -42,6 +44,11 @@ from jeplb._src.policy.api import DeepSeekPolicy as DeepSeekPolicy
 from jeplb._src.policy.api import rebalance_experts as rebalance_experts
 from jeplb._src.policy.base import Policy as Policy
 from jeplb._src.policy.snake import SnakePolicy as SnakePolicy
+from jeplb._src.serving import HostSchedule as HostSchedule
+from jeplb._src.serving import PlanInfo as PlanInfo
+from jeplb._src.serving import end_pass as end_pass
+from jeplb._src.serving import move_layer as move_layer
+from jeplb._src.serving import plan_rebalance as plan_rebalance
 from jeplb._src.state import EplbState as EplbState
 from jeplb._src.step import StepInfo as StepInfo
 from jeplb._src.step import eplb_step as eplb_step
@@ -68,7 +75,9 @@ __all__ = [
     "DispatchConfig",
     "EplbConfig",
     "EplbState",
+    "HostSchedule",
     "Placement",
+    "PlanInfo",
     "Policy",
     "Recovery",
     "ScheduleConfig",
@@ -83,14 +92,17 @@ __all__ = [
     "device_loads",
     "dispatch",
     "dispatch_layer",
+    "end_pass",
     "eplb_step",
     "eplb_step_local",
     "expand_gating",
     "expert_state",
     "global_norm",
     "move_from_buffer",
+    "move_layer",
     "move_to_buffer",
     "place_experts",
+    "plan_rebalance",
     "read_placement",
     "rearrange_expert_weights",
     "rebalance_experts",

@@ -211,3 +211,38 @@ def test_loader_of_wrong_shape_is_refused(devices):
         jeplb.recover_experts(
             old, weights, bad_loader, mesh=mesh_of(devices=devices[:3] + devices[4:]), num_experts=E
         )
+
+
+def test_per_layer_weights_recover_as_stacked_ones(devices):
+    lost = (0, 1)  # experts 0..5 live only there: the loader reads them
+    rng = np.random.default_rng(3)
+    old_mesh = mesh_of(devices)
+    old = old_placement(rng, lost)
+    logical = logical_weights(13)
+    stacked = physical(logical, old, old_mesh, lost=lost)
+    new_mesh = mesh_of([d for i, d in enumerate(devices) if i not in lost])
+    load = rng.integers(1, 100, (L, E)).astype(np.int32)
+    # The same weights as a sequence of per-layer pytrees [P, ...] (lost shards: garbage).
+    layers = [
+        {k: jax.device_put(np.asarray(v)[layer], NamedSharding(old_mesh, P("ep")))
+         for k, v in stacked.items()}
+        for layer in range(L)
+    ]  # fmt: skip
+    per_loader, stacked_loader = Loader(logical), Loader(logical)
+    out, rec = jeplb.recover_experts(
+        old, layers, per_loader, mesh=new_mesh, num_experts=E, load=load
+    )
+    want, want_rec = jeplb.recover_experts(
+        old, stacked, stacked_loader, mesh=new_mesh, num_experts=E, load=load
+    )
+    assert isinstance(out, list) and len(out) == L
+    np.testing.assert_array_equal(np.asarray(rec.phy2log), np.asarray(want_rec.phy2log))
+    np.testing.assert_array_equal(np.asarray(rec.moved_rows), np.asarray(want_rec.moved_rows))
+    assert rec.loaded and rec.loaded == want_rec.loaded
+    assert sorted(per_loader.calls) == sorted(stacked_loader.calls)
+    for layer in range(L):
+        for k in logical:
+            assert out[layer][k].sharding.spec == P("ep")
+            assert np.array_equal(as_bytes(out[layer][k]), as_bytes(want[k])[layer]), (layer, k)
+    with pytest.raises(ValueError, match=r"expert_weights: .*one entry per layer, L = 2; got 1"):
+        jeplb.recover_experts(old, layers[:1], per_loader, mesh=new_mesh, num_experts=E)

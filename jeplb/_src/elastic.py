@@ -28,8 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jeplb._src import checks
+from jeplb._src import checks, perlayer
 from jeplb._src.maps import check_phy2log, maps_from_phy2log
 from jeplb._src.transfer import agree as _agree
 from jeplb._src.transfer import layout
@@ -216,7 +217,10 @@ def recover_experts(
         parallelism: ``PartitionSpec(None, axis_name, None, "tp")``). An expert-parallel rank is
         the group of devices at one position of ``axis_name``; only the shards of ranks that are
         on the new mesh (the same devices at the same positions) and not in ``lost_devices`` are
-        read; the arrays are not changed.
+        read; the arrays are not changed. Or a sequence of L per-layer
+        pytrees with leaves [P, ...] (the slot dim 0 on ``axis_name``): recovered one layer at a
+        time with one transfer program for every layer, nothing stacked, and returned as such a
+        sequence (leaves [P', ...]); ``loader`` then returns one layer's pytree.
       loader: ``loader(layer, expert)`` -> one expert's weights as host arrays, a pytree shaped
         like ``expert_weights`` whose leaves are [...] (a leaf's shape without L and P) with the
         leaf's dtype; e.g. read from a checkpoint. Called once per lost (layer, expert), on the
@@ -282,6 +286,8 @@ def recover_experts(
     if not callable(loader):
         raise TypeError(f"loader: expected a callable (layer, expert) -> arrays, got {loader!r}")
     leaves, treedef = jax.tree_util.tree_flatten(expert_weights)
+    lead = tuple(np.shape(old_phy2log)) if np.ndim(old_phy2log) == 2 else (0, 0)
+    per_layer = perlayer.is_per_layer(expert_weights, lead)
     plan = _plan_recovery(
         old_phy2log,
         expert_weights,
@@ -292,7 +298,14 @@ def recover_experts(
         load=load,
         new_phy2log=new_phy2log,
         policy=(num_groups, num_nodes),
+        per_layer=per_layer,
     )
+    if per_layer:
+        out, remote = _recover_layers(
+            expert_weights, loader, mesh=mesh, axis_name=axis_name, plan=plan,
+            chunk_rows=chunk_rows,
+        )  # fmt: skip
+        return out, _recovery(plan, remote)
     staged = _survivors_on_new_mesh(leaves, plan, mesh, axis_name)
 
     with _agree.already_agreed():
@@ -309,19 +322,23 @@ def recover_experts(
     out_leaves = treedef.flatten_up_to(out)
     if plan.lost_pairs:
         out_leaves = _write_loaded(out_leaves, leaves, treedef, plan, loader, mesh, axis_name)
+    return treedef.unflatten(out_leaves), _recovery(plan, report.remote_rows)
+
+
+def _recovery(plan: _RecoveryPlan, remote_rows) -> Recovery:
+    """The `Recovery` of a plan whose transfer received ``remote_rows`` [L] rows."""
     target = jnp.asarray(plan.target)
     log2phy, logcnt = maps_from_phy2log(
         target, plan.num_experts, target.shape[1] - plan.num_experts + 1
     )
-    recovery = Recovery(
+    return Recovery(
         phy2log=target,
         log2phy=log2phy,
         logcnt=logcnt,
-        moved_rows=jnp.asarray(report.remote_rows),
+        moved_rows=jnp.asarray(remote_rows),
         lost_devices=plan.lost,
         loaded=tuple((int(a), int(b)) for a, b in plan.lost_pairs),
     )
-    return treedef.unflatten(out_leaves), recovery
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,9 +370,20 @@ class _RecoveryPlan:
 
 
 def _plan_recovery(
-    old_phy2log, tree, *, mesh, axis_name, num_experts, lost_devices, load, new_phy2log, policy
+    old_phy2log,
+    tree,
+    *,
+    mesh,
+    axis_name,
+    num_experts,
+    lost_devices,
+    load,
+    new_phy2log,
+    policy,
+    per_layer=False,
 ) -> _RecoveryPlan:
-    """Checks the arguments and decides the placement and the moves."""
+    """Checks the arguments and decides the placement and the moves (``per_layer``: ``tree`` is
+    a sequence of L per-layer pytrees with leaves [P, ...])."""
     old_mesh = _old_mesh(tree, axis_name)
     d_old = int(old_mesh.shape[axis_name])
     check_int("num_experts", num_experts, minimum=1, allow_none=True)
@@ -376,14 +404,19 @@ def _plan_recovery(
     num_experts = int(old.max()) + 1 if num_experts is None else int(num_experts)
     d_new = _check_new_mesh(mesh, axis_name, old_mesh)
     num_layers, p_old = old.shape
-    checks.weight_leaves(
-        tree,
-        lead_shape=(num_layers, p_old),
-        slot_axis=1,
-        layer_axis=0,
-        mesh=old_mesh,
-        axes=(axis_name,),
-    )
+    if per_layer:
+        perlayer.check_layers(
+            tree, num_layers=num_layers, slots=p_old, mesh=old_mesh, axes=(axis_name,)
+        )
+    else:
+        checks.weight_leaves(
+            tree,
+            lead_shape=(num_layers, p_old),
+            slot_axis=1,
+            layer_axis=0,
+            mesh=old_mesh,
+            axes=(axis_name,),
+        )
     n_local = p_old // d_old
     p_new = n_local * d_new
     if p_new < num_experts:
@@ -494,15 +527,23 @@ def _new_sharding(leaf: jax.Array, mesh) -> NamedSharding:
     return NamedSharding(mesh, leaf.sharding.spec)
 
 
-def _survivors_on_new_mesh(leaves, plan: _RecoveryPlan, mesh, axis_name) -> list[jax.Array]:
+def _survivors_on_new_mesh(
+    leaves, plan: _RecoveryPlan, mesh, axis_name, *, unit: bool = False
+) -> list[jax.Array]:
     """Weights on the new mesh: surviving shards as they are, fresh zeros for the others. A
     rank's device at position k over the other axes takes the shard of the old rank's device at
-    the same position."""
+    the same position. With ``unit`` the leaves are one layer's [P, ...] and come out
+    [1, P', ...] (the unit layer dim added on the new devices, so no program runs on a lost
+    one)."""
     out = []
     for leaf in leaves:
         shards = {s.device: s.data for s in leaf.addressable_shards}
-        shape = (leaf.shape[0], plan.n_local * len(plan.new_devices), *leaf.shape[2:])
-        sharding = _new_sharding(leaf, mesh)
+        if unit:
+            shape = (1, plan.n_local * len(plan.new_devices), *leaf.shape[1:])
+            sharding = NamedSharding(mesh, P(None, *leaf.sharding.spec))
+        else:
+            shape = (leaf.shape[0], plan.n_local * len(plan.new_devices), *leaf.shape[2:])
+            sharding = _new_sharding(leaf, mesh)
         local = []
         for j, rank in enumerate(plan.new_devices):
             i = plan.source_of_new[j]
@@ -511,12 +552,56 @@ def _survivors_on_new_mesh(leaves, plan: _RecoveryPlan, mesh, axis_name) -> list
                     continue
                 if i >= 0:
                     data = shards[plan.old_devices[i][k]]
-                    local.append(jax.device_put(data, dev, may_alias=False))
+                    moved = jax.device_put(data, dev, may_alias=False)
+                    local.append(moved[None] if unit else moved)
                 else:
                     zeros = np.zeros(sharding.shard_shape(shape), leaf.dtype)
                     local.append(jax.device_put(zeros, dev))
         out.append(jax.make_array_from_single_device_arrays(shape, sharding, local))
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _drop_unit(sharding: NamedSharding):
+    """[1, P', ...] -> [P', ...] on the new mesh (donated: the unit dim goes without a copy)."""
+    return jax.jit(lambda x: x[0], out_shardings=sharding, donate_argnums=0)
+
+
+def _recover_layers(layers, loader, *, mesh, axis_name, plan, chunk_rows):
+    """`recover_experts` for a sequence of L per-layer pytrees: one layer at a time, each through
+    the same transfer program (one compilation for every layer), nothing stacked. Returns the
+    new sequence and the transfer's remote rows per layer."""
+    from jeplb._src.transfer.api import rearrange_expert_weights
+
+    out, remote = [], []
+    for layer, tree in enumerate(layers):
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        staged = _survivors_on_new_mesh(leaves, plan, mesh, axis_name, unit=True)
+        with _agree.already_agreed():
+            moved, report = rearrange_expert_weights(
+                plan.staged[layer : layer + 1],
+                plan.moves[layer : layer + 1],
+                treedef.unflatten(staged),
+                mesh=mesh,
+                axis_name=axis_name,
+                chunk_rows=chunk_rows,
+                num_experts=plan.num_experts,
+                donate=True,
+            )
+        moved = treedef.flatten_up_to(moved)
+        pairs = tuple((0, e) for lay, e in plan.lost_pairs if lay == layer)
+        if pairs:
+            one = dataclasses.replace(plan, target=plan.target[layer : layer + 1], lost_pairs=pairs)
+            moved = _write_loaded(
+                moved, moved, treedef, one, lambda _, e, lay=layer: loader(lay, e), mesh, axis_name
+            )
+        out.append(
+            treedef.unflatten(
+                [_drop_unit(NamedSharding(mesh, P(*x.sharding.spec[1:])))(x) for x in moved]
+            )
+        )
+        remote.append(np.asarray(report.remote_rows))
+    return out, np.concatenate(remote)
 
 
 def _write_loaded(out_leaves, leaves, treedef, plan: _RecoveryPlan, loader, mesh, axis_name):

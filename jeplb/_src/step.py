@@ -34,6 +34,7 @@ Where the counts are summed over devices:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import warnings
 from typing import Any
@@ -42,7 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jeplb._src import checks, programs, step_scalars
+from jeplb._src import checks, perlayer, programs, step_scalars
 from jeplb._src import metrics as balance
 from jeplb._src.counts import INT32_MAX, saturating_psum
 from jeplb._src.maps import maps_from_phy2log
@@ -156,13 +157,17 @@ def _window(state: EplbState, load_axes: tuple[str, ...]):
     return window, total, leaving, pos, state.step + 1
 
 
-def _transfer(state: EplbState, leaves, pending, cursor, setup: engine_lib.Engine):
+def _transfer(state: EplbState, leaves, pending, cursor, setup: engine_lib.Engine, per_layer=0):
     """Moves the due layers [cursor, cursor + k) to the pending maps; switches exactly the maps
-    of the layers that moved. Returns (leaves, maps, cursor, stats, layer_ok)."""
+    of the layers that moved. Returns (leaves, maps, cursor, stats, layer_ok). ``per_layer``: K
+    leaves per layer of a per-layer sequence (`perlayer.move_groups`), 0 for stacked leaves."""
     num_layers = state.num_layers
     k = state.config.schedule.layers_moved(num_layers)
     count = jnp.clip(num_layers - cursor, 0, k)
-    leaves, stats = engine_lib.move_layers(
+    mover = engine_lib.move_layers
+    if per_layer:
+        mover = functools.partial(perlayer.move_groups, per_layer=per_layer)
+    leaves, stats = mover(
         state.phy2log,
         pending[0],
         leaves,
@@ -246,7 +251,7 @@ _BRANCH_FIELDS = (
 )  # fmt: skip
 
 
-def _busy(state: EplbState, leaves, window, slid, scheduled, setup):
+def _busy(state: EplbState, leaves, window, slid, scheduled, setup, per_layer=0):
     """The step's branch when a rebalance is scheduled or under way, or the total saturated:
     the exact total, maybe the policy, the transfer of the due layers. Returns (the state fields
     it changes, by name; leaves; `_Moved`): only those pass through the branch, not the window."""
@@ -257,7 +262,9 @@ def _busy(state: EplbState, leaves, window, slid, scheduled, setup):
         cursor = jnp.where(decision.fired, 0, state.cursor)
         pending = decision.pending
     with jax.named_scope("eplb_transfer"):
-        leaves, maps, cursor, stats, layer_ok = _transfer(state, leaves, pending, cursor, setup)
+        leaves, maps, cursor, stats, layer_ok = _transfer(
+            state, leaves, pending, cursor, setup, per_layer
+        )
     changes = dict(
         window_total=total,
         phy2log=maps[0],
@@ -284,8 +291,11 @@ def _quiet(state: EplbState, leaves, slid):
     return dict(changes, window_total=slid), leaves, moved
 
 
-def _local_step(state: EplbState, leaves: list[jax.Array], *, load_axes: tuple[str, ...], setup):
-    """The step on this device's shard: leaves [L, N_local, ...]. Runs inside shard_map.
+def _local_step(
+    state: EplbState, leaves: list[jax.Array], *, load_axes: tuple[str, ...], setup, per_layer=0
+):
+    """The step on this device's shard: leaves [L, N_local, ...] (or, with ``per_layer`` = K,
+    L groups of K leaves [N_local, ...]). Runs inside shard_map.
 
     One `lax.cond` decides the step (on a GPU each costs a device-to-host sync): an idle step
     (no rebalance scheduled or under way, no saturated total) writes the window row, slides the
@@ -301,7 +311,7 @@ def _local_step(state: EplbState, leaves: list[jax.Array], *, load_axes: tuple[s
     busy = scheduled | ~idle | jnp.any(state.window_total == INT32_MAX)
     changes, leaves, moved = lax.cond(
         busy,
-        lambda: _busy(state, leaves, window, slid, scheduled, setup),
+        lambda: _busy(state, leaves, window, slid, scheduled, setup, per_layer),
         lambda: _quiet(state, leaves, slid),
     )
     state = state.replace(**changes)
@@ -391,7 +401,8 @@ def eplb_step_local(
         `jeplb.dispatch` records inside shard_map): name the axes they are partial over in
         ``load_axes``.
       expert_weights: pytree of this device's slots, leaves [L, N_local, ...] (the global [L, P,
-        ...] sharded ``PartitionSpec(None, state.config.transfer.axis_name)``).
+        ...] sharded ``PartitionSpec(None, state.config.transfer.axis_name)``); or a sequence of
+        L per-layer pytrees with leaves [N_local, ...] (see `eplb_step`).
       layer_axis: the leaves' layer dim (0 or 1; default ``state.config.transfer.layer_axis``).
       slot_axis: the leaves' slot dim (1 or 0; default ``state.config.transfer.slot_axis``).
       load_axes: mesh axes over which ``pass_load`` is a partial count (e.g. ``("data", "ep")``);
@@ -441,18 +452,27 @@ def eplb_step_local(
     axes = _check_load_axes(state, load_axes)
     setup = _setup(state, checks.platform_of(), layer_axis, slot_axis)
     lead = _lead_shape(state, setup, local=True)
-    leaves, treedef, _ = checks.weight_leaves(
-        expert_weights,
-        lead_shape=lead,
-        slot_axis=setup.config.slot_axis,
-        layer_axis=setup.config.layer_axis,
-        mesh=None,
-        axes=setup.config.axes,
-        local=True,
-    )
-    problems = engine_lib.leaf_problems(leaves, setup)
+    per_layer = 0
+    if perlayer.is_per_layer(expert_weights, lead, layer_axis=setup.config.layer_axis):
+        leaves, treedef, _, per_layer = perlayer.step_leaves(
+            expert_weights, state.num_layers, state.slots_per_device, None, setup
+        )
+        problems = []  # refused by step_leaves
+    else:
+        leaves, treedef, _ = checks.weight_leaves(
+            expert_weights,
+            lead_shape=lead,
+            slot_axis=setup.config.slot_axis,
+            layer_axis=setup.config.layer_axis,
+            mesh=None,
+            axes=setup.config.axes,
+            local=True,
+        )
+        problems = engine_lib.leaf_problems(leaves, setup)
     checks.refuse_leaves("expert_weights", checks.leaf_paths(treedef), problems)
-    state, leaves, info = _local_step(state, leaves, load_axes=axes, setup=setup)
+    state, leaves, info = _local_step(
+        state, leaves, load_axes=axes, setup=setup, per_layer=per_layer
+    )
     _log_balancedness(state, info, only_device=lax.axis_index(axis))
     return state, treedef.unflatten(leaves), info
 
@@ -506,7 +526,13 @@ def eplb_step(
       expert_weights: pytree of arrays with leaves [L, P, ...] (or [P, L, ...] with
         ``slot_axis=0, layer_axis=1``) whose slot dim is sharded over ``state.config.transfer.axis_name`` on
         ``mesh``; other dims may be sharded over other mesh axes (any trailing shape, any dtype
-        `jeplb.rearrange_expert_weights` moves). They come back with the same shardings.
+        `jeplb.rearrange_expert_weights` moves). They come back with the same shardings. Or a
+        sequence of L per-layer pytrees with leaves [P, ...] (serving engines' per-layer
+        modules, e.g. tpu-inference's ``w13`` (P, D, 2F) and ``w2`` (P, F, D)), every layer of
+        layer 0's structure, shapes, dtypes and shardings: the due layers move in place, each
+        under its own `lax.cond` (compile time grows with L; a serving loop uses
+        `jeplb.plan_rebalance` and `jeplb.move_layer` instead), nothing is stacked. A list or
+        tuple whose leaves all have the stacked leading dims is read as stacked.
       mesh: the device mesh; its ``state.config.transfer.axis_name`` axis must have
         ``state.num_devices`` devices.
       layer_axis: the leaves' layer dim (0 or 1; default ``state.config.transfer.layer_axis``).
@@ -523,7 +549,8 @@ def eplb_step(
     Raises:
       ValueError, TypeError: a mesh without the axis or of another size, leaves not [L, P, ...]
         or (when concrete) not sharded on the axis, or whose rows the transfer's row kernel
-        cannot move (every bad leaf named by its path).
+        cannot move (every bad leaf named by its path); a per-layer sequence of the wrong length
+        or whose layers differ from layer 0 (named by path, e.g. ``expert_weights[2]['w2']``).
 
     Example:
       >>> import functools, jax, jax.numpy as jnp
@@ -549,33 +576,40 @@ def eplb_step(
             f"num_devices = {state.num_devices}"
         )
     setup = _setup(state, checks.platform_of(mesh), layer_axis, slot_axis)
-    leaves, treedef, specs = checks.weight_leaves(
-        expert_weights,
-        lead_shape=_lead_shape(state, setup, local=False),
-        slot_axis=setup.config.slot_axis,
-        layer_axis=setup.config.layer_axis,
-        mesh=mesh,
-        axes=setup.config.axes,
-    )
-    given = checks.resolve_specs(  # None where unknown (traced, Auto mesh, not declared)
-        expert_specs,
-        leaves,
-        treedef,
-        specs,
-        mesh=mesh,
-        slot_axis=setup.config.slot_axis,
-        layer_axis=setup.config.layer_axis,
-        axes=setup.config.axes,
-    )
-    transfer_api.check_movable(leaves, treedef, given, mesh, setup)
+    lead = _lead_shape(state, setup, local=False)
+    if perlayer.is_per_layer(expert_weights, lead, layer_axis=setup.config.layer_axis):
+        leaves, treedef, given, k = perlayer.step_leaves(
+            expert_weights, state.num_layers, state.num_slots, mesh, setup
+        )
+    else:
+        leaves, treedef, specs = checks.weight_leaves(
+            expert_weights,
+            lead_shape=lead,
+            slot_axis=setup.config.slot_axis,
+            layer_axis=setup.config.layer_axis,
+            mesh=mesh,
+            axes=setup.config.axes,
+        )
+        given = checks.resolve_specs(  # None where unknown (traced, Auto mesh, not declared)
+            expert_specs,
+            leaves,
+            treedef,
+            specs,
+            mesh=mesh,
+            slot_axis=setup.config.slot_axis,
+            layer_axis=setup.config.layer_axis,
+            axes=setup.config.axes,
+        )
+        k = 0
+        transfer_api.check_movable(leaves, treedef, given, mesh, setup)
     program = programs.build(
         _global_body,
         mesh=mesh,
         given=given,
-        slot_axis=setup.config.slot_axis,
+        slot_axis=0 if k else setup.config.slot_axis,
         axes=setup.config.axes,
         num_replicated=1,
-        options=(("setup", setup),),
+        options=(("setup", setup), ("per_layer", k)),
         after=_log_after,
         name="eplb_step",
     )
@@ -583,9 +617,12 @@ def eplb_step(
     return state, treedef.unflatten(leaves), info
 
 
-def _global_body(state: EplbState, leaves: list[jax.Array], *, setup: engine_lib.Engine):
-    """The step at global view is its local step on each device's shard (`programs.build`)."""
-    state, leaves, info = _local_step(state, leaves, load_axes=(), setup=setup)
+def _global_body(
+    state: EplbState, leaves: list[jax.Array], *, setup: engine_lib.Engine, per_layer: int = 0
+):
+    """The step at global view is its local step on each device's shard (`programs.build`);
+    ``per_layer``: K leaves per layer of a per-layer sequence, 0 for stacked leaves."""
+    state, leaves, info = _local_step(state, leaves, load_axes=(), setup=setup, per_layer=per_layer)
     return leaves, (state, info)
 
 

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jeplb._src import checks, programs
+from jeplb._src import checks, perlayer, programs
 from jeplb._src.maps import check_phy2log
 from jeplb._src.transfer import agree, engine, layout, replica_sum, stages
 from jeplb._src.transfer import plan as plan_lib
@@ -459,6 +459,87 @@ def _program(mesh, setup: engine.Engine, specs: tuple):
     )
 
 
+def _local_layer(phy2log, layer, leaves, *, setup: engine.Engine):
+    """shard_map body of `sync_replica_grads` for one layer of a per-layer sequence: the map's
+    row ``layer`` (traced) and the layer's local leaves [N_local, ...], given a unit layer dim."""
+    row = lax.dynamic_index_in_dim(phy2log.astype(jnp.int32), layer, 0, keepdims=True)
+    out, stats = _sync_local(row, [x[None] for x in leaves], setup=setup)
+    return [x[0] for x in out], stats
+
+
+def _check_layer_dtypes(grads, layers: perlayer.Layers):
+    """Refuses a per-layer sequence of non-floating gradients (layer 0 stands for every layer:
+    `perlayer.check_layers` checked they agree); returns layer 0's tree structure."""
+    first = jax.tree_util.tree_structure(grads[0])
+    bad = [
+        f"grads[0]{p} has dtype {x.dtype}; expected a floating dtype of 1 to 8 bytes "
+        f"(gradients are summed)"
+        for p, x in zip(checks.leaf_paths(first), layers.layer(0), strict=True)
+        if not jnp.issubdtype(x.dtype, jnp.floating) or np.dtype(x.dtype).name in layout.SUB_BYTE
+    ]
+    if bad:
+        raise TypeError("; ".join(bad))
+    return first
+
+
+def _sync_layers_local(grads, m, *, config: TransferConfig, d: int):
+    """`sync_replica_grads_local` for a sequence of L per-layer pytrees (local leaves
+    [N_local, ...]): each layer summed on its own (compile time grows with L)."""
+    num_layers, p_total = m.shape
+    layers = perlayer.check_layers(
+        grads, num_layers=num_layers, slots=p_total // d, mesh=None, axes=config.axes,
+        local=True, name="grads",
+    )  # fmt: skip
+    first = _check_layer_dtypes(grads, layers)
+    setup = engine.Engine(
+        config=config.replace(layer_axis=0, slot_axis=1), num_devices=d,
+        platform=checks.platform_of(),
+    )  # fmt: skip
+    unit = [jax.ShapeDtypeStruct((1, *x.shape), x.dtype) for x in layers.layer(0)]
+    _check_movable(unit, first, setup)
+    m = jnp.asarray(m)
+    out = []
+    for i in range(num_layers):
+        out.extend(_local_layer(m, jnp.int32(i), layers.layer(i), setup=setup)[0])
+    return layers.treedef.unflatten(out)
+
+
+def _sync_layers(grads, m, *, config: TransferConfig, mesh, d: int):
+    """`sync_replica_grads` for a sequence of L per-layer pytrees (leaves [P, ...]): one compiled
+    program for every layer (the layer index traced), one call per layer."""
+    num_layers, p_total = m.shape
+    layers = perlayer.check_layers(
+        grads, num_layers=num_layers, slots=p_total, mesh=mesh, axes=config.axes, name="grads"
+    )
+    k = layers.per_layer
+    first = _check_layer_dtypes(grads, layers)
+    specs = checks.default_specs(layers.specs[:k], 0, config.axes)
+    setup = engine.Engine(
+        config=config.replace(layer_axis=0, slot_axis=1),
+        num_devices=d,
+        platform=checks.platform_of(mesh),
+    )
+    local = checks.local_shapes(layers.layer(0), specs, mesh)
+    unit = [jax.ShapeDtypeStruct((1, *x.shape), x.dtype) for x in local]
+    _check_movable(unit, first, setup)
+    program = programs.build(
+        _local_layer,
+        mesh=mesh,
+        given=specs,
+        slot_axis=0,
+        axes=config.axes,
+        num_replicated=2,
+        options=(("setup", setup),),
+        check_vma=not setup.movers.interpreted,
+    )
+    placed = checks.place_map(m, mesh)
+    out = []
+    for i in range(num_layers):
+        layer = checks.place_map(np.int32(i), mesh)
+        out.extend(program(placed, layer, layers.layer(i))[0])
+    return layers.treedef.unflatten(out)
+
+
 def sync_program(mesh, specs: tuple, **options):
     """The cached program `sync_replica_grads` runs for leaves of the given specs (tuples of
     PartitionSpec entries) and `TransferConfig` options: ``program(phy2log, leaves) -> (leaves,
@@ -504,7 +585,8 @@ def sync_replica_grads(
       grads: pytree of gradient arrays laid out as the expert weights `rearrange_expert_weights`
         takes: leaves [L, P, ...] (or [P, L, ...] with ``slot_axis=0, layer_axis=1``) of a
         floating dtype, the slot dim sharded over exactly ``axis_name``, other dims on other mesh
-        axes or replicated.
+        axes or replicated. Or a sequence of L per-layer pytrees with leaves [P, ...]: summed
+        layer by layer with one compiled program, nothing stacked.
       phy2log: int[L, P] the placement the gradients were computed with, -1 for empty slots.
         Replicated (numpy, a list, a jax.Array or a traced value).
       mesh: the device mesh; must have ``axis_name``.
@@ -544,6 +626,8 @@ def sync_replica_grads(
         where="sync_replica_grads",
     )
     m = check_phy2log(phy2log, name="phy2log", num_devices=d)
+    if perlayer.is_per_layer(grads, _lead(m, config, d, False), layer_axis=config.layer_axis):
+        return _sync_layers(grads, m, config=config, mesh=mesh, d=d)
     leaves, treedef, specs = _check_grad_leaves(
         grads, lead=_lead(m, config, d, False), config=config, mesh=mesh, local=False
     )
@@ -582,7 +666,8 @@ def sync_replica_grads_local(
 
     Args:
       grads: pytree of this device's gradient shards, leaves [L, N_local, ...] (or
-        [N_local, L, ...] with ``slot_axis=0, layer_axis=1``), floating dtypes.
+        [N_local, L, ...] with ``slot_axis=0, layer_axis=1``), floating dtypes; or a sequence
+        of L per-layer pytrees with leaves [N_local, ...] (each layer summed on its own).
       phy2log: int[L, P] the placement, the same on every device (replicated).
       axis_name: the bound expert-parallel mesh axis, or a tuple of axes.
       layer_axis: the leaves' layer dim (0 or 1).
@@ -611,6 +696,8 @@ def sync_replica_grads_local(
         "sync_replica_grads(..., mesh=...) at global view)",
     )
     m = check_phy2log(phy2log, name="phy2log", num_devices=d)
+    if perlayer.is_per_layer(grads, _lead(m, config, d, True), layer_axis=config.layer_axis):
+        return _sync_layers_local(grads, m, config=config, d=d)
     leaves, treedef, _ = _check_grad_leaves(
         grads, lead=_lead(m, config, d, True), config=config, mesh=None, local=True
     )

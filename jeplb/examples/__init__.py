@@ -7,6 +7,9 @@ a skewed, drifting router workload and a training loop.
   ragged_dot expert path and the top-k-order combine `maxtext_moe.combine_topk`
   (jeplb/examples/maxtext_moe.py);
 * `DriftingZipf`: the workload (jeplb/examples/workload.py);
+* `jeplb.examples.serving`: a serving loop over per-layer weights (tpu-inference's layout) with
+  prefill, decode and batch buckets, whose EPLB runs no program on idle steps
+  (jeplb/examples/serving.py; jax only);
 * `jeplb.examples.training`: the NNX model trained with optax Adam and EPLB (`make_train_step`,
   `train`), replicas kept identical by `jeplb.sync_replica_grads`; it needs optax, so it is
   imported on first use of its names (``from jeplb.examples import train``).
@@ -16,6 +19,7 @@ example.
 """
 
 from . import maxtext_moe as maxtext_moe
+from . import serving as serving
 from .moe import MoEConfig as MoEConfig
 from .moe import MoETransformer as MoETransformer
 from .moe import make_step as make_step
