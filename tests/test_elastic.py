@@ -216,11 +216,11 @@ def test_loader_of_wrong_shape_is_refused(devices):
 def test_per_layer_weights_recover_as_stacked_ones(devices):
     lost = (0, 1)  # experts 0..5 live only there: the loader reads them
     rng = np.random.default_rng(3)
-    old_mesh = mesh_of(devices)
+    old_mesh = mesh_of(devices=devices)
     old = old_placement(rng, lost)
     logical = logical_weights(13)
     stacked = physical(logical, old, old_mesh, lost=lost)
-    new_mesh = mesh_of([d for i, d in enumerate(devices) if i not in lost])
+    new_mesh = mesh_of(devices=[d for i, d in enumerate(devices) if i not in lost])
     load = rng.integers(1, 100, (L, E)).astype(np.int32)
     # The same weights as a sequence of per-layer pytrees [P, ...] (lost shards: garbage).
     layers = [
@@ -246,3 +246,35 @@ def test_per_layer_weights_recover_as_stacked_ones(devices):
             assert np.array_equal(as_bytes(out[layer][k]), as_bytes(want[k])[layer]), (layer, k)
     with pytest.raises(ValueError, match=r"expert_weights: .*one entry per layer, L = 2; got 1"):
         jeplb.recover_experts(old, layers[:1], per_loader, mesh=new_mesh, num_experts=E)
+
+
+def test_tuple_expert_axes_recover_like_one_axis(devices):
+    # The expert axis as two mesh axes ("a", "b") = (2, 4): ranks in PartitionSpec order, the
+    # same recovery as over one axis of the same 8 devices in that order.
+    from jax.sharding import Mesh
+
+    lost = (5,)
+    rng = np.random.default_rng(7)
+    old = old_placement(rng, lost)
+    logical = logical_weights(21)
+    axes = ("a", "b")
+    old_mesh = Mesh(np.asarray(devices).reshape(2, 4), axes)
+    flat = physical(logical, old, mesh_of(devices=devices), lost=lost)
+    weights = {
+        k: jax.device_put(v, NamedSharding(old_mesh, P(None, axes))) for k, v in flat.items()
+    }
+    kept = [d for i, d in enumerate(devices) if i not in lost][:6]
+    new_mesh = Mesh(np.asarray(kept).reshape(2, 3), axes)
+    load = rng.integers(1, 100, (L, E)).astype(np.int32)
+    out, rec = jeplb.recover_experts(
+        old, weights, Loader(logical), mesh=new_mesh, axis_name=axes, num_experts=E, load=load
+    )
+    one_axis = mesh_of(devices=kept)
+    want_out, want = jeplb.recover_experts(
+        old, flat, Loader(logical), mesh=one_axis, num_experts=E, load=load
+    )
+    np.testing.assert_array_equal(rec.phy2log, want.phy2log)
+    assert rec.lost_devices == want.lost_devices and rec.loaded == want.loaded
+    for k in logical:
+        assert out[k].sharding.spec == P(None, axes)
+        assert np.array_equal(as_bytes(out[k]), as_bytes(want_out[k])), k

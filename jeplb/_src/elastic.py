@@ -34,7 +34,8 @@ from jeplb._src import checks, perlayer
 from jeplb._src.maps import check_phy2log, maps_from_phy2log
 from jeplb._src.transfer import agree as _agree
 from jeplb._src.transfer import layout
-from jeplb._src.validate import check_int
+from jeplb._src.transfer.config import axis_tuple
+from jeplb._src.validate import check_axis_name, check_int
 
 __all__ = ["Recovery", "recover_experts"]
 
@@ -92,9 +93,10 @@ def _old_mesh(tree: Any, axis_name: str):
     return mesh
 
 
-def _others(mesh: Any, axis_name: str) -> dict:
-    """A mesh's axes other than the expert axis, with their sizes, in order."""
-    return {a: int(n) for a, n in mesh.shape.items() if a != axis_name}
+def _others(mesh: Any, axis_name: str | tuple[str, ...]) -> dict:
+    """A mesh's axes other than the expert axes, with their sizes, in order."""
+    axes = axis_tuple(axis_name)
+    return {a: int(n) for a, n in mesh.shape.items() if a not in axes}
 
 
 def _check_new_mesh(mesh: Any, axis_name: str, old_mesh: Any) -> int:
@@ -125,11 +127,16 @@ def _mesh_signature(mesh: Any) -> Any:
     return (tuple(mesh.axis_names), tuple(np.asarray(devices).shape), ids)
 
 
-def _device_positions(mesh, axis_name: str) -> list[tuple[Any, ...]]:
-    """The ranks of a mesh along its expert-parallel axis, in order: each the tuple of devices
-    at that position (one device, or its group over the other axes in their order)."""
-    devices = np.moveaxis(np.asarray(mesh.devices), list(mesh.axis_names).index(axis_name), 0)
-    return [tuple(rank) for rank in devices.reshape(devices.shape[0], -1)]
+def _device_positions(mesh, axis_name: str | tuple[str, ...]) -> list[tuple[Any, ...]]:
+    """The ranks of a mesh along its expert-parallel axes, in order (a tuple of axes in the order
+    of a ``PartitionSpec`` entry): each the tuple of devices at that position (one device, or its
+    group over the other axes in their order)."""
+    axes = axis_tuple(axis_name)
+    names = list(mesh.axis_names)
+    devices = np.moveaxis(
+        np.asarray(mesh.devices), [names.index(a) for a in axes], list(range(len(axes)))
+    )
+    return [tuple(rank) for rank in devices.reshape(checks.axis_size(mesh, axes), -1)]
 
 
 # ------------------------------------------------------------------------------------ pieces
@@ -194,7 +201,7 @@ def recover_experts(
     loader: Callable[[int, int], Any],
     *,
     mesh: jax.sharding.Mesh,
-    axis_name: str = "ep",
+    axis_name: str | tuple[str, ...] = "ep",
     num_experts: int | None = None,
     lost_devices: Sequence[int] | None = None,
     load: Any = None,
@@ -228,7 +235,8 @@ def recover_experts(
       mesh: the new mesh: the ranks that remain, or more, along ``axis_name``; its other axes
         are the old mesh's (names and sizes). The new placement has P' = N_local * D' slots per
         layer (N_local = P // D as before).
-      axis_name: the expert-parallel axis of both meshes.
+      axis_name: the expert-parallel axis of both meshes, or a tuple of axes (ranks in the
+        order of a ``PartitionSpec`` entry, as in `jeplb.rearrange_expert_weights`).
       num_experts: E (default: the largest id of ``old_phy2log`` + 1).
       lost_devices: indices (ranks) on the old mesh's axis whose rows are gone. Default: the
         old ranks that are not on the new mesh.
@@ -271,6 +279,7 @@ def recover_experts(
     # these, so it gathers nothing again.
     from jeplb._src.transfer.api import _leaf_signature, rearrange_expert_weights
 
+    axis_name = check_axis_name("axis_name", axis_name)  # a str, or a tuple of axes
     options = (axis_name, num_experts, num_groups, num_nodes, chunk_rows, _mesh_signature(mesh))
     _agree.check_processes_agree(
         {
@@ -385,7 +394,7 @@ def _plan_recovery(
     """Checks the arguments and decides the placement and the moves (``per_layer``: ``tree`` is
     a sequence of L per-layer pytrees with leaves [P, ...])."""
     old_mesh = _old_mesh(tree, axis_name)
-    d_old = int(old_mesh.shape[axis_name])
+    d_old = checks.axis_size(old_mesh, axis_name)
     check_int("num_experts", num_experts, minimum=1, allow_none=True)
     old = check_phy2log(
         old_phy2log,
@@ -406,7 +415,7 @@ def _plan_recovery(
     num_layers, p_old = old.shape
     if per_layer:
         perlayer.check_layers(
-            tree, num_layers=num_layers, slots=p_old, mesh=old_mesh, axes=(axis_name,)
+            tree, num_layers=num_layers, slots=p_old, mesh=old_mesh, axes=axis_tuple(axis_name)
         )
     else:
         checks.weight_leaves(
@@ -415,7 +424,7 @@ def _plan_recovery(
             slot_axis=1,
             layer_axis=0,
             mesh=old_mesh,
-            axes=(axis_name,),
+            axes=axis_tuple(axis_name),
         )
     n_local = p_old // d_old
     p_new = n_local * d_new
