@@ -151,11 +151,11 @@ def test_jit_eager_repeat_and_one_compilation():
     def place(load, o):  # the load and the old map are tracers here
         return policy.place(load, num_slots=num_slots, num_devices=devices, old_phy2log=o)
 
+    # Eager calls run the policy's own compiled program on concrete values; under an outer jit
+    # the load and the map are tracers: the same placement. (Op by op, under disable_jit, the
+    # budget's walk takes tens of seconds: left out of the suite.)
     traced = np.asarray(place(jnp.asarray(w1), jnp.asarray(old)))
     assert (eager == again).all() and (eager == traced).all()
-    with jax.disable_jit():
-        unjitted = np.asarray(place(jnp.asarray(w1), jnp.asarray(old)))
-    assert (eager == unjitted).all()
     # The budget is traced: another budget reuses the compiled program.
     size = _rebalance_jit._cache_size()
     budgeted(config, w1, old, 2)
