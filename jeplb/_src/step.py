@@ -437,13 +437,12 @@ def eplb_step_local(
     """
     state = _check_state(state)
     axis = state.config.transfer.axis_name
-    try:
-        d = lax.axis_size(axis)
-    except NameError as err:
-        raise ValueError(
-            f"state.config.transfer.axis_name: no mesh axis {axis!r} is bound here; eplb_step_local runs inside "
-            f"jax.shard_map over it (use eplb_step(..., mesh=...) at global view)"
-        ) from err
+    d = checks.bound_axis_size(
+        axis,
+        arg="state.config.transfer.axis_name",
+        hint="eplb_step_local runs inside jax.shard_map over it (use eplb_step(..., mesh=...) "
+        "at global view)",
+    )
     if d != state.num_devices:
         raise ValueError(
             f"state.num_devices: the state was built for {state.num_devices} devices, the mesh "
@@ -451,30 +450,36 @@ def eplb_step_local(
         )
     axes = _check_load_axes(state, load_axes)
     setup = _setup(state, checks.platform_of(), layer_axis, slot_axis)
-    lead = _lead_shape(state, setup, local=True)
-    per_layer = 0
-    if perlayer.is_per_layer(expert_weights, lead, layer_axis=setup.config.layer_axis):
-        leaves, treedef, _, per_layer = perlayer.step_leaves(
-            expert_weights, state.num_layers, state.slots_per_device, None, setup
-        )
-        problems = []  # refused by step_leaves
-    else:
-        leaves, treedef, _ = checks.weight_leaves(
-            expert_weights,
-            lead_shape=lead,
-            slot_axis=setup.config.slot_axis,
-            layer_axis=setup.config.layer_axis,
-            mesh=None,
-            axes=setup.config.axes,
-            local=True,
-        )
+    leaves, treedef, _, per_layer = _step_leaves(state, expert_weights, setup, mesh=None)
+    if not per_layer:  # (per-layer leaves were refused by perlayer.step_leaves)
         problems = engine_lib.leaf_problems(leaves, setup)
-    checks.refuse_leaves("expert_weights", checks.leaf_paths(treedef), problems)
+        checks.refuse_leaves("expert_weights", checks.leaf_paths(treedef), problems)
     state, leaves, info = _local_step(
         state, leaves, load_axes=axes, setup=setup, per_layer=per_layer
     )
     _log_balancedness(state, info, only_device=lax.axis_index(axis))
     return state, treedef.unflatten(leaves), info
+
+
+def _step_leaves(state: EplbState, expert_weights: Any, setup, *, mesh):
+    """The step's weight leaves, checked: ``(leaves, treedef, specs, per_layer)``; global
+    [L, P, ...] leaves with ``mesh``, this device's [L, N_local, ...] without (inside
+    shard_map); ``per_layer``: leaves per layer of a per-layer sequence (0: stacked leaves)."""
+    local = mesh is None
+    lead = _lead_shape(state, setup, local=local)
+    if perlayer.is_per_layer(expert_weights, lead, layer_axis=setup.config.layer_axis):
+        slots = state.slots_per_device if local else state.num_slots
+        return perlayer.step_leaves(expert_weights, state.num_layers, slots, mesh, setup)
+    leaves, treedef, specs = checks.weight_leaves(
+        expert_weights,
+        lead_shape=lead,
+        slot_axis=setup.config.slot_axis,
+        layer_axis=setup.config.layer_axis,
+        mesh=mesh,
+        axes=setup.config.axes,
+        local=local,
+    )
+    return leaves, treedef, specs, 0
 
 
 def _check_load_axes(state: EplbState, load_axes) -> tuple[str, ...]:
@@ -576,31 +581,18 @@ def eplb_step(
             f"num_devices = {state.num_devices}"
         )
     setup = _setup(state, checks.platform_of(mesh), layer_axis, slot_axis)
-    lead = _lead_shape(state, setup, local=False)
-    if perlayer.is_per_layer(expert_weights, lead, layer_axis=setup.config.layer_axis):
-        leaves, treedef, given, k = perlayer.step_leaves(
-            expert_weights, state.num_layers, state.num_slots, mesh, setup
-        )
-    else:
-        leaves, treedef, specs = checks.weight_leaves(
-            expert_weights,
-            lead_shape=lead,
-            slot_axis=setup.config.slot_axis,
-            layer_axis=setup.config.layer_axis,
-            mesh=mesh,
-            axes=setup.config.axes,
-        )
+    leaves, treedef, given, k = _step_leaves(state, expert_weights, setup, mesh=mesh)
+    if not k:
         given = checks.resolve_specs(  # None where unknown (traced, Auto mesh, not declared)
             expert_specs,
             leaves,
             treedef,
-            specs,
+            given,
             mesh=mesh,
             slot_axis=setup.config.slot_axis,
             layer_axis=setup.config.layer_axis,
             axes=setup.config.axes,
         )
-        k = 0
         transfer_api.check_movable(leaves, treedef, given, mesh, setup)
     program = programs.build(
         _global_body,
