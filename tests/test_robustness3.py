@@ -47,7 +47,7 @@ def test_x64_dispatch_range_checks_the_device_index_before_the_int32_cast():
     log2phy = jnp.array([[0, 2], [1, -1]], jnp.int32)
     logcnt = jnp.array([2, 1], jnp.int32)
     ids = jnp.zeros((16, 1), jnp.int32)
-    kw = dict(prefer_local=True, slots_per_device=2, num_devices=2)
+    kw = dict(replica_choice="local", slots_per_device=2, num_devices=2)
     with jax.enable_x64(True):
         f = jax.jit(lambda dev: jeplb.dispatch_layer(log2phy, logcnt, ids, device_index=dev, **kw))
         far = f(jnp.int64(2**32 + 1))[0]

@@ -637,7 +637,7 @@ def dispatch(
             device_index = lax.axis_index(state.config.transfer.axis_name)
         except NameError as err:
             raise ValueError(
-                f"device_index: prefer_local needs the token's device; pass device_index= or "
+                f"device_index: replica_choice='local' needs the token's device; pass device_index= or "
                 f"call inside jax.shard_map over the {state.config.transfer.axis_name!r} axis"
             ) from err
     topk_ids, token_index = _check_tokens(topk_ids, valid, token_index, state.num_experts)

@@ -209,7 +209,7 @@ def test_dispatch_prefers_a_local_replica(placed):
     ids, _ = routed(3, t=200)
     dev = np.arange(200) % D
     _, phys = dispatch(
-        placed, 2, jnp.asarray(ids), prefer_local=True, device_index=jnp.asarray(dev)
+        placed, 2, jnp.asarray(ids), replica_choice="local", device_index=jnp.asarray(dev)
     )
     phys = np.asarray(phys)
     p2l = np.asarray(placed.phy2log[2])
@@ -221,7 +221,7 @@ def test_dispatch_prefers_a_local_replica(placed):
             if local:
                 assert phys[t, k] in local
     # A scalar device index works too.
-    _, phys0 = dispatch(placed, 2, jnp.asarray(ids), prefer_local=True, device_index=0)
+    _, phys0 = dispatch(placed, 2, jnp.asarray(ids), replica_choice="local", device_index=0)
     local0 = np.isin(np.asarray(phys0), np.arange(n))
     holds0 = np.isin(ids, p2l[:n])
     np.testing.assert_array_equal(local0, holds0)
@@ -233,7 +233,7 @@ def test_dispatch_prefer_local_inside_shard_map_uses_the_axis_index(placed):
     ids, _ = routed(4, t=8 * 4)
 
     def body(s, ids):
-        after, phys = dispatch(s, 0, ids, prefer_local=True)
+        after, phys = dispatch(s, 0, ids, replica_choice="local")
         mine = after.pass_load - s.pass_load  # this device's counts
         return phys, s.record(mine, load_axes="ep")  # summed over the devices: replicated
 
@@ -243,7 +243,7 @@ def test_dispatch_prefer_local_inside_shard_map_uses_the_axis_index(placed):
         placed,
         0,
         jnp.asarray(ids),
-        prefer_local=True,
+        replica_choice="local",
         device_index=jnp.repeat(jnp.arange(8), 4),
         token_index=jnp.tile(jnp.arange(4), 8),
     )
@@ -277,7 +277,7 @@ def test_dispatch_out_of_range_ids(placed):
         (dict(valid=jnp.ones((4,), bool)), ValueError, r"valid: expected a bool mask of the tokens' shape \(3,\)"),
         (dict(token_index=jnp.arange(4)), ValueError, r"token_index: expected shape \(3,\)"),
         (dict(topk_ids=jnp.zeros((3, 2))), TypeError, r"topk_ids: expected an integer dtype"),
-        (dict(prefer_local=True), ValueError, r"device_index: prefer_local needs the token's device"),
+        (dict(replica_choice="local"), ValueError, r"device_index: replica_choice=.local. needs the token.s device"),
     ],
 )  # fmt: skip
 def test_dispatch_rejects_bad_arguments(placed, kwargs, error, match):
