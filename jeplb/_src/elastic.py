@@ -277,7 +277,7 @@ def recover_experts(
     # First, before any check that could fail on one process only: every process has the same maps
     # and options. The one gather of the call: the transfer below plans from values derived from
     # these, so it gathers nothing again.
-    from jeplb._src.transfer.api import _leaf_signature, rearrange_expert_weights
+    from jeplb._src.transfer.api import _leaf_signature
 
     axis_name = check_axis_name("axis_name", axis_name)  # a str, or a tuple of axes
     options = (axis_name, num_experts, num_groups, num_nodes, chunk_rows, _mesh_signature(mesh))
@@ -317,17 +317,9 @@ def recover_experts(
         return out, _recovery(plan, remote)
     staged = _survivors_on_new_mesh(leaves, plan, mesh, axis_name)
 
-    with _agree.already_agreed():
-        out, report = rearrange_expert_weights(
-            plan.staged,
-            plan.moves,
-            treedef.unflatten(staged),
-            mesh=mesh,
-            axis_name=axis_name,
-            chunk_rows=chunk_rows,
-            num_experts=plan.num_experts,
-            donate=True,
-        )
+    out, report = _move_survivors(
+        plan, slice(None), treedef.unflatten(staged), mesh, axis_name, chunk_rows
+    )
     out_leaves = treedef.flatten_up_to(out)
     if plan.lost_pairs:
         out_leaves = _write_loaded(out_leaves, leaves, treedef, plan, loader, mesh, axis_name)
@@ -576,27 +568,36 @@ def _drop_unit(sharding: NamedSharding):
     return jax.jit(lambda x: x[0], out_shardings=sharding, donate_argnums=0)
 
 
+def _move_survivors(plan, layers: slice, tree, mesh, axis_name, chunk_rows):
+    """The transfer of the surviving rows staged on the new mesh to the plan's slots, for the
+    plan's ``layers`` (the call already checked that every process agrees): (tree, report)."""
+    from jeplb._src.transfer.api import rearrange_expert_weights
+
+    with _agree.already_agreed():
+        return rearrange_expert_weights(
+            plan.staged[layers],
+            plan.moves[layers],
+            tree,
+            mesh=mesh,
+            axis_name=axis_name,
+            chunk_rows=chunk_rows,
+            num_experts=plan.num_experts,
+            donate=True,
+        )
+
+
 def _recover_layers(layers, loader, *, mesh, axis_name, plan, chunk_rows):
     """`recover_experts` for a sequence of L per-layer pytrees: one layer at a time, each through
     the same transfer program (one compilation for every layer), nothing stacked. Returns the
     new sequence and the transfer's remote rows per layer."""
-    from jeplb._src.transfer.api import rearrange_expert_weights
 
     out, remote = [], []
     for layer, tree in enumerate(layers):
         leaves, treedef = jax.tree_util.tree_flatten(tree)
         staged = _survivors_on_new_mesh(leaves, plan, mesh, axis_name, unit=True)
-        with _agree.already_agreed():
-            moved, report = rearrange_expert_weights(
-                plan.staged[layer : layer + 1],
-                plan.moves[layer : layer + 1],
-                treedef.unflatten(staged),
-                mesh=mesh,
-                axis_name=axis_name,
-                chunk_rows=chunk_rows,
-                num_experts=plan.num_experts,
-                donate=True,
-            )
+        moved, report = _move_survivors(
+            plan, slice(layer, layer + 1), treedef.unflatten(staged), mesh, axis_name, chunk_rows
+        )
         moved = treedef.flatten_up_to(moved)
         pairs = tuple((0, e) for lay, e in plan.lost_pairs if lay == layer)
         if pairs:
