@@ -79,7 +79,7 @@ def test_sizes_given_with_a_state_must_agree(tmp_path):
 @pytest.mark.parametrize(
     ("phy2log", "kwargs", "error", "message"),
     [
-        (MAP, dict(num_experts=4, num_devices=4), ValueError, "P = 6 slots per layer is not divis"),
+        (MAP, dict(num_experts=4, num_devices=4), ValueError, "P = 6 slots is not divisible by D"),
         (MAP, dict(num_experts=3, num_devices=3), ValueError, r"phy2log\[0, 3\] = 3: expected an"),
         (MAP, dict(num_experts=5, num_devices=3), ValueError, r"phy2log\[0\]: expert 4 has no"),
         (MAP[0], dict(num_experts=4, num_devices=3), ValueError, r"expected a map \[L, P\]"),
@@ -119,7 +119,7 @@ def _damaged(tmp_path, **changes):
         (dict(phy2log=[[0, 1, 2, 0, 0, 1], [3, 3, 2, 1, 0, -1]]), "expert 3 has no slot"),
         (dict(phy2log=[[0, 1, 2, 3, 0, 2**32 + 1]] * 2), "fits int32"),
         (dict(phy2log=[[0.5] * 6] * 2), "expected integer arrays"),
-        (dict(num_devices=4), "not divisible by num_devices = 4"),
+        (dict(num_devices=4), "phy2log: P = 6 slots is not divisible by D = 4 devices"),
     ],
 )
 def test_damaged_files_name_the_file_and_the_field(tmp_path, changes, message):

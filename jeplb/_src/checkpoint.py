@@ -42,7 +42,7 @@ import numpy as np
 
 from jeplb._src.config import EplbConfig
 from jeplb._src.counts import INT32_MAX
-from jeplb._src.maps import check_derived_maps, check_placement
+from jeplb._src.maps import check_derived_maps, check_phy2log
 from jeplb._src.validate import check_int
 from jeplb._src.window import check_window
 
@@ -317,7 +317,8 @@ def _check_values(arrays: dict[str, np.ndarray], num_layers: int, window_size: i
             raise ValueError(f"{name}: expected {what}, found {value}")
     num_experts = arrays["logcnt"].shape[1]
     for prefix in ("", "pending_"):
-        check_placement(arrays[prefix + "phy2log"], num_experts, prefix + "phy2log")
+        name = prefix + "phy2log"
+        check_phy2log(arrays[name], name=name, num_experts=num_experts, require_all=True)
         check_derived_maps(
             arrays[prefix + "phy2log"],
             arrays[prefix + "log2phy"],

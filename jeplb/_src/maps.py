@@ -18,7 +18,7 @@ import numpy as np
 
 from jeplb._src.validate import check_int
 
-__all__ = ["check_derived_maps", "check_phy2log", "check_placement", "maps_from_phy2log"]
+__all__ = ["check_derived_maps", "check_phy2log", "maps_from_phy2log"]
 
 _INT32_MAX = int(np.iinfo(np.int32).max)
 
@@ -244,18 +244,13 @@ def _check_in_old(rows: np.ndarray, old: np.ndarray, name: str, old_name: str, n
             )
 
 
-def check_placement(phy2log: np.ndarray, num_experts: int, name: str) -> None:
-    """`check_phy2log` of a complete placement [L, P] (kept for the saved-file decoder)."""
-    check_phy2log(phy2log, name=name, num_experts=num_experts, require_all=True)
-
-
 def check_derived_maps(
     phy2log: np.ndarray, log2phy: np.ndarray, logcnt: np.ndarray, *, prefix: str = ""
 ) -> None:
     """Concrete check that ``log2phy`` and ``logcnt`` describe exactly the slots of ``phy2log``.
 
     Args:
-      phy2log: int[L, P], already through `check_placement`.
+      phy2log: int[L, P], already through `check_phy2log` (``require_all=True``).
       log2phy: int[L, E, R_max].
       logcnt: int[L, E].
       prefix: prepended to the field names in messages (e.g. ``"pending_"``).

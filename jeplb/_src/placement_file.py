@@ -13,7 +13,7 @@ Format ``"jeplb.Placement"`` version 1, the same fields in both encodings:
   ``__header__``.
 
 Writing is atomic and reading checks everything, with the helpers of the saved-state file
-(`jeplb._src.checkpoint`). The concrete map checks are in `_check_map`, one place.
+(`jeplb._src.checkpoint`). Its map checks are `maps.check_phy2log`, as everywhere.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from jeplb._src import checkpoint, checks
-from jeplb._src.maps import check_placement
+from jeplb._src.maps import check_phy2log
 from jeplb._src.validate import check_int
 
 __all__ = ["FORMAT", "VERSION", "Placement", "read_placement", "write_placement"]
@@ -37,15 +37,11 @@ _SIZES = ("num_layers", "num_experts", "num_slots", "num_devices")
 
 
 def _check_map(phy2log: np.ndarray, num_experts: int, num_devices: int, name: str) -> None:
-    """The concrete checks of a placement: P divisible by D, ids in [-1, E), every expert in every
-    layer. The one place the map checks of this module live."""
-    num_slots = phy2log.shape[1]
-    if num_slots % num_devices:
-        raise ValueError(
-            f"{name}: P = {num_slots} slots per layer is not divisible by num_devices = "
-            f"{num_devices}; every device must hold P // D slots"
-        )
-    check_placement(phy2log, num_experts, name)
+    """The concrete checks of a placement (`maps.check_phy2log`, the library's one map check):
+    P divisible by D, ids in [-1, E), every expert in every layer."""
+    check_phy2log(
+        phy2log, name=name, num_experts=num_experts, num_devices=num_devices, require_all=True
+    )
 
 
 def _as_map(phy2log: Any, name: str) -> np.ndarray:
