@@ -33,6 +33,7 @@ import sys
 
 import jax
 
+import jeplb
 from jeplb.tools import bench_decode as bd
 from jeplb.tools.benchio import results_path, table, write_results
 
@@ -41,7 +42,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python benchmarks/bench_dispatch.py")
     parser.add_argument("--tiny", action="store_true", help="small shapes (CPU check)")
     parser.add_argument("--repeats", type=int, default=None, help="calls per program (100)")
-    parser.add_argument("--impl", choices=("scatter", "compare", "fused"), default="scatter")
+    parser.add_argument(
+        "--impl", choices=("scatter", "compare", "fused", "kernel"), default="scatter"
+    )
+    parser.add_argument(
+        "--command-buffers",
+        action="store_true",
+        help="compile every step with jeplb.compiler_options() (conditionals and loops in CUDA "
+        "graphs)",
+    )
     parser.add_argument("--layouts", default="unrolled,scanned")
     parser.add_argument("--variants", default=",".join(bd.VARIANTS))
     parser.add_argument("--out", default=None)
@@ -90,6 +99,7 @@ def main(argv=None) -> int:
         warmup=3,
         samples=5 if args.tiny else 20,
         progress=lambda m: print(m, flush=True),
+        compiler_options=jeplb.compiler_options() if args.command_buffers else None,
     )
     for r in rows:
         print(r, flush=True)
@@ -102,7 +112,8 @@ def main(argv=None) -> int:
     text = (
         f"# Dispatch and the idle step in a decode step ({device})\n\n"
         f"Command: `{command.strip()}`\n\n"
-        f"{case.name}, rows f32[{case.hidden}]; dispatch implementation: {args.impl}. Per step: "
+        f"{case.name}, rows f32[{case.hidden}]; dispatch implementation: {args.impl}"
+        f"{'; compiled with jeplb.compiler_options()' if args.command_buffers else ''}. Per step: "
         f"medians of {repeats} synchronised calls (`call_us`) and of bursts of 10 back-to-back "
         f"calls (`pipelined_us`), the programs interleaved; `over_plain_us`, `over_dispatch_us`: "
         f"differences of `call_us` in this run. Load average at the end: {bd.cpu_quiet()}.\n\n"

@@ -25,6 +25,7 @@ The public surface, by job:
 
 from jeplb._src.checks import UnshardedGuessWarning as UnshardedGuessWarning
 from jeplb._src.combine import combine_topk as combine_topk
+from jeplb._src.compile_options import compiler_options as compiler_options
 from jeplb._src.config import DispatchConfig as DispatchConfig
 from jeplb._src.config import EplbConfig as EplbConfig
 from jeplb._src.config import ScheduleConfig as ScheduleConfig
@@ -89,6 +90,7 @@ __all__ = [
     "UnshardedGuessWarning",
     "balancedness",
     "combine_topk",
+    "compiler_options",
     "device_loads",
     "dispatch",
     "dispatch_layer",

@@ -68,6 +68,9 @@ IDLE_BIG, IDLE_ONE = "dispatch + idle step W=1000", "dispatch + idle step W=1"
 # A diagnosis, not a usable step: the idle step traced with its conditional replaced by the idle
 # branch alone (what the conditional itself costs: on a GPU a device-to-host sync).
 IDLE_NO_COND = "dispatch + idle step W=1000, no conditional (diagnosis)"
+# The serving loop's recording half (`jeplb.end_pass`, no conditional; `jeplb.HostSchedule`
+# decides on the host when to plan and move), in place of the idle step.
+END_PASS = "dispatch + end_pass"
 VARIANTS = (PLAIN, DISPATCH, IDLE_BIG, IDLE_ONE)
 _IDLE = (IDLE_BIG, IDLE_ONE, IDLE_NO_COND)
 LAYOUTS = ("unrolled", "scanned")
@@ -128,6 +131,8 @@ def _maybe_idle_step(variant, state, w, mesh):
 
     import jeplb
 
+    if variant == END_PASS:
+        return jeplb.end_pass(state), w, None
     if variant not in _IDLE:
         return state, w, None
     from jeplb._src import step as step_lib
@@ -179,8 +184,9 @@ def _scanned(case: DecodeCase, variant: str, mesh):
     return step
 
 
-def build(case: DecodeCase, variant: str, layout: str, *, seed: int = 0):
-    """(jitted step, its first arguments) for one variant and layout on the first device."""
+def build(case: DecodeCase, variant: str, layout: str, *, seed: int = 0, compiler_options=None):
+    """(jitted step, its first arguments) for one variant and layout on the first device;
+    ``compiler_options`` go to `jax.jit` (e.g. `jeplb.compiler_options()`)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding
@@ -209,7 +215,7 @@ def build(case: DecodeCase, variant: str, layout: str, *, seed: int = 0):
     )
     acc = jax.device_put(rng.uniform(-1, 1, (case.tokens, case.hidden)).astype(np.float32), dev)
     body = (_unrolled if layout == "unrolled" else _scanned)(case, variant, mesh)
-    fn = jax.jit(body, donate_argnums=(0, 1, 2))
+    fn = jax.jit(body, donate_argnums=(0, 1, 2), compiler_options=compiler_options or None)
     del jnp
     return fn, (state, w, acc, ids0)
 
@@ -234,6 +240,7 @@ def measure(
     burst: int = 10,
     samples: int = 20,
     progress=None,
+    compiler_options=None,
 ) -> list[Timing]:
     """Medians per step of every (layout, variant), interleaved; see the module docstring."""
     import jax
@@ -242,7 +249,7 @@ def measure(
     for layout in layouts:
         for variant in variants:
             t0 = time.perf_counter()
-            fn, args = build(case, variant, layout)
+            fn, args = build(case, variant, layout, compiler_options=compiler_options)
             carry = list(args)
             for _ in range(warmup):
                 carry[:3] = fn(*carry)[:3]
