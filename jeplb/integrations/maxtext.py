@@ -31,12 +31,19 @@ Expert paths (``config.sparse_matmul``):
 * sparse (``sparse_matmul=True``): the layer runs MaxText's own `sparse_matmul` with P as the
   number of expert groups, dispatching inside MaxText's ``shard_map`` with global token indices
   (the same replicas as at global view). Only the ring of experts (``use_ring_of_experts=True``)
-  is supported. NNX variables cannot be written inside that ``shard_map``, so the counts (which
-  depend on the router's top-k only) are taken once at global view from the same logits.
-  MaxText's default sparse route is a ``ragged_all_to_all``, which XLA:CPU cannot compile; the
-  ring route runs on CPU. Outputs there are MaxText's sparse computation's (its unsort and
-  weighted sum over k); on XLA:CPU that computation differs from its dense path and depends on
-  the placement (docs/integration.md), so outputs are not stable across a rebalance there.
+  is supported, with MaxText's megablox kernel (``megablox=True``, or ``use_tokamax_gmm``) when
+  the expert axis is larger than 1. NNX variables cannot be written inside that ``shard_map``,
+  so the counts (which depend on the router's top-k only) are taken once at global view from the
+  same logits. MaxText's default sparse route is a ``ragged_all_to_all``, which XLA:CPU cannot
+  compile; the ring route runs on CPU. Outputs are MaxText's sparse computation's: each expert
+  shard adds the weighted outputs of its own slots per token and a reduce-scatter adds the
+  shards, so a rebalance that moves a token's experts to other shards regroups those K adds and
+  moves outputs by rounding (a few ulp; MaxText's own layer does the same when its experts are
+  laid out in another order), never more. The layer must run where MaxText runs its models:
+  inside ``nn.logical_axis_rules(config.logical_axis_rules)`` (and ``jax.set_mesh(mesh)``).
+  Without the rules MaxText's ``shard_map`` replicates the expert kernels and the ring computes
+  every token with other slots' experts too (MaxText's own `RoutedMoE` as well); the layer
+  refuses to run there.
 
 ``with use_in_maxtext(num_redundant_experts=R):`` around a model's construction makes MaxText's
 own models build `EplbRoutedMoE` where they build `RoutedMoE`.
@@ -118,8 +125,9 @@ class EplbRoutedMoE(_RoutedMoE):
     Raises:
       ValueError: a P that the expert axis does not divide, or a MaxText configuration the
         adapter does not cover (token dropping on the dense path, the sparse path without the
-        ring of experts, hash or random routing, the fused vLLM path, TE's MoE block, Gemma4's
-        per-expert scale), named by its config key.
+        ring of experts or, on an expert axis larger than 1, without megablox, hash or random
+        routing, the fused vLLM path, TE's MoE block, Gemma4's per-expert scale), named by its
+        config key.
     """
 
     def __init__(
@@ -151,6 +159,14 @@ class EplbRoutedMoE(_RoutedMoE):
             raise ValueError(
                 f"num_redundant_experts: P = num_experts + num_redundant_experts = {num_slots} "
                 f"must be divisible by the expert axis size {ep}"
+            )
+        if config.sparse_matmul and ep > 1 and not (config.megablox or config.use_tokamax_gmm):
+            raise ValueError(
+                f"config: EplbRoutedMoE does not support megablox=False with sparse_matmul=True "
+                f"on an expert axis of {ep}: MaxText's ring of experts hands jax.lax.ragged_dot "
+                f"the group sizes of all {num_slots} slots and the kernels of the "
+                f"{num_slots // ep} local ones; set megablox=True (its kernel takes the local "
+                f"groups)"
             )
         # MaxText's sparse path sorts and counts tokens by self.num_experts: there it stays P.
         self.num_experts = num_slots if config.sparse_matmul else num_experts
@@ -206,7 +222,12 @@ class EplbRoutedMoE(_RoutedMoE):
         The counts per logical expert depend only on the router's top-k, not on the replicas
         chosen, so they are counted here from the same logits MaxText routes inside its
         shard_map (a [T, E] top-k more; NNX variables cannot be written inside the shard_map).
+
+        Raises:
+          RuntimeError: called without MaxText's logical axis rules on an expert axis larger
+            than 1 (the expert kernels would be replicated inside MaxText's shard_map).
         """
+        _require_axis_rules(self.get_expert_parallelism_size())
         _, ids = _RoutedMoE.get_topk(
             self, gate_logits, pre_bias_logits, self.rngs, kwargs.get("input_ids"),
             kwargs.get("forced_routed_experts"),
@@ -334,6 +355,25 @@ def use_in_maxtext(*, num_redundant_experts: int):
         yield
     finally:
         _moe.RoutedMoE = previous
+
+
+def _require_axis_rules(expert_axis_size: int) -> None:
+    """The sparse path's shard_map takes its specs from MaxText's logical axis rules.
+
+    Without rules every spec is replicated: each expert shard gets all P kernels, while MaxText's
+    ring still rolls the slot ids by the shard's offset (its first local slot), so shard s runs
+    the tokens of slot p through the kernel of slot p - offset(s) (the right one on shard 0 only)
+    and the reduce-scatter adds those outputs over the shards. Refused rather than computed.
+    """
+    if expert_axis_size > 1 and not _moe.get_logical_axis_rules():
+        raise RuntimeError(
+            "EplbRoutedMoE: sparse_matmul=True on an expert axis of "
+            f"{expert_axis_size} needs MaxText's logical axis rules while the layer runs: call "
+            "the model inside nn.logical_axis_rules(config.logical_axis_rules) and "
+            "jax.set_mesh(mesh), as MaxText's own loops do (without them MaxText's shard_map "
+            "replicates the expert kernels and the ring of experts multiplies tokens with "
+            "other slots' experts)"
+        )
 
 
 def _names(axis) -> tuple:

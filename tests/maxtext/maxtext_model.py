@@ -1,11 +1,13 @@
 """A small MaxText model for the adapter's tests: MaxText 0.2.5's own config (base.yml through
 pyconfig), mesh (get_mesh_from_config: expert axis 8 on 8 CPU devices), logical sharding rules and
 NNX layer scan (param_scan_axis=1: expert parameters [P, L, ...]) around its RoutedMoE or the
-adapter's EplbRoutedMoE (P = 24 slots behind a 16-wide router).
+adapter's EplbRoutedMoE (P = 24 slots behind a 16-wide router). Forwards run in `rules`, the
+context MaxText's own loops run its models in.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -91,7 +93,30 @@ def build(cfg, mesh, redundant):
     return nnx.merge(graphdef, variables), shardings
 
 
-PATHS = {"dense": {}, "sparse": dict(sparse_matmul=True, use_ring_of_experts=True, megablox=False)}
+# MaxText's sparse path as XLA:CPU runs it: the ring of experts (its default ragged all-to-all does
+# not compile there) with its megablox kernel, interpreted off TPU (jax.lax.ragged_dot,
+# megablox=False, cannot take the local experts' kernels). The kernel's K and N tiles at the
+# test's H: MaxText's 1024-wide defaults make the interpreted kernel 100x slower here (1.4 s a
+# forward of this model against 0.01 s); the M tile at the 256 rows a shard routes (8 x 8 tokens,
+# top-4).
+_TILES = {f"{w}_tile_fwd_{d}": H for w in ("wi", "wo") for d in ("embed_dim", "mlp_dim")}
+_TILES |= {"wi_tile_fwd_batch_seq": 256, "wo_tile_fwd_batch_seq": 256}
+PATHS = {
+    "dense": {},
+    "sparse": dict(sparse_matmul=True, use_ring_of_experts=True, megablox=True, **_TILES),
+}
+
+
+@contextlib.contextmanager
+def rules(cfg, mesh):
+    """MaxText's mesh and logical axis rules, as its train and decode loops run a model.
+
+    The sparse path needs them: its shard_map takes its specs from the rules (without them
+    every expert kernel is replicated and the ring of experts computes with other shards'
+    experts; the adapter refuses that).
+    """
+    with jax.set_mesh(mesh), nn.logical_axis_rules(cfg.logical_axis_rules):
+        yield
 
 
 @functools.cache
