@@ -7,8 +7,7 @@ The public surface, by job:
   `SnakePolicy`, a `TransferConfig`, a `ScheduleConfig`, a `DispatchConfig`);
 * weight transfer: `rearrange_expert_weights`, `transfer_layer`, and its two stages
   `move_to_buffer` / `move_from_buffer` joined by `TransferMetadata`, all taking their static
-  options as one `TransferConfig` (or its fields as keywords); `UnshardedGuessWarning` (a traced
-  leaf's sharding was guessed: pass ``expert_specs=``);
+  options as one `TransferConfig` (or its fields as keywords);
 * placement files: `write_placement`, `read_placement` and `Placement` (just the placement,
   apart from the load statistics; ``jeplb plan`` writes one from a recorded load);
 * model integration: `EplbState`, `dispatch`, `dispatch_layer`, `eplb_step`, `eplb_step_local`,
@@ -23,7 +22,6 @@ The public surface, by job:
   `replica_scale` and `global_norm` (norms that count each logical expert once).
 """
 
-from jeplb._src.checks import UnshardedGuessWarning as UnshardedGuessWarning
 from jeplb._src.combine import combine_topk as combine_topk
 from jeplb._src.compile_options import compiler_options as compiler_options
 from jeplb._src.config import DispatchConfig as DispatchConfig
@@ -87,7 +85,6 @@ __all__ = [
     "TransferConfig",
     "TransferMetadata",
     "TransferReport",
-    "UnshardedGuessWarning",
     "balancedness",
     "combine_topk",
     "compiler_options",

@@ -292,9 +292,11 @@ def test_sync_under_jit_keeps_a_tensor_parallel_sharding(mesh_ep_tp):
     spec = P(None, "ep", None, "tp")
     host = np.random.default_rng(0).standard_normal((2, 8, 3, 4)).astype(np.float32)
     g = jax.device_put(host, NamedSharding(mesh, spec))
-    sync = jax.jit(lambda g, m: jeplb.sync_replica_grads(g, m, mesh=mesh))
-    with pytest.warns(jeplb.UnshardedGuessWarning, match=r"grads: traced on a mesh of Auto"):
-        out = sync(g, SYNC_MAP)  # the guessed spec: warned, and the sharding still kept
+    guess = jax.jit(lambda g, m: jeplb.sync_replica_grads(g, m, mesh=mesh))
+    with pytest.raises(ValueError, match=r"^grads: traced on a mesh of Auto axes.*expert_specs="):
+        guess(g, SYNC_MAP)  # undeclared: refused, not guessed
+    sync = jax.jit(lambda g, m: jeplb.sync_replica_grads(g, m, mesh=mesh, expert_specs=spec))
+    out = sync(g, SYNC_MAP)
     assert out.sharding.spec == spec  # was P(None, "ep"): the "tp" dim gathered
     np.testing.assert_array_equal(np.asarray(out), np_sync(host, SYNC_MAP))
 

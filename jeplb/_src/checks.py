@@ -3,9 +3,6 @@ what arrived, and runs before anything is computed or changed."""
 
 from __future__ import annotations
 
-import os
-import sys
-import warnings
 from typing import Any
 
 import jax
@@ -17,7 +14,6 @@ from jax.sharding import Mesh, NamedSharding
 from jeplb._src.transfer.layout import SUB_BYTE
 
 __all__ = [
-    "UnshardedGuessWarning",
     "axis_size",
     "bound_axis_size",
     "check_load",
@@ -532,7 +528,7 @@ def resolve_specs(
     of them mirroring the leaves (None entries: not declared). Under an outer `jax.jit` on a
     mesh of Auto axes a traced leaf does not say how its other dims are sharded; the declared
     spec says it, so the program runs manual over every axis the leaf uses and gathers nothing.
-    Where neither says and the mesh has other axes of size > 1, a warning names the leaves.
+    Where neither says and the mesh has other axes of size > 1, a ValueError names the leaves.
 
     Raises:
       TypeError: ``expert_specs`` entries that are not PartitionSpecs or NamedShardings.
@@ -557,7 +553,7 @@ def resolve_specs(
             problems.append((ValueError, f"{where} {why}"))
     _raise(problems)
     out = tuple(g if g is not None else d for g, d in zip(given, declared, strict=True))
-    _warn_guessed([paths[i] for i, s in enumerate(out) if s is None], mesh, axes, name)
+    _refuse_unknown([paths[i] for i, s in enumerate(out) if s is None], mesh, axes, name)
     return out
 
 
@@ -611,48 +607,22 @@ def _declared_problem(spec, leaf, mesh, slot_axis, layer_axis, axes) -> str | No
     return None if problem is None else f"is {problem}"
 
 
-def _warn_guessed(paths: list[str], mesh: Any, axes: tuple[str, ...], name: str) -> None:
-    """Warns when leaves of unknown sharding are assumed whole along mesh axes of size > 1."""
+def _refuse_unknown(paths: list[str], mesh: Any, axes: tuple[str, ...], name: str) -> None:
+    """Refuses leaves whose sharding is unknown (traced on Auto axes, not declared) where the mesh
+    has other axes of size > 1: over those a leaf may be sharded (tensor-parallel or
+    fully-sharded experts) or replicated (data-parallel), and a wrong guess makes the program
+    all-gather the leaf first (a temporary of the whole leaf)."""
     shape = dict(getattr(mesh, "shape", {}))
     others = sorted(a for a, n in shape.items() if a not in axes and n > 1)
     if not paths or not others:
         return
-    shown = ", ".join(f"{name}{p}" for p in paths[:4]) + (" ..." if len(paths) > 4 else "")
-    warnings.warn(
-        f"{shown}: traced on a mesh of Auto axes, so their sharding is unknown; assuming the "
-        f"slot dim over {expert_spec(axes)!r} and every other dim whole over {others}. If a "
-        f"leaf's other dims are sharded over {others} (tensor-parallel experts), the program "
-        f"all-gathers them first (temporary memory of the whole leaf). Pass "
-        f"expert_specs= (a PartitionSpec per leaf, e.g. PartitionSpec(None, "
-        f"{expert_spec(axes)!r}, None, {others[0]!r})) or use a mesh of Explicit axes",
-        UnshardedGuessWarning,
-        stacklevel=_outside_level(),
+    shown = ", ".join(f"{name}{p}" for p in paths)
+    slot = expert_spec(axes)
+    raise ValueError(
+        f"{shown}: traced on a mesh of Auto axes, so how their dims are sharded over "
+        f"{others} is unknown (sharded, as tensor-parallel experts are, or replicated, as over a "
+        f"data-parallel axis). Declare it with expert_specs= (one PartitionSpec for every leaf or "
+        f"a pytree of them), e.g. PartitionSpec(None, {slot!r}) for leaves [L, P, ...] replicated "
+        f"over {others} or PartitionSpec(None, {slot!r}, None, {others[0]!r}) for a last dim sharded "
+        f"over {others[0]!r}; or use a mesh of Explicit axes"
     )
-
-
-def _outside_level() -> int:
-    """The ``stacklevel`` of `_warn_guessed`'s warning that names the first frame outside this
-    package (the caller's line, whichever entry point it called)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    frame, level = sys._getframe(2), 2
-    while frame is not None and frame.f_code.co_filename.startswith(root):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-class UnshardedGuessWarning(UserWarning):
-    """A weight leaf's sharding was unknown and guessed: pass ``expert_specs=``.
-
-    Under an outer `jax.jit` on a mesh of Auto axes a traced leaf does not say how its dims are
-    sharded. `jeplb.rearrange_expert_weights`, `jeplb.transfer_layer`, `jeplb.eplb_step` and
-    `jeplb.sync_replica_grads` then assume the slot dim on the expert axis and every other dim
-    whole; when the mesh has other axes of size > 1 they warn with this category, because a leaf
-    whose other dims are sharded over them (tensor-parallel experts) is all-gathered first. The
-    guess is right for leaves replicated over the other axes (a data-parallel axis), so it is a
-    warning, not an error: declare the specs to silence it, or make it an error.
-
-    Example:
-      >>> import warnings, jeplb
-      >>> warnings.filterwarnings("error", category=jeplb.UnshardedGuessWarning)
-      >>> warnings.resetwarnings()
-    """

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jeplb
-from jeplb._src import checks, programs
+from jeplb._src import programs
 from tests.transfer_model import check_rows, compilations, make_plan
 
 # Declared or read specs never warn: a guess here would fail the test (pytest.warns still sees it).
@@ -82,15 +82,18 @@ def _plans(d=EP):
     return [make_plan(kind, seed, L, PT, 6, d) for kind, seed in (("random", 1), ("hotspot", 2))]
 
 
-def test_detector_sees_the_gather_of_a_guessed_spec():
-    # Without expert_specs a traced leaf on an Auto mesh is assumed whole over "tp": the program
-    # gathers it (what the checks below must never find), and a warning says what to pass.
+def test_detector_sees_the_gather_of_a_wrong_spec():
+    # A traced leaf on an Auto mesh declared whole over "tp" (what jeplb once guessed for an
+    # undeclared one, and now refuses to): the program gathers it, what the checks below must
+    # never find.
     mesh = _mesh()
     w = jax.device_put(jnp.zeros((L, PT, H, F)), NamedSharding(mesh, TP_SPEC))
     old, new = _plans()[0]
-    f = jax.jit(lambda o, n, w: jeplb.rearrange_expert_weights(o, n, w, mesh=mesh)[0])
-    with pytest.warns(checks.UnshardedGuessWarning, match=r"Pass expert_specs="):
-        compiled = f.lower(old, new, w).compile()
+    whole = P(None, "ep")
+    f = jax.jit(
+        lambda o, n, w: jeplb.rearrange_expert_weights(o, n, w, mesh=mesh, expert_specs=whole)[0]
+    )
+    compiled = f.lower(old, new, w).compile()
     assert any("all-gather" in line for line in big_collectives(compiled.as_text()))
     assert compiled.memory_analysis().temp_size_in_bytes > 2 * LOCAL_LAYER + TABLES
 
