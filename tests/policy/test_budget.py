@@ -140,22 +140,16 @@ def test_budget_binds_and_helps():
     assert (heaviest(phy2log, w1, devices) < heaviest(old, w1, devices)).any()
 
 
-def test_jit_eager_repeat_and_one_compilation():
-    _, num_slots, groups, nodes, devices = config = CONFIGS[0]
+def test_eager_repeat_and_one_compilation():
+    """Repeated eager calls give the same placement, and another budget reuses the compiled
+    program. (The policy under an outer jit, its load and old map tracers, gives the eager
+    placement: `test_eplb_step_moves_within_the_budget`, on this configuration. Op by op, under
+    disable_jit, the budget's walk takes tens of seconds: left out of the suite.)"""
+    config = CONFIGS[0]
     old, w1, _ = case(config, seed=9)
-    policy = DeepSeekPolicy(num_groups=groups, num_nodes=nodes, move_budget=1)
     eager = budgeted(config, w1, old, 1)[0]
     again = budgeted(config, w1, old, 1)[0]
-
-    @jax.jit
-    def place(load, o):  # the load and the old map are tracers here
-        return policy.place(load, num_slots=num_slots, num_devices=devices, old_phy2log=o)
-
-    # Eager calls run the policy's own compiled program on concrete values; under an outer jit
-    # the load and the map are tracers: the same placement. (Op by op, under disable_jit, the
-    # budget's walk takes tens of seconds: left out of the suite.)
-    traced = np.asarray(place(jnp.asarray(w1), jnp.asarray(old)))
-    assert (eager == again).all() and (eager == traced).all()
+    assert (eager == again).all()
     # The budget is traced: another budget reuses the compiled program.
     size = _rebalance_jit._cache_size()
     budgeted(config, w1, old, 2)
@@ -224,33 +218,38 @@ def test_budget_with_an_empty_old_slot():
 
 def test_eplb_step_moves_within_the_budget():
     """The budget reaches the rebalance step through the configuration: the step's placement is
-    the policy's, at most B rows cross devices per layer, and the weights follow the map."""
+    the policy's (traced there: the window's load and the old map are tracers of the jitted step)
+    and equals the eager placement bit for bit, at most B rows cross devices per layer, and the
+    weights follow the map. CONFIGS[0]'s shapes, so the eager placement reuses its program."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    num_layers, num_log, redundant, devices = 2, 8, 8, 8
+    num_log, num_slots, groups, nodes, devices = CONFIGS[0]
     mesh = jax.make_mesh((devices,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
-    state = jeplb.EplbState.create(
-        num_layers=num_layers,
+    old, w1, _ = case(CONFIGS[0], seed=0)  # the budget binds: 2 rows where 4 or 9 would move
+    state = jeplb.EplbState.from_placement(
+        old,
         num_experts=num_log,
         num_devices=devices,
-        num_redundant_experts=redundant,
+        num_groups=groups,
+        num_nodes=nodes,
         window_size=1,
         step_interval=1,
         move_budget=2,
     ).replicated(mesh)
     before = np.asarray(state.phy2log)
-    w = jnp.arange(num_layers * num_log, dtype=jnp.float32).reshape(num_layers, num_log, 1)
-    rows = jnp.arange(num_layers)[:, None]
+    w = jnp.arange(L * num_log, dtype=jnp.float32).reshape(L, num_log, 1)
+    rows = jnp.arange(L)[:, None]
     experts = jax.device_put(w[rows, state.phy2log], NamedSharding(mesh, P(None, "ep")))
-    load = jnp.asarray(np.tile((2.0 ** -np.arange(num_log) * 1000).astype(np.int32) + 1, (2, 1)))
+    load = w1.astype(np.int32)
     step = jax.jit(lambda s, x: jeplb.eplb_step(s, x, mesh=mesh))
-    state, experts, info = step(state.record(load), experts)
+    state, experts, info = step(state.record(jnp.asarray(load)), experts)
     assert bool(info.fired)
     after = np.asarray(state.phy2log)
-    expected = DeepSeekPolicy(move_budget=2).place(
-        state.window_load().astype(jnp.float32),
-        num_slots=num_log + redundant,
+    # Host arrays, as in the other tests of CONFIGS[0]: the same compiled program.
+    expected = DeepSeekPolicy(num_groups=groups, num_nodes=nodes, move_budget=2).place(
+        jnp.asarray(np.asarray(state.window_load(), np.float32)),
+        num_slots=num_slots,
         num_devices=devices,
         old_phy2log=jnp.asarray(before),
     )
