@@ -22,6 +22,7 @@ is the naive bound of the issue: twice the remote non-owner replica rows of the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -209,7 +210,9 @@ def _local_row(mesh, m, maps, layers, experts, slots, kib, dtype, impl) -> Local
     )
 
 
-def one_device(*, tiny: bool, kib: int | None = None) -> tuple[list[LocalRow], float]:
+def one_device(
+    *, tiny: bool, kib: int | None = None, tuning: str | None = None
+) -> tuple[list[LocalRow], float]:
     device = jax.devices()[0]
     mesh = Mesh(np.array([device]), ("ep",))
     layers, experts, slots = (2, 8, 12) if tiny else (4, 32, 40)
@@ -224,8 +227,13 @@ def one_device(*, tiny: bool, kib: int | None = None) -> tuple[list[LocalRow], f
     for kib in rows_kib:
         for dtype in (jnp.bfloat16, jnp.float32):
             # auto: the Pallas kernel on a GPU; loop: the XLA loop of gathers and scatters.
-            for impl in ("auto", "loop"):
-                out.append(_local_row(mesh, m, maps, layers, experts, slots, kib, dtype, impl))
+            for impl in ("auto", "loop") if not tuning else _tunings(tuning):
+                with _tuned(impl):
+                    row = _local_row(
+                        mesh, m, maps, layers, experts, slots, kib, dtype, impl.split(" ")[0]
+                    )
+                row.impl = impl
+                out.append(row)
                 out[-1].replica_rows = replica_rows
                 moved = 2 * replica_rows * kib * 1024
                 out[-1].tb_s = moved / (out[-1].ms / 1e3) / 1e12
@@ -234,11 +242,37 @@ def one_device(*, tiny: bool, kib: int | None = None) -> tuple[list[LocalRow], f
     return out, copy
 
 
+def _tunings(spec: str) -> list[str]:
+    """``--tuning "1x4,2x8"`` -> the kernel's (narrow block scale x warps) settings, as names."""
+    return [f"auto {t}" for t in spec.split(",")]
+
+
+@contextlib.contextmanager
+def _tuned(impl: str):
+    """The replica-sum kernel set to the name's tuning (``auto SxW``) while a case compiles."""
+    from jeplb._src.transfer import replica_sum
+
+    saved = replica_sum._NARROW_BLOCK_SCALE, replica_sum._NUM_WARPS
+    if " " in impl:
+        scale, warps = impl.split(" ")[1].split("x")
+        replica_sum._NARROW_BLOCK_SCALE, replica_sum._NUM_WARPS = int(scale), int(warps)
+    try:
+        yield
+    finally:
+        replica_sum._NARROW_BLOCK_SCALE, replica_sum._NUM_WARPS = saved
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python benchmarks/bench_grad_sync.py")
     parser.add_argument("--gpu", action="store_true", help="one device: the local sum")
     parser.add_argument("--tiny", action="store_true", help="small sizes (a CPU smoke test)")
     parser.add_argument("--kib", type=int, default=None, help="--gpu: one row size (KiB)")
+    parser.add_argument(
+        "--tuning",
+        default=None,
+        help='--gpu: kernel settings to compare instead of auto/loop, "SCALExWARPS,..." (block '
+        "scale of 2-byte rows x warps per program)",
+    )
     parser.add_argument("--out", default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -251,7 +285,7 @@ def main(argv=None) -> int:
         f"Command: `{command.strip()}`\n\njax {jax.__version__}, {jax.devices()[0].device_kind}\n\n"
     )
     if args.gpu:
-        rows, copy = one_device(tiny=args.tiny, kib=args.kib)
+        rows, copy = one_device(tiny=args.tiny, kib=args.kib, tuning=args.tuning)
         text = head + f"Copy bandwidth (read + write): {copy / 1e12:.3g} TB/s\n\n"
         text += table(rows, "Local sum: bytes = every replica row read once and written once")
         name = f"grad_sync_{platform}{'_tiny' if args.tiny else ''}.md"

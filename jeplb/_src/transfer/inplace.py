@@ -230,9 +230,11 @@ def layer_kernel_call(
     block: int,
     slot_major: bool,
     interpret: bool | None,
+    num_warps: int | None = None,
 ) -> jax.Array:
     """Runs ``kernel(*table_refs, _rows_in_ref, rows_out_ref)`` with one Pallas program per
-    (layer, block of ``block`` columns), in place on ``rows``.
+    (layer, block of ``block`` columns), in place on ``rows`` (``num_warps`` per program on a
+    GPU; None: Pallas's default).
 
     Args:
       kernel: the Pallas kernel; each program sees its layer as an [N, block] ref (N = rows of a
@@ -272,8 +274,15 @@ def layer_kernel_call(
         out_specs=layer_block,
         input_output_aliases={len(tables): 0},
         interpret=interpret,
+        **({} if interpret or num_warps is None else {"compiler_params": _warps(num_warps)}),
     )(*args)
     return out.reshape(rows.shape)
+
+
+def _warps(num_warps: int):
+    from jax.experimental.pallas import triton as plgpu
+
+    return plgpu.CompilerParams(num_warps=num_warps)
 
 
 def resolve_impl(impl: str, rows: jax.Array, platform: str) -> rows_lib.Mover | None:

@@ -26,6 +26,10 @@ __all__ = ["kernel_fits", "replica_groups", "sum_replicas"]
 # Dtypes the kernel adds: each pair is added in float32 and rounded once, which is the correctly
 # rounded sum in the narrow dtype (as XLA computes it).
 _KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
+# Rows of 2-byte dtypes: columns per program scaled by this (as many bytes per load as float32's)
+# and warps per program (None: Pallas's default); tuned on GPUs by bench_grad_sync --tuning.
+_NARROW_BLOCK_SCALE = 1
+_NUM_WARPS = None
 
 
 def replica_groups(
@@ -104,6 +108,9 @@ def sum_replicas(
     num_layers, num_slots = order.shape
     dtype, width = rows.dtype, rows.shape[1]
     block = inplace.direct_block(width, num_layers)
+    scale = _NARROW_BLOCK_SCALE if np.dtype(dtype).itemsize == 2 else 1
+    if width % (block * scale) == 0:
+        block *= scale
 
     def kernel(order_ref, first_ref, last_ref, cnt_ref, _in_ref, out_ref):
         base = pl.program_id(0) * num_slots
@@ -140,4 +147,5 @@ def sum_replicas(
         block=block,
         slot_major=slot_major,
         interpret=interpret,
+        num_warps=_NUM_WARPS,
     )
