@@ -14,12 +14,15 @@ rows of counters, summed), ``compare`` (a compare-sum) or ``fused`` (the Pallas 
 and counts, its programs' rows summed by XLA). ``--diagnose`` adds the idle step traced without
 its conditional (not a usable step: what the conditional costs). ``--hlo DIR`` writes what one
 layer's dispatch launches (the compiled entry computation) and the idle step's compiled HLO.
+``--command-buffers`` adds ``--xla_gpu_enable_command_buffer=+CONDITIONAL,+WHILE`` to XLA_FLAGS
+before the backend starts (on a GPU the conditional's predicate then stays on the device).
 ``--tiny`` runs small shapes (a quick check on a CPU). ``--balanced`` adds the variant
 ``dispatch balanced`` (`jeplb.dispatch` with ``replica_choice="balanced"``; its cost over
 ``dispatch`` is ``over_dispatch_us``) and lists its launches too.
 
 Usage (from the repository root):
     python benchmarks/bench_dispatch.py [--tiny] [--repeats N] [--impl {scatter,compare,fused}]
+        [--command-buffers]
         [--layouts unrolled,scanned] [--variants V,...] [--balanced] [--diagnose] [--out PATH]
         [--json PATH] [--hlo DIR]
 """
@@ -33,23 +36,22 @@ import sys
 
 import jax
 
-import jeplb
 from jeplb.tools import bench_decode as bd
 from jeplb.tools.benchio import results_path, table, write_results
+
+COMMAND_BUFFERS = "--xla_gpu_enable_command_buffer=+CONDITIONAL,+WHILE"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python benchmarks/bench_dispatch.py")
     parser.add_argument("--tiny", action="store_true", help="small shapes (CPU check)")
     parser.add_argument("--repeats", type=int, default=None, help="calls per program (100)")
-    parser.add_argument(
-        "--impl", choices=("scatter", "compare", "fused", "kernel"), default="scatter"
-    )
+    parser.add_argument("--impl", choices=("scatter", "compare", "fused"), default="scatter")
     parser.add_argument(
         "--command-buffers",
         action="store_true",
-        help="compile every step with jeplb.compiler_options() (conditionals and loops in CUDA "
-        "graphs)",
+        help="run with XLA_FLAGS+=--xla_gpu_enable_command_buffer=+CONDITIONAL,+WHILE "
+        "(conditionals and loops inside CUDA graphs; set before the backend starts)",
     )
     parser.add_argument("--layouts", default="unrolled,scanned")
     parser.add_argument("--variants", default=",".join(bd.VARIANTS))
@@ -70,6 +72,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     given = sys.argv[1:] if argv is None else list(argv)
     command = "python benchmarks/bench_dispatch.py " + " ".join(given)
+    if args.command_buffers:  # read when the backend starts, which nothing above has done
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + COMMAND_BUFFERS).strip()
     from jeplb._src import dispatch as _dispatch
 
     if hasattr(_dispatch, "_IMPL"):
@@ -99,7 +103,6 @@ def main(argv=None) -> int:
         warmup=3,
         samples=5 if args.tiny else 20,
         progress=lambda m: print(m, flush=True),
-        compiler_options=jeplb.compiler_options() if args.command_buffers else None,
     )
     for r in rows:
         print(r, flush=True)
@@ -113,7 +116,7 @@ def main(argv=None) -> int:
         f"# Dispatch and the idle step in a decode step ({device})\n\n"
         f"Command: `{command.strip()}`\n\n"
         f"{case.name}, rows f32[{case.hidden}]; dispatch implementation: {args.impl}"
-        f"{'; compiled with jeplb.compiler_options()' if args.command_buffers else ''}. Per step: "
+        f"{'; XLA_FLAGS ' + COMMAND_BUFFERS if args.command_buffers else ''}. Per step: "
         f"medians of {repeats} synchronised calls (`call_us`) and of bursts of 10 back-to-back "
         f"calls (`pipelined_us`), the programs interleaved; `over_plain_us`, `over_dispatch_us`: "
         f"differences of `call_us` in this run. Load average at the end: {bd.cpu_quiet()}.\n\n"

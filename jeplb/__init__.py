@@ -23,7 +23,6 @@ The public surface, by job:
 """
 
 from jeplb._src.combine import combine_topk as combine_topk
-from jeplb._src.compile_options import compiler_options as compiler_options
 from jeplb._src.config import DispatchConfig as DispatchConfig
 from jeplb._src.config import EplbConfig as EplbConfig
 from jeplb._src.config import ScheduleConfig as ScheduleConfig
@@ -87,7 +86,6 @@ __all__ = [
     "TransferReport",
     "balancedness",
     "combine_topk",
-    "compiler_options",
     "device_loads",
     "dispatch",
     "dispatch_layer",

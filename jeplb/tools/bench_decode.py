@@ -215,7 +215,7 @@ def build(case: DecodeCase, variant: str, layout: str, *, seed: int = 0, compile
     )
     acc = jax.device_put(rng.uniform(-1, 1, (case.tokens, case.hidden)).astype(np.float32), dev)
     body = (_unrolled if layout == "unrolled" else _scanned)(case, variant, mesh)
-    fn = jax.jit(body, donate_argnums=(0, 1, 2), compiler_options=compiler_options or None)
+    fn = jax.jit(body, donate_argnums=(0, 1, 2))
     del jnp
     return fn, (state, w, acc, ids0)
 
@@ -240,7 +240,6 @@ def measure(
     burst: int = 10,
     samples: int = 20,
     progress=None,
-    compiler_options=None,
 ) -> list[Timing]:
     """Medians per step of every (layout, variant), interleaved; see the module docstring."""
     import jax
@@ -249,7 +248,7 @@ def measure(
     for layout in layouts:
         for variant in variants:
             t0 = time.perf_counter()
-            fn, args = build(case, variant, layout, compiler_options=compiler_options)
+            fn, args = build(case, variant, layout)
             carry = list(args)
             for _ in range(warmup):
                 carry[:3] = fn(*carry)[:3]
