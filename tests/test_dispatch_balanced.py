@@ -213,3 +213,22 @@ def test_prefer_local_is_the_deprecated_spelling_of_local(state):
         dispatch_layer(state.log2phy[0], state.logcnt[0], ids, replica_choice="balanced")
     with pytest.raises(TypeError, match="token_axes: expected a mesh axis name"):
         dispatch(state, 0, ids, replica_choice="balanced", token_axes=3)
+
+
+@pytest.mark.parametrize("n, groups", [(1, 3), (127, 2), (300, 17), (2048, 513)])
+def test_blocked_ranks_equal_the_sorted_ones(n, groups):
+    """Off the CPU the ranks come from per-block counts and an in-block compare instead of a
+    sort (`_ranks_blocked`); run here directly, they equal the sort's (`_ranks_sorted`) on skewed
+    and uniform keys, for a count that is not a multiple of the block and one that is."""
+    from jeplb._src import dispatch as dispatch_lib
+
+    rng = np.random.default_rng(n)
+    for key in (
+        rng.integers(0, groups, n),
+        np.minimum(rng.zipf(1.3, n) - 1, groups - 1),  # most entries in a few groups
+    ):
+        key = jnp.asarray(key, jnp.int32)
+        want = jax.jit(lambda k: dispatch_lib._ranks_sorted(k, groups=groups))(key)
+        got = jax.jit(lambda k: dispatch_lib._ranks_blocked(k, groups=groups))(key)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))

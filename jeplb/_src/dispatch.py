@@ -238,25 +238,18 @@ def _check_token_axes(token_axes: Any) -> tuple[str, ...] | None:
 def _ranks(key: jax.Array, groups: int, token_axes):
     """Each entry's rank among the entries of its group (flat order), and the groups' sizes.
 
-    ``key`` int32[n] in [0, groups). A sort by (key, position) gives each entry's position among
-    its group (position in the sorted order minus the group's start); the pair is packed into one
-    int32 when it fits (a one-operand sort costs a fraction of a two-operand one on the CPU, and
-    is a radix sort on GPUs). With ``token_axes`` (inside
-    `jax.shard_map`, tokens split over those axes in blocks) the ranks and sizes are global: the
-    per-device sizes are gathered, and the devices before this one add their sizes.
+    ``key`` int32[n] in [0, groups). On the CPU `_ranks_sorted`, elsewhere `_ranks_blocked` (no
+    sort: a GPU's radix sort is many kernels); both give the same ranks. With ``token_axes``
+    (inside `jax.shard_map`, tokens split over those axes in blocks) the ranks and sizes are
+    global: the per-device sizes are gathered, and the devices before this one add their sizes.
 
     Returns: ``(rank int32[n], sizes int32[groups])``.
     """
-    n = key.shape[0]
-    pos = lax.iota(jnp.int32, n)
-    if groups * n < 2**31:  # one int32 key (group, position): a plain sort, radix on GPUs
-        packed = lax.sort(key * n + pos)
-        sorted_key, order = packed // n, packed % n
-    else:
-        sorted_key, order = lax.sort((key, pos), num_keys=1, is_stable=True)
-    sizes = jnp.zeros((groups,), jnp.int32).at[key].add(1)
-    start = jnp.cumsum(sizes) - sizes
-    rank = jnp.zeros((n,), jnp.int32).at[order].set(pos - start[sorted_key], unique_indices=True)
+    rank, sizes = lax.platform_dependent(
+        key,
+        cpu=functools.partial(_ranks_sorted, groups=groups),
+        default=functools.partial(_ranks_blocked, groups=groups),
+    )
     if token_axes is not None:
         every = lax.all_gather(sizes, token_axes)  # [devices on token_axes, groups]
         me = lax.axis_index(token_axes)
@@ -266,6 +259,45 @@ def _ranks(key: jax.Array, groups: int, token_axes):
         rank = rank + before[key]
         sizes = jnp.sum(every, 0, dtype=jnp.int32)
     return rank, sizes
+
+
+def _ranks_sorted(key: jax.Array, *, groups: int):
+    """`_ranks` by a sort by (key, position): an entry's place in the sorted order minus its
+    group's start. The pair is packed into one int32 when it fits (a one-operand sort costs a
+    fraction of a two-operand one on the CPU)."""
+    n = key.shape[0]
+    pos = lax.iota(jnp.int32, n)
+    if groups * n < 2**31:
+        packed = lax.sort(key * n + pos)
+        sorted_key, order = packed // n, packed % n
+    else:
+        sorted_key, order = lax.sort((key, pos), num_keys=1, is_stable=True)
+    sizes = jnp.zeros((groups,), jnp.int32).at[key].add(1)
+    start = jnp.cumsum(sizes) - sizes
+    rank = jnp.zeros((n,), jnp.int32).at[order].set(pos - start[sorted_key], unique_indices=True)
+    return rank, sizes
+
+
+# Entries per block of `_ranks_blocked` (its in-block compare is [n / block, block, block]).
+_RANK_BLOCK = 128
+
+
+def _ranks_blocked(key: jax.Array, *, groups: int):
+    """`_ranks` without a sort: the entries split into blocks of ``_RANK_BLOCK``; an entry's rank
+    is its group's count in the blocks before (per-block counts, summed over earlier blocks) plus
+    the earlier entries of its own block with its key (one compare-and-sum)."""
+    n = key.shape[0]
+    block = min(_RANK_BLOCK, max(n, 1))
+    padded = jnp.pad(key, (0, (-n) % block), constant_values=groups)  # pads: a group of their own
+    blocks = padded.reshape(-1, block)  # [B, S]
+    lower = lax.iota(jnp.int32, block)[None, :] < lax.iota(jnp.int32, block)[:, None]  # j < i
+    same = blocks[:, :, None] == blocks[:, None, :]
+    inside = jnp.sum(same & lower[None], axis=-1, dtype=jnp.int32)  # [B, S]
+    rows = lax.iota(jnp.int32, blocks.shape[0])[:, None]
+    counts = jnp.zeros((blocks.shape[0], groups + 1), jnp.int32).at[rows, blocks].add(1)
+    before = jnp.cumsum(counts, axis=0, dtype=jnp.int32) - counts  # [B, groups + 1]
+    rank = inside + jnp.take_along_axis(before, blocks, axis=1)
+    return rank.reshape(-1)[:n], jnp.sum(counts, axis=0, dtype=jnp.int32)[:groups]
 
 
 def _replica_order(log2phy, logcnt, share, num_devices, n_local):
