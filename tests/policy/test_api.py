@@ -324,7 +324,7 @@ def test_migration_with_empty_slots_and_duplicates():
 def test_preserve_slots(devices, slots, old, new):
     o = jnp.array([old], jnp.int32).reshape(1, devices, slots)
     n = jnp.array([new], jnp.int32).reshape(1, devices, slots)
-    post = np.asarray(preserve_slots(n, o)).reshape(1, -1)
+    post = np.asarray(jax.jit(preserve_slots)(n, o)).reshape(1, -1)  # as the policy runs it
     assert post.shape == (1, devices * slots)
     kept_slots_ok(np.array([old]), post, devices)
     for g in range(devices):
@@ -560,12 +560,18 @@ def test_held_bits_read_back(width):
 
     rng = np.random.default_rng(width)
     flags = rng.random((3, 5, width)) < 0.5
-    words = refine._bit_words(jnp.asarray(flags))
-    assert words.shape == (3, 5, -(-width // 32))
     g = rng.integers(0, width, (3, 5)).astype(np.int32)
+
+    @jax.jit  # as the policy runs them: one program, not an eager program per op
+    def read(flags, g):
+        words = refine._bit_words(flags)
+        every = refine._bit(words[:, :, None, :], jnp.arange(width, dtype=jnp.int32))
+        return words, refine._bit(words, g), every
+
+    words, got, every = read(jnp.asarray(flags), jnp.asarray(g))
+    assert words.shape == (3, 5, -(-width // 32))
     one = np.take_along_axis(flags, g[..., None], 2)[..., 0]
-    assert (np.asarray(refine._bit(words, jnp.asarray(g))) == one).all()
-    every = refine._bit(words[:, :, None, :], jnp.arange(width, dtype=jnp.int32))
+    assert (np.asarray(got) == one).all()
     assert (np.asarray(every) == flags).all()
 
 
@@ -576,7 +582,7 @@ def test_descending_order_is_a_stable_sort_with_ties(n):
     x = np.random.default_rng(n).integers(0, 4, size=(8, n)).astype(np.float32)
     x[1] = np.inf
     x[2, ::2] = -0.0  # equal to +0: increasing index
-    order = np.asarray(descending_order(jnp.asarray(x)))
+    order = np.asarray(jax.jit(descending_order)(jnp.asarray(x)))  # as the policy runs it
     assert (order == np.argsort(-x, axis=1, kind="stable")).all()
 
 
