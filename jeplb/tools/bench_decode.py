@@ -184,9 +184,8 @@ def _scanned(case: DecodeCase, variant: str, mesh):
     return step
 
 
-def build(case: DecodeCase, variant: str, layout: str, *, seed: int = 0, compiler_options=None):
-    """(jitted step, its first arguments) for one variant and layout on the first device;
-    ``compiler_options`` go to `jax.jit` (e.g. `jeplb.compiler_options()`)."""
+def build(case: DecodeCase, variant: str, layout: str, *, seed: int = 0):
+    """(jitted step, its first arguments) for one variant and layout on the first device."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding
