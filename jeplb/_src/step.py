@@ -544,8 +544,10 @@ def eplb_step(
       slot_axis: the leaves' slot dim (1 or 0; default ``state.config.transfer.slot_axis``).
       expert_specs: the leaves' PartitionSpecs (one for all, or a pytree of them mirroring
         ``expert_weights``), for leaves traced on a mesh of Auto axes, whose sharding is
-        unknown: as `jeplb.rearrange_expert_weights`'s. Pass it when the experts' own dims are
-        sharded (e.g. ``PartitionSpec(None, "ep", None, "tp")``), so nothing is gathered.
+        unknown: as `jeplb.rearrange_expert_weights`'s. Needed there when the mesh has other
+        axes of size > 1 (e.g. ``PartitionSpec(None, "ep", None, "tp")`` for tensor-parallel
+        experts, ``PartitionSpec(None, "ep")`` for leaves replicated over them): undeclared
+        leaves are refused, not guessed.
 
     Returns:
       ``(state, expert_weights, info)``: the new state, the weights (same structure, shapes,

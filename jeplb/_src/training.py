@@ -595,8 +595,9 @@ def sync_replica_grads(
       slot_axis: the leaves' slot dim (1 or 0).
       expert_specs: the leaves' PartitionSpecs (one for all, or a pytree of them mirroring
         ``grads``), for leaves traced on a mesh of Auto axes, whose sharding is unknown: as
-        `jeplb.rearrange_expert_weights`'s (e.g. ``PartitionSpec(None, "ep", None, "tp")``
-        for tensor-parallel experts, so nothing is gathered).
+        `jeplb.rearrange_expert_weights`'s (needed there when the mesh has other axes of size
+        > 1, e.g. ``PartitionSpec(None, "ep", None, "tp")`` for tensor-parallel experts;
+        undeclared leaves are refused, not guessed).
 
     Returns:
       The summed gradients: same structure, shapes, dtypes and shardings.

@@ -340,11 +340,11 @@ def rearrange_expert_weights(
       expert_specs: how the leaves are sharded, where they cannot say it themselves: a
         `jax.sharding.PartitionSpec` for every leaf, or a pytree of them mirroring
         ``expert_weights`` (None entries: not declared). Under an outer `jax.jit` on a mesh of
-        Auto axes a traced leaf's sharding is unknown; without a declared spec its slot dim is
-        assumed on ``axis_name`` and its other dims whole, so leaves sharded over other axes
-        (tensor-parallel experts, e.g. ``PartitionSpec(None, "ep", None, "tp")``) would be
-        gathered first, and a warning says so. Concrete leaves, and traced ones on a mesh of
-        Explicit axes, carry their sharding: a declared spec must match it.
+        Auto axes a traced leaf's sharding is unknown: where the mesh has other axes of size
+        > 1, an undeclared leaf is refused (a ValueError naming it and what to pass, e.g.
+        ``PartitionSpec(None, "ep")`` replicated or ``PartitionSpec(None, "ep", None, "tp")``
+        for tensor-parallel experts) rather than guessed. Concrete leaves, and traced ones on
+        a mesh of Explicit axes, carry their sharding: a declared spec must match it.
       **options: any `jeplb.TransferConfig` field as a shorthand, overriding ``config``'s:
         ``axis_name`` (the expert-parallel mesh axis, or a tuple of axes; D = the product of
         sizes), ``layer_axis`` / ``slot_axis`` (the leaves' layer and slot dims, 0 or 1),
