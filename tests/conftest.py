@@ -49,29 +49,7 @@ def pytest_configure(config):
     )
 
 
-# The files that take longest (tens of seconds each, mostly compilation), longest first. They are
-# collected first, so that `pytest -n 2 --dist loadfile` hands them out at the start and the short
-# files fill in around them, instead of one of them running alone at the end.
-SLOW_FIRST = (
-    "tests/test_multiprocess.py",
-    "tests/policy/test_api.py",
-    "tests/policy/test_budget.py",
-    "tests/examples/test_moe.py",
-    "tests/examples/test_training.py",
-    "tests/training/test_training.py",
-    "tests/tools/test_cli.py",
-    "tests/test_perlayer.py",
-    "tests/test_step.py",
-)
-
-
-def _slow_rank(item) -> int:
-    path = item.nodeid.split("::", 1)[0]
-    return SLOW_FIRST.index(path) if path in SLOW_FIRST else len(SLOW_FIRST)
-
-
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=_slow_rank)  # stable: the order inside a file, and among the rest, is kept
     # With a GPU the default backend is the GPU: tests that build an n-device mesh on it skip when
     # it has fewer devices, and the device-independent ones still run there.
     have = jax.device_count()
