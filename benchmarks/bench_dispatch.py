@@ -50,8 +50,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--command-buffers",
         action="store_true",
-        help="run with XLA_FLAGS+=--xla_gpu_enable_command_buffer=+CONDITIONAL,+WHILE "
-        "(conditionals and loops inside CUDA graphs; set before the backend starts)",
+        help=f"add {COMMAND_BUFFERS} to XLA_FLAGS (conditionals and loops inside CUDA graphs; "
+        "set before the backend starts)",
     )
     parser.add_argument("--layouts", default="unrolled,scanned")
     parser.add_argument("--variants", default=",".join(bd.VARIANTS))
