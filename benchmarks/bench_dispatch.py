@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     per_layer = {
         f"{r.layout} {r.variant}": r.over_plain_us / case.layers
         for r in rows
-        if r.variant in (bd.DISPATCH, bd.BALANCED)
+        if r.variant in (bd.DISPATCH, bd.ONCE, bd.BALANCED)
     }
     platform = jax.devices()[0].platform
     text = (

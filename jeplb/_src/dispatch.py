@@ -3,10 +3,16 @@
 Call it once per MoE layer, between the router's top-k and the expert computation. Two forms:
 
 * `dispatch(state, layer, topk_ids)`: slices the layer's maps from an `EplbState` and returns the
-  state (first) with the counts added to ``state.pass_load[layer]`` (Python loops over layers, Flax NNX modules).
+  state (first) with the counts added to ``state.pass_load[layer]`` (Python loops over layers,
+  Flax NNX modules).
 * `dispatch_layer(log2phy, logcnt, topk_ids)`: takes one layer's map slices and returns the counts
   ([E]); inside a `jax.lax.scan` over layers, scan the slices and stack the counts into [L, E], then
   add them with `EplbState.record`.
+
+Counted once per step: ``dispatch(..., record=False)`` only maps; the model keeps each layer's
+ids (stacked [L, T, K], or a scan's outputs) and `EplbState.record_ids` counts every layer at once
+after the forward. Same ``pass_load``; on a GPU the per-layer counting kernels go (see
+docs/performance.md).
 
 Replica choice (``replica_choice``, default the state's ``config.dispatch.replica_choice``):
 
@@ -52,6 +58,7 @@ import numpy as np
 from jax import lax
 
 from jeplb._src import checks
+from jeplb._src import counts as counts_lib
 from jeplb._src.config import REPLICA_CHOICES
 from jeplb._src.state import EplbState, check_layer
 from jeplb._src.transfer import rows as rows_lib
@@ -67,22 +74,6 @@ def _mix32(x: jax.Array) -> jax.Array:
     x = x ^ (x >> 15)
     x = x * jnp.uint32(0x846CA68B)
     return x ^ (x >> 16)
-
-
-def _check_ids(topk_ids: Any, valid: Any, num_experts: int) -> None:
-    """Raises for the first out-of-range id of a valid token (concrete values only)."""
-    if not (checks.is_concrete(topk_ids) and (valid is None or checks.is_concrete(valid))):
-        return
-    ids = np.asarray(topk_ids)
-    bad = (ids < 0) | (ids >= num_experts)
-    if valid is not None:
-        bad &= np.asarray(valid, bool)[..., None]
-    if bad.any():
-        where = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(
-            f"topk_ids{list(where)} = {int(ids[where])}: expected logical expert ids in "
-            f"[0, num_experts = {num_experts}); mask tokens without an expert with valid="
-        )
 
 
 def _local_tables(log2phy: jax.Array, logcnt: jax.Array, num_devices: int, n_local: int):
@@ -167,7 +158,7 @@ def _check_tokens(topk_ids, valid, token_index, num_experts: int):
                 f"token_index: expected shape {batch} (topk_ids without its K axis), got "
                 f"{tuple(token_index.shape)}"
             )
-    _check_ids(topk_ids, valid, num_experts)
+    counts_lib.check_ids(topk_ids, valid, num_experts)
     return topk_ids, token_index
 
 
@@ -461,8 +452,8 @@ def _dispatch_checked(
     return phys, counts
 
 
-# How the counts are made on accelerators: "scatter" (`_count_blocked`, the default), "compare"
-# (`_count_compare`) or "fused" (`_map_and_count_fused`: the map and the counts by a Pallas kernel,
+# How the counts are made on accelerators: "scatter" (`counts.count_ids`' blocked rows, the
+# default), "compare" (its compare-sum) or "fused" (`_map_and_count_fused`: the map and the counts by a Pallas kernel,
 # when the default backend is a GPU and the ids fit it). On an H100, inside a 58-layer decode
 # step, the scatter costs least (benchmarks/results/dispatch_h100.md); the others stay for the
 # benchmark's comparisons (benchmarks/bench_dispatch.py --impl).
@@ -564,45 +555,9 @@ def _map_and_count_fused(log2phy, logcnt, ids, valid, token_index, *, k, interpr
     return phys.reshape(ids.shape), counts[:num_experts]
 
 
-# Rows of per-block counts on accelerators: 256 blocks spread the scatter's atomic adds over
-# 256 x E counters (one counter per expert took 35 us per layer for 16384 x 8 ids on an H200,
-# 256 blocks about 1 us above the loop's own cost).
-_COUNT_BLOCKS = 256
-
-
 def _count(ids: jax.Array, num_experts: int) -> jax.Array:
-    """int32[E] occurrences of each id in ``ids`` (int32[n], ids in [0, E]; E is dropped): on
-    the CPU `_count_flat`, elsewhere `_count_blocked`. Both exact (integer adds)."""
-    if ids.shape[0] == 0:
-        return jnp.zeros((num_experts,), jnp.int32)
-    other = _count_compare if _IMPL == "compare" else _count_blocked
-    return lax.platform_dependent(
-        ids,
-        cpu=functools.partial(_count_flat, num_experts=num_experts),
-        default=functools.partial(other, num_experts=num_experts),
-    )
-
-
-def _count_compare(ids: jax.Array, *, num_experts: int) -> jax.Array:
-    """One reduction over the ids of their compare with every expert (a column reduction)."""
-    hit = ids[:, None] == jnp.arange(num_experts, dtype=jnp.int32)[None, :]
-    return jnp.sum(hit, axis=0, dtype=jnp.int32)
-
-
-def _count_flat(ids: jax.Array, *, num_experts: int) -> jax.Array:
-    """One scatter-add into E counters."""
-    return jnp.zeros((num_experts,), jnp.int32).at[ids].add(1, mode="drop")
-
-
-def _count_blocked(ids: jax.Array, *, num_experts: int) -> jax.Array:
-    """A scatter-add into ``_COUNT_BLOCKS`` rows of E counters (one row per block of ids), then
-    the rows' sum: fewer adds contend for one counter."""
-    n = ids.shape[0]
-    blocks = min(_COUNT_BLOCKS, n)
-    grid = jnp.pad(ids, (0, (-n) % blocks), constant_values=num_experts).reshape(blocks, -1)
-    rows = jnp.arange(blocks, dtype=jnp.int32)[:, None]
-    per_block = jnp.zeros((blocks, num_experts), jnp.int32).at[rows, grid].add(1, mode="drop")
-    return per_block.sum(0, dtype=jnp.int32)
+    """int32[E] occurrences of each id in ``ids`` (int32[n], ids in [0, E]; E is dropped)."""
+    return counts_lib.count_ids(ids[None], num_experts, compare=_IMPL == "compare")[0]
 
 
 def dispatch(
@@ -616,6 +571,7 @@ def dispatch(
     prefer_local: bool = False,
     device_index: Any = None,
     token_axes: str | tuple[str, ...] | None = None,
+    record: bool = True,
 ) -> tuple[EplbState, jax.Array]:
     """Maps a layer's top-k logical ids to physical slots and records the load in the state.
 
@@ -637,6 +593,10 @@ def dispatch(
       token_axes: with ``"balanced"`` inside `jax.shard_map` (tokens split over devices): the
         mesh axes the tokens are split over, so that the choice is the global view's (see
         `dispatch_layer`).
+      record: whether to add the layer's counts to ``state.pass_load`` (the default). False:
+        the ids are only mapped and the state comes back as it was; keep the layers' ids and
+        count them all at once after the forward with `EplbState.record_ids` (the same
+        ``pass_load``, one count per step instead of one per layer: cheaper on a GPU).
 
     Returns:
       ``(state, physical_ids int32[..., K])``: the state first, as every function that takes
@@ -662,6 +622,8 @@ def dispatch(
             f"{type(state).__name__}"
         )
     traced = check_layer(layer, state.num_layers)
+    if not isinstance(record, bool):
+        raise TypeError(f"record: expected True or False, got {type(record).__name__} {record!r}")
     choice = _resolve_choice(replica_choice, prefer_local, state.config.dispatch.replica_choice)
     token_axes = _check_token_axes(token_axes)
     if choice == "local" and device_index is None:
@@ -681,5 +643,7 @@ def dispatch(
     )  # fmt: skip
     if traced:  # an index outside [0, L): no slot, nothing counted (record drops it)
         phys = jnp.where((layer >= 0) & (layer < state.num_layers), phys, -1)
+    if not record:
+        return state, phys
     # layer and counts are checked: add them without checking them again in record.
     return state._add_counts(counts, layer=layer), phys

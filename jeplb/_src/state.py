@@ -37,7 +37,15 @@ from jax import lax
 
 from jeplb._src import checkpoint, checks
 from jeplb._src.config import EplbConfig
-from jeplb._src.counts import as_counts, check_sum, readable, saturating_add, saturating_psum
+from jeplb._src.counts import (
+    as_counts,
+    check_ids,
+    check_sum,
+    count_ids,
+    readable,
+    saturating_add,
+    saturating_psum,
+)
 from jeplb._src.maps import check_phy2log, maps_from_phy2log
 from jeplb._src.validate import check_int
 from jeplb._src.window import check_window
@@ -507,7 +515,80 @@ class EplbState:
         load = as_counts(load, shape, "[E]" if one else "[L, E]")
         return self._add_counts(load, layer=layer, axes=axes)
 
-    def _add_counts(self, load: jax.Array, *, layer: Any, axes: tuple[str, ...] = ()) -> EplbState:
+    def record_ids(
+        self,
+        topk_ids: Any,
+        *,
+        valid: Any = None,
+        layer: Any = None,
+        load_axes: tuple[str, ...] | str = (),
+    ) -> EplbState:
+        """Counts routed logical expert ids per expert and adds them to the current pass's load.
+
+        The counting half of `jeplb.dispatch`, for a model that maps every layer's ids with
+        ``dispatch(..., record=False)``, keeps them, and counts all layers at once after its
+        forward: the same ``pass_load``, bit for bit, from one count per step instead of one per
+        layer (on a GPU a few kernels per step instead of four per layer;
+        docs/performance.md has the figures).
+
+        Ids outside [0, E) and tokens with ``valid`` False are not counted; eagerly an
+        out-of-range id of a valid token raises, as in `jeplb.dispatch`. The sums saturate as in
+        `EplbState.record`.
+
+        Args:
+          topk_ids: int[L, ..., K] every layer's router ids, stacked on a leading layer axis (for
+            example [L, T, K]); or int[..., K] of one layer with ``layer``.
+          valid: optional bool mask of the tokens: ``topk_ids``' shape without its K axis.
+          layer: the layer index when ``topk_ids`` holds one layer (as in `EplbState.record`).
+          load_axes: mesh axes the ids are split over inside `jax.shard_map` (the counts are
+            summed over them, as in `EplbState.record`).
+
+        Returns:
+          The state with ``pass_load`` updated.
+
+        Raises:
+          TypeError, ValueError: naming ``topk_ids``, ``valid``, ``layer`` or ``load_axes``.
+
+        Example:
+          >>> s = EplbState.create(num_layers=2, num_experts=3, num_devices=1,
+          ...                      window_size=1, step_interval=1)
+          >>> ids = jnp.array([[[0, 1], [0, 2]], [[2, 2], [1, 0]]])  # [L = 2, T = 2, K = 2]
+          >>> s.record_ids(ids).pass_load.tolist()
+          [[2, 1, 1], [1, 1, 2]]
+          >>> s.record_ids(ids[1], layer=1, valid=jnp.array([True, False])).pass_load.tolist()
+          [[0, 0, 0], [0, 0, 2]]
+        """
+        num_layers, num_experts = self.num_layers, self.num_experts
+        one = layer is not None
+        check_layer(layer if one else 0, num_layers)
+        axes = _load_axes(load_axes)
+        ids = checks.int_array(topk_ids, "topk_ids", "[..., K]" if one else "[L, ..., K]")
+        lead = () if one else (num_layers,)
+        if ids.ndim < len(lead) + 1 or tuple(ids.shape[: len(lead)]) != lead:
+            expected = "[..., K] (one layer's ids)" if one else f"[L = {num_layers}, ..., K]"
+            raise ValueError(
+                f"topk_ids: expected shape {expected}, got {tuple(ids.shape)}"
+                + ("" if one else "; pass layer= to record one layer's ids")
+            )
+        batch = tuple(ids.shape[:-1])
+        if valid is not None and (not hasattr(valid, "shape") or tuple(valid.shape) != batch):
+            raise ValueError(
+                f"valid: expected a bool mask of the tokens' shape {batch} (topk_ids without its "
+                f"K axis), got {getattr(valid, 'shape', type(valid).__name__)}"
+            )
+        check_ids(ids, valid, num_experts)
+        with jax.named_scope("eplb_count"):
+            counted = (ids >= 0) & (ids < num_experts)
+            if valid is not None:
+                counted = counted & jnp.asarray(valid, bool)[..., None]
+            flat = jnp.where(counted, ids, num_experts).astype(jnp.int32)
+            counts = count_ids(flat.reshape(1 if one else num_layers, -1), num_experts)
+        counts = counts[0] if one else counts
+        return self._add_counts(counts, layer=layer, axes=axes, name="topk_ids' counts")
+
+    def _add_counts(
+        self, load: jax.Array, *, layer: Any, axes: tuple[str, ...] = (), name: str = "load"
+    ) -> EplbState:
         """`record` of checked values (int32 counts of the right shape, a checked ``layer`` or
         None, a tuple of axes): what `jeplb.dispatch` calls after its own checks."""
         num_layers, one = self.num_layers, layer is not None
@@ -522,7 +603,7 @@ class EplbState:
                         f"or leave load_axes empty at global view"
                     ) from err
             elif readable(load) and readable(self.pass_load) and checks.is_concrete(layer):
-                check_sum(self.pass_load, load, layer)
+                check_sum(self.pass_load, load, layer, name)
             if not one:
                 return self.replace(pass_load=saturating_add(self.pass_load, load))
             ok = (layer >= 0) & (layer < num_layers)

@@ -10,6 +10,10 @@ weights donated, in four variants that share everything else:
 * ``dispatch + idle step W=1000`` / ``W=1``: and `jeplb.eplb_step` at the end of the step, no
   rebalance due, with vLLM's window of 1000 passes and with a window of 1 (its `StepInfo` is
   returned, as a model that logs the balancedness keeps it);
+* ``dispatch counted once``: `jeplb.dispatch` with ``record=False`` on every layer (ids mapped
+  only), every layer's ids counted at once after the forward by `jeplb.EplbState.record_ids`;
+  ``dispatch counted once + idle step W=1000``: and the idle step (EPLB's whole cost, done the
+  cheaper way);
 * ``dispatch balanced`` (not in the default set): `jeplb.dispatch` with the state's
   ``replica_choice="balanced"`` (each batch's pairs of an expert split floor / ceil over its
   replicas).
@@ -64,6 +68,8 @@ TINY = DecodeCase(layers=4, tokens=256, top_k=4, experts=16, slots=24, hidden=8)
 
 PLAIN, DISPATCH = "plain", "dispatch"
 BALANCED = "dispatch balanced"
+ONCE = "dispatch counted once"
+ONCE_IDLE = "dispatch counted once + idle step W=1000"
 IDLE_BIG, IDLE_ONE = "dispatch + idle step W=1000", "dispatch + idle step W=1"
 # A diagnosis, not a usable step: the idle step traced with its conditional replaced by the idle
 # branch alone (what the conditional itself costs: on a GPU a device-to-host sync).
@@ -71,8 +77,9 @@ IDLE_NO_COND = "dispatch + idle step W=1000, no conditional (diagnosis)"
 # The serving loop's recording half (`jeplb.end_pass`, no conditional; `jeplb.HostSchedule`
 # decides on the host when to plan and move), in place of the idle step.
 END_PASS = "dispatch + end_pass"
-VARIANTS = (PLAIN, DISPATCH, IDLE_BIG, IDLE_ONE)
-_IDLE = (IDLE_BIG, IDLE_ONE, IDLE_NO_COND)
+VARIANTS = (PLAIN, DISPATCH, ONCE, IDLE_BIG, IDLE_ONE, ONCE_IDLE)
+_IDLE = (IDLE_BIG, IDLE_ONE, IDLE_NO_COND, ONCE_IDLE)
+_ONCE = (ONCE, ONCE_IDLE)
 LAYOUTS = ("unrolled", "scanned")
 
 
@@ -105,17 +112,22 @@ def _experts(acc, w_layer, slots):
 
 
 def _unrolled(case: DecodeCase, variant: str, mesh):
+    import jax.numpy as jnp
 
     import jeplb
 
     def step(state, w, acc, ids0):
+        kept = []
         for layer in range(case.layers):
             ids = _route(acc, ids0[layer], case.experts)
             if variant == PLAIN:
                 slots = ids
             else:
-                state, slots = jeplb.dispatch(state, layer, ids)
+                state, slots = jeplb.dispatch(state, layer, ids, record=variant not in _ONCE)
+                kept.append(ids)
             acc = _experts(acc, w[layer], slots)
+        if variant in _ONCE:
+            state = state.record_ids(jnp.stack(kept))
         state, w, info = _maybe_idle_step(variant, state, w, mesh)
         return state, w, acc, info
 
@@ -175,10 +187,11 @@ def _scanned(case: DecodeCase, variant: str, mesh):
             ids0_l, w_l, log2phy, logcnt = xs
             ids = _route(acc, ids0_l, case.experts)
             slots, counts = jeplb.dispatch_layer(log2phy, logcnt, ids, **choice)
-            return _experts(acc, w_l, slots), counts
+            return _experts(acc, w_l, slots), ids if variant in _ONCE else counts
 
-        acc, counts = lax.scan(layer, acc, (ids0, w, state.log2phy, state.logcnt))
-        state, w, info = _maybe_idle_step(variant, state.record(counts), w, mesh)
+        acc, out = lax.scan(layer, acc, (ids0, w, state.log2phy, state.logcnt))
+        state = state.record_ids(out) if variant in _ONCE else state.record(out)
+        state, w, info = _maybe_idle_step(variant, state, w, mesh)
         return state, w, acc, info
 
     return step

@@ -175,16 +175,16 @@ def test_dispatch_counts_exactly_what_was_routed(placed):
     np.testing.assert_array_equal(s2.pass_load[1], 2 * want)
 
 
-@pytest.mark.parametrize("n", [1, 7, 1000, 4096 * 8])
-def test_both_counting_kernels_match_bincount(n):
-    """The accelerators' blocked count and the CPU's flat one, against numpy's bincount (ids E
-    are the dropped ones)."""
-    from jeplb._src import dispatch as dispatch_lib
+@pytest.mark.parametrize("rows, n", [(1, 1), (1, 7), (1, 1000), (1, 4096 * 8), (3, 1000), (58, 64)])
+def test_both_counting_kernels_match_bincount(rows, n):
+    """The accelerators' blocked count and the CPU's flat one, per row of ids, against numpy's
+    bincount (ids E are the dropped ones)."""
+    from jeplb._src import counts as counts_lib
 
     e = 256
-    ids = np.random.default_rng(n).integers(0, e + 1, n).astype(np.int32)
-    want = np.bincount(ids, minlength=e + 1)[:e]
-    for count in (dispatch_lib._count_flat, dispatch_lib._count_blocked):
+    ids = np.random.default_rng(n + rows).integers(0, e + 1, (rows, n)).astype(np.int32)
+    want = np.stack([np.bincount(r, minlength=e + 1)[:e] for r in ids])
+    for count in (counts_lib._count_flat, counts_lib._count_blocked):
         np.testing.assert_array_equal(np.asarray(count(jnp.asarray(ids), num_experts=e)), want)
 
 
