@@ -232,3 +232,41 @@ def test_blocked_ranks_equal_the_sorted_ones(n, groups):
         got = jax.jit(lambda k: dispatch_lib._ranks_blocked(k, groups=groups))(key)
         for g, w in zip(got, want, strict=True):
             np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def _numpy_replica_order(log2phy, logcnt, share, num_devices, n_local):
+    """Each expert's replicas ordered by (their device's load from the floor shares, index
+    rotated by the expert's id); the unused entries after them in index order."""
+    num_experts, r_max = log2phy.shape
+    load = np.zeros(num_devices, np.int64)
+    for e in range(num_experts):
+        for j in range(logcnt[e]):
+            load[log2phy[e, j] // n_local] += share[e]
+    order = np.zeros((num_experts, r_max), np.int64)
+    for e in range(num_experts):
+        cnt = logcnt[e]
+        live = sorted(range(cnt), key=lambda j: (load[log2phy[e, j] // n_local], (j - e) % cnt))
+        order[e] = live + list(range(cnt, r_max))
+    return order
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_replica_order_matches_numpy(seed):
+    """The replicas' order (the device loads and the inverse permutation made by reductions)
+    against a plain numpy sort, on random placements with ties."""
+    from jeplb._src import dispatch as dispatch_lib
+    from jeplb._src.maps import maps_from_phy2log
+
+    rng = np.random.default_rng(seed)
+    num_experts, num_devices, n_local = 16, 4, 7
+    p2l = np.concatenate([np.arange(num_experts), rng.integers(0, 5, 12)])  # hot experts 0-4
+    p2l = rng.permutation(p2l).astype(np.int32)[None]
+    log2phy, logcnt = (
+        np.asarray(a)[0] for a in maps_from_phy2log(jnp.asarray(p2l), num_experts, 8)
+    )
+    share = rng.integers(0, 4, num_experts).astype(np.int32)  # small: many equal device loads
+    got = jax.jit(dispatch_lib._replica_order, static_argnums=(3, 4))(
+        jnp.asarray(log2phy), jnp.asarray(logcnt), jnp.asarray(share), num_devices, n_local
+    )
+    want = _numpy_replica_order(log2phy, logcnt, share, num_devices, n_local)
+    np.testing.assert_array_equal(np.asarray(got), want)

@@ -270,25 +270,30 @@ def _ranks_sorted(key: jax.Array, *, groups: int):
 
 
 # Entries per block of `_ranks_blocked` (its in-block compare is [n / block, block, block]).
-_RANK_BLOCK = 128
+_RANK_BLOCK = 256
 
 
 def _ranks_blocked(key: jax.Array, *, groups: int):
-    """`_ranks` without a sort: the entries split into blocks of ``_RANK_BLOCK``; an entry's rank
-    is its group's count in the blocks before (per-block counts, summed over earlier blocks) plus
-    the earlier entries of its own block with its key (one compare-and-sum)."""
+    """`_ranks` without a sort, in reductions only (each one fused kernel on a GPU; no scatter,
+    no cumulative sum): the entries split into blocks of ``_RANK_BLOCK``; an entry's rank is its
+    group's count in the blocks before plus the earlier entries of its own block with its key."""
     n = key.shape[0]
     block = min(_RANK_BLOCK, max(n, 1))
     padded = jnp.pad(key, (0, (-n) % block), constant_values=groups)  # pads: a group of their own
     blocks = padded.reshape(-1, block)  # [B, S]
+    num_blocks = blocks.shape[0]
     lower = lax.iota(jnp.int32, block)[None, :] < lax.iota(jnp.int32, block)[:, None]  # j < i
     same = blocks[:, :, None] == blocks[:, None, :]
     inside = jnp.sum(same & lower[None], axis=-1, dtype=jnp.int32)  # [B, S]
-    rows = lax.iota(jnp.int32, blocks.shape[0])[:, None]
-    counts = jnp.zeros((blocks.shape[0], groups + 1), jnp.int32).at[rows, blocks].add(1)
-    before = jnp.cumsum(counts, axis=0, dtype=jnp.int32) - counts  # [B, groups + 1]
-    rank = inside + jnp.take_along_axis(before, blocks, axis=1)
-    return rank.reshape(-1)[:n], jnp.sum(counts, axis=0, dtype=jnp.int32)[:groups]
+    group = lax.iota(jnp.int32, groups + 1)
+    counts = jnp.sum(blocks[:, :, None] == group, axis=1, dtype=jnp.int32)  # [B, G + 1]
+    # before[b] sums the blocks b' < b, for b in [0, B]: its last row is every block's total.
+    earlier = (
+        lax.iota(jnp.int32, num_blocks)[None, :] < lax.iota(jnp.int32, num_blocks + 1)[:, None]
+    )
+    before = jnp.sum(jnp.where(earlier[:, :, None], counts[None], 0), axis=1, dtype=jnp.int32)
+    rank = inside + jnp.take_along_axis(before[:num_blocks], blocks, axis=1)
+    return rank.reshape(-1)[:n], before[num_blocks, :groups]
 
 
 def _replica_order(log2phy, logcnt, share, num_devices, n_local):
@@ -301,19 +306,16 @@ def _replica_order(log2phy, logcnt, share, num_devices, n_local):
     e = jnp.arange(num_experts, dtype=jnp.int32)[:, None]
     live = j < logcnt[:, None]
     dev = jnp.where(live & (log2phy >= 0), log2phy // n_local, num_devices)  # dead: dropped
-    load = (
-        jnp.zeros((num_devices,), jnp.int32)
-        .at[dev]
-        .add(jnp.broadcast_to(share[:, None], dev.shape), mode="drop")
-    )
+    on = dev[:, :, None] == lax.iota(jnp.int32, num_devices)  # [E, R, D]; dead: on none
+    load = jnp.sum(jnp.where(on, share[:, None, None], 0), axis=(0, 1), dtype=jnp.int32)
     weight = jnp.where(live, load[jnp.clip(dev, 0, num_devices - 1)], jnp.iinfo(jnp.int32).max)
     tie = jnp.where(live, (j - e) % jnp.maximum(logcnt[:, None], 1), j)  # distinct per expert
     # Each replica's place: the replicas before it by (weight, tie) ([E, R, R] compares: R_max
     # is small; cheaper than a sort of E short rows).
     w1, w2, t1, t2 = weight[:, :, None], weight[:, None, :], tie[:, :, None], tie[:, None, :]
     place = jnp.sum((w2 < w1) | ((w2 == w1) & (t2 < t1)), -1, dtype=jnp.int32)
-    rows = jnp.broadcast_to(e, dev.shape)
-    return jnp.zeros_like(dev).at[rows, place].set(jnp.broadcast_to(j, dev.shape))
+    # ``place`` is a permutation of each row: its inverse, as a reduction (no scatter).
+    return jnp.sum(jnp.where(place[:, :, None] == j[:, None, :], j[:, :, None], 0), 1, jnp.int32)
 
 
 def _balanced_choice(log2phy, logcnt, ids, counted, in_range, num_devices, n_local, token_axes):
