@@ -234,13 +234,15 @@ def _ranks(key: jax.Array, groups: int, token_axes):
     (inside `jax.shard_map`, tokens split over those axes in blocks) the ranks and sizes are
     global: the per-device sizes are gathered, and the devices before this one add their sizes.
 
-    Returns: ``(rank int32[n], sizes int32[groups])``.
+    Returns: ``(rank int32[n], sizes int32[groups], local int32[groups])``: ``local`` the sizes
+    among this call's entries alone (``sizes`` itself without ``token_axes``).
     """
     rank, sizes = lax.platform_dependent(
         key,
         cpu=functools.partial(_ranks_sorted, groups=groups),
         default=functools.partial(_ranks_blocked, groups=groups),
     )
+    local = sizes
     if token_axes is not None:
         every = lax.all_gather(sizes, token_axes)  # [devices on token_axes, groups]
         me = lax.axis_index(token_axes)
@@ -249,7 +251,7 @@ def _ranks(key: jax.Array, groups: int, token_axes):
         )
         rank = rank + before[key]
         sizes = jnp.sum(every, 0, dtype=jnp.int32)
-    return rank, sizes
+    return rank, sizes, local
 
 
 def _ranks_sorted(key: jax.Array, *, groups: int):
@@ -321,16 +323,20 @@ def _replica_order(log2phy, logcnt, share, num_devices, n_local):
 def _balanced_choice(log2phy, logcnt, ids, counted, in_range, num_devices, n_local, token_axes):
     """``"balanced"``: each pair's slot ([..., K]; in-range ids only): its rank among its expert's pairs
     (counted and uncounted pairs ranked apart) modulo the replica count, through the expert's
-    replica order (`_replica_order`)."""
+    replica order (`_replica_order`); and the counts (int32[E], this call's pairs: the counted
+    pairs' group sizes, so no count of its own).
+
+    Returns: ``(physical ids int32[..., K], counts int32[E])``."""
     num_experts = log2phy.shape[0]
     key = jnp.where(counted, ids, jnp.where(in_range, ids + num_experts, 2 * num_experts))
-    rank, sizes = _ranks(key.reshape(-1), 2 * num_experts + 1, token_axes)
+    rank, sizes, local = _ranks(key.reshape(-1), 2 * num_experts + 1, token_axes)
     cnt = jnp.maximum(logcnt, 1)
     order = _replica_order(log2phy, logcnt, sizes[:num_experts] // cnt, num_devices, n_local)
     r_max = log2phy.shape[1]
     safe = jnp.where(in_range, ids, 0).reshape(-1)
     replica = order.reshape(-1)[safe * r_max + rank % cnt[safe]]
-    return log2phy.reshape(-1)[safe * r_max + replica].reshape(ids.shape)
+    phys = log2phy.reshape(-1)[safe * r_max + replica].reshape(ids.shape)
+    return phys, local[:num_experts]
 
 
 def dispatch_layer(
@@ -421,13 +427,11 @@ def _dispatch_checked(
         logcnt = jnp.asarray(logcnt, jnp.int32)
         counted = in_range if valid is None else in_range & jnp.asarray(valid, bool)[..., None]
         if choice == "balanced":
-            phys = _balanced_choice(
+            phys, counts = _balanced_choice(
                 log2phy, logcnt, ids, counted, in_range, num_devices, slots_per_device,
                 token_axes,
             )  # fmt: skip
-            phys = jnp.where(in_range, phys, -1)
-            counts = _count(jnp.where(counted, ids, num_experts).reshape(-1), num_experts)
-            return phys, counts
+            return jnp.where(in_range, phys, -1), counts
         if choice == "hash" and _takes_fused(ids.size, num_experts):
             return _map_and_count_fused(
                 log2phy, logcnt, ids,
