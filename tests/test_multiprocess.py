@@ -28,6 +28,7 @@ pytestmark = pytest.mark.slow
 
 NO_PROGRESS_S = 150  # the longest quiet stretch (a compilation) takes under 30 s on 2 quiet cores
 GRACE_S = 20  # after one worker failed, for the other to fail or finish by itself
+STACKS_S = 2  # for the workers asked for their Python stacks to write them
 TERMINATE_FLAG = "xla_cpu_collective_call_terminate_timeout_seconds"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -104,13 +105,19 @@ class Workers:
             time.sleep(0.5)
 
     def stop(self) -> None:
-        """Asks running workers for their stacks, then kills them."""
-        running = [p for p in self.procs if p.poll() is None]
-        for p in running:
-            p.send_signal(signal.SIGUSR1)
-        if running:
-            time.sleep(2)
-        for p in running:
+        """Asks running workers for their stacks, then kills them: once every asked worker's
+        stderr holds a stack and has stopped growing, or after STACKS_S seconds."""
+        running = [i for i, p in enumerate(self.procs) if p.poll() is None]
+        for i in running:
+            self.procs[i].send_signal(signal.SIGUSR1)
+        deadline, texts = time.monotonic() + STACKS_S, None
+        while running and time.monotonic() < deadline:
+            time.sleep(0.1)
+            now = [self._text(i, "err") for i in running]
+            if now == texts and all("most recent call first" in t for t in now):
+                break
+            texts = now
+        for p in (self.procs[i] for i in running):
             p.kill()
         for p in self.procs:
             p.wait()

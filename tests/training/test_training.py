@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jeplb
-from jeplb._src import training
+from jeplb._src import checks, training
 from tests.helpers import mesh_of
 
 L, N, E = 2, 3, 9  # P = 8 * N = 24 slots over 8 devices: 15 replicas or empty slots per layer
@@ -243,7 +243,8 @@ def test_no_replicas_is_identity_and_moves_nothing(mesh8):
     m = np.stack([rng.permutation(8 * N) for _ in range(L)]).astype(np.int32)
     host, g = _grads(rng, (L, 8 * N), mesh8, P(None, "ep"))
     program = training.sync_program(mesh8, [(None, "ep")] * 2)
-    out, stats = program(jnp.asarray(m), [g["w13"], g["w2"]])
+    # The map replicated as sync_replica_grads places it: the program test_layer_major_* ran.
+    out, stats = program(checks.place_map(m, mesh8), [g["w13"], g["w2"]])
     np.testing.assert_array_equal(np.asarray(out[0]), host["w13"])
     assert int(stats.gather_wire_rows.sum()) == 0 and int(stats.broadcast_wire_rows.sum()) == 0
 
