@@ -405,7 +405,7 @@ def dispatch_layer(
         log2phy, logcnt, topk_ids, valid, token_index, choice, device_index,
         slots_per_device, num_devices,
     )  # fmt: skip
-    return _dispatch_checked(
+    return _dispatch_core(
         log2phy, logcnt, topk_ids, valid, token_index, choice, device_index,
         slots_per_device, num_devices, token_axes,
     )  # fmt: skip
@@ -456,6 +456,11 @@ def _dispatch_checked(
         phys = jnp.where(in_range, phys, -1)
         counts = _count(jnp.where(counted, ids, num_experts).reshape(-1), num_experts)
     return phys, counts
+
+
+# `_dispatch_checked` as one program per shape and options: called eagerly, its few dozen
+# operations would each compile and run on their own; under an outer jit it is inlined.
+_dispatch_core = jax.jit(_dispatch_checked, static_argnums=(5, 7, 8, 9))
 
 
 # How the counts are made on accelerators: "scatter" (`counts.count_ids`' blocked rows, the
@@ -643,7 +648,7 @@ def dispatch(
     topk_ids, token_index = _check_tokens(topk_ids, valid, token_index, state.num_experts)
     read = jnp.clip(layer, 0, state.num_layers - 1) if traced else layer
     # The state's maps are checked values: the layer's slices go to the checked core.
-    phys, counts = _dispatch_checked(
+    phys, counts = _dispatch_core(
         state.log2phy[read], state.logcnt[read], topk_ids, valid, token_index, choice,
         device_index, state.slots_per_device, state.num_devices, token_axes,
     )  # fmt: skip
