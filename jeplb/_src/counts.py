@@ -23,6 +23,7 @@ __all__ = [
     "as_counts",
     "check_ids",
     "check_sum",
+    "check_valid",
     "count_ids",
     "readable",
     "saturating_add",
@@ -106,6 +107,15 @@ def check_sum(pass_load: jax.Array, load: jax.Array, layer: Any, name: str = "lo
             f"state.pass_load{list(row + where)} = {int(before[where])} gives {int(total[where])}, "
             f"past the int32 maximum 2^31 - 1; call jeplb.eplb_step more often (it moves the "
             f"pass into the window and resets pass_load)"
+        )
+
+
+def check_valid(valid: Any, batch: tuple[int, ...]) -> None:
+    """Raises unless ``valid`` is None or has the tokens' shape ``batch`` (the ids without K)."""
+    if valid is not None and (not hasattr(valid, "shape") or tuple(valid.shape) != batch):
+        raise ValueError(
+            f"valid: expected a bool mask of the tokens' shape {batch} (topk_ids without its "
+            f"K axis), got {getattr(valid, 'shape', type(valid).__name__)}"
         )
 
 

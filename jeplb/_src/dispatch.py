@@ -146,11 +146,7 @@ def _check_tokens(topk_ids, valid, token_index, num_experts: int):
     if topk_ids.ndim < 1:
         raise ValueError("topk_ids: expected shape [..., K] (e.g. [T, K]), got a scalar")
     batch = tuple(topk_ids.shape[:-1])
-    if valid is not None and (not hasattr(valid, "shape") or tuple(valid.shape) != batch):
-        raise ValueError(
-            f"valid: expected a bool mask of the tokens' shape {batch} (topk_ids without its "
-            f"K axis), got {getattr(valid, 'shape', type(valid).__name__)}"
-        )
+    counts_lib.check_valid(valid, batch)
     if token_index is not None:
         token_index = checks.int_array(token_index, "token_index")
         if tuple(token_index.shape) != batch:
@@ -407,15 +403,16 @@ def dispatch_layer(
     )  # fmt: skip
     return _dispatch_core(
         log2phy, logcnt, topk_ids, valid, token_index, choice, device_index,
-        slots_per_device, num_devices, token_axes,
+        slots_per_device, num_devices, token_axes, _IMPL,
     )  # fmt: skip
 
 
 def _dispatch_checked(
     log2phy, logcnt, topk_ids, valid, token_index, choice, device_index,
-    slots_per_device, num_devices, token_axes=None,
+    slots_per_device, num_devices, token_axes, impl,
 ):  # fmt: skip
-    """`dispatch_layer` on checked arguments (integer arrays of fitting shapes)."""
+    """`dispatch_layer` on checked arguments (integer arrays of fitting shapes); ``impl`` how
+    the counts are made off the CPU (``_IMPL``)."""
     num_experts, r_max = (int(n) for n in log2phy.shape)
     batch, k = tuple(topk_ids.shape[:-1]), int(topk_ids.shape[-1])
     with jax.named_scope("eplb_dispatch"):
@@ -432,7 +429,7 @@ def _dispatch_checked(
                 token_axes,
             )  # fmt: skip
             return jnp.where(in_range, phys, -1), counts
-        if choice == "hash" and _takes_fused(ids.size, num_experts):
+        if choice == "hash" and _takes_fused(ids.size, num_experts, impl):
             return _map_and_count_fused(
                 log2phy, logcnt, ids,
                 None if valid is None else jnp.asarray(valid, bool),
@@ -454,18 +451,20 @@ def _dispatch_checked(
             )
             phys = jnp.where(has_local, local, phys)
         phys = jnp.where(in_range, phys, -1)
-        counts = _count(jnp.where(counted, ids, num_experts).reshape(-1), num_experts)
+        dropped = jnp.where(counted, ids, num_experts).reshape(1, -1)
+        counts = counts_lib.count_ids(dropped, num_experts, compare=impl == "compare")[0]
     return phys, counts
 
 
-# `_dispatch_checked` as one program per shape and options: called eagerly, its few dozen
+# `_dispatch_checked` as one program per shape and options (``_IMPL`` among them, passed as a
+# static argument so that a change of it compiles anew): called eagerly, its few dozen
 # operations would each compile and run on their own; under an outer jit it is inlined.
-_dispatch_core = jax.jit(_dispatch_checked, static_argnums=(5, 7, 8, 9))
+_dispatch_core = jax.jit(_dispatch_checked, static_argnums=(5, 7, 8, 9, 10))
 
 
 # How the counts are made on accelerators: "scatter" (`counts.count_ids`' blocked rows, the
-# default), "compare" (its compare-sum) or "fused" (`_map_and_count_fused`: the map and the counts by a Pallas kernel,
-# when the default backend is a GPU and the ids fit it). On an H100, inside a 58-layer decode
+# default), "compare" (its compare-sum) or "fused" (`_map_and_count_fused`: the map and the
+# counts by a Pallas kernel, when the default backend is a GPU and the ids fit it). On an H100, inside a 58-layer decode
 # step, the scatter costs least (benchmarks/results/dispatch_h100.md); the others stay for the
 # benchmark's comparisons (benchmarks/bench_dispatch.py --impl).
 _IMPL = "scatter"
@@ -481,9 +480,9 @@ def _fused_fits(n: int, num_experts: int) -> bool:
     return n > 0 and n % _FUSED_BLOCK == 0 and num_experts <= _FUSED_MAX_EXPERTS
 
 
-def _takes_fused(n: int, num_experts: int) -> bool:
-    """`dispatch_layer` runs `_map_and_count_fused` (chosen by ``_IMPL``, on a GPU, ids fitting)."""
-    return _IMPL == "fused" and checks.platform_of() == "gpu" and _fused_fits(n, num_experts)
+def _takes_fused(n: int, num_experts: int, impl: str) -> bool:
+    """`dispatch_layer` runs `_map_and_count_fused` (``impl`` "fused", on a GPU, ids fitting)."""
+    return impl == "fused" and checks.platform_of() == "gpu" and _fused_fits(n, num_experts)
 
 
 def _map_and_count_fused(log2phy, logcnt, ids, valid, token_index, *, k, interpret=False):
@@ -566,11 +565,6 @@ def _map_and_count_fused(log2phy, logcnt, ids, valid, token_index, *, k, interpr
     return phys.reshape(ids.shape), counts[:num_experts]
 
 
-def _count(ids: jax.Array, num_experts: int) -> jax.Array:
-    """int32[E] occurrences of each id in ``ids`` (int32[n], ids in [0, E]; E is dropped)."""
-    return counts_lib.count_ids(ids[None], num_experts, compare=_IMPL == "compare")[0]
-
-
 def dispatch(
     state: EplbState,
     layer: Any,
@@ -650,7 +644,7 @@ def dispatch(
     # The state's maps are checked values: the layer's slices go to the checked core.
     phys, counts = _dispatch_core(
         state.log2phy[read], state.logcnt[read], topk_ids, valid, token_index, choice,
-        device_index, state.slots_per_device, state.num_devices, token_axes,
+        device_index, state.slots_per_device, state.num_devices, token_axes, _IMPL,
     )  # fmt: skip
     if traced:  # an index outside [0, L): no slot, nothing counted (record drops it)
         phys = jnp.where((layer >= 0) & (layer < state.num_layers), phys, -1)

@@ -41,6 +41,7 @@ from jeplb._src.counts import (
     as_counts,
     check_ids,
     check_sum,
+    check_valid,
     count_ids,
     readable,
     saturating_add,
@@ -571,11 +572,7 @@ class EplbState:
                 + ("" if one else "; pass layer= to record one layer's ids")
             )
         batch = tuple(ids.shape[:-1])
-        if valid is not None and (not hasattr(valid, "shape") or tuple(valid.shape) != batch):
-            raise ValueError(
-                f"valid: expected a bool mask of the tokens' shape {batch} (topk_ids without its "
-                f"K axis), got {getattr(valid, 'shape', type(valid).__name__)}"
-            )
+        check_valid(valid, batch)
         check_ids(ids, valid, num_experts)
         with jax.named_scope("eplb_count"):
             counted = (ids >= 0) & (ids < num_experts)
