@@ -141,46 +141,27 @@ def main(argv=None) -> int:
     given = sys.argv[1:] if argv is None else list(argv)
     device = bd.device_summary()
     print(device, flush=True)
-    progs = {}
+    programs, ops = {}, {}
     for form in FORMS:
         t0 = time.perf_counter()
-        fn, carry = build(form, args.layers)
-        ops = len(bd.entry_ops(fn.lower(*carry).compile().as_text()))
-        for _ in range(3):
-            carry[:3] = fn(*carry)[:3]
-        jax.block_until_ready(carry)
-        progs[form] = dict(fn=fn, carry=carry, call=[], burst=[], ops=ops)
-        print(f"{form}: {ops} operations, ready in {time.perf_counter() - t0:.1f} s", flush=True)
-
-    def once(p):
-        out = p["fn"](*p["carry"])
-        p["carry"][:3] = out[:3]
-        return out
-
-    for _ in range(args.repeats):
-        for p in progs.values():
-            t = time.perf_counter()
-            jax.block_until_ready(once(p))
-            p["call"].append(time.perf_counter() - t)
-    for _ in range(20):
-        for p in progs.values():
-            t = time.perf_counter()
-            for _ in range(9):
-                once(p)
-            jax.block_until_ready(once(p))
-            p["burst"].append((time.perf_counter() - t) / 10)
-    med = {f: (1e6 * np.median(p["call"]), 1e6 * np.median(p["burst"])) for f, p in progs.items()}
+        programs[form] = build(form, args.layers)
+        fn, carry = programs[form]
+        ops[form] = len(bd.entry_ops(fn.lower(*carry).compile().as_text()))
+        print(
+            f"{form}: {ops[form]} operations, built in {time.perf_counter() - t0:.1f} s", flush=True
+        )
+    med = bd.time_steps(programs, repeats=args.repeats, warmup=3, burst=10, samples=20)
     lines = [
         "| form | operations per step | call_us | pipelined_us | per layer, call | per layer, "
         "pipelined | exact |",
         "|---|---|---|---|---|---|---|",
     ]
-    for form, p in progs.items():
+    for form in FORMS:
         c, b = med[form]
         dc, db = (c - med["plain"][0]) / args.layers, (b - med["plain"][1]) / args.layers
         ok = exact(form)
         lines.append(
-            f"| {form} | {p['ops']} | {c:.0f} | {b:.0f} | {dc:.2f} | {db:.2f} | "
+            f"| {form} | {ops[form]} | {c:.0f} | {b:.0f} | {dc:.2f} | {db:.2f} | "
             f"{'' if ok is None else ok} |"
         )
     text = (

@@ -44,7 +44,16 @@ import time
 
 import numpy as np
 
-__all__ = ["DEFAULT", "TINY", "DecodeCase", "build", "device_summary", "entry_ops", "measure"]
+__all__ = [
+    "DEFAULT",
+    "TINY",
+    "DecodeCase",
+    "build",
+    "device_summary",
+    "entry_ops",
+    "measure",
+    "time_steps",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,34 +251,24 @@ class Timing:
     over_dispatch_us: float = float("nan")
 
 
-def measure(
-    case: DecodeCase,
-    *,
-    variants=VARIANTS,
-    layouts=LAYOUTS,
-    repeats: int = 100,
-    warmup: int = 5,
-    burst: int = 10,
-    samples: int = 20,
-    progress=None,
-) -> list[Timing]:
-    """Medians per step of every (layout, variant), interleaved; see the module docstring."""
+def time_steps(
+    programs: dict, *, repeats: int, warmup: int = 5, burst: int = 10, samples: int = 20
+) -> dict:
+    """Per program ``(call_us, pipelined_us)``: medians of ``repeats`` synchronised calls and of
+    ``samples`` bursts of ``burst`` back-to-back calls, the programs taking turns (a change of
+    machine load hits all alike), after ``warmup`` calls each.
+
+    ``programs`` maps a name to ``(fn, args)``: ``fn(*args)`` returns at least three outputs,
+    the next call's first three arguments (donated state, weights and activations)."""
     import jax
 
     progs = {}
-    for layout in layouts:
-        for variant in variants:
-            t0 = time.perf_counter()
-            fn, args = build(case, variant, layout)
-            carry = list(args)
-            for _ in range(warmup):
-                carry[:3] = fn(*carry)[:3]
-            jax.block_until_ready(carry)
-            progs[(layout, variant)] = dict(fn=fn, carry=carry, call=[], burst=[])
-            if progress:
-                progress(
-                    f"{layout} {variant}: compiled and warm in {time.perf_counter() - t0:.1f} s"
-                )
+    for name, (fn, args) in programs.items():
+        carry = list(args)
+        for _ in range(warmup):
+            carry[:3] = fn(*carry)[:3]
+        jax.block_until_ready(carry)
+        progs[name] = dict(fn=fn, carry=carry, call=[], burst=[])
 
     def once(p):
         out = p["fn"](*p["carry"])
@@ -288,17 +287,37 @@ def measure(
                 once(p)
             jax.block_until_ready(once(p))
             p["burst"].append((time.perf_counter() - t) / burst)
+    return {
+        name: (1e6 * float(np.median(p["call"])), 1e6 * float(np.median(p["burst"])))
+        for name, p in progs.items()
+    }
+
+
+def measure(
+    case: DecodeCase,
+    *,
+    variants=VARIANTS,
+    layouts=LAYOUTS,
+    repeats: int = 100,
+    warmup: int = 5,
+    burst: int = 10,
+    samples: int = 20,
+    progress=None,
+) -> list[Timing]:
+    """Medians per step of every (layout, variant), interleaved; see the module docstring."""
+    built = {}
+    for layout in layouts:
+        for variant in variants:
+            t0 = time.perf_counter()
+            built[(layout, variant)] = build(case, variant, layout)
+            if progress:
+                progress(f"{layout} {variant}: built in {time.perf_counter() - t0:.1f} s")
+    medians = time_steps(built, repeats=repeats, warmup=warmup, burst=burst, samples=samples)
     rows = []
     for layout in layouts:
         base = {}
         for variant in variants:
-            p = progs[(layout, variant)]
-            row = Timing(
-                layout,
-                variant,
-                1e6 * float(np.median(p["call"])),
-                1e6 * float(np.median(p["burst"])),
-            )
+            row = Timing(layout, variant, *medians[(layout, variant)])
             base[variant] = row
             if PLAIN in base:
                 row.over_plain_us = row.call_us - base[PLAIN].call_us
