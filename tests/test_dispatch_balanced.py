@@ -270,3 +270,48 @@ def test_replica_order_matches_numpy(seed):
     )
     want = _numpy_replica_order(log2phy, logcnt, share, num_devices, n_local)
     np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.parametrize(
+    "n, num_experts, masked, blocks",
+    [(300, 5, True, (64, 32)), (512, 16, False, (128, 64)), (1000, 3, False, (256, 256))],
+)
+def test_kernels_equal_the_xla_choice(n, num_experts, masked, blocks):
+    """The GPU's Pallas kernels (`balanced_kernel`, in Pallas's interpreter here, with small
+    blocks so that a pair's counting block and the blocks before it both matter) give the XLA
+    formulation's slots and counts: skewed and uniform keys, masked pairs, ids out of range, a
+    count that is not a multiple of the blocks. (The interpreter refuses operands that vary
+    inside shard_map: the global ranks' device offset runs on a GPU only.)"""
+    from jeplb._src import dispatch as dispatch_lib
+    from jeplb._src.maps import maps_from_phy2log
+
+    count_block, map_block = blocks
+    rng = np.random.default_rng(n)
+    num_devices = 4
+    n_local = (num_experts + 3) // num_devices + 1  # 4 to 7 replicas beyond one per expert
+    extra = rng.integers(0, 2, num_devices * n_local - num_experts)  # experts 0 and 1 hot
+    p2l = rng.permutation(np.concatenate([np.arange(num_experts), extra]))[None].astype(np.int32)
+    log2phy, logcnt = (a[0] for a in maps_from_phy2log(jnp.asarray(p2l), num_experts, 8))
+    groups = 2 * num_experts + 1 if masked else num_experts + 1
+    for key in (rng.integers(0, groups, n), np.minimum(rng.zipf(1.3, n) - 1, groups - 1)):
+        key = jnp.asarray(key, jnp.int32)
+        ids = jnp.where(key < groups - 1, key % num_experts, num_experts)
+        in_range = key < groups - 1
+        counted = key < num_experts
+
+        def xla(k, ids=ids, in_range=in_range, counted=counted):
+            return dispatch_lib._balanced_choice(
+                log2phy, logcnt, ids, counted, in_range, num_devices, n_local, None, masked,
+                "xla",
+            )  # fmt: skip
+
+        def kernel(k):
+            return dispatch_lib._balanced_by_kernel(
+                log2phy, logcnt, k, groups, k.shape, num_devices, n_local, None,
+                interpret=True, count_block=count_block, map_block=map_block,
+            )  # fmt: skip
+
+        want, got = jax.jit(xla)(key), jax.jit(kernel)(key)
+        for g, w, name in zip(got, want, ("slots", "counts"), strict=True):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=name)
+        assert (np.asarray(want[0]) == -1).any() and np.asarray(want[1]).sum() > 0

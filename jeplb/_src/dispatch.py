@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jeplb._src import checks
+from jeplb._src import balanced_kernel, checks
 from jeplb._src import counts as counts_lib
 from jeplb._src.config import REPLICA_CHOICES
 from jeplb._src.state import EplbState, check_layer
@@ -233,21 +233,26 @@ def _ranks(key: jax.Array, groups: int, token_axes):
     Returns: ``(rank int32[n], sizes int32[groups], local int32[groups])``: ``local`` the sizes
     among this call's entries alone (``sizes`` itself without ``token_axes``).
     """
-    rank, sizes = lax.platform_dependent(
+    rank, local = lax.platform_dependent(
         key,
         cpu=functools.partial(_ranks_sorted, groups=groups),
         default=functools.partial(_ranks_blocked, groups=groups),
     )
-    local = sizes
-    if token_axes is not None:
-        every = lax.all_gather(sizes, token_axes)  # [devices on token_axes, groups]
-        me = lax.axis_index(token_axes)
-        before = jnp.sum(
-            jnp.where(jnp.arange(every.shape[0])[:, None] < me, every, 0), 0, dtype=jnp.int32
-        )
-        rank = rank + before[key]
-        sizes = jnp.sum(every, 0, dtype=jnp.int32)
-    return rank, sizes, local
+    before, sizes = _global_sizes(local, token_axes)
+    return rank if before is None else rank + before[key], sizes, local
+
+
+def _global_sizes(local: jax.Array, token_axes):
+    """``(before, sizes)`` from this call's group sizes ``local`` int32[G]: with ``token_axes``
+    the sizes of the devices before this one on those axes and every device's together (one
+    all_gather); without, ``(None, local)``."""
+    if token_axes is None:
+        return None, local
+    every = lax.all_gather(local, token_axes)  # [devices on token_axes, groups]
+    me = lax.axis_index(token_axes)
+    earlier = jnp.arange(every.shape[0])[:, None] < me
+    before = jnp.sum(jnp.where(earlier, every, 0), 0, dtype=jnp.int32)
+    return before, jnp.sum(every, 0, dtype=jnp.int32)
 
 
 def _ranks_sorted(key: jax.Array, *, groups: int):
@@ -316,23 +321,64 @@ def _replica_order(log2phy, logcnt, share, num_devices, n_local):
     return jnp.sum(jnp.where(place[:, :, None] == j[:, None, :], j[:, :, None], 0), 1, jnp.int32)
 
 
-def _balanced_choice(log2phy, logcnt, ids, counted, in_range, num_devices, n_local, token_axes):
+def _balanced_choice(
+    log2phy, logcnt, ids, counted, in_range, num_devices, n_local, token_axes, masked, impl
+):  # fmt: skip
     """``"balanced"``: each pair's slot ([..., K]; in-range ids only): its rank among its expert's pairs
     (counted and uncounted pairs ranked apart) modulo the replica count, through the expert's
     replica order (`_replica_order`); and the counts (int32[E], this call's pairs: the counted
-    pairs' group sizes, so no count of its own).
+    pairs' group sizes, so no count of its own). ``masked``: some in-range pairs may be
+    uncounted (a ``valid`` mask was given); without, their E groups are left out. ``impl``:
+    ``"xla"`` (`_ranks`) or ``"kernel"`` (on a GPU, `balanced_kernel`'s Pallas kernels).
 
     Returns: ``(physical ids int32[..., K], counts int32[E])``."""
-    num_experts = log2phy.shape[0]
-    key = jnp.where(counted, ids, jnp.where(in_range, ids + num_experts, 2 * num_experts))
-    rank, sizes, local = _ranks(key.reshape(-1), 2 * num_experts + 1, token_axes)
+    num_experts, r_max = log2phy.shape
+    out_of_range = 2 * num_experts if masked else num_experts  # the last group
+    key = jnp.where(counted, ids, jnp.where(in_range, ids + num_experts, out_of_range))
+    key, groups = key.reshape(-1), out_of_range + 1
     cnt = jnp.maximum(logcnt, 1)
+    if _balanced_takes_kernel(key.size, groups, impl):
+        return _balanced_by_kernel(
+            log2phy, logcnt, key, groups, ids.shape, num_devices, n_local, token_axes
+        )
+    rank, sizes, local = _ranks(key, groups, token_axes)
     order = _replica_order(log2phy, logcnt, sizes[:num_experts] // cnt, num_devices, n_local)
-    r_max = log2phy.shape[1]
     safe = jnp.where(in_range, ids, 0).reshape(-1)
     replica = order.reshape(-1)[safe * r_max + rank % cnt[safe]]
     phys = log2phy.reshape(-1)[safe * r_max + replica].reshape(ids.shape)
-    return phys, local[:num_experts]
+    return jnp.where(in_range, phys, -1), local[:num_experts]
+
+
+def _balanced_takes_kernel(n: int, groups: int, impl: str) -> bool:
+    """The balanced choice runs `balanced_kernel`'s Pallas kernels (``impl`` "kernel", on a GPU)."""
+    return impl == "kernel" and checks.platform_of() == "gpu" and balanced_kernel.fits(n, groups)
+
+
+def _balanced_by_kernel(
+    log2phy, logcnt, key, groups, shape, num_devices, n_local, token_axes, *, interpret=False,
+    count_block=None, map_block=None,
+):  # fmt: skip
+    """`_balanced_choice`'s result by `balanced_kernel` (keys ``key`` int32[n] of ``groups``
+    groups, the last one out of range; slots reshaped to ``shape``; blocks by default the
+    module's)."""
+    num_experts = log2phy.shape[0]
+    count_block = count_block or balanced_kernel.COUNT_BLOCK
+    map_block = map_block or balanced_kernel.MAP_BLOCK
+    n = key.shape[0]
+    key = balanced_kernel.pad_keys(key, groups, count_block)
+    rows = balanced_kernel.block_counts(
+        key, groups, count_block=count_block, interpret=interpret
+    )  # [B, G_pad]
+    local = jnp.sum(rows, axis=0, dtype=jnp.int32)
+    before, sizes = _global_sizes(local, token_axes)
+    offset = jnp.zeros_like(local) if before is None else before
+    share = sizes[:num_experts] // jnp.maximum(logcnt, 1)
+    order = _replica_order(log2phy, logcnt, share, num_devices, n_local)
+    phys = balanced_kernel.choose(
+        key, rows, offset, order, logcnt, log2phy, groups=groups,
+        count_block=count_block, map_block=map_block, interpret=interpret,
+    )  # fmt: skip
+    return phys[:n].reshape(shape), local[:num_experts]
 
 
 def dispatch_layer(
@@ -403,16 +449,17 @@ def dispatch_layer(
     )  # fmt: skip
     return _dispatch_core(
         log2phy, logcnt, topk_ids, valid, token_index, choice, device_index,
-        slots_per_device, num_devices, token_axes, _IMPL,
+        slots_per_device, num_devices, token_axes, _IMPL, _BALANCED_IMPL,
     )  # fmt: skip
 
 
 def _dispatch_checked(
     log2phy, logcnt, topk_ids, valid, token_index, choice, device_index,
-    slots_per_device, num_devices, token_axes, impl,
+    slots_per_device, num_devices, token_axes, impl, balanced_impl="xla",
 ):  # fmt: skip
     """`dispatch_layer` on checked arguments (integer arrays of fitting shapes); ``impl`` how
-    the counts are made off the CPU (``_IMPL``)."""
+    the counts are made off the CPU (``_IMPL``), ``balanced_impl`` how the balanced choice
+    ranks off the CPU (``_BALANCED_IMPL``)."""
     num_experts, r_max = (int(n) for n in log2phy.shape)
     batch, k = tuple(topk_ids.shape[:-1]), int(topk_ids.shape[-1])
     with jax.named_scope("eplb_dispatch"):
@@ -424,11 +471,10 @@ def _dispatch_checked(
         logcnt = jnp.asarray(logcnt, jnp.int32)
         counted = in_range if valid is None else in_range & jnp.asarray(valid, bool)[..., None]
         if choice == "balanced":
-            phys, counts = _balanced_choice(
+            return _balanced_choice(
                 log2phy, logcnt, ids, counted, in_range, num_devices, slots_per_device,
-                token_axes,
+                token_axes, valid is not None, balanced_impl,
             )  # fmt: skip
-            return jnp.where(in_range, phys, -1), counts
         if choice == "hash" and _takes_fused(ids.size, num_experts, impl):
             return _map_and_count_fused(
                 log2phy, logcnt, ids,
@@ -459,7 +505,7 @@ def _dispatch_checked(
 # `_dispatch_checked` as one program per shape and options (``_IMPL`` among them, passed as a
 # static argument so that a change of it compiles anew): called eagerly, its few dozen
 # operations would each compile and run on their own; under an outer jit it is inlined.
-_dispatch_core = jax.jit(_dispatch_checked, static_argnums=(5, 7, 8, 9, 10))
+_dispatch_core = jax.jit(_dispatch_checked, static_argnums=(5, 7, 8, 9, 10, 11))
 
 
 # How the counts are made on accelerators: "scatter" (`counts.count_ids`' blocked rows, the
@@ -468,6 +514,9 @@ _dispatch_core = jax.jit(_dispatch_checked, static_argnums=(5, 7, 8, 9, 10))
 # step, the scatter costs least (benchmarks/results/dispatch_h100.md); the others stay for the
 # benchmark's comparisons (benchmarks/bench_dispatch.py --impl).
 _IMPL = "scatter"
+# How the balanced choice ranks on a GPU: "kernel" (`balanced_kernel`'s two Pallas kernels) or
+# "xla" (`_ranks_blocked`'s reductions).
+_BALANCED_IMPL = "xla"
 # The kernel: ids per program (a power of two), ids per counting step at E = 256 (fewer for more
 # experts: a step's [chunk, E] hits stay in registers), and the largest E it takes.
 _FUSED_BLOCK = 512
@@ -644,7 +693,7 @@ def dispatch(
     # The state's maps are checked values: the layer's slices go to the checked core.
     phys, counts = _dispatch_core(
         state.log2phy[read], state.logcnt[read], topk_ids, valid, token_index, choice,
-        device_index, state.slots_per_device, state.num_devices, token_axes, _IMPL,
+        device_index, state.slots_per_device, state.num_devices, token_axes, _IMPL, _BALANCED_IMPL,
     )  # fmt: skip
     if traced:  # an index outside [0, L): no slot, nothing counted (record drops it)
         phys = jnp.where((layer >= 0) & (layer < state.num_layers), phys, -1)
