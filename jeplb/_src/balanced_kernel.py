@@ -2,17 +2,17 @@
 
 The choice needs each (token, k) pair's rank among the batch's pairs of its group (its key: the
 expert, counted and uncounted pairs apart) in flat order. In XLA that is a sort or a handful of
-large reductions, each its own kernel; here it is two kernels and a few small XLA operations:
+large reductions, each its own kernel; here it is two kernels without loops and a few small XLA
+operations:
 
-1. `block_counts`: the keys split into counting blocks of ``count_block``; each program counts
-   its block's keys per group (int32[B, G_pad], compares accumulated in registers).
-2. XLA sums the rows (the groups' sizes) and orders each expert's replicas from them
-   (`dispatch._replica_order`): a few small operations on [E, R_max].
+1. `block_counts`: the keys split into counting blocks of ``count_block``; program (b, g)
+   counts block b's keys in groups [g G_c, (g + 1) G_c) (one [count_block, G_c] compare).
+2. XLA sums the rows before each block (`prefix_rows`) and orders each expert's replicas from the
+   groups' sizes (`dispatch._replica_order`): a few small operations.
 3. `choose`: each program takes ``map_block`` consecutive pairs; a pair's rank is its group's
-   count in the counting blocks before its own (read from the rows), plus the earlier pairs of
-   its own counting block with its key (compared in registers), plus ``offset[key]`` (the
-   devices before this one, inside `jax.shard_map`); the replica is
-   ``order[e][rank % logcnt[e]]`` and the slot ``log2phy[e][replica]``, written once.
+   count in the counting blocks before its own (one read of the prefix rows) plus the earlier
+   pairs of its own counting block with its key (one [map_block, count_block] compare); the
+   replica is ``order[e][rank % logcnt[e]]`` and the slot ``log2phy[e][replica]``.
 
 Integer adds and compares only: the slots are the XLA formulation's, bit for bit (tested in
 Pallas's interpreter on the CPU and compiled on a GPU).
@@ -26,19 +26,18 @@ from jax import lax
 
 from jeplb._src.transfer import rows as rows_lib
 
-# Keys per program of `block_counts` and pairs per program of `choose` (powers of two; the
-# second divides the first), and the compares one loop step holds in registers.
+# Keys per counting block, groups per program of `block_counts`, pairs per program of `choose`
+# (powers of two; ``MAP_BLOCK`` divides ``COUNT_BLOCK``).
 COUNT_BLOCK = 512
-MAP_BLOCK = 256
-_COMPARES = 4096
-# The largest group count (2 E + 1) the kernels take: their [chunk, G_pad] compares shrink to one
-# key per step at 4096 groups.
-MAX_GROUPS = 4096
+GROUP_CHUNK = 8
+MAP_BLOCK = 32
+# The largest group count (2 E + 1) the kernels take.
+MAX_GROUPS = 8192
 
 
 def padded_groups(groups: int) -> int:
-    """``groups`` rounded up to a power of two (Triton's ranges)."""
-    return 1 << max(0, (groups - 1).bit_length())
+    """``groups`` rounded up to a power of two (Triton's ranges), at least `GROUP_CHUNK`."""
+    return max(GROUP_CHUNK, 1 << max(0, (groups - 1).bit_length()))
 
 
 def fits(n: int, groups: int) -> bool:
@@ -64,7 +63,7 @@ def block_counts(key, groups: int, *, count_block: int = COUNT_BLOCK, interpret:
     Args:
       key: int32[n] in [0, groups), n a multiple of ``count_block`` (`pad_keys`).
       groups: the number of groups.
-      count_block: keys per program (a power of two).
+      count_block: keys per block (a power of two).
       interpret: run in Pallas's interpreter (any backend).
 
     Returns:
@@ -72,35 +71,38 @@ def block_counts(key, groups: int, *, count_block: int = COUNT_BLOCK, interpret:
     """
     from jax.experimental import pallas as pl
 
-    padded = padded_groups(groups)
-    chunk = max(1, min(count_block, _COMPARES // padded))
+    padded, chunk = padded_groups(groups), GROUP_CHUNK
 
     def kernel(key_ref, rows_ref):
-        group = lax.broadcasted_iota(jnp.int32, (chunk, padded), 1)
-
-        def step(j, acc):
-            sub = key_ref[pl.ds(j * chunk, chunk)]
-            return acc + (sub[:, None] == group).astype(jnp.int32)
-
-        zero = jnp.zeros((chunk, padded), jnp.int32)
-        acc = lax.fori_loop(jnp.int32(0), jnp.int32(count_block // chunk), step, zero)
-        rows_ref[...] = jnp.sum(acc, axis=0)
+        group = pl.program_id(1) * chunk + lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
+        hits = (key_ref[...][:, None] == group).astype(jnp.int32)  # [count_block, chunk]
+        rows_ref[...] = jnp.sum(hits, axis=0)
 
     (key,) = _varying(key)
     blocks = key.shape[0] // count_block
     return pl.pallas_call(
         kernel,
         out_shape=rows_lib._like(key).update(shape=(blocks, padded)),
-        grid=(blocks,),
-        in_specs=[pl.BlockSpec((count_block,), lambda i: (i,))],
-        out_specs=pl.BlockSpec((None, padded), lambda i: (i, 0)),
+        grid=(blocks, padded // chunk),
+        in_specs=[pl.BlockSpec((count_block,), lambda b, g: (b,))],
+        out_specs=pl.BlockSpec((None, chunk), lambda b, g: (b, g)),
         interpret=interpret,
         name="eplb_balanced_counts",
     )(key)
 
 
+def prefix_rows(rows: jax.Array, offset: jax.Array | None) -> jax.Array:
+    """int32[B, G_pad]: row b the sum of ``rows`` [B, G_pad] before b, plus ``offset`` [G_pad]
+    (the pairs of the devices before this one) when given. A masked sum, one reduction (a
+    cumulative sum lowers to many operations off TPUs)."""
+    blocks = rows.shape[0]
+    earlier = lax.iota(jnp.int32, blocks)[None, :] < lax.iota(jnp.int32, blocks)[:, None]
+    before = jnp.sum(jnp.where(earlier[:, :, None], rows[None], 0), axis=1, dtype=jnp.int32)
+    return before if offset is None else before + offset[None]
+
+
 def choose(
-    key, rows, offset, order, logcnt, log2phy, *, groups: int,
+    key, before, order, logcnt, log2phy, *, groups: int,
     count_block: int = COUNT_BLOCK, map_block: int = MAP_BLOCK, interpret: bool = False,
 ):  # fmt: skip
     """Each pair's slot under the balanced choice.
@@ -108,12 +110,10 @@ def choose(
     Args:
       key: int32[n] as for `block_counts` (the same padding); group g < E is expert g, counted;
         E <= g < groups - 1 expert g - E, uncounted; ``groups - 1`` out of range (slot -1).
-      rows: int32[n // count_block, G_pad] `block_counts` of ``key``.
-      offset: int32[G_pad] added to every rank of a group (the pairs of the devices before this
-        one; zeros for a global view).
+      before: int32[n // count_block, G_pad] `prefix_rows` of ``key``'s `block_counts`.
       order: int32[E, R_max] each expert's replicas in the order they take the pairs.
       logcnt: int32[E]; log2phy: int32[E, R_max] the layer's maps.
-      groups: the number of groups; count_block / map_block: pairs per program of each kernel.
+      groups: the number of groups; count_block / map_block: pairs per block of each kernel.
       interpret: run in Pallas's interpreter.
 
     Returns:
@@ -122,28 +122,16 @@ def choose(
     from jax.experimental import pallas as pl
 
     num_experts, r_max = log2phy.shape
-    n, padded = key.shape[0], rows.shape[1]
-    num_rows = rows.shape[0]
-    width = max(1, min(count_block, _COMPARES // map_block))  # window keys per compare step
+    n, padded = key.shape[0], before.shape[1]
 
-    def kernel(key_ref, win_ref, rows_ref, offset_ref, order_ref, cnt_ref, table_ref, out_ref):
+    def kernel(key_ref, win_ref, before_ref, order_ref, cnt_ref, table_ref, out_ref):
         first = pl.program_id(0) * map_block
         own = first // count_block  # the counting block holding this program's pairs
         key = key_ref[...]
-        pos = first + lax.broadcasted_iota(jnp.int32, (map_block,), 0)
-
-        def before(b, acc):  # the counting blocks before this one
-            return acc + jnp.where(b < own, rows_ref[b * padded + key], 0)
-
-        rank = lax.fori_loop(jnp.int32(0), jnp.int32(num_rows), before, offset_ref[key])
-
-        def inside(j, acc):  # the earlier pairs of its own counting block
-            win = win_ref[pl.ds(j * width, width)]
-            at = own * count_block + j * width + lax.broadcasted_iota(jnp.int32, (width,), 0)
-            hit = (win[None, :] == key[:, None]) & (at[None, :] < pos[:, None])
-            return acc + jnp.sum(hit.astype(jnp.int32), axis=1)
-
-        rank = lax.fori_loop(jnp.int32(0), jnp.int32(count_block // width), inside, rank)
+        pos = first + lax.broadcasted_iota(jnp.int32, (map_block, 1), 0)
+        at = own * count_block + lax.broadcasted_iota(jnp.int32, (1, count_block), 1)
+        hit = (win_ref[...][None, :] == key[:, None]) & (at < pos)  # [map_block, count_block]
+        rank = before_ref[own * padded + key] + jnp.sum(hit.astype(jnp.int32), axis=1)
         ok = key < groups - 1
         safe = jnp.where(ok, jnp.where(key >= num_experts, key - num_experts, key), 0)
         replica = order_ref[safe * r_max + rank % jnp.maximum(cnt_ref[safe], 1)]
@@ -152,9 +140,7 @@ def choose(
     def whole(a):
         return pl.BlockSpec(a.shape, lambda i: (0,) * a.ndim)
 
-    args = _varying(
-        key, key, rows.reshape(-1), offset, order.reshape(-1), logcnt, log2phy.reshape(-1)
-    )
+    args = _varying(key, key, before.reshape(-1), order.reshape(-1), logcnt, log2phy.reshape(-1))
     blocked = pl.BlockSpec((map_block,), lambda i: (i,))
     window = pl.BlockSpec((count_block,), lambda i: (i * map_block // count_block,))
     return pl.pallas_call(

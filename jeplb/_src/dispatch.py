@@ -370,12 +370,11 @@ def _balanced_by_kernel(
         key, groups, count_block=count_block, interpret=interpret
     )  # [B, G_pad]
     local = jnp.sum(rows, axis=0, dtype=jnp.int32)
-    before, sizes = _global_sizes(local, token_axes)
-    offset = jnp.zeros_like(local) if before is None else before
+    offset, sizes = _global_sizes(local, token_axes)
     share = sizes[:num_experts] // jnp.maximum(logcnt, 1)
     order = _replica_order(log2phy, logcnt, share, num_devices, n_local)
     phys = balanced_kernel.choose(
-        key, rows, offset, order, logcnt, log2phy, groups=groups,
+        key, balanced_kernel.prefix_rows(rows, offset), order, logcnt, log2phy, groups=groups,
         count_block=count_block, map_block=map_block, interpret=interpret,
     )  # fmt: skip
     return phys[:n].reshape(shape), local[:num_experts]
