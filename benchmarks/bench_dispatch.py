@@ -48,6 +48,13 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="calls per program (100)")
     parser.add_argument("--impl", choices=("scatter", "compare", "fused"), default="scatter")
     parser.add_argument(
+        "--balanced-impl",
+        choices=("kernel", "xla"),
+        default=None,
+        help="how the balanced choice ranks on a GPU: the Pallas kernels or XLA's reductions "
+        "(default: the library's)",
+    )
+    parser.add_argument(
         "--command-buffers",
         action="store_true",
         help=f"add {COMMAND_BUFFERS} to XLA_FLAGS (conditionals and loops inside CUDA graphs; "
@@ -78,6 +85,8 @@ def main(argv=None) -> int:
 
     if hasattr(_dispatch, "_IMPL"):
         _dispatch._IMPL = args.impl
+    if args.balanced_impl:
+        _dispatch._BALANCED_IMPL = args.balanced_impl
     case = bd.TINY if args.tiny else bd.DEFAULT
     repeats = args.repeats or (20 if args.tiny else 100)
     device = bd.device_summary()
@@ -116,6 +125,7 @@ def main(argv=None) -> int:
         f"# Dispatch and the idle step in a decode step ({device})\n\n"
         f"Command: `{command.strip()}`\n\n"
         f"{case.name}, rows f32[{case.hidden}]; dispatch implementation: {args.impl}"
+        f"; balanced ranks: {_dispatch._BALANCED_IMPL}"
         f"{'; XLA_FLAGS ' + COMMAND_BUFFERS if args.command_buffers else ''}. Per step: "
         f"medians of {repeats} synchronised calls (`call_us`) and of bursts of 10 back-to-back "
         f"calls (`pipelined_us`), the programs interleaved; `over_plain_us`, `over_dispatch_us`: "
