@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jeplb._src.transfer import layout
 from jeplb._src.transfer import rows as rows_lib
 
 __all__ = [
@@ -121,10 +120,12 @@ def order_moves_layers(old: jax.Array, new: jax.Array, ok: jax.Array) -> tuple[j
 # ------------------------------------------------------------------------------- executors
 
 
-def _apply_loop(rows, src, dst, count, n, slot_major, select):
+def _apply_loop(rows, src, dst, count, n, slot_major):
     """One while loop of dynamic_slice / dynamic_update_slice over every layer's moves, in place;
     the temporary is one row. (One flat loop: a loop nested in the layer loop makes XLA:CPU copy
-    the whole buffer at every layer.)"""
+    the whole buffer at every layer.) Rows of dtypes that move natively only (see `layout`):
+    XLA:CPU runs a dynamic slice of bf16 or fp8 through f32, which drops NaN payloads, so the
+    engine stages those rows instead."""
     num_layers, m = src.shape
     width = rows.shape[1]
     # Pack the moves of every layer in order, in global row indices; -1 marks the temporary.
@@ -138,31 +139,21 @@ def _apply_loop(rows, src, dst, count, n, slot_major, select):
 
     gsrc, gdst = row(src), row(dst)
 
-    # Rows of dtypes XLA:CPU does not move natively travel as their bits (see `layout`).
-    bits = layout.bits_dtype(rows.dtype) if select else rows.dtype
-
     def read(rows, at):
-        # Slice, then view the bits: XLA fuses the two, exactly and without copying the carry
-        # (viewing the carry's bits first would copy it).
-        row = lax.dynamic_slice(rows, (at, jnp.int32(0)), (1, width))
-        return layout.bits_view(row) if select else row
+        return lax.dynamic_slice(rows, (at, jnp.int32(0)), (1, width))
 
     def move(k, carry):
         rows, temp = carry
         s, d = gsrc[k], gdst[k]
         x = jnp.where(s < 0, temp, read(rows, jnp.maximum(s, 0)))
-        # A save (d < 0) writes the row back onto itself: no branch. XLA keeps each form in
-        # place only one way: after a dynamic_update_slice the temporary is read from the updated
-        # buffer (a read of the old one would copy the buffer every move); after a select it
-        # is the value read before (a read after the select would copy it).
+        # A save (d < 0) writes the row back onto itself: no branch. After a
+        # dynamic_update_slice the temporary is read from the updated buffer (a read of the old
+        # one would copy the buffer every move).
         at = jnp.where(d < 0, s, d)
-        if select:
-            rows = rows_lib.write_row_select(rows, x, at, 0)
-            return rows, jnp.where(d < 0, x, temp)
         rows = lax.dynamic_update_slice(rows, x, (at, jnp.int32(0)))
         return rows, jnp.where(d < 0, read(rows, at), temp)
 
-    temp = rows_lib.make_varying(jnp.zeros((1, width), bits), rows_lib.varying_axes(rows))
+    temp = rows_lib.make_varying(jnp.zeros((1, width), rows.dtype), rows_lib.varying_axes(rows))
     rows, _ = lax.fori_loop(0, valid.sum(), move, (rows, temp))
     return rows
 
@@ -321,8 +312,8 @@ def apply_moves(
       dst: int32[L, M] per layer, the destination row of each move (N: the temporary).
       count: int32[L] moves per layer.
       impl: ``pallas`` (one kernel for every layer; GPUs, rows of a multiple of 512 32-bit words,
-        a layer below 2^31 words), ``loop`` (any backend) or ``select`` (the loop, writing rows
-        with a one-row select: dtypes that do not move natively, see `layout`).
+        a layer below 2^31 words) or ``loop`` (any backend; dtypes that move natively there, see
+        `layout`).
       interpret: run the Pallas kernel in interpret mode; None: only on the CPU backend.
       slot_major: the rows are slot-major: row ``slot * L + layer``.
 
@@ -334,9 +325,8 @@ def apply_moves(
         rows_lib.Mover.PALLAS: lambda: _apply_pallas(
             rows, src, dst, count, n, interpret, slot_major
         ),
-        rows_lib.Mover.LOOP: lambda: _apply_loop(rows, src, dst, count, n, slot_major, False),
-        rows_lib.Mover.SELECT: lambda: _apply_loop(rows, src, dst, count, n, slot_major, True),
+        rows_lib.Mover.LOOP: lambda: _apply_loop(rows, src, dst, count, n, slot_major),
     }
     if impl in executors:
         return executors[rows_lib.Mover(impl)]()
-    raise ValueError(f"impl: expected 'pallas', 'loop' or 'select', got {impl!r}")
+    raise ValueError(f"impl: expected 'pallas' or 'loop', got {impl!r}")

@@ -180,8 +180,13 @@ class Movers:
     def direct(self, rows) -> Mover | None:
         """The in-place executor of a one-device leaf's rows [L * N, R]: `for_rows`, except that
         ``auto`` takes the loop where the in-place kernel cannot move the rows; None for
-        ``scatter``, which has no ordered form (the engine stages instead)."""
+        ``scatter``, which has no ordered form, and for dtypes that do not move natively (the
+        engine stages instead)."""
         chosen = self.for_rows(rows)
+        if chosen is Mover.SELECT:
+            # The loop reads each row with a dynamic slice, which XLA:CPU runs through f32 for
+            # bf16 and fp8 (NaN payloads lost): these rows are staged (read through their bits).
+            return None
         if (
             self.row_impl == "auto"
             and chosen.kernel
