@@ -25,8 +25,9 @@ Replica choice (``replica_choice``, default the state's ``config.dispatch.replic
   spread by the hash), else the hash choice over all replicas. ``prefer_local=True`` is its
   former spelling (deprecated).
 * ``"balanced"``: each batch's pairs of an expert are split floor / ceil over its replicas: the
-  pair's rank among the batch's pairs of its expert (positions in flat order; one sort of the
-  ids packed with their positions, no [T K, E] one-hot) picks ``order[e][rank % logcnt[e]]``, where ``order[e]`` lists
+  pair's rank among the batch's pairs of its expert (positions in flat order; on the CPU one sort
+  of the ids packed with their positions, on a GPU two Pallas kernels, `balanced_kernel`; no
+  [T K, E] one-hot) picks ``order[e][rank % logcnt[e]]``, where ``order[e]`` lists
   e's replicas by the load their devices get from the floor shares (lightest first), so the
   remainders land on the least-loaded devices. Pairs that are not counted (``valid`` False) are
   ranked among themselves. Inside `jax.shard_map` with the tokens split over devices pass
@@ -513,9 +514,11 @@ _dispatch_core = jax.jit(_dispatch_checked, static_argnums=(5, 7, 8, 9, 10, 11))
 # step, the scatter costs least (benchmarks/results/dispatch_h100.md); the others stay for the
 # benchmark's comparisons (benchmarks/bench_dispatch.py --impl).
 _IMPL = "scatter"
-# How the balanced choice ranks on a GPU: "kernel" (`balanced_kernel`'s two Pallas kernels) or
-# "xla" (`_ranks_blocked`'s reductions).
-_BALANCED_IMPL = "xla"
+# How the balanced choice ranks on a GPU: "kernel" (`balanced_kernel`'s two Pallas kernels, the
+# default: 35.5 us a layer in the 58-layer decode step on an H100 against 47.3 us for the XLA
+# form, same run, same slots; benchmarks/results/balanced_kernel_h100.md) or "xla"
+# (`_ranks_blocked`'s reductions).
+_BALANCED_IMPL = "kernel"
 # The kernel: ids per program (a power of two), ids per counting step at E = 256 (fewer for more
 # experts: a step's [chunk, E] hits stay in registers), and the largest E it takes.
 _FUSED_BLOCK = 512
