@@ -4,6 +4,7 @@ as the hash choice's, jit = eager, global ranks inside `jax.shard_map`, bad ids 
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 
@@ -315,3 +316,30 @@ def test_kernels_equal_the_xla_choice(n, num_experts, masked, blocks):
         for g, w, name in zip(got, want, ("slots", "counts"), strict=True):
             np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=name)
         assert (np.asarray(want[0]) == -1).any() and np.asarray(want[1]).sum() > 0
+
+
+@pytest.mark.gpu
+def test_kernels_compiled_on_a_gpu_equal_the_xla_choice():
+    """On a GPU the balanced choice runs the compiled kernels (the default there): the XLA
+    form's slots and counts at the decode shape, with and without a mask."""
+    from jeplb._src import dispatch as dispatch_lib
+    from jeplb._src.maps import maps_from_phy2log
+
+    num_experts, num_devices, n_local = 256, 8, 36
+    rng = np.random.default_rng(4)
+    extra = rng.integers(0, 16, num_devices * n_local - num_experts)
+    p2l = rng.permutation(np.concatenate([np.arange(num_experts), extra]))[None].astype(np.int32)
+    log2phy, logcnt = (a[0] for a in maps_from_phy2log(jnp.asarray(p2l), num_experts, 16))
+    ids = jnp.asarray(np.minimum(rng.zipf(1.2, (4096, 8)) - 1, num_experts + 2), jnp.int32)
+
+    def choice(impl, valid):
+        return dispatch_lib._dispatch_checked(
+            log2phy, logcnt, ids, valid, None, "balanced", None, n_local, num_devices, None,
+            "scatter", impl,
+        )  # fmt: skip
+
+    for valid in (None, jnp.asarray(rng.random(4096) < 0.8)):
+        want = jax.jit(functools.partial(choice, "xla"))(valid)
+        got = jax.jit(functools.partial(choice, "kernel"))(valid)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
