@@ -308,7 +308,7 @@ def test_kernels_equal_the_xla_choice(n, num_experts, masked, blocks):
 
         def kernel(k):
             return dispatch_lib._balanced_by_kernel(
-                log2phy, logcnt, k, groups, k.shape, num_devices, n_local, None,
+                log2phy, logcnt, groups, k.shape, num_devices, n_local, None, k,
                 interpret=True, count_block=count_block, map_block=map_block,
             )  # fmt: skip
 
@@ -319,18 +319,21 @@ def test_kernels_equal_the_xla_choice(n, num_experts, masked, blocks):
 
 
 @pytest.mark.gpu
-def test_kernels_compiled_on_a_gpu_equal_the_xla_choice():
+@pytest.mark.parametrize("num_experts, tokens, n_local", [(256, 4096, 36), (60, 1000, 9)])
+def test_kernels_compiled_on_a_gpu_equal_the_xla_choice(num_experts, tokens, n_local):
     """On a GPU the balanced choice runs the compiled kernels (the default there): the XLA
-    form's slots and counts at the decode shape, with and without a mask."""
+    form's slots and counts at the decode shape and at shapes that are no power of two, with
+    and without a mask, some ids out of range."""
     from jeplb._src import dispatch as dispatch_lib
     from jeplb._src.maps import maps_from_phy2log
 
-    num_experts, num_devices, n_local = 256, 8, 36
+    num_devices = 8
     rng = np.random.default_rng(4)
     extra = rng.integers(0, 16, num_devices * n_local - num_experts)
     p2l = rng.permutation(np.concatenate([np.arange(num_experts), extra]))[None].astype(np.int32)
     log2phy, logcnt = (a[0] for a in maps_from_phy2log(jnp.asarray(p2l), num_experts, 16))
-    ids = jnp.asarray(np.minimum(rng.zipf(1.2, (4096, 8)) - 1, num_experts + 2), jnp.int32)
+    ids = np.minimum(rng.zipf(1.2, (tokens, 8)) - 1, num_experts + 2)
+    ids = jnp.asarray(ids, jnp.int32)
 
     def choice(impl, valid):
         return dispatch_lib._dispatch_checked(
@@ -338,8 +341,46 @@ def test_kernels_compiled_on_a_gpu_equal_the_xla_choice():
             "scatter", impl,
         )  # fmt: skip
 
-    for valid in (None, jnp.asarray(rng.random(4096) < 0.8)):
+    for valid in (None, jnp.asarray(rng.random(tokens) < 0.8)):
         want = jax.jit(functools.partial(choice, "xla"))(valid)
         got = jax.jit(functools.partial(choice, "kernel"))(valid)
         for g, w in zip(got, want, strict=True):
             np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def test_kernel_ranks_continue_from_a_device_offset():
+    """Inside shard_map each device's ranks start after the pairs of the devices before it
+    (``offset``, from the gathered sizes): the second half of a batch, ranked by the kernels
+    from the first half's counts, gets the slots the whole batch gives it (in the interpreter,
+    which refuses shard_map's varying operands, so the offset is passed directly)."""
+    from jeplb._src import balanced_kernel as bk
+    from jeplb._src import dispatch as dispatch_lib
+    from jeplb._src.maps import maps_from_phy2log
+
+    num_experts, num_devices, n_local, half = 6, 4, 3, 200
+    groups = num_experts + 1
+    rng = np.random.default_rng(11)
+    p2l = rng.permutation(np.concatenate([np.arange(num_experts), [0, 0, 1, 1, 2, 3]]))
+    log2phy, logcnt = (
+        a[0] for a in maps_from_phy2log(jnp.asarray(p2l[None], jnp.int32), num_experts, 4)
+    )
+    key = np.minimum(rng.zipf(1.4, 2 * half) - 1, num_experts).astype(np.int32)
+    want = jax.jit(
+        lambda k: dispatch_lib._balanced_by_ranks(
+            log2phy, logcnt, groups, k.shape, num_devices, n_local, None, k
+        )
+    )(jnp.asarray(key))[0]
+    padded = bk.padded_groups(groups)
+    offset = jnp.asarray(np.bincount(key[:half], minlength=padded), jnp.int32)
+    share = np.bincount(key, minlength=padded)[:num_experts] // np.maximum(np.asarray(logcnt), 1)
+    order = dispatch_lib._replica_order(
+        log2phy, logcnt, jnp.asarray(share, jnp.int32), num_devices, n_local
+    )
+    second = bk.pad_keys(jnp.asarray(key[half:]), groups, 64)
+    rows = bk.block_counts(second, groups, count_block=64, interpret=True)
+    got = bk.choose(
+        second, bk.prefix_rows(rows, offset), order, logcnt, log2phy, groups=groups,
+        count_block=64, map_block=16, interpret=True,
+    )[:half]  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want)[half:])
+    assert int(offset.sum()) > 0 and (np.asarray(want) == -1).any()

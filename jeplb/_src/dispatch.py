@@ -333,30 +333,36 @@ def _balanced_choice(
     ``"xla"`` (`_ranks`) or ``"kernel"`` (on a GPU, `balanced_kernel`'s Pallas kernels).
 
     Returns: ``(physical ids int32[..., K], counts int32[E])``."""
-    num_experts, r_max = log2phy.shape
+    num_experts = log2phy.shape[0]
     out_of_range = 2 * num_experts if masked else num_experts  # the last group
     key = jnp.where(counted, ids, jnp.where(in_range, ids + num_experts, out_of_range))
     key, groups = key.reshape(-1), out_of_range + 1
-    cnt = jnp.maximum(logcnt, 1)
-    if _balanced_takes_kernel(key.size, groups, impl):
-        return _balanced_by_kernel(
-            log2phy, logcnt, key, groups, ids.shape, num_devices, n_local, token_axes
-        )
+    tables = (log2phy, logcnt, groups, ids.shape, num_devices, n_local, token_axes)
+    by_xla = functools.partial(_balanced_by_ranks, *tables)
+    if impl != "kernel" or not balanced_kernel.fits(key.size, groups):
+        return by_xla(key)
+    # The kernels are CUDA (Pallas Triton): chosen by the platform the program is lowered for.
+    return lax.platform_dependent(
+        key, cuda=functools.partial(_balanced_by_kernel, *tables), default=by_xla
+    )
+
+
+def _balanced_by_ranks(log2phy, logcnt, groups, shape, num_devices, n_local, token_axes, key):
+    """`_balanced_choice`'s result from `_ranks` (keys ``key`` int32[n] of ``groups`` groups, the
+    last one out of range; slots reshaped to ``shape``)."""
+    num_experts, r_max = log2phy.shape
     rank, sizes, local = _ranks(key, groups, token_axes)
+    cnt = jnp.maximum(logcnt, 1)
     order = _replica_order(log2phy, logcnt, sizes[:num_experts] // cnt, num_devices, n_local)
-    safe = jnp.where(in_range, ids, 0).reshape(-1)
+    in_range = key < groups - 1
+    safe = jnp.where(in_range, jnp.where(key >= num_experts, key - num_experts, key), 0)
     replica = order.reshape(-1)[safe * r_max + rank % cnt[safe]]
-    phys = log2phy.reshape(-1)[safe * r_max + replica].reshape(ids.shape)
-    return jnp.where(in_range, phys, -1), local[:num_experts]
-
-
-def _balanced_takes_kernel(n: int, groups: int, impl: str) -> bool:
-    """The balanced choice runs `balanced_kernel`'s Pallas kernels (``impl`` "kernel", on a GPU)."""
-    return impl == "kernel" and checks.platform_of() == "gpu" and balanced_kernel.fits(n, groups)
+    phys = log2phy.reshape(-1)[safe * r_max + replica]
+    return jnp.where(in_range, phys, -1).reshape(shape), local[:num_experts]
 
 
 def _balanced_by_kernel(
-    log2phy, logcnt, key, groups, shape, num_devices, n_local, token_axes, *, interpret=False,
+    log2phy, logcnt, groups, shape, num_devices, n_local, token_axes, key, *, interpret=False,
     count_block=None, map_block=None,
 ):  # fmt: skip
     """`_balanced_choice`'s result by `balanced_kernel` (keys ``key`` int32[n] of ``groups``
