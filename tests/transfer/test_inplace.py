@@ -99,7 +99,7 @@ def test_apply_moves_bit_exact(impl, dtype, slot_major):
     impl = _local.resolve_impl(impl, rows, jax.default_backend())
     if impl is None:
         assert jax.default_backend() == "cpu" and dtype in ("bfloat16", "float8_e4m3fn")
-        return
+        pytest.skip(f"{dtype} on one CPU device is staged, not moved in place")
     out = np.asarray(_local.apply_moves(rows, *orders, impl=impl, slot_major=slot_major))
     out = out.reshape(stacked.shape)
     out = out.transpose(1, 0, 2) if slot_major else out
@@ -174,7 +174,9 @@ def test_one_device_bf16_nan_payloads_kept(mesh1):
     bits = np.resize(patterns, (2, 3, 6)) ^ np.arange(3, dtype=np.uint16)[None, :, None]
     host = {
         "bf16": bits.view(ml_dtypes.bfloat16),
-        "fp8": (bits & 0xFF).astype(np.uint8).view(ml_dtypes.float8_e4m3fn),
+        "fp8": np.resize(np.array([0x7F, 0xFF, 0x01, 0x81, 0x7E, 0x3C], np.uint8), (2, 3, 6))
+        .__xor__(np.array([0, 0x80, 0x01], np.uint8)[None, :, None])
+        .view(ml_dtypes.float8_e4m3fn),  # NaNs (0x7f, 0xff), subnormals
     }
     w = {k: jax.device_put(v, NamedSharding(mesh1, P(None, "ep"))) for k, v in host.items()}
     out, report = jeplb.rearrange_expert_weights(old, new, w, mesh=mesh1)

@@ -168,8 +168,8 @@ _COUNTS = ("wire_rows", "min_rows", "chunks", "remote_rows", "local_rows", "inte
 
 
 def _direct_impls(leaves, engine: Engine) -> tuple[rows_lib.Mover, ...] | None:
-    """The in-place executor of each leaf, or None when one has none (``scatter``: the engine
-    stages instead)."""
+    """The in-place executor of each leaf, or None when one has none (``scatter``, and dtypes
+    that do not move natively: the engine stages instead)."""
     impls = tuple(engine.movers.direct(_rows_of(x)) for x in leaves)
     return None if None in impls else impls
 

@@ -278,7 +278,9 @@ def _warps(num_warps: int):
 
 def resolve_impl(impl: str, rows: jax.Array, platform: str) -> rows_lib.Mover | None:
     """The executor ``impl`` stands for on ``platform`` for rows [L * N, R]
-    (`rows.Movers.direct`): None for ``scatter``, which has no ordered form and stages instead."""
+    (`rows.Movers.direct`): None for ``scatter``, which has no ordered form, and for dtypes that
+    do not move natively (bf16 and fp8 on the CPU, sub-byte types anywhere): those stage
+    instead."""
     return rows_lib.Movers(impl, platform).direct(rows)
 
 

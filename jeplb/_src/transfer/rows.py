@@ -63,7 +63,8 @@ def pallas_refusal(width: int) -> str | None:
 
 
 class Mover(enum.StrEnum):
-    """A resolved row mover: what `copy_rows` (and `inplace.apply_moves` on one device) runs.
+    """A resolved row mover: what `copy_rows` (and, but for ``select`` and ``scatter``,
+    `inplace.apply_moves` on one device) runs.
 
     Members compare equal to their names (``Mover.LOOP == "loop"``).
     """
@@ -184,8 +185,9 @@ class Movers:
         engine stages instead)."""
         chosen = self.for_rows(rows)
         if chosen is Mover.SELECT:
-            # The loop reads each row with a dynamic slice, which XLA:CPU runs through f32 for
-            # bf16 and fp8 (NaN payloads lost): these rows are staged (read through their bits).
+            # Dtypes that do not move natively (bf16 and fp8 on the CPU, sub-byte types
+            # anywhere) are staged, read through their bits: the loop reads each row with a
+            # dynamic slice, which XLA:CPU runs through f32 for bf16 and fp8 (NaN payloads lost).
             return None
         if (
             self.row_impl == "auto"
