@@ -50,6 +50,8 @@ FORMS = (
     "plain, mesh",
     "library + record_ids, mesh",
 )
+# `bench_decode`'s own steps (`bench_dispatch`'s harness), built in the same run.
+BENCH_DECODE = (bd.PLAIN, bd.ONCE, bd.DISPATCH)
 
 
 def map_ids(form, state, layer, ids):
@@ -114,6 +116,9 @@ def main(argv=None) -> int:
                 f.write(compiled.as_text())
         programs[form] = (compiled, fargs)
         print(f"{form}: {ops[form]} operations", flush=True)
+    for variant in BENCH_DECODE:
+        fn, fargs = bd.build(bd.DEFAULT, variant, "unrolled")
+        programs[f"bench_decode {variant}"] = (fn.lower(*fargs).compile(), fargs)
     med = bd.time_steps(programs, repeats=args.repeats, warmup=3, burst=10, samples=20)
     lines = [
         "| form | operations per step | call_us | pipelined_us | per layer, call | per layer, "
@@ -124,6 +129,13 @@ def main(argv=None) -> int:
         (c, b), base = med[form], med["plain, mesh" if form.endswith("mesh") else "plain"]
         dc, db = (c - base[0]) / L, (b - base[1]) / L
         lines.append(f"| {form} | {ops[form]} | {c:.0f} | {b:.0f} | {dc:.2f} | {db:.2f} |")
+    base = med[f"bench_decode {bd.PLAIN}"]
+    harness = ", ".join(
+        f"`{v}` {c:.0f} / {b:.0f} us ({(c - base[0]) / L:.2f} / {(b - base[1]) / L:.2f} us a layer)"
+        for v in BENCH_DECODE
+        for c, b in [med[f"bench_decode {v}"]]
+    )
+    lines += ["", f"The same run, `bench_decode`'s own steps (call / back to back): {harness}."]
     text = (
         f"# The library's map in the decode step ({device})\n\n"
         f"Command: `python benchmarks/map_isolation.py {' '.join(given)}`\n\n"
