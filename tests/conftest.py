@@ -75,6 +75,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
+@pytest.fixture
+def triton_lowering(monkeypatch):
+    """Pallas GPU kernels lower through Triton (as on the lent GPUs' jax), whatever this jax's
+    default: for tests of the ``auto`` choices on a ``"gpu"`` platform string."""
+    from jeplb._src.transfer import rows
+
+    monkeypatch.setattr(rows, "triton_lowering", lambda: True)
+
+
 @pytest.fixture(scope="session")
 def cpu_devices():
     devs = jax.devices("cpu")

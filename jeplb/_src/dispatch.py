@@ -341,6 +341,8 @@ def _balanced_choice(
     by_xla = functools.partial(_balanced_by_ranks, *tables)
     if impl != "kernel" or not balanced_kernel.fits(key.size, groups):
         return by_xla(key)
+    if not rows_lib.triton_lowering():  # the kernels are written for Pallas's Triton lowering
+        return by_xla(key)
     # The kernels are CUDA (Pallas Triton): chosen by the platform the program is lowered for.
     return lax.platform_dependent(
         key, cuda=functools.partial(_balanced_by_kernel, *tables), default=by_xla

@@ -436,7 +436,7 @@ def test_stages_rows_the_kernel_cannot_move(commit, data):
     expect(fn, ValueError, names_both("expert_weights"), w)
 
 
-def test_auto_takes_the_loop_where_the_kernel_cannot_move_rows():
+def test_auto_takes_the_loop_where_the_kernel_cannot_move_rows(triton_lowering):
     # One GPU, rows of 64 KiB and more: ``auto`` picks the in-place kernel only for rows it moves
     # (int8 rows of 1024 x 65 elements are not whole blocks of 512 32-bit words).
     from jeplb._src.transfer import inplace

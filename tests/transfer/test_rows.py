@@ -79,7 +79,7 @@ def test_column_block_select_keeps_other_columns():
     np.testing.assert_array_equal(as_bits(out), expect)
 
 
-def test_auto_resolution_and_errors():
+def test_auto_resolution_and_errors(triton_lowering):
     big = jax.ShapeDtypeStruct((4, 1 << 16), jnp.bfloat16)
     small = jax.ShapeDtypeStruct((4, 100), jnp.bfloat16)
     big32 = jax.ShapeDtypeStruct((4, 1 << 16), jnp.float32)
@@ -129,7 +129,7 @@ def test_compiled_pallas_rearrange_on_gpu(dtype):
             )
 
 
-def test_movers_own_the_rules():
+def test_movers_own_the_rules(triton_lowering):
     # Every rule about which mover runs where lives in rows.Movers / rows.Mover.
     big = jax.ShapeDtypeStruct((4, 1 << 16), jnp.float32)
     odd = jax.ShapeDtypeStruct((4, 100), jnp.float32)
@@ -154,3 +154,33 @@ def test_movers_own_the_rules():
     assert _rows.Mover.LOOP.block_problems(2048, 512, passes=4, fit=2) is None
     with pytest.raises(TypeError, match=r"row_impl: expected one of .*got int 3"):
         _rows.Movers(3, "gpu")
+
+
+def test_auto_takes_xla_where_pallas_lowers_to_mosaic():
+    """The library's GPU kernels are written for Pallas's Triton lowering; where jax lowers
+    Pallas GPU kernels to Mosaic GPU (``jax_pallas_use_mosaic_gpu``) the ``auto`` choices take
+    XLA's forms, and a balanced dispatch lowered for CUDA holds no kernel; asked for by name,
+    the kernel is still the user's choice."""
+    from jeplb._src import dispatch as dispatch_lib
+
+    def choice(ids):
+        log2phy, logcnt = jnp.zeros((16, 2), jnp.int32), jnp.ones((16,), jnp.int32)
+        args = (None, None, "balanced", None, 2, 4, None, "scatter", "kernel")
+        return dispatch_lib._dispatch_checked(log2phy, logcnt, ids, *args)[0]
+
+    big = jax.ShapeDtypeStruct((4, 1 << 16), jnp.float32)
+    ids = jax.ShapeDtypeStruct((64, 2), jnp.int32)
+    before = getattr(jax.config, "jax_pallas_use_mosaic_gpu", None)
+    if before is None:
+        pytest.skip("this jax has no jax_pallas_use_mosaic_gpu switch (Triton only)")
+    try:
+        for triton, mover in ((True, "pallas"), (False, "loop")):
+            jax.config.update("jax_pallas_use_mosaic_gpu", not triton)
+            assert _rows.triton_lowering() is triton
+            assert _rows.resolve_impl("auto", big, "gpu") == mover
+            assert _rows.Movers("auto", "gpu").kernel_preferred is triton
+            assert _rows.resolve_impl("pallas", big, "gpu") == "pallas"
+            lowered = jax.jit(choice).trace(ids).lower(lowering_platforms=("cuda",))
+            assert ("triton" in lowered.as_text()) is triton
+    finally:
+        jax.config.update("jax_pallas_use_mosaic_gpu", before)

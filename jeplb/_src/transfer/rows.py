@@ -100,10 +100,19 @@ class Mover(enum.StrEnum):
         return f"{why}; pass {fix}"
 
 
+def triton_lowering() -> bool:
+    """Whether this jax lowers Pallas GPU kernels through Triton, which the library's GPU kernels
+    (row moves, the replica sum, the balanced choice) are written for. Where it lowers them to
+    Mosaic GPU instead (``jax_pallas_use_mosaic_gpu``, the default of some jax versions) they
+    would not lower: the ``auto`` choices then take XLA's forms."""
+    return not bool(getattr(jax.config, "jax_pallas_use_mosaic_gpu", False))
+
+
 def resolve_impl(impl: str, dst: jax.Array, platform: str) -> Mover:
     """The row mover ``impl`` stands for on ``platform`` for rows written into ``dst``.
 
-    ``auto``: a Pallas kernel on GPUs for rows of at least 64 KiB, else the loop. Whatever was
+    ``auto``: a Pallas kernel on GPUs for rows of at least 64 KiB (where Pallas lowers through
+    Triton, `triton_lowering`), else the loop. Whatever was
     asked, rows of a dtype that does not move natively there (see `layout`) are written with the
     one-row ``select``.
     """
@@ -114,7 +123,8 @@ def resolve_impl(impl: str, dst: jax.Array, platform: str) -> Mover:
         return Mover(impl)
     width = dst.shape[1]
     big = width * np.dtype(dst.dtype).itemsize >= _PALLAS_MIN_ROW_BYTES
-    return Mover.PALLAS if platform == "gpu" and big and pallas_block(width) else Mover.LOOP
+    kernel = platform == "gpu" and big and pallas_block(width) and triton_lowering()
+    return Mover.PALLAS if kernel else Mover.LOOP
 
 
 # The in-place (one-device) kernel's limits: rows of whole blocks of 512 32-bit words.
@@ -216,9 +226,10 @@ class Movers:
 
     @property
     def kernel_preferred(self) -> bool:
-        """A kernel of the platform is wanted where it fits (asked for, or ``auto`` on GPUs);
-        for the one-device replica sum (`replica_sum`)."""
-        return self.kernel_requested or (self.row_impl == "auto" and self.platform == "gpu")
+        """A kernel of the platform is wanted where it fits (asked for, or ``auto`` on GPUs whose
+        Pallas lowers through Triton); for the one-device replica sum (`replica_sum`)."""
+        auto = self.row_impl == "auto" and self.platform == "gpu" and triton_lowering()
+        return self.kernel_requested or auto
 
     @property
     def interpreted(self) -> bool:
