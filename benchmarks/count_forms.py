@@ -80,8 +80,9 @@ def count_layer(form, pass_load, layer, ids):
     raise ValueError(form)
 
 
-def build(form, layers, seed=0):
-    """(jitted step, its first arguments) for one counting form."""
+def step_inputs(layers, seed=0):
+    """The step's first arguments: ``(state, w f32[L, P, H], acc f32[T, H], ids0 int32[L, T,
+    K])``, a fresh state on one device (nothing due) and a fixed draw of distinct ids a token."""
     rng = np.random.default_rng(seed)
     ids0 = jnp.asarray(np.argsort(rng.random((layers, T, E)), -1)[..., :K].astype(np.int32))
     w = jnp.asarray(rng.uniform(-1, 1, (layers, P, H)).astype(np.float32))
@@ -90,6 +91,12 @@ def build(form, layers, seed=0):
         num_layers=layers, num_experts=E, num_devices=1, num_redundant_experts=P - E,
         window_size=1, step_interval=10**9,
     )  # fmt: skip
+    return state, w, acc, ids0
+
+
+def build(form, layers, seed=0):
+    """(jitted step, its first arguments) for one counting form."""
+    state, w, acc, ids0 = step_inputs(layers, seed)
 
     def step(state, w, acc, ids0):
         kept, pass_load = [], state.pass_load

@@ -28,7 +28,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from count_forms import E, H, K, T, hash_map
+from count_forms import E, K, T, hash_map, step_inputs
 from count_forms import P as SLOTS
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -69,14 +69,7 @@ def map_ids(form, state, layer, ids):
 
 def build(form, seed=0):
     """(jitted step, its first arguments) for one form."""
-    rng = np.random.default_rng(seed)
-    ids0 = jnp.asarray(np.argsort(rng.random((L, T, E)), -1)[..., :K].astype(np.int32))
-    w = jnp.asarray(rng.uniform(-1, 1, (L, SLOTS, H)).astype(np.float32))
-    acc = jnp.asarray(rng.uniform(-1, 1, (T, H)).astype(np.float32))
-    state = jeplb.EplbState.create(
-        num_layers=L, num_experts=E, num_devices=1, num_redundant_experts=SLOTS - E,
-        window_size=1, step_interval=10**9,
-    )  # fmt: skip
+    state, w, acc, ids0 = step_inputs(L, seed)
     if form.endswith("mesh"):
         mesh = Mesh(np.array(jax.devices()[:1]), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
         state = state.replicated(mesh)
