@@ -51,12 +51,6 @@ def pad_keys(key: jax.Array, groups: int, count_block: int) -> jax.Array:
     return jnp.pad(key, (0, (-key.shape[0]) % count_block), constant_values=groups - 1)
 
 
-def _varying(*args):
-    """The operands marked varying over the same shard_map axes (a kernel needs them alike)."""
-    axes = frozenset().union(*(rows_lib.varying_axes(a) for a in args))
-    return [rows_lib.make_varying(a, axes) for a in args]
-
-
 def block_counts(key, groups: int, *, count_block: int = COUNT_BLOCK, interpret: bool = False):
     """Per counting block, its keys' count per group.
 
@@ -78,7 +72,7 @@ def block_counts(key, groups: int, *, count_block: int = COUNT_BLOCK, interpret:
         hits = (key_ref[...][:, None] == group).astype(jnp.int32)  # [count_block, chunk]
         rows_ref[...] = jnp.sum(hits, axis=0)
 
-    (key,) = _varying(key)
+    (key,) = rows_lib.vary_alike(key)
     blocks = key.shape[0] // count_block
     return pl.pallas_call(
         kernel,
@@ -140,7 +134,9 @@ def choose(
     def whole(a):
         return pl.BlockSpec(a.shape, lambda i: (0,) * a.ndim)
 
-    args = _varying(key, key, before.reshape(-1), order.reshape(-1), logcnt, log2phy.reshape(-1))
+    args = rows_lib.vary_alike(
+        key, key, before.reshape(-1), order.reshape(-1), logcnt, log2phy.reshape(-1)
+    )
     blocked = pl.BlockSpec((map_block,), lambda i: (i,))
     window = pl.BlockSpec((count_block,), lambda i: (i * map_block // count_block,))
     return pl.pallas_call(

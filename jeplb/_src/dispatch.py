@@ -604,12 +604,8 @@ def _map_and_count_fused(log2phy, logcnt, ids, valid, token_index, *, k, interpr
     def whole(shape):
         return pl.BlockSpec(shape, lambda i: (0,) * len(shape))
 
-    # Inside shard_map every operand must vary over the same manual axes (the ids usually vary,
-    # the maps are replicated); the outputs vary like them.
-    args = [ids.reshape(-1), *tables]
-    axes = frozenset().union(*(rows_lib.varying_axes(a) for a in args))
-    args = [rows_lib.make_varying(a, axes) for a in args]
-    like = rows_lib._like(args[0])  # int32[n], varying over ``axes``
+    args = rows_lib.vary_alike(ids.reshape(-1), *tables)  # operands alike inside shard_map
+    like = rows_lib._like(args[0])  # int32[n], varying like the operands
     blocked = pl.BlockSpec((block,), lambda i: (i,))
     phys, rows = pl.pallas_call(
         kernel,

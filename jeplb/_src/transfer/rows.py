@@ -262,6 +262,14 @@ def make_varying(x: jax.Array, axes) -> jax.Array:
     return lax.pvary(x, missing)
 
 
+def vary_alike(*args: jax.Array) -> list[jax.Array]:
+    """``args`` each marked as varying over every shard_map axis any of them varies over: a
+    Pallas kernel inside shard_map needs its operands alike (usually the ids vary and the maps
+    are replicated); its outputs then vary like them."""
+    axes = frozenset().union(*(varying_axes(a) for a in args))
+    return [make_varying(a, axes) for a in args]
+
+
 def _like(x: jax.Array) -> jax.ShapeDtypeStruct:
     """A ShapeDtypeStruct of ``x`` that keeps how it varies over shard_map's manual axes."""
     aval = jax.typeof(x)
