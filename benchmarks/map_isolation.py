@@ -61,7 +61,7 @@ def map_ids(form, state, layer, ids):
         return hash_map(l2p, cnt, ids)
     if form.startswith("library core"):
         args = (None, None, "hash", None, state.slots_per_device, state.num_devices, None)
-        return dl._dispatch_checked(l2p, cnt, ids, *args, "scatter")[0]
+        return dl._dispatch_checked(l2p, cnt, ids, *args, "scatter", dl._BALANCED_IMPL)[0]
     if form.startswith("dispatch_layer"):
         return jeplb.dispatch_layer(l2p, cnt, ids)[0]
     return jeplb.dispatch(state, layer, ids, record=False)[1]

@@ -339,9 +339,9 @@ def _balanced_choice(
     key, groups = key.reshape(-1), out_of_range + 1
     tables = (log2phy, logcnt, groups, ids.shape, num_devices, n_local, token_axes)
     by_xla = functools.partial(_balanced_by_ranks, *tables)
-    if impl != "kernel" or not balanced_kernel.fits(key.size, groups):
-        return by_xla(key)
-    if not rows_lib.triton_lowering():  # the kernels are written for Pallas's Triton lowering
+    # The kernels are written for Pallas's Triton lowering (`rows.triton_lowering`).
+    kernel = impl == "kernel" and balanced_kernel.fits(key.size, groups)
+    if not (kernel and rows_lib.triton_lowering()):
         return by_xla(key)
     # The kernels are CUDA (Pallas Triton): chosen by the platform the program is lowered for.
     return lax.platform_dependent(
@@ -463,7 +463,7 @@ def dispatch_layer(
 
 def _dispatch_checked(
     log2phy, logcnt, topk_ids, valid, token_index, choice, device_index,
-    slots_per_device, num_devices, token_axes, impl, balanced_impl="xla",
+    slots_per_device, num_devices, token_axes, impl, balanced_impl,
 ):  # fmt: skip
     """`dispatch_layer` on checked arguments (integer arrays of fitting shapes); ``impl`` how
     the counts are made off the CPU (``_IMPL``), ``balanced_impl`` how the balanced choice
