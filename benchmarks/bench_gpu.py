@@ -292,14 +292,21 @@ class RebalanceRow:
 
 def _blockwise_transfer(mesh, layers, resident):
     """``transfer(old, new, w, impl)``: maps int32[layers, N] applied block by block to one
-    resident block of weights [resident, N, R], each block a full one-device transfer."""
+    resident block of weights [resident, N, R], each block a full one-device transfer.
+
+    A last block of fewer layers moves the resident block's first layers and keeps the others
+    (their plans padded with unchanged maps): slicing the block and writing it back would copy
+    those layers whole, a cost no rebalance of a model's weights has."""
     blocks = [(b, min(b + resident, layers)) for b in range(0, layers, resident)]
 
     def transfer(old, new, w, impl):
         prog = _transfer.program_for(mesh, donate=False, row_impl=impl)
         for b, e in blocks:
-            (part,), _ = prog(old[b:e], new[b:e], [w[: e - b]])
-            w = part if e - b == resident else w.at[: e - b].set(part)
+            a, z = old[b:e], new[b:e]
+            if e - b < resident:
+                keep = jnp.broadcast_to(a[-1:], (resident - (e - b), a.shape[1]))
+                a, z = jnp.concatenate([a, keep]), jnp.concatenate([z, keep])
+            (w,), _ = prog(a, z, [w])
         return w
 
     return transfer
@@ -459,13 +466,25 @@ def policy_times():
     return out
 
 
+SECTIONS = ("moves", "direct", "rebalance", "policy")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--out", metavar="PATH")
     ap.add_argument("--layers", type=int, default=58, help="layers of the one-GPU rebalance")
+    ap.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated sections to run, of {','.join(SECTIONS)} (default: all)",
+    )
     args = ap.parse_args(argv)
+    sections = args.sections.split(",")
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        ap.error(f"--sections: unknown {unknown}; expected names among {list(SECTIONS)}")
     dev = jax.devices()[0]
     copy_bytes = min(1 << 32, device_budget() // 10)
     ceiling = copy_ceiling(copy_bytes)
@@ -473,10 +492,12 @@ def main(argv=None):
         f"device {dev.device_kind}: copy ceiling {ceiling / 1e12:.2f} TB/s (read + write)",
         flush=True,
     )
-    moves = row_moves(ceiling, quick=args.quick)
-    direct = direct_moves(ceiling, quick=args.quick)
-    reb = one_gpu_rebalance(ceiling, layers=args.layers, quick=args.quick)
-    pol = policy_times()
+    moves = row_moves(ceiling, quick=args.quick) if "moves" in sections else []
+    direct = direct_moves(ceiling, quick=args.quick) if "direct" in sections else []
+    reb = []
+    if "rebalance" in sections:
+        reb = one_gpu_rebalance(ceiling, layers=args.layers, quick=args.quick)
+    pol = policy_times() if "policy" in sections else []
     cmd = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     text = (
         f"# GPU benchmark: {dev.device_kind}, jax {jax.__version__}\n\n"
