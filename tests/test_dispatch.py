@@ -108,6 +108,23 @@ def test_dispatch_layer_at_decode_shape_matches_numpy():
     np.testing.assert_array_equal(np.asarray(counts), want[1])
 
 
+def test_position_hash_made_in_the_program_past_the_constant_limit(monkeypatch):
+    """Batches past `_HASH_CONSTANT_MAX` pairs hash their positions in the program (a host
+    constant of them would be too large); below it the hash is a host constant. Both give the
+    numpy model's slots (distinct shapes: each setting is traced once)."""
+    rng = np.random.default_rng(5)
+    log2phy, logcnt = _maps(rng, 7, 3)
+    for limit, (t, k), xor in ((0, (96, 3), True), (1 << 20, (80, 3), False)):
+        monkeypatch.setattr(dispatch_lib, "_HASH_CONSTANT_MAX", limit)
+        ids = rng.integers(-1, 8, (t, k)).astype(np.int32)
+        layer = functools.partial(dispatch_layer, jnp.asarray(log2phy), jnp.asarray(logcnt))
+        assert ("xor" in str(jax.make_jaxpr(layer)(ids))) == xor, limit
+        phys, counts = jax.jit(layer)(ids)
+        want = numpy_dispatch(log2phy, logcnt, ids)
+        np.testing.assert_array_equal(np.asarray(phys), want[0])
+        np.testing.assert_array_equal(np.asarray(counts), want[1])
+
+
 @pytest.mark.gpu
 def test_fused_dispatch_inside_shard_map():
     """Ids split over an axis (varying), maps replicated: the compiled kernel takes both. (Pallas's

@@ -62,6 +62,7 @@ from jeplb._src import balanced_kernel, checks
 from jeplb._src import counts as counts_lib
 from jeplb._src.config import REPLICA_CHOICES
 from jeplb._src.state import EplbState, check_layer
+from jeplb._src.transfer import agree
 from jeplb._src.transfer import rows as rows_lib
 
 __all__ = ["dispatch", "dispatch_layer"]
@@ -75,6 +76,34 @@ def _mix32(x: jax.Array) -> jax.Array:
     x = x ^ (x >> 15)
     x = x * jnp.uint32(0x846CA68B)
     return x ^ (x >> 16)
+
+
+# Batches of at most this many (token, k) pairs take the hash of their positions as a constant
+# made on the host (once per shape): inside a model's step XLA fuses the map into the expert
+# read and would otherwise recompute the hash there, per layer and per element read.
+_HASH_CONSTANT_MAX = 1 << 20
+
+
+def _pair_hash(batch: tuple[int, ...], k: int, token_index) -> jax.Array:
+    """uint32[*batch, k]: ``_mix32(t * k + j)`` of each pair's token index t (its flat position
+    without ``token_index``) and rank j."""
+    n = int(np.prod(batch))
+    if token_index is None and n * k <= _HASH_CONSTANT_MAX:
+        return jnp.asarray(_position_hash(n, k).reshape(*batch, k))
+    if token_index is None:
+        tok = jnp.arange(n, dtype=jnp.uint32).reshape(batch)
+    else:
+        tok = jnp.asarray(token_index).astype(jnp.uint32)
+    return _mix32(tok[..., None] * jnp.uint32(k) + jnp.arange(k, dtype=jnp.uint32))
+
+
+@functools.lru_cache(maxsize=32)
+def _position_hash(n: int, k: int) -> np.ndarray:
+    """uint32[n, k] `_mix32` of every position t * k + j, computed on the host (read-only)."""
+    pos = np.arange(n * k, dtype=np.uint64).reshape(n, k)
+    out = agree._mix32_np(pos).astype(np.uint32)
+    out.setflags(write=False)
+    return out
 
 
 def _local_tables(log2phy: jax.Array, logcnt: jax.Array, num_devices: int, n_local: int):
@@ -491,11 +520,7 @@ def _dispatch_checked(
                 k=k,
             )  # fmt: skip
         safe = jnp.where(in_range, ids, 0)
-        if token_index is None:
-            tok = jnp.arange(int(np.prod(batch)), dtype=jnp.uint32).reshape(batch)
-        else:
-            tok = jnp.asarray(token_index).astype(jnp.uint32)
-        h = _mix32(tok[..., None] * jnp.uint32(k) + jnp.arange(k, dtype=jnp.uint32))
+        h = _pair_hash(batch, k, token_index)
         cnt = jnp.maximum(logcnt[safe], 1).astype(jnp.uint32)
         replica = (h % cnt).astype(jnp.int32)
         phys = log2phy.reshape(-1)[safe * r_max + replica]
