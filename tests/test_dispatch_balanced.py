@@ -373,13 +373,13 @@ def test_kernel_ranks_continue_from_a_device_offset():
     padded = bk.padded_groups(groups)
     offset = jnp.asarray(np.bincount(key[:half], minlength=padded), jnp.int32)
     share = np.bincount(key, minlength=padded)[:num_experts] // np.maximum(np.asarray(logcnt), 1)
-    order = dispatch_lib._replica_order(
+    place = dispatch_lib._replica_places(
         log2phy, logcnt, jnp.asarray(share, jnp.int32), num_devices, n_local
     )
     second = bk.pad_keys(jnp.asarray(key[half:]), groups, 64)
     rows = bk.block_counts(second, groups, count_block=64, interpret=True)
     got = bk.choose(
-        second, bk.prefix_rows(rows, offset), order, logcnt, log2phy, groups=groups,
+        second, bk.prefix_rows(rows) + offset, place, logcnt, log2phy, groups=groups,
         count_block=64, map_block=16, interpret=True,
     )[:half]  # fmt: skip
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want)[half:])

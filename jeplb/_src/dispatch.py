@@ -330,10 +330,18 @@ def _ranks_blocked(key: jax.Array, *, groups: int):
 
 
 def _replica_order(log2phy, logcnt, share, num_devices, n_local):
-    """Each expert's live replicas, those on the least-loaded devices first ([E, R_max]).
+    """Each expert's live replicas, those on the least-loaded devices first ([E, R_max]): the
+    inverse of `_replica_places`' permutations, as a reduction (no scatter)."""
+    place = _replica_places(log2phy, logcnt, share, num_devices, n_local)
+    j = jnp.arange(log2phy.shape[1], dtype=jnp.int32)
+    return jnp.sum(jnp.where(place[:, :, None] == j, j[None, :, None], 0), 1, jnp.int32)
 
-    A device's load is the sum of the floor shares ``share[e]`` of the replicas it holds; ties go
-    by replica index rotated by the expert's id, so equal devices share the remainders."""
+
+def _replica_places(log2phy, logcnt, share, num_devices, n_local):
+    """Each replica's place in its expert's order (int32[E, R_max], a permutation of each row):
+    live replicas by the load of their device, the sum of the floor shares ``share[e]`` of the
+    replicas it holds (lightest first); ties by replica index rotated by the expert's id, so
+    equal devices share the remainders; the unused entries after them in index order."""
     num_experts, r_max = log2phy.shape
     j = jnp.arange(r_max, dtype=jnp.int32)[None, :]
     e = jnp.arange(num_experts, dtype=jnp.int32)[:, None]
@@ -346,9 +354,7 @@ def _replica_order(log2phy, logcnt, share, num_devices, n_local):
     # Each replica's place: the replicas before it by (weight, tie) ([E, R, R] compares: R_max
     # is small; cheaper than a sort of E short rows).
     w1, w2, t1, t2 = weight[:, :, None], weight[:, None, :], tie[:, :, None], tie[:, None, :]
-    place = jnp.sum((w2 < w1) | ((w2 == w1) & (t2 < t1)), -1, dtype=jnp.int32)
-    # ``place`` is a permutation of each row: its inverse, as a reduction (no scatter).
-    return jnp.sum(jnp.where(place[:, :, None] == j[:, None, :], j[:, :, None], 0), 1, jnp.int32)
+    return jnp.sum((w2 < w1) | ((w2 == w1) & (t2 < t1)), -1, dtype=jnp.int32)
 
 
 def _balanced_choice(
@@ -407,13 +413,14 @@ def _balanced_by_kernel(
     rows = balanced_kernel.block_counts(
         key, groups, count_block=count_block, interpret=interpret
     )  # [B, G_pad]
-    local = jnp.sum(rows, axis=0, dtype=jnp.int32)
+    before = balanced_kernel.prefix_rows(rows)  # [B + 1, G_pad]
+    local = before[-1]  # the sum of every block's rows: this call's group sizes
     offset, sizes = _global_sizes(local, token_axes)
     share = sizes[:num_experts] // jnp.maximum(logcnt, 1)
-    order = _replica_order(log2phy, logcnt, share, num_devices, n_local)
+    place = _replica_places(log2phy, logcnt, share, num_devices, n_local)
     phys = balanced_kernel.choose(
-        key, balanced_kernel.prefix_rows(rows, offset), order, logcnt, log2phy, groups=groups,
-        count_block=count_block, map_block=map_block, interpret=interpret,
+        key, before if offset is None else before + offset, place, logcnt, log2phy,
+        groups=groups, count_block=count_block, map_block=map_block, interpret=interpret,
     )  # fmt: skip
     return phys[:n].reshape(shape), local[:num_experts]
 
