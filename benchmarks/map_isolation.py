@@ -4,9 +4,14 @@
 one jitted call per step, state and weights donated), each layer's ids mapped by one of:
 
 * ``hand``: `count_forms.hash_map` (the hash choice written out, no range checks);
+* ``hand checked``: the same with the library's range checks (ids outside [0, E) give -1);
+* ``hand materialised``: ``hand`` through `lax.optimization_barrier` (the slots made once, not
+  fused into the expert read);
 * ``library``: `jeplb.dispatch(..., record=False)`;
 * ``library core``: the checked core (`dispatch._dispatch_checked`) called directly (no nested
   jit);
+* ``library fused``: the core without its barrier (`dispatch._map_and_count`): the map fused
+  into the expert read, as the library made it before;
 * ``dispatch_layer``: `jeplb.dispatch_layer` on the state's map slices;
 
 with and without `EplbState.record_ids` after the forward (``+ record_ids``), and the library's
@@ -30,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from count_forms import E, K, T, hash_map, step_inputs
 from count_forms import P as SLOTS
+from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -42,10 +48,13 @@ L = 58
 FORMS = (
     "plain",
     "hand",
+    "hand checked",
+    "hand materialised",
     "hand + record_ids",
     "library",
     "library + record_ids",
     "library core",
+    "library fused",
     "dispatch_layer",
     "plain, mesh",
     "library + record_ids, mesh",
@@ -57,11 +66,17 @@ BENCH_DECODE = (bd.PLAIN, bd.ONCE, bd.DISPATCH)
 def map_ids(form, state, layer, ids):
     """Layer ``layer``'s slots of ``ids`` [T, K] by ``form`` (the state unchanged)."""
     l2p, cnt = state.log2phy[layer], state.logcnt[layer]
+    if form.startswith("hand checked"):
+        ok = (ids >= 0) & (ids < E)
+        return jnp.where(ok, hash_map(l2p, cnt, jnp.where(ok, ids, 0)), -1)
+    if form.startswith("hand materialised"):
+        return lax.optimization_barrier(hash_map(l2p, cnt, ids))
     if form.startswith("hand"):
         return hash_map(l2p, cnt, ids)
-    if form.startswith("library core"):
+    if form.startswith("library core") or form.startswith("library fused"):
+        core = dl._dispatch_checked if form.startswith("library core") else dl._map_and_count
         args = (None, None, "hash", None, state.slots_per_device, state.num_devices, None)
-        return dl._dispatch_checked(l2p, cnt, ids, *args, "scatter", dl._BALANCED_IMPL)[0]
+        return core(l2p, cnt, ids, *args, "scatter", dl._BALANCED_IMPL)[0]
     if form.startswith("dispatch_layer"):
         return jeplb.dispatch_layer(l2p, cnt, ids)[0]
     return jeplb.dispatch(state, layer, ids, record=False)[1]

@@ -108,6 +108,21 @@ def test_dispatch_layer_at_decode_shape_matches_numpy():
     np.testing.assert_array_equal(np.asarray(counts), want[1])
 
 
+@pytest.mark.parametrize("choice", ["hash", "local", "balanced"])
+def test_slots_are_made_once_not_fused_into_their_reader(choice):
+    """The slots leave `dispatch_layer` through an optimization barrier: XLA cannot fuse the map
+    into a consumer that gathers rows at them (and redo it for every element read)."""
+    log2phy, logcnt = _maps(np.random.default_rng(2), 6, 2)
+    layer = functools.partial(
+        dispatch_layer, jnp.asarray(log2phy), jnp.asarray(logcnt), replica_choice=choice,
+        device_index=0, slots_per_device=3, num_devices=4,
+    )  # fmt: skip
+    eqns = jax.make_jaxpr(layer)(jnp.zeros((8, 2), jnp.int32)).eqns
+    (core,) = [e for e in eqns if "jaxpr" in e.params]
+    last = core.params["jaxpr"].jaxpr.eqns[-1]
+    assert last.primitive.name == "optimization_barrier", last.primitive.name
+
+
 def test_position_hash_made_in_the_program_past_the_constant_limit(monkeypatch):
     """Batches past `_HASH_CONSTANT_MAX` pairs hash their positions in the program (a host
     constant of them would be too large); below it the hash is a host constant. Both give the
