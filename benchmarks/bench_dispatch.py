@@ -12,7 +12,8 @@ dispatch's share by L.
 ``--impl`` picks how the counts are made on the GPU: ``scatter`` (the default: a scatter into 256
 rows of counters, summed), ``compare`` (a compare-sum) or ``fused`` (the Pallas kernel that maps
 and counts, its programs' rows summed by XLA). ``--diagnose`` adds the idle step traced without
-its conditional (not a usable step: what the conditional costs). ``--hlo DIR`` writes what one
+its conditional, after `dispatch` and after the counted-once map (not usable steps: what the
+conditional costs). ``--hlo DIR`` writes what one
 layer's dispatch launches (the compiled entry computation) and the idle step's compiled HLO.
 ``--command-buffers`` adds ``--xla_gpu_enable_command_buffer=+CONDITIONAL,+WHILE`` to XLA_FLAGS
 before the backend starts (on a GPU the conditional's predicate then stays on the device).
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
     balanced_ops = bd.first_layer_ops(case, replica_choice="balanced") if args.balanced else []
     if balanced_ops:
         print(f"balanced: {len(balanced_ops)} operations:", *balanced_ops, sep="\n  ")
-    variants = tuple(args.variants.split(",")) + ((bd.IDLE_NO_COND,) if args.diagnose else ())
+    variants = tuple(args.variants.split(",")) + (bd._NO_COND if args.diagnose else ())
     variants += (bd.BALANCED,) if args.balanced and bd.BALANCED not in variants else ()
     rows = bd.measure(
         case,

@@ -83,12 +83,15 @@ IDLE_BIG, IDLE_ONE = "dispatch + idle step W=1000", "dispatch + idle step W=1"
 # A diagnosis, not a usable step: the idle step traced with its conditional replaced by the idle
 # branch alone (what the conditional itself costs: on a GPU a device-to-host sync).
 IDLE_NO_COND = "dispatch + idle step W=1000, no conditional (diagnosis)"
+ONCE_NO_COND = "dispatch counted once + idle step W=1000, no conditional (diagnosis)"
+_NO_COND = (IDLE_NO_COND, ONCE_NO_COND)
 # The serving loop's recording half (`jeplb.end_pass`, no conditional; `jeplb.HostSchedule`
 # decides on the host when to plan and move), in place of the idle step.
 END_PASS = "dispatch + end_pass"
+ONCE_END_PASS = "dispatch counted once + end_pass"
 VARIANTS = (PLAIN, DISPATCH, ONCE, IDLE_BIG, IDLE_ONE, ONCE_IDLE)
-_IDLE = (IDLE_BIG, IDLE_ONE, IDLE_NO_COND, ONCE_IDLE)
-_ONCE = (ONCE, ONCE_IDLE)
+_IDLE = (IDLE_BIG, IDLE_ONE, ONCE_IDLE, *_NO_COND)
+_ONCE = (ONCE, ONCE_IDLE, ONCE_NO_COND, ONCE_END_PASS)
 LAYOUTS = ("unrolled", "scanned")
 
 
@@ -152,20 +155,20 @@ def _maybe_idle_step(variant, state, w, mesh):
 
     import jeplb
 
-    if variant == END_PASS:
+    if variant in (END_PASS, ONCE_END_PASS):
         return jeplb.end_pass(state), w, None
     if variant not in _IDLE:
         return state, w, None
-    from jeplb._src import step as step_lib
+    from jeplb._src import programs
 
     patch = contextlib.nullcontext()
-    if variant == IDLE_NO_COND:  # the conditional's idle branch, inlined (diagnosis only)
+    if variant in _NO_COND:  # the conditional's idle branch, inlined (diagnosis only)
         patch = mock.patch.object(lax, "cond", lambda pred, yes, no, *a: no(*a))
-        step_lib._program.cache_clear()  # a fresh trace of the step, not the cached one
+        programs.build.cache_clear()  # a fresh trace of the step, not the cached one
     with patch:
         state, w, info = jeplb.eplb_step(state, w, mesh=mesh)
-    if variant == IDLE_NO_COND:
-        step_lib._program.cache_clear()
+    if variant in _NO_COND:
+        programs.build.cache_clear()
     return state, w, (info.balancedness, info.layer_balancedness, info.fired)
 
 
