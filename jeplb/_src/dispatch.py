@@ -521,8 +521,7 @@ def _map_and_count(
     """The slots and counts of checked arguments (integer arrays of fitting shapes); ``impl``
     how the counts are made off the CPU (``_IMPL``), ``balanced_impl`` how the balanced choice
     ranks off the CPU (``_BALANCED_IMPL``)."""
-    num_experts, r_max = (int(n) for n in log2phy.shape)
-    batch, k = tuple(topk_ids.shape[:-1]), int(topk_ids.shape[-1])
+    num_experts, k = int(log2phy.shape[0]), int(topk_ids.shape[-1])
     with jax.named_scope("eplb_dispatch"):
         # The range check runs in the ids' own dtype: an int64 id of 2**32 + 1 cast first would
         # read as expert 1.
@@ -536,26 +535,44 @@ def _map_and_count(
                 log2phy, logcnt, ids, counted, in_range, num_devices, slots_per_device,
                 token_axes, valid is not None, balanced_impl,
             )  # fmt: skip
-        if choice == "hash" and _takes_fused(ids.size, num_experts, impl):
-            return _map_and_count_fused(
-                log2phy, logcnt, ids,
-                None if valid is None else jnp.asarray(valid, bool),
-                None if token_index is None else jnp.asarray(token_index).astype(jnp.uint32),
-                k=k,
-            )  # fmt: skip
-        safe = jnp.where(in_range, ids, 0)
-        h = _pair_hash(batch, k, token_index)
-        cnt = jnp.maximum(logcnt[safe], 1).astype(jnp.uint32)
-        replica = (h % cnt).astype(jnp.int32)
-        phys = log2phy.reshape(-1)[safe * r_max + replica]
-        if choice == "local":
-            local, has_local = _local_choice(
-                log2phy, logcnt, safe, h, device_index, num_devices, slots_per_device
-            )
-            phys = jnp.where(has_local, local, phys)
-        phys = jnp.where(in_range, phys, -1)
-        dropped = jnp.where(counted, ids, num_experts).reshape(1, -1)
-        counts = counts_lib.count_ids(dropped, num_experts, compare=impl == "compare")[0]
+        xla = functools.partial(
+            _hash_or_local, log2phy, logcnt, ids, in_range, counted, token_index, choice,
+            device_index, slots_per_device, num_devices, impl,
+        )  # fmt: skip
+        fused = choice == "hash" and impl == "fused" and _fused_fits(ids.size, num_experts)
+        if not (fused and rows_lib.triton_lowering()):
+            return xla()
+        # The kernel is CUDA (Pallas Triton): chosen by the platform the program is lowered for.
+        kernel = functools.partial(
+            _map_and_count_fused, log2phy, logcnt, ids,
+            None if valid is None else jnp.asarray(valid, bool),
+            None if token_index is None else jnp.asarray(token_index).astype(jnp.uint32),
+            k=k,
+        )  # fmt: skip
+        return lax.platform_dependent(cuda=kernel, default=xla)
+
+
+def _hash_or_local(
+    log2phy, logcnt, ids, in_range, counted, token_index, choice, device_index,
+    slots_per_device, num_devices, impl,
+):  # fmt: skip
+    """The ``"hash"`` and ``"local"`` choices' slots ([..., K], -1 out of range) and counts
+    (int32[E]) of in-range-clamped ``ids``, by XLA."""
+    num_experts, r_max = log2phy.shape
+    batch, k = ids.shape[:-1], ids.shape[-1]
+    safe = jnp.where(in_range, ids, 0)
+    h = _pair_hash(batch, k, token_index)
+    cnt = jnp.maximum(logcnt[safe], 1).astype(jnp.uint32)
+    replica = (h % cnt).astype(jnp.int32)
+    phys = log2phy.reshape(-1)[safe * r_max + replica]
+    if choice == "local":
+        local, has_local = _local_choice(
+            log2phy, logcnt, safe, h, device_index, num_devices, slots_per_device
+        )
+        phys = jnp.where(has_local, local, phys)
+    phys = jnp.where(in_range, phys, -1)
+    dropped = jnp.where(counted, ids, num_experts).reshape(1, -1)
+    counts = counts_lib.count_ids(dropped, num_experts, compare=impl == "compare")[0]
     return phys, counts
 
 
@@ -567,14 +584,14 @@ _dispatch_core = jax.jit(_dispatch_checked, static_argnums=(5, 7, 8, 9, 10, 11))
 
 # How the counts are made on accelerators: "scatter" (`counts.count_ids`' blocked rows, the
 # default), "compare" (its compare-sum) or "fused" (`_map_and_count_fused`: the map and the
-# counts by a Pallas kernel, when the default backend is a GPU and the ids fit it). On an H100, inside a 58-layer decode
-# step, the scatter costs least (benchmarks/results/dispatch_h100.md); the others stay for the
+# counts by a Pallas kernel, in programs lowered for CUDA where the ids fit it). On an H100,
+# inside a 58-layer decode step, the scatter costs least (benchmarks/results/dispatch_h100.md); the others stay for the
 # benchmark's comparisons (benchmarks/bench_dispatch.py --impl).
 _IMPL = "scatter"
 # How the balanced choice ranks on a GPU: "kernel" (`balanced_kernel`'s two Pallas kernels, the
-# default: 35.5 us a layer in the 58-layer decode step on an H100 against 47.3 us for the XLA
-# form, same run, same slots; benchmarks/results/balanced_kernel_h100.md) or "xla"
-# (`_ranks_blocked`'s reductions).
+# default: in the 58-layer decode step on an H100, 33.3 us a layer per call and 27.7 back to
+# back against 32.7 and 28.7 for the XLA form in the same run, the same slots;
+# benchmarks/results/balanced_kernel_h100.md) or "xla" (`_ranks_blocked`'s reductions).
 _BALANCED_IMPL = "kernel"
 # The kernel: ids per program (a power of two), ids per counting step at E = 256 (fewer for more
 # experts: a step's [chunk, E] hits stay in registers), and the largest E it takes.
@@ -586,11 +603,6 @@ _FUSED_MAX_EXPERTS = 4096
 def _fused_fits(n: int, num_experts: int) -> bool:
     """Whether `_map_and_count_fused` takes ``n`` ids of ``num_experts`` experts."""
     return n > 0 and n % _FUSED_BLOCK == 0 and num_experts <= _FUSED_MAX_EXPERTS
-
-
-def _takes_fused(n: int, num_experts: int, impl: str) -> bool:
-    """`dispatch_layer` runs `_map_and_count_fused` (``impl`` "fused", on a GPU, ids fitting)."""
-    return impl == "fused" and checks.platform_of() == "gpu" and _fused_fits(n, num_experts)
 
 
 def _map_and_count_fused(log2phy, logcnt, ids, valid, token_index, *, k, interpret=False):

@@ -159,17 +159,21 @@ def test_movers_own_the_rules(triton_lowering):
 def test_auto_takes_xla_where_pallas_lowers_to_mosaic():
     """The library's GPU kernels are written for Pallas's Triton lowering; where jax lowers
     Pallas GPU kernels to Mosaic GPU (``jax_pallas_use_mosaic_gpu``) the ``auto`` choices take
-    XLA's forms, and a balanced dispatch lowered for CUDA holds no kernel; asked for by name,
-    the kernel is still the user's choice."""
+    XLA's forms, and a balanced dispatch (or the opt-in fused hash dispatch) lowered for CUDA
+    holds no kernel; asked for by name, the kernel is still the user's choice. Lowered for the
+    CPU, neither dispatch holds a kernel."""
     from jeplb._src import dispatch as dispatch_lib
 
-    def choice(ids):
+    def choice(ids, replica_choice="balanced", impl="scatter"):
         log2phy, logcnt = jnp.zeros((16, 2), jnp.int32), jnp.ones((16,), jnp.int32)
-        args = (None, None, "balanced", None, 2, 4, None, "scatter", "kernel")
+        args = (None, None, replica_choice, None, 2, 4, None, impl, "kernel")
         return dispatch_lib._dispatch_checked(log2phy, logcnt, ids, *args)[0]
 
+    def fused(ids):
+        return choice(ids, "hash", "fused")
+
     big = jax.ShapeDtypeStruct((4, 1 << 16), jnp.float32)
-    ids = jax.ShapeDtypeStruct((64, 2), jnp.int32)
+    ids = jax.ShapeDtypeStruct((256, 2), jnp.int32)  # 512 pairs: a block of the fused kernel
     before = getattr(jax.config, "jax_pallas_use_mosaic_gpu", None)
     if before is None:
         pytest.skip("this jax has no jax_pallas_use_mosaic_gpu switch (Triton only)")
@@ -180,7 +184,10 @@ def test_auto_takes_xla_where_pallas_lowers_to_mosaic():
             assert _rows.resolve_impl("auto", big, "gpu") == mover
             assert _rows.Movers("auto", "gpu").kernel_preferred is triton
             assert _rows.resolve_impl("pallas", big, "gpu") == "pallas"
-            lowered = jax.jit(choice).trace(ids).lower(lowering_platforms=("cuda",))
-            assert ("triton" in lowered.as_text()) is triton
+            for program in (choice, fused):
+                lowered = jax.jit(program).trace(ids).lower(lowering_platforms=("cuda",))
+                assert ("triton" in lowered.as_text()) is triton, program.__name__
+                lowered = jax.jit(program).trace(ids).lower(lowering_platforms=("cpu",))
+                assert "triton" not in lowered.as_text(), program.__name__
     finally:
         jax.config.update("jax_pallas_use_mosaic_gpu", before)
