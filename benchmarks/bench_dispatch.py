@@ -74,8 +74,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--diagnose",
         action="store_true",
-        help="add the idle step with its conditional replaced by its idle branch (not a usable "
-        "step: what the conditional costs)",
+        help="add the idle step with its conditional replaced by its idle branch, after "
+        "'dispatch' and after the counted-once map (not usable steps: what the conditional "
+        "costs)",
     )
     args = parser.parse_args(argv)
     given = sys.argv[1:] if argv is None else list(argv)

@@ -335,7 +335,7 @@ def one_gpu_rebalance(ceiling, *, layers=58, n=36, quick=False):
     if not quick:
         cases.append((jnp.float8_e4m3fn, ROWS["deepseek-v3 (88.1 MB)"] // 2, layers))
     for dtype, row_bytes, resident in cases:
-        # The resident block takes at most 45% of the budget (a partial last block is copied).
+        # The resident block takes at most 45% of the budget.
         resident = max(1, min(resident, int(0.45 * device_budget()) // (n * row_bytes)))
         width = row_bytes // np.dtype(dtype).itemsize
         w = _shard(resident, n, width, dtype, spec)
@@ -469,6 +469,12 @@ def policy_times():
 SECTIONS = ("moves", "direct", "rebalance", "policy")
 
 
+def _partial_suffix(sections) -> str:
+    """The results name's suffix: none for every section, else the sections run (a part never
+    overwrites the whole benchmark's file)."""
+    return "" if set(sections) == set(SECTIONS) else "_" + "_".join(sorted(set(sections)))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -529,7 +535,7 @@ def main(argv=None):
     print(text)
     write_results(
         text,
-        args.out or results_path(f"gpu_{card_name()}.md"),
+        args.out or results_path(f"gpu_{card_name()}{_partial_suffix(sections)}.md"),
         json_path=args.json,
         payload={
             "ceiling_bytes_per_s": ceiling,

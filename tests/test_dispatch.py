@@ -119,25 +119,45 @@ def test_slots_are_made_once_not_fused_into_their_reader(choice):
     )  # fmt: skip
     eqns = jax.make_jaxpr(layer)(jnp.zeros((8, 2), jnp.int32)).eqns
     (core,) = [e for e in eqns if "jaxpr" in e.params]
-    last = core.params["jaxpr"].jaxpr.eqns[-1]
+    inner = core.params["jaxpr"].jaxpr
+    last = inner.eqns[-1]
     assert last.primitive.name == "optimization_barrier", last.primitive.name
+    assert inner.outvars[0] is last.outvars[0]  # the slots are the barrier's output
 
 
-def test_position_hash_made_in_the_program_past_the_constant_limit(monkeypatch):
-    """Batches past `_HASH_CONSTANT_MAX` pairs hash their positions in the program (a host
-    constant of them would be too large); below it the hash is a host constant. Both give the
-    numpy model's slots (distinct shapes: each setting is traced once)."""
+@pytest.mark.parametrize("batch,k", [((96,), 3), ((2, 3, 4), 2), ((5,), 1), ((0,), 3)], ids=str)
+def test_position_hash_constant_equals_the_program_hash(batch, k, monkeypatch):
+    """Batches up to `_HASH_CONSTANT_MAX` pairs take their position hash as a host constant,
+    larger ones mix the positions in the program: the same bits, the numpy model's, for any
+    batch shape and K; the constant form puts no mix in the program."""
+    n = int(np.prod(batch))
+    with np.errstate(over="ignore"):
+        pos = np.arange(n, dtype=np.uint32)[:, None] * np.uint32(k) + np.arange(k, dtype=np.uint32)
+        want = _mix32(pos).reshape(*batch, k)
+    forms = {}
+    for limit in (0, dispatch_lib._HASH_CONSTANT_MAX):
+        monkeypatch.setattr(dispatch_lib, "_HASH_CONSTANT_MAX", limit)
+        forms[limit] = jax.make_jaxpr(lambda: dispatch_lib._pair_hash(batch, k, None))()
+        got = jax.jit(lambda: dispatch_lib._pair_hash(batch, k, None))()
+        assert got.dtype == jnp.uint32
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"limit {limit}")
+    mixes = {limit: sum(e.primitive.name == "xor" for e in j.eqns) for limit, j in forms.items()}
+    assert mixes[dispatch_lib._HASH_CONSTANT_MAX] == 0, mixes
+    assert mixes[0] > 0 or n == 0, mixes  # jnp folds the mix of an empty batch away
+
+
+def test_dispatch_past_the_constant_limit_matches_numpy(monkeypatch):
+    """The whole layer with the hash mixed in the program (a batch past the limit)."""
+    monkeypatch.setattr(dispatch_lib, "_HASH_CONSTANT_MAX", 0)
     rng = np.random.default_rng(5)
     log2phy, logcnt = _maps(rng, 7, 3)
-    for limit, (t, k), xor in ((0, (96, 3), True), (1 << 20, (80, 3), False)):
-        monkeypatch.setattr(dispatch_lib, "_HASH_CONSTANT_MAX", limit)
-        ids = rng.integers(-1, 8, (t, k)).astype(np.int32)
-        layer = functools.partial(dispatch_layer, jnp.asarray(log2phy), jnp.asarray(logcnt))
-        assert ("xor" in str(jax.make_jaxpr(layer)(ids))) == xor, limit
-        phys, counts = jax.jit(layer)(ids)
-        want = numpy_dispatch(log2phy, logcnt, ids)
-        np.testing.assert_array_equal(np.asarray(phys), want[0])
-        np.testing.assert_array_equal(np.asarray(counts), want[1])
+    ids = rng.integers(-1, 8, (96, 3)).astype(np.int32)
+    layer = functools.partial(dispatch_layer, jnp.asarray(log2phy), jnp.asarray(logcnt))
+    assert "xor" in str(jax.make_jaxpr(layer)(ids))  # traced with the limit at 0
+    phys, counts = jax.jit(layer)(ids)
+    want = numpy_dispatch(log2phy, logcnt, ids)
+    np.testing.assert_array_equal(np.asarray(phys), want[0])
+    np.testing.assert_array_equal(np.asarray(counts), want[1])
 
 
 @pytest.mark.gpu

@@ -16,8 +16,9 @@ operations:
    replica is the one whose place is ``rank % logcnt[e]`` (a compare over the expert's row of
    places) and the slot ``log2phy[e][replica]``.
 
-Integer adds and compares only: the slots are the XLA formulation's, bit for bit (tested in
-Pallas's interpreter on the CPU and compiled on a GPU).
+Integer adds and compares only: for valid maps (each expert's count at most R_max) the slots are
+the XLA formulation's, bit for bit (tested in Pallas's interpreter on the CPU and compiled on a
+GPU).
 """
 
 from __future__ import annotations

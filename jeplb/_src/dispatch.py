@@ -78,10 +78,13 @@ def _mix32(x: jax.Array) -> jax.Array:
     return x ^ (x >> 16)
 
 
-# Batches of at most this many (token, k) pairs take the hash of their positions as a constant
-# made on the host (once per shape): inside a model's step XLA fuses the map into the expert
-# read and would otherwise recompute the hash there, per layer and per element read.
-_HASH_CONSTANT_MAX = 1 << 20
+# Batches of at most this many (token, k) pairs (a decode step's 4096 x 8 and prefills up to 16K
+# tokens at top-8) take the hash of their positions as a constant made on the host, once per
+# shape (at most 512 KiB each): the map reads it instead of mixing every position again in every
+# layer. Measured while the map was fused into the expert read (where XLA recomputed the hash
+# per element read): 6.83 us a layer against 8.19 on an H100; the step measured with the slots
+# made once (`_dispatch_checked`) holds the constant too.
+_HASH_CONSTANT_MAX = 1 << 17
 
 
 def _pair_hash(batch: tuple[int, ...], k: int, token_index) -> jax.Array:
@@ -504,8 +507,9 @@ def _dispatch_checked(
     """`dispatch_layer` on checked arguments (`_map_and_count`'s), its slots made once.
 
     Fused into a consumer that reads expert rows at them (a gather of [T, K, H]), XLA would
-    redo the map (range check, hash, two table reads) for every element read: measured on an
-    H100 in a 58-layer decode step, 5.8 us a layer fused and 2.1 us with the slots made here.
+    redo the map (range check, hash, two table reads) for every element read: on an H100 in a
+    58-layer decode step, 5.89 us a layer fused and 1.85-2.27 us with the slots made here
+    (benchmarks/results/map_isolation_h100.md).
     """
     phys, counts = _map_and_count(
         log2phy, logcnt, topk_ids, valid, token_index, choice, device_index,
@@ -584,7 +588,8 @@ _dispatch_core = jax.jit(_dispatch_checked, static_argnums=(5, 7, 8, 9, 10, 11))
 
 # How the counts are made on accelerators: "scatter" (`counts.count_ids`' blocked rows, the
 # default), "compare" (its compare-sum) or "fused" (`_map_and_count_fused`: the map and the
-# counts by a Pallas kernel, in programs lowered for CUDA where the ids fit it). On an H100,
+# counts by a Pallas kernel, in programs lowered for CUDA where Pallas lowers through Triton and
+# the ids fit it; elsewhere, ROCm included, the scatter). On an H100,
 # inside a 58-layer decode step, the scatter costs least (benchmarks/results/dispatch_h100.md); the others stay for the
 # benchmark's comparisons (benchmarks/bench_dispatch.py --impl).
 _IMPL = "scatter"
