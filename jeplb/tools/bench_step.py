@@ -174,10 +174,25 @@ def _run_case(case, devices, *, warmup: int, repeats: int, progress: bool) -> li
     return rows
 
 
+# `_idle_scale`'s steps, each with the step it adds its idle `eplb_step` to (None: none).
+def _idle_variants():
+    from jeplb.tools import bench_decode as bd
+
+    return {
+        bd.PLAIN: None,
+        bd.DISPATCH: None,
+        bd.IDLE_BIG: bd.DISPATCH,
+        bd.IDLE_ONE: bd.DISPATCH,
+        bd.ONCE: None,
+        bd.ONCE_IDLE: bd.ONCE,
+    }
+
+
 def _idle_scale(*, tiny: bool, repeats: int) -> tuple[list[dict[str, Any]], Any]:
-    """The idle eplb_step as a model's step pays it (`jeplb.tools.bench_decode`): the decode step
-    with dispatch on every layer, with and without an idle step at W = 1000 and W = 1, layers
-    unrolled and scanned; and the standalone idle step's compiled temporaries at both windows."""
+    """What EPLB costs a model's decode step (`jeplb.tools.bench_decode`): the step without
+    EPLB, with `dispatch` on every layer (counts per layer, or the ids counted once per step),
+    each with and without an idle `eplb_step` (W = 1000; W = 1 after `dispatch`), layers unrolled
+    and scanned; and the standalone idle step's compiled temporaries at both windows."""
     import dataclasses
 
     from jeplb.tools import bench_decode as bd
@@ -185,12 +200,13 @@ def _idle_scale(*, tiny: bool, repeats: int) -> tuple[list[dict[str, Any]], Any]
     case = bd.TINY if tiny else bd.DEFAULT
     rows = bd.measure(
         case,
-        variants=(bd.DISPATCH, bd.IDLE_BIG, bd.IDLE_ONE),
+        variants=tuple(_idle_variants()),
         repeats=repeats,
         warmup=3,
         samples=5 if tiny else 20,
     )
     temps = {v: _idle_temp(case, v) for v in (bd.IDLE_BIG, bd.IDLE_ONE)}  # one compile each
+    temps[bd.ONCE_IDLE] = temps[bd.IDLE_BIG]  # the same standalone idle step (W = 1000)
     out = [dataclasses.asdict(r) for r in rows]
     for r in out:
         r["temp_bytes"] = temps.get(r["variant"], 0)
@@ -215,22 +231,23 @@ def _idle_temp(case, variant: str) -> int:
 
 
 def idle_markdown(rows) -> str:
-    head = ["layout", "variant", "call us", "pipelined us", "idle step us (call)"]
-    head += ["idle step us (pipelined)", "step temp MB"]
+    """The `_idle_scale` rows as a table: each step's time, EPLB's whole cost (over the step
+    without EPLB, same layout, same run) and its idle step's (over the same step without it)."""
+    from jeplb.tools import bench_decode as bd
+
+    head = ["layout", "variant", "call us", "pipelined us", "EPLB us (call)"]
+    head += ["EPLB us (pipelined)", "idle step us (call)", "idle step us (pipelined)"]
+    head += ["step temp MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    base = {r["layout"]: r for r in rows if not r["variant"].startswith("dispatch + ")}
+    by = {(r["layout"], r["variant"]): r for r in rows}
     for r in rows:
-        ref = base[r["layout"]]
-        idle = r is not ref
-        vals = [
-            r["layout"],
-            r["variant"],
-            f"{r['call_us']:.0f}",
-            f"{r['pipelined_us']:.0f}",
-            f"{r['call_us'] - ref['call_us']:+.0f}" if idle else "-",
-            f"{r['pipelined_us'] - ref['pipelined_us']:+.0f}" if idle else "-",
-            f"{r['temp_bytes'] / 1e6:.2f}" if idle else "-",
-        ]
+        plain = by[(r["layout"], bd.PLAIN)]
+        under = _idle_variants().get(r["variant"])
+        vals = [r["layout"], r["variant"], f"{r['call_us']:.0f}", f"{r['pipelined_us']:.0f}"]
+        for ref in (None if r is plain else plain, by.get((r["layout"], under))):
+            for key in ("call_us", "pipelined_us"):
+                vals.append(f"{r[key] - ref[key]:+.0f}" if ref else "-")
+        vals.append(f"{r['temp_bytes'] / 1e6:.2f}" if under else "-")
         lines.append("| " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
 
@@ -295,8 +312,9 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     ap.add_argument(
         "--idle-scale",
         action="store_true",
-        help="only the idle eplb_step inside a 58-layer decode step (E = 256, P = 288) at "
-        "W = 1000 and W = 1 against the step without it (results in step_idle_<platform>.md)",
+        help="only what EPLB costs a 58-layer decode step (E = 256, P = 288): dispatch on "
+        "every layer (counted per layer or once per step) and the idle eplb_step, against the "
+        "step without EPLB (results in step_idle_<platform>.md)",
     )
     ap.add_argument(
         "--tiny",
@@ -370,12 +388,14 @@ def _main_idle(args, devices, argv, prog) -> int:
     text = (
         f"# Idle step inside a decode step ({bd.device_summary()})\n\n"
         f"Command: `{cmd}`\n\n"
-        f"`jeplb.eplb_step` with no rebalance due (step_interval 10^9) at the end of the decode "
-        f"step of `jeplb.tools.bench_decode` ({case.name}, `jeplb.dispatch` on every layer), "
-        f"one jitted call per step with the state and weights donated, against the same step "
-        f"without it; windows of W = 1000 and W = 1. Medians of {repeats} synchronised calls "
-        f"(`call`) and of bursts of 10 back-to-back calls (`pipelined`), the programs "
-        f"interleaved; the idle step's cost is the difference in this run. step temp: the "
+        f"What EPLB costs the decode step of `jeplb.tools.bench_decode` ({case.name}), one "
+        f"jitted call per step with the state and weights donated: `jeplb.dispatch` on every "
+        f"layer (counting per layer, or mapping only and counting the ids once per step with "
+        f"`record_ids`), with and without `jeplb.eplb_step` at the end, no rebalance due "
+        f"(step_interval 10^9; windows of W = 1000 and W = 1). Medians of {repeats} "
+        f"synchronised calls (`call`) and of bursts of 10 back-to-back calls (`pipelined`), the "
+        f"programs interleaved. EPLB: the difference with the step without EPLB (`plain`), the "
+        f"same layout, in this run; idle step: with the same step without it. step temp: the "
         f"standalone idle step's compiled temporaries (memory_analysis): nothing grows with W. "
         f"Load average at the end: {bd.cpu_quiet()}.\n\n" + idle_markdown(rows)
     )

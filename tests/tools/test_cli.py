@@ -161,3 +161,25 @@ def test_bench_without_its_module_says_so(monkeypatch, capsys):
     assert _cli.main(["bench", "policy", "--quick"]) == 2
     err = capsys.readouterr().err
     assert "jeplb bench policy: this installation has no jeplb._no_such_bench module" in err
+
+
+def test_idle_scale_table_reports_eplb_over_plain_and_the_idle_step_over_its_step():
+    """`jeplb bench step --idle-scale`'s table: EPLB's whole cost against the step without EPLB
+    of the same layout, and each idle step against the same step without it."""
+    from jeplb.tools import bench_decode as bd
+    from jeplb.tools import bench_step
+
+    times = {bd.PLAIN: 100, bd.DISPATCH: 150, bd.IDLE_BIG: 170, bd.IDLE_ONE: 180}
+    times.update({bd.ONCE: 110, bd.ONCE_IDLE: 140})
+    rows = [
+        dict(layout=layout, variant=v, call_us=t + shift, pipelined_us=t / 2, temp_bytes=2e6)
+        for layout, shift in (("unrolled", 0), ("scanned", 1000))
+        for v, t in times.items()
+    ]
+    table = bench_step.idle_markdown(rows).splitlines()
+    split = ([c.strip() for c in line.strip().strip("|").split("|")] for line in table[2:])
+    cells = {(c[0], c[1]): c[2:] for c in split}
+    assert cells[("unrolled", bd.PLAIN)][2:6] == ["-", "-", "-", "-"]
+    assert cells[("scanned", bd.ONCE_IDLE)][2:7] == ["+40", "+20", "+30", "+15", "2.00"]
+    assert cells[("unrolled", bd.IDLE_ONE)][2:6] == ["+80", "+40", "+30", "+15"]
+    assert cells[("unrolled", bd.DISPATCH)][2:7] == ["+50", "+25", "-", "-", "-"]
