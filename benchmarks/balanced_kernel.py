@@ -125,15 +125,7 @@ def main(argv=None) -> int:
         ops[name] = len(bd.entry_ops(programs[name][0].as_text()))
     med = bd.time_steps(programs, repeats=args.repeats, warmup=3, burst=10, samples=20)
     lines += ["", f"## The decode step ({bd.DEFAULT.name}, unrolled)", ""]
-    lines += [
-        "| step | operations per step | call_us | pipelined_us | per layer, call | per layer, "
-        "pipelined |",
-        "|---|---|---|---|---|---|",
-    ]
-    base = med["plain"]
-    for name, (c, b) in med.items():
-        dc, db = (c - base[0]) / bd.DEFAULT.layers, (b - base[1]) / bd.DEFAULT.layers
-        lines.append(f"| {name} | {ops[name]} | {c:.0f} | {b:.0f} | {dc:.2f} | {db:.2f} |")
+    lines += bd.per_layer_table(med, ops, layers=bd.DEFAULT.layers, first="step")
     text = (
         f"# Balanced dispatch: Pallas kernels and XLA ranks ({device})\n\n"
         f"Command: `python benchmarks/balanced_kernel.py {' '.join(given)}`\n\n"

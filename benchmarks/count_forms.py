@@ -158,19 +158,13 @@ def main(argv=None) -> int:
             f"{form}: {ops[form]} operations, built in {time.perf_counter() - t0:.1f} s", flush=True
         )
     med = bd.time_steps(programs, repeats=args.repeats, warmup=3, burst=10, samples=20)
-    lines = [
-        "| form | operations per step | call_us | pipelined_us | per layer, call | per layer, "
-        "pipelined | exact |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for form in FORMS:
-        c, b = med[form]
-        dc, db = (c - med["plain"][0]) / args.layers, (b - med["plain"][1]) / args.layers
-        ok = exact(form)
-        lines.append(
-            f"| {form} | {ops[form]} | {c:.0f} | {b:.0f} | {dc:.2f} | {db:.2f} | "
-            f"{'' if ok is None else ok} |"
-        )
+    checked = {form: exact(form) for form in FORMS}
+    lines = bd.per_layer_table(
+        med,
+        ops,
+        layers=args.layers,
+        extra=("exact", lambda f: "" if checked[f] is None else checked[f]),
+    )
     text = (
         f"# Counting forms in a decode step ({device})\n\n"
         f"Command: `python benchmarks/count_forms.py {' '.join(given)}`\n\n"

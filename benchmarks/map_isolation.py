@@ -128,15 +128,9 @@ def main(argv=None) -> int:
         fn, fargs = bd.build(bd.DEFAULT, variant, "unrolled")
         programs[f"bench_decode {variant}"] = (fn.lower(*fargs).compile(), fargs)
     med = bd.time_steps(programs, repeats=args.repeats, warmup=3, burst=10, samples=20)
-    lines = [
-        "| form | operations per step | call_us | pipelined_us | per layer, call | per layer, "
-        "pipelined |",
-        "|---|---|---|---|---|---|",
-    ]
-    for form in FORMS:
-        (c, b), base = med[form], med["plain, mesh" if form.endswith("mesh") else "plain"]
-        dc, db = (c - base[0]) / L, (b - base[1]) / L
-        lines.append(f"| {form} | {ops[form]} | {c:.0f} | {b:.0f} | {dc:.2f} | {db:.2f} |")
+    lines = bd.per_layer_table(
+        med, ops, layers=L, base_of=lambda f: "plain, mesh" if f.endswith("mesh") else "plain"
+    )
     base = med[f"bench_decode {bd.PLAIN}"]
     harness = ", ".join(
         f"`{v}` {c:.0f} / {b:.0f} us ({(c - base[0]) / L:.2f} / {(b - base[1]) / L:.2f} us a layer)"

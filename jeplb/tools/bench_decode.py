@@ -330,6 +330,24 @@ def measure(
     return rows
 
 
+def per_layer_table(med: dict, ops: dict, *, layers: int, first: str = "form", base_of=None,
+                    extra=None) -> list[str]:  # fmt: skip
+    """Markdown lines, a row per program of ``ops`` (its launches, in its order): its times per
+    step from ``med`` (`time_steps`' medians) and per layer over its base step (``base_of(name)``,
+    by default ``"plain"``); ``extra``: an optional ``(title, cell(name))`` last column."""
+    head = [first, "operations per step", "call_us", "pipelined_us", "per layer, call"]
+    head += ["per layer, pipelined"] + ([extra[0]] if extra else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in ops:
+        (c, b), base = med[name], med[base_of(name) if base_of else "plain"]
+        cells = [name, ops[name], f"{c:.0f}", f"{b:.0f}"]
+        cells += [f"{(c - base[0]) / layers:.2f}", f"{(b - base[1]) / layers:.2f}"]
+        lines.append(
+            "| " + " | ".join(map(str, cells + ([extra[1](name)] if extra else []))) + " |"
+        )
+    return lines
+
+
 def entry_ops(compiled_text: str) -> list[str]:
     """The operations of a compiled HLO module's entry computation that do work (what one call
     launches: fusions, custom calls, copies, conditionals, loops ...), one line each, shortened."""
