@@ -99,7 +99,9 @@ def slide_window_fast(
     The total it returns is the window's sum only while no entry of the ``total`` it was given is
     saturated (``jnp.any(total == INT32_MAX)`` false); otherwise the caller must replace it with
     `window_sum` of the returned window (what `slide_window` does), e.g. inside a branch that runs
-    only then.
+    only then. A saturated entry stays saturated (its true sum is not known, so subtracting the
+    leaving row from it would give a wrong, unsaturated count): a caller that re-sums later, not
+    at once (`jeplb.end_pass`, an idle `jeplb.eplb_step`), still sees that it must.
 
     Returns:
       ``(window, total, leaving, pos)`` as `slide_window`.
@@ -107,5 +109,6 @@ def slide_window_fast(
     window = lax.dynamic_update_index_in_dim(window, row, pos, 0)
     # Below the limit the total is exact, so it holds the row it loses (max: a hand-made state).
     slid = saturating_add(jnp.maximum(total - leaving, 0), row)
+    slid = jnp.where(total == INT32_MAX, INT32_MAX, slid)
     pos = (pos + 1) % window.shape[0]
     return window, slid, lax.dynamic_index_in_dim(window, pos, 0, keepdims=False), pos

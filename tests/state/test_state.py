@@ -778,6 +778,35 @@ def test_slide_window_keeps_the_total_exact_or_saturated():
     np.testing.assert_array_equal(window_sum(state[0]), np.minimum(window.sum(0), BIG))
 
 
+def test_end_pass_keeps_a_saturated_total_saturated_until_the_plan_sums_again():
+    # end_pass slides the total without re-summing. A saturated entry must stay saturated (its
+    # true sum is unknown) rather than drop by the leaving row to a wrong count; the plan step
+    # then sums the window again. Checked against numpy's int64 sums after every pass.
+    import jeplb
+
+    w, shape = 3, (1, 4)
+    s = EplbState.create(num_layers=1, num_experts=4, num_devices=1, window_size=w,
+                         step_interval=10**6)  # fmt: skip
+    end = jax.jit(jeplb.end_pass, donate_argnums=0)
+    rng = np.random.default_rng(5)
+    window = np.zeros((w, *shape), np.int64)
+    stuck = np.zeros(shape, bool)
+    for i in range(27):  # ends with a quiet stretch longer than the window
+        big = rng.random(shape) < (0.5 if (i // 6) % 2 else 0.0)  # busy and quiet stretches
+        row = np.where(big, rng.integers(2**29, 2**31 - 1, shape), rng.integers(0, 9, shape))
+        s = end(s.record(jnp.asarray(row, jnp.int32)))
+        window[i % w] = row
+        exact = np.minimum(window.sum(0), BIG)
+        stuck |= exact == BIG
+        got = np.asarray(s.window_total)
+        np.testing.assert_array_equal(got, np.where(stuck, BIG, exact), err_msg=f"pass {i}")
+    assert stuck.any() and (window.sum(0) < BIG).any()  # an entry saturated and came back down
+    # The plan's re-sum (no rebalance due: only the total changes).
+    s = s.replace(step=jnp.int32(10**6))
+    s, _ = jeplb.plan_rebalance(s)
+    np.testing.assert_array_equal(s.window_total, np.minimum(window.sum(0), BIG))
+
+
 @pytest.mark.parametrize("suffix", [".json", ".npz"])
 def test_tuple_axis_name_round_trip(tmp_path, suffix):
     s = EplbState.create(
