@@ -11,9 +11,9 @@ dispatch's share by L.
 
 ``--impl`` picks how the counts are made on the GPU: ``scatter`` (the default: a scatter into 256
 rows of counters, summed), ``compare`` (a compare-sum) or ``fused`` (the Pallas kernel that maps
-and counts, its programs' rows summed by XLA). ``--diagnose`` adds the idle step traced without
-its conditional, after `dispatch` and after the counted-once map (not usable steps: what the
-conditional costs). ``--hlo DIR`` writes what one
+and counts, its programs' rows summed by XLA). ``--host-idle`` adds the idle step traced with
+``idle=True`` (no conditional: `jeplb.HostSchedule` decides on the host), after `dispatch` and
+after the counted-once map. ``--hlo DIR`` writes what one
 layer's dispatch launches (the compiled entry computation) and the idle step's compiled HLO.
 ``--command-buffers`` adds ``--xla_gpu_enable_command_buffer=+CONDITIONAL,+WHILE`` to XLA_FLAGS
 before the backend starts (on a GPU the conditional's predicate then stays on the device).
@@ -24,7 +24,7 @@ before the backend starts (on a GPU the conditional's predicate then stays on th
 Usage (from the repository root):
     python benchmarks/bench_dispatch.py [--tiny] [--repeats N] [--impl {scatter,compare,fused}]
         [--command-buffers]
-        [--layouts unrolled,scanned] [--variants V,...] [--balanced] [--diagnose] [--out PATH]
+        [--layouts unrolled,scanned] [--variants V,...] [--balanced] [--host-idle] [--out PATH]
         [--json PATH] [--hlo DIR]
 """
 
@@ -72,11 +72,10 @@ def main(argv=None) -> int:
         help="add dispatch with replica_choice='balanced' (variant 'dispatch balanced')",
     )
     parser.add_argument(
-        "--diagnose",
+        "--host-idle",
         action="store_true",
-        help="add the idle step with its conditional replaced by its idle branch, after "
-        "'dispatch' and after the counted-once map (not usable steps: what the conditional "
-        "costs)",
+        help="add the idle step traced with idle=True (no conditional), after 'dispatch' and "
+        "after the counted-once map",
     )
     args = parser.parse_args(argv)
     given = sys.argv[1:] if argv is None else list(argv)
@@ -104,7 +103,8 @@ def main(argv=None) -> int:
     balanced_ops = bd.first_layer_ops(case, replica_choice="balanced") if args.balanced else []
     if balanced_ops:
         print(f"balanced: {len(balanced_ops)} operations:", *balanced_ops, sep="\n  ")
-    variants = tuple(args.variants.split(",")) + (bd._NO_COND if args.diagnose else ())
+    variants = tuple(args.variants.split(","))
+    variants += tuple(v for v in bd._HOST_IDLE if args.host_idle and v not in variants)
     variants += (bd.BALANCED,) if args.balanced and bd.BALANCED not in variants else ()
     rows = bd.measure(
         case,

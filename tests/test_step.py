@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -421,3 +422,95 @@ def test_step_temporary_memory_within_a_layer(d):
     layer_local = sum(np.prod(x.shape[2:]) * x.dtype.itemsize for x in leaves) * n
     assert stats.temp_size_in_bytes <= layer_local
     assert stats.alias_size_in_bytes >= num_layers * layer_local  # the weights, in place
+
+
+# ------------------------------------------------------------- idle steps known on the host
+
+
+def _program_of(mesh, *, idle: bool):
+    def train_step(state, weights, x, ids, valid):
+        y, state = forward(state, weights, x, ids, valid)
+        state, weights, info = eplb_step(state, weights, mesh=mesh, idle=idle)
+        return state, weights, y, info
+
+    return jax.jit(train_step, donate_argnums=(0, 1))
+
+
+def test_host_scheduled_idle_steps_change_nothing_but_the_conditional(mesh):
+    # The same progressive run twice: the device decides every step (one program with the
+    # conditional), or HostSchedule.step_due picks an idle program (no conditional) or the full
+    # one. Every output, weight, state leaf and StepInfo field is the same, bit for bit.
+    import jeplb
+
+    model = Model(num_layers=3, seed=7)
+
+    def fresh():  # (the programs donate the state)
+        return EplbState.create(
+            num_layers=3, num_experts=E, num_devices=D, num_redundant_experts=R, window_size=2,
+            step_interval=4, layers_per_step=2,
+        ).replicated(mesh)  # fmt: skip
+
+    full, idle = _program_of(mesh, idle=False), _program_of(mesh, idle=True)
+    runs, dues = [], []
+    for host in (False, True):
+        state = fresh()
+        sched = jeplb.HostSchedule.from_state(state)
+        weights = model.physical(state.phy2log, mesh)
+        rng, trace = np.random.default_rng(2), []
+        for _ in range(11):
+            due = sched.step_due() if host else True
+            state, weights, y, info = (full if due else idle)(state, weights, *model.batch(rng))
+            if host and due:
+                sched.stepped(info)
+                dues.append(int(info.step))
+            trace.append(jax.device_get((state, weights, y, info)))
+        runs.append(trace)
+    # Plans at steps 4 and 8 (two layers, then the last one, at each); every other step idle.
+    assert dues == [4, 5, 8, 9]
+    assert [bool(t[3].fired) for t in runs[0]] == [i + 1 in (4, 8) for i in range(11)]
+    for i, (a, b) in enumerate(zip(*runs, strict=True)):
+        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+            np.testing.assert_array_equal(x, y, err_msg=f"step {i + 1}")
+    check_consistent(runs[1][-1][0], runs[1][-1][1], model)
+    # The idle program has no conditional at all; the full one has.
+    state = fresh()
+    args = (state, model.physical(state.phy2log, mesh), *model.batch(np.random.default_rng(0)))
+    assert _data_conds(jax.make_jaxpr(idle)(*args).jaxpr) == 0
+    assert _data_conds(jax.make_jaxpr(full)(*args).jaxpr) > 0
+
+
+def _data_conds(jaxpr) -> int:
+    """The `cond`s in ``jaxpr`` and every jaxpr inside it that branch on a value (not those of
+    `lax.platform_dependent`, which lowering resolves)."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "cond" and not eqn.params.get("branches_platforms"):
+            n += 1
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            n += _data_conds(sub)
+    return n
+
+
+def test_an_idle_step_where_a_rebalance_is_due_skips_it(mesh):
+    model = Model(num_layers=2, seed=8)
+    state = EplbState.create(
+        num_layers=2, num_experts=E, num_devices=D, num_redundant_experts=R, window_size=2,
+        step_interval=2,
+    ).replicated(mesh)  # fmt: skip
+    idle = _program_of(mesh, idle=True)
+    weights = model.physical(state.phy2log, mesh)
+    before = np.asarray(state.phy2log)
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        state, weights, _, info = idle(state, weights, *model.batch(rng))
+    assert int(info.step) == 2 and bool(info.skipped) and not bool(info.fired)
+    assert not np.asarray(info.moved).any() and int(state.cursor) == 2
+    np.testing.assert_array_equal(state.phy2log, before)
+    check_consistent(state, weights, model)
+
+
+def test_idle_must_be_a_python_bool(mesh):
+    state = EplbState.create(num_layers=1, num_experts=E, num_devices=D, num_redundant_experts=R)
+    w = jax.device_put(jnp.zeros((1, E + R, 3)), NamedSharding(mesh, P(None, "ep")))
+    with pytest.raises(TypeError, match=r"idle: expected a Python bool .* got ArrayImpl"):
+        eplb_step(state, w, mesh=mesh, idle=jnp.bool_(True))

@@ -254,6 +254,10 @@ class HostSchedule:
     ``take_layers`` hands out ``layers_per_step`` layers per step (all L when None), so a
     progressive rebalance moves between decode steps; on idle steps both are empty.
 
+    With `jeplb.eplb_step` in the model's step instead: ``due = sched.step_due()``, the step
+    traced with ``idle=not due`` (a static argument: two programs), and after a due step
+    ``sched.stepped(info)``. Idle steps then run no conditional and nothing syncs.
+
     Attributes:
       num_layers: L.
       step_interval: steps between rebalances (``state.config.schedule``).
@@ -277,6 +281,7 @@ class HostSchedule:
     layers_per_step: int
     step: int = 0
     cursor: int = 0
+    _plans: bool = dataclasses.field(default=False, repr=False)  # the last step_due could plan
 
     @classmethod
     def from_state(cls, state: EplbState) -> HostSchedule:
@@ -305,6 +310,33 @@ class HostSchedule:
         """Takes `plan_rebalance`'s ``info.fired`` (a sync when it is a device value)."""
         if bool(fired):
             self.cursor = 0
+
+    def step_due(self) -> bool:
+        """Counts one `jeplb.eplb_step`; returns whether it may plan or move layers.
+
+        False: call the step with ``idle=True`` (nothing is due; no conditional). True: call it
+        with ``idle=False`` and give its `jeplb.StepInfo` to `stepped`.
+
+        Example:
+          >>> import jeplb
+          >>> s = jeplb.EplbState.create(num_layers=4, num_experts=2, num_devices=1,
+          ...                            step_interval=3, layers_per_step=2)
+          >>> sched = jeplb.HostSchedule.from_state(s)
+          >>> [sched.step_due() for _ in range(3)]
+          [False, False, True]
+        """
+        self.step += 1
+        self._plans = self.step % self.step_interval == 0 and not self.in_progress
+        return self._plans or self.in_progress
+
+    def stepped(self, info: Any) -> None:
+        """Takes a due step's `jeplb.StepInfo`: whether layers are left to move (its
+        ``in_progress``, a sync, on due steps only); the cursor passes the layers it moved."""
+        if not bool(info.in_progress):
+            self.cursor = self.num_layers
+            return
+        start = 0 if self._plans else self.cursor
+        self.cursor = min(start + self.layers_per_step, self.num_layers - 1)
 
     def take_layers(self) -> list[int]:
         """The layers to move this step (empty when none is due); the cursor passes them."""

@@ -41,6 +41,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jeplb._src import checks, perlayer, programs, step_scalars
@@ -280,11 +281,12 @@ def _busy(state: EplbState, leaves, window, slid, scheduled, setup, per_layer=0)
     return changes, leaves, moved
 
 
-def _quiet(state: EplbState, leaves, slid):
-    """The step's branch otherwise: nothing but the slid total; maps and weights pass through."""
+def _quiet(state: EplbState, leaves, slid, skipped=False):
+    """The step's branch otherwise: nothing but the slid total; maps and weights pass through.
+    ``skipped``: bool[], a rebalance was due on the device but the caller said the step is idle."""
     no = jnp.zeros((state.num_layers,), bool)
     moved = _Moved(
-        jnp.bool_(False), jnp.bool_(False), jnp.float32(jnp.nan), no, ~no,
+        jnp.bool_(False), jnp.asarray(skipped, bool), jnp.float32(jnp.nan), no, ~no,
         jnp.zeros((state.num_layers,), jnp.int32),
     )  # fmt: skip
     changes = {name: getattr(state, name) for name in _BRANCH_FIELDS}
@@ -292,7 +294,13 @@ def _quiet(state: EplbState, leaves, slid):
 
 
 def _local_step(
-    state: EplbState, leaves: list[jax.Array], *, load_axes: tuple[str, ...], setup, per_layer=0
+    state: EplbState,
+    leaves: list[jax.Array],
+    *,
+    load_axes: tuple[str, ...],
+    setup,
+    per_layer=0,
+    idle: bool = False,
 ):
     """The step on this device's shard: leaves [L, N_local, ...] (or, with ``per_layer`` = K,
     L groups of K leaves [N_local, ...]). Runs inside shard_map.
@@ -300,20 +308,25 @@ def _local_step(
     One `lax.cond` decides the step (on a GPU each costs a device-to-host sync): an idle step
     (no rebalance scheduled or under way, no saturated total) writes the window row, slides the
     total and computes the balancedness, nothing more; the policy, the transfer plan and the
-    moves run only in the other branch.
+    moves run only in the other branch. ``idle`` (the caller knows nothing is due): that branch
+    alone, no conditional; a rebalance due at this step is skipped (``skipped``), moves under way
+    wait.
     """
     num_layers = state.num_layers
     with jax.named_scope("eplb_window"):
         window, slid, leaving, window_pos, step = _window(state, load_axes)
 
-    idle = state.cursor >= num_layers
-    scheduled = (step % state.config.schedule.step_interval == 0) & idle
-    busy = scheduled | ~idle | jnp.any(state.window_total == INT32_MAX)
-    changes, leaves, moved = lax.cond(
-        busy,
-        lambda: _busy(state, leaves, window, slid, scheduled, setup, per_layer),
-        lambda: _quiet(state, leaves, slid),
-    )
+    settled = state.cursor >= num_layers  # no rebalance under way
+    scheduled = (step % state.config.schedule.step_interval == 0) & settled
+    busy = scheduled | ~settled | jnp.any(state.window_total == INT32_MAX)
+    if idle:
+        changes, leaves, moved = _quiet(state, leaves, slid, skipped=scheduled & jnp.any(slid > 0))
+    else:
+        changes, leaves, moved = lax.cond(
+            busy,
+            lambda: _busy(state, leaves, window, slid, scheduled, setup, per_layer),
+            lambda: _quiet(state, leaves, slid),
+        )
     state = state.replace(**changes)
 
     with jax.named_scope("eplb_metrics"):
@@ -390,6 +403,7 @@ def eplb_step_local(
     load_axes: tuple[str, ...] | str = (),
     layer_axis: int | None = None,
     slot_axis: int | None = None,
+    idle: bool = False,
 ) -> tuple[EplbState, Any, StepInfo]:
     """`eplb_step` for a model whose step already runs inside `jax.shard_map`.
 
@@ -410,6 +424,7 @@ def eplb_step_local(
         already global (a psum of a replicated value would multiply it by the axis size, so this
         is checked: an axis over which ``pass_load`` does not vary is refused, and so is a
         varying ``pass_load`` whose axes are not all named).
+      idle: as `eplb_step`'s.
 
     Returns:
       ``(state, expert_weights, info)``: the replicated new state, the local weights moved, a
@@ -449,13 +464,14 @@ def eplb_step_local(
             f"axis {axis!r} has {d}"
         )
     axes = _check_load_axes(state, load_axes)
+    idle = _check_idle(idle)
     setup = _setup(state, checks.platform_of(), layer_axis, slot_axis)
     leaves, treedef, _, per_layer = _step_leaves(state, expert_weights, setup, mesh=None)
     if not per_layer:  # (per-layer leaves were refused by perlayer.step_leaves)
         problems = engine_lib.leaf_problems(leaves, setup)
         checks.refuse_leaves("expert_weights", checks.leaf_paths(treedef), problems)
     state, leaves, info = _local_step(
-        state, leaves, load_axes=axes, setup=setup, per_layer=per_layer
+        state, leaves, load_axes=axes, setup=setup, per_layer=per_layer, idle=idle
     )
     _log_balancedness(state, info, only_device=lax.axis_index(axis))
     return state, treedef.unflatten(leaves), info
@@ -518,6 +534,7 @@ def eplb_step(
     layer_axis: int | None = None,
     slot_axis: int | None = None,
     expert_specs: Any = None,
+    idle: bool = False,
 ) -> tuple[EplbState, Any, StepInfo]:
     """One rebalance step at global view: window, maybe plan, move due layers, switch their maps.
 
@@ -548,6 +565,14 @@ def eplb_step(
         axes of size > 1 (e.g. ``PartitionSpec(None, "ep", None, "tp")`` for tensor-parallel
         experts, ``PartitionSpec(None, "ep")`` for leaves replicated over them): undeclared
         leaves are refused, not guessed.
+      idle: a Python bool, fixed when the step is traced. True when the caller knows that no
+        rebalance is due or under way at this step (`jeplb.HostSchedule.step_due` says so on the
+        host): the step only records (window row, running total, step counter, balancedness)
+        and is traced without its `lax.cond`. On a GPU that conditional copies its predicate to
+        the host and waits for it, about 0.1-0.2 ms of a decode step; a model compiles its step
+        twice (``idle`` static) and calls the idle one on most steps. A rebalance due on the
+        device at an idle step is skipped (``info.skipped``), layers under way wait; weights
+        and maps never part.
 
     Returns:
       ``(state, expert_weights, info)``: the new state, the weights (same structure, shapes,
@@ -582,6 +607,7 @@ def eplb_step(
             f"mesh: axis {state.config.transfer.axis_name!r} has {d} devices, but the state was built for "
             f"num_devices = {state.num_devices}"
         )
+    idle = _check_idle(idle)
     setup = _setup(state, checks.platform_of(mesh), layer_axis, slot_axis)
     leaves, treedef, given, k = _step_leaves(state, expert_weights, setup, mesh=mesh)
     if not k:
@@ -603,7 +629,7 @@ def eplb_step(
         slot_axis=0 if k else setup.config.slot_axis,
         axes=setup.config.axes,
         num_replicated=1,
-        options=(("setup", setup), ("per_layer", k)),
+        options=(("setup", setup), ("per_layer", k), ("idle", idle)),
         after=_log_after,
         name="eplb_step",
     )
@@ -612,12 +638,30 @@ def eplb_step(
 
 
 def _global_body(
-    state: EplbState, leaves: list[jax.Array], *, setup: engine_lib.Engine, per_layer: int = 0
+    state: EplbState,
+    leaves: list[jax.Array],
+    *,
+    setup: engine_lib.Engine,
+    per_layer: int = 0,
+    idle: bool = False,
 ):
     """The step at global view is its local step on each device's shard (`programs.build`);
     ``per_layer``: K leaves per layer of a per-layer sequence, 0 for stacked leaves."""
-    state, leaves, info = _local_step(state, leaves, load_axes=(), setup=setup, per_layer=per_layer)
+    state, leaves, info = _local_step(
+        state, leaves, load_axes=(), setup=setup, per_layer=per_layer, idle=idle
+    )
     return leaves, (state, info)
+
+
+def _check_idle(idle: Any) -> bool:
+    """``idle`` as a Python bool: it picks the program when the step is traced."""
+    if isinstance(idle, (bool, np.bool_)):
+        return bool(idle)
+    raise TypeError(
+        f"idle: expected a Python bool (it decides, when the step is traced, whether the step "
+        f"can rebalance), got {type(idle).__name__}. Pass it as a static argument "
+        f"(jax.jit(..., static_argnames='idle')), e.g. from jeplb.HostSchedule.step_due()"
+    )
 
 
 def _log_after(extra: tuple[EplbState, StepInfo]) -> None:

@@ -80,18 +80,18 @@ BALANCED = "dispatch balanced"
 ONCE = "dispatch counted once"
 ONCE_IDLE = "dispatch counted once + idle step W=1000"
 IDLE_BIG, IDLE_ONE = "dispatch + idle step W=1000", "dispatch + idle step W=1"
-# A diagnosis, not a usable step: the idle step traced with its conditional replaced by the idle
-# branch alone (what the conditional itself costs: on a GPU a device-to-host sync).
-IDLE_NO_COND = "dispatch + idle step W=1000, no conditional (diagnosis)"
-ONCE_NO_COND = "dispatch counted once + idle step W=1000, no conditional (diagnosis)"
-_NO_COND = (IDLE_NO_COND, ONCE_NO_COND)
+# The idle step traced with ``idle=True`` (`jeplb.HostSchedule.step_due` said nothing is due): no
+# conditional, whose predicate a GPU copies to the host and waits for.
+IDLE_HOST = "dispatch + idle step W=1000, idle=True"
+ONCE_IDLE_HOST = "dispatch counted once + idle step W=1000, idle=True"
+_HOST_IDLE = (IDLE_HOST, ONCE_IDLE_HOST)
 # The serving loop's recording half (`jeplb.end_pass`, no conditional; `jeplb.HostSchedule`
 # decides on the host when to plan and move), in place of the idle step.
 END_PASS = "dispatch + end_pass"
 ONCE_END_PASS = "dispatch counted once + end_pass"
-VARIANTS = (PLAIN, DISPATCH, ONCE, IDLE_BIG, IDLE_ONE, ONCE_IDLE)
-_IDLE = (IDLE_BIG, IDLE_ONE, ONCE_IDLE, *_NO_COND)
-_ONCE = (ONCE, ONCE_IDLE, ONCE_NO_COND, ONCE_END_PASS)
+VARIANTS = (PLAIN, DISPATCH, ONCE, IDLE_BIG, IDLE_ONE, ONCE_IDLE, ONCE_IDLE_HOST)
+_IDLE = (IDLE_BIG, IDLE_ONE, ONCE_IDLE, *_HOST_IDLE)
+_ONCE = (ONCE, ONCE_IDLE, ONCE_IDLE_HOST, ONCE_END_PASS)
 LAYOUTS = ("unrolled", "scanned")
 
 
@@ -148,27 +148,13 @@ def _unrolled(case: DecodeCase, variant: str, mesh):
 
 def _maybe_idle_step(variant, state, w, mesh):
     """The variant's idle `jeplb.eplb_step` (its StepInfo's balancedness and fired kept)."""
-    import contextlib
-    from unittest import mock
-
-    from jax import lax
-
     import jeplb
 
     if variant in (END_PASS, ONCE_END_PASS):
         return jeplb.end_pass(state), w, None
     if variant not in _IDLE:
         return state, w, None
-    from jeplb._src import programs
-
-    patch = contextlib.nullcontext()
-    if variant in _NO_COND:  # the conditional's idle branch, inlined (diagnosis only)
-        patch = mock.patch.object(lax, "cond", lambda pred, yes, no, *a: no(*a))
-        programs.build.cache_clear()  # a fresh trace of the step, not the cached one
-    with patch:
-        state, w, info = jeplb.eplb_step(state, w, mesh=mesh)
-    if variant in _NO_COND:
-        programs.build.cache_clear()
+    state, w, info = jeplb.eplb_step(state, w, mesh=mesh, idle=variant in _HOST_IDLE)
     return state, w, (info.balancedness, info.layer_balancedness, info.fired)
 
 

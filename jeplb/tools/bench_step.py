@@ -185,6 +185,7 @@ def _idle_variants():
         bd.IDLE_ONE: bd.DISPATCH,
         bd.ONCE: None,
         bd.ONCE_IDLE: bd.ONCE,
+        bd.ONCE_IDLE_HOST: bd.ONCE,
     }
 
 
@@ -205,7 +206,7 @@ def _idle_scale(*, tiny: bool, repeats: int) -> tuple[list[dict[str, Any]], Any]
         warmup=3,
         samples=5 if tiny else 20,
     )
-    temps = {v: _idle_temp(case, v) for v in (bd.IDLE_BIG, bd.IDLE_ONE)}  # one compile each
+    temps = {v: _idle_temp(case, v) for v in (bd.IDLE_BIG, bd.IDLE_ONE, bd.ONCE_IDLE_HOST)}
     temps[bd.ONCE_IDLE] = temps[bd.IDLE_BIG]  # the same standalone idle step (W = 1000)
     out = [dataclasses.asdict(r) for r in rows]
     for r in out:
@@ -226,7 +227,8 @@ def _idle_temp(case, variant: str) -> int:
     dev = jax.devices()[0]
     mesh = Mesh(np.array([dev]), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
     _, (state, w, _, _) = bd.build(case, variant, "unrolled")
-    step = jax.jit(functools.partial(jeplb.eplb_step, mesh=mesh), donate_argnums=(0, 1))
+    idle = variant in bd._HOST_IDLE
+    step = jax.jit(functools.partial(jeplb.eplb_step, mesh=mesh, idle=idle), donate_argnums=(0, 1))
     return int(step.lower(state, w).compile().memory_analysis().temp_size_in_bytes)
 
 
