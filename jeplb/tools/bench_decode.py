@@ -80,18 +80,23 @@ BALANCED = "dispatch balanced"
 ONCE = "dispatch counted once"
 ONCE_IDLE = "dispatch counted once + idle step W=1000"
 IDLE_BIG, IDLE_ONE = "dispatch + idle step W=1000", "dispatch + idle step W=1"
-# The idle step traced with ``idle=True`` (`jeplb.HostSchedule.step_due` said nothing is due): no
-# conditional, whose predicate a GPU copies to the host and waits for.
-IDLE_HOST = "dispatch + idle step W=1000, idle=True"
-ONCE_IDLE_HOST = "dispatch counted once + idle step W=1000, idle=True"
-_HOST_IDLE = (IDLE_HOST, ONCE_IDLE_HOST)
+# The idle step traced with ``idle=True`` ("host-scheduled": `jeplb.HostSchedule.step_due` said
+# nothing is due): no conditional, whose predicate a GPU copies to the host and waits for. Its
+# StepInfo is not used (XLA drops what computes it), or its balancedness is returned ("+
+# balancedness": what logging it every step costs).
+IDLE_HOST = "dispatch + host-scheduled idle step W=1000"
+ONCE_IDLE_HOST = "dispatch counted once + host-scheduled idle step W=1000"
+ONCE_IDLE_HOST_LOGGED = "dispatch counted once + host-scheduled idle step W=1000 + balancedness"
+_HOST_IDLE = (IDLE_HOST, ONCE_IDLE_HOST, ONCE_IDLE_HOST_LOGGED)
 # The serving loop's recording half (`jeplb.end_pass`, no conditional; `jeplb.HostSchedule`
 # decides on the host when to plan and move), in place of the idle step.
 END_PASS = "dispatch + end_pass"
 ONCE_END_PASS = "dispatch counted once + end_pass"
-VARIANTS = (PLAIN, DISPATCH, ONCE, IDLE_BIG, IDLE_ONE, ONCE_IDLE, ONCE_IDLE_HOST)
+VARIANTS = (
+    PLAIN, DISPATCH, ONCE, IDLE_BIG, IDLE_ONE, ONCE_IDLE, ONCE_IDLE_HOST, ONCE_IDLE_HOST_LOGGED,
+)  # fmt: skip
 _IDLE = (IDLE_BIG, IDLE_ONE, ONCE_IDLE, *_HOST_IDLE)
-_ONCE = (ONCE, ONCE_IDLE, ONCE_IDLE_HOST, ONCE_END_PASS)
+_ONCE = (ONCE, ONCE_IDLE, ONCE_IDLE_HOST, ONCE_IDLE_HOST_LOGGED, ONCE_END_PASS)
 LAYOUTS = ("unrolled", "scanned")
 
 
@@ -155,6 +160,8 @@ def _maybe_idle_step(variant, state, w, mesh):
     if variant not in _IDLE:
         return state, w, None
     state, w, info = jeplb.eplb_step(state, w, mesh=mesh, idle=variant in _HOST_IDLE)
+    if variant in (IDLE_HOST, ONCE_IDLE_HOST):
+        return state, w, None  # nothing is due: fired is False, nothing to read
     return state, w, (info.balancedness, info.layer_balancedness, info.fired)
 
 

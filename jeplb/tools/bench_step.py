@@ -186,6 +186,7 @@ def _idle_variants():
         bd.ONCE: None,
         bd.ONCE_IDLE: bd.ONCE,
         bd.ONCE_IDLE_HOST: bd.ONCE,
+        bd.ONCE_IDLE_HOST_LOGGED: bd.ONCE,
     }
 
 
@@ -208,6 +209,7 @@ def _idle_scale(*, tiny: bool, repeats: int) -> tuple[list[dict[str, Any]], Any]
     )
     temps = {v: _idle_temp(case, v) for v in (bd.IDLE_BIG, bd.IDLE_ONE, bd.ONCE_IDLE_HOST)}
     temps[bd.ONCE_IDLE] = temps[bd.IDLE_BIG]  # the same standalone idle step (W = 1000)
+    temps[bd.ONCE_IDLE_HOST_LOGGED] = temps[bd.ONCE_IDLE_HOST]
     out = [dataclasses.asdict(r) for r in rows]
     for r in out:
         r["temp_bytes"] = temps.get(r["variant"], 0)
