@@ -7,14 +7,12 @@ operations:
 
 1. `block_counts`: the keys split into counting blocks of ``count_block``; program (b, g)
    counts block b's keys in groups [g G_c, (g + 1) G_c) (one [count_block, G_c] compare).
-2. XLA sums the rows before each block (`prefix_rows`, its last row the groups' sizes) and
-   places each expert's replicas in their order from the sizes (`dispatch._replica_places`): a
-   few small operations.
+2. XLA sums the rows before each block (`prefix_rows`, its last row the groups' sizes): one
+   reduction.
 3. `choose`: each program takes ``map_block`` consecutive pairs; a pair's rank is its group's
    count in the counting blocks before its own (one read of the prefix rows) plus the earlier
    pairs of its own counting block with its key (one [map_block, count_block] compare); the
-   replica is the one whose place is ``rank % logcnt[e]`` (a compare over the expert's row of
-   places) and the slot ``log2phy[e][replica]``.
+   replica is ``(rank + e) % logcnt[e]`` and the slot ``log2phy[e][replica]``.
 
 Integer adds and compares only: for valid maps (each expert's count at most R_max) the slots are
 the XLA formulation's, bit for bit (tested in Pallas's interpreter on the CPU and compiled on a
@@ -98,8 +96,8 @@ def prefix_rows(rows: jax.Array) -> jax.Array:
 
 
 def choose(
-    key, before, place, logcnt, log2phy, *, groups: int,
-    count_block: int = COUNT_BLOCK, map_block: int = MAP_BLOCK, interpret: bool = False,
+    key, before, logcnt, log2phy, *, groups: int, count_block: int = COUNT_BLOCK,
+    map_block: int = MAP_BLOCK, interpret: bool = False,
 ):  # fmt: skip
     """Each pair's slot under the balanced choice.
 
@@ -108,8 +106,6 @@ def choose(
         E <= g < groups - 1 expert g - E, uncounted; ``groups - 1`` out of range (slot -1).
       before: int32[n // count_block (+ 1), G_pad] `prefix_rows` of ``key``'s `block_counts`
         (plus the pairs of the devices before this one, inside shard_map).
-      place: int32[E, R_max] each replica's place in the order its expert's replicas take the
-        pairs (a permutation of each row).
       logcnt: int32[E]; log2phy: int32[E, R_max] the layer's maps.
       groups: the number of groups; count_block / map_block: pairs per block of each kernel.
       interpret: run in Pallas's interpreter.
@@ -121,9 +117,8 @@ def choose(
 
     num_experts, r_max = log2phy.shape
     n, padded = key.shape[0], before.shape[1]
-    r_pad = 1 << max(0, (r_max - 1).bit_length())
 
-    def kernel(key_ref, win_ref, before_ref, place_ref, cnt_ref, table_ref, out_ref):
+    def kernel(key_ref, win_ref, before_ref, cnt_ref, table_ref, out_ref):
         first = pl.program_id(0) * map_block
         own = first // count_block  # the counting block holding this program's pairs
         key = key_ref[...]
@@ -133,18 +128,14 @@ def choose(
         rank = before_ref[own * padded + key] + jnp.sum(hit.astype(jnp.int32), axis=1)
         ok = key < groups - 1
         safe = jnp.where(ok, jnp.where(key >= num_experts, key - num_experts, key), 0)
-        want = (rank % jnp.maximum(cnt_ref[safe], 1))[:, None]
-        j = lax.broadcasted_iota(jnp.int32, (1, r_pad), 1)
-        row = place_ref[safe[:, None] * r_max + jnp.minimum(j, r_max - 1)]  # [map_block, r_pad]
-        replica = jnp.sum(jnp.where((row == want) & (j < r_max), j, 0), axis=1)
+        cnt = jnp.maximum(cnt_ref[safe], 1)
+        replica = (rank % cnt + safe % cnt) % cnt
         out_ref[...] = jnp.where(ok, table_ref[safe * r_max + replica], -1)
 
     def whole(a):
         return pl.BlockSpec(a.shape, lambda i: (0,) * a.ndim)
 
-    args = rows_lib.vary_alike(
-        key, key, before.reshape(-1), place.reshape(-1), logcnt, log2phy.reshape(-1)
-    )
+    args = rows_lib.vary_alike(key, key, before.reshape(-1), logcnt, log2phy.reshape(-1))
     blocked = pl.BlockSpec((map_block,), lambda i: (i,))
     window = pl.BlockSpec((count_block,), lambda i: (i * map_block // count_block,))
     return pl.pallas_call(

@@ -83,9 +83,9 @@ class DispatchConfig:
       replica_choice: ``"hash"`` (vLLM's: a hash of the token's index modulo the replica count,
         even in expectation), ``"local"`` (a replica on the token's own device when the expert
         has one there, else the hash) or ``"balanced"`` (each batch's pairs of an expert split
-        floor / ceil over its replicas, the remainders to the replicas on the least-loaded
-        devices: every device gets the placement's even split of the batch, to within the
-        remainders). See docs/concepts.md.
+        floor / ceil over its replicas, each expert's remainders starting at another replica:
+        every device gets the placement's even split of the batch, to within the remainders).
+        See docs/concepts.md.
 
     Example:
       >>> DispatchConfig(replica_choice="balanced").replica_choice

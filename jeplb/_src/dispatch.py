@@ -27,14 +27,14 @@ Replica choice (``replica_choice``, default the state's ``config.dispatch.replic
 * ``"balanced"``: each batch's pairs of an expert are split floor / ceil over its replicas: the
   pair's rank among the batch's pairs of its expert (positions in flat order; on the CPU one sort
   of the ids packed with their positions, on a GPU two Pallas kernels, `balanced_kernel`; no
-  [T K, E] one-hot) picks ``order[e][rank % logcnt[e]]``, where ``order[e]`` lists
-  e's replicas by the load their devices get from the floor shares (lightest first), so the
-  remainders land on the least-loaded devices. Pairs that are not counted (``valid`` False) are
-  ranked among themselves. Inside `jax.shard_map` with the tokens split over devices pass
+  [T K, E] one-hot) picks replica ``(rank + e) % logcnt[e]`` of expert e: the expert's pairs go
+  round its replicas, each expert starting at another replica so that the remainders of
+  different experts fall on different replicas. Pairs that are not counted (``valid`` False)
+  are ranked among themselves. Inside `jax.shard_map` with the tokens split over devices pass
   ``token_axes`` (the mesh axes the tokens are split over, devices holding consecutive blocks in
-  axis order): ranks and shares are then global (one all_gather of [2 E + 1] counts), and every
-  pair gets the slot it gets at global view, whatever the device count. Without it each device
-  balances its own tokens.
+  axis order): ranks are then global (one all_gather of [2 E + 1] counts), and every pair gets
+  the slot it gets at global view, whatever the device count. Without it each device balances
+  its own tokens.
 
 Counting: ``counts[e]`` is the number of (token, k) pairs with ``topk_ids == e`` among tokens with
 ``valid`` set. Ids outside [0, E): when the ids are concrete a ValueError names the first one;
@@ -160,13 +160,10 @@ def _check_layer_args(
             "axis), slots_per_device (N_local) and num_devices (D); `jeplb.dispatch` fills "
             "them from the state"
         )
-    if choice == "balanced" and (slots_per_device is None or num_devices is None):
-        raise ValueError(
-            "replica_choice: 'balanced' needs slots_per_device (N_local) and num_devices (D) "
-            "to weigh devices; `jeplb.dispatch` fills them from the state"
-        )
     if choice != "hash":
         for name, v in (("slots_per_device", slots_per_device), ("num_devices", num_devices)):
+            if v is None and choice == "balanced":  # (not needed: checked when given)
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
     return log2phy, logcnt, topk_ids, token_index
@@ -332,50 +329,20 @@ def _ranks_blocked(key: jax.Array, *, groups: int):
     return rank.reshape(-1)[:n], before[num_blocks, :groups]
 
 
-def _replica_order(log2phy, logcnt, share, num_devices, n_local):
-    """Each expert's live replicas, those on the least-loaded devices first ([E, R_max]): the
-    inverse of `_replica_places`' permutations, as a reduction (no scatter)."""
-    place = _replica_places(log2phy, logcnt, share, num_devices, n_local)
-    j = jnp.arange(log2phy.shape[1], dtype=jnp.int32)
-    return jnp.sum(jnp.where(place[:, :, None] == j, j[None, :, None], 0), 1, jnp.int32)
-
-
-def _replica_places(log2phy, logcnt, share, num_devices, n_local):
-    """Each replica's place in its expert's order (int32[E, R_max], a permutation of each row):
-    live replicas by the load of their device, the sum of the floor shares ``share[e]`` of the
-    replicas it holds (lightest first); ties by replica index rotated by the expert's id, so
-    equal devices share the remainders; the unused entries after them in index order."""
-    num_experts, r_max = log2phy.shape
-    j = jnp.arange(r_max, dtype=jnp.int32)[None, :]
-    e = jnp.arange(num_experts, dtype=jnp.int32)[:, None]
-    live = j < logcnt[:, None]
-    dev = jnp.where(live & (log2phy >= 0), log2phy // n_local, num_devices)  # dead: dropped
-    on = dev[:, :, None] == lax.iota(jnp.int32, num_devices)  # [E, R, D]; dead: on none
-    load = jnp.sum(jnp.where(on, share[:, None, None], 0), axis=(0, 1), dtype=jnp.int32)
-    weight = jnp.where(live, load[jnp.clip(dev, 0, num_devices - 1)], jnp.iinfo(jnp.int32).max)
-    tie = jnp.where(live, (j - e) % jnp.maximum(logcnt[:, None], 1), j)  # distinct per expert
-    # Each replica's place: the replicas before it by (weight, tie) ([E, R, R] compares: R_max
-    # is small; cheaper than a sort of E short rows).
-    w1, w2, t1, t2 = weight[:, :, None], weight[:, None, :], tie[:, :, None], tie[:, None, :]
-    return jnp.sum((w2 < w1) | ((w2 == w1) & (t2 < t1)), -1, dtype=jnp.int32)
-
-
-def _balanced_choice(
-    log2phy, logcnt, ids, counted, in_range, num_devices, n_local, token_axes, masked, impl
-):  # fmt: skip
-    """``"balanced"``: each pair's slot ([..., K]; in-range ids only): its rank among its expert's pairs
-    (counted and uncounted pairs ranked apart) modulo the replica count, through the expert's
-    replica order (`_replica_order`); and the counts (int32[E], this call's pairs: the counted
-    pairs' group sizes, so no count of its own). ``masked``: some in-range pairs may be
-    uncounted (a ``valid`` mask was given); without, their E groups are left out. ``impl``:
-    ``"xla"`` (`_ranks`) or ``"kernel"`` (on a GPU, `balanced_kernel`'s Pallas kernels).
+def _balanced_choice(log2phy, logcnt, ids, counted, in_range, token_axes, masked, impl):
+    """``"balanced"``: each pair's slot ([..., K]; in-range ids only): replica ``(rank + e) %
+    logcnt[e]`` of its expert e, ``rank`` its rank among e's pairs (counted and uncounted pairs
+    ranked apart); and the counts (int32[E], this call's pairs: the counted pairs' group sizes,
+    so no count of its own). ``masked``: some in-range pairs may be uncounted (a ``valid`` mask
+    was given); without, their E groups are left out. ``impl``: ``"xla"`` (`_ranks`) or
+    ``"kernel"`` (on a GPU, `balanced_kernel`'s Pallas kernels).
 
     Returns: ``(physical ids int32[..., K], counts int32[E])``."""
     num_experts = log2phy.shape[0]
     out_of_range = 2 * num_experts if masked else num_experts  # the last group
     key = jnp.where(counted, ids, jnp.where(in_range, ids + num_experts, out_of_range))
     key, groups = key.reshape(-1), out_of_range + 1
-    tables = (log2phy, logcnt, groups, ids.shape, num_devices, n_local, token_axes)
+    tables = (log2phy, logcnt, groups, ids.shape, token_axes)
     by_xla = functools.partial(_balanced_by_ranks, *tables)
     # The kernels are written for Pallas's Triton lowering (`rows.triton_lowering`).
     kernel = impl == "kernel" and balanced_kernel.fits(key.size, groups)
@@ -387,23 +354,21 @@ def _balanced_choice(
     )
 
 
-def _balanced_by_ranks(log2phy, logcnt, groups, shape, num_devices, n_local, token_axes, key):
+def _balanced_by_ranks(log2phy, logcnt, groups, shape, token_axes, key):
     """`_balanced_choice`'s result from `_ranks` (keys ``key`` int32[n] of ``groups`` groups, the
     last one out of range; slots reshaped to ``shape``)."""
     num_experts, r_max = log2phy.shape
-    rank, sizes, local = _ranks(key, groups, token_axes)
-    cnt = jnp.maximum(logcnt, 1)
-    order = _replica_order(log2phy, logcnt, sizes[:num_experts] // cnt, num_devices, n_local)
+    rank, _, local = _ranks(key, groups, token_axes)
     in_range = key < groups - 1
     safe = jnp.where(in_range, jnp.where(key >= num_experts, key - num_experts, key), 0)
-    replica = order.reshape(-1)[safe * r_max + rank % cnt[safe]]
-    phys = log2phy.reshape(-1)[safe * r_max + replica]
+    cnt = jnp.maximum(logcnt, 1)[safe]
+    phys = log2phy.reshape(-1)[safe * r_max + (rank % cnt + safe % cnt) % cnt]
     return jnp.where(in_range, phys, -1).reshape(shape), local[:num_experts]
 
 
 def _balanced_by_kernel(
-    log2phy, logcnt, groups, shape, num_devices, n_local, token_axes, key, *, interpret=False,
-    count_block=None, map_block=None,
+    log2phy, logcnt, groups, shape, token_axes, key, *, interpret=False, count_block=None,
+    map_block=None,
 ):  # fmt: skip
     """`_balanced_choice`'s result by `balanced_kernel` (keys ``key`` int32[n] of ``groups``
     groups, the last one out of range; slots reshaped to ``shape``; blocks by default the
@@ -418,12 +383,10 @@ def _balanced_by_kernel(
     )  # [B, G_pad]
     before = balanced_kernel.prefix_rows(rows)  # [B + 1, G_pad]
     local = before[-1]  # the sum of every block's rows: this call's group sizes
-    offset, sizes = _global_sizes(local, token_axes)
-    share = sizes[:num_experts] // jnp.maximum(logcnt, 1)
-    place = _replica_places(log2phy, logcnt, share, num_devices, n_local)
+    offset, _ = _global_sizes(local, token_axes)
     phys = balanced_kernel.choose(
-        key, before if offset is None else before + offset, place, logcnt, log2phy,
-        groups=groups, count_block=count_block, map_block=map_block, interpret=interpret,
+        key, before if offset is None else before + offset, logcnt, log2phy, groups=groups,
+        count_block=count_block, map_block=map_block, interpret=interpret,
     )  # fmt: skip
     return phys[:n].reshape(shape), local[:num_experts]
 
@@ -458,9 +421,10 @@ def dispatch_layer(
       prefer_local: deprecated spelling of ``replica_choice="local"`` (a DeprecationWarning).
       device_index: with ``"local"``: the token's device on the expert-parallel axis (int, or
         int[...] per token).
-      slots_per_device: with ``"local"`` or ``"balanced"``: N_local (slot p lives on device
-        p // N_local).
-      num_devices: with ``"local"`` or ``"balanced"``: D, devices on the expert-parallel axis.
+      slots_per_device: with ``"local"``: N_local (slot p lives on device p // N_local). The
+        balanced choice does not need it (checked when given).
+      num_devices: with ``"local"``: D, devices on the expert-parallel axis (as
+        ``slots_per_device`` for the balanced choice).
       token_axes: with ``"balanced"`` inside `jax.shard_map`: the mesh axes the tokens are split
         over (in blocks, axis order); ranks are then global and the choice that of the global
         view. None: the call sees every token (global view), or each device balances its own.
@@ -484,7 +448,7 @@ def dispatch_layer(
       >>> phy2log[phys].tolist()
       [[0, 1], [0, 1], [1, 0]]
       >>> phys, _ = dispatch_layer(log2phy, logcnt, jnp.zeros((5, 1), int),
-      ...                          replica_choice="balanced", slots_per_device=1, num_devices=3)
+      ...                          replica_choice="balanced")
       >>> phys[:, 0].tolist()  # expert 0's five pairs: 3 on one replica, 2 on the other
       [0, 2, 0, 2, 0]
     """
@@ -536,8 +500,8 @@ def _map_and_count(
         counted = in_range if valid is None else in_range & jnp.asarray(valid, bool)[..., None]
         if choice == "balanced":
             return _balanced_choice(
-                log2phy, logcnt, ids, counted, in_range, num_devices, slots_per_device,
-                token_axes, valid is not None, balanced_impl,
+                log2phy, logcnt, ids, counted, in_range, token_axes, valid is not None,
+                balanced_impl,
             )  # fmt: skip
         xla = functools.partial(
             _hash_or_local, log2phy, logcnt, ids, in_range, counted, token_index, choice,
