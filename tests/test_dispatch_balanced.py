@@ -297,10 +297,15 @@ def test_kernels_equal_the_xla_choice(n, num_experts, masked, blocks):
                 count_block=count_block, map_block=map_block,
             )  # fmt: skip
 
-        want, got = jax.jit(xla)(key), jax.jit(kernel)(key)
-        for g, w, name in zip(got, want, ("slots", "counts"), strict=True):
-            np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=name)
+        # The kernels also take raw ids: keys outside [0, groups) are the out-of-range group.
+        wild = jnp.where(key == groups - 1, jnp.asarray(rng.choice([-3, groups, 2**30], n)), key)
+        want = jax.jit(xla)(key)
+        for k in (key, wild):
+            got = jax.jit(kernel)(k)
+            for g, w, name in zip(got, want, ("slots", "counts"), strict=True):
+                np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=name)
         assert (np.asarray(want[0]) == -1).any() and np.asarray(want[1]).sum() > 0
+        assert (np.asarray(wild) < 0).any() and (np.asarray(wild) >= groups).any()
 
 
 @pytest.mark.gpu

@@ -46,6 +46,11 @@ def fits(n: int, groups: int) -> bool:
     return n > 0 and groups <= MAX_GROUPS
 
 
+def _in_groups(key: jax.Array, groups: int) -> jax.Array:
+    """Keys outside [0, groups) as the last group's (the out-of-range pairs')."""
+    return jnp.where((key >= 0) & (key < groups), key, groups - 1)
+
+
 def pad_keys(key: jax.Array, groups: int, count_block: int) -> jax.Array:
     """``key`` int32[n] padded to a multiple of ``count_block`` with the last group's key (the
     out-of-range pairs' group: pads come after every real pair and change no real rank)."""
@@ -56,7 +61,8 @@ def block_counts(key, groups: int, *, count_block: int = COUNT_BLOCK, interpret:
     """Per counting block, its keys' count per group.
 
     Args:
-      key: int32[n] in [0, groups), n a multiple of ``count_block`` (`pad_keys`).
+      key: int32[n], n a multiple of ``count_block`` (`pad_keys`); keys outside [0, groups)
+        are counted in no column below ``groups - 1``.
       groups: the number of groups.
       count_block: keys per block (a power of two).
       interpret: run in Pallas's interpreter (any backend).
@@ -70,6 +76,8 @@ def block_counts(key, groups: int, *, count_block: int = COUNT_BLOCK, interpret:
 
     def kernel(key_ref, rows_ref):
         group = pl.program_id(1) * chunk + lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
+        # Keys outside [0, groups) fall in no real group's column: only the out-of-range
+        # group's count (which nothing reads) differs, not a real rank.
         hits = (key_ref[...][:, None] == group).astype(jnp.int32)  # [count_block, chunk]
         rows_ref[...] = jnp.sum(hits, axis=0)
 
@@ -103,7 +111,8 @@ def choose(
 
     Args:
       key: int32[n] as for `block_counts` (the same padding); group g < E is expert g, counted;
-        E <= g < groups - 1 expert g - E, uncounted; ``groups - 1`` out of range (slot -1).
+        E <= g < groups - 1 expert g - E, uncounted; ``groups - 1`` and keys outside [0, groups)
+        out of range (slot -1).
       before: int32[n // count_block (+ 1), G_pad] `prefix_rows` of ``key``'s `block_counts`
         (plus the pairs of the devices before this one, inside shard_map).
       logcnt: int32[E]; log2phy: int32[E, R_max] the layer's maps.
@@ -121,9 +130,11 @@ def choose(
     def kernel(key_ref, win_ref, before_ref, cnt_ref, table_ref, out_ref):
         first = pl.program_id(0) * map_block
         own = first // count_block  # the counting block holding this program's pairs
-        key = key_ref[...]
+        key = _in_groups(key_ref[...], groups)
         pos = first + lax.broadcasted_iota(jnp.int32, (map_block, 1), 0)
         at = own * count_block + lax.broadcasted_iota(jnp.int32, (1, count_block), 1)
+        # (The window's keys are not mapped: one outside [0, groups) equals no in-range key,
+        # and the out-of-range pairs' ranks choose nothing.)
         hit = (win_ref[...][None, :] == key[:, None]) & (at < pos)  # [map_block, count_block]
         rank = before_ref[own * padded + key] + jnp.sum(hit.astype(jnp.int32), axis=1)
         ok = key < groups - 1

@@ -329,13 +329,17 @@ def _ranks_blocked(key: jax.Array, *, groups: int):
     return rank.reshape(-1)[:n], before[num_blocks, :groups]
 
 
-def _balanced_choice(log2phy, logcnt, ids, counted, in_range, token_axes, masked, impl):
+def _balanced_choice(
+    log2phy, logcnt, ids, counted, in_range, token_axes, masked, impl, raw=None
+):  # fmt: skip
     """``"balanced"``: each pair's slot ([..., K]; in-range ids only): replica ``(rank + e) %
     logcnt[e]`` of its expert e, ``rank`` its rank among e's pairs (counted and uncounted pairs
     ranked apart); and the counts (int32[E], this call's pairs: the counted pairs' group sizes,
     so no count of its own). ``masked``: some in-range pairs may be uncounted (a ``valid`` mask
     was given); without, their E groups are left out. ``impl``: ``"xla"`` (`_ranks`) or
-    ``"kernel"`` (on a GPU, `balanced_kernel`'s Pallas kernels).
+    ``"kernel"`` (on a GPU, `balanced_kernel`'s Pallas kernels). ``raw``: the caller's ids
+    before the range check; unmasked int32 ids go to the kernels as they are (the kernels send
+    ids outside [0, E) to the out-of-range group themselves: no XLA operation before them).
 
     Returns: ``(physical ids int32[..., K], counts int32[E])``."""
     num_experts = log2phy.shape[0]
@@ -348,9 +352,14 @@ def _balanced_choice(log2phy, logcnt, ids, counted, in_range, token_axes, masked
     kernel = impl == "kernel" and balanced_kernel.fits(key.size, groups)
     if not (kernel and rows_lib.triton_lowering()):
         return by_xla(key)
+    direct = raw is not None and not masked and raw.dtype == jnp.int32
+    raw_key = raw.reshape(-1) if direct else key
     # The kernels are CUDA (Pallas Triton): chosen by the platform the program is lowered for.
     return lax.platform_dependent(
-        key, cuda=functools.partial(_balanced_by_kernel, *tables), default=by_xla
+        key,
+        raw_key,
+        cuda=lambda _, r: _balanced_by_kernel(*tables, r),
+        default=lambda k, _: by_xla(k),
     )
 
 
@@ -371,8 +380,8 @@ def _balanced_by_kernel(
     map_block=None,
 ):  # fmt: skip
     """`_balanced_choice`'s result by `balanced_kernel` (keys ``key`` int32[n] of ``groups``
-    groups, the last one out of range; slots reshaped to ``shape``; blocks by default the
-    module's)."""
+    groups, the last one out of range, as are keys outside [0, groups); slots reshaped to
+    ``shape``; blocks by default the module's)."""
     num_experts = log2phy.shape[0]
     count_block = count_block or balanced_kernel.COUNT_BLOCK
     map_block = map_block or balanced_kernel.MAP_BLOCK
@@ -501,7 +510,7 @@ def _map_and_count(
         if choice == "balanced":
             return _balanced_choice(
                 log2phy, logcnt, ids, counted, in_range, token_axes, valid is not None,
-                balanced_impl,
+                balanced_impl, raw=topk_ids,
             )  # fmt: skip
         xla = functools.partial(
             _hash_or_local, log2phy, logcnt, ids, in_range, counted, token_index, choice,
