@@ -281,7 +281,7 @@ class HostSchedule:
     layers_per_step: int
     step: int = 0
     cursor: int = 0
-    _plans: bool = dataclasses.field(default=False, repr=False)  # the last step_due could plan
+    _plans: bool = dataclasses.field(default=False, repr=False, init=False)  # step_due may plan
 
     @classmethod
     def from_state(cls, state: EplbState) -> HostSchedule:
