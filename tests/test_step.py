@@ -284,7 +284,8 @@ def test_progressive_layer_maps_switch_with_their_weights(progressive_run):
 
 
 def test_step_local_sums_partial_counts_inside_shard_map(mesh):
-    """Tokens split over the devices: dispatch records per-device counts, the step sums them."""
+    """Tokens split over the devices: dispatch records per-device counts, the step sums them
+    (the first step traced idle, ``idle=True``: it sums them too; the second rebalances)."""
     model = Model(num_layers=2, seed=5)
     state = EplbState.create(
         num_layers=2, num_experts=E, num_devices=D, num_redundant_experts=R, window_size=2,
@@ -293,29 +294,32 @@ def test_step_local_sums_partial_counts_inside_shard_map(mesh):
     weights = model.physical(state.phy2log, mesh)
     wspec = {"w": P(None, "ep"), "aux": P(None, "ep")}
 
-    def body(state, weights, ids, valid):
+    def body(state, weights, ids, valid, *, idle):
         t_local = ids.shape[1]
         first = jax.lax.axis_index("ep") * t_local
         for lay in range(2):
             state, _ = dispatch(
                 state, lay, ids[lay], valid=valid, token_index=first + jnp.arange(t_local)
             )
-        return eplb_step_local(state, weights, load_axes="ep")
+        return eplb_step_local(state, weights, load_axes="ep", idle=idle)
 
-    f = jax.jit(
-        jax.shard_map(
-            body,
-            mesh=mesh,
-            in_specs=(P(), wspec, P(None, "ep"), P("ep")),
-            out_specs=(P(), wspec, P()),
-        ),
-        donate_argnums=(0, 1),
-    )
+    f = [
+        jax.jit(
+            jax.shard_map(
+                functools.partial(body, idle=idle),
+                mesh=mesh,
+                in_specs=(P(), wspec, P(None, "ep"), P("ep")),
+                out_specs=(P(), wspec, P()),
+            ),
+            donate_argnums=(0, 1),
+        )
+        for idle in (True, False)
+    ]
     rng = np.random.default_rng(6)
     total = np.zeros((2, E), np.int64)
     for i in range(2):
         _, ids, valid = model.batch(rng)
-        state, weights, info = f(state, weights, ids, valid)
+        state, weights, info = f[i](state, weights, ids, valid)
         counts = np.stack([np.bincount(ids[lay][valid].ravel(), minlength=E) for lay in range(2)])
         np.testing.assert_array_equal(state.window[i], counts)
         total += counts
