@@ -12,8 +12,9 @@ dispatch's share by L.
 ``--impl`` picks how the counts are made on the GPU: ``scatter`` (the default: a scatter into 256
 rows of counters, summed), ``compare`` (a compare-sum) or ``fused`` (the Pallas kernel that maps
 and counts, its programs' rows summed by XLA). ``--host-idle`` adds the idle step traced with
-``idle=True`` (no conditional: `jeplb.HostSchedule` decides on the host), after `dispatch` and
-after the counted-once map. ``--hlo DIR`` writes what one
+``idle=True`` (no conditional: `jeplb.HostSchedule` decides on the host) after `dispatch`, and
+after the counted-once map with its StepInfo unused and with its balancedness returned, where
+``--variants`` lacks them. ``--hlo DIR`` writes what one
 layer's dispatch launches (the compiled entry computation) and the idle step's compiled HLO.
 ``--command-buffers`` adds ``--xla_gpu_enable_command_buffer=+CONDITIONAL,+WHILE`` to XLA_FLAGS
 before the backend starts (on a GPU the conditional's predicate then stays on the device).

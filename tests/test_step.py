@@ -440,7 +440,8 @@ def _program_of(mesh, *, idle: bool):
     return jax.jit(train_step, donate_argnums=(0, 1))
 
 
-def test_host_scheduled_idle_steps_change_nothing_but_the_conditional(mesh):
+@pytest.mark.parametrize("layers_per_step, dues", [(2, [4, 5, 8, 9]), (None, [4, 8])])
+def test_host_scheduled_idle_steps_change_nothing_but_the_conditional(mesh, layers_per_step, dues):
     # The same progressive run twice: the device decides every step (one program with the
     # conditional), or HostSchedule.step_due picks an idle program (no conditional) or the full
     # one. Every output, weight, state leaf and StepInfo field is the same, bit for bit.
@@ -451,11 +452,11 @@ def test_host_scheduled_idle_steps_change_nothing_but_the_conditional(mesh):
     def fresh():  # (the programs donate the state)
         return EplbState.create(
             num_layers=3, num_experts=E, num_devices=D, num_redundant_experts=R, window_size=2,
-            step_interval=4, layers_per_step=2,
+            step_interval=4, layers_per_step=layers_per_step,
         ).replicated(mesh)  # fmt: skip
 
     full, idle = _program_of(mesh, idle=False), _program_of(mesh, idle=True)
-    runs, dues = [], []
+    runs, due_steps = [], []
     for host in (False, True):
         state = fresh()
         sched = jeplb.HostSchedule.from_state(state)
@@ -466,11 +467,11 @@ def test_host_scheduled_idle_steps_change_nothing_but_the_conditional(mesh):
             state, weights, y, info = (full if due else idle)(state, weights, *model.batch(rng))
             if host and due:
                 sched.stepped(info)
-                dues.append(int(info.step))
+                due_steps.append(int(info.step))
             trace.append(jax.device_get((state, weights, y, info)))
         runs.append(trace)
-    # Plans at steps 4 and 8 (two layers, then the last one, at each); every other step idle.
-    assert dues == [4, 5, 8, 9]
+    # Plans at steps 4 and 8 (two layers, then the last one; or all three); the others idle.
+    assert due_steps == dues
     assert [bool(t[3].fired) for t in runs[0]] == [i + 1 in (4, 8) for i in range(11)]
     for i, (a, b) in enumerate(zip(*runs, strict=True)):
         for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
@@ -493,6 +494,19 @@ def _data_conds(jaxpr) -> int:
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
             n += _data_conds(sub)
     return n
+
+
+def test_an_idle_step_does_not_log(mesh):
+    # log_interval's logging is a conditional around a debug callback: the idle program has
+    # none (it would copy its predicate to the host), the full one has it.
+    state = EplbState.create(
+        num_layers=1, num_experts=E, num_devices=D, num_redundant_experts=R, log_interval=5
+    ).replicated(mesh)
+    w = jax.device_put(jnp.zeros((1, E + R, 3)), NamedSharding(mesh, P(None, "ep")))
+    step = {i: functools.partial(eplb_step, mesh=mesh, idle=i) for i in (True, False)}
+    idle, full = (jax.make_jaxpr(step[i])(state, w) for i in (True, False))
+    assert _data_conds(idle.jaxpr) == 0 and "debug_callback" not in str(idle)
+    assert _data_conds(full.jaxpr) > 0 and "debug_callback" in str(full)
 
 
 def test_an_idle_step_where_a_rebalance_is_due_skips_it(mesh):

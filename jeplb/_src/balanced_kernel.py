@@ -2,8 +2,8 @@
 
 The choice needs each (token, k) pair's rank among the batch's pairs of its group (its key: the
 expert, counted and uncounted pairs apart) in flat order. In XLA that is a sort or a handful of
-large reductions, each its own kernel; here it is two kernels without loops and a few small XLA
-operations:
+large reductions, each its own kernel; here it is two kernels without loops and one XLA
+reduction:
 
 1. `block_counts`: the keys split into counting blocks of ``count_block``; program (b, g)
    counts block b's keys in groups [g G_c, (g + 1) G_c) (one [count_block, G_c] compare).
@@ -140,7 +140,8 @@ def choose(
         ok = key < groups - 1
         safe = jnp.where(ok, jnp.where(key >= num_experts, key - num_experts, key), 0)
         cnt = jnp.maximum(cnt_ref[safe], 1)
-        replica = (rank % cnt + safe % cnt) % cnt
+        # (At most R_max - 1 even for maps whose count exceeds their table: no read past it.)
+        replica = jnp.minimum((rank % cnt + safe % cnt) % cnt, r_max - 1)
         out_ref[...] = jnp.where(ok, table_ref[safe * r_max + replica], -1)
 
     def whole(a):

@@ -371,7 +371,8 @@ def _balanced_by_ranks(log2phy, logcnt, groups, shape, token_axes, key):
     in_range = key < groups - 1
     safe = jnp.where(in_range, jnp.where(key >= num_experts, key - num_experts, key), 0)
     cnt = jnp.maximum(logcnt, 1)[safe]
-    phys = log2phy.reshape(-1)[safe * r_max + (rank % cnt + safe % cnt) % cnt]
+    replica = jnp.minimum((rank % cnt + safe % cnt) % cnt, r_max - 1)  # (as the kernel)
+    phys = log2phy.reshape(-1)[safe * r_max + replica]
     return jnp.where(in_range, phys, -1).reshape(shape), local[:num_experts]
 
 

@@ -262,7 +262,8 @@ class HostSchedule:
       num_layers: L.
       step_interval: steps between rebalances (``state.config.schedule``).
       layers_per_step: layers moved per step.
-      step: the state's step counter, as the device has it after the last `end_pass`.
+      step: the state's step counter, as the device has it after the last `end_pass` (or
+        `jeplb.eplb_step`).
       cursor: the next layer to move (L: none in progress).
 
     Example:

@@ -161,6 +161,9 @@ class EplbState:
       window: int32[W, L, E]. Global logical load of the last W passes (a ring buffer).
       window_total: int32[L, E]. The sum of ``window``'s rows, kept as a running total as passes
         enter and leave, so that a step costs O(L x E), not O(W x L x E); saturates at 2^31 - 1.
+        A saturated entry stays saturated through `jeplb.end_pass` and idle steps (``idle=True``)
+        even once the true sum falls below it, until a step that sums the window again (a due
+        `jeplb.eplb_step`, `jeplb.plan_rebalance`).
       window_leaving: int32[L, E]. ``window[window_pos]``, the pass the next step drops from the
         total. Replace ``window`` or ``window_pos`` only together with these two
         (`EplbState.check_window`).

@@ -68,7 +68,8 @@ class StepInfo:
       step: int32[]. The step counter after this step.
       fired: bool[]. A rebalance was planned in this step (and moves, now or progressively).
       skipped: bool[]. A rebalance was due in this step but did not pay (`jeplb.ScheduleConfig`'s
-        ``skip_above`` / ``min_gain``): no row moves, the maps stay.
+        ``skip_above`` / ``min_gain``), or the step was traced with ``idle=True``: no row moves,
+        the maps stay.
       planned_balancedness: float32[]. The balancedness the policy's placement would have under
         the window's load (NaN when the policy did not run in this step); with
         ``balancedness`` (the current placement's, when skipped) it says why a rebalance skipped.
@@ -197,7 +198,8 @@ class _Moved:
 
     Attributes:
       fired: bool[]. A rebalance was planned (and will move).
-      skipped: bool[]. A rebalance was due but skipped (`jeplb.ScheduleConfig` thresholds).
+      skipped: bool[]. A rebalance was due but skipped (`jeplb.ScheduleConfig` thresholds, or
+        the step traced with ``idle=True``).
       planned_balancedness: float32[]. The planned placement's balancedness (NaN: no plan).
       moved: bool[L]. Layers whose weights moved and whose maps switched.
       layer_ok: bool[L]. False for a due layer whose plan was infeasible.
@@ -473,7 +475,8 @@ def eplb_step_local(
     state, leaves, info = _local_step(
         state, leaves, load_axes=axes, setup=setup, per_layer=per_layer, idle=idle
     )
-    _log_balancedness(state, info, only_device=lax.axis_index(axis))
+    if not idle:  # (its logging is a conditional: idle steps do not log)
+        _log_balancedness(state, info, only_device=lax.axis_index(axis))
     return state, treedef.unflatten(leaves), info
 
 
@@ -572,7 +575,10 @@ def eplb_step(
         the host and waits for it, about 0.1-0.2 ms of a decode step; a model compiles its step
         twice (``idle`` static) and calls the idle one on most steps. A rebalance due on the
         device at an idle step is skipped (``info.skipped``), layers under way wait; weights
-        and maps never part.
+        and maps never part. An idle step does not log (``log_interval``'s logging is itself a
+        conditional: read its StepInfo instead), and a saturated ``window_total`` entry stays
+        saturated until the next due step sums the window again (so its balancedness may read
+        otherwise than the device-decided step's until then).
 
     Returns:
       ``(state, expert_weights, info)``: the new state, the weights (same structure, shapes,
@@ -630,7 +636,7 @@ def eplb_step(
         axes=setup.config.axes,
         num_replicated=1,
         options=(("setup", setup), ("per_layer", k), ("idle", idle)),
-        after=_log_after,
+        after=None if idle else _log_after,  # (logging is a conditional: idle steps do not log)
         name="eplb_step",
     )
     leaves, (state, info) = program(state, leaves)

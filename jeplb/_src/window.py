@@ -42,7 +42,9 @@ def window_sum(window: Any) -> jax.Array:
 
 def check_window(window: Any, total: Any, leaving: Any, pos: Any) -> None:
     """Checks a window's derived fields: ``total`` its sum (`window_sum`, saturating at
-    2^31 - 1) and ``leaving`` its row ``pos``. Concrete arrays only; numpy, O(W x L x E).
+    2^31 - 1; an entry of 2^31 - 1 is always accepted: a saturated total slid without a re-sum
+    stays there until the next re-sum, `slide_window_fast`) and ``leaving`` its row ``pos``.
+    Concrete arrays only; numpy, O(W x L x E).
 
     Raises:
       ValueError: naming ``window_total`` or ``window_leaving`` and the first entry that differs.
@@ -56,6 +58,8 @@ def check_window(window: Any, total: Any, leaving: Any, pos: Any) -> None:
         if got.shape != expected.shape:
             raise ValueError(f"{name}: expected shape {expected.shape}, got {got.shape}")
         bad = got != expected
+        if name == "window_total":
+            bad &= got != INT32_MAX  # saturated, to be summed again
         if bad.any():
             at = tuple(int(i) for i in np.argwhere(bad)[0])
             raise ValueError(

@@ -152,7 +152,8 @@ def _unrolled(case: DecodeCase, variant: str, mesh):
 
 
 def _maybe_idle_step(variant, state, w, mesh):
-    """The variant's idle `jeplb.eplb_step` (its StepInfo's balancedness and fired kept)."""
+    """The variant's idle `jeplb.eplb_step` (its StepInfo's balancedness and fired returned,
+    except by the host-scheduled variants without "+ balancedness", which read nothing)."""
     import jeplb
 
     if variant in (END_PASS, ONCE_END_PASS):
