@@ -64,6 +64,7 @@ from jeplb._src.config import REPLICA_CHOICES
 from jeplb._src.state import EplbState, check_layer
 from jeplb._src.transfer import agree
 from jeplb._src.transfer import rows as rows_lib
+from jeplb._src.validate import check_bool
 
 __all__ = ["dispatch", "dispatch_layer"]
 
@@ -216,10 +217,7 @@ def _resolve_choice(replica_choice: Any, prefer_local: Any, default: str) -> str
         raise ValueError(
             f"replica_choice: expected one of {REPLICA_CHOICES} or None, got {replica_choice!r}"
         )
-    if not isinstance(prefer_local, bool | np.bool_):
-        raise TypeError(
-            f"prefer_local: expected a bool, got {type(prefer_local).__name__} {prefer_local!r}"
-        )
+    check_bool("prefer_local", prefer_local)
     if not prefer_local:
         return default if replica_choice is None else replica_choice
     warnings.warn(
@@ -257,32 +255,30 @@ def _ranks(key: jax.Array, groups: int, token_axes):
 
     ``key`` int32[n] in [0, groups). On the CPU `_ranks_sorted`, elsewhere `_ranks_blocked` (no
     sort: a GPU's radix sort is many kernels); both give the same ranks. With ``token_axes``
-    (inside `jax.shard_map`, tokens split over those axes in blocks) the ranks and sizes are
-    global: the per-device sizes are gathered, and the devices before this one add their sizes.
+    (inside `jax.shard_map`, tokens split over those axes in blocks) the ranks are global: the
+    devices before this one add their sizes (`_offset`).
 
-    Returns: ``(rank int32[n], sizes int32[groups], local int32[groups])``: ``local`` the sizes
-    among this call's entries alone (``sizes`` itself without ``token_axes``).
+    Returns: ``(rank int32[n], local int32[groups])``: ``local`` the sizes among this call's
+    entries alone.
     """
     rank, local = lax.platform_dependent(
         key,
         cpu=functools.partial(_ranks_sorted, groups=groups),
         default=functools.partial(_ranks_blocked, groups=groups),
     )
-    before, sizes = _global_sizes(local, token_axes)
-    return rank if before is None else rank + before[key], sizes, local
+    before = _offset(local, token_axes)
+    return rank if before is None else rank + before[key], local
 
 
-def _global_sizes(local: jax.Array, token_axes):
-    """``(before, sizes)`` from this call's group sizes ``local`` int32[G]: with ``token_axes``
-    the sizes of the devices before this one on those axes and every device's together (one
-    all_gather); without, ``(None, local)``."""
+def _offset(local: jax.Array, token_axes):
+    """int32[G]: with ``token_axes``, the group sizes of the devices before this one on those
+    axes (one all_gather of this call's sizes ``local`` int32[G]); without, None."""
     if token_axes is None:
-        return None, local
+        return None
     every = lax.all_gather(local, token_axes)  # [devices on token_axes, groups]
     me = lax.axis_index(token_axes)
     earlier = jnp.arange(every.shape[0])[:, None] < me
-    before = jnp.sum(jnp.where(earlier, every, 0), 0, dtype=jnp.int32)
-    return before, jnp.sum(every, 0, dtype=jnp.int32)
+    return jnp.sum(jnp.where(earlier, every, 0), 0, dtype=jnp.int32)
 
 
 def _ranks_sorted(key: jax.Array, *, groups: int):
@@ -367,7 +363,7 @@ def _balanced_by_ranks(log2phy, logcnt, groups, shape, token_axes, key):
     """`_balanced_choice`'s result from `_ranks` (keys ``key`` int32[n] of ``groups`` groups, the
     last one out of range; slots reshaped to ``shape``)."""
     num_experts, r_max = log2phy.shape
-    rank, _, local = _ranks(key, groups, token_axes)
+    rank, local = _ranks(key, groups, token_axes)
     in_range = key < groups - 1
     safe = jnp.where(in_range, jnp.where(key >= num_experts, key - num_experts, key), 0)
     cnt = jnp.maximum(logcnt, 1)[safe]
@@ -393,7 +389,7 @@ def _balanced_by_kernel(
     )  # [B, G_pad]
     before = balanced_kernel.prefix_rows(rows)  # [B + 1, G_pad]
     local = before[-1]  # the sum of every block's rows: this call's group sizes
-    offset, _ = _global_sizes(local, token_axes)
+    offset = _offset(local, token_axes)
     phys = balanced_kernel.choose(
         key, before if offset is None else before + offset, logcnt, log2phy, groups=groups,
         count_block=count_block, map_block=map_block, interpret=interpret,

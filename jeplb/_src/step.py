@@ -41,7 +41,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from jeplb._src import checks, perlayer, programs, step_scalars
@@ -52,6 +51,7 @@ from jeplb._src.state import EplbState
 from jeplb._src.transfer import api as transfer_api
 from jeplb._src.transfer import engine as engine_lib
 from jeplb._src.transfer.rows import varying_axes
+from jeplb._src.validate import check_bool
 from jeplb._src.window import slide_window_fast, window_sum
 
 __all__ = ["StepInfo", "eplb_step", "eplb_step_local"]
@@ -320,10 +320,10 @@ def _local_step(
 
     settled = state.cursor >= num_layers  # no rebalance under way
     scheduled = (step % state.config.schedule.step_interval == 0) & settled
-    busy = scheduled | ~settled | jnp.any(state.window_total == INT32_MAX)
     if idle:
         changes, leaves, moved = _quiet(state, leaves, slid, skipped=scheduled & jnp.any(slid > 0))
     else:
+        busy = scheduled | ~settled | jnp.any(state.window_total == INT32_MAX)
         changes, leaves, moved = lax.cond(
             busy,
             lambda: _busy(state, leaves, window, slid, scheduled, setup, per_layer),
@@ -661,13 +661,13 @@ def _global_body(
 
 def _check_idle(idle: Any) -> bool:
     """``idle`` as a Python bool: it picks the program when the step is traced."""
-    if isinstance(idle, (bool, np.bool_)):
-        return bool(idle)
-    raise TypeError(
-        f"idle: expected a Python bool (it decides, when the step is traced, whether the step "
-        f"can rebalance), got {type(idle).__name__}. Pass it as a static argument "
-        f"(jax.jit(..., static_argnames='idle')), e.g. from jeplb.HostSchedule.step_due()"
-    )
+    check_bool(
+        "idle", idle,
+        hint="It decides, when the step is traced, whether the step can rebalance: pass it as a "
+        "static argument (jax.jit(..., static_argnames='idle')), e.g. from "
+        "jeplb.HostSchedule.step_due()",
+    )  # fmt: skip
+    return bool(idle)
 
 
 def _log_after(extra: tuple[EplbState, StepInfo]) -> None:

@@ -46,10 +46,11 @@ def check_fraction(name: str, value: Any, *, allow_none=False) -> None:
         raise ValueError(f"{name}: expected a number in [0, 1], got {value!r}")
 
 
-def check_bool(name: str, value: Any) -> None:
-    """Raises a TypeError unless ``value`` is a bool."""
+def check_bool(name: str, value: Any, *, hint: str = "") -> None:
+    """Raises a TypeError unless ``value`` is a bool (``hint``: the fix, appended)."""
     if not isinstance(value, bool | np.bool_):
-        raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
+        fix = f". {hint}" if hint else ""
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}{fix}")
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
