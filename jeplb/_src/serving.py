@@ -326,8 +326,7 @@ class HostSchedule:
           >>> [sched.step_due() for _ in range(3)]
           [False, False, True]
         """
-        self.step += 1
-        self._plans = self.step % self.step_interval == 0 and not self.in_progress
+        self._plans = self.tick()
         return self._plans or self.in_progress
 
     def stepped(self, info: Any) -> None:
