@@ -235,3 +235,78 @@ def test_one_device_step_moves_large_rows_in_place(mesh1):
     np.testing.assert_array_equal(
         np.asarray(out["w"]).view(np.uint32), logical[lay, after].view(np.uint32)
     )
+
+
+def _random_layers(rng, num_layers: int, n: int):
+    """Maps int32[L, N] of every kind the order meets: permutations, replicas and -1 both sides,
+    partial cycles, several rows wanting one expert, layers left as they are; ok bool[L]."""
+    old = np.empty((num_layers, n), np.int32)
+    new = np.empty_like(old)
+    for layer in range(num_layers):
+        kind = layer % 6
+        old[layer] = rng.integers(-1, rng.integers(1, n + 3), n)
+        if kind >= 4:  # distinct experts: one cycle through every slot, or one chain
+            old[layer] = rng.permutation(n)
+            sel = rng.permutation(n)
+            new[layer] = old[layer]
+            new[layer, sel] = old[layer, np.roll(sel, 1)]
+            if kind == 5:
+                new[layer, sel[0]] = -1
+        elif kind == 0:
+            new[layer] = old[layer][rng.permutation(n)]
+        elif kind == 1:
+            new[layer] = rng.choice(np.append(old[layer], -1), n)
+        elif kind == 2:
+            new[layer] = old[layer]
+            sel = rng.permutation(n)[: rng.integers(1, n + 1)]
+            new[layer, sel] = old[layer, np.roll(sel, 1)]
+        else:
+            new[layer] = old[layer]
+    return old, new, rng.random(num_layers) < 0.9
+
+
+@pytest.mark.parametrize("n", [1, 10, 36, 127])
+def test_order_kernel_equals_the_xla_order(n):
+    """The one-program-per-layer order (Pallas's interpreter here) is `order_moves`'s, entry for
+    entry, on 60 random layers of each size."""
+    from jeplb._src.transfer import order_kernel
+
+    old, new, ok = _random_layers(np.random.default_rng(n), 60, n)
+    want = jax.jit(_local.order_moves_layers)(old, new, ok)
+    got = order_kernel.order_moves_kernel(jnp.asarray(old), jnp.asarray(new), jnp.asarray(ok))
+    for w, g in zip(want, got, strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def test_order_kernel_refuses_large_layers_and_the_engine_keeps_xla_for_them():
+    from jeplb._src.transfer import order_kernel
+
+    big = jnp.zeros((1, order_kernel.MAX_SLOTS + 1), jnp.int32)
+    with pytest.raises(ValueError, match="at most 127 slots, got 128"):
+        order_kernel.order_moves_kernel(big, big, jnp.ones((1,), bool))
+    jaxpr = str(
+        jax.make_jaxpr(
+            lambda a: _local.order_moves_layers(a, a, jnp.ones((1,), bool), platform="gpu")
+        )(big)
+    )
+    assert "pallas_call" not in jaxpr
+    small = jnp.zeros((1, 36), jnp.int32)
+    jaxpr = str(
+        jax.make_jaxpr(
+            lambda a: _local.order_moves_layers(a, a, jnp.ones((1,), bool), platform="gpu")
+        )(small)
+    )
+    assert "pallas_call" in jaxpr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [36, 100])
+def test_order_kernel_compiled_on_a_gpu_equals_the_xla_order(n):
+    from jeplb._src.transfer import order_kernel
+
+    old, new, ok = _random_layers(np.random.default_rng(n + 1), 64, n)
+    want = jax.jit(jax.vmap(_local.order_moves))(old, new, ok)
+    got = jax.jit(order_kernel.order_moves_kernel)(old, new, ok)
+    for w, g in zip(want, got, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
