@@ -118,10 +118,11 @@ def order_moves_layers(
 ) -> tuple[jax.Array, ...]:
     """`order_moves` over a leading layer axis: int32[L, N] maps, bool[L] ok.
 
-    On a GPU, layers of at most `order_kernel.MAX_SLOTS` slots take one Pallas kernel (the same
-    order, entry for entry; ``ORDER_IMPL = "xla"`` keeps XLA's operations); elsewhere XLA's
-    operations, about twenty kernels on a GPU."""
-    if platform == "gpu" and ORDER_IMPL == "kernel" and order_kernel.fits(old.shape[1]):
+    On a GPU where Pallas lowers through Triton, layers of at most `order_kernel.MAX_SLOTS` slots
+    take one Pallas kernel (the same order, entry for entry; ``ORDER_IMPL = "xla"`` keeps XLA's
+    operations); elsewhere XLA's operations, about twenty kernels on a GPU."""
+    kernel = platform == "gpu" and ORDER_IMPL == "kernel" and rows_lib.triton_lowering()
+    if kernel and order_kernel.fits(old.shape[1]):
         return order_kernel.order_moves_kernel(old, new, ok)
     return jax.vmap(order_moves)(old, new, ok)
 
