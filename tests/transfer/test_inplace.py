@@ -279,7 +279,7 @@ def test_order_kernel_equals_the_xla_order(n):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
 
-def test_order_kernel_refuses_large_layers_and_the_engine_keeps_xla_for_them():
+def test_order_kernel_refuses_large_layers_and_the_engine_keeps_xla_for_them(triton_lowering):
     from jeplb._src.transfer import order_kernel
 
     big = jnp.zeros((1, order_kernel.MAX_SLOTS + 1), jnp.int32)
