@@ -718,8 +718,7 @@ def dispatch(
             f"{type(state).__name__}"
         )
     traced = check_layer(layer, state.num_layers)
-    if not isinstance(record, bool):
-        raise TypeError(f"record: expected True or False, got {type(record).__name__} {record!r}")
+    check_bool("record", record, hint="False maps only; count the ids with EplbState.record_ids")
     choice = _resolve_choice(replica_choice, prefer_local, state.config.dispatch.replica_choice)
     token_axes = _check_token_axes(token_axes)
     if choice == "local" and device_index is None:

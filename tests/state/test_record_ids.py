@@ -143,5 +143,9 @@ def test_bad_arguments_are_named(placed):
         placed.record_ids(ids.at[1, 2, 0].set(E))
     with pytest.raises(ValueError, match=r"layer"):
         placed.record_ids(ids[0], layer=L)
-    with pytest.raises(TypeError, match=r"record: expected True or False, got str 'no'"):
+    with pytest.raises(TypeError, match=r"record: expected a bool, got str 'no'. False maps"):
         dispatch(placed, 0, ids[0], record="no")
+    # numpy's bool is a bool, as for every other flag.
+    assert int(dispatch(placed, 0, ids[0], record=np.bool_(False))[0].pass_load.sum()) == int(
+        placed.pass_load.sum()
+    )
