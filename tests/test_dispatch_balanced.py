@@ -308,6 +308,42 @@ def test_kernels_equal_the_xla_choice(n, num_experts, masked, blocks):
         assert (np.asarray(wild) < 0).any() and (np.asarray(wild) >= groups).any()
 
 
+def test_kernels_read_every_layers_maps_at_the_layer():
+    """With every layer's maps and a layer index (static or traced), the choice kernel reads the
+    maps at that layer: the slots of that layer's own maps, in the interpreter, and the state's
+    `dispatch` gives the XLA form's slots and counts at each layer."""
+    from jeplb._src import dispatch as dispatch_lib
+    from jeplb._src.maps import maps_from_phy2log
+
+    num_experts, num_layers, n = 6, 3, 512
+    rng = np.random.default_rng(7)
+    p2l = np.stack([
+        rng.permutation(np.concatenate([np.arange(num_experts), rng.integers(0, 3, 4)]))
+        for _ in range(num_layers)
+    ]).astype(np.int32)  # fmt: skip
+    log2phy, logcnt = maps_from_phy2log(jnp.asarray(p2l), num_experts, 8)[:2]
+    groups = num_experts + 1
+    key = jnp.asarray(np.minimum(rng.zipf(1.3, n) - 1, groups - 1), jnp.int32)
+
+    def kernel(k, layer, whole):
+        maps = (log2phy, logcnt) if whole else (log2phy[layer], logcnt[layer])
+        return dispatch_lib._balanced_by_kernel(
+            *maps, groups, k.shape, None, k, layer=layer if whole else None, interpret=True,
+            count_block=128, map_block=64,
+        )  # fmt: skip
+
+    traced = jax.jit(lambda k, layer: kernel(k, layer, True))
+    outs = []
+    for layer in range(num_layers):
+        want = jax.jit(lambda k, layer=layer: kernel(k, layer, False))(key)
+        for got in (jax.jit(lambda k, layer=layer: kernel(k, layer, True))(key),
+                    traced(key, jnp.int32(layer))):  # fmt: skip
+            for g, w in zip(got, want, strict=True):
+                np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+        outs.append(np.asarray(want[0]))
+    assert not all((o == outs[0]).all() for o in outs[1:])  # the layers' maps differ
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_experts, tokens, n_local", [(256, 4096, 36), (60, 1000, 9)])
 def test_kernels_compiled_on_a_gpu_equal_the_xla_choice(num_experts, tokens, n_local):
@@ -320,22 +356,24 @@ def test_kernels_compiled_on_a_gpu_equal_the_xla_choice(num_experts, tokens, n_l
     num_devices = 8
     rng = np.random.default_rng(4)
     extra = rng.integers(0, 16, num_devices * n_local - num_experts)
-    p2l = rng.permutation(np.concatenate([np.arange(num_experts), extra]))[None].astype(np.int32)
-    log2phy, logcnt = (a[0] for a in maps_from_phy2log(jnp.asarray(p2l), num_experts, 16))
+    p2l = np.stack([rng.permutation(np.concatenate([np.arange(num_experts), extra]))
+                    for _ in range(2)]).astype(np.int32)  # fmt: skip
+    log2phy, logcnt = maps_from_phy2log(jnp.asarray(p2l), num_experts, 16)[:2]
     ids = np.minimum(rng.zipf(1.2, (tokens, 8)) - 1, num_experts + 2)
     ids = jnp.asarray(ids, jnp.int32)
 
-    def choice(impl, valid):
+    def choice(impl, valid, layer):  # every layer's maps, read at ``layer`` (traced)
         return dispatch_lib._dispatch_checked(
             log2phy, logcnt, ids, valid, None, "balanced", None, n_local, num_devices, None,
-            "scatter", impl,
+            "scatter", impl, layer,
         )  # fmt: skip
 
     for valid in (None, jnp.asarray(rng.random(tokens) < 0.8)):
-        want = jax.jit(functools.partial(choice, "xla"))(valid)
-        got = jax.jit(functools.partial(choice, "kernel"))(valid)
-        for g, w in zip(got, want, strict=True):
-            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+        for layer in (0, 1):
+            want = jax.jit(functools.partial(choice, "xla"))(valid, jnp.int32(layer))
+            got = jax.jit(functools.partial(choice, "kernel"))(valid, jnp.int32(layer))
+            for g, w in zip(got, want, strict=True):
+                np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
 
 def test_kernel_ranks_continue_from_a_device_offset():

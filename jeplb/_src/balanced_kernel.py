@@ -104,7 +104,7 @@ def prefix_rows(rows: jax.Array) -> jax.Array:
 
 
 def choose(
-    key, before, logcnt, log2phy, *, groups: int, count_block: int = COUNT_BLOCK,
+    key, before, logcnt, log2phy, *, groups: int, layer=None, count_block: int = COUNT_BLOCK,
     map_block: int = MAP_BLOCK, interpret: bool = False,
 ):  # fmt: skip
     """Each pair's slot under the balanced choice.
@@ -115,8 +115,12 @@ def choose(
         out of range (slot -1).
       before: int32[n // count_block (+ 1), G_pad] `prefix_rows` of ``key``'s `block_counts`
         (plus the pairs of the devices before this one, inside shard_map).
-      logcnt: int32[E]; log2phy: int32[E, R_max] the layer's maps.
-      groups: the number of groups; count_block / map_block: pairs per block of each kernel.
+      logcnt: int32[E]; log2phy: int32[E, R_max] the layer's maps; or, with ``layer``, every
+        layer's (int32[L, E] and int32[L, E, R_max]), read at ``layer`` inside the kernel: a
+        slice of the maps passed to a kernel would be a copy, one launch each, every layer.
+      groups: the number of groups.
+      layer: None, or an int32 scalar (traced or not): the layer the maps are read at.
+      count_block / map_block: pairs per block of each kernel.
       interpret: run in Pallas's interpreter.
 
     Returns:
@@ -124,10 +128,13 @@ def choose(
     """
     from jax.experimental import pallas as pl
 
-    num_experts, r_max = log2phy.shape
+    if layer is None:
+        logcnt, log2phy, layer = logcnt[None], log2phy[None], 0
+    num_experts, r_max = log2phy.shape[1:]
     n, padded = key.shape[0], before.shape[1]
 
-    def kernel(key_ref, win_ref, before_ref, cnt_ref, table_ref, out_ref):
+    def kernel(key_ref, win_ref, before_ref, layer_ref, cnt_ref, table_ref, out_ref):
+        at_layer = layer_ref[0] * num_experts
         first = pl.program_id(0) * map_block
         own = first // count_block  # the counting block holding this program's pairs
         key = _in_groups(key_ref[...], groups)
@@ -139,15 +146,18 @@ def choose(
         rank = before_ref[own * padded + key] + jnp.sum(hit.astype(jnp.int32), axis=1)
         ok = key < groups - 1
         safe = jnp.where(ok, jnp.where(key >= num_experts, key - num_experts, key), 0)
-        cnt = jnp.maximum(cnt_ref[safe], 1)
+        cnt = jnp.maximum(cnt_ref[at_layer + safe], 1)
         # (At most R_max - 1 even for maps whose count exceeds their table: no read past it.)
         replica = jnp.minimum((rank % cnt + safe % cnt) % cnt, r_max - 1)
-        out_ref[...] = jnp.where(ok, table_ref[safe * r_max + replica], -1)
+        out_ref[...] = jnp.where(ok, table_ref[(at_layer + safe) * r_max + replica], -1)
 
     def whole(a):
         return pl.BlockSpec(a.shape, lambda i: (0,) * a.ndim)
 
-    args = rows_lib.vary_alike(key, key, before.reshape(-1), logcnt, log2phy.reshape(-1))
+    layer = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
+    args = rows_lib.vary_alike(
+        key, key, before.reshape(-1), layer, logcnt.reshape(-1), log2phy.reshape(-1)
+    )
     blocked = pl.BlockSpec((map_block,), lambda i: (i,))
     window = pl.BlockSpec((count_block,), lambda i: (i * map_block // count_block,))
     return pl.pallas_call(

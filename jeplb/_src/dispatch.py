@@ -326,7 +326,7 @@ def _ranks_blocked(key: jax.Array, *, groups: int):
 
 
 def _balanced_choice(
-    log2phy, logcnt, ids, counted, in_range, token_axes, masked, impl, raw=None
+    log2phy, logcnt, ids, counted, in_range, token_axes, masked, impl, raw=None, layer=None
 ):  # fmt: skip
     """``"balanced"``: each pair's slot ([..., K]; in-range ids only): replica ``(rank + e) %
     logcnt[e]`` of its expert e, ``rank`` its rank among e's pairs (counted and uncounted pairs
@@ -336,14 +336,16 @@ def _balanced_choice(
     ``"kernel"`` (on a GPU, `balanced_kernel`'s Pallas kernels). ``raw``: the caller's ids
     before the range check; unmasked int32 ids go to the kernels as they are (the kernels send
     ids outside [0, E) to the out-of-range group themselves: no XLA operation before them).
+    ``layer``: the maps are every layer's ([L, E, R_max], [L, E]), read at ``layer`` (the
+    kernels read them there; a slice passed to a kernel would be a copy).
 
     Returns: ``(physical ids int32[..., K], counts int32[E])``."""
-    num_experts = log2phy.shape[0]
+    num_experts = log2phy.shape[-2]
     out_of_range = 2 * num_experts if masked else num_experts  # the last group
     key = jnp.where(counted, ids, jnp.where(in_range, ids + num_experts, out_of_range))
     key, groups = key.reshape(-1), out_of_range + 1
-    tables = (log2phy, logcnt, groups, ids.shape, token_axes)
-    by_xla = functools.partial(_balanced_by_ranks, *tables)
+    sliced = (log2phy, logcnt) if layer is None else (log2phy[layer], logcnt[layer])
+    by_xla = functools.partial(_balanced_by_ranks, *sliced, groups, ids.shape, token_axes)
     # The kernels are written for Pallas's Triton lowering (`rows.triton_lowering`).
     kernel = impl == "kernel" and balanced_kernel.fits(key.size, groups)
     if not (kernel and rows_lib.triton_lowering()):
@@ -354,7 +356,9 @@ def _balanced_choice(
     return lax.platform_dependent(
         key,
         raw_key,
-        cuda=lambda _, r: _balanced_by_kernel(*tables, r),
+        cuda=lambda _, r: _balanced_by_kernel(
+            log2phy, logcnt, groups, ids.shape, token_axes, r, layer=layer
+        ),
         default=lambda k, _: by_xla(k),
     )
 
@@ -373,13 +377,14 @@ def _balanced_by_ranks(log2phy, logcnt, groups, shape, token_axes, key):
 
 
 def _balanced_by_kernel(
-    log2phy, logcnt, groups, shape, token_axes, key, *, interpret=False, count_block=None,
-    map_block=None,
+    log2phy, logcnt, groups, shape, token_axes, key, *, layer=None, interpret=False,
+    count_block=None, map_block=None,
 ):  # fmt: skip
     """`_balanced_choice`'s result by `balanced_kernel` (keys ``key`` int32[n] of ``groups``
     groups, the last one out of range, as are keys outside [0, groups); slots reshaped to
-    ``shape``; blocks by default the module's)."""
-    num_experts = log2phy.shape[0]
+    ``shape``; every layer's maps read at ``layer`` when given; blocks by default the
+    module's)."""
+    num_experts = log2phy.shape[-2]
     count_block = count_block or balanced_kernel.COUNT_BLOCK
     map_block = map_block or balanced_kernel.MAP_BLOCK
     n = key.shape[0]
@@ -392,7 +397,7 @@ def _balanced_by_kernel(
     offset = _offset(local, token_axes)
     phys = balanced_kernel.choose(
         key, before if offset is None else before + offset, logcnt, log2phy, groups=groups,
-        count_block=count_block, map_block=map_block, interpret=interpret,
+        layer=layer, count_block=count_block, map_block=map_block, interpret=interpret,
     )  # fmt: skip
     return phys[:n].reshape(shape), local[:num_experts]
 
@@ -472,7 +477,7 @@ def dispatch_layer(
 
 def _dispatch_checked(
     log2phy, logcnt, topk_ids, valid, token_index, choice, device_index,
-    slots_per_device, num_devices, token_axes, impl, balanced_impl,
+    slots_per_device, num_devices, token_axes, impl, balanced_impl, layer=None,
 ):  # fmt: skip
     """`dispatch_layer` on checked arguments (`_map_and_count`'s), its slots made once.
 
@@ -483,19 +488,22 @@ def _dispatch_checked(
     """
     phys, counts = _map_and_count(
         log2phy, logcnt, topk_ids, valid, token_index, choice, device_index,
-        slots_per_device, num_devices, token_axes, impl, balanced_impl,
+        slots_per_device, num_devices, token_axes, impl, balanced_impl, layer,
     )  # fmt: skip
     return lax.optimization_barrier(phys), counts
 
 
 def _map_and_count(
     log2phy, logcnt, topk_ids, valid, token_index, choice, device_index,
-    slots_per_device, num_devices, token_axes, impl, balanced_impl,
+    slots_per_device, num_devices, token_axes, impl, balanced_impl, layer=None,
 ):  # fmt: skip
     """The slots and counts of checked arguments (integer arrays of fitting shapes); ``impl``
     how the counts are made off the CPU (``_IMPL``), ``balanced_impl`` how the balanced choice
-    ranks off the CPU (``_BALANCED_IMPL``)."""
-    num_experts, k = int(log2phy.shape[0]), int(topk_ids.shape[-1])
+    ranks off the CPU (``_BALANCED_IMPL``); ``layer``: the maps are every layer's, read at
+    ``layer`` (by the balanced kernels themselves, sliced here for the other forms)."""
+    if layer is not None and choice != "balanced":
+        log2phy, logcnt, layer = log2phy[layer], logcnt[layer], None
+    num_experts, k = int(log2phy.shape[-2]), int(topk_ids.shape[-1])
     with jax.named_scope("eplb_dispatch"):
         # The range check runs in the ids' own dtype: an int64 id of 2**32 + 1 cast first would
         # read as expert 1.
@@ -507,7 +515,7 @@ def _map_and_count(
         if choice == "balanced":
             return _balanced_choice(
                 log2phy, logcnt, ids, counted, in_range, token_axes, valid is not None,
-                balanced_impl, raw=topk_ids,
+                balanced_impl, raw=topk_ids, layer=layer,
             )  # fmt: skip
         xla = functools.partial(
             _hash_or_local, log2phy, logcnt, ids, in_range, counted, token_index, choice,
@@ -731,10 +739,15 @@ def dispatch(
             ) from err
     topk_ids, token_index = _check_tokens(topk_ids, valid, token_index, state.num_experts)
     read = jnp.clip(layer, 0, state.num_layers - 1) if traced else layer
-    # The state's maps are checked values: the layer's slices go to the checked core.
+    # The state's maps are checked values: the layer's slices go to the checked core (the
+    # balanced choice's kernels read the whole maps at the layer: a slice would be a copy).
+    if choice == "balanced":
+        maps, at = (state.log2phy, state.logcnt), read
+    else:
+        maps, at = (state.log2phy[read], state.logcnt[read]), None
     phys, counts = _dispatch_core(
-        state.log2phy[read], state.logcnt[read], topk_ids, valid, token_index, choice,
-        device_index, state.slots_per_device, state.num_devices, token_axes, _IMPL, _BALANCED_IMPL,
+        *maps, topk_ids, valid, token_index, choice, device_index, state.slots_per_device,
+        state.num_devices, token_axes, _IMPL, _BALANCED_IMPL, at,
     )  # fmt: skip
     if traced:  # an index outside [0, L): no slot, nothing counted (record drops it)
         phys = jnp.where((layer >= 0) & (layer < state.num_layers), phys, -1)
