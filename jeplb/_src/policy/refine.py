@@ -13,9 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jeplb._src.policy import refine_kernel
 from jeplb._src.policy.ops import first_argmax, first_argmin, fold_sum, sort_by_key
-from jeplb._src.transfer import rows as rows_lib
 
 __all__ = ["swap_refine"]
 
@@ -29,11 +27,6 @@ _UNROLL = 4
 # here with X // k >= _COMPACT_MIN_ROWS.
 _COMPACT = (4, 16)
 _COMPACT_MIN_ROWS = 8
-# A swap must lower the pair below the maximum by more than this fraction of it (a power of two:
-# the product is exact, so every backend and the kernel round the threshold alike).
-TOL_SCALE = 2.0**-20
-# How a GPU refines: "kernel" (`refine_kernel`, one launch) or "xla" (for comparisons).
-REFINE_IMPL = "kernel"
 
 
 class _Heaviest(NamedTuple):
@@ -83,7 +76,7 @@ def _heaviest(load: jax.Array, slots: int) -> _Heaviest:
     new_h = top[:, None, None] - delta
     new_g = g_load[:, None, :] + delta
     pair = jnp.maximum(new_h, new_g)
-    tol = top[:, None, None] * TOL_SCALE
+    tol = 1e-6 * top[:, None, None]
     ok = (
         (device_of_slot[None, None, :] != h[:, None, None])
         & (delta > 0)
@@ -248,30 +241,6 @@ def swap_refine(
     if held is not None:  # [X, P_x, W]: the held row of each slot's expert, as bits
         held_t = jnp.swapaxes(held, 1, 2)  # [X, n, D_x]
         held_bits = jnp.take_along_axis(_bit_words(held_t), payload[0][:, :, None], 1)
-    kernel = refine_kernel.fits(p_x, slots, p_x // slots) and (
-        held_bits is None or held_bits.shape[-1] == 1
-    )
-    if REFINE_IMPL == "kernel" and kernel and rows_lib.triton_lowering():
-        # The kernel is CUDA (Pallas Triton): chosen by the platform the program is lowered for.
-        def on_gpu():
-            return refine_kernel.swap_refine_kernel(
-                slot_load, tuple(payload), slots,
-                stop=jnp.full((x_rows,), -jnp.inf) if stop is None else stop,
-                held_bits=None if held_bits is None else held_bits[..., 0],
-                max_iters=max_iters, scale=TOL_SCALE, interpret=False,
-            )  # fmt: skip
-
-        return lax.platform_dependent(
-            cuda=on_gpu,
-            default=lambda: _refine_rows(slot_load, payload, slots, stop, active, held_bits),
-        )
-    return _refine_rows(slot_load, payload, slots, stop, active, held_bits)
-
-
-def _refine_rows(slot_load, payload, slots, stop, active, held_bits):
-    """`swap_refine`'s loops in XLA: rows in batches that shrink as rows stop."""
-    x_rows, p_x = slot_load.shape
-    max_iters = _MAX_SWAPS_PER_DEVICE * p_x
     state = _Rows(slot_load, tuple(payload), active, stop, held_bits)
     sizes = [x_rows] + [x_rows // k for k in _COMPACT if x_rows // k >= _COMPACT_MIN_ROWS]
     state, it = _swap_loop(state, jnp.int32(0), slots, max_iters, sizes[1] if sizes[1:] else 0)

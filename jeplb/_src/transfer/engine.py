@@ -184,7 +184,7 @@ def _move_direct(old, new, leaves, go, impls, engine: Engine):
     """D = 1: ordered in-place moves of every layer in the range, all layers in one loop or
     kernel per leaf; no staging buffer."""
     with jax.named_scope("plan"):
-        src, dst, moves = inplace.order_moves_layers(old, new, go, platform=engine.platform)
+        src, dst, moves = inplace.order_moves_layers(old, new, go)
         changed = (new >= 0) & (new != old) & go[:, None]
     with jax.named_scope("local_moves"):
         out = inplace.move_leaves(

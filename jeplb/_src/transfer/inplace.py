@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jeplb._src.transfer import order_kernel
 from jeplb._src.transfer import rows as rows_lib
 
 __all__ = [
@@ -113,22 +112,9 @@ def order_moves(old: jax.Array, new: jax.Array, ok: jax.Array) -> tuple[jax.Arra
     return out_src, out_dst, count
 
 
-def order_moves_layers(
-    old: jax.Array, new: jax.Array, ok: jax.Array, *, platform: str = "cpu"
-) -> tuple[jax.Array, ...]:
-    """`order_moves` over a leading layer axis: int32[L, N] maps, bool[L] ok.
-
-    On a GPU where Pallas lowers through Triton, layers of at most `order_kernel.MAX_SLOTS` slots
-    take one Pallas kernel (the same order, entry for entry; ``ORDER_IMPL = "xla"`` keeps XLA's
-    operations); elsewhere XLA's operations, about twenty kernels on a GPU."""
-    kernel = platform == "gpu" and ORDER_IMPL == "kernel" and rows_lib.triton_lowering()
-    if kernel and order_kernel.fits(old.shape[1]):
-        return order_kernel.order_moves_kernel(old, new, ok)
+def order_moves_layers(old: jax.Array, new: jax.Array, ok: jax.Array) -> tuple[jax.Array, ...]:
+    """`order_moves` over a leading layer axis: int32[L, N] maps, bool[L] ok."""
     return jax.vmap(order_moves)(old, new, ok)
-
-
-# How a GPU computes the order: "kernel" (`order_kernel`) or "xla" (for benchmarks' comparisons).
-ORDER_IMPL = "kernel"
 
 
 # ------------------------------------------------------------------------------- executors
