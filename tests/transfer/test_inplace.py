@@ -73,6 +73,33 @@ def test_cycles_need_one_save_each():
     assert (dst[:count] == N).sum() == 3
 
 
+def test_long_cycles_and_chains_are_ordered():
+    """Layers of 100 slots holding distinct experts: one cycle through every slot (the pointer
+    jumping needs all its rounds to find the cycle's least row) and one chain through every slot
+    (the deepest tree): each written once, from its source's old row; one save for the cycle."""
+    n = 100
+    rng = np.random.default_rng(5)
+    order = jax.jit(jax.vmap(_local.order_moves))
+    old = np.stack([rng.permutation(n) for _ in range(4)]).astype(np.int32)
+    new = old.copy()
+    for layer in range(4):
+        sel = rng.permutation(n)
+        new[layer, sel] = old[layer, np.roll(sel, 1)]
+        if layer % 2:  # the chain: one end's row is left empty
+            new[layer, sel[0]] = -1
+    src, dst, count = (np.asarray(a) for a in order(old, new, np.ones(4, bool)))
+    for layer in range(4):
+        rows = [("old", i, int(e)) for i, e in enumerate(old[layer])] + [None]
+        for k in range(int(count[layer])):
+            rows[int(dst[layer, k])] = rows[int(src[layer, k])]
+        for p in range(n):
+            if new[layer, p] >= 0:
+                holder = int(np.flatnonzero(old[layer] == new[layer, p])[0])
+                assert rows[p] == ("old", holder, int(new[layer, p])), (layer, p)
+        saves = int((dst[layer, : count[layer]] == n).sum())
+        assert saves == (0 if layer % 2 else 1)
+
+
 def test_infeasible_layer_moves_nothing():
     old = np.arange(N, dtype=np.int32)
     new = old[::-1].copy()
