@@ -500,7 +500,8 @@ def _map_and_count(
     """The slots and counts of checked arguments (integer arrays of fitting shapes); ``impl``
     how the counts are made off the CPU (``_IMPL``), ``balanced_impl`` how the balanced choice
     ranks off the CPU (``_BALANCED_IMPL``); ``layer``: the maps are every layer's, read at
-    ``layer`` (by the balanced kernels themselves, sliced here for the other forms)."""
+    ``layer`` (by the balanced kernels themselves: a slice passed to a kernel would be a copy;
+    sliced here for the other forms)."""
     if layer is not None and choice != "balanced":
         log2phy, logcnt, layer = log2phy[layer], logcnt[layer], None
     num_experts, k = int(log2phy.shape[-2]), int(topk_ids.shape[-1])
@@ -739,15 +740,11 @@ def dispatch(
             ) from err
     topk_ids, token_index = _check_tokens(topk_ids, valid, token_index, state.num_experts)
     read = jnp.clip(layer, 0, state.num_layers - 1) if traced else layer
-    # The state's maps are checked values: the layer's slices go to the checked core (the
-    # balanced choice's kernels read the whole maps at the layer: a slice would be a copy).
-    if choice == "balanced":
-        maps, at = (state.log2phy, state.logcnt), read
-    else:
-        maps, at = (state.log2phy[read], state.logcnt[read]), None
+    # The state's maps are checked values: the whole maps and the layer go to the checked core,
+    # which slices them where its form needs a slice (`_map_and_count`).
     phys, counts = _dispatch_core(
-        *maps, topk_ids, valid, token_index, choice, device_index, state.slots_per_device,
-        state.num_devices, token_axes, _IMPL, _BALANCED_IMPL, at,
+        state.log2phy, state.logcnt, topk_ids, valid, token_index, choice, device_index,
+        state.slots_per_device, state.num_devices, token_axes, _IMPL, _BALANCED_IMPL, read,
     )  # fmt: skip
     if traced:  # an index outside [0, L): no slot, nothing counted (record drops it)
         phys = jnp.where((layer >= 0) & (layer < state.num_layers), phys, -1)

@@ -244,9 +244,10 @@ def idle_markdown(rows) -> str:
     head += ["step temp MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     by = {(r["layout"], r["variant"]): r for r in rows}
+    bases = _idle_variants()
     for r in rows:
         plain = by[(r["layout"], bd.PLAIN)]
-        under = _idle_variants().get(r["variant"])
+        under = bases.get(r["variant"])
         vals = [r["layout"], r["variant"], f"{r['call_us']:.0f}", f"{r['pipelined_us']:.0f}"]
         for ref in (None if r is plain else plain, by.get((r["layout"], under))):
             for key in ("call_us", "pipelined_us"):
