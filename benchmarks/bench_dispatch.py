@@ -62,6 +62,13 @@ def main(argv=None) -> int:
         help=f"add {COMMAND_BUFFERS} to XLA_FLAGS (conditionals and loops inside CUDA graphs; "
         "set before the backend starts)",
     )
+    parser.add_argument(
+        "--router",
+        choices=bd.ROUTERS,
+        default="shift",
+        help="the layers' router: 'shift' (elementwise, fused into its consumers) or 'topk' "
+        "(a top-k of logits, as a model has)",
+    )
     parser.add_argument("--layouts", default="unrolled,scanned")
     parser.add_argument("--variants", default=",".join(bd.VARIANTS))
     parser.add_argument("--out", default=None)
@@ -89,7 +96,7 @@ def main(argv=None) -> int:
         _dispatch._IMPL = args.impl
     if args.balanced_impl:
         _dispatch._BALANCED_IMPL = args.balanced_impl
-    case = bd.TINY if args.tiny else bd.DEFAULT
+    case = dataclasses.replace(bd.TINY if args.tiny else bd.DEFAULT, router=args.router)
     repeats = args.repeats or (20 if args.tiny else 100)
     device = bd.device_summary()
     print(f"{case.name} on {device}", flush=True)
@@ -118,6 +125,7 @@ def main(argv=None) -> int:
     )
     for r in rows:
         print(r, flush=True)
+    trips = _scanned_trips(case, variants) if "scanned" in args.layouts.split(",") else {}
     per_layer = {
         f"{r.layout} {r.variant}": r.over_plain_us / case.layers
         for r in rows
@@ -138,6 +146,11 @@ def main(argv=None) -> int:
         + ", ".join(f"{k} {v:.2f} us" for k, v in per_layer.items())
         + f"\n\nOne layer's `dispatch_layer` alone launches {len(ops)} operations:\n\n"
         + "".join(f"    {o}\n" for o in ops)
+        + "".join(
+            f"\nScanned, one trip of the layers' loop launches {len(t)} operations ({v}):\n\n"
+            + "".join(f"    {o}\n" for o in t)
+            for v, t in trips.items()
+        )
         + (
             f"\nWith `replica_choice='balanced'` it launches {len(balanced_ops)}:\n\n"
             + "".join(f"    {o}\n" for o in balanced_ops)
@@ -156,9 +169,21 @@ def main(argv=None) -> int:
             "rows": [dataclasses.asdict(r) for r in rows],
             "dispatch_ops": ops,
             "balanced_ops": balanced_ops,
+            "scanned_trip_ops": trips,
         },
     )
     return 0
+
+
+def _scanned_trips(case, variants) -> dict[str, list[str]]:
+    """What one trip of the scanned step's loop launches, for ``plain`` and the first of
+    ``variants`` that counts once (or maps and counts)."""
+    pick = [bd.PLAIN, *[v for v in variants if v in (bd.ONCE, bd.DISPATCH)][:1]]
+    out = {}
+    for variant in pick:
+        fn, fargs = bd.build(case, variant, "scanned")
+        out[variant] = bd.loop_body_ops(fn.lower(*fargs).compile().as_text())
+    return out
 
 
 if __name__ == "__main__":

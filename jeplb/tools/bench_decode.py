@@ -22,7 +22,8 @@ Each variant is built with its layers unrolled (a Python loop, `jeplb.dispatch`)
 (`lax.scan`, `jeplb.dispatch_layer` with the counts stacked into [L, E] and recorded once).
 
 A layer: the router's ids are a fixed top-k draw of the layer shifted by one bit of the previous
-layer's output (so every layer waits for the last, as in a model), the token's K expert rows
+layer's output (so every layer waits for the last, as in a model; ``router="topk"``: the top-K
+of logits of the activations, the draw's experts lifted, see `route`), the token's K expert rows
 (f32[H], H = 16) are read from the weights [L, P, H] at the mapped slots and summed into the
 carried activations. Light on purpose: the plain step costs about what a layer's launches cost, so
 that EPLB's share stands out; the expert compute of a real model adds to both sides alike.
@@ -66,10 +67,12 @@ class DecodeCase:
     experts: int
     slots: int
     hidden: int = 16
+    router: str = "shift"  # "shift" or "topk", see `route`
 
     @property
     def name(self) -> str:
-        return f"L={self.layers} T={self.tokens} K={self.top_k} E={self.experts} P={self.slots}"
+        text = f"L={self.layers} T={self.tokens} K={self.top_k} E={self.experts} P={self.slots}"
+        return text + ("" if self.router == "shift" else f", router {self.router}")
 
 
 DEFAULT = DecodeCase(layers=58, tokens=4096, top_k=8, experts=256, slots=288)
@@ -115,6 +118,27 @@ def device_summary() -> str:
     return f"{dev.device_kind} ({dev.platform}{mem}), jax {jax.__version__}"
 
 
+ROUTERS = ("shift", "topk")
+
+
+def route(case: DecodeCase, acc, ids0):
+    """The layer's ids [T, K] from the activations ``acc`` [T, H] and the layer's draw ``ids0``.
+
+    ``shift``: the draw shifted by one bit of ``acc`` (elementwise: XLA fuses it into every
+    consumer of the ids, the expert read and, with EPLB, the write that keeps the ids);
+    ``topk``: the top-K of logits against E gates, the draw's experts lifted far above the rest
+    (a router as a model has one: its ids are a top-k's output, made once in memory)."""
+    import jax
+    import jax.numpy as jnp
+
+    if case.router == "shift":
+        return _route(acc, ids0, case.experts)
+    gates = jnp.cos(jnp.arange(case.hidden * case.experts, dtype=jnp.float32))
+    logits = acc @ gates.reshape(case.hidden, case.experts) * 1e-3
+    lifted = (ids0[..., None] == jnp.arange(case.experts)).any(axis=-2)
+    return jax.lax.top_k(logits + lifted.astype(jnp.float32), case.top_k)[1]
+
+
 def _route(acc, ids0, num_experts):
     """The layer's ids: the fixed draw shifted by one bit of the previous layer's output."""
     import jax.numpy as jnp
@@ -136,7 +160,7 @@ def _unrolled(case: DecodeCase, variant: str, mesh):
     def step(state, w, acc, ids0):
         kept = []
         for layer in range(case.layers):
-            ids = _route(acc, ids0[layer], case.experts)
+            ids = route(case, acc, ids0[layer])
             if variant == PLAIN:
                 slots = ids
             else:
@@ -176,7 +200,7 @@ def _scanned(case: DecodeCase, variant: str, mesh):
 
             def layer(acc, xs):
                 ids0_l, w_l = xs
-                return _experts(acc, w_l, _route(acc, ids0_l, case.experts)), None
+                return _experts(acc, w_l, route(case, acc, ids0_l)), None
 
             acc, _ = lax.scan(layer, acc, (ids0, w))
             return state, w, acc, None
@@ -191,7 +215,7 @@ def _scanned(case: DecodeCase, variant: str, mesh):
 
         def layer(acc, xs):
             ids0_l, w_l, log2phy, logcnt = xs
-            ids = _route(acc, ids0_l, case.experts)
+            ids = route(case, acc, ids0_l)
             slots, counts = jeplb.dispatch_layer(log2phy, logcnt, ids, **choice)
             return _experts(acc, w_l, slots), ids if variant in _ONCE else counts
 
@@ -345,27 +369,49 @@ def per_layer_table(med: dict, ops: dict, *, layers: int, first: str = "form", b
 def entry_ops(compiled_text: str) -> list[str]:
     """The operations of a compiled HLO module's entry computation that do work (what one call
     launches: fusions, custom calls, copies, conditionals, loops ...), one line each, shortened."""
-    lines, inside = [], False
-    skip = ("parameter(", "constant(", "get-tuple-element(", "tuple(", "bitcast(")
+    return _work(_computations(compiled_text).get("ENTRY", []))
+
+
+def loop_body_ops(compiled_text: str) -> list[str]:
+    """What one trip of each while loop of a compiled HLO module launches (`entry_ops`' lines),
+    loops in the module's order."""
+    comps = _computations(compiled_text)
+    bodies = re.findall(r"\swhile\(.*?body=%?([\w.\-]+)", compiled_text)
+    return [op for body in bodies for op in _work(comps.get(body, []))]
+
+
+def _computations(compiled_text: str) -> dict[str, list[str]]:
+    """A compiled HLO module's computations by name (the entry's as ``ENTRY``): their lines."""
+    comps, lines = {}, None
     for line in compiled_text.splitlines():
-        if line.startswith("ENTRY"):
-            inside = True
+        head = re.match(r"(ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head and not line.startswith(" "):
+            lines = comps.setdefault("ENTRY" if head.group(1) else head.group(2), [])
+        elif line.startswith("}"):
+            lines = None
+        elif lines is not None:
+            lines.append(line.strip())
+    return comps
+
+
+def _work(lines: list[str]) -> list[str]:
+    """The lines of one computation that do work, shortened to ``name: op kind``."""
+    skip = ("parameter(", "constant(", "get-tuple-element(", "tuple(", "bitcast(")
+    out = []
+    for text in lines:
+        if "=" not in text or any(f" {s}" in text.split("=", 1)[1][:60] for s in skip):
             continue
-        if inside:
-            if line.startswith("}"):
-                break
-            text = line.strip()
-            if "=" not in text or any(f" {s}" in text.split("=", 1)[1][:60] for s in skip):
-                continue
-            name, rest = text.split("=", 1)
-            found = re.search(r"\s([a-z][\w-]*)\(", rest)
-            op = found.group(1) if found else rest.strip()[:40]
-            kind = ""
-            for key in ("kind=", "custom_call_target=", "calls="):
-                if key in rest:
-                    kind += " " + rest.split(key, 1)[1].split(",")[0].split("}")[0]
-            lines.append(f"{name.strip()}: {op}{kind}"[:160])
-    return lines
+        name, rest = text.split("=", 1)
+        found = re.search(r"\s([a-z][\w-]*)\(", rest)
+        op = found.group(1) if found else rest.strip()[:40]
+        if f"{op}(" in skip:
+            continue
+        kind = ""
+        for key in ("kind=", "custom_call_target=", "calls="):
+            if key in rest:
+                kind += " " + rest.split(key, 1)[1].split(",")[0].split("}")[0]
+        out.append(f"{name.strip()}: {op}{kind}"[:160])
+    return out
 
 
 def cpu_quiet() -> str:
