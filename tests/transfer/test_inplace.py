@@ -138,35 +138,6 @@ def test_apply_moves_bit_exact(impl, dtype, slot_major):
     np.testing.assert_array_equal(out.view(np.uint8), expect.view(np.uint8))
 
 
-@pytest.mark.parametrize("group", [2, 4])
-def test_grouped_kernel_moves_bit_exact(monkeypatch, group):
-    """The kernel loading a group of moves before storing them: random plans (replicas, empty
-    slots) and layers of many short cycles (a save, its restore and the next cycle's save in
-    one group) end as the moves one after the other leave them."""
-    from jeplb._src.transfer import rows as rows_lib
-
-    monkeypatch.setattr(_local, "_GROUP", group)
-    monkeypatch.setattr(rows_lib, "_DIRECT_TARGET_PROGRAMS", 1)  # blocks wide enough to group
-    rng = np.random.default_rng(group)
-    num_layers, width = 4, 2048
-    old, new = make_plan("random", 1, num_layers, N, 6, 1)
-    old[2:] = np.stack([rng.permutation(N) for _ in range(2)])
-    new[2] = old[2].reshape(-1, 2)[:, ::-1].reshape(-1)  # five 2-cycles
-    new[3] = np.roll(old[3].reshape(-1, 5), 1, axis=1).reshape(-1)  # two 5-cycles
-    orders = jax.jit(_local.order_moves_layers)(old, new, jnp.ones(num_layers, bool))
-    assert int((np.asarray(orders[1][2]) == N).sum()) == 5
-    host = random_bytes(rng, (num_layers, N, width), np.dtype(np.float32))
-    rows = jnp.asarray(host.reshape(num_layers * N, width))
-    out = np.asarray(_local.apply_moves(rows, *orders, impl="pallas")).reshape(host.shape)
-    expect = host.copy()
-    for layer in range(num_layers):
-        src, dst, count = (np.asarray(a[layer]) for a in orders)
-        labels = simulate(old[layer], src, dst, count)
-        expect[layer] = np.stack([host[layer, lab[1]] for lab in labels])
-    assert (expect != host).any()
-    np.testing.assert_array_equal(out.view(np.uint8), expect.view(np.uint8))
-
-
 def test_apply_moves_errors():
     rows = jnp.zeros((N, 100), jnp.float32)
     z = jnp.zeros((1, 15), jnp.int32)

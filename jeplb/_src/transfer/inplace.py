@@ -164,18 +164,9 @@ _packed = rows_lib.packed_words
 pallas_refusal = rows_lib.direct_refusal
 
 
-# Moves per group in the kernel (a power of two): a program loads a group's rows, then stores them (the loads of a
-# group in flight together); 1: each move loads and stores before the next.
-_GROUP = 1
-
-
 def _apply_pallas(rows, src, dst, count, n, interpret, slot_major):
     """One Pallas program per (layer, block of columns); it runs the layer's moves in order on its
     block, so each byte is read once and written once. The temporary lives in the program.
-
-    Moves run in groups of ``_GROUP``: the group's sources are loaded, then its destinations
-    stored. The order reads every slot before it overwrites it, so no load of a group needs a
-    store of the same group; the temporary passes from a save to its restore in registers.
 
     Rows move as 32-bit words (fp8 and bf16 rows load as whole words), and each program sees its
     layer through a block of [N, block] words, so in-kernel offsets stay below 2^31 whatever the
@@ -189,40 +180,24 @@ def _apply_pallas(rows, src, dst, count, n, interpret, slot_major):
     packed = _packed(rows.shape[1], rows.dtype)
     words = rows_lib.words(rows) if packed else rows
     block = direct_block(words.shape[1], num_layers)
-    group = 1  # a power of two at most _GROUP, the block split between the group's rows
-    while group * 2 <= _GROUP and block // (group * 2) >= rows_lib._DIRECT_MIN_BLOCK:
-        group *= 2
-    block //= group
 
     def kernel(src_ref, dst_ref, cnt_ref, _in_ref, out_ref):
         li = pl.program_id(0)
-        cnt = cnt_ref[li]
 
-        def load(k, temp):
-            live = k < cnt
-            at = li * m + jnp.minimum(k, m - 1)
-            s = jnp.where(live, src_ref[at], n)
-            d = jnp.where(live, dst_ref[at], n)
+        def move(k, temp):
+            s = src_ref[li * m + k]
+            d = dst_ref[li * m + k]
             # A branch, not a select: a move from the temporary must not read a row too (one
             # wasted row read per cycle, 1/8 more traffic when 4 rows move in a cycle).
             x = lax.cond(s == n, lambda: temp, lambda: out_ref[jnp.minimum(s, n - 1), :])
-            return x, d, jnp.where(d == n, x, temp)
 
-        def store(x, d):
             @pl.when(d != n)
             def _():
                 out_ref[d, :] = x
 
-        def moves(g, temp):
-            loaded = []
-            for j in range(group):
-                x, d, temp = load(g * group + j, temp)
-                loaded.append((x, d))
-            for x, d in loaded:
-                store(x, d)
-            return temp
+            return jnp.where(d == n, x, temp)
 
-        lax.fori_loop(0, (cnt + group - 1) // group, moves, jnp.zeros((block,), out_ref.dtype))
+        lax.fori_loop(0, cnt_ref[li], move, jnp.zeros((block,), out_ref.dtype))
 
     tables = [src.reshape(-1), dst.reshape(-1), count]
     out = layer_kernel_call(
