@@ -18,6 +18,8 @@ after the counted-once map with its StepInfo unused and with its balancedness re
 layer's dispatch launches (the compiled entry computation) and the idle step's compiled HLO.
 ``--command-buffers`` adds ``--xla_gpu_enable_command_buffer=+CONDITIONAL,+WHILE`` to XLA_FLAGS
 before the backend starts (on a GPU the conditional's predicate then stays on the device).
+``dispatch kept`` (not in the default set): `jeplb.dispatch_kept` on every layer, the slots
+written into one [L, T, K] array and counted once by `jeplb.EplbState.record_slots`.
 ``--tiny`` runs small shapes (a quick check on a CPU). ``--balanced`` adds the variant
 ``dispatch balanced`` (`jeplb.dispatch` with ``replica_choice="balanced"``; its cost over
 ``dispatch`` is ``over_dispatch_us``) and lists its launches too.
@@ -129,7 +131,7 @@ def main(argv=None) -> int:
     per_layer = {
         f"{r.layout} {r.variant}": r.over_plain_us / case.layers
         for r in rows
-        if r.variant in (bd.DISPATCH, bd.ONCE, bd.BALANCED)
+        if r.variant in (bd.DISPATCH, bd.ONCE, bd.KEPT, bd.BALANCED)
     }
     platform = jax.devices()[0].platform
     text = (
@@ -176,9 +178,9 @@ def main(argv=None) -> int:
 
 
 def _scanned_trips(case, variants) -> dict[str, list[str]]:
-    """What one trip of the scanned step's loop launches, for ``plain`` and the first of
-    ``variants`` that counts once (or maps and counts)."""
-    pick = [bd.PLAIN, *[v for v in variants if v in (bd.ONCE, bd.DISPATCH)][:1]]
+    """What one trip of the scanned step's loop launches, for ``plain`` and each of
+    ``variants`` that maps without an idle step (maps and counts, counts once, keeps the slots)."""
+    pick = [bd.PLAIN, *[v for v in variants if v in (bd.DISPATCH, bd.ONCE, bd.KEPT)]]
     out = {}
     for variant in pick:
         fn, fargs = bd.build(case, variant, "scanned")

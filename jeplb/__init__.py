@@ -10,7 +10,8 @@ The public surface, by job:
   options as one `TransferConfig` (or its fields as keywords);
 * placement files: `write_placement`, `read_placement` and `Placement` (just the placement,
   apart from the load statistics; ``jeplb plan`` writes one from a recorded load);
-* model integration: `EplbState`, `dispatch`, `dispatch_layer`, `eplb_step`, `eplb_step_local`,
+* model integration: `EplbState`, `dispatch`, `dispatch_layer`, `dispatch_kept`, `eplb_step`,
+  `eplb_step_local`,
   `place_experts` (logical expert weights onto the slots of a placement), `combine_topk` (a
   combine whose bits a rebalance cannot change), `expand_gating` (router scores over the slots,
   for kernels that do their own top-k);
@@ -27,6 +28,7 @@ from jeplb._src.config import DispatchConfig as DispatchConfig
 from jeplb._src.config import EplbConfig as EplbConfig
 from jeplb._src.config import ScheduleConfig as ScheduleConfig
 from jeplb._src.dispatch import dispatch as dispatch
+from jeplb._src.dispatch import dispatch_kept as dispatch_kept
 from jeplb._src.dispatch import dispatch_layer as dispatch_layer
 from jeplb._src.elastic import Recovery as Recovery
 from jeplb._src.elastic import recover_experts as recover_experts
@@ -88,6 +90,7 @@ __all__ = [
     "combine_topk",
     "device_loads",
     "dispatch",
+    "dispatch_kept",
     "dispatch_layer",
     "end_pass",
     "eplb_step",

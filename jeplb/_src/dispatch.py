@@ -12,7 +12,10 @@ Call it once per MoE layer, between the router's top-k and the expert computatio
 Counted once per step: ``dispatch(..., record=False)`` only maps; the model keeps each layer's
 ids (stacked [L, T, K], or a scan's outputs) and `EplbState.record_ids` counts every layer at once
 after the forward. Same ``pass_load``; on a GPU the per-layer counting kernels go (see
-docs/performance.md).
+docs/performance.md). `dispatch_kept(state, layer, topk_ids, kept)` writes the layer's slots
+straight into an int32 [L, T, K] array of every layer's slots (carried through a scan) and reads
+them back from it: the map and the keeping are one operation a layer on a GPU;
+`EplbState.record_slots` counts the kept slots after the forward.
 
 Replica choice (``replica_choice``, default the state's ``config.dispatch.replica_choice``):
 
@@ -66,7 +69,7 @@ from jeplb._src.transfer import agree
 from jeplb._src.transfer import rows as rows_lib
 from jeplb._src.validate import check_bool
 
-__all__ = ["dispatch", "dispatch_layer"]
+__all__ = ["dispatch", "dispatch_kept", "dispatch_layer"]
 
 
 def _mix32(x: jax.Array) -> jax.Array:
@@ -721,13 +724,32 @@ def dispatch(
       >>> sorted(set(phys[:3, 0].tolist())) == [0, 2], s.pass_load.tolist()
       (True, [[3, 1]])
     """
+    check_bool("record", record, hint="False maps only; count the ids with EplbState.record_ids")
+    args, traced = _state_args(
+        state, layer, topk_ids, valid, token_index, replica_choice, prefer_local, device_index,
+        token_axes,
+    )  # fmt: skip
+    phys, counts = _dispatch_core(*args)
+    if traced:  # an index outside [0, L): no slot, nothing counted (record drops it)
+        phys = jnp.where((layer >= 0) & (layer < state.num_layers), phys, -1)
+    if not record:
+        return state, phys
+    # layer and counts are checked: add them without checking them again in record.
+    return state._add_counts(counts, layer=layer), phys
+
+
+def _state_args(
+    state, layer, topk_ids, valid, token_index, replica_choice, prefer_local, device_index,
+    token_axes,
+):  # fmt: skip
+    """`dispatch`'s checks: the checked core's arguments (the state's whole maps read at the
+    layer, clipped into [0, L) when traced) and whether the layer is traced."""
     if not isinstance(state, EplbState):
         raise TypeError(
             f"state: expected an EplbState (use dispatch_layer with map slices), got "
             f"{type(state).__name__}"
         )
     traced = check_layer(layer, state.num_layers)
-    check_bool("record", record, hint="False maps only; count the ids with EplbState.record_ids")
     choice = _resolve_choice(replica_choice, prefer_local, state.config.dispatch.replica_choice)
     token_axes = _check_token_axes(token_axes)
     if choice == "local" and device_index is None:
@@ -742,13 +764,99 @@ def dispatch(
     read = jnp.clip(layer, 0, state.num_layers - 1) if traced else layer
     # The state's maps are checked values: the whole maps and the layer go to the checked core,
     # which slices them where its form needs a slice (`_map_and_count`).
-    phys, counts = _dispatch_core(
+    args = (
         state.log2phy, state.logcnt, topk_ids, valid, token_index, choice, device_index,
         state.slots_per_device, state.num_devices, token_axes, _IMPL, _BALANCED_IMPL, read,
     )  # fmt: skip
-    if traced:  # an index outside [0, L): no slot, nothing counted (record drops it)
-        phys = jnp.where((layer >= 0) & (layer < state.num_layers), phys, -1)
-    if not record:
-        return state, phys
-    # layer and counts are checked: add them without checking them again in record.
-    return state._add_counts(counts, layer=layer), phys
+    return args, traced
+
+
+def dispatch_kept(
+    state: EplbState,
+    layer: Any,
+    topk_ids: jax.Array,
+    kept: jax.Array,
+    *,
+    valid: jax.Array | None = None,
+    token_index: jax.Array | None = None,
+    replica_choice: str | None = None,
+    device_index: Any = None,
+    token_axes: str | tuple[str, ...] | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Maps a layer's top-k logical ids to physical slots and writes them into ``kept[layer]``.
+
+    The form of `dispatch` for a model that counts once per step and scans its layers: the map
+    is written straight into the array of every layer's slots (on a GPU one operation a layer,
+    where mapping and keeping the ids as a scan's outputs are two), and the model reads the
+    layer's slots back from it. After the forward, `EplbState.record_slots` counts every
+    layer's kept slots per logical expert: the same ``pass_load`` as `dispatch` on every layer.
+
+    Args:
+      state: the `EplbState` (its maps are read; it is not changed).
+      layer: the layer's index (int, or an integer scalar array, traced inside a scan). A
+        concrete index outside [0, L) is refused; a traced one writes -1 into the row of the
+        nearest layer (``lax.dynamic_update_slice`` clamps its index) and maps every token to -1.
+      topk_ids: int[..., K] the router's logical expert ids (usually [T, K]).
+      kept: int32[L, ..., K] every layer's slots so far (start from ``jnp.full((L, T, K), -1,
+        jnp.int32)``: rows never written are not counted).
+      valid: optional bool[...]: the tokens that will be counted. The slots are the same for
+        every token whatever the mask, except with the balanced choice, which ranks masked pairs
+        among themselves (as `dispatch`); pass the same mask to `EplbState.record_slots`, which
+        leaves them uncounted.
+      token_index: as in `dispatch`.
+      replica_choice: as in `dispatch` (None: the state's).
+      device_index: as in `dispatch`.
+      token_axes: as in `dispatch`.
+
+    Returns:
+      ``(kept, physical_ids int32[..., K])``: ``kept`` with its row ``layer`` written, and the
+      layer's slots (read from it), -1 for ids outside [0, E).
+
+    Raises:
+      ValueError, TypeError: as `dispatch`; ``kept`` not int32 or not of shape [L, *topk_ids.shape].
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> s = EplbState.create(num_layers=2, num_experts=2, num_devices=1,
+      ...                      num_redundant_experts=2, window_size=1, step_interval=1)
+      >>> ids = jnp.array([[0], [0], [0], [1]])
+      >>> kept = jnp.full((2, 4, 1), -1, jnp.int32)
+      >>> kept, phys = dispatch_kept(s, 1, ids, kept)
+      >>> bool((kept[1] == phys).all()), kept[0].ravel().tolist()
+      (True, [-1, -1, -1, -1])
+      >>> s.record_slots(kept).pass_load.tolist()
+      [[0, 0], [3, 1]]
+    """
+    args, traced = _state_args(
+        state, layer, topk_ids, valid, token_index, replica_choice, False, device_index, token_axes
+    )
+    topk_ids = args[2]
+    want = (state.num_layers, *topk_ids.shape)
+    if not hasattr(kept, "dtype") or not hasattr(kept, "shape") or kept.dtype != jnp.int32:
+        got = getattr(kept, "dtype", type(kept).__name__)
+        raise TypeError(
+            f"kept: expected an int32 array [L, ..., K] of every layer's slots, got {got}; "
+            f"start from jnp.full({want}, -1, jnp.int32)"
+        )
+    if tuple(kept.shape) != want:
+        raise ValueError(
+            f"kept: expected shape [L, *topk_ids.shape] = {want}, got {tuple(kept.shape)}"
+        )
+    ok = (layer >= 0) & (layer < state.num_layers) if traced else True
+    return _map_into(kept, ok, *args)
+
+
+@functools.partial(jax.jit, static_argnums=(7, 9, 10, 11, 12, 13))
+def _map_into(
+    kept, ok, log2phy, logcnt, topk_ids, valid, token_index, choice, device_index,
+    slots_per_device, num_devices, token_axes, impl, balanced_impl, layer,
+):  # fmt: skip
+    """`dispatch_kept` on checked arguments: the map written into ``kept[layer]`` (no
+    optimisation barrier: the write makes the slots once, and XLA fuses the map into it)."""
+    phys, _ = _map_and_count(
+        log2phy, logcnt, topk_ids, valid, token_index, choice, device_index,
+        slots_per_device, num_devices, token_axes, impl, balanced_impl, layer,
+    )  # fmt: skip
+    with jax.named_scope("eplb_keep"):
+        kept = lax.dynamic_update_index_in_dim(kept, jnp.where(ok, phys, -1), layer, 0)
+        return kept, lax.dynamic_index_in_dim(kept, layer, 0, keepdims=False)

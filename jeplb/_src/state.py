@@ -586,6 +586,65 @@ class EplbState:
         counts = counts[0] if one else counts
         return self._add_counts(counts, layer=layer, axes=axes, name="topk_ids' counts")
 
+    def record_slots(
+        self, kept_slots: Any, *, valid: Any = None, load_axes: tuple[str, ...] | str = ()
+    ) -> EplbState:
+        """Counts every layer's kept physical slots per logical expert and adds them to the
+        current pass's load.
+
+        The counting half of `jeplb.dispatch_kept`: slot ``p`` of layer ``l`` counts for expert
+        ``phy2log[l, p]``, so the sums equal those of `EplbState.record_ids` on the ids the
+        slots were mapped from. Slots outside [0, P) (-1: an id outside [0, E), or a row never
+        written) and tokens with ``valid`` False are not counted. The sums saturate as in
+        `EplbState.record`.
+
+        Args:
+          kept_slots: int[L, ..., K] every layer's physical slots (``kept`` of
+            `jeplb.dispatch_kept`), read with this state's maps (call it before a rebalance
+            changes them).
+          valid: optional bool mask of the tokens: ``kept_slots``' shape without its L and K axes.
+          load_axes: mesh axes the tokens are split over inside `jax.shard_map` (the counts are
+            summed over them, as in `EplbState.record`).
+
+        Returns:
+          The state with ``pass_load`` updated.
+
+        Raises:
+          TypeError, ValueError: naming ``kept_slots``, ``valid`` or ``load_axes``.
+
+        Example:
+          >>> s = EplbState.create(num_layers=1, num_experts=2, num_devices=1,
+          ...                      num_redundant_experts=1, window_size=1, step_interval=1)
+          >>> s.phy2log.tolist()
+          [[0, 1, 0]]
+          >>> s.record_slots(jnp.array([[[0, 2], [1, -1]]])).pass_load.tolist()
+          [[2, 1]]
+        """
+        num_layers, num_experts = self.num_layers, self.num_experts
+        axes = _load_axes(load_axes)
+        slots = checks.int_array(kept_slots, "kept_slots", "[L, ..., K]")
+        if slots.ndim < 2 or slots.shape[0] != num_layers:
+            raise ValueError(
+                f"kept_slots: expected shape [L = {num_layers}, ..., K] (every layer's slots, as "
+                f"jeplb.dispatch_kept keeps them), got {tuple(slots.shape)}"
+            )
+        tokens = tuple(slots.shape[1:])  # [..., K]
+        if valid is not None and (not hasattr(valid, "shape") or valid.shape != tokens[:-1]):
+            raise ValueError(
+                f"valid: expected a bool mask of the tokens' shape {tokens[:-1]} (kept_slots "
+                f"without its L and K axes), got {getattr(valid, 'shape', type(valid).__name__)}"
+            )
+        with jax.named_scope("eplb_count"):
+            slots = jnp.asarray(slots).reshape(num_layers, -1)
+            held = (slots >= 0) & (slots < self.num_slots)
+            ids = jnp.take_along_axis(self.phy2log, jnp.where(held, slots, 0), axis=1)
+            counted = held & (ids >= 0)
+            if valid is not None:
+                mask = jnp.asarray(valid, bool)[..., None]
+                counted = counted & jnp.broadcast_to(mask, tokens).reshape(1, -1)
+            counts = count_ids(jnp.where(counted, ids, num_experts).astype(jnp.int32), num_experts)
+        return self._add_counts(counts, layer=None, axes=axes, name="kept_slots' counts")
+
     def _add_counts(
         self, load: jax.Array, *, layer: Any, axes: tuple[str, ...] = (), name: str = "load"
     ) -> EplbState:

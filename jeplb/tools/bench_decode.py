@@ -14,6 +14,9 @@ weights donated, in four variants that share everything else:
   only), every layer's ids counted at once after the forward by `jeplb.EplbState.record_ids`;
   ``dispatch counted once + idle step W=1000``: and the idle step (EPLB's whole cost, done the
   cheaper way);
+* ``dispatch kept`` (not in the default set): `jeplb.dispatch_kept` on every layer (the map
+  written into one [L, T, K] array of every layer's slots, carried through the scan), counted
+  once after the forward by `jeplb.EplbState.record_slots`;
 * ``dispatch balanced`` (not in the default set): `jeplb.dispatch` with the state's
   ``replica_choice="balanced"`` (each batch's pairs of an expert split floor / ceil over its
   replicas).
@@ -90,7 +93,11 @@ IDLE_BIG, IDLE_ONE = "dispatch + idle step W=1000", "dispatch + idle step W=1"
 IDLE_HOST = "dispatch + host-scheduled idle step W=1000"
 ONCE_IDLE_HOST = "dispatch counted once + host-scheduled idle step W=1000"
 ONCE_IDLE_HOST_LOGGED = "dispatch counted once + host-scheduled idle step W=1000 + balancedness"
-_HOST_IDLE = (IDLE_HOST, ONCE_IDLE_HOST, ONCE_IDLE_HOST_LOGGED)
+# `jeplb.dispatch_kept` on every layer (the map written into every layer's slots, [L, T, K]),
+# counted once after the forward by `jeplb.EplbState.record_slots`.
+KEPT = "dispatch kept"
+KEPT_IDLE_HOST = "dispatch kept + host-scheduled idle step W=1000"
+_HOST_IDLE = (IDLE_HOST, ONCE_IDLE_HOST, ONCE_IDLE_HOST_LOGGED, KEPT_IDLE_HOST)
 # The serving loop's recording half (`jeplb.end_pass`, no conditional; `jeplb.HostSchedule`
 # decides on the host when to plan and move), in place of the idle step.
 END_PASS = "dispatch + end_pass"
@@ -100,6 +107,7 @@ VARIANTS = (
 )  # fmt: skip
 _IDLE = (IDLE_BIG, IDLE_ONE, ONCE_IDLE, *_HOST_IDLE)
 _ONCE = (ONCE, ONCE_IDLE, ONCE_IDLE_HOST, ONCE_IDLE_HOST_LOGGED, ONCE_END_PASS)
+_KEPT = (KEPT, KEPT_IDLE_HOST)
 LAYOUTS = ("unrolled", "scanned")
 
 
@@ -159,16 +167,22 @@ def _unrolled(case: DecodeCase, variant: str, mesh):
 
     def step(state, w, acc, ids0):
         kept = []
+        if variant in _KEPT:
+            kept = jnp.full((case.layers, case.tokens, case.top_k), -1, jnp.int32)
         for layer in range(case.layers):
             ids = route(case, acc, ids0[layer])
             if variant == PLAIN:
                 slots = ids
+            elif variant in _KEPT:
+                kept, slots = jeplb.dispatch_kept(state, layer, ids, kept)
             else:
                 state, slots = jeplb.dispatch(state, layer, ids, record=variant not in _ONCE)
                 kept.append(ids)
             acc = _experts(acc, w[layer], slots)
         if variant in _ONCE:
             state = state.record_ids(jnp.stack(kept))
+        if variant in _KEPT:
+            state = state.record_slots(kept)
         state, w, info = _maybe_idle_step(variant, state, w, mesh)
         return state, w, acc, info
 
@@ -185,7 +199,7 @@ def _maybe_idle_step(variant, state, w, mesh):
     if variant not in _IDLE:
         return state, w, None
     state, w, info = jeplb.eplb_step(state, w, mesh=mesh, idle=variant in _HOST_IDLE)
-    if variant in (IDLE_HOST, ONCE_IDLE_HOST):
+    if variant in (IDLE_HOST, ONCE_IDLE_HOST, KEPT_IDLE_HOST):
         return state, w, None  # nothing is due: fired is False, nothing to read
     return state, w, (info.balancedness, info.layer_balancedness, info.fired)
 
@@ -205,6 +219,8 @@ def _scanned(case: DecodeCase, variant: str, mesh):
             acc, _ = lax.scan(layer, acc, (ids0, w))
             return state, w, acc, None
 
+        if variant in _KEPT:
+            return _scanned_kept(case, variant, mesh, state, w, acc, ids0)
         choice = {}
         if variant == BALANCED:
             choice = dict(
@@ -225,6 +241,26 @@ def _scanned(case: DecodeCase, variant: str, mesh):
         return state, w, acc, info
 
     return step
+
+
+def _scanned_kept(case: DecodeCase, variant: str, mesh, state, w, acc, ids0):
+    """The scanned step with `jeplb.dispatch_kept`: every layer's slots written into one
+    [L, T, K] array carried through the scan, counted once after it."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    import jeplb
+
+    def layer(carry, xs):
+        acc, kept = carry
+        index, ids0_l, w_l = xs
+        kept, slots = jeplb.dispatch_kept(state, index, route(case, acc, ids0_l), kept)
+        return (_experts(acc, w_l, slots), kept), None
+
+    kept = jnp.full((case.layers, case.tokens, case.top_k), -1, jnp.int32)
+    (acc, kept), _ = lax.scan(layer, (acc, kept), (jnp.arange(case.layers), ids0, w))
+    state, w, info = _maybe_idle_step(variant, state.record_slots(kept), w, mesh)
+    return state, w, acc, info
 
 
 def build(case: DecodeCase, variant: str, layout: str, *, seed: int = 0):
