@@ -187,12 +187,15 @@ def _idle_variants():
         bd.ONCE_IDLE: bd.ONCE,
         bd.ONCE_IDLE_HOST: bd.ONCE,
         bd.ONCE_IDLE_HOST_LOGGED: bd.ONCE,
+        bd.KEPT: None,
+        bd.KEPT_IDLE_HOST: bd.KEPT,
     }
 
 
 def _idle_scale(*, tiny: bool, repeats: int) -> tuple[list[dict[str, Any]], Any]:
     """What EPLB costs a model's decode step (`jeplb.tools.bench_decode`): the step without
-    EPLB, with `dispatch` on every layer (counts per layer, or the ids counted once per step),
+    EPLB, with `dispatch` on every layer (counts per layer, or the ids counted once per step) and
+    with `dispatch_kept` (the slots kept, counted once),
     each with and without an idle `eplb_step` (W = 1000; W = 1 after `dispatch`), layers unrolled
     and scanned; and the standalone idle step's compiled temporaries at both windows."""
     import dataclasses
@@ -210,6 +213,7 @@ def _idle_scale(*, tiny: bool, repeats: int) -> tuple[list[dict[str, Any]], Any]
     temps = {v: _idle_temp(case, v) for v in (bd.IDLE_BIG, bd.IDLE_ONE, bd.ONCE_IDLE_HOST)}
     temps[bd.ONCE_IDLE] = temps[bd.IDLE_BIG]  # the same standalone idle step (W = 1000)
     temps[bd.ONCE_IDLE_HOST_LOGGED] = temps[bd.ONCE_IDLE_HOST]
+    temps[bd.KEPT_IDLE_HOST] = temps[bd.ONCE_IDLE_HOST]  # the same idle step, traced idle
     out = [dataclasses.asdict(r) for r in rows]
     for r in out:
         r["temp_bytes"] = temps.get(r["variant"], 0)
@@ -396,7 +400,8 @@ def _main_idle(args, devices, argv, prog) -> int:
         f"What EPLB costs the decode step of `jeplb.tools.bench_decode` ({case.name}), one "
         f"jitted call per step with the state and weights donated: `jeplb.dispatch` on every "
         f"layer (counting per layer, or mapping only and counting the ids once per step with "
-        f"`record_ids`), with and without `jeplb.eplb_step` at the end, no rebalance due "
+        f"`record_ids`) or `jeplb.dispatch_kept` (the slots written into one [L, T, K] array, "
+        f"counted once with `record_slots`), with and without `jeplb.eplb_step` at the end, no rebalance due "
         f"(step_interval 10^9; windows of W = 1000 and W = 1). Medians of {repeats} "
         f"synchronised calls (`call`) and of bursts of 10 back-to-back calls (`pipelined`), the "
         f"programs interleaved. EPLB: the difference with the step without EPLB (`plain`), the "
