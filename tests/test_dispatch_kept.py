@@ -101,6 +101,12 @@ def test_slot_counts_follow_phy2log(placed):
     np.testing.assert_array_equal(placed.record_slots(jnp.asarray(slots)).pass_load, want)
 
 
+def test_int64_slots_are_range_checked_before_any_cast(placed):
+    """A numpy int64 slot past 2**32 is out of range, not the slot its low bits name."""
+    slots = np.full((L, 1, 1), 2**32 + 1, np.int64)
+    assert int(placed.record_slots(slots).pass_load.sum()) == 0
+
+
 def test_traced_layer_out_of_range_maps_to_minus_one(placed):
     ids = jnp.asarray(_ids(5)[0])
     kept = jnp.zeros((L, T, K), jnp.int32)
@@ -111,8 +117,12 @@ def test_traced_layer_out_of_range_maps_to_minus_one(placed):
 
 def test_bad_arguments_name_themselves(placed):
     ids = jnp.asarray(_ids(6)[0])
-    with pytest.raises(TypeError, match=r"kept: expected an int32 array .* got int64|got float32"):
+    with pytest.raises(TypeError, match=r"kept: expected an int32 array .* got float32"):
         dispatch_kept(placed, 0, ids, np.zeros((L, T, K), np.float32))
+    with pytest.raises(TypeError, match=r"kept: expected an int32 array"):  # kept named first
+        dispatch_kept(placed, 0, ids, np.zeros((L, T, K), np.float32), valid=jnp.ones(T + 1))
+    with pytest.raises(TypeError, match=r"state: expected an EplbState"):  # as before record
+        dispatch(object(), 0, ids, record="x")
     with pytest.raises(ValueError, match=r"kept: expected shape \[L, \*topk_ids.shape\] = "):
         dispatch_kept(placed, 0, ids, jnp.zeros((L, T, K + 1), jnp.int32))
     with pytest.raises(ValueError, match=r"layer"):

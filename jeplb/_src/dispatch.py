@@ -724,11 +724,11 @@ def dispatch(
       >>> sorted(set(phys[:3, 0].tolist())) == [0, 2], s.pass_load.tolist()
       (True, [[3, 1]])
     """
-    check_bool("record", record, hint="False maps only; count the ids with EplbState.record_ids")
     args, traced = _state_args(
         state, layer, topk_ids, valid, token_index, replica_choice, prefer_local, device_index,
         token_axes,
     )  # fmt: skip
+    check_bool("record", record, hint="False maps only; count the ids with EplbState.record_ids")
     phys, counts = _dispatch_core(*args)
     if traced:  # an index outside [0, L): no slot, nothing counted (record drops it)
         phys = jnp.where((layer >= 0) & (layer < state.num_layers), phys, -1)
@@ -789,16 +789,21 @@ def dispatch_kept(
     is written straight into the array of every layer's slots (on a GPU one operation a layer,
     where mapping and keeping the ids as a scan's outputs are two), and the model reads the
     layer's slots back from it. After the forward, `EplbState.record_slots` counts every
-    layer's kept slots per logical expert: the same ``pass_load`` as `dispatch` on every layer.
+    layer's kept slots per logical expert: the same ``pass_load`` as `dispatch` on every layer
+    (for layer indices in [0, L); see ``layer``).
 
     Args:
       state: the `EplbState` (its maps are read; it is not changed).
       layer: the layer's index (int, or an integer scalar array, traced inside a scan). A
         concrete index outside [0, L) is refused; a traced one writes -1 into the row of the
-        nearest layer (``lax.dynamic_update_slice`` clamps its index) and maps every token to -1.
+        nearest layer (``lax.dynamic_update_slice`` clamps its index; that layer's slots are
+        then lost to `EplbState.record_slots`, where `dispatch` only drops the bad layer's
+        counts: keeping the row would cost the write a read of it) and maps every token to -1.
       topk_ids: int[..., K] the router's logical expert ids (usually [T, K]).
       kept: int32[L, ..., K] every layer's slots so far (start from ``jnp.full((L, T, K), -1,
-        jnp.int32)``: rows never written are not counted).
+        jnp.int32)``: rows never written are not counted). Inside `jax.shard_map` the slots
+        vary over the devices: make the scan's starting carry varying too
+        (``lax.pcast(kept, axes, to="varying")``) or the scan refuses the carry's type.
       valid: optional bool[...]: the tokens that will be counted. The slots are the same for
         every token whatever the mask, except with the balanced choice, which ranks masked pairs
         among themselves (as `dispatch`); pass the same mask to `EplbState.record_slots`, which
@@ -827,17 +832,16 @@ def dispatch_kept(
       >>> s.record_slots(kept).pass_load.tolist()
       [[0, 0], [3, 1]]
     """
-    args, traced = _state_args(
-        state, layer, topk_ids, valid, token_index, replica_choice, False, device_index, token_axes
-    )
-    topk_ids = args[2]
-    want = (state.num_layers, *topk_ids.shape)
     if not hasattr(kept, "dtype") or not hasattr(kept, "shape") or kept.dtype != jnp.int32:
         got = getattr(kept, "dtype", type(kept).__name__)
         raise TypeError(
             f"kept: expected an int32 array [L, ..., K] of every layer's slots, got {got}; "
-            f"start from jnp.full({want}, -1, jnp.int32)"
+            f"start from jnp.full((L, *topk_ids.shape), -1, jnp.int32)"
         )
+    args, traced = _state_args(
+        state, layer, topk_ids, valid, token_index, replica_choice, False, device_index, token_axes
+    )
+    want = (state.num_layers, *args[2].shape)
     if tuple(kept.shape) != want:
         raise ValueError(
             f"kept: expected shape [L, *topk_ids.shape] = {want}, got {tuple(kept.shape)}"

@@ -634,10 +634,14 @@ class EplbState:
                 f"valid: expected a bool mask of the tokens' shape {tokens[:-1]} (kept_slots "
                 f"without its L and K axes), got {getattr(valid, 'shape', type(valid).__name__)}"
             )
+        # The range check runs in the slots' own dtype: an int64 slot of 2**32 + 1 cast first
+        # would read as slot 1.
+        held = (slots >= 0) & (slots < self.num_slots)
+        safe = (np if isinstance(slots, np.ndarray) else jnp).where(held, slots, 0)
         with jax.named_scope("eplb_count"):
-            slots = jnp.asarray(slots).reshape(num_layers, -1)
-            held = (slots >= 0) & (slots < self.num_slots)
-            ids = jnp.take_along_axis(self.phy2log, jnp.where(held, slots, 0), axis=1)
+            held = jnp.asarray(held).reshape(num_layers, -1)
+            safe = jnp.asarray(safe).astype(jnp.int32).reshape(num_layers, -1)
+            ids = jnp.take_along_axis(self.phy2log, safe, axis=1)
             counted = held & (ids >= 0)
             if valid is not None:
                 mask = jnp.asarray(valid, bool)[..., None]

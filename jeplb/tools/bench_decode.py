@@ -72,6 +72,10 @@ class DecodeCase:
     hidden: int = 16
     router: str = "shift"  # "shift" or "topk", see `route`
 
+    def __post_init__(self):
+        if self.router not in ("shift", "topk"):
+            raise ValueError(f"router: expected 'shift' or 'topk', got {self.router!r}")
+
     @property
     def name(self) -> str:
         text = f"L={self.layers} T={self.tokens} K={self.top_k} E={self.experts} P={self.slots}"
