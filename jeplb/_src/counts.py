@@ -110,12 +110,15 @@ def check_sum(pass_load: jax.Array, load: jax.Array, layer: Any, name: str = "lo
         )
 
 
-def check_valid(valid: Any, batch: tuple[int, ...]) -> None:
-    """Raises unless ``valid`` is None or has the tokens' shape ``batch`` (the ids without K)."""
+def check_valid(
+    valid: Any, batch: tuple[int, ...], *, shape_of: str = "topk_ids without its K axis"
+) -> None:
+    """Raises unless ``valid`` is None or has the tokens' shape ``batch`` (``shape_of`` says
+    which array's shape that is: by default the ids without K)."""
     if valid is not None and (not hasattr(valid, "shape") or tuple(valid.shape) != batch):
         raise ValueError(
-            f"valid: expected a bool mask of the tokens' shape {batch} (topk_ids without its "
-            f"K axis), got {getattr(valid, 'shape', type(valid).__name__)}"
+            f"valid: expected a bool mask of the tokens' shape {batch} ({shape_of}), got "
+            f"{getattr(valid, 'shape', type(valid).__name__)}"
         )
 
 

@@ -68,6 +68,17 @@ _FORMER_FIELDS = {
 }
 
 
+def _count_rows(ids: Any, valid: Any, num_experts: int, *, rows: int) -> jax.Array:
+    """int32[rows, E]: the ids [rows, ..., K] (any integer dtype, compared in it) counted per
+    expert, row by row; ids outside [0, E) and tokens whose ``valid`` (broadcast against the ids
+    without K) is False are not counted."""
+    counted = (ids >= 0) & (ids < num_experts)
+    if valid is not None:
+        counted = counted & jnp.asarray(valid, bool)[..., None]
+    flat = jnp.where(counted, ids, num_experts).astype(jnp.int32)
+    return count_ids(flat.reshape(rows, -1), num_experts)
+
+
 def check_layer(layer: Any, num_layers: int) -> bool:
     """Checks a layer index; returns whether it is traced (then its range cannot be checked).
 
@@ -578,11 +589,7 @@ class EplbState:
         check_valid(valid, batch)
         check_ids(ids, valid, num_experts)
         with jax.named_scope("eplb_count"):
-            counted = (ids >= 0) & (ids < num_experts)
-            if valid is not None:
-                counted = counted & jnp.asarray(valid, bool)[..., None]
-            flat = jnp.where(counted, ids, num_experts).astype(jnp.int32)
-            counts = count_ids(flat.reshape(1 if one else num_layers, -1), num_experts)
+            counts = _count_rows(ids, valid, num_experts, rows=1 if one else num_layers)
         counts = counts[0] if one else counts
         return self._add_counts(counts, layer=layer, axes=axes, name="topk_ids' counts")
 
@@ -628,25 +635,16 @@ class EplbState:
                 f"kept_slots: expected shape [L = {num_layers}, ..., K] (every layer's slots, as "
                 f"jeplb.dispatch_kept keeps them), got {tuple(slots.shape)}"
             )
-        tokens = tuple(slots.shape[1:])  # [..., K]
-        if valid is not None and (not hasattr(valid, "shape") or valid.shape != tokens[:-1]):
-            raise ValueError(
-                f"valid: expected a bool mask of the tokens' shape {tokens[:-1]} (kept_slots "
-                f"without its L and K axes), got {getattr(valid, 'shape', type(valid).__name__)}"
-            )
+        check_valid(valid, tuple(slots.shape[1:-1]), shape_of="kept_slots without its L and K axes")
         # The range check runs in the slots' own dtype: an int64 slot of 2**32 + 1 cast first
         # would read as slot 1.
         held = (slots >= 0) & (slots < self.num_slots)
         safe = (np if isinstance(slots, np.ndarray) else jnp).where(held, slots, 0)
         with jax.named_scope("eplb_count"):
-            held = jnp.asarray(held).reshape(num_layers, -1)
-            safe = jnp.asarray(safe).astype(jnp.int32).reshape(num_layers, -1)
-            ids = jnp.take_along_axis(self.phy2log, safe, axis=1)
-            counted = held & (ids >= 0)
-            if valid is not None:
-                mask = jnp.asarray(valid, bool)[..., None]
-                counted = counted & jnp.broadcast_to(mask, tokens).reshape(1, -1)
-            counts = count_ids(jnp.where(counted, ids, num_experts).astype(jnp.int32), num_experts)
+            safe = jnp.asarray(safe).astype(jnp.int32)
+            expert = jnp.take_along_axis(self.phy2log, safe.reshape(num_layers, -1), axis=1)
+            ids = jnp.where(jnp.asarray(held), expert.reshape(safe.shape), -1)
+            counts = _count_rows(ids, valid, num_experts, rows=num_layers)
         return self._add_counts(counts, layer=None, axes=axes, name="kept_slots' counts")
 
     def _add_counts(
