@@ -26,7 +26,7 @@ written into one [L, T, K] array and counted once by `jeplb.EplbState.record_slo
 
 Usage (from the repository root):
     python benchmarks/bench_dispatch.py [--tiny] [--repeats N] [--impl {scatter,compare,fused}]
-        [--command-buffers]
+        [--command-buffers] [--router {shift,topk}]
         [--layouts unrolled,scanned] [--variants V,...] [--balanced] [--host-idle] [--out PATH]
         [--json PATH] [--hlo DIR]
 """

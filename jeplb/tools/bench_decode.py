@@ -60,6 +60,9 @@ __all__ = [
 ]
 
 
+ROUTERS = ("shift", "topk")
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeCase:
     """Shapes of the decode step: L layers, T tokens, top-K of E experts on P slots, rows of H."""
@@ -73,8 +76,8 @@ class DecodeCase:
     router: str = "shift"  # "shift" or "topk", see `route`
 
     def __post_init__(self):
-        if self.router not in ("shift", "topk"):
-            raise ValueError(f"router: expected 'shift' or 'topk', got {self.router!r}")
+        if self.router not in ROUTERS:
+            raise ValueError(f"router: expected one of {ROUTERS}, got {self.router!r}")
 
     @property
     def name(self) -> str:
@@ -128,9 +131,6 @@ def device_summary() -> str:
     mem = stats.get("bytes_limit")
     mem = f", {mem / 2**30:.1f} GiB for buffers" if mem else ""
     return f"{dev.device_kind} ({dev.platform}{mem}), jax {jax.__version__}"
-
-
-ROUTERS = ("shift", "topk")
 
 
 def route(case: DecodeCase, acc, ids0):
@@ -436,15 +436,15 @@ def _computations(compiled_text: str) -> dict[str, list[str]]:
 
 def _work(lines: list[str]) -> list[str]:
     """The lines of one computation that do work, shortened to ``name: op kind``."""
-    skip = ("parameter(", "constant(", "get-tuple-element(", "tuple(", "bitcast(")
+    skip = ("parameter", "constant", "get-tuple-element", "tuple", "bitcast")
     out = []
     for text in lines:
-        if "=" not in text or any(f" {s}" in text.split("=", 1)[1][:60] for s in skip):
+        if "=" not in text:
             continue
         name, rest = text.split("=", 1)
         found = re.search(r"\s([a-z][\w-]*)\(", rest)
         op = found.group(1) if found else rest.strip()[:40]
-        if f"{op}(" in skip:
+        if op in skip:
             continue
         kind = ""
         for key in ("kind=", "custom_call_target=", "calls="):
